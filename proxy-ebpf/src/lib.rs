@@ -1,0 +1,2 @@
+//! Intentionally empty: see the `[lib]` comment in this crate's `Cargo.toml`.
+#![no_std]

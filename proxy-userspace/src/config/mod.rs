@@ -1,0 +1,1 @@
+//! The configuration file: parsing, includes, validation with file and line.
