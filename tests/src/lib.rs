@@ -1,1 +1,47 @@
+//! The end-to-end test world, shared by the tests in `tests/tests/` and by `cargo xtask demo`.
+//!
+//! A [`World`] is three network namespaces made for one test and removed when it is dropped:
+//!
+//! ```text
+//!  client (IPv4 only)        proxy (both)                          backend (IPv6 only)
+//!  192.0.2.2, 192.0.2.3 ---- 192.0.2.1 | 2001:db8:1::1 ---------- 2001:db8:1::10
+//! ```
+//!
+//! Only documentation prefixes are used and nothing is routed anywhere else. Processes started
+//! in it ([`Service`]) are stopped by their PID when dropped.
+#![warn(missing_docs)]
 
+pub mod backends;
+mod process;
+mod world;
+
+pub use process::{Service, wait_for};
+pub use world::{Ns, World, require_root};
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The client namespace's first address.
+pub const CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+/// The client namespace's second address, to tell two clients apart in backend logs.
+pub const CLIENT_V4_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3));
+/// The proxy's address on the client side: what clients connect to.
+pub const PROXY_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+/// The proxy's address on the backend side.
+pub const PROXY_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1));
+/// The backend namespace's only address.
+pub const BACKEND_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10));
+
+/// The `spliced` binary under test: `$SPLICED_BIN` (set by `cargo xtask test`), else the
+/// release build in this workspace.
+pub fn spliced_bin() -> anyhow::Result<std::path::PathBuf> {
+    let path = match std::env::var_os("SPLICED_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/spliced"),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no spliced binary at {}: run `cargo xtask build` or `./x test`",
+        path.display()
+    );
+    Ok(path)
+}

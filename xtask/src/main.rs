@@ -1,1 +1,166 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks, so README commands stay short and CI runs the same steps.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+
+mod demo;
+
+#[derive(Parser)]
+#[command(about = "spliced project tasks")]
+enum Task {
+    /// Build the eBPF object alone and print where it is.
+    BuildEbpf,
+    /// Build the release `spliced` binary (it embeds the eBPF object).
+    Build,
+    /// Build, then run `spliced` with the given arguments.
+    Run {
+        /// Arguments passed to `spliced`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lint and run every test: fmt, clippy, unit tests, end-to-end tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show an IPv4 client reaching an IPv6-only nginx through spliced, in namespaces.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Task::parse() {
+        Task::BuildEbpf => {
+            let object = build_ebpf()?;
+            println!("{}", object.display());
+        }
+        Task::Build => {
+            println!("{}", build_spliced()?.display());
+        }
+        Task::Run { args } => {
+            let bin = build_spliced()?;
+            let status = Command::new(&bin).args(args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => test(&args)?,
+        Task::Demo => {
+            let bin = build_spliced()?;
+            demo::run(&bin)?;
+        }
+    }
+    Ok(())
+}
+
+fn root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds `proxy-ebpf` for the bpf target the same way `proxy-userspace/build.rs` does, into
+/// `target/bpf`, and returns the object's path.
+fn build_ebpf() -> Result<PathBuf> {
+    let target_dir = root().join("target").join("bpf");
+    run(cargo()
+        .current_dir(root().join("proxy-ebpf"))
+        // Only this nested build may use -Z build-std.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
+        )
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir))?;
+    let object = target_dir.join("bpfel-unknown-none/release/proxy-ebpf");
+    if !object.is_file() {
+        bail!("the build succeeded but {} is missing", object.display());
+    }
+    Ok(object)
+}
+
+/// Builds the release binary and returns its path.
+fn build_spliced() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "proxy-userspace",
+        "--bin",
+        "spliced",
+    ]))?;
+    Ok(root().join("target/release/spliced"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo()
+        .current_dir(root().join("proxy-ebpf"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--target-dir"])
+        .arg(root().join("target/bpf-clippy"))
+        .args(["--", "-D", "warnings"]))?;
+    let bin = build_spliced()?;
+    // The end-to-end tests run this binary; release, because they move gigabytes.
+    run(cargo()
+        .env("SPLICED_BIN", &bin)
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "proxy-ebpf",
+            "--release",
+        ])
+        .args(extra))?;
+    Ok(())
+}
