@@ -1,1 +1,401 @@
 //! The configuration file: parsing, includes, validation with file and line.
+//!
+//! The file is TOML (see DESIGN.md, "Configuration"). Everything is validated before use, and
+//! every error carries the file, line and column of the offending value, so `spliced check` can
+//! be pointed at a directory of customer files and say exactly which one is wrong.
+//!
+//! # Includes
+//!
+//! `include = ["sites/*.toml", "other.toml"]` at the top level of a file reads more files. Paths
+//! and globs are relative to the directory of the file that names them. Glob results are sorted,
+//! so the order sites are read in (and which of two duplicates is reported as the second) does
+//! not depend on the file system. Hidden files (`.name`) are not matched by wildcards, which
+//! keeps editor backups out. A glob that matches nothing is fine (a new host with no customers
+//! yet); a plain path that does not exist is an error.
+//!
+//! Included files may contain `[[site]]` entries and `include` only: listeners, `[defaults]` and
+//! `[default]` belong to the main file, so one file decides how the proxy runs. Nested includes
+//! are allowed (a customer directory can have its own index file); a file that includes itself
+//! directly or through others is an error that prints the cycle, and so is a file included twice
+//! by overlapping patterns, because reading it twice would define its hostnames twice.
+//!
+//! Sites are collected depth-first: a file's own `[[site]]` entries, then its includes in the
+//! order listed.
+
+mod load;
+mod parse;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::preface::Version;
+
+/// A validated configuration: what the proxy listens on and where each name goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Settings that apply unless a listener or site overrides them.
+    pub defaults: Defaults,
+    /// The `[[listen]]` entries, in file order; at least one, addresses unique.
+    pub listeners: Vec<Listener>,
+    /// Every `[[site]]` from the main file and its includes; no hostname appears twice.
+    pub sites: Vec<Site>,
+    /// The `[default]` site, for unknown and missing names; `None` refuses them.
+    pub default_site: Option<Site>,
+    /// Every file read, main file first, for the summary.
+    pub files: Vec<PathBuf>,
+}
+
+/// `[defaults]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// The forwarding engine unless a listener or site overrides it.
+    pub forwarding: Forwarding,
+    /// How long a client may take to send its complete ClientHello or request head.
+    pub client_hello_timeout: Duration,
+    /// How long connecting to a backend may take.
+    pub connect_timeout: Duration,
+    /// Close a connection idle in both directions for this long; `None` (or `"0"`) never does.
+    pub idle_timeout: Option<Duration>,
+    /// The most client connections open at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Bytes a sockmap-spliced peer may have queued before its sender is paused (DESIGN.md,
+    /// sockmap fact 7).
+    pub sockmap_backlog_limit: u64,
+}
+
+impl Default for Defaults {
+    /// The values used for keys the file leaves out.
+    fn default() -> Self {
+        Defaults {
+            forwarding: Forwarding::Auto,
+            client_hello_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: None,
+            max_connections: 10_000,
+            sockmap_backlog_limit: 4 << 20,
+        }
+    }
+}
+
+/// How bytes are moved once both sockets are connected (DESIGN.md, "Forwarding engines").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// The best engine available at start-up and for each connection.
+    Auto,
+    /// eBPF `SOCKHASH` + `sk_skb` stream verdict: payload stays in the kernel.
+    Sockmap,
+    /// `splice(2)` through a pipe per direction.
+    Splice,
+    /// User-space copy.
+    Copy,
+}
+
+impl Forwarding {
+    /// The spelling used in the configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Auto => "auto",
+            Forwarding::Sockmap => "sockmap",
+            Forwarding::Splice => "splice",
+            Forwarding::Copy => "copy",
+        }
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a listener expects first, and so where it finds the name to route on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// TLS: route on the ClientHello's SNI.
+    Tls,
+    /// Plain HTTP/1: route on the `Host` header.
+    Http,
+}
+
+impl Protocol {
+    /// The spelling used in the configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tls => "tls",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[listen]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Where to accept connections.
+    pub address: SocketAddr,
+    /// What clients send first on this address.
+    pub protocol: Protocol,
+    /// Overrides [`Defaults::forwarding`] for connections on this listener.
+    pub forwarding: Option<Forwarding>,
+}
+
+/// A `[[site]]`, or the `[default]` site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// The first hostname, or `"default"` for the default site: a stable label for logs.
+    pub name: String,
+    /// Lowercase, without a trailing dot; a wildcard is `*.` plus the rest. Empty for the
+    /// default site.
+    pub hostnames: Vec<String>,
+    /// Where connections for this site go.
+    pub backend: Backend,
+    /// The PROXY protocol header to send first, if any.
+    pub proxy_protocol: Version,
+    /// Which v2 TLVs to add; all off unless `proxy_protocol` is v2.
+    pub tlvs: Tlvs,
+    /// Overrides the listener's and the default forwarding engine.
+    pub forwarding: Option<Forwarding>,
+    /// Where the site was declared, for messages.
+    pub origin: Origin,
+}
+
+/// PROXY protocol v2 TLVs a site asks for (`proxy_protocol_tlvs`).
+///
+/// With `proxy_protocol = "v2"` and no `proxy_protocol_tlvs`, only `authority` is on: it carries
+/// the routed name, costs a few bytes, and every v2 reader skips TLVs it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tlvs {
+    /// `PP2_TYPE_AUTHORITY`: the SNI or Host name the client asked for.
+    pub authority: bool,
+    /// `PP2_TYPE_CRC32C`: a checksum of the header.
+    pub crc32c: bool,
+    /// `PP2_TYPE_UNIQUE_ID`: an identifier for the connection, also written to the access log.
+    pub unique_id: bool,
+}
+
+/// A site's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One address for every protocol; without a port, the listener's port is used.
+    Addr {
+        /// The backend's address.
+        ip: IpAddr,
+        /// The port, or `None` to use the port the client connected to.
+        port: Option<u16>,
+    },
+    /// A separate address per protocol; a missing one means the site is not served on it.
+    PerProtocol {
+        /// Where TLS connections go.
+        tls: Option<SocketAddr>,
+        /// Where HTTP connections go.
+        http: Option<SocketAddr>,
+    },
+}
+
+impl Backend {
+    /// The address to connect to for a client that arrived on a `protocol` listener bound to
+    /// `listener_port`; `None` if this site is not served on that protocol.
+    pub fn for_listener(&self, protocol: Protocol, listener_port: u16) -> Option<SocketAddr> {
+        match *self {
+            Backend::Addr { ip, port } => Some(SocketAddr::new(ip, port.unwrap_or(listener_port))),
+            Backend::PerProtocol { tls, http } => match protocol {
+                Protocol::Tls => tls,
+                Protocol::Http => http,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Backend::Addr {
+                ip,
+                port: Some(port),
+            } => write!(f, "{}", SocketAddr::new(ip, port)),
+            Backend::Addr { ip, port: None } => write!(f, "{ip} (listener's port)"),
+            Backend::PerProtocol { tls, http } => {
+                let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+                write!(f, "tls {}, http {}", show(tls), show(http))
+            }
+        }
+    }
+}
+
+/// A place in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The file, as it was named (relative paths stay relative).
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Why a configuration was refused, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in (for a missing include: the file that names it).
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a position.
+    pub line: Option<usize>,
+    /// 1-based column in characters, when the problem has a position.
+    pub column: Option<usize>,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, "{line}:")?;
+            if let Some(column) = self.column {
+                write!(f, "{column}:")?;
+            }
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, includes and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        load::load(text, path)
+    }
+
+    /// Validates `text` as if it had been read from `path`; `include`s, if any, are read from
+    /// disk relative to `path`'s directory.
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        load::load(text.to_owned(), path)
+    }
+
+    /// A multi-line description for `spliced check`: files read, listeners, how many sites and
+    /// hostnames, the default site and which PROXY protocol versions are in use.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        // Writing to a String cannot fail, hence the ignored results.
+        let _ = writeln!(out, "files read: {}", self.files.len());
+        for file in &self.files {
+            let _ = writeln!(out, "  {}", file.display());
+        }
+        let d = &self.defaults;
+        let _ = writeln!(
+            out,
+            "defaults: forwarding {}, client_hello_timeout {}, connect_timeout {}, idle_timeout {}, \
+             max_connections {}, sockmap_backlog_limit {}",
+            d.forwarding,
+            parse::format_duration(d.client_hello_timeout),
+            parse::format_duration(d.connect_timeout),
+            d.idle_timeout
+                .map_or("none".to_string(), parse::format_duration),
+            d.max_connections,
+            parse::format_size(d.sockmap_backlog_limit),
+        );
+        let _ = writeln!(out, "listeners: {}", self.listeners.len());
+        for l in &self.listeners {
+            let forwarding = match l.forwarding {
+                Some(f) => f.to_string(),
+                None => format!("{} (default)", d.forwarding),
+            };
+            let _ = writeln!(
+                out,
+                "  {} {} forwarding {}",
+                l.address, l.protocol, forwarding
+            );
+        }
+        let wildcards = self
+            .sites
+            .iter()
+            .flat_map(|s| &s.hostnames)
+            .filter(|h| h.starts_with("*."))
+            .count();
+        let hostnames: usize = self.sites.iter().map(|s| s.hostnames.len()).sum();
+        let _ = writeln!(
+            out,
+            "sites: {} with {} hostnames ({} exact, {} wildcard)",
+            self.sites.len(),
+            hostnames,
+            hostnames - wildcards,
+            wildcards
+        );
+        for protocol in [Protocol::Tls, Protocol::Http] {
+            let served = self
+                .sites
+                .iter()
+                .filter(|s| s.backend.for_listener(protocol, 1).is_some())
+                .count();
+            let listening = self.listeners.iter().any(|l| l.protocol == protocol);
+            let note = if served > 0 && !listening {
+                format!(" (no {protocol} listener)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  served on {protocol}: {served}{note}");
+        }
+        match &self.default_site {
+            Some(site) => {
+                let _ = writeln!(
+                    out,
+                    "default site: backend {}, proxy_protocol {}",
+                    site.backend,
+                    version_str(site.proxy_protocol)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "default site: none (unknown and missing names are refused)"
+                );
+            }
+        }
+        let count = |v: Version| {
+            self.sites
+                .iter()
+                .chain(&self.default_site)
+                .filter(|s| s.proxy_protocol == v)
+                .count()
+        };
+        let _ = writeln!(
+            out,
+            "proxy_protocol: {} none, {} v1, {} v2",
+            count(Version::None),
+            count(Version::V1),
+            count(Version::V2)
+        );
+        out
+    }
+}
+
+/// The configuration spelling of a PROXY protocol version.
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::None => "none",
+        Version::V1 => "v1",
+        Version::V2 => "v2",
+    }
+}

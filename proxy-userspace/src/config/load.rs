@@ -1,0 +1,637 @@
+//! Reading files, following includes, and turning the raw TOML into a validated [`Config`].
+//! Every error is placed at the span of the value it is about.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawBackend, RawDefaults, RawFile, RawListener, RawSite, RawSize, SpannedStrings};
+use super::{Backend, Config, ConfigError, Defaults, Forwarding, Listener, Origin, Site, Tlvs};
+use super::{Protocol, parse};
+use crate::preface::Version;
+
+/// A file's name and text, to turn byte spans into lines and columns.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    /// 1-based line and column (in characters) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.text.len());
+        // Spans from toml are on char boundaries; walking back is only a guard.
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &self.text[..offset];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = self.position(span.start);
+        ConfigError {
+            file: self.path.clone(),
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+        }
+    }
+
+    fn error_without_position(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    fn origin(&self, span: Range<usize>) -> Origin {
+        Origin {
+            file: self.path.clone(),
+            line: self.position(span.start).0,
+        }
+    }
+
+    /// Deserializes the text; serde's own errors (syntax, unknown keys, wrong types) keep the
+    /// span toml attaches to them.
+    fn parse(&self) -> Result<RawFile, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => self.error(span, message),
+                None => self.error_without_position(message),
+            }
+        })
+    }
+}
+
+/// State carried across the main file and its includes.
+struct Loader {
+    files: Vec<PathBuf>,
+    /// Canonical path of every file read, with where it was included from (`None`: the main
+    /// file), to refuse reading one twice.
+    seen: HashMap<PathBuf, Option<Origin>>,
+    /// The chain of files being read (canonical, as named), to print a cycle.
+    stack: Vec<(PathBuf, PathBuf)>,
+    sites: Vec<Site>,
+    /// Every hostname so far, with where it was declared and by which site.
+    hostnames: HashMap<String, (Origin, String)>,
+}
+
+/// Builds a [`Config`] from the main file's text, reading includes relative to `path`.
+pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
+    let main = Source {
+        path: path.to_path_buf(),
+        text,
+    };
+    let raw = main.parse()?;
+    // A main file given only as text (tests) may not exist; its name then stands for itself.
+    let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut loader = Loader {
+        files: vec![main.path.clone()],
+        seen: HashMap::from([(identity.clone(), None)]),
+        stack: vec![(identity, main.path.clone())],
+        sites: Vec::new(),
+        hostnames: HashMap::new(),
+    };
+    let defaults = build_defaults(&main, raw.defaults)?;
+    let listeners = build_listeners(&main, raw.listen)?;
+    let default_site = match raw.default {
+        Some(site) => Some(build_site(&main, site, true)?.0),
+        None => None,
+    };
+    loader.add_sites(&main, raw.site)?;
+    loader.add_includes(&main, raw.include)?;
+    Ok(Config {
+        defaults,
+        listeners,
+        sites: loader.sites,
+        default_site,
+        files: loader.files,
+    })
+}
+
+impl Loader {
+    fn add_sites(&mut self, src: &Source, sites: Vec<Spanned<RawSite>>) -> Result<(), ConfigError> {
+        for raw in sites {
+            let (site, spans) = build_site(src, raw, false)?;
+            for (hostname, span) in site.hostnames.iter().zip(spans) {
+                match self.hostnames.entry(hostname.clone()) {
+                    Entry::Occupied(first) => {
+                        let (origin, name) = first.get();
+                        return Err(src.error(
+                            span,
+                            format!(
+                                "site {:?}: hostname {hostname:?} is already used by site {name:?} \
+                                 at {origin}",
+                                site.name
+                            ),
+                        ));
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert((src.origin(span), site.name.clone()));
+                    }
+                }
+            }
+            self.sites.push(site);
+        }
+        Ok(())
+    }
+
+    fn add_includes(
+        &mut self,
+        src: &Source,
+        include: Option<SpannedStrings>,
+    ) -> Result<(), ConfigError> {
+        for pattern in include.map(Spanned::into_inner).unwrap_or_default() {
+            for path in expand(src, &pattern)? {
+                self.include_file(src, &pattern, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn include_file(
+        &mut self,
+        src: &Source,
+        pattern: &Spanned<String>,
+        path: PathBuf,
+    ) -> Result<(), ConfigError> {
+        let unreadable = |e: io::Error| {
+            let what = if e.kind() == io::ErrorKind::NotFound {
+                "does not exist".to_string()
+            } else {
+                format!("cannot be read: {e}")
+            };
+            src.error(
+                pattern.span(),
+                format!("included file {} {what}", path.display()),
+            )
+        };
+        let identity = std::fs::canonicalize(&path).map_err(unreadable)?;
+        if let Some(start) = self.stack.iter().position(|(id, _)| *id == identity) {
+            let chain: Vec<String> = self.stack[start..]
+                .iter()
+                .map(|(_, named)| named.display().to_string())
+                .chain([path.display().to_string()])
+                .collect();
+            return Err(src.error(
+                pattern.span(),
+                format!("include cycle: {}", chain.join(" -> ")),
+            ));
+        }
+        if let Some(first) = self.seen.get(&identity) {
+            let first = match first {
+                Some(origin) => format!("by {origin}"),
+                None => "as the main file".to_string(),
+            };
+            return Err(src.error(
+                pattern.span(),
+                format!(
+                    "{} is already included {first}; reading it twice would define its sites twice",
+                    path.display()
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(&path).map_err(unreadable)?;
+        self.seen
+            .insert(identity.clone(), Some(src.origin(pattern.span())));
+        let child = Source {
+            path: path.clone(),
+            text,
+        };
+        let raw = child.parse()?;
+        let main_only = "is only allowed in the main configuration file; included files may \
+                         contain [[site]] entries and include only";
+        if let Some(defaults) = &raw.defaults {
+            return Err(child.error(defaults.span(), format!("[defaults] {main_only}")));
+        }
+        if let Some(listen) = raw.listen.first() {
+            return Err(child.error(listen.span(), format!("[[listen]] {main_only}")));
+        }
+        if let Some(default) = &raw.default {
+            return Err(child.error(default.span(), format!("[default] {main_only}")));
+        }
+        self.files.push(path.clone());
+        self.stack.push((identity, path));
+        self.add_sites(&child, raw.site)?;
+        self.add_includes(&child, raw.include)?;
+        self.stack.pop();
+        Ok(())
+    }
+}
+
+/// Turns one `include` entry into the files it names, sorted.
+fn expand(src: &Source, pattern: &Spanned<String>) -> Result<Vec<PathBuf>, ConfigError> {
+    let text = pattern.get_ref();
+    if text.is_empty() {
+        return Err(src.error(pattern.span(), "include: the path is empty"));
+    }
+    let dir = src.path.parent().unwrap_or(Path::new(""));
+    if !text.contains(['*', '?', '[']) {
+        return Ok(vec![dir.join(text)]);
+    }
+    // The including file's directory is taken literally: a '[' in it must not act as a glob.
+    let full = if Path::new(text).is_absolute() || dir.as_os_str().is_empty() {
+        text.clone()
+    } else {
+        let dir = dir.to_str().ok_or_else(|| {
+            src.error(
+                pattern.span(),
+                format!(
+                    "include {text:?}: cannot expand a glob in {}, whose name is not UTF-8",
+                    dir.display()
+                ),
+            )
+        })?;
+        format!("{}/{text}", glob::Pattern::escape(dir))
+    };
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let prefix_chars = full.chars().count() - text.chars().count();
+    let paths = glob::glob_with(&full, options).map_err(|e| {
+        src.error(
+            pattern.span(),
+            format!(
+                "include {text:?} is not a valid glob: {} (near character {})",
+                e.msg,
+                e.pos.saturating_sub(prefix_chars) + 1
+            ),
+        )
+    })?;
+    let mut files = Vec::new();
+    for entry in paths {
+        let path = entry.map_err(|e| {
+            src.error(
+                pattern.span(),
+                format!(
+                    "include {text:?}: cannot read {}: {}",
+                    e.path().display(),
+                    e.error()
+                ),
+            )
+        })?;
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn build_defaults(
+    src: &Source,
+    raw: Option<Spanned<RawDefaults>>,
+) -> Result<Defaults, ConfigError> {
+    let mut defaults = Defaults::default();
+    let Some(raw) = raw.map(Spanned::into_inner) else {
+        return Ok(defaults);
+    };
+    if let Some(value) = raw.forwarding {
+        defaults.forwarding = forwarding(src, &value, "defaults")?;
+    }
+    if let Some(value) = raw.client_hello_timeout {
+        defaults.client_hello_timeout = timeout(src, &value, "client_hello_timeout")?;
+    }
+    if let Some(value) = raw.connect_timeout {
+        defaults.connect_timeout = timeout(src, &value, "connect_timeout")?;
+    }
+    if let Some(value) = raw.idle_timeout {
+        let idle = duration(src, &value, "idle_timeout")?;
+        defaults.idle_timeout = (!idle.is_zero()).then_some(idle);
+    }
+    if let Some(value) = raw.max_connections {
+        let n = *value.get_ref();
+        defaults.max_connections = usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+            src.error(
+                value.span(),
+                format!("defaults: max_connections must be at least 1, not {n}"),
+            )
+        })?;
+    }
+    if let Some(value) = raw.sockmap_backlog_limit {
+        let bytes = match value.get_ref() {
+            RawSize::Text(text) => parse::size(text).map_err(|reason| {
+                src.error(
+                    value.span(),
+                    format!(
+                        "defaults: sockmap_backlog_limit must be a size like \"4MiB\", \"512KiB\" \
+                         or \"1048576\", not {text:?}: {reason}"
+                    ),
+                )
+            })?,
+            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| {
+                src.error(
+                    value.span(),
+                    format!("defaults: sockmap_backlog_limit cannot be negative, not {n}"),
+                )
+            })?,
+        };
+        if bytes == 0 {
+            return Err(src.error(
+                value.span(),
+                "defaults: sockmap_backlog_limit must be greater than zero",
+            ));
+        }
+        defaults.sockmap_backlog_limit = bytes;
+    }
+    Ok(defaults)
+}
+
+fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+    let text = value.get_ref();
+    parse::duration(text).map_err(|reason| {
+        src.error(
+            value.span(),
+            format!(
+                "defaults: {key} must be a duration like \"5s\", \"250ms\" or \"1m\", not \
+                 {text:?}: {reason}"
+            ),
+        )
+    })
+}
+
+/// A duration that must not be zero: a zero timeout would refuse every connection.
+fn timeout(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+    let d = duration(src, value, key)?;
+    if d.is_zero() {
+        return Err(src.error(
+            value.span(),
+            format!("defaults: {key} must be greater than zero"),
+        ));
+    }
+    Ok(d)
+}
+
+fn forwarding(
+    src: &Source,
+    value: &Spanned<String>,
+    context: &str,
+) -> Result<Forwarding, ConfigError> {
+    parse::forwarding(value.get_ref()).ok_or_else(|| {
+        src.error(
+            value.span(),
+            format!(
+                "{context}: forwarding must be one of auto, sockmap, splice, copy, not {:?}",
+                value.get_ref()
+            ),
+        )
+    })
+}
+
+fn build_listeners(
+    src: &Source,
+    raw: Vec<Spanned<RawListener>>,
+) -> Result<Vec<Listener>, ConfigError> {
+    if raw.is_empty() {
+        return Err(src.error_without_position(
+            "no [[listen]] entry; the proxy needs at least one, e.g. \
+             [[listen]] address = \"0.0.0.0:443\" protocol = \"tls\"",
+        ));
+    }
+    let mut seen: HashMap<SocketAddr, Origin> = HashMap::new();
+    let mut listeners = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let span = entry.span();
+        let entry = entry.into_inner();
+        let Some(address_value) = entry.address else {
+            return Err(src.error(
+                span,
+                "[[listen]] has no address, e.g. address = \"0.0.0.0:443\"",
+            ));
+        };
+        let text = address_value.get_ref();
+        let address = parse::listen_addr(text).map_err(|reason| {
+            src.error(
+                address_value.span(),
+                format!("listen: address {text:?} is not valid: {reason}"),
+            )
+        })?;
+        let Some(protocol) = entry.protocol else {
+            return Err(src.error(
+                span,
+                format!("listen {address}: protocol is missing (tls or http)"),
+            ));
+        };
+        let protocol = parse::protocol(protocol.get_ref()).ok_or_else(|| {
+            src.error(
+                protocol.span(),
+                format!(
+                    "listen {address}: protocol must be tls or http, not {:?}",
+                    protocol.get_ref()
+                ),
+            )
+        })?;
+        let context = format!("listen {address}");
+        let forwarding = entry
+            .forwarding
+            .map(|f| forwarding(src, &f, &context))
+            .transpose()?;
+        match seen.entry(address) {
+            Entry::Occupied(first) => {
+                return Err(src.error(
+                    address_value.span(),
+                    format!(
+                        "listen: address {address} is already used by the listener at {}",
+                        first.get()
+                    ),
+                ));
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(src.origin(span));
+            }
+        }
+        listeners.push(Listener {
+            address,
+            protocol,
+            forwarding,
+        });
+    }
+    Ok(listeners)
+}
+
+/// Validates one `[[site]]` (or `[default]` when `is_default`) and returns it with the span of
+/// each hostname, for the duplicate check.
+fn build_site(
+    src: &Source,
+    raw: Spanned<RawSite>,
+    is_default: bool,
+) -> Result<(Site, Vec<Range<usize>>), ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let mut hostnames = Vec::new();
+    let mut spans = Vec::new();
+    let context = if is_default {
+        if let Some(list) = &raw.hostnames {
+            return Err(src.error(
+                list.span(),
+                "default site: hostnames are not allowed here; the default site receives every \
+                 name that no site claims",
+            ));
+        }
+        "default site".to_string()
+    } else {
+        let Some(list) = raw.hostnames else {
+            return Err(src.error(span, "[[site]] has no hostnames"));
+        };
+        let Some(first) = list.get_ref().first() else {
+            return Err(src.error(list.span(), "[[site]]: hostnames is empty"));
+        };
+        let first = first.get_ref();
+        let context = format!(
+            "site {:?}",
+            crate::route::normalize(first).unwrap_or_else(|| first.clone())
+        );
+        for hostname in list.into_inner() {
+            let normalized = parse::hostname(hostname.get_ref()).map_err(|reason| {
+                src.error(
+                    hostname.span(),
+                    format!(
+                        "{context}: hostname {:?} is not valid: {reason}",
+                        hostname.get_ref()
+                    ),
+                )
+            })?;
+            hostnames.push(normalized);
+            spans.push(hostname.span());
+        }
+        context
+    };
+
+    let Some(backend) = raw.backend else {
+        return Err(src.error(span, format!("{context}: backend is missing")));
+    };
+    let backend = build_backend(src, backend, &context)?;
+
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => Version::None,
+        Some(value) => parse::proxy_version(value.get_ref()).ok_or_else(|| {
+            src.error(
+                value.span(),
+                format!(
+                    "{context}: proxy_protocol must be one of none, v1, v2, not {:?}",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
+
+    let tlvs = match raw.proxy_protocol_tlvs {
+        None if proxy_protocol == Version::V2 => Tlvs {
+            authority: true,
+            ..Tlvs::default()
+        },
+        None => Tlvs::default(),
+        Some(list) if proxy_protocol != Version::V2 => {
+            let version = raw
+                .proxy_protocol
+                .as_ref()
+                .map_or("none (the default)".to_string(), |v| {
+                    format!("{:?}", v.get_ref())
+                });
+            return Err(src.error(
+                list.span(),
+                format!(
+                    "{context}: proxy_protocol_tlvs needs proxy_protocol = \"v2\", but it is \
+                     {version}"
+                ),
+            ));
+        }
+        Some(list) => {
+            let mut tlvs = Tlvs::default();
+            for name in list.into_inner() {
+                let flag = match name.get_ref().as_str() {
+                    "authority" => &mut tlvs.authority,
+                    "crc32c" => &mut tlvs.crc32c,
+                    "unique_id" => &mut tlvs.unique_id,
+                    other => {
+                        return Err(src.error(
+                            name.span(),
+                            format!(
+                                "{context}: proxy_protocol_tlvs: unknown TLV {other:?}; the \
+                                 known ones are authority, crc32c, unique_id"
+                            ),
+                        ));
+                    }
+                };
+                *flag = true;
+            }
+            tlvs
+        }
+    };
+
+    let forwarding = raw
+        .forwarding
+        .map(|f| forwarding(src, &f, &context))
+        .transpose()?;
+
+    let site = Site {
+        name: hostnames
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "default".to_string()),
+        hostnames,
+        backend,
+        proxy_protocol,
+        tlvs,
+        forwarding,
+        origin: src.origin(span),
+    };
+    Ok((site, spans))
+}
+
+fn build_backend(
+    src: &Source,
+    raw: Spanned<RawBackend>,
+    context: &str,
+) -> Result<Backend, ConfigError> {
+    let span = raw.span();
+    match raw.into_inner() {
+        RawBackend::Addr(text) => parse::backend_addr(&text)
+            .map(|(ip, port)| Backend::Addr { ip, port })
+            .map_err(|reason| {
+                src.error(
+                    span,
+                    format!("{context}: backend {text:?} is not valid: {reason}"),
+                )
+            }),
+        RawBackend::PerProtocol(table) => {
+            let side = |value: Option<Spanned<String>>, protocol: Protocol| {
+                value
+                    .map(|value| {
+                        parse::backend_socket(value.get_ref()).map_err(|reason| {
+                            src.error(
+                                value.span(),
+                                format!(
+                                    "{context}: backend.{protocol} {:?} is not valid: {reason}",
+                                    value.get_ref()
+                                ),
+                            )
+                        })
+                    })
+                    .transpose()
+            };
+            let tls = side(table.tls, Protocol::Tls)?;
+            let http = side(table.http, Protocol::Http)?;
+            if tls.is_none() && http.is_none() {
+                return Err(src.error(
+                    span,
+                    format!("{context}: backend needs an address for at least one of tls, http"),
+                ));
+            }
+            Ok(Backend::PerProtocol { tls, http })
+        }
+    }
+}

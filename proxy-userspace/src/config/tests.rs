@@ -1,0 +1,1029 @@
+//! Tests for the configuration: whole files in, `Config` or a positioned error out.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::*;
+
+/// A listener, for tests about other things.
+const LISTEN: &str = "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str(text, Path::new("main.toml"))
+}
+
+/// The 1-based line of the first occurrence of `needle`, so a test can say "the error is on
+/// the line with the bad value" without counting lines by hand.
+fn line_of(text: &str, needle: &str) -> usize {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in the test text"));
+    text[..at].matches('\n').count() + 1
+}
+
+/// Asserts that `text` (as `main.toml`) is refused at the line holding `at`, with a message
+/// containing `message`.
+#[track_caller]
+fn refused(text: &str, at: &str, message: &str) -> ConfigError {
+    refused_at(text, line_of(text, at), message)
+}
+
+/// Asserts that `text` (as `main.toml`) is refused at `line`, with a message containing
+/// `message`.
+#[track_caller]
+fn refused_at(text: &str, line: usize, message: &str) -> ConfigError {
+    let err = parse(text).expect_err("the configuration should be refused");
+    assert_eq!(err.file, Path::new("main.toml"), "{err}");
+    assert_eq!(err.line, Some(line), "{err}");
+    assert!(err.column.is_some(), "{err}");
+    assert!(err.message.contains(message), "{err}\nexpected: {message}");
+    err
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("test literal")
+}
+
+fn sock(text: &str) -> SocketAddr {
+    text.parse().expect("test literal")
+}
+
+/// A directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "spliced-config-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    fn write(&self, relative: &str, text: &str) -> PathBuf {
+        let path = self.0.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create dir");
+        }
+        std::fs::write(&path, text).expect("write file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn design_example() {
+    let text = r#"
+[defaults]
+forwarding = "auto"            # auto | sockmap | splice | copy
+client_hello_timeout = "5s"
+connect_timeout = "3s"
+
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"               # tls: route on SNI; http: route on Host
+
+[[listen]]
+address = "0.0.0.0:80"
+protocol = "http"
+
+[[site]]
+hostnames = ["site1.example", "*.site1.example"]
+backend = "2001:db8:1::10"     # port follows the listener's port
+proxy_protocol = "v2"          # none (default) | v1 | v2
+
+[[site]]
+hostnames = ["site2.example"]
+backend = { tls = "[2001:db8:1::11]:8443", http = "[2001:db8:1::11]:8080" }
+proxy_protocol = "v1"
+
+[default]                      # optional: where unknown or missing names go; absent = refuse
+backend = "2001:db8:1::12"
+"#;
+    let config = parse(text).expect("the DESIGN.md example is valid");
+    assert_eq!(config.defaults, Defaults::default());
+    assert_eq!(config.defaults.forwarding, Forwarding::Auto);
+    assert_eq!(config.defaults.client_hello_timeout, Duration::from_secs(5));
+    assert_eq!(config.defaults.connect_timeout, Duration::from_secs(3));
+    assert_eq!(config.defaults.idle_timeout, None);
+    assert_eq!(config.defaults.max_connections, 10_000);
+    assert_eq!(config.defaults.sockmap_backlog_limit, 4 * 1024 * 1024);
+    assert_eq!(
+        config.listeners,
+        vec![
+            Listener {
+                address: sock("0.0.0.0:443"),
+                protocol: Protocol::Tls,
+                forwarding: None
+            },
+            Listener {
+                address: sock("0.0.0.0:80"),
+                protocol: Protocol::Http,
+                forwarding: None
+            },
+        ]
+    );
+    assert_eq!(
+        config.sites,
+        vec![
+            Site {
+                name: "site1.example".into(),
+                hostnames: vec!["site1.example".into(), "*.site1.example".into()],
+                backend: Backend::Addr {
+                    ip: ip("2001:db8:1::10"),
+                    port: None
+                },
+                proxy_protocol: Version::V2,
+                tlvs: Tlvs {
+                    authority: true,
+                    crc32c: false,
+                    unique_id: false
+                },
+                forwarding: None,
+                origin: Origin {
+                    file: "main.toml".into(),
+                    line: line_of(text, "[[site]]\nhostnames = [\"site1")
+                },
+            },
+            Site {
+                name: "site2.example".into(),
+                hostnames: vec!["site2.example".into()],
+                backend: Backend::PerProtocol {
+                    tls: Some(sock("[2001:db8:1::11]:8443")),
+                    http: Some(sock("[2001:db8:1::11]:8080")),
+                },
+                proxy_protocol: Version::V1,
+                tlvs: Tlvs::default(),
+                forwarding: None,
+                origin: Origin {
+                    file: "main.toml".into(),
+                    line: 20
+                },
+            },
+        ]
+    );
+    assert_eq!(
+        config.default_site,
+        Some(Site {
+            name: "default".into(),
+            hostnames: vec![],
+            backend: Backend::Addr {
+                ip: ip("2001:db8:1::12"),
+                port: None
+            },
+            proxy_protocol: Version::None,
+            tlvs: Tlvs::default(),
+            forwarding: None,
+            origin: Origin {
+                file: "main.toml".into(),
+                line: 25
+            },
+        })
+    );
+    assert_eq!(config.files, vec![PathBuf::from("main.toml")]);
+}
+
+#[test]
+fn every_key() {
+    let text = r#"
+[defaults]
+forwarding = "splice"
+client_hello_timeout = "250ms"
+connect_timeout = "1m"
+idle_timeout = "1h"
+max_connections = 500
+sockmap_backlog_limit = "512KiB"
+
+[[listen]]
+address = "[::]:443"
+protocol = "tls"
+forwarding = "sockmap"
+
+[[site]]
+hostnames = ["A.Example.", "*.a.example"]
+backend = "[2001:db8::1]:8443"
+proxy_protocol = "v2"
+proxy_protocol_tlvs = ["crc32c", "unique_id"]
+forwarding = "copy"
+
+[[site]]
+hostnames = ["b.example"]
+backend = { http = "192.0.2.1:8080" }
+
+[default]
+backend = "192.0.2.2:443"
+proxy_protocol = "v2"
+proxy_protocol_tlvs = []
+forwarding = "auto"
+"#;
+    let config = parse(text).expect("valid");
+    assert_eq!(
+        config.defaults,
+        Defaults {
+            forwarding: Forwarding::Splice,
+            client_hello_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(60),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connections: 500,
+            sockmap_backlog_limit: 512 * 1024,
+        }
+    );
+    assert_eq!(config.listeners[0].address, sock("[::]:443"));
+    assert_eq!(config.listeners[0].forwarding, Some(Forwarding::Sockmap));
+    let a = &config.sites[0];
+    assert_eq!(a.name, "a.example");
+    assert_eq!(a.hostnames, ["a.example", "*.a.example"]);
+    assert_eq!(
+        a.backend,
+        Backend::Addr {
+            ip: ip("2001:db8::1"),
+            port: Some(8443)
+        }
+    );
+    assert_eq!(
+        a.tlvs,
+        Tlvs {
+            authority: false,
+            crc32c: true,
+            unique_id: true
+        }
+    );
+    assert_eq!(a.forwarding, Some(Forwarding::Copy));
+    assert_eq!(
+        config.sites[1].backend,
+        Backend::PerProtocol {
+            tls: None,
+            http: Some(sock("192.0.2.1:8080"))
+        }
+    );
+    let default = config.default_site.as_ref().expect("default site");
+    assert_eq!(default.proxy_protocol, Version::V2);
+    assert_eq!(default.tlvs, Tlvs::default());
+    assert_eq!(default.forwarding, Some(Forwarding::Auto));
+}
+
+#[test]
+fn optional_parts_absent() {
+    let config = parse(LISTEN).expect("a listener alone is valid");
+    assert_eq!(config.defaults, Defaults::default());
+    assert!(config.sites.is_empty());
+    assert_eq!(config.default_site, None);
+    let idle_zero = format!("[defaults]\nidle_timeout = \"0\"\n{LISTEN}");
+    assert_eq!(
+        parse(&idle_zero).expect("valid").defaults.idle_timeout,
+        None
+    );
+    let size_int = format!("[defaults]\nsockmap_backlog_limit = 1048576\n{LISTEN}");
+    assert_eq!(
+        parse(&size_int)
+            .expect("valid")
+            .defaults
+            .sockmap_backlog_limit,
+        1 << 20
+    );
+}
+
+#[test]
+fn backend_for_listener() {
+    let addr = Backend::Addr {
+        ip: ip("2001:db8::1"),
+        port: None,
+    };
+    assert_eq!(
+        addr.for_listener(Protocol::Tls, 443),
+        Some(sock("[2001:db8::1]:443"))
+    );
+    assert_eq!(
+        addr.for_listener(Protocol::Http, 80),
+        Some(sock("[2001:db8::1]:80"))
+    );
+    let fixed = Backend::Addr {
+        ip: ip("192.0.2.1"),
+        port: Some(8443),
+    };
+    assert_eq!(
+        fixed.for_listener(Protocol::Tls, 443),
+        Some(sock("192.0.2.1:8443"))
+    );
+    assert_eq!(
+        fixed.for_listener(Protocol::Http, 80),
+        Some(sock("192.0.2.1:8443"))
+    );
+    let both = Backend::PerProtocol {
+        tls: Some(sock("[2001:db8::1]:8443")),
+        http: Some(sock("[2001:db8::1]:8080")),
+    };
+    assert_eq!(
+        both.for_listener(Protocol::Tls, 443),
+        Some(sock("[2001:db8::1]:8443"))
+    );
+    assert_eq!(
+        both.for_listener(Protocol::Http, 80),
+        Some(sock("[2001:db8::1]:8080"))
+    );
+    let tls_only = Backend::PerProtocol {
+        tls: Some(sock("[2001:db8::1]:8443")),
+        http: None,
+    };
+    assert_eq!(
+        tls_only.for_listener(Protocol::Tls, 443),
+        Some(sock("[2001:db8::1]:8443"))
+    );
+    assert_eq!(tls_only.for_listener(Protocol::Http, 80), None);
+    let http_only = Backend::PerProtocol {
+        tls: None,
+        http: Some(sock("[2001:db8::1]:8080")),
+    };
+    assert_eq!(http_only.for_listener(Protocol::Tls, 443), None);
+}
+
+#[test]
+fn error_display() {
+    let text = format!(
+        "{LISTEN}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\nproxy_protocol = \"v3\"\n"
+    );
+    let err = parse(&text).expect_err("v3");
+    assert_eq!(
+        err.to_string(),
+        "main.toml:7:18: site \"a.example\": proxy_protocol must be one of none, v1, v2, not \"v3\""
+    );
+    let err = parse("").expect_err("no listener");
+    assert_eq!((err.line, err.column), (None, None));
+    assert!(
+        err.to_string()
+            .starts_with("main.toml: no [[listen]] entry"),
+        "{err}"
+    );
+    // Columns count characters, not bytes: hostnames are checked before proxy_protocol, so the
+    // error is after the "ü" on the same line.
+    let prefix = "site = [{ proxy_protocol = \"vü\", hostnames = [";
+    let text = format!("{prefix}\"bad name\"], backend = \"::1\" }}]\n{LISTEN}");
+    let err = parse(&text).expect_err("bad name");
+    assert!(err.message.contains("\"bad name\" is not valid"), "{err}");
+    assert_ne!(prefix.len(), prefix.chars().count());
+    assert_eq!(
+        (err.line, err.column),
+        (Some(1), Some(prefix.chars().count() + 1)),
+        "{err}"
+    );
+}
+
+#[test]
+fn toml_errors_keep_their_position() {
+    refused("[[listen]]\naddress = 0.0.0.0:443\n", "address", "");
+    refused("[[listen]\n", "[[listen]", "");
+    refused_at(
+        &format!("{LISTEN}[defaults]\nforwarding = \"auto\"\n[defaults]\n"),
+        6,
+        "duplicate",
+    );
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    refused(
+        &format!("bogus_top = 1\n{LISTEN}"),
+        "bogus_top",
+        "unknown field `bogus_top`",
+    );
+    refused(
+        &format!("[defaults]\nclient_timeout = \"5s\"\n{LISTEN}"),
+        "client_timeout",
+        "unknown field `client_timeout`",
+    );
+    refused(
+        &format!("{LISTEN}porto = \"tls\"\n"),
+        "porto",
+        "unknown field `porto`",
+    );
+    refused(
+        &format!(
+            "{LISTEN}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\nproxy = \"v1\"\n"
+        ),
+        "proxy =",
+        "unknown field `proxy`",
+    );
+    refused(
+        &format!("{LISTEN}[default]\nbackend = \"::1\"\ntimeout = \"1s\"\n"),
+        "timeout =",
+        "unknown field `timeout`",
+    );
+    refused(
+        &format!(
+            "{LISTEN}[[site]]\nhostnames = [\"a.example\"]\nbackend = {{ tls = \"[::1]:1\", https = \"[::1]:2\" }}\n"
+        ),
+        "https",
+        "unknown field `https`",
+    );
+}
+
+#[test]
+fn listener_errors() {
+    let err = parse("[defaults]\n").expect_err("no listener");
+    assert_eq!(err.line, None);
+    assert!(err.message.contains("no [[listen]] entry"), "{err}");
+    let text = "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
+                [[listen]]\naddress = \"0.0.0.0:443\" # again\nprotocol = \"http\"\n";
+    let err = refused(
+        text,
+        "\"0.0.0.0:443\" # again",
+        "address 0.0.0.0:443 is already used by the listener at main.toml:1",
+    );
+    assert_eq!(err.column, Some(11));
+    refused(
+        "[[listen]]\naddress = \"0.0.0.0\"\nprotocol = \"tls\"\n",
+        "address",
+        "the port is missing",
+    );
+    refused(
+        "[[listen]]\naddress = \"localhost:443\"\nprotocol = \"tls\"\n",
+        "address",
+        "address \"localhost:443\" is not valid",
+    );
+    refused(
+        "[[listen]]\naddress = \"[::]:0\"\nprotocol = \"tls\"\n",
+        "address",
+        "port 0",
+    );
+    refused(
+        "[[listen]]\naddress = \"[::]:443\"\nprotocol = \"https\"\n",
+        "protocol",
+        "protocol must be tls or http, not \"https\"",
+    );
+    refused(
+        "[[listen]]\naddress = \"[::]:443\"\n",
+        "[[listen]]",
+        "listen [::]:443: protocol is missing (tls or http)",
+    );
+    refused(
+        "[[listen]]\nprotocol = \"tls\"\n",
+        "[[listen]]",
+        "[[listen]] has no address",
+    );
+    refused(
+        &format!("{LISTEN}forwarding = \"zerocopy\"\n"),
+        "forwarding",
+        "listen 0.0.0.0:443: forwarding must be one of auto, sockmap, splice, copy, not \"zerocopy\"",
+    );
+}
+
+#[test]
+fn hostname_errors() {
+    let site = |hostnames: &str| {
+        format!("{LISTEN}[[site]]\nhostnames = {hostnames}\nbackend = \"2001:db8::1\"\n")
+    };
+    for (bad, message) in [
+        ("a_b.example", "contains '_'"),
+        ("a..example", "empty label"),
+        (
+            "a.*.example",
+            "'*' is only allowed as the whole first label",
+        ),
+        ("*a.example", "'*' is only allowed as the whole first label"),
+        ("*", "wildcard needs a parent"),
+        ("-a.example", "starts or ends with '-'"),
+        ("", "is empty"),
+    ] {
+        let text = site(&format!("[\"ok.example\", \"{bad}\"]"));
+        refused(
+            &text,
+            "hostnames",
+            &format!("site \"ok.example\": hostname \"{bad}\" is not valid: "),
+        );
+        let err = refused(&text, "hostnames", message);
+        assert_eq!(err.column, Some(28), "{err}");
+    }
+    let long_label = format!("{}.example", "a".repeat(64));
+    refused(
+        &site(&format!("[\"{long_label}\"]")),
+        "hostnames",
+        "more than 63",
+    );
+    let long_name = vec!["abcdefghi"; 26].join(".");
+    refused(
+        &site(&format!("[\"{long_name}\"]")),
+        "hostnames",
+        "more than 253",
+    );
+    refused(&site("[]"), "hostnames", "hostnames is empty");
+    refused(&site("\"a.example\""), "hostnames", "expected a sequence");
+    refused(
+        &format!("{LISTEN}[[site]]\nbackend = \"2001:db8::1\"\n"),
+        "[[site]]",
+        "[[site]] has no hostnames",
+    );
+    refused(
+        &format!("{LISTEN}[default]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n"),
+        "hostnames",
+        "default site: hostnames are not allowed",
+    );
+}
+
+#[test]
+fn duplicate_hostnames_in_one_file() {
+    let text = format!(
+        "{LISTEN}[[site]]\nhostnames = [\"a.example\", \"*.a.example\"]\nbackend = \"::1\"\n\n\
+         [[site]]\nhostnames = [\"b.example\", \"*.A.example.\"]\nbackend = \"::2\"\n"
+    );
+    refused(
+        &text,
+        "[\"b.example\"",
+        "site \"b.example\": hostname \"*.a.example\" is already used by site \"a.example\" at \
+         main.toml:5",
+    );
+    let same_site = format!(
+        "{LISTEN}[[site]]\nhostnames = [\"a.example\", \"A.example\"]\nbackend = \"::1\"\n"
+    );
+    refused(
+        &same_site,
+        "hostnames",
+        "already used by site \"a.example\" at main.toml:5",
+    );
+}
+
+#[test]
+fn backend_errors() {
+    let site = |backend: &str| {
+        format!("{LISTEN}[[site]]\nhostnames = [\"a.example\"]\nbackend = {backend}\n")
+    };
+    refused(
+        &site("\"backend.example\""),
+        "backend",
+        "site \"a.example\": backend \"backend.example\" is not valid: expected an IP address",
+    );
+    refused(
+        &site("\"backend.example\""),
+        "backend",
+        "hostnames are not resolved",
+    );
+    refused(&site("\"2001:db8::1]:80\""), "backend", "is not valid");
+    refused(&site("\"[2001:db8::1]:0\""), "backend", "port 0");
+    refused(&site("\"::\""), "backend", "not a unicast address");
+    refused(
+        &site("443"),
+        "backend",
+        "expected an address string or a table",
+    );
+    refused(
+        &site("{}"),
+        "backend",
+        "backend needs an address for at least one of tls, http",
+    );
+    refused(
+        &site("{ tls = \"2001:db8::1\" }"),
+        "backend",
+        "backend.tls \"2001:db8::1\" is not valid: a per-protocol backend needs a port",
+    );
+    let err = refused(
+        &site("{ tls = \"[2001:db8::1]:1\", http = \"nope\" }"),
+        "backend",
+        "backend.http \"nope\" is not valid",
+    );
+    // Placed at the inner value, not at the table.
+    assert_eq!(err.column, Some(45), "{err}");
+    refused(
+        &format!("{LISTEN}[[site]]\nhostnames = [\"a.example\"]\n"),
+        "[[site]]",
+        "site \"a.example\": backend is missing",
+    );
+    refused(
+        &format!("{LISTEN}[default]\nproxy_protocol = \"v1\"\n"),
+        "[default]",
+        "default site: backend is missing",
+    );
+}
+
+#[test]
+fn proxy_protocol_errors() {
+    let site = |extra: &str| {
+        format!("{LISTEN}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\n{extra}\n")
+    };
+    refused(
+        &site("proxy_protocol = \"v3\""),
+        "proxy_protocol",
+        "site \"a.example\": proxy_protocol must be one of none, v1, v2, not \"v3\"",
+    );
+    refused(
+        &site("proxy_protocol = \"v1\"\nproxy_protocol_tlvs = [\"authority\"]"),
+        "proxy_protocol_tlvs",
+        "proxy_protocol_tlvs needs proxy_protocol = \"v2\", but it is \"v1\"",
+    );
+    refused(
+        &site("proxy_protocol_tlvs = [\"authority\"]"),
+        "proxy_protocol_tlvs",
+        "but it is none (the default)",
+    );
+    refused(
+        &site("proxy_protocol = \"none\"\nproxy_protocol_tlvs = []"),
+        "proxy_protocol_tlvs",
+        "needs proxy_protocol = \"v2\"",
+    );
+    refused(
+        &site("proxy_protocol = \"v2\"\nproxy_protocol_tlvs = [\"authority\",\n  \"ssl\"]"),
+        "\"ssl\"",
+        "proxy_protocol_tlvs: unknown TLV \"ssl\"",
+    );
+    refused(
+        &site("forwarding = \"fast\""),
+        "forwarding",
+        "site \"a.example\": forwarding must be one of auto, sockmap, splice, copy, not \"fast\"",
+    );
+}
+
+#[test]
+fn duration_and_size_errors() {
+    let defaults = |line: &str| format!("[defaults]\n{line}\n{LISTEN}");
+    for (line, message) in [
+        (
+            "client_hello_timeout = \"5x\"",
+            "defaults: client_hello_timeout must be a duration like \"5s\", \"250ms\" or \"1m\", \
+             not \"5x\": unknown unit \"x\"",
+        ),
+        ("client_hello_timeout = \"\"", "not \"\": it is empty"),
+        ("connect_timeout = \"-5s\"", "cannot be negative"),
+        ("connect_timeout = \"5\"", "a unit is missing"),
+        (
+            "connect_timeout = \"0s\"",
+            "connect_timeout must be greater than zero",
+        ),
+        (
+            "client_hello_timeout = \"0\"",
+            "client_hello_timeout must be greater than zero",
+        ),
+        ("idle_timeout = \"soon\"", "idle_timeout must be a duration"),
+        (
+            "connect_timeout = 5",
+            "invalid type: integer `5`, expected a string",
+        ),
+        (
+            "sockmap_backlog_limit = \"4XB\"",
+            "sockmap_backlog_limit must be a size like \"4MiB\", \"512KiB\" or \"1048576\", not \
+             \"4XB\": unknown unit",
+        ),
+        ("sockmap_backlog_limit = \"\"", "it is empty"),
+        ("sockmap_backlog_limit = \"-1\"", "cannot be negative"),
+        ("sockmap_backlog_limit = -1", "cannot be negative"),
+        ("sockmap_backlog_limit = 0", "must be greater than zero"),
+        (
+            "sockmap_backlog_limit = \"0MiB\"",
+            "must be greater than zero",
+        ),
+        (
+            "max_connections = 0",
+            "max_connections must be at least 1, not 0",
+        ),
+        (
+            "max_connections = -5",
+            "max_connections must be at least 1, not -5",
+        ),
+        ("max_connections = \"10\"", "invalid type"),
+        (
+            "forwarding = \"kernel\"",
+            "defaults: forwarding must be one of",
+        ),
+    ] {
+        let text = defaults(line);
+        let err = refused(&text, line, message);
+        assert_eq!(err.line, Some(2), "{err}");
+        let key_len = line.find('=').expect("key = value") + 2;
+        assert_eq!(err.column, Some(key_len + 1), "{err}");
+    }
+}
+
+#[test]
+fn includes_one_file_per_customer() {
+    let dir = TempDir::new("customers");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"sites/*.toml\", \"other.toml\"]\n{LISTEN}"),
+    );
+    // Written out of order: the result must not depend on directory order.
+    dir.write(
+        "sites/b.toml",
+        "[[site]]\nhostnames = [\"b.example\"]\nbackend = \"2001:db8::b\"\n",
+    );
+    dir.write(
+        "sites/a.toml",
+        "\n[[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::a\"\n\
+         [[site]]\nhostnames = [\"a2.example\"]\nbackend = \"2001:db8::a2\"\n",
+    );
+    // Hidden files and other extensions are not customers.
+    dir.write("sites/.a.toml.swp.toml", "not toml at all");
+    dir.write("sites/notes.txt", "not toml at all");
+    dir.write(
+        "other.toml",
+        "[[site]]\nhostnames = [\"other.example\"]\nbackend = \"2001:db8::c\"\n",
+    );
+    let config = Config::load(&main).expect("valid");
+    assert_eq!(
+        config.files,
+        vec![
+            main.clone(),
+            dir.0.join("sites/a.toml"),
+            dir.0.join("sites/b.toml"),
+            dir.0.join("other.toml"),
+        ]
+    );
+    let names: Vec<&str> = config.sites.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a.example", "a2.example", "b.example", "other.example"]
+    );
+    assert_eq!(
+        config.sites[1].origin,
+        Origin {
+            file: dir.0.join("sites/a.toml"),
+            line: 5
+        }
+    );
+    let summary = config.summary();
+    assert!(summary.contains("files read: 4"), "{summary}");
+    assert!(
+        summary.contains(&dir.0.join("sites/b.toml").display().to_string()),
+        "{summary}"
+    );
+}
+
+#[test]
+fn nested_includes_are_relative_to_their_file() {
+    let dir = TempDir::new("nested");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"customers/index.toml\"]\n{LISTEN}"),
+    );
+    dir.write("customers/index.toml", "include = [\"c/*.toml\"]\n");
+    dir.write(
+        "customers/c/x.toml",
+        "[[site]]\nhostnames = [\"x.example\"]\nbackend = \"2001:db8::1\"\n",
+    );
+    let config = Config::load(&main).expect("valid");
+    assert_eq!(config.sites.len(), 1);
+    assert_eq!(
+        config.sites[0].origin.file,
+        dir.0.join("customers/c/x.toml")
+    );
+    assert_eq!(config.files.len(), 3);
+}
+
+#[test]
+fn glob_matching_nothing_is_fine() {
+    let dir = TempDir::new("empty");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"sites/*.toml\"]\n{LISTEN}"),
+    );
+    let config = Config::load(&main).expect("valid");
+    assert!(config.sites.is_empty());
+    assert_eq!(config.files, vec![main]);
+}
+
+#[test]
+fn glob_in_a_directory_with_glob_characters() {
+    let dir = TempDir::new("brackets");
+    let main = dir.write(
+        "we[ird]/spliced.toml",
+        &format!("include = [\"*.site.toml\"]\n{LISTEN}"),
+    );
+    dir.write(
+        "we[ird]/x.site.toml",
+        "[[site]]\nhostnames = [\"x.example\"]\nbackend = \"2001:db8::1\"\n",
+    );
+    let config = Config::load(&main).expect("valid");
+    assert_eq!(config.sites.len(), 1);
+}
+
+#[test]
+fn duplicate_hostname_across_files_names_both() {
+    let dir = TempDir::new("dup");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"sites/*.toml\"]\n{LISTEN}"),
+    );
+    let a = dir.write(
+        "sites/a.toml",
+        "[[site]]\nhostnames = [\"a.example\",\n  \"shared.example\"]\nbackend = \"2001:db8::a\"\n",
+    );
+    let b = dir.write(
+        "sites/b.toml",
+        "# customer b\n\n[[site]]\nhostnames = [\"b.example\", \"SHARED.example\"]\nbackend = \"2001:db8::b\"\n",
+    );
+    let err = Config::load(&main).expect_err("duplicate");
+    assert_eq!(err.file, b, "{err}");
+    assert_eq!((err.line, err.column), (Some(4), Some(27)), "{err}");
+    let first = format!("{}:3", a.display());
+    assert!(err.message.contains(&first), "{err}");
+    assert!(
+        err.message.contains(
+            "site \"b.example\": hostname \"shared.example\" is already used by site \"a.example\""
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_include_names_the_including_file() {
+    let dir = TempDir::new("missing");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\n  \"sites/*.toml\",\n  \"other.toml\",\n]\n{LISTEN}"),
+    );
+    let err = Config::load(&main).expect_err("missing");
+    assert_eq!(err.file, main, "{err}");
+    assert_eq!((err.line, err.column), (Some(3), Some(3)), "{err}");
+    assert!(err.message.contains("included file"), "{err}");
+    assert!(err.message.contains("other.toml does not exist"), "{err}");
+}
+
+#[test]
+fn include_errors() {
+    let dir = TempDir::new("errors");
+    let bad_glob = dir.write(
+        "bad_glob.toml",
+        &format!("include = [\"sites/[a.toml\"]\n{LISTEN}"),
+    );
+    let err = Config::load(&bad_glob).expect_err("bad glob");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (bad_glob.as_path(), Some(1)),
+        "{err}"
+    );
+    assert!(
+        err.message
+            .contains("include \"sites/[a.toml\" is not a valid glob"),
+        "{err}"
+    );
+
+    let empty = dir.write("empty.toml", &format!("include = [\"\"]\n{LISTEN}"));
+    let err = Config::load(&empty).expect_err("empty include");
+    assert!(err.message.contains("the path is empty"), "{err}");
+
+    let twice = dir.write(
+        "twice.toml",
+        &format!("include = [\"sites/*.toml\", \"sites/a.toml\"]\n{LISTEN}"),
+    );
+    dir.write("sites/a.toml", "");
+    let err = Config::load(&twice).expect_err("twice");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (twice.as_path(), Some(1)),
+        "{err}"
+    );
+    assert!(err.message.contains("is already included by"), "{err}");
+
+    for (key, body) in [
+        ("[[listen]]", LISTEN.to_string()),
+        (
+            "[defaults]",
+            "[defaults]\nconnect_timeout = \"1s\"\n".to_string(),
+        ),
+        ("[default]", "[default]\nbackend = \"::1\"\n".to_string()),
+    ] {
+        let dir = TempDir::new("main-only");
+        let main = dir.write(
+            "spliced.toml",
+            &format!("include = [\"site.toml\"]\n{LISTEN}"),
+        );
+        let site = dir.write("site.toml", &format!("# a customer\n{body}"));
+        let err = Config::load(&main).expect_err(key);
+        assert_eq!(
+            (err.file.as_path(), err.line),
+            (site.as_path(), Some(2)),
+            "{err}"
+        );
+        assert!(
+            err.message.contains(&format!(
+                "{key} is only allowed in the main configuration file"
+            )),
+            "{err}"
+        );
+    }
+
+    let syntax = TempDir::new("syntax");
+    let main = syntax.write(
+        "spliced.toml",
+        &format!("include = [\"site.toml\"]\n{LISTEN}"),
+    );
+    let site = syntax.write(
+        "site.toml",
+        "[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\nbogus = 1\n",
+    );
+    let err = Config::load(&main).expect_err("unknown key in include");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (site.as_path(), Some(4)),
+        "{err}"
+    );
+    assert!(err.message.contains("unknown field `bogus`"), "{err}");
+}
+
+#[test]
+fn include_cycles() {
+    let dir = TempDir::new("cycle");
+    let main = dir.write("spliced.toml", &format!("include = [\"a.toml\"]\n{LISTEN}"));
+    let a = dir.write("a.toml", "include = [\"b.toml\"]\n");
+    let b = dir.write("b.toml", "\ninclude = [\"a.toml\"]\n");
+    let err = Config::load(&main).expect_err("cycle");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (b.as_path(), Some(2)),
+        "{err}"
+    );
+    let chain = format!(
+        "include cycle: {} -> {} -> {}",
+        a.display(),
+        b.display(),
+        a.display()
+    );
+    assert!(err.message.contains(&chain), "{err}");
+
+    let own = TempDir::new("self");
+    let main = own.write("spliced.toml", &format!("include = [\"*.toml\"]\n{LISTEN}"));
+    let err = Config::load(&main).expect_err("includes itself");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (main.as_path(), Some(1)),
+        "{err}"
+    );
+    assert!(err.message.contains("include cycle"), "{err}");
+}
+
+#[test]
+fn from_str_resolves_includes_next_to_path() {
+    let dir = TempDir::new("from-str");
+    dir.write(
+        "x.toml",
+        "[[site]]\nhostnames = [\"x.example\"]\nbackend = \"2001:db8::1\"\n",
+    );
+    let text = format!("include = [\"x.toml\"]\n{LISTEN}");
+    let config = Config::from_str(&text, &dir.0.join("not-on-disk.toml")).expect("valid");
+    assert_eq!(config.sites[0].name, "x.example");
+    assert_eq!(config.files[0], dir.0.join("not-on-disk.toml"));
+}
+
+#[test]
+fn load_reports_unreadable_main_file() {
+    let dir = TempDir::new("unreadable");
+    let path = dir.0.join("absent.toml");
+    let err = Config::load(&path).expect_err("absent");
+    assert_eq!((err.file.as_path(), err.line), (path.as_path(), None));
+    assert!(
+        err.to_string().contains("cannot read the configuration"),
+        "{err}"
+    );
+}
+
+#[test]
+fn summary_describes_the_config() {
+    let text = r#"
+[defaults]
+idle_timeout = "90s"
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+[[listen]]
+address = "[::]:80"
+protocol = "http"
+forwarding = "copy"
+[[site]]
+hostnames = ["a.example", "*.a.example"]
+backend = "2001:db8::1"
+proxy_protocol = "v2"
+[[site]]
+hostnames = ["b.example"]
+backend = { tls = "[2001:db8::2]:443" }
+proxy_protocol = "v1"
+[default]
+backend = "2001:db8::3"
+"#;
+    let summary = parse(text).expect("valid").summary();
+    for line in [
+        "files read: 1\n  main.toml\n",
+        "idle_timeout 90s",
+        "sockmap_backlog_limit 4MiB",
+        "  0.0.0.0:443 tls forwarding auto (default)\n",
+        "  [::]:80 http forwarding copy\n",
+        "sites: 2 with 3 hostnames (2 exact, 1 wildcard)\n",
+        "  served on tls: 2\n",
+        "  served on http: 1\n",
+        "default site: backend 2001:db8::3 (listener's port), proxy_protocol none\n",
+        "proxy_protocol: 1 none, 1 v1, 1 v2\n",
+    ] {
+        assert!(summary.contains(line), "{line:?} not in:\n{summary}");
+    }
+    let refusing = parse(LISTEN).expect("valid").summary();
+    assert!(
+        refusing.contains("default site: none (unknown and missing names are refused)"),
+        "{refusing}"
+    );
+}
