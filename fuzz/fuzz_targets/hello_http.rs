@@ -1,0 +1,10 @@
+//! Request-head parser: never panics, and a prefix of the input (cut where the first byte says)
+//! either needs more bytes or gives the same answer as the whole input.
+//!
+//! `cargo +nightly fuzz run hello_http`; the same checks run on stable in
+//! `cargo test -p proxy-userspace --lib hello`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| spliced::hello::fuzz_check_http(data));
