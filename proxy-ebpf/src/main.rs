@@ -6,6 +6,9 @@
 //! user space.
 #![no_std]
 #![no_main]
+// The program macros generate a `pub fn` entry point that receives the kernel's raw context
+// pointer; that is how every eBPF program is called and cannot be marked `unsafe`.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use aya_ebpf::{
     EbpfContext as _,

@@ -6,8 +6,13 @@
 //! reads the name, [`preface`] builds what the backend sees first, then forwarding and closing.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod config;
+pub mod conn;
 pub mod ebpf;
+pub mod forward;
 pub mod hello;
+pub mod listen;
 pub mod preface;
 pub mod route;
+pub mod server;

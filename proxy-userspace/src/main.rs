@@ -1,16 +1,84 @@
-//! The `spliced` command.
+//! The `spliced` command: `run`, `check`, `--version`.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
 use clap::Parser;
+use spliced::{config::Config, server::Server};
 
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    name = "spliced",
+    version,
+    about = "SNI/Host routing edge proxy with kernel splicing"
+)]
 enum Cli {
-    /// Run the proxy.
-    Run,
+    /// Run the proxy with a configuration file.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long open connections may finish after SIGTERM.
+        #[arg(long, default_value = "10", value_name = "SECONDS")]
+        grace: u64,
+    },
+    /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    let Cli::Run = Cli::parse();
-    let k = spliced::ebpf::Kernel::load()?;
-    println!("{:?}", k.program_names());
-    Ok(())
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse() {
+        Cli::Check { config } => match Config::load(&config) {
+            Ok(cfg) => match spliced::server::check_supported(&cfg) {
+                Ok(()) => {
+                    println!("{}: OK\n{}", config.display(), cfg.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", config.display());
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Cli::Run { config, grace } => {
+            let cfg = match Config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match run(cfg, config, Duration::from_secs(grace)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("spliced: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = Server::bind(config, Some(path))?;
+        server.run(grace).await
+    })
 }

@@ -1,0 +1,384 @@
+//! One connection's life: read the hello, route, connect, send the preface, forward, log.
+//!
+//! Each connection is its own task with its own deadlines, so a slow or silent client only ever
+//! waits on its own timer.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{io::Interest, net::TcpStream, time::timeout};
+
+use crate::{
+    access,
+    config::{Forwarding, Protocol},
+    forward::{self, Counters, Engine},
+    hello::{self, HelloError},
+    preface,
+    route::Router,
+    server::Shared,
+};
+
+/// What the listener that accepted a connection contributes to it.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    /// The configured address.
+    pub address: SocketAddr,
+    /// `tls` or `http`.
+    pub protocol: Protocol,
+    /// Engine override for this listener.
+    pub forwarding: Option<Forwarding>,
+}
+
+/// Why a connection ended before (or while) forwarding; `reason()` names it in logs/metrics.
+#[derive(Debug)]
+enum Failure {
+    HelloTimeout,
+    ClientClosedEarly,
+    ClientIo(std::io::Error),
+    Hello(HelloError),
+    Route(&'static str),
+    NoBackendForProtocol,
+    ConnectTimeout,
+    Connect(std::io::Error),
+    Preface(preface::EncodeError),
+    BackendWrite(std::io::Error),
+    Forward(forward::ForwardError),
+    IdleTimeout,
+}
+
+impl Failure {
+    fn reason(&self) -> &'static str {
+        match self {
+            Failure::HelloTimeout => "client_hello_timeout",
+            Failure::ClientClosedEarly => "client_closed_before_hello",
+            Failure::ClientIo(_) => "client_error",
+            Failure::Hello(e) => e.reason(),
+            Failure::Route(reason) => reason,
+            Failure::NoBackendForProtocol => "no_backend_for_protocol",
+            Failure::ConnectTimeout => "backend_connect_timeout",
+            Failure::Connect(_) => "backend_unreachable",
+            Failure::Preface(_) => "preface_error",
+            Failure::BackendWrite(_) => "backend_error",
+            Failure::Forward(e) => e.reason(),
+            Failure::IdleTimeout => "idle_timeout",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            Failure::ClientIo(e) | Failure::Connect(e) | Failure::BackendWrite(e) => {
+                Some(e.to_string())
+            }
+            Failure::Hello(e) => Some(e.to_string()),
+            Failure::Preface(e) => Some(e.to_string()),
+            Failure::Forward(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// What we learned along the way, for the access log.
+#[derive(Default)]
+struct Facts {
+    name: Option<String>,
+    alpn: Option<String>,
+    site: Option<String>,
+    backend: Option<SocketAddr>,
+    proxy_protocol: preface::Version,
+    engine: Option<Engine>,
+    hello_len: u64,
+    counters: Counters,
+}
+
+/// Serves one accepted connection to completion and writes its access-log line.
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let mut facts = Facts::default();
+    let result = serve(&client, peer, &listener, &shared, &mut facts).await;
+    let (up, down) = facts.counters.get();
+    let proxy_protocol = match facts.proxy_protocol {
+        preface::Version::None => "none",
+        preface::Version::V1 => "v1",
+        preface::Version::V2 => "v2",
+    };
+    let detail = result.as_ref().err().and_then(Failure::detail);
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(f) => f.reason(),
+    };
+    shared.count_outcome(outcome);
+    let entry = access::Entry {
+        client: Some(peer),
+        listener: Some(listener.address),
+        name: facts.name.as_deref(),
+        alpn: facts.alpn.as_deref(),
+        site: facts.site.as_deref(),
+        backend: facts.backend,
+        proxy_protocol,
+        engine: facts.engine.map(Engine::as_str),
+        bytes_up: up + facts.hello_len,
+        bytes_down: down,
+        duration: started.elapsed(),
+        outcome,
+        detail: detail.as_deref(),
+    };
+    shared.access_log(&entry);
+}
+
+async fn serve(
+    client: &TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    facts: &mut Facts,
+) -> Result<(), Failure> {
+    let config = shared.current();
+    let defaults = &config.config.defaults;
+
+    // 2. Read the hello under one deadline for the whole hello, not per read.
+    let mut buf = Vec::with_capacity(2048);
+    let name = match timeout(
+        defaults.client_hello_timeout,
+        read_hello(client, listener.protocol, &mut buf, facts),
+    )
+    .await
+    {
+        Err(_) => return Err(Failure::HelloTimeout),
+        Ok(Err(failure)) => {
+            if let Failure::Hello(e) = &failure {
+                refuse(client, listener.protocol, e.reason()).await;
+            }
+            return Err(failure);
+        }
+        Ok(Ok(name)) => name,
+    };
+    facts.hello_len = buf.len() as u64;
+
+    // 3. Route.
+    let route = match config.router.route(name.as_deref()) {
+        Ok(route) => route,
+        Err(e) => {
+            refuse(client, listener.protocol, "unknown_name").await;
+            return Err(Failure::Route(e.reason()));
+        }
+    };
+    let site = route.site;
+    facts.site = Some(site.name.clone());
+    facts.proxy_protocol = site.proxy_protocol;
+    let local = client.local_addr().map_err(Failure::ClientIo)?;
+    let Some(backend_addr) = site.backend.for_listener(listener.protocol, local.port()) else {
+        refuse(client, listener.protocol, "unknown_name").await;
+        return Err(Failure::NoBackendForProtocol);
+    };
+    facts.backend = Some(backend_addr);
+
+    // 4. Connect.
+    let backend = match timeout(defaults.connect_timeout, TcpStream::connect(backend_addr)).await {
+        Err(_) => {
+            refuse(client, listener.protocol, "backend_connect_timeout").await;
+            return Err(Failure::ConnectTimeout);
+        }
+        Ok(Err(e)) => {
+            refuse(client, listener.protocol, "backend_unreachable").await;
+            return Err(Failure::Connect(e));
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = backend.set_nodelay(true);
+
+    // 5. Preface: PROXY header and every byte read so far, in one write.
+    let mut preface_bytes = Vec::with_capacity(buf.len() + 256);
+    let unique_id = site
+        .tlvs
+        .unique_id
+        .then(|| preface::UniqueId::from_u128(shared.next_id()));
+    let header = preface::Header {
+        source: peer,
+        destination: local,
+        authority: if site.tlvs.authority {
+            facts.name.as_deref()
+        } else {
+            None
+        },
+        alpn: None,
+        unique_id: unique_id.as_ref().map(preface::UniqueId::as_bytes),
+        crc32c: site.tlvs.crc32c,
+    };
+    preface::encode(site.proxy_protocol, &header, &mut preface_bytes).map_err(Failure::Preface)?;
+    preface_bytes.extend_from_slice(&buf);
+    write_all(&backend, &preface_bytes)
+        .await
+        .map_err(Failure::BackendWrite)?;
+
+    // 6. Forward.
+    let engine = match site
+        .forwarding
+        .or(listener.forwarding)
+        .unwrap_or(defaults.forwarding)
+    {
+        Forwarding::Copy => Engine::Copy,
+        Forwarding::Auto | Forwarding::Splice | Forwarding::Sockmap => Engine::Splice,
+    };
+    facts.engine = Some(engine);
+    let forwarding = forward::forward(engine, client, &backend, &facts.counters);
+    match defaults.idle_timeout {
+        None => forwarding.await.map_err(Failure::Forward),
+        Some(idle) => {
+            tokio::select! {
+                r = forwarding => r.map_err(Failure::Forward),
+                () = idle_watch(&facts.counters, idle) => Err(Failure::IdleTimeout),
+            }
+        }
+    }
+}
+
+/// Resolves once no byte moved in either direction for `idle`.
+async fn idle_watch(counters: &Counters, idle: Duration) {
+    let mut last = counters.get();
+    loop {
+        tokio::time::sleep(idle).await;
+        let now = counters.get();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Reads until the hello parser has a name (or refuses). Returns the requested name.
+async fn read_hello(
+    client: &TcpStream,
+    protocol: Protocol,
+    buf: &mut Vec<u8>,
+    facts: &mut Facts,
+) -> Result<Option<String>, Failure> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = client
+            .async_io(Interest::READABLE, || client.try_read(&mut chunk))
+            .await
+            .map_err(Failure::ClientIo)?;
+        if n == 0 {
+            return Err(Failure::ClientClosedEarly);
+        }
+        // Everything read is kept and forwarded, even bytes after the hello (early data);
+        // the parser refuses once the hello itself passes its limit, so this stays bounded.
+        buf.extend_from_slice(&chunk[..n]);
+        match protocol {
+            Protocol::Tls => match hello::tls::parse_client_hello(buf) {
+                Ok(None) => {}
+                Ok(Some(h)) => {
+                    facts.alpn = (!h.alpn.is_empty()).then(|| h.alpn.join(","));
+                    facts.name.clone_from(&h.sni);
+                    return Ok(h.sni);
+                }
+                Err(e) => return Err(Failure::Hello(e)),
+            },
+            Protocol::Http => match hello::http::parse_request_head(buf) {
+                Ok(None) => {}
+                Ok(Some(head)) => {
+                    facts.name.clone_from(&head.host);
+                    return Ok(head.host);
+                }
+                Err(e) => return Err(Failure::Hello(e)),
+            },
+        }
+    }
+}
+
+/// What an HTTP client gets when its site's backend cannot be reached.
+const RESPONSE_502: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n\
+Content-Length: 28\r\nConnection: close\r\n\r\nthe backend is unreachable.\n";
+
+/// What an HTTP client gets when its site's backend does not answer in time.
+const RESPONSE_504: &[u8] = b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain\r\n\
+Content-Length: 35\r\nConnection: close\r\n\r\nthe backend did not answer in time\n";
+
+/// Tells the client why it is refused, in its protocol, then lets the socket close.
+async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
+    let bytes: &[u8] = match (protocol, reason) {
+        (Protocol::Tls, "unknown_name" | "missing_name") => &hello::tls::UNRECOGNIZED_NAME_ALERT,
+        (Protocol::Tls, _) => &hello::tls::HANDSHAKE_FAILURE_ALERT,
+        (Protocol::Http, "unknown_name" | "missing_name") => hello::http::response_421(),
+        (Protocol::Http, "backend_unreachable") => RESPONSE_502,
+        (Protocol::Http, "backend_connect_timeout") => RESPONSE_504,
+        (Protocol::Http, "head_too_large") => hello::http::response_431(),
+        (Protocol::Http, _) => hello::http::response_400(),
+    };
+    // Best effort with a short deadline: a client that does not read must not hold us.
+    if timeout(Duration::from_secs(1), write_all(client, bytes))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Closing with unread input makes the kernel send RST, which can destroy the response
+    // before the client reads it; so half-close, then discard what the client still sends
+    // until it closes too (bounded in time and bytes).
+    if forward::shutdown_write(client).is_err() {
+        return;
+    }
+    let _ = timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match client
+                .async_io(Interest::READABLE, || client.try_read(&mut sink))
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = stream
+            .async_io(Interest::WRITABLE, || stream.try_write(bytes))
+            .await?;
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// Routing state swapped as a whole on reload.
+pub struct Routing {
+    /// The configuration this routing was built from.
+    pub config: crate::config::Config,
+    /// Its routing table.
+    pub router: Router,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wrong Content-Length makes clients hang or truncate: check each canned response.
+    #[test]
+    fn canned_responses_declare_their_body_length() {
+        for response in [RESPONSE_502, RESPONSE_504] {
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let mut parsed = httparse::Response::new(&mut headers);
+            let head = match parsed.parse(response) {
+                Ok(httparse::Status::Complete(n)) => n,
+                other => panic!("unparseable response {other:?}"),
+            };
+            let length = parsed
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok());
+            assert_eq!(length, Some(response.len() - head));
+        }
+    }
+}

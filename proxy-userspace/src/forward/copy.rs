@@ -1,0 +1,61 @@
+//! The user-space engine: read into a buffer, write it out. Last resort, and the reference the
+//! other engines are tested against.
+use std::{io, sync::atomic::AtomicU64, sync::atomic::Ordering};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{Counters, ForwardError, Side, shutdown_write};
+
+const BUFFER: usize = 64 * 1024;
+
+pub(super) async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    counters: &Counters,
+) -> Result<(), ForwardError> {
+    let up = one_way(client, backend, Side::Client, &counters.upstream);
+    let down = one_way(backend, client, Side::Backend, &counters.downstream);
+    // Both directions run until their own end of stream; the first error ends both.
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    from_side: Side,
+    counter: &AtomicU64,
+) -> Result<(), ForwardError> {
+    let to_side = match from_side {
+        Side::Client => Side::Backend,
+        Side::Backend => Side::Client,
+    };
+    let err_from = |error| ForwardError {
+        side: from_side,
+        error,
+    };
+    let err_to = |error| ForwardError {
+        side: to_side,
+        error,
+    };
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        from.readable().await.map_err(err_from)?;
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(err_from(e)),
+        };
+        if n == 0 {
+            // Everything before the FIN has been written: pass the half-close on.
+            return shutdown_write(to).map_err(err_to);
+        }
+        let mut sent = 0;
+        while sent < n {
+            sent += to
+                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
+                .await
+                .map_err(err_to)?;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}

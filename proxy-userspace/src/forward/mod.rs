@@ -1,0 +1,125 @@
+//! Moving bytes both ways once the backend has its preface.
+//!
+//! Every engine has the same contract: forward until both directions have seen end of stream,
+//! propagate each half-close with `shutdown(SHUT_WR)` only after every byte before it went out,
+//! and never lose, duplicate or reorder a byte. They differ in who touches the payload.
+
+mod copy;
+mod splice;
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use tokio::net::TcpStream;
+
+/// A forwarding engine a connection can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// `splice(2)` through a pipe per direction: the payload stays in kernel pages.
+    Splice,
+    /// Plain reads and writes through a user-space buffer.
+    Copy,
+}
+
+impl Engine {
+    /// The engine's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Splice => "splice",
+            Engine::Copy => "copy",
+        }
+    }
+}
+
+/// Bytes moved so far in each direction; readable while the transfer runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Client to backend (payload after the preface).
+    pub upstream: AtomicU64,
+    /// Backend to client.
+    pub downstream: AtomicU64,
+}
+
+impl Counters {
+    /// `(upstream, downstream)` bytes.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.upstream.load(Ordering::Relaxed),
+            self.downstream.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Which side of a connection failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client's socket.
+    Client,
+    /// The backend's socket.
+    Backend,
+}
+
+/// A forwarding failure: the side whose socket returned the error, and the error.
+#[derive(Debug)]
+pub struct ForwardError {
+    /// Whose socket failed.
+    pub side: Side,
+    /// What the kernel said.
+    pub error: io::Error,
+}
+
+impl ForwardError {
+    /// Reason name for logs and metrics, e.g. `client_reset`.
+    pub fn reason(&self) -> &'static str {
+        match (self.side, self.error.kind()) {
+            (Side::Client, io::ErrorKind::ConnectionReset) => "client_reset",
+            (Side::Backend, io::ErrorKind::ConnectionReset) => "backend_reset",
+            (Side::Client, io::ErrorKind::BrokenPipe) => "client_closed",
+            (Side::Backend, io::ErrorKind::BrokenPipe) => "backend_closed",
+            (Side::Client, io::ErrorKind::TimedOut) => "client_idle_timeout",
+            (Side::Backend, io::ErrorKind::TimedOut) => "backend_idle_timeout",
+            (Side::Client, _) => "client_error",
+            (Side::Backend, _) => "backend_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = match self.side {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        };
+        write!(f, "{side} socket: {}", self.error)
+    }
+}
+
+impl std::error::Error for ForwardError {}
+
+/// Forwards between `client` and `backend` with `engine` until both directions are closed.
+pub async fn forward(
+    engine: Engine,
+    client: &TcpStream,
+    backend: &TcpStream,
+    counters: &Counters,
+) -> Result<(), ForwardError> {
+    match engine {
+        Engine::Splice => splice::forward(client, backend, counters).await,
+        Engine::Copy => copy::forward(client, backend, counters).await,
+    }
+}
+
+/// `shutdown(SHUT_WR)` on a tokio stream we only hold by reference.
+pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsFd as _;
+    match nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(&stream.as_fd()),
+        nix::sys::socket::Shutdown::Write,
+    ) {
+        // The peer already went away entirely; nothing is left to tell it.
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

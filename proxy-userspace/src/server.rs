@@ -1,0 +1,317 @@
+//! The running proxy: listeners, the routing state that reloads swap, signals, shutdown.
+//!
+//! Reading a configuration ([`crate::config::Config::load`]) and serving are separate: a
+//! [`Server`] is built once from a config and later given new ones with [`Server::reload`],
+//! which swaps sites and timeouts for new connections while established ones go on untouched.
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::{Semaphore, watch},
+};
+
+use crate::{
+    access,
+    config::{Config, Forwarding},
+    conn::{self, ListenerInfo, Routing},
+    route::Router,
+};
+
+/// State every connection task reads.
+pub struct Shared {
+    routing: RwLock<Arc<Routing>>,
+    id_seed: u64,
+    next_id: AtomicU64,
+    outcomes: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Shared {
+    /// The routing state new connections use.
+    pub fn current(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique
+    /// across restarts (used for the PROXY v2 UNIQUE_ID TLV).
+    pub fn next_id(&self) -> u128 {
+        (u128::from(self.id_seed) << 64) | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counts a connection's outcome by reason name.
+    pub fn count_outcome(&self, outcome: &'static str) {
+        if let Ok(mut map) = self.outcomes.lock() {
+            *map.entry(outcome).or_default() += 1;
+        }
+    }
+
+    /// Outcome counts so far, by reason name.
+    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
+        self.outcomes.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Writes one access-log line to standard output.
+    pub fn access_log(&self, entry: &access::Entry<'_>) {
+        let mut line = entry.line();
+        line.push('\n');
+        // One write per line so lines from concurrent connections never interleave.
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    }
+}
+
+/// A bound, not yet running proxy.
+pub struct Server {
+    listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    config_path: Option<PathBuf>,
+    /// Kept alive for the process lifetime: dropping it detaches the programs.
+    _kernel: Option<crate::ebpf::Kernel>,
+}
+
+/// Rejects what this version cannot do yet, before anything is bound.
+pub fn check_supported(config: &Config) -> Result<()> {
+    let sockmap = config.defaults.forwarding == Forwarding::Sockmap
+        || config
+            .listeners
+            .iter()
+            .any(|l| l.forwarding == Some(Forwarding::Sockmap))
+        || config
+            .sites
+            .iter()
+            .chain(&config.default_site)
+            .any(|s| s.forwarding == Some(Forwarding::Sockmap));
+    if sockmap {
+        bail!(
+            "forwarding = \"sockmap\" is not available in this version yet: the kernel splicing \
+             engine is not wired to connections; use \"auto\", \"splice\" or \"copy\""
+        );
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Binds every listener of `config`. `config_path` is re-read on SIGHUP.
+    pub fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Server> {
+        check_supported(&config)?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let socket = crate::listen::bind(l.address)?;
+            listeners.push((
+                socket,
+                Arc::new(ListenerInfo {
+                    address: l.address,
+                    protocol: l.protocol,
+                    forwarding: l.forwarding,
+                }),
+            ));
+        }
+        let kernel = match crate::ebpf::Kernel::load() {
+            Ok(kernel) => {
+                tracing::info!(programs = ?kernel.program_names(), "eBPF object loaded and stream verdict attached");
+                Some(kernel)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "eBPF not available, forwarding in user space with splice(2): {e:#}"
+                );
+                None
+            }
+        };
+        let max_connections = config.defaults.max_connections;
+        let router = Router::new(&config);
+        Ok(Server {
+            listeners,
+            shared: Arc::new(Shared {
+                routing: RwLock::new(Arc::new(Routing { config, router })),
+                id_seed: random_u64(),
+                next_id: AtomicU64::new(0),
+                outcomes: Mutex::new(BTreeMap::new()),
+            }),
+            max_connections,
+            config_path,
+            _kernel: kernel,
+        })
+    }
+
+    /// The addresses actually bound (useful when a config asks for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The state shared with connection tasks.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Swaps in a new configuration for connections accepted from now on.
+    pub fn reload(shared: &Shared, config: Config) -> Result<()> {
+        check_supported(&config)?;
+        let old = shared.current();
+        let old_listeners: Vec<_> = old
+            .config
+            .listeners
+            .iter()
+            .map(|l| (l.address, l.protocol))
+            .collect();
+        let new_listeners: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| (l.address, l.protocol))
+            .collect();
+        if old_listeners != new_listeners {
+            tracing::warn!(
+                "listener changes take effect only after a restart; sites and timeouts were reloaded"
+            );
+        }
+        let router = Router::new(&config);
+        let routing = Arc::new(Routing { config, router });
+        match shared.routing.write() {
+            Ok(mut guard) => *guard = routing,
+            Err(poisoned) => *poisoned.into_inner() = routing,
+        }
+        Ok(())
+    }
+
+    /// Serves until SIGTERM or SIGINT, then stops accepting and lets open connections finish
+    /// for up to `grace`. SIGHUP re-reads the configuration file.
+    pub async fn run(self, grace: Duration) -> Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(self.max_connections));
+        let max = self.max_connections;
+        let mut tasks = Vec::new();
+        let Server {
+            listeners,
+            shared,
+            max_connections: _,
+            config_path,
+            _kernel,
+        } = self;
+        let this = ReloadCtx {
+            shared: Arc::clone(&shared),
+            config_path,
+        };
+        for (listener, info) in listeners {
+            tracing::info!(address = %info.address, protocol = info.protocol.as_str(), "listening");
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                info,
+                Arc::clone(&shared),
+                Arc::clone(&permits),
+                stop_rx.clone(),
+            )));
+        }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => this.reload_from_file(),
+            }
+        }
+        tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = max - permits.available_permits();
+        drop(_kernel);
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "closing connections still open after the grace period"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What SIGHUP needs: where the config is and what to swap.
+struct ReloadCtx {
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+}
+
+impl ReloadCtx {
+    fn reload_from_file(&self) {
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        match Config::load(path) {
+            Ok(config) => match Server::reload(&self.shared, config) {
+                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                Err(e) => {
+                    tracing::error!("reload refused, keeping the running configuration: {e:#}")
+                }
+            },
+            Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    info: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        // At the connection limit we stop accepting; new clients wait in the listen backlog.
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let info = Arc::clone(&info);
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    conn::handle(stream, peer, info, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full descriptor table.
+                tracing::warn!(address = %info.address, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    u64::from_ne_bytes(bytes) ^ u64::from(std::process::id())
+}

@@ -1,0 +1,363 @@
+//! The `spliced` command as a user meets it: `--version`, `check` with good and bad files, `run`
+//! refusing bad input, reloading on SIGHUP and stopping cleanly on SIGTERM. Everything here
+//! stays on loopback.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_spliced");
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("spliced-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write file");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn spliced(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run spliced")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_names_the_package_version() {
+    let out = spliced(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("spliced {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_a_valid_config_and_summarises_it() {
+    let dir = Scratch::new("check-ok");
+    std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
+    dir.write(
+        "sites/a.toml",
+        "[[site]]\nhostnames = [\"a.example\", \"*.a.example\"]\nbackend = \"2001:db8::1\"\n",
+    );
+    dir.write("sites/b.toml", "[[site]]\nhostnames = [\"b.example\"]\nbackend = \"2001:db8::2\"\nproxy_protocol = \"v2\"\n");
+    let cfg = dir.write(
+        "spliced.toml",
+        "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
+    );
+    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check failed: {}{stdout}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("OK"), "{stdout}");
+    assert!(stdout.contains("0.0.0.0:443"), "{stdout}");
+    assert!(
+        stdout.contains("a.toml") && stdout.contains("b.toml"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_line_and_problem_and_exits_non_zero() {
+    let dir = Scratch::new("check-bad");
+    std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
+    dir.write(
+        "sites/bad.toml",
+        "[[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::3\"\nproxy_protocol = \"v3\"\n",
+    );
+    let cfg = dir.write(
+        "spliced.toml",
+        "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
+    );
+    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sites/bad.toml:4:"),
+        "no file:line in {stderr:?}"
+    );
+    assert!(
+        stderr.contains("proxy_protocol"),
+        "no problem named in {stderr:?}"
+    );
+
+    let missing = spliced(&["check", "--config", "/nonexistent/spliced.toml"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("/nonexistent/spliced.toml"));
+}
+
+#[test]
+fn check_refuses_the_sockmap_engine_until_it_exists() {
+    let dir = Scratch::new("check-sockmap");
+    let cfg = dir.write(
+        "spliced.toml",
+        "[defaults]\nforwarding = \"sockmap\"\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
+    );
+    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("sockmap"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_config_and_a_busy_port() {
+    let dir = Scratch::new("run-bad");
+    let cfg = dir.write(
+        "bad.toml",
+        "[[listen]]\naddress = \"nowhere\"\nprotocol = \"tls\"\n",
+    );
+    let out = spliced(&["run", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("bad.toml:2:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Held without SO_REUSEPORT, so spliced cannot share it.
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let cfg = dir.write(
+        "busy.toml",
+        &format!("[[listen]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n"),
+    );
+    let out = spliced(&["run", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A running `spliced run`, killed by PID if the test ends early.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_connect(addr: SocketAddr) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => panic!("spliced never listened on {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Sends one HTTP request for `host` through the proxy and returns everything it got back.
+fn request(addr: SocketAddr, host: &str) -> String {
+    let mut s = wait_connect(addr);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    text(&reply)
+}
+
+fn config(port: u16, backend: u16, with_site: bool) -> String {
+    let mut c = format!("[[listen]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n");
+    if with_site {
+        c.push_str(&format!(
+            "[[site]]\nhostnames = [\"a.example\"]\nbackend = \"[::1]:{backend}\"\n"
+        ));
+    }
+    c
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args(["-s", sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_sites_and_keeps_the_old_config_when_the_new_one_is_bad() {
+    let dir = Scratch::new("reload");
+    // A one-shot-per-connection backend on IPv6 loopback that answers with a fixed response.
+    let backend = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("backend");
+    let backend_port = backend.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in backend.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nbackend",
+            );
+        }
+    });
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let cfg = dir.write("spliced.toml", &config(port, backend_port, false));
+    let child = Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start spliced");
+    let mut running = Running(child);
+
+    let before = request(addr, "a.example");
+    assert!(
+        before.starts_with("HTTP/1.1 421"),
+        "unknown site should get 421, got {before:?}"
+    );
+
+    dir.write("spliced.toml", &config(port, backend_port, true));
+    signal(&running.0, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = String::new();
+    while Instant::now() < deadline {
+        after = request(addr, "a.example");
+        if after.ends_with("backend") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        after.starts_with("HTTP/1.1 200") && after.ends_with("backend"),
+        "after reload: {after:?}"
+    );
+
+    dir.write("spliced.toml", "this is not toml");
+    signal(&running.0, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    let still = request(addr, "a.example");
+    assert!(
+        still.ends_with("backend"),
+        "a bad reload must keep the running config: {still:?}"
+    );
+
+    signal(&running.0, "TERM");
+    let child = &mut running.0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spliced did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    assert!(stderr.contains("configuration reloaded"), "{stderr}");
+    assert!(
+        stderr.contains("reload refused") && stderr.contains("spliced.toml:1:"),
+        "{stderr}"
+    );
+    let mut stdout = String::new();
+    let _ = child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout);
+    assert!(
+        stdout.lines().any(|l| l.contains("outcome=unknown_name")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("site=a.example") && l.contains("outcome=ok"))
+            .count()
+            >= 2,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ipv4_and_ipv6_listeners_share_a_port() {
+    let dir = Scratch::new("dual");
+    let backend = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("backend");
+    let backend_port = backend.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in backend.incoming().take(2) {
+            let Ok(mut s) = stream else { continue };
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let port = free_port();
+    let cfg = dir.write(
+        "spliced.toml",
+        &format!(
+            "[[listen]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n\
+             [[listen]]\naddress = \"[::1]:{port}\"\nprotocol = \"http\"\n\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = \"[::1]:{backend_port}\"\n"
+        ),
+    );
+    let child = Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start spliced");
+    let _running = Running(child);
+    for addr in [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ] {
+        let reply = request(addr, "A.Example.");
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok"),
+            "via {addr}: {reply:?}"
+        );
+    }
+}
