@@ -165,7 +165,6 @@ pub fn apache(world: &World, port: u16, tls: Option<&Cert>, body: &str) -> Resul
          LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
          LoadModule authz_core_module {modules}/mod_authz_core.so\n\
          LoadModule dir_module {modules}/mod_dir.so\n\
-         LoadModule mime_module {modules}/mod_mime.so\n\
          LoadModule remoteip_module {modules}/mod_remoteip.so\n\
          User www-data\nGroup www-data\n\
          Listen [{BACKEND_V6}]:{port}\nErrorLog {dir}/apache-error.log\nLogLevel info\n\

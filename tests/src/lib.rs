@@ -13,6 +13,7 @@
 
 pub mod backends;
 mod process;
+pub mod raw;
 mod world;
 
 pub use process::{Service, wait_for};
@@ -28,7 +29,11 @@ pub const CLIENT_V4_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3));
 pub const PROXY_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 /// The proxy's address on the backend side.
 pub const PROXY_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1));
-/// The backend namespace's only address.
+/// The proxy's IPv4 address on the backend link; only after [`World::route_direct`].
+pub const PROXY_ROUTER_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+/// The backend's IPv4 address, only after [`World::route_direct`] (benchmarks' baseline).
+pub const BACKEND_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10));
+/// The backend namespace's IPv6 address (its only one unless [`World::route_direct`]).
 pub const BACKEND_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10));
 
 /// The `spliced` binary under test: `$SPLICED_BIN` (set by `cargo xtask test`), else the

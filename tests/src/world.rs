@@ -134,6 +134,54 @@ impl World {
         Ok(())
     }
 
+    /// Lets the client reach the backend without the proxy, for benchmarks' "direct"
+    /// baseline: the backend gets an IPv4 address too and the proxy namespace routes between
+    /// its two links, so direct traffic crosses the same two veth hops as proxied traffic.
+    pub fn route_direct(&self) -> Result<()> {
+        let [c, p, b] = &self.names;
+        self.ip(
+            p,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", crate::PROXY_ROUTER_V4),
+                "dev",
+                "eth1",
+            ],
+        )?;
+        self.ip(
+            b,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", crate::BACKEND_V4),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        self.ip(
+            c,
+            &[
+                "route",
+                "add",
+                "198.51.100.0/24",
+                "via",
+                &PROXY_V4.to_string(),
+            ],
+        )?;
+        self.ip(
+            b,
+            &[
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                &crate::PROXY_ROUTER_V4.to_string(),
+            ],
+        )?;
+        self.sysctl(p, "net.ipv4.ip_forward=1")
+    }
+
     fn ip(&self, ns: &str, args: &[&str]) -> Result<()> {
         run(Command::new("ip").args(["-n", ns]).args(args))
     }

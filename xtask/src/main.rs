@@ -7,6 +7,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -30,6 +31,12 @@ enum Task {
     },
     /// Show an IPv4 client reaching an IPv6-only nginx through spliced, in namespaces.
     Demo,
+    /// Throughput and CPU per GiB of each engine next to a direct connection, in one run.
+    Bench {
+        /// A short run (256 MiB per transfer, 3 rounds) instead of 1 GiB, 5 rounds.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +54,21 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => test(&args)?,
+        Task::Bench { quick } => {
+            let bin = build_spliced()?;
+            let opts = if quick {
+                bench::Options {
+                    bytes: 256 << 20,
+                    rounds: 3,
+                }
+            } else {
+                bench::Options {
+                    bytes: 1 << 30,
+                    rounds: 5,
+                }
+            };
+            bench::run(&bin, &opts)?;
+        }
         Task::Demo => {
             let bin = build_spliced()?;
             demo::run(&bin)?;
@@ -76,6 +98,44 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Runs `cmd`, echoing its output, and adds up the `test result:` lines it prints.
+fn run_counting(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok((passed, failed))
 }
 
 /// Builds `proxy-ebpf` for the bpf target the same way `proxy-userspace/build.rs` does, into
@@ -152,15 +212,22 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["--", "-D", "warnings"]))?;
     let bin = build_spliced()?;
     // The end-to-end tests run this binary; release, because they move gigabytes.
-    run(cargo()
-        .env("SPLICED_BIN", &bin)
+    let mut cmd = cargo();
+    cmd.env("SPLICED_BIN", &bin)
         .args([
             "test",
             "--workspace",
             "--exclude",
             "proxy-ebpf",
             "--release",
+            "--no-fail-fast",
         ])
-        .args(extra))?;
+        .args(extra);
+    let (passed, failed) = run_counting(&mut cmd)?;
+    // cargo ends with the (empty) doc-test summaries; say the total plainly at the end.
+    println!("\nresult: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("{failed} tests failed, {passed} passed");
+    }
     Ok(())
 }
