@@ -190,10 +190,16 @@ fn run_world(engine: &str, port_base: u16) -> Result<()> {
         "spliced exited with {status} after SIGTERM"
     );
     let log = spliced.stdout_text();
-    let ok = log.lines().filter(|l| l.contains("outcome=ok")).count();
+    // curl may close a kept-alive TLS connection with bytes it never read (a late session
+    // ticket), which the kernel turns into a reset: the client's doing, logged as such, after
+    // it got its whole response. Anything else (a refusal, a backend failure) is a defect.
+    let served = log
+        .lines()
+        .filter(|l| l.contains("outcome=ok") || l.contains("outcome=client_reset"))
+        .count();
     ensure!(
-        ok == cases.len() * 2,
-        "expected {} ok lines in spliced's log:\n{log}",
+        served == cases.len() * 2,
+        "expected {} served connections in spliced's log:\n{log}",
         cases.len() * 2
     );
     ensure!(
