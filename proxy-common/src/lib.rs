@@ -7,8 +7,26 @@
 
 /// Name of the `SOCKHASH` that holds spliced sockets, keyed by socket cookie.
 pub const MAP_SOCKETS: &str = "SPLICED_SOCKS";
-/// Name of the hash map from a socket's cookie to its peer's cookie.
+/// Name of the `SOCKHASH` without programs that holds every spliced socket for its whole life.
+/// Redirect targets are looked up here, so a redirect never misses a peer that is still being
+/// inserted into [`MAP_SOCKETS`].
+pub const MAP_HOLD: &str = "SPLICED_HOLD";
+/// Name of the hash map of paused sockets (cookie to bytes passed since the pause): their data
+/// is passed to their own queue for user space instead of redirected, which bounds what a slow
+/// reader can park.
+pub const MAP_PAUSED: &str = "SPLICED_PAUSED";
+/// Name of the hash map user space fills to resume a paused socket: cookie to the number of
+/// passed bytes it has already written to the peer. The verdict resumes redirecting only when
+/// that equals what it passed, so no redirected byte can overtake a passed one.
+pub const MAP_RESUME: &str = "SPLICED_RESUME";
+/// Name of the hash map from a socket's cookie to its [`Pair`].
 pub const MAP_PEERS: &str = "SPLICED_PEERS";
+/// Name of the ring buffer that carries [`Pair`] cookies to user space every
+/// [`PROGRESS_STEP`] redirected bytes, so idle connections cost no polling.
+pub const MAP_EVENTS: &str = "SPLICED_EVENTS";
+/// A socket reports progress each time its redirected byte count crosses a multiple of this.
+pub const PROGRESS_STEP: u64 = 256 * 1024;
+
 /// Name of the per-CPU array of kernel-side counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "SPLICED_COUNTERS";
 
@@ -20,6 +38,21 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/spliced";
 
 /// Maximum number of sockets the `SOCKHASH` can hold (two per spliced connection).
 pub const MAX_SOCKETS: u32 = 65_536;
+
+/// A spliced socket's entry in [`MAP_PEERS`]: where its data goes and how much went there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pair {
+    /// Cookie of the socket this one's data is redirected to.
+    pub peer: u64,
+    /// Bytes the verdict program redirected from this socket to the peer. Only this socket's
+    /// verdict runs write it, and those are serialized by the socket lock.
+    pub redirected: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Pair` is `repr(C)`, two `u64`s, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for Pair {}
 
 /// Kernel-side counters, the index into [`MAP_COUNTERS`].
 #[repr(u32)]
@@ -35,11 +68,15 @@ pub enum Counter {
     RedirectFailed = 3,
     /// Zero-length skbs (a bare FIN) dropped on purpose.
     EmptyDropped = 4,
+    /// skbs passed to user space because their socket is paused (backpressure).
+    PassedPaused = 5,
+    /// Paused sockets the verdict resumed.
+    Resumed = 6,
 }
 
 impl Counter {
     /// Number of counters; the length of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -48,6 +85,8 @@ impl Counter {
         Counter::PassedNoPeer,
         Counter::RedirectFailed,
         Counter::EmptyDropped,
+        Counter::PassedPaused,
+        Counter::Resumed,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -58,6 +97,8 @@ impl Counter {
             Counter::PassedNoPeer => "passed_no_peer",
             Counter::RedirectFailed => "redirect_failed",
             Counter::EmptyDropped => "empty_dropped",
+            Counter::PassedPaused => "passed_paused",
+            Counter::Resumed => "resumed",
         }
     }
 }

@@ -218,22 +218,55 @@ async fn serve(
         .map_err(Failure::BackendWrite)?;
 
     // 6. Forward.
-    let engine = match site
+    let wanted = site
         .forwarding
         .or(listener.forwarding)
-        .unwrap_or(defaults.forwarding)
-    {
-        Forwarding::Copy => Engine::Copy,
-        Forwarding::Auto | Forwarding::Splice | Forwarding::Sockmap => Engine::Splice,
+        .unwrap_or(defaults.forwarding);
+    let engine = match (wanted, shared.kernel()) {
+        (Forwarding::Copy, _) => Engine::Copy,
+        // `auto` stays on splice until the sockmap engine's backpressure path is proven
+        // (see the module docs of forward::sockmap).
+        (Forwarding::Splice | Forwarding::Auto, _) => Engine::Splice,
+        (Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
+        // Server::bind refuses to start when sockmap is asked for and cannot be loaded.
+        (Forwarding::Sockmap, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
-    let forwarding = forward::forward(engine, client, &backend, &facts.counters);
+    let counters = &facts.counters;
+    let engine_slot = &mut facts.engine;
+    let forwarding = async {
+        if engine == Engine::Sockmap
+            && let Some(kernel) = shared.kernel()
+        {
+            let params = forward::sockmap::Params {
+                kernel,
+                backlog_limit: defaults.sockmap_backlog_limit,
+                preface_len: preface_bytes.len() as u64,
+            };
+            match forward::sockmap::forward(client, &backend, counters, params).await {
+                Ok(forward::sockmap::Used::Sockmap) => return Ok(()),
+                Ok(forward::sockmap::Used::NotInserted) => {
+                    // E.g. the client already sent its FIN: nothing moved yet, so another
+                    // engine can take over from here.
+                    shared.count_fallback();
+                    *engine_slot = Some(Engine::Splice);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let fallback = if engine == Engine::Copy {
+            Engine::Copy
+        } else {
+            Engine::Splice
+        };
+        forward::forward(fallback, client, &backend, counters).await
+    };
     match defaults.idle_timeout {
         None => forwarding.await.map_err(Failure::Forward),
         Some(idle) => {
             tokio::select! {
                 r = forwarding => r.map_err(Failure::Forward),
-                () = idle_watch(&facts.counters, idle) => Err(Failure::IdleTimeout),
+                () = idle_watch(counters, idle) => Err(Failure::IdleTimeout),
             }
         }
     }

@@ -1,8 +1,23 @@
-//! Loading spliced's eBPF object and attaching its programs.
+//! Loading spliced's eBPF object, attaching its programs, pinning its maps, and the socket-map
+//! operations the sockmap engine needs.
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context as _, Result};
-use aya::{Ebpf, maps::SockHash, programs::SkSkb};
-use proxy_common::{MAP_SOCKETS, PROG_STREAM_VERDICT};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::SkSkb,
+};
+use proxy_common::{
+    Counter, MAP_COUNTERS, MAP_EVENTS, MAP_HOLD, MAP_PAUSED, MAP_PEERS, MAP_RESUME, MAP_SOCKETS,
+    PROG_STREAM_VERDICT, Pair,
+};
+use tokio::{io::unix::AsyncFd, sync::Notify};
 
 /// The eBPF object built by `build.rs` from the `proxy-ebpf` crate.
 #[cfg(not(spliced_no_ebpf))]
@@ -10,23 +25,83 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 #[cfg(spliced_no_ebpf)]
 static OBJECT: &[u8] = &[];
 
-/// The loaded programs and maps; dropping it detaches and unloads everything.
+/// The socket maps, behind one lock: every operation is a single short syscall.
+struct Maps {
+    socks: SockHash<MapData, u64>,
+    hold: SockHash<MapData, u64>,
+    peers: HashMap<MapData, u64, Pair>,
+    paused: HashMap<MapData, u64, u64>,
+    resume: HashMap<MapData, u64, u64>,
+}
+
+/// The loaded programs and maps; dropping it detaches and unloads everything and removes the
+/// pins it made.
 pub struct Kernel {
     ebpf: Ebpf,
+    maps: Mutex<Maps>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+    watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
+    pins: Vec<PathBuf>,
+}
+
+/// Why a socket could not be put in a socket map.
+#[derive(Debug)]
+pub struct InsertError(aya::maps::MapError);
+
+impl std::fmt::Display for InsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
 }
 
 impl Kernel {
-    /// Loads the object and attaches the stream-verdict program to the socket hash.
-    pub fn load() -> Result<Self> {
+    /// Loads the object, attaches the stream-verdict program to the socket hash and, if
+    /// `pin_dir` is given, pins every map there (replacing stale pins from a crashed run).
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this binary was built without its eBPF object"
         );
         let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
-        let socks: SockHash<_, u64> = SockHash::try_from(
-            ebpf.take_map(MAP_SOCKETS)
-                .with_context(|| format!("map {MAP_SOCKETS} missing from the object"))?,
-        )?;
+        // The programs' aya-log records reach our log (debug level, target `proxy_ebpf`).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF log records will not be shown: {e}");
+                None
+            }
+        };
+        if let Some(dir) = pin_dir {
+            ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut pins = Vec::new();
+        let mut take = |ebpf: &mut Ebpf, name: &str| -> Result<aya::maps::Map> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            if let Some(dir) = pin_dir {
+                let path = dir.join(name);
+                if path.exists() {
+                    // Left by a run that did not shut down cleanly; its maps died with it.
+                    tracing::warn!(pin = %path.display(), "removing a stale pin");
+                    std::fs::remove_file(&path)?;
+                }
+                map.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                pins.push(path);
+            }
+            Ok(map)
+        };
+        let socks: SockHash<MapData, u64> = take(&mut ebpf, MAP_SOCKETS)?.try_into()?;
+        let hold: SockHash<MapData, u64> = take(&mut ebpf, MAP_HOLD)?.try_into()?;
+        let peers: HashMap<MapData, u64, Pair> = take(&mut ebpf, MAP_PEERS)?.try_into()?;
+        let paused: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_PAUSED)?.try_into()?;
+        let resume: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_RESUME)?.try_into()?;
+        let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_COUNTERS)?.try_into()?;
+        let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
         let fd = socks.fd().try_clone()?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_STREAM_VERDICT)
@@ -36,7 +111,92 @@ impl Kernel {
             .context("the verifier rejected the stream-verdict program")?;
         prog.attach(&fd)
             .context("attaching the stream-verdict program")?;
-        Ok(Self { ebpf })
+        Ok(Kernel {
+            ebpf,
+            maps: Mutex::new(Maps {
+                socks,
+                hold,
+                peers,
+                paused,
+                resume,
+            }),
+            counters,
+            events: Mutex::new(Some(events)),
+            logger: Mutex::new(logger),
+            watchers: Mutex::new(StdHashMap::new()),
+            pins,
+        })
+    }
+
+    /// Starts the task that turns the program's progress events into wake-ups of the
+    /// connections they belong to. Call once, inside the runtime.
+    pub fn spawn_event_reader(self: &Arc<Self>) -> Result<()> {
+        let ring = self
+            .events
+            .lock()
+            .map_err(|_| anyhow::anyhow!("event lock poisoned"))?
+            .take()
+            .context("the event reader is already running")?;
+        // SAFETY: the ring buffer owns its descriptor and is moved into the AsyncFd, so the
+        // descriptor stays open exactly as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+        let logger = self
+            .logger
+            .lock()
+            .map_err(|_| anyhow::anyhow!("logger lock poisoned"))?
+            .take();
+        if let Some(logger) = logger {
+            // SAFETY: the logger owns its map descriptor and keeps it open while registered.
+            let mut logger = unsafe { AsyncFd::register(logger) }
+                .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = logger.readable_mut().await else {
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        let kernel = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = ring.readable_mut().await else {
+                    return;
+                };
+                let Some(kernel) = kernel.upgrade() else {
+                    return;
+                };
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
+                        kernel.wake(u64::from_ne_bytes(bytes));
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// A notifier woken whenever the socket with this cookie makes progress.
+    pub fn watch(&self, cookie: u64) -> Arc<Notify> {
+        let mut w = self
+            .watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(w.entry(cookie).or_default())
+    }
+
+    fn wake(&self, cookie: u64) {
+        let w = self
+            .watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = w.get(&cookie) {
+            n.notify_one();
+        }
     }
 
     /// Names of the programs in the loaded object.
@@ -45,5 +205,233 @@ impl Kernel {
             .programs()
             .map(|(name, _)| name.to_owned())
             .collect()
+    }
+
+    /// Kernel-side counters summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let sum = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (c.name(), sum)
+            })
+            .collect()
+    }
+
+    fn with_maps<T>(&self, f: impl FnOnce(&mut Maps) -> T) -> T {
+        let mut guard = match self.maps.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// Registers `a` and `b` as peers and holds both sockets (no redirection yet).
+    pub fn register(
+        &self,
+        a: (u64, BorrowedFd<'_>),
+        b: (u64, BorrowedFd<'_>),
+    ) -> Result<(), InsertError> {
+        self.with_maps(|m| {
+            m.peers
+                .insert(
+                    &a.0,
+                    &Pair {
+                        peer: b.0,
+                        redirected: 0,
+                    },
+                    0,
+                )
+                .map_err(InsertError)?;
+            m.peers
+                .insert(
+                    &b.0,
+                    &Pair {
+                        peer: a.0,
+                        redirected: 0,
+                    },
+                    0,
+                )
+                .map_err(InsertError)?;
+            m.hold
+                .insert(&a.0, a.1.as_raw_fd(), 0)
+                .map_err(InsertError)?;
+            m.hold.insert(&b.0, b.1.as_raw_fd(), 0).map_err(InsertError)
+        })
+    }
+
+    /// Starts redirecting what arrives on `sock`.
+    pub fn start(&self, cookie: u64, sock: BorrowedFd<'_>) -> Result<(), InsertError> {
+        self.with_maps(|m| {
+            m.socks
+                .insert(&cookie, sock.as_raw_fd(), 0)
+                .map_err(InsertError)
+        })
+    }
+
+    /// Stops redirecting what arrives on the socket: from now on its data waits on the socket
+    /// itself for user space, charged to its receive buffer.
+    pub fn pause(&self, cookie: u64) -> Result<(), InsertError> {
+        self.with_maps(|m| m.paused.insert(&cookie, &0, 0).map_err(InsertError))
+    }
+
+    /// Asks the verdict to resume redirecting once it has passed exactly `written` bytes, which
+    /// user space has read and written to the peer.
+    pub fn resume(&self, cookie: u64, written: u64) -> Result<(), InsertError> {
+        self.with_maps(|m| m.resume.insert(&cookie, &written, 0).map_err(InsertError))
+    }
+
+    /// Bytes the verdict passed to this paused socket's own queue since it was paused
+    /// (`None` if it was never paused).
+    pub fn passed(&self, cookie: u64) -> Option<u64> {
+        self.with_maps(|m| m.paused.get(&cookie, 0).ok())
+    }
+
+    /// Bytes the verdict redirected from this socket so far.
+    pub fn redirected(&self, cookie: u64) -> u64 {
+        self.with_maps(|m| m.peers.get(&cookie, 0).map(|p| p.redirected).unwrap_or(0))
+    }
+
+    /// Forgets both sockets entirely. Only call once their queues are drained.
+    pub fn unregister(&self, cookies: [u64; 2]) {
+        {
+            let mut w = self
+                .watchers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for c in cookies {
+                w.remove(&c);
+            }
+        }
+        self.with_maps(|m| {
+            for c in cookies {
+                let _ = m.socks.remove(&c);
+            }
+            for c in cookies {
+                let _ = m.peers.remove(&c);
+                let _ = m.paused.remove(&c);
+                let _ = m.resume.remove(&c);
+                let _ = m.hold.remove(&c);
+            }
+        });
+    }
+
+    /// How many sockets the maps hold now (for leak checks and metrics).
+    pub fn entries(&self) -> (usize, usize, usize) {
+        self.with_maps(|m| {
+            (
+                m.socks.keys().filter(Result::is_ok).count(),
+                m.hold.keys().filter(Result::is_ok).count(),
+                m.peers.keys().filter(Result::is_ok).count(),
+            )
+        })
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        for pin in &self.pins {
+            let _ = std::fs::remove_file(pin);
+        }
+        if let Some(dir) = self.pins.first().and_then(|p| p.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when `dir` is under it and nothing is mounted there:
+/// `ip netns exec` gives its command a fresh `/sys` without one.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs on /sys/fs/bpf")?;
+    Ok(())
+}
+
+/// The kernel's cookie for a socket: stable for its life, the key in every map.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: SO_COOKIE writes a u64 into the buffer we pass with its size.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bytes a socket has handed to TCP: acknowledged by the peer plus still in the send queue.
+pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes of it.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut outq: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    let rc = unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Sets `SO_RCVLOWAT`; setting it makes TCP re-check its queue and wake the verdict program
+/// for data that arrived before the socket was in the map.
+pub fn set_rcvlowat(fd: impl AsFd, bytes: i32) -> std::io::Result<()> {
+    // SAFETY: SO_RCVLOWAT reads one int.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            size_of::<i32>() as nix::libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

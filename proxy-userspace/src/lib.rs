@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod forward;
 pub mod hello;
 pub mod listen;
+pub mod metrics;
 pub mod preface;
 pub mod route;
 pub mod server;

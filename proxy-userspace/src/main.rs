@@ -19,6 +19,12 @@ enum Cli {
         /// How long open connections may finish after SIGTERM.
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         grace: u64,
+        /// bpffs directory where the eBPF maps are pinned for bpftool; "none" to not pin.
+        #[arg(long, default_value = proxy_common::PIN_DIR, value_name = "DIR")]
+        pin_dir: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
     Check {
@@ -39,22 +45,25 @@ fn main() -> ExitCode {
         .init();
     match Cli::parse() {
         Cli::Check { config } => match Config::load(&config) {
-            Ok(cfg) => match spliced::server::check_supported(&cfg) {
-                Ok(()) => {
-                    println!("{}: OK\n{}", config.display(), cfg.summary());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: {e:#}", config.display());
-                    ExitCode::from(1)
-                }
-            },
+            Ok(cfg) => {
+                println!("{}: OK\n{}", config.display(), cfg.summary());
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(1)
             }
         },
-        Cli::Run { config, grace } => {
+        Cli::Run {
+            config,
+            grace,
+            pin_dir,
+            metrics,
+        } => {
+            let options = spliced::server::Options {
+                pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
+                metrics,
+            };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(e) => {
@@ -62,7 +71,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match run(cfg, config, Duration::from_secs(grace)) {
+            match run(cfg, config, Duration::from_secs(grace), &options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("spliced: {e:#}");
@@ -73,12 +82,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+fn run(
+    config: Config,
+    path: PathBuf,
+    grace: Duration,
+    options: &spliced::server::Options,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = Server::bind(config, Some(path))?;
+        let server = Server::bind(config, Some(path), options)?;
         server.run(grace).await
     })
 }

@@ -32,9 +32,12 @@ use crate::{
 /// State every connection task reads.
 pub struct Shared {
     routing: RwLock<Arc<Routing>>,
+    kernel: Option<Arc<crate::ebpf::Kernel>>,
     id_seed: u64,
     next_id: AtomicU64,
     outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    open: AtomicU64,
+    fallbacks: AtomicU64,
 }
 
 impl Shared {
@@ -46,10 +49,30 @@ impl Shared {
         }
     }
 
+    /// The loaded eBPF side, when the sockmap engine is available.
+    pub fn kernel(&self) -> Option<&Arc<crate::ebpf::Kernel>> {
+        self.kernel.as_ref()
+    }
+
     /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique
     /// across restarts (used for the PROXY v2 UNIQUE_ID TLV).
     pub fn next_id(&self) -> u128 {
         (u128::from(self.id_seed) << 64) | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Connections being served now.
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection the sockmap engine could not take (it used another engine).
+    pub fn count_fallback(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections the sockmap engine handed to another engine so far.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Counts a connection's outcome by reason name.
@@ -79,35 +102,42 @@ pub struct Server {
     shared: Arc<Shared>,
     max_connections: usize,
     config_path: Option<PathBuf>,
-    /// Kept alive for the process lifetime: dropping it detaches the programs.
-    _kernel: Option<crate::ebpf::Kernel>,
+    metrics: Option<SocketAddr>,
 }
 
-/// Rejects what this version cannot do yet, before anything is bound.
-pub fn check_supported(config: &Config) -> Result<()> {
-    let sockmap = config.defaults.forwarding == Forwarding::Sockmap
-        || config
-            .listeners
-            .iter()
-            .any(|l| l.forwarding == Some(Forwarding::Sockmap))
-        || config
-            .sites
-            .iter()
-            .chain(&config.default_site)
-            .any(|s| s.forwarding == Some(Forwarding::Sockmap));
-    if sockmap {
-        bail!(
-            "forwarding = \"sockmap\" is not available in this version yet: the kernel splicing \
-             engine is not wired to connections; use \"auto\", \"splice\" or \"copy\""
-        );
+/// Whether `config` asks for the sockmap engine anywhere, explicitly or through `auto`.
+fn wants_sockmap(config: &Config) -> (bool, bool) {
+    let all = std::iter::once(Some(config.defaults.forwarding))
+        .chain(config.listeners.iter().map(|l| l.forwarding))
+        .chain(
+            config
+                .sites
+                .iter()
+                .chain(&config.default_site)
+                .map(|s| s.forwarding),
+        )
+        .flatten();
+    let mut explicit = false;
+    let mut auto = false;
+    for f in all {
+        explicit |= f == Forwarding::Sockmap;
+        auto |= f == Forwarding::Auto;
     }
-    Ok(())
+    (explicit, auto)
+}
+
+/// Where the maps are pinned, and whether to pin at all.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// bpffs directory for the pins; `None` pins nothing.
+    pub pin_dir: Option<PathBuf>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Server {
     /// Binds every listener of `config`. `config_path` is re-read on SIGHUP.
-    pub fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Server> {
-        check_supported(&config)?;
+    pub fn bind(config: Config, config_path: Option<PathBuf>, options: &Options) -> Result<Server> {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = crate::listen::bind(l.address)?;
@@ -120,17 +150,38 @@ impl Server {
                 }),
             ));
         }
-        let kernel = match crate::ebpf::Kernel::load() {
-            Ok(kernel) => {
-                tracing::info!(programs = ?kernel.program_names(), "eBPF object loaded and stream verdict attached");
-                Some(kernel)
+        let (explicit, auto) = wants_sockmap(&config);
+        let kernel = if explicit || auto {
+            match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
+                Ok(kernel) => {
+                    if explicit {
+                        tracing::warn!(
+                            "forwarding = \"sockmap\" is experimental: a rare duplicated or lost \
+                             64 KiB segment was seen around backpressure pauses under saturating \
+                             two-way load; auto uses splice until that is fixed"
+                        );
+                    }
+                    tracing::info!(
+                        pins = %options.pin_dir.as_deref().map_or("none".into(), |p| p.display().to_string()),
+                        "eBPF stream verdict loaded and attached; sockmap engine available"
+                    );
+                    Some(Arc::new(kernel))
+                }
+                Err(e) if explicit => {
+                    return Err(e.context(
+                        "forwarding = \"sockmap\" is configured but the eBPF side cannot be loaded \
+                         (it needs root or CAP_BPF and CAP_NET_ADMIN)",
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "forwarding engine: splice, because sockmap is unavailable: {e:#}"
+                    );
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!(
-                    "eBPF not available, forwarding in user space with splice(2): {e:#}"
-                );
-                None
-            }
+        } else {
+            None
         };
         let max_connections = config.defaults.max_connections;
         let router = Router::new(&config);
@@ -138,13 +189,16 @@ impl Server {
             listeners,
             shared: Arc::new(Shared {
                 routing: RwLock::new(Arc::new(Routing { config, router })),
+                kernel,
                 id_seed: random_u64(),
                 next_id: AtomicU64::new(0),
                 outcomes: Mutex::new(BTreeMap::new()),
+                open: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
             }),
             max_connections,
             config_path,
-            _kernel: kernel,
+            metrics: options.metrics,
         })
     }
 
@@ -163,7 +217,11 @@ impl Server {
 
     /// Swaps in a new configuration for connections accepted from now on.
     pub fn reload(shared: &Shared, config: Config) -> Result<()> {
-        check_supported(&config)?;
+        if wants_sockmap(&config).0 && shared.kernel.is_none() {
+            bail!(
+                "forwarding = \"sockmap\" needs the eBPF side, which this process could not load"
+            );
+        }
         let old = shared.current();
         let old_listeners: Vec<_> = old
             .config
@@ -202,8 +260,21 @@ impl Server {
             shared,
             max_connections: _,
             config_path,
-            _kernel,
+            metrics,
         } = self;
+        // Ends with the process, not with the listeners: metrics stay readable while open
+        // connections finish.
+        let metrics_task = metrics.map(|address| {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(address, shared).await {
+                    tracing::error!("{e:#}");
+                }
+            })
+        });
+        if let Some(kernel) = shared.kernel() {
+            kernel.spawn_event_reader()?;
+        }
         let this = ReloadCtx {
             shared: Arc::clone(&shared),
             config_path,
@@ -238,7 +309,17 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let open = max - permits.available_permits();
-        drop(_kernel);
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        if let Some(kernel) = shared.kernel() {
+            let counters: Vec<String> = kernel
+                .counters()
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+            tracing::info!("kernel counters: {}", counters.join(" "));
+        }
         if open > 0 {
             tracing::warn!(
                 open,
@@ -295,7 +376,9 @@ async fn accept_loop(
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
-                    conn::handle(stream, peer, info, shared).await;
+                    shared.open.fetch_add(1, Ordering::Relaxed);
+                    conn::handle(stream, peer, info, Arc::clone(&shared)).await;
+                    shared.open.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 });
             }

@@ -110,22 +110,6 @@ fn check_names_file_line_and_problem_and_exits_non_zero() {
 }
 
 #[test]
-fn check_refuses_the_sockmap_engine_until_it_exists() {
-    let dir = Scratch::new("check-sockmap");
-    let cfg = dir.write(
-        "spliced.toml",
-        "[defaults]\nforwarding = \"sockmap\"\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
-    );
-    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("sockmap"),
-        "{}",
-        text(&out.stderr)
-    );
-}
-
-#[test]
 fn run_refuses_an_invalid_config_and_a_busy_port() {
     let dir = Scratch::new("run-bad");
     let cfg = dir.write(
@@ -360,4 +344,93 @@ fn ipv4_and_ipv6_listeners_share_a_port() {
             "via {addr}: {reply:?}"
         );
     }
+}
+
+#[test]
+fn metrics_count_outcomes_and_kernel_bytes() {
+    let dir = Scratch::new("metrics");
+    let backend = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("backend");
+    let backend_port = backend.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in backend.incoming().take(1) {
+            let Ok(mut s) = stream else { continue };
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let port = free_port();
+    let metrics_port = free_port();
+    // As root, ask for the sockmap engine so the kernel counters have something to count.
+    let engine = if nix_is_root() { "sockmap" } else { "splice" };
+    let cfg = dir.write(
+        "spliced.toml",
+        &format!(
+            "[defaults]\nforwarding = \"{engine}\"\n{}",
+            config(port, backend_port, true)
+        ),
+    );
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().expect("utf-8 path"),
+            "--pin-dir",
+            "none",
+        ])
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start spliced");
+    let _running = Running(child);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(request(addr, "a.example").ends_with("ok"));
+    assert!(request(addr, "nobody.example").starts_with("HTTP/1.1 421"));
+    let metrics_addr: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The access log and counters are written when a connection ends; allow a moment.
+    while Instant::now() < deadline {
+        let mut s = wait_connect(metrics_addr);
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        text = String::from_utf8_lossy(&reply).into_owned();
+        if text.contains("spliced_connections_total{outcome=\"ok\"} 1")
+            && text.contains("spliced_connections_total{outcome=\"unknown_name\"} 1")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("spliced_connections_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spliced_connections_total{outcome=\"unknown_name\"} 1"),
+        "{text}"
+    );
+    // As root the sockmap engine is used, and its kernel counters are exported.
+    if nix_is_root() {
+        let bytes = text
+            .lines()
+            .find_map(|l| l.strip_prefix("spliced_kernel_total{counter=\"redirected_bytes\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        assert!(bytes.is_some_and(|b| b > 0), "no spliced bytes in:\n{text}");
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
 }

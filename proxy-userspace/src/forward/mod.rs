@@ -5,6 +5,7 @@
 //! and never lose, duplicate or reorder a byte. They differ in who touches the payload.
 
 mod copy;
+pub mod sockmap;
 mod splice;
 
 use std::{
@@ -17,6 +18,8 @@ use tokio::net::TcpStream;
 /// A forwarding engine a connection can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
+    /// The eBPF sockmap: the kernel redirects each skb to the peer; see [`sockmap`].
+    Sockmap,
     /// `splice(2)` through a pipe per direction: the payload stays in kernel pages.
     Splice,
     /// Plain reads and writes through a user-space buffer.
@@ -27,6 +30,7 @@ impl Engine {
     /// The engine's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
+            Engine::Sockmap => "sockmap",
             Engine::Splice => "splice",
             Engine::Copy => "copy",
         }
@@ -98,7 +102,9 @@ impl std::fmt::Display for ForwardError {
 
 impl std::error::Error for ForwardError {}
 
-/// Forwards between `client` and `backend` with `engine` until both directions are closed.
+/// Forwards between `client` and `backend` with a user-space engine until both directions are
+/// closed. (The sockmap engine has its own entry point, [`sockmap::forward`], since it may
+/// decline a connection.)
 pub async fn forward(
     engine: Engine,
     client: &TcpStream,
@@ -106,7 +112,7 @@ pub async fn forward(
     counters: &Counters,
 ) -> Result<(), ForwardError> {
     match engine {
-        Engine::Splice => splice::forward(client, backend, counters).await,
+        Engine::Splice | Engine::Sockmap => splice::forward(client, backend, counters).await,
         Engine::Copy => copy::forward(client, backend, counters).await,
     }
 }

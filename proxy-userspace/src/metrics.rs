@@ -1,0 +1,99 @@
+//! A Prometheus text-format endpoint: connection outcomes by reason (the same names as the
+//! access log) and the kernel side's counters (bytes spliced, redirects, drops, pauses).
+//!
+//! Hand-written on purpose: the exposition format is a few lines of text and this avoids a
+//! second HTTP stack next to our own request-head parser.
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::server::Shared;
+
+/// Renders every metric in the text exposition format.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP spliced_connections_total Connections by how they ended.\n");
+    out.push_str("# TYPE spliced_connections_total counter\n");
+    for (outcome, n) in shared.outcomes() {
+        let _ = writeln!(
+            out,
+            "spliced_connections_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP spliced_open_connections Connections being served now.\n\
+         # TYPE spliced_open_connections gauge\nspliced_open_connections {}",
+        shared.open_connections()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spliced_sockmap_fallbacks_total Connections the sockmap engine could not take.\n\
+         # TYPE spliced_sockmap_fallbacks_total counter\nspliced_sockmap_fallbacks_total {}",
+        shared.fallbacks()
+    );
+    if let Some(kernel) = shared.kernel() {
+        out.push_str("# HELP spliced_kernel_total Counters of the sk_skb verdict program.\n");
+        out.push_str("# TYPE spliced_kernel_total counter\n");
+        for (name, n) in kernel.counters() {
+            let _ = writeln!(out, "spliced_kernel_total{{counter=\"{name}\"}} {n}");
+        }
+        let (socks, hold, peers) = kernel.entries();
+        let _ = writeln!(
+            out,
+            "# HELP spliced_sockmap_entries Entries in the socket maps.\n\
+             # TYPE spliced_sockmap_entries gauge\n\
+             spliced_sockmap_entries{{map=\"verdict\"}} {socks}\n\
+             spliced_sockmap_entries{{map=\"hold\"}} {hold}\n\
+             spliced_sockmap_entries{{map=\"peers\"}} {peers}"
+        );
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `address` until the task is dropped.
+pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {address}"))?;
+    tracing::info!(%address, "metrics endpoint listening");
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let mut chunk = [0u8; 512];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let response = if head.starts_with(b"GET /metrics ") {
+                let body = render(&shared);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
