@@ -2,7 +2,8 @@
 //!
 //! An IPv4-only client reaches an IPv6-only nginx through spliced, by name, over HTTPS and
 //! HTTP, and nginx's own access log shows the client's IPv4 address, learned from a PROXY v2
-//! header. Everything runs in namespaces made for the demo and removed afterwards.
+//! header. After the header the eBPF sockmap program moves the bytes inside the kernel; the
+//! access log's `engine=sockmap` and the kernel counters at shutdown show it. Everything runs in namespaces made for the demo and removed afterwards.
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
@@ -41,7 +42,9 @@ pub fn run(bin: &Path) -> Result<()> {
     let config = format!(
         "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
          [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\n\
-         [[site]]\nhostnames = [\"shop.example\"]\nbackend = \"{BACKEND_V6}\"\nproxy_protocol = \"v2\"\n"
+         [[site]]\nhostnames = [\"shop.example\"]\nbackend = \"{BACKEND_V6}\"\nproxy_protocol = \"v2\"\n\
+         # after the PROXY header, the kernel moves the bytes (eBPF sockmap)\n\
+         forwarding = \"sockmap\"\n"
     );
     println!("== spliced configuration:\n{config}");
     let mut spliced = backends::spliced(&world, &config, &[443, 80])?;
