@@ -90,6 +90,9 @@ struct Direction<'s> {
     read_since_pause: u64,
     /// Whether user mode came from a pause (and can go back to the kernel).
     resumable: bool,
+    /// End of stream was reported before every passed byte was read: retry on the timer
+    /// (not on readiness, which stays set at EOF and would spin).
+    recheck: bool,
     eof: bool,
     shut: bool,
 }
@@ -111,7 +114,7 @@ impl Direction<'_> {
     }
 
     fn wants_read(&self) -> bool {
-        !self.eof && !matches!(self.mode, Mode::Draining(_))
+        !self.eof && !self.recheck && !matches!(self.mode, Mode::Draining(_))
     }
 
     /// Reads what user space can see on `src`: end of stream, or bytes the kernel did not
@@ -156,6 +159,48 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Forwards whatever `client` has queued to `backend`, reading exactly the queued byte count
+/// each time so that every skb present is consumed whole. Bounded: a client that keeps
+/// sending while we drain is left for the kernel once its queue has been empty once, or
+/// after a few rounds.
+async fn drain_queued(client: &TcpStream, backend: &TcpStream) -> Result<u64, ForwardError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    for _ in 0..64 {
+        let queued = ebpf::bytes_queued(client.as_fd()).map_err(|error| ForwardError {
+            side: Side::Client,
+            error,
+        })?;
+        if queued == 0 {
+            break;
+        }
+        let mut left = queued;
+        while left > 0 {
+            let want = left.min(buf.len());
+            let n = match client.try_read(&mut buf[..want]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => {
+                    return Err(ForwardError {
+                        side: Side::Client,
+                        error,
+                    });
+                }
+            };
+            write_all(backend, &buf[..n])
+                .await
+                .map_err(|error| ForwardError {
+                    side: Side::Backend,
+                    error,
+                })?;
+            left -= n;
+            total += n as u64;
+        }
+    }
+    Ok(total)
+}
+
 fn cookies(client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((ebpf::socket_cookie(client)?, ebpf::socket_cookie(backend)?))
 }
@@ -171,6 +216,10 @@ pub async fn forward(
     let Ok((ca, cb)) = cookies(client.as_fd(), backend.as_fd()) else {
         return Ok(Used::NotInserted);
     };
+    // The hello was read in chunks, which can leave an skb half-read; the verdict would later
+    // see that skb whole and send its head a second time. So first forward everything queued.
+    let drained = drain_queued(client, backend).await?;
+    counters.upstream.store(drained, Ordering::Relaxed);
     if kernel
         .register((ca, client.as_fd()), (cb, backend.as_fd()))
         .is_err()
@@ -194,11 +243,12 @@ pub async fn forward(
         side: Side::Client,
         cookie: ca,
         mode: Mode::Kernel,
-        user_written: params.preface_len,
-        payload_user: 0,
+        user_written: params.preface_len + drained,
+        payload_user: drained,
         redirected: 0,
         read_since_pause: 0,
         resumable: false,
+        recheck: false,
         eof: false,
         shut: false,
     };
@@ -213,6 +263,7 @@ pub async fn forward(
         redirected: 0,
         read_since_pause: 0,
         resumable: false,
+        recheck: false,
         eof: false,
         shut: false,
     };
@@ -233,6 +284,20 @@ pub async fn forward(
     // Everything was handed to TCP before each half-close; on errors the connection is being
     // torn down anyway, so dropping queued bytes is what a reset means.
     kernel.unregister([ca, cb]);
+    if result.is_err() {
+        // Bytes parked in a psock are invisible to close(), which would then send a FIN and
+        // make a failure look like a clean end: reset both sides instead, as splice would.
+        for s in [client, backend] {
+            let _ = nix::sys::socket::setsockopt(
+                s,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+        }
+    }
     result.map(|()| Used::Sockmap)
 }
 
@@ -269,6 +334,12 @@ async fn run<'s>(
         let before = (up.redirected, down.redirected);
         let mut pending = false;
         for d in [&mut *up, &mut *down] {
+            if d.recheck {
+                // Kick TCP so the verdict sees anything still queued, then look again.
+                d.recheck = false;
+                let _ = ebpf::set_rcvlowat(d.src, 1);
+                d.on_readable(&mut buf).await?;
+            }
             if d.eof && d.mode == Mode::User {
                 // A paused socket may report end of stream while skbs the verdict passed to it
                 // are still waiting to be queued: only believe it once all of them were read.
@@ -276,6 +347,7 @@ async fn run<'s>(
                     && passed > d.read_since_pause
                 {
                     d.eof = false;
+                    d.recheck = true;
                 }
             }
             let backlog = d.backlog(kernel)?;
@@ -316,7 +388,10 @@ async fn run<'s>(
                 }
                 _ => {}
             }
-            pending |= (d.eof && !d.shut) || matches!(d.mode, Mode::Draining(_)) || backlog > 0;
+            pending |= (d.eof && !d.shut)
+                || d.recheck
+                || matches!(d.mode, Mode::Draining(_))
+                || backlog > 0;
         }
         counters
             .upstream
