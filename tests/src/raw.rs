@@ -6,8 +6,11 @@
 //! headers are recognised from HAProxy's specification, so the tests check the proxy against
 //! the protocols rather than against itself.
 use std::{
+    ffi::{OsStr, OsString},
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -352,13 +355,19 @@ impl Stream {
 
 /// Writes bytes `0..len` of the stream `seed` to `out`, a block at a time.
 pub fn send_stream(out: &mut impl Write, seed: u64, len: u64) -> io::Result<()> {
+    send_stream_range(out, seed, 0, len)
+}
+
+/// Writes bytes `from..to` of the stream `seed` to `out`, a block at a time (to send a stream
+/// in parts, with something else happening in between).
+pub fn send_stream_range(out: &mut impl Write, seed: u64, from: u64, to: u64) -> io::Result<()> {
     let mut stream = Stream::new(seed);
-    let mut offset = 0u64;
-    while offset < len {
+    let mut offset = from;
+    while offset < to {
         let chunk = stream.at(offset);
         let n = chunk
             .len()
-            .min(usize::try_from(len - offset).unwrap_or(usize::MAX));
+            .min(usize::try_from(to - offset).unwrap_or(usize::MAX));
         out.write_all(&chunk[..n])?;
         offset += n as u64;
     }
@@ -1038,6 +1047,196 @@ pub fn log_line_for(spliced: &Service, client: SocketAddr, timeout: Duration) ->
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Starting spliced with options, and sockets for hand-written peers
+// ---------------------------------------------------------------------------------------------
+
+/// How to start `spliced run` beyond its configuration file: extra arguments, environment, a
+/// program to run it under, and the name its files get.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    name: String,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    wrapper: Vec<OsString>,
+}
+
+impl Launch {
+    /// A launch whose configuration, standard output and standard error go to `<name>.toml`,
+    /// `<name>.out` and `<name>.err`.
+    pub fn named(name: &str) -> Launch {
+        Launch {
+            name: name.to_owned(),
+            ..Launch::default()
+        }
+    }
+
+    /// Adds an argument after `run --config FILE` (e.g. `--pin-dir`).
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Launch {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Sets an environment variable for spliced (e.g. `RUST_LOG`).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Launch {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs spliced under `argv` (a program and its arguments, e.g. `strace -f -o FILE` or
+    /// `setpriv --reuid=65534`); spliced's own command line follows them.
+    pub fn wrapped<S: AsRef<OsStr>>(mut self, argv: &[S]) -> Launch {
+        self.wrapper = argv.iter().map(|a| a.as_ref().to_owned()).collect();
+        self
+    }
+
+    fn service_name(&self) -> &str {
+        if self.name.is_empty() {
+            "spliced"
+        } else {
+            &self.name
+        }
+    }
+
+    /// Appends the wrapper's arguments and spliced's command line to `cmd`, which already
+    /// names the first program to run.
+    fn finish(&self, cmd: &mut Command, config: &Path) -> Result<()> {
+        cmd.args(self.wrapper.iter().skip(1));
+        if !self.wrapper.is_empty() {
+            cmd.arg(crate::spliced_bin()?);
+        }
+        cmd.args(["run", "--config"]).arg(config).args(&self.args);
+        for (key, value) in &self.env {
+            cmd.env(key, value);
+        }
+        Ok(())
+    }
+
+    /// The program `cmd` starts with: the wrapper's, else spliced itself.
+    fn program(&self) -> Result<OsString> {
+        match self.wrapper.first() {
+            Some(program) => Ok(program.clone()),
+            None => Ok(crate::spliced_bin()?.into_os_string()),
+        }
+    }
+}
+
+/// Like [`crate::backends::spliced`] (the proxy namespace, waiting for `ports` to listen), with
+/// the extras of `launch`. An empty `ports` does not wait at all (for runs expected to fail).
+pub fn spliced_with(
+    world: &World,
+    config: &str,
+    ports: &[u16],
+    launch: &Launch,
+) -> Result<Service> {
+    let name = launch.service_name();
+    let path = world.dir().join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let mut cmd = world.command(Ns::Proxy, launch.program()?);
+    launch.finish(&mut cmd, &path)?;
+    let mut service = Service::start(name, cmd, world.dir())?;
+    for &port in ports {
+        crate::backends::wait_listening(world, Ns::Proxy, port, &mut service)?;
+    }
+    Ok(service)
+}
+
+/// Starts spliced in the test process's own namespaces (not under `ip netns exec`), so its pins
+/// land in this mount namespace's bpffs: for listeners on loopback. Files go to `dir`; waits
+/// until every port in `ports` listens.
+pub fn spliced_here(dir: &Path, config: &str, ports: &[u16], launch: &Launch) -> Result<Service> {
+    let name = launch.service_name();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let mut cmd = Command::new(launch.program()?);
+    launch.finish(&mut cmd, &path)?;
+    let mut service = Service::start(name, cmd, dir)?;
+    for &port in ports {
+        crate::wait_for(
+            &format!("a listener on port {port}"),
+            Duration::from_secs(10),
+            || {
+                service.check_running()?;
+                let out = Command::new("ss")
+                    .args(["-Hltn", &format!("sport = :{port}")])
+                    .output()?;
+                Ok(!out.stdout.is_empty())
+            },
+        )?;
+    }
+    Ok(service)
+}
+
+/// A TCP port on `ip` that nothing in this namespace listens on right now (the kernel picks
+/// it; it may be taken again before it is used, which is unlikely among high ports).
+pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A listener on `addr` inside `ns`, for tests that write their own server.
+pub fn listen_in(world: &World, ns: Ns, addr: SocketAddr) -> Result<TcpListener> {
+    world
+        .within(ns, move || TcpListener::bind(addr))?
+        .with_context(|| format!("binding {addr} in the {ns:?} namespace"))
+}
+
+/// Accepts one connection within `timeout`, with `TCP_NODELAY` and read and write timeouts of
+/// `io_timeout` on it.
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+    io_timeout: Duration,
+) -> Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                bail!(
+                    "no connection to {:?} within {timeout:?}",
+                    listener.local_addr()
+                )
+            }
+            Err(e) => return Err(e).context("accepting"),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    stream.set_write_timeout(Some(io_timeout))?;
+    Ok(stream)
+}
+
+/// Closes `stream` abruptly: with `SO_LINGER` 0 the kernel sends RST instead of FIN and throws
+/// away whatever was not sent.
+pub fn reset(stream: TcpStream) -> Result<()> {
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    drop(stream);
+    Ok(())
+}
+
+/// Reads exactly `len` bytes within the stream's read timeout (for a hello or a greeting).
+pub fn read_exactly(stream: &mut TcpStream, len: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    stream
+        .read_exact(&mut out)
+        .with_context(|| format!("reading {len} bytes"))?;
+    Ok(out)
 }
 
 #[cfg(test)]

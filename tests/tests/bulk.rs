@@ -1,10 +1,10 @@
 //! 1 GiB each way at the same time through the real `spliced` binary, every byte verified by
-//! position on both ends, once with the `splice` engine and once with `copy`.
+//! position on both ends, once with each engine: `sockmap`, `splice` and `copy`.
 //!
 //! Run as root with a release build of the proxy and of the tests (verification is slow in a
 //! debug build): `cargo test --release -p spliced-tests --test bulk`.
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::Shutdown,
     sync::mpsc,
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
     BACKEND_V6, World, backends,
-    raw::{self, Behavior, SEED_DOWN, SEED_UP, TestBackend, Verifier, field, simple_hello},
+    raw::{self, BLOCK, Behavior, SEED_DOWN, SEED_UP, TestBackend, Verifier, field, simple_hello},
 };
 
 const GIB: u64 = 1 << 30;
@@ -21,10 +21,11 @@ const BULK_PORT: u16 = 9100;
 /// The whole transfer fails if it is not done by then.
 const LIMIT: Duration = Duration::from_secs(300);
 
-fn config(forwarding: &str) -> String {
+fn config(forwarding: &str, extra: &str) -> String {
     format!(
         r#"[defaults]
 forwarding = "{forwarding}"
+{extra}
 client_hello_timeout = "1s"
 connect_timeout = "1s"
 
@@ -39,9 +40,9 @@ backend = "[{BACKEND_V6}]:{BULK_PORT}"
     )
 }
 
-fn bulk(forwarding: &str) -> Result<()> {
+fn bulk(forwarding: &str, extra: &str) -> Result<()> {
     let world = World::new()?;
-    let spliced = backends::spliced(&world, &config(forwarding), &[443])?;
+    let mut spliced = backends::spliced(&world, &config(forwarding, extra), &[443])?;
     let hello = simple_hello("bulk.example");
     let hello_len = hello.len();
     let backend = TestBackend::start(
@@ -58,12 +59,23 @@ fn bulk(forwarding: &str) -> Result<()> {
     let mut reader = client.try_clone()?;
     let started = Instant::now();
 
+    // With sockmap the client sends its stream only once the backend's first bytes arrived:
+    // bytes that come together with the hello are what `sockmap.rs`'s early-data test is about,
+    // and this one is about the bulk.
+    let gate = forwarding == "sockmap";
+    let (through_tx, through_rx) = mpsc::channel::<()>();
+
     // The transfer runs on its own threads; this one only watches the clock.
     let (done_tx, done_rx) = mpsc::channel();
     let send_done = done_tx.clone();
     std::thread::spawn(move || {
         let result = (|| -> Result<()> {
             writer.write_all(&hello)?;
+            if gate {
+                through_rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .context("waiting for the backend's first bytes")?;
+            }
             raw::send_stream(&mut writer, SEED_UP, GIB)?;
             writer.shutdown(Shutdown::Write)?;
             Ok(())
@@ -73,6 +85,10 @@ fn bulk(forwarding: &str) -> Result<()> {
     std::thread::spawn(move || {
         let result = (|| -> Result<()> {
             let mut verifier = Verifier::new(SEED_DOWN, GIB);
+            let mut first = vec![0u8; BLOCK];
+            let n = reader.read(&mut first)?;
+            verifier.feed(&first[..n])?;
+            let _ = through_tx.send(());
             raw::receive_stream(&mut reader, &mut verifier)?;
             verifier.finish()
         })();
@@ -151,15 +167,42 @@ fn bulk(forwarding: &str) -> Result<()> {
         "up= should be hello + 1 GiB: {line}"
     );
     ensure!(number("down")? == GIB, "down= should be 1 GiB: {line}");
+    if forwarding == "sockmap" {
+        // How much the kernel moved, for the record (a paused direction continues in user
+        // space).
+        let status = spliced.terminate(Duration::from_secs(10))?;
+        ensure!(status.success(), "spliced exited with {status}");
+        let counters = spliced
+            .stderr_text()
+            .lines()
+            .find_map(|l| l.split_once("kernel counters: ").map(|(_, c)| c.to_owned()))
+            .context("no kernel counters line at exit")?;
+        eprintln!("bulk forwarding=sockmap: {counters}");
+    }
     Ok(())
+}
+
+/// The kernel path alone: the backlog limit is above the transfer, so nothing pauses.
+#[test]
+fn one_gib_each_way_sockmap() -> Result<()> {
+    bulk("sockmap", "sockmap_backlog_limit = \"4GiB\"")
+}
+
+/// The same through backpressure pauses (default limit). Known to fail about one run in six
+/// with a 64 KiB segment duplicated or missing: the open defect of the sockmap engine, which is
+/// why `auto` does not choose it yet. Run with `--ignored` when working on it.
+#[test]
+#[ignore = "open sockmap defect: rare duplicated or missing segment around pauses"]
+fn one_gib_each_way_sockmap_through_pauses() -> Result<()> {
+    bulk("sockmap", "")
 }
 
 #[test]
 fn one_gib_each_way_splice() -> Result<()> {
-    bulk("splice")
+    bulk("splice", "")
 }
 
 #[test]
 fn one_gib_each_way_copy() -> Result<()> {
-    bulk("copy")
+    bulk("copy", "")
 }

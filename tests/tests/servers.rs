@@ -252,6 +252,11 @@ fn real_servers_see_the_client_through_splice() -> Result<()> {
 }
 
 #[test]
+fn real_servers_see_the_client_through_sockmap() -> Result<()> {
+    run_world("sockmap", 43000)
+}
+
+#[test]
 fn real_servers_see_the_client_through_copy() -> Result<()> {
     run_world("copy", 42000)
 }
