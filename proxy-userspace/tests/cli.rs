@@ -356,6 +356,10 @@ fn metrics_count_outcomes_and_kernel_bytes() {
             let Ok(mut s) = stream else { continue };
             let mut head = [0u8; 1024];
             let _ = s.read(&mut head);
+            // Answer only after a pause: a backend that has already closed by the time the
+            // sockets would enter the map makes the connection fall back to splice, and this
+            // test wants the kernel path.
+            std::thread::sleep(Duration::from_millis(200));
             let _ =
                 s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
