@@ -160,20 +160,17 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Forwards whatever `client` has queued to `backend`, reading exactly the queued byte count
-/// each time so that every skb present is consumed whole. Bounded: a client that keeps
-/// sending while we drain is left for the kernel once its queue has been empty once, or
-/// after a few rounds.
+/// so that every skb present is consumed whole; skbs that arrive later are whole anyway. One
+/// round is enough, and keeps the time before insertion (when a FIN would force a fallback)
+/// short.
 async fn drain_queued(client: &TcpStream, backend: &TcpStream) -> Result<u64, ForwardError> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
-    for _ in 0..64 {
+    {
         let queued = ebpf::bytes_queued(client.as_fd()).map_err(|error| ForwardError {
             side: Side::Client,
             error,
         })?;
-        if queued == 0 {
-            break;
-        }
         let mut left = queued;
         while left > 0 {
             let want = left.min(buf.len());

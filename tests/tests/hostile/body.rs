@@ -4,7 +4,7 @@
 //! does not depend on the engine (refusals before any byte is forwarded) live in `hostile.rs`
 //! only.
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
@@ -552,18 +552,27 @@ pub(crate) fn half_close_with_data_in_flight(name: &str, engine: &str) -> Result
     let (world, spliced) = standard()?;
     let echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
     let hello = simple_hello(name);
-    let client = raw::connect(&world, 443, CLIENT_TIMEOUT)?;
+    let mut client = raw::connect(&world, 443, CLIENT_TIMEOUT)?;
     let me = client.local_addr()?;
-    let mut writer = client.try_clone()?;
     let hello_len = hello.len();
+    // Wait for the echoed hello first: by then the connection is set up and, with sockmap,
+    // in the kernel. A FIN that arrives before that makes the engine fall back to splice by
+    // design (a socket that got its FIN cannot enter a sockmap), which is not what this
+    // test is about.
+    client.write_all(&hello)?;
+    let mut echoed = vec![0u8; hello_len];
+    client.read_exact(&mut echoed)?;
+    ensure!(echoed == hello, "the echoed hello differs");
+    let mut writer = client.try_clone()?;
     let sender = std::thread::spawn(move || -> Result<()> {
-        writer.write_all(&hello)?;
         raw::send_stream(&mut writer, 42, MIB)?;
         writer.shutdown(Shutdown::Write)?;
         Ok(())
     });
     let mut reader = client;
-    let (got, end) = raw::read_to_end(&mut reader, 4 << 20);
+    let (rest, end) = raw::read_to_end(&mut reader, 4 << 20);
+    let mut got = echoed;
+    got.extend_from_slice(&rest);
     sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
