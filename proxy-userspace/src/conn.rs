@@ -213,7 +213,7 @@ async fn serve(
     };
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes).map_err(Failure::Preface)?;
     preface_bytes.extend_from_slice(&buf);
-    write_all(&backend, &preface_bytes)
+    forward::write_all(&backend, &preface_bytes)
         .await
         .map_err(Failure::BackendWrite)?;
 
@@ -346,7 +346,7 @@ async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
         (Protocol::Http, _) => hello::http::response_400(),
     };
     // Best effort with a short deadline: a client that does not read must not hold us.
-    if timeout(Duration::from_secs(1), write_all(client, bytes))
+    if timeout(Duration::from_secs(1), forward::write_all(client, bytes))
         .await
         .is_err()
     {
@@ -372,16 +372,6 @@ async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
         }
     })
     .await;
-}
-
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        let n = stream
-            .async_io(Interest::WRITABLE, || stream.try_write(bytes))
-            .await?;
-        bytes = &bytes[n..];
-    }
-    Ok(())
 }
 
 /// Routing state swapped as a whole on reload.

@@ -117,6 +117,17 @@ pub async fn forward(
     }
 }
 
+/// Writes all of `bytes`, waiting for the socket whenever its send buffer is full.
+pub(crate) async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = stream
+            .async_io(tokio::io::Interest::WRITABLE, || stream.try_write(bytes))
+            .await?;
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
 /// `shutdown(SHUT_WR)` on a tokio stream we only hold by reference.
 pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     use std::os::fd::AsFd as _;

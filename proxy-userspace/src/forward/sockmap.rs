@@ -37,7 +37,7 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream, sync::Notify};
 
-use super::{Counters, ForwardError, Side, shutdown_write};
+use super::{Counters, ForwardError, Side, shutdown_write, write_all};
 use crate::ebpf::{self, Kernel};
 
 /// How the connection was forwarded.
@@ -147,16 +147,6 @@ impl Direction<'_> {
         let handed = ebpf::bytes_handed_to_tcp(self.dst.as_fd()).map_err(|e| self.err_dst(e))?;
         Ok((self.redirected + self.user_written).saturating_sub(handed))
     }
-}
-
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let n = stream
-            .async_io(Interest::WRITABLE, || stream.try_write(bytes))
-            .await?;
-        bytes = &bytes[n..];
-    }
-    Ok(())
 }
 
 /// Forwards whatever `client` has queued to `backend`, reading exactly the queued byte count
