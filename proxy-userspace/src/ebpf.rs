@@ -416,17 +416,6 @@ pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
 }
 
-/// Bytes waiting in a socket's receive queue (`SIOCINQ`).
-pub fn bytes_queued(fd: BorrowedFd<'_>) -> std::io::Result<usize> {
-    let mut n: nix::libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let rc = unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::FIONREAD, &raw mut n) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(usize::try_from(n).unwrap_or(0))
-}
-
 /// Sets `SO_RCVLOWAT`; setting it makes TCP re-check its queue and wake the verdict program
 /// for data that arrived before the socket was in the map.
 pub fn set_rcvlowat(fd: impl AsFd, bytes: i32) -> std::io::Result<()> {

@@ -149,43 +149,48 @@ impl Direction<'_> {
     }
 }
 
-/// Forwards whatever `client` has queued to `backend`, reading exactly the queued byte count
-/// so that every skb present is consumed whole; skbs that arrive later are whole anyway. One
-/// round is enough, and keeps the time before insertion (when a FIN would force a fallback)
-/// short.
-async fn drain_queued(client: &TcpStream, backend: &TcpStream) -> Result<u64, ForwardError> {
+/// The most `drain_queued` forwards before giving the connection to another engine: a client
+/// that keeps the queue full that long is better served by splice than by waiting.
+const DRAIN_LIMIT: u64 = 4 << 20;
+
+/// Forwards whatever `client` has queued to `backend` until a read comes back short, which
+/// means the queue was empty under the socket lock, so every skb read was consumed whole.
+/// (Reading exactly the `SIOCINQ` count is not enough: TCP merges segments arriving meanwhile
+/// into the tail skb, so such a read can stop inside an skb the verdict later takes whole.)
+/// Returns the bytes forwarded and whether the queue was emptied (`false` when the client
+/// kept it full past [`DRAIN_LIMIT`] and another engine should take over).
+async fn drain_queued(
+    client: &TcpStream,
+    backend: &TcpStream,
+) -> Result<(u64, bool), ForwardError> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
-    {
-        let queued = ebpf::bytes_queued(client.as_fd()).map_err(|error| ForwardError {
-            side: Side::Client,
-            error,
-        })?;
-        let mut left = queued;
-        while left > 0 {
-            let want = left.min(buf.len());
-            let n = match client.try_read(&mut buf[..want]) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => {
-                    return Err(ForwardError {
-                        side: Side::Client,
-                        error,
-                    });
-                }
-            };
-            write_all(backend, &buf[..n])
-                .await
-                .map_err(|error| ForwardError {
-                    side: Side::Backend,
+    loop {
+        let n = match client.try_read(&mut buf) {
+            Ok(0) => return Ok((total, true)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, true)),
+            Err(error) => {
+                return Err(ForwardError {
+                    side: Side::Client,
                     error,
-                })?;
-            left -= n;
-            total += n as u64;
+                });
+            }
+        };
+        write_all(backend, &buf[..n])
+            .await
+            .map_err(|error| ForwardError {
+                side: Side::Backend,
+                error,
+            })?;
+        total += n as u64;
+        if n < buf.len() {
+            return Ok((total, true));
+        }
+        if total >= DRAIN_LIMIT {
+            return Ok((total, false));
         }
     }
-    Ok(total)
 }
 
 fn cookies(client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
@@ -205,8 +210,11 @@ pub async fn forward(
     };
     // The hello was read in chunks, which can leave an skb half-read; the verdict would later
     // see that skb whole and send its head a second time. So first forward everything queued.
-    let drained = drain_queued(client, backend).await?;
+    let (drained, emptied) = drain_queued(client, backend).await?;
     counters.upstream.store(drained, Ordering::Relaxed);
+    if !emptied {
+        return Ok(Used::NotInserted);
+    }
     if kernel
         .register((ca, client.as_fd()), (cb, backend.as_fd()))
         .is_err()
@@ -356,9 +364,10 @@ async fn run<'s>(
                     d.resumable = true;
                     tracing::debug!(side = ?d.side, "drained; user space carries what was passed");
                 }
-                Mode::User if d.resumable && !d.eof && backlog <= limit / 4 => {
+                Mode::User if d.resumable && !d.eof => {
                     match kernel.passed(d.cookie) {
-                        // The verdict saw we had caught up and went back to redirecting.
+                        // The verdict saw we had caught up and went back to redirecting:
+                        // notice at once, so the pause check applies again.
                         None => {
                             d.mode = Mode::Kernel;
                             d.resumable = false;
@@ -366,11 +375,12 @@ async fn run<'s>(
                         }
                         // Tell it how far we are; it resumes on the first skb after exactly
                         // that many passed bytes.
-                        Some(_) => {
+                        Some(_) if backlog <= limit / 4 => {
                             kernel.resume(d.cookie, d.read_since_pause).map_err(|e| {
                                 d.err_src(io::Error::other(format!("resuming a socket: {e}")))
                             })?;
                         }
+                        Some(_) => {}
                     }
                 }
                 _ => {}
