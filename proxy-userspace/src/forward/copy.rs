@@ -4,31 +4,17 @@ use std::{io, sync::atomic::AtomicU64, sync::atomic::Ordering};
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Counters, ForwardError, Side, shutdown_write};
+use super::{ForwardError, Side, shutdown_write};
 
 const BUFFER: usize = 64 * 1024;
 
-pub(super) async fn forward(
-    client: &TcpStream,
-    backend: &TcpStream,
-    counters: &Counters,
-) -> Result<(), ForwardError> {
-    let up = one_way(client, backend, Side::Client, &counters.upstream);
-    let down = one_way(backend, client, Side::Backend, &counters.downstream);
-    // Both directions run until their own end of stream; the first error ends both.
-    tokio::try_join!(up, down).map(|_| ())
-}
-
-async fn one_way(
+pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     from_side: Side,
     counter: &AtomicU64,
 ) -> Result<(), ForwardError> {
-    let to_side = match from_side {
-        Side::Client => Side::Backend,
-        Side::Backend => Side::Client,
-    };
+    let to_side = from_side.other();
     let err_from = |error| ForwardError {
         side: from_side,
         error,

@@ -65,6 +65,16 @@ pub enum Side {
     Backend,
 }
 
+impl Side {
+    /// The other end of the connection.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+}
+
 /// A forwarding failure: the side whose socket returned the error, and the error.
 #[derive(Debug)]
 pub struct ForwardError {
@@ -104,7 +114,7 @@ impl std::error::Error for ForwardError {}
 
 /// Forwards between `client` and `backend` with a user-space engine until both directions are
 /// closed. (The sockmap engine has its own entry point, [`sockmap::forward`], since it may
-/// decline a connection.)
+/// decline a connection; a connection it declines is forwarded with splice.)
 pub async fn forward(
     engine: Engine,
     client: &TcpStream,
@@ -112,9 +122,28 @@ pub async fn forward(
     counters: &Counters,
 ) -> Result<(), ForwardError> {
     match engine {
-        Engine::Splice | Engine::Sockmap => splice::forward(client, backend, counters).await,
-        Engine::Copy => copy::forward(client, backend, counters).await,
+        Engine::Splice | Engine::Sockmap => {
+            both_ways(client, backend, counters, splice::one_way).await
+        }
+        Engine::Copy => both_ways(client, backend, counters, copy::one_way).await,
     }
+}
+
+/// Runs `one_way` client-to-backend and backend-to-client at once, each until its own end of
+/// stream; the first error ends both.
+async fn both_ways<'a, F, Fut>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    counters: &'a Counters,
+    one_way: F,
+) -> Result<(), ForwardError>
+where
+    F: Fn(&'a TcpStream, &'a TcpStream, Side, &'a AtomicU64) -> Fut,
+    Fut: Future<Output = Result<(), ForwardError>>,
+{
+    let up = one_way(client, backend, Side::Client, &counters.upstream);
+    let down = one_way(backend, client, Side::Backend, &counters.downstream);
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 /// Writes all of `bytes`, waiting for the socket whenever its send buffer is full.

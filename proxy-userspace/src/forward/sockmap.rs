@@ -106,11 +106,10 @@ impl Direction<'_> {
     }
 
     fn err_dst(&self, error: io::Error) -> ForwardError {
-        let side = match self.side {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        };
-        ForwardError { side, error }
+        ForwardError {
+            side: self.side.other(),
+            error,
+        }
     }
 
     fn wants_read(&self) -> bool {

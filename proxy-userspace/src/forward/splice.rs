@@ -9,20 +9,10 @@ use std::{
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{Counters, ForwardError, Side, shutdown_write};
+use super::{ForwardError, Side, shutdown_write};
 
 /// How much one `splice` call may move; also the pipe's capacity we ask for.
 const CHUNK: usize = 1 << 20;
-
-pub(super) async fn forward(
-    client: &TcpStream,
-    backend: &TcpStream,
-    counters: &Counters,
-) -> Result<(), ForwardError> {
-    let up = one_way(client, backend, Side::Client, &counters.upstream);
-    let down = one_way(backend, client, Side::Backend, &counters.downstream);
-    tokio::try_join!(up, down).map(|_| ())
-}
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
@@ -31,16 +21,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-async fn one_way(
+pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     from_side: Side,
     counter: &AtomicU64,
 ) -> Result<(), ForwardError> {
-    let to_side = match from_side {
-        Side::Client => Side::Backend,
-        Side::Backend => Side::Client,
-    };
+    let to_side = from_side.other();
     let err_from = |error| ForwardError {
         side: from_side,
         error,
