@@ -367,7 +367,11 @@ fn metrics_count_outcomes_and_kernel_bytes() {
     let port = free_port();
     let metrics_port = free_port();
     // As root, ask for the sockmap engine so the kernel counters have something to count.
-    let engine = if nix_is_root() { "sockmap" } else { "splice" };
+    let engine = if nix::unistd::Uid::effective().is_root() {
+        "sockmap"
+    } else {
+        "splice"
+    };
     let cfg = dir.write(
         "spliced.toml",
         &format!(
@@ -421,20 +425,11 @@ fn metrics_count_outcomes_and_kernel_bytes() {
         "{text}"
     );
     // As root the sockmap engine is used, and its kernel counters are exported.
-    if nix_is_root() {
+    if nix::unistd::Uid::effective().is_root() {
         let bytes = text
             .lines()
             .find_map(|l| l.strip_prefix("spliced_kernel_total{counter=\"redirected_bytes\"} "))
             .and_then(|v| v.trim().parse::<u64>().ok());
         assert!(bytes.is_some_and(|b| b > 0), "no spliced bytes in:\n{text}");
     }
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().nth(1).map(|euid| euid == "0"))
-        .unwrap_or(false)
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
-    BACKEND_V6, CLIENT_V4, CLIENT_V4_B, PROXY_V6, World,
+    CLIENT_V4, CLIENT_V4_B, PROXY_V6, World,
     backends::{self, Cert, NginxServer},
 };
 
@@ -242,7 +242,6 @@ fn check_log(
             backends::wait_log(&haproxy.stdout, &format!("{source}:{port} GET / 200"))?;
         }
     }
-    let _ = BACKEND_V6;
     Ok(())
 }
 
