@@ -1239,6 +1239,45 @@ pub fn read_exactly(stream: &mut TcpStream, len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Runs `client(i)` for `i` in `0..n`, each on its own thread inside the client namespace, all
+/// at once, and returns the addresses of those that succeeded and a message for each failure.
+pub fn run_clients(
+    world: &World,
+    n: usize,
+    client: impl Fn(usize) -> Result<SocketAddr> + Sync,
+) -> Result<(Vec<SocketAddr>, Vec<String>)> {
+    // Threads spawned from a thread inside the client namespace are in it too.
+    let results: Vec<Result<SocketAddr>> = world.within(Ns::Client, || {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    let client = &client;
+                    std::thread::Builder::new()
+                        .stack_size(256 * 1024)
+                        .spawn_scoped(s, move || client(i))
+                        .expect("spawning a client thread")
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+                })
+                .collect()
+        })
+    })?;
+    let mut addrs = Vec::new();
+    let mut failures = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(addr) => addrs.push(addr),
+            Err(e) => failures.push(format!("client {i}: {e:#}")),
+        }
+    }
+    Ok((addrs, failures))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

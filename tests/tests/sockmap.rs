@@ -880,35 +880,8 @@ fn two_hundred_concurrent_connections_of_a_mebibyte_each_way() -> Result<()> {
         },
     )?;
     let started = Instant::now();
-    let results: Vec<Result<SocketAddr>> = world.within(Ns::Client, || {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..N)
-                .map(|_| {
-                    let hello = &hello;
-                    std::thread::Builder::new()
-                        .stack_size(256 * 1024)
-                        .spawn_scoped(s, move || bulk_client(hello))
-                        .expect("spawning a client thread")
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
-                })
-                .collect()
-        })
-    })?;
+    let (addrs, failures) = raw::run_clients(&world, N, |_| bulk_client(&hello))?;
     let elapsed = started.elapsed();
-    let mut addrs = Vec::new();
-    let mut failures = Vec::new();
-    for (i, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(addr) => addrs.push(addr),
-            Err(e) => failures.push(format!("client {i}: {e:#}")),
-        }
-    }
     ensure!(
         failures.is_empty(),
         "{} of {N} clients failed, e.g.:\n{}\ndiagnostics (end):\n{}",

@@ -403,36 +403,9 @@ fn five_hundred_concurrent_connections() -> Result<()> {
     let hello = simple_hello("echo.example");
     let started = Instant::now();
     let ready = AtomicUsize::new(0);
-    // Threads spawned from a thread inside the client namespace are in it too.
-    let results: Vec<Result<SocketAddr>> = world.within(Ns::Client, || {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..N)
-                .map(|i| {
-                    let (hello, ready) = (&hello, &ready);
-                    std::thread::Builder::new()
-                        .stack_size(256 * 1024)
-                        .spawn_scoped(s, move || one_client(i, hello, ready, N, DATA))
-                        .expect("spawning a client thread")
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
-                })
-                .collect()
-        })
-    })?;
+    let (addrs, failures) =
+        raw::run_clients(&world, N, |i| one_client(i, &hello, &ready, N, DATA))?;
     let elapsed = started.elapsed();
-    let mut addrs = Vec::new();
-    let mut failures = Vec::new();
-    for (i, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(addr) => addrs.push(addr),
-            Err(e) => failures.push(format!("client {i}: {e:#}")),
-        }
-    }
     ensure!(
         failures.is_empty(),
         "{} of {N} clients failed, e.g.:\n{}\ndiagnostics:\n{}",
