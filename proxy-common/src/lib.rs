@@ -11,19 +11,24 @@ pub const MAP_SOCKETS: &str = "SPLICED_SOCKS";
 /// Redirect targets are looked up here, so a redirect never misses a peer that is still being
 /// inserted into [`MAP_SOCKETS`].
 pub const MAP_HOLD: &str = "SPLICED_HOLD";
-/// Name of the hash map of paused sockets (cookie to bytes passed since the pause): their data
-/// is passed to their own queue for user space instead of redirected, which bounds what a slow
-/// reader can park.
-pub const MAP_PAUSED: &str = "SPLICED_PAUSED";
-/// Name of the hash map user space fills to resume a paused socket: cookie to the number of
-/// passed bytes it has already written to the peer. The verdict resumes redirecting only when
-/// that equals what it passed, so no redirected byte can overtake a passed one.
-pub const MAP_RESUME: &str = "SPLICED_RESUME";
+/// Name of the hash map of sockets to take out of [`MAP_SOCKETS`] (cookie to a state, see
+/// [`DETACH_REQUESTED`]); [`PROG_DETACH`] does it under the socket's lock.
+pub const MAP_DETACH: &str = "SPLICED_DETACH";
+/// [`MAP_DETACH`] value: user space asks for the socket to be taken out.
+pub const DETACH_REQUESTED: u32 = 0;
+/// [`MAP_DETACH`] value: the socket was taken out of [`MAP_SOCKETS`].
+pub const DETACH_DONE: u32 = 1;
+/// [`MAP_DETACH`] value: the socket was found but was not in [`MAP_SOCKETS`].
+pub const DETACH_ABSENT: u32 = 2;
 /// Name of the hash map from a socket's cookie to its [`Pair`].
 pub const MAP_PEERS: &str = "SPLICED_PEERS";
 /// Name of the ring buffer that carries [`Pair`] cookies to user space every
 /// [`PROGRESS_STEP`] redirected bytes, so idle connections cost no polling.
 pub const MAP_EVENTS: &str = "SPLICED_EVENTS";
+/// Name of the hash map from a socket's cookie to the redirected byte count at which the
+/// verdict reports progress at once, whatever [`PROGRESS_STEP`] says: user space sets it where
+/// the peer's backlog would reach the limit, so it can react before the kernel holds much more.
+pub const MAP_WAKE: &str = "SPLICED_WAKE";
 /// A socket reports progress each time its redirected byte count crosses a multiple of this.
 pub const PROGRESS_STEP: u64 = 256 * 1024;
 
@@ -32,6 +37,10 @@ pub const MAP_COUNTERS: &str = "SPLICED_COUNTERS";
 
 /// Name of the `sk_skb/stream_verdict` program that redirects payload to the peer socket.
 pub const PROG_STREAM_VERDICT: &str = "spliced_verdict";
+
+/// Name of the `iter/tcp` program that takes the sockets listed in [`MAP_DETACH`] out of the
+/// verdict map while holding each socket's lock, so no skb is in the middle of a verdict.
+pub const PROG_DETACH: &str = "spliced_detach";
 
 /// Directory under bpffs where spliced pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/spliced";
@@ -68,15 +77,13 @@ pub enum Counter {
     RedirectFailed = 3,
     /// Zero-length skbs (a bare FIN) dropped on purpose.
     EmptyDropped = 4,
-    /// skbs passed to user space because their socket is paused (backpressure).
-    PassedPaused = 5,
-    /// Paused sockets the verdict resumed.
-    Resumed = 6,
+    /// Sockets taken out of the verdict map under their lock (pauses for backpressure).
+    Detached = 5,
 }
 
 impl Counter {
     /// Number of counters; the length of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 6;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -85,8 +92,7 @@ impl Counter {
         Counter::PassedNoPeer,
         Counter::RedirectFailed,
         Counter::EmptyDropped,
-        Counter::PassedPaused,
-        Counter::Resumed,
+        Counter::Detached,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -97,8 +103,7 @@ impl Counter {
             Counter::PassedNoPeer => "passed_no_peer",
             Counter::RedirectFailed => "redirect_failed",
             Counter::EmptyDropped => "empty_dropped",
-            Counter::PassedPaused => "passed_paused",
-            Counter::Resumed => "resumed",
+            Counter::Detached => "detached",
         }
     }
 }

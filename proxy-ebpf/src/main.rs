@@ -14,12 +14,13 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action,
     btf_maps::{HashMap, PerCpuArray, RingBuf, SockHash},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_map_delete_elem},
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{Counter, MAX_SOCKETS, PROGRESS_STEP, Pair};
+use core::ffi::c_void;
+use proxy_common::{Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, PROGRESS_STEP, Pair};
 
 const MAX: usize = MAX_SOCKETS as usize;
 
@@ -32,11 +33,10 @@ static SPLICED_SOCKS: SockHash<u64, MAX> = SockHash::new();
 #[btf_map]
 static SPLICED_HOLD: SockHash<u64, MAX> = SockHash::new();
 
-/// Paused sockets, cookie to the bytes passed to their own queue since the pause: their data
-/// stays on their own socket for user space, which trusts end of stream only once it has read
-/// that many bytes (the kernel may report EOF while passed skbs still wait to be queued).
+/// Sockets user space wants out of `SPLICED_SOCKS` (cookie to `DETACH_REQUESTED`);
+/// `spliced_detach` removes them while it holds the socket's lock and records the outcome.
 #[btf_map]
-static SPLICED_PAUSED: HashMap<u64, u64, MAX> = HashMap::new();
+static SPLICED_DETACH: HashMap<u64, u32, MAX> = HashMap::new();
 
 /// Socket cookie to its peer and the bytes redirected so far.
 #[btf_map]
@@ -47,10 +47,10 @@ static SPLICED_PEERS: HashMap<u64, Pair, MAX> = HashMap::new();
 #[btf_map]
 static SPLICED_EVENTS: RingBuf<u64, { 256 * 1024 }> = RingBuf::new();
 
-/// Paused sockets user space asks to resume: cookie to the passed bytes it already wrote to the
-/// peer. Redirecting resumes only when that equals what was passed, so order is kept.
+/// Socket cookie to a redirected byte count at which user space wants to hear about it at once
+/// (the point where the peer's backlog would reach the pause threshold).
 #[btf_map]
-static SPLICED_RESUME: HashMap<u64, u64, MAX> = HashMap::new();
+static SPLICED_WAKE: HashMap<u64, u64, MAX> = HashMap::new();
 
 /// Per-CPU counters: the bpf target has no atomic read-modify-write.
 #[btf_map]
@@ -75,26 +75,6 @@ pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: the helper only reads the socket the skb belongs to.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(passed) = SPLICED_PAUSED.get_ptr_mut(&cookie) {
-        // SAFETY: only this socket's verdict runs write its entry, serialized by its lock.
-        let passed_now = unsafe { *passed };
-        // SAFETY: copied out at once.
-        let caught_up = unsafe { SPLICED_RESUME.get(&cookie) }.is_some_and(|&w| w == passed_now);
-        if caught_up {
-            // Every byte passed so far is already in the peer's TCP queue: this skb and the
-            // ones after it can go through the kernel again without overtaking anything.
-            let _ = SPLICED_PAUSED.remove(&cookie);
-            let _ = SPLICED_RESUME.remove(&cookie);
-            count(Counter::Resumed, 1);
-            return redirect(&ctx, cookie, len);
-        }
-        // SAFETY: as above.
-        unsafe { *passed = passed_now + u64::from(len) };
-        // The peer is not keeping up: keep the bytes here, charged to this socket's receive
-        // memory, so TCP closes the window instead of the peer's queue growing without end.
-        count(Counter::PassedPaused, 1);
-        return sk_action::SK_PASS;
-    }
     redirect(&ctx, cookie, len)
 }
 
@@ -117,7 +97,12 @@ fn redirect(ctx: &SkBuffContext, cookie: u64, len: u32) -> u32 {
         if before == 0 {
             debug!(ctx, "socket {} now splices into {}", cookie, peer);
         }
-        if before / PROGRESS_STEP != after / PROGRESS_STEP {
+        // SAFETY: copied out at once.
+        let wake_at = unsafe { SPLICED_WAKE.get(&cookie) }
+            .copied()
+            .unwrap_or(u64::MAX);
+        if before / PROGRESS_STEP != after / PROGRESS_STEP || (before < wake_at && after >= wake_at)
+        {
             // A full ring only delays the wake-up until the next step; nothing is lost.
             let _ = SPLICED_EVENTS.output(&cookie, 0);
         }
@@ -134,6 +119,42 @@ fn redirect(ctx: &SkBuffContext, cookie: u64, len: u32) -> u32 {
         );
         sk_action::SK_PASS
     }
+}
+
+/// `iter/tcp`: takes the sockets listed in `SPLICED_DETACH` out of `SPLICED_SOCKS`.
+///
+/// Removing a socket from the verdict map from user space races with the verdict: an skb that
+/// `tcp_read_skb` has already unlinked from the receive queue is dropped when it then finds no
+/// program. The TCP iterator runs this program with the socket locked, and the verdict only
+/// runs under that lock, so no skb is in flight here. Once out of the map, the socket's data
+/// stays in its TCP receive queue, charged to it, and TCP flow control holds the sender back.
+/// (It stays in `SPLICED_HOLD`, so its psock and the other direction's redirects survive.)
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn spliced_detach(ctx: *mut c_void) -> i32 {
+    // `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; .. }`
+    // SAFETY: the context is that struct; the verifier checks the access against its BTF.
+    let sk = unsafe { *ctx.cast::<*mut c_void>().add(1) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: `sk` is a socket the iterator holds.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let Some(state) = SPLICED_DETACH.get_ptr_mut(&cookie) else {
+        return 0;
+    };
+    let key = cookie;
+    // SAFETY: deleting from a socket hash is allowed in iterators; the key lives on the stack.
+    let rc = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::from_ref(&SPLICED_SOCKS).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        )
+    };
+    // SAFETY: the entry stays valid while this program runs.
+    unsafe { *state = if rc == 0 { DETACH_DONE } else { DETACH_ABSENT } };
+    count(Counter::Detached, 1);
+    0
 }
 
 #[cfg(not(test))]

@@ -224,12 +224,11 @@ async fn serve(
         .unwrap_or(defaults.forwarding);
     let engine = match (wanted, shared.kernel()) {
         (Forwarding::Copy, _) => Engine::Copy,
-        // `auto` stays on splice until the sockmap engine's backpressure path is proven
-        // (see the module docs of forward::sockmap).
-        (Forwarding::Splice | Forwarding::Auto, _) => Engine::Splice,
-        (Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
-        // Server::bind refuses to start when sockmap is asked for and cannot be loaded.
-        (Forwarding::Sockmap, None) => Engine::Splice,
+        (Forwarding::Splice, _) => Engine::Splice,
+        (Forwarding::Sockmap | Forwarding::Auto, Some(_)) => Engine::Sockmap,
+        // Without the kernel side: `auto` was told at start-up; Server::bind refuses to start
+        // when sockmap is asked for explicitly and cannot be loaded.
+        (Forwarding::Sockmap | Forwarding::Auto, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
     let counters = &facts.counters;

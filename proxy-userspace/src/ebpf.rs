@@ -11,11 +11,11 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::SkSkb,
+    programs::{Iter, SkSkb},
 };
 use proxy_common::{
-    Counter, MAP_COUNTERS, MAP_EVENTS, MAP_HOLD, MAP_PAUSED, MAP_PEERS, MAP_RESUME, MAP_SOCKETS,
-    PROG_STREAM_VERDICT, Pair,
+    Counter, DETACH_ABSENT, DETACH_DONE, DETACH_REQUESTED, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS,
+    MAP_HOLD, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, PROG_DETACH, PROG_STREAM_VERDICT, Pair,
 };
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
@@ -30,14 +30,15 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     hold: SockHash<MapData, u64>,
     peers: HashMap<MapData, u64, Pair>,
-    paused: HashMap<MapData, u64, u64>,
-    resume: HashMap<MapData, u64, u64>,
+    detach: HashMap<MapData, u64, u32>,
+    wake: HashMap<MapData, u64, u64>,
 }
 
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the
 /// pins it made.
 pub struct Kernel {
-    ebpf: Ebpf,
+    /// The object; its `iter/tcp` program is run under this lock, one walk at a time.
+    ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -98,8 +99,8 @@ impl Kernel {
         let socks: SockHash<MapData, u64> = take(&mut ebpf, MAP_SOCKETS)?.try_into()?;
         let hold: SockHash<MapData, u64> = take(&mut ebpf, MAP_HOLD)?.try_into()?;
         let peers: HashMap<MapData, u64, Pair> = take(&mut ebpf, MAP_PEERS)?.try_into()?;
-        let paused: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_PAUSED)?.try_into()?;
-        let resume: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_RESUME)?.try_into()?;
+        let detach: HashMap<MapData, u64, u32> = take(&mut ebpf, MAP_DETACH)?.try_into()?;
+        let wake: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_WAKE)?.try_into()?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_COUNTERS)?.try_into()?;
         let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
         let fd = socks.fd().try_clone()?;
@@ -111,14 +112,21 @@ impl Kernel {
             .context("the verifier rejected the stream-verdict program")?;
         prog.attach(&fd)
             .context("attaching the stream-verdict program")?;
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let iter: &mut Iter = ebpf
+            .program_mut(PROG_DETACH)
+            .with_context(|| format!("program {PROG_DETACH} missing from the object"))?
+            .try_into()?;
+        iter.load("tcp", &btf)
+            .context("the verifier rejected the TCP iterator program")?;
         Ok(Kernel {
-            ebpf,
+            ebpf: Mutex::new(ebpf),
             maps: Mutex::new(Maps {
                 socks,
                 hold,
                 peers,
-                paused,
-                resume,
+                detach,
+                wake,
             }),
             counters,
             events: Mutex::new(Some(events)),
@@ -202,6 +210,8 @@ impl Kernel {
     /// Names of the programs in the loaded object.
     pub fn program_names(&self) -> Vec<String> {
         self.ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .programs()
             .map(|(name, _)| name.to_owned())
             .collect()
@@ -273,22 +283,57 @@ impl Kernel {
         })
     }
 
-    /// Stops redirecting what arrives on the socket: from now on its data waits on the socket
-    /// itself for user space, charged to its receive buffer.
-    pub fn pause(&self, cookie: u64) -> Result<(), InsertError> {
-        self.with_maps(|m| m.paused.insert(&cookie, &0, 0).map_err(InsertError))
+    /// Stops redirecting what arrives on the socket: its data stays in its TCP receive queue,
+    /// so TCP flow control holds the sender back. Returns `false` if it was not redirecting.
+    ///
+    /// A plain map delete would race with a verdict run that already took an skb off the
+    /// receive queue, which the kernel then drops. The removal is done by the `iter/tcp`
+    /// program instead, which the kernel runs with each socket locked. It walks the TCP
+    /// sockets of this network namespace: about a microsecond each.
+    pub fn detach(&self, cookie: u64) -> std::io::Result<bool> {
+        let other = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        self.with_maps(|m| m.detach.insert(&cookie, &DETACH_REQUESTED, 0))
+            .map_err(|e| other(&e))?;
+        let walked = self.walk_tcp_sockets();
+        let state = self.with_maps(|m| {
+            let state = m.detach.get(&cookie, 0).ok();
+            let _ = m.detach.remove(&cookie);
+            state
+        });
+        walked?;
+        match state {
+            Some(DETACH_DONE) => Ok(true),
+            Some(DETACH_ABSENT) => Ok(false),
+            // Not visited: the socket is gone from the table (closed meanwhile).
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
     }
 
-    /// Asks the verdict to resume redirecting once it has passed exactly `written` bytes, which
-    /// user space has read and written to the peer.
-    pub fn resume(&self, cookie: u64, written: u64) -> Result<(), InsertError> {
-        self.with_maps(|m| m.resume.insert(&cookie, &written, 0).map_err(InsertError))
+    /// Runs the `iter/tcp` program over every TCP socket of this network namespace.
+    fn walk_tcp_sockets(&self) -> std::io::Result<()> {
+        use std::io::Read as _;
+        let other = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let iter: &mut Iter = ebpf
+            .program_mut(PROG_DETACH)
+            .ok_or_else(|| other(&"the iterator program is missing"))?
+            .try_into()
+            .map_err(|e| other(&e))?;
+        let id = iter.attach().map_err(|e| other(&e))?;
+        let link = iter.take_link(id).map_err(|e| other(&e))?;
+        let mut file = link.into_file().map_err(|e| other(&e))?;
+        // The program prints nothing; reading to the end is what runs it.
+        let mut sink = [0u8; 64];
+        while file.read(&mut sink)? > 0 {}
+        Ok(())
     }
 
-    /// Bytes the verdict passed to this paused socket's own queue since it was paused
-    /// (`None` if it was never paused).
-    pub fn passed(&self, cookie: u64) -> Option<u64> {
-        self.with_maps(|m| m.paused.get(&cookie, 0).ok())
+    /// Asks for a progress event as soon as the socket's redirected count reaches `at`.
+    pub fn wake_at(&self, cookie: u64, at: u64) {
+        let _ = self.with_maps(|m| m.wake.insert(&cookie, &at, 0));
     }
 
     /// Bytes the verdict redirected from this socket so far.
@@ -313,8 +358,8 @@ impl Kernel {
             }
             for c in cookies {
                 let _ = m.peers.remove(&c);
-                let _ = m.paused.remove(&c);
-                let _ = m.resume.remove(&c);
+                let _ = m.detach.remove(&c);
+                let _ = m.wake.remove(&c);
                 let _ = m.hold.remove(&c);
             }
         });

@@ -154,13 +154,6 @@ impl Server {
         let kernel = if explicit || auto {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
-                    if explicit {
-                        tracing::warn!(
-                            "forwarding = \"sockmap\" is experimental: a rare duplicated or lost \
-                             64 KiB segment was seen around backpressure pauses under saturating \
-                             two-way load; auto uses splice until that is fixed"
-                        );
-                    }
                     tracing::info!(
                         pins = %options.pin_dir.as_deref().map_or("none".into(), |p| p.display().to_string()),
                         "eBPF stream verdict loaded and attached; sockmap engine available"

@@ -53,16 +53,18 @@ const MIB: u64 = 1 << 20;
 const PIN_DIR: &str = "/sys/fs/bpf/spliced";
 /// The maps that hold per-connection state and must be empty when no connection is open
 /// (others spliced pins that are not a counter array or the event ring count too).
-const CONNECTION_MAPS: [&str; 4] = [
+const CONNECTION_MAPS: [&str; 5] = [
     "SPLICED_PEERS",
     "SPLICED_SOCKS",
     "SPLICED_HOLD",
-    "SPLICED_PAUSED",
+    "SPLICED_DETACH",
+    "SPLICED_WAKE",
 ];
 /// The pinned maps that hold no per-connection entries.
 const GLOBAL_MAPS: [&str; 2] = ["SPLICED_COUNTERS", "SPLICED_EVENTS"];
-/// What spliced logs at debug level when it pauses a sender whose peer does not keep up.
-const PAUSED: &str = "paused: the peer is not keeping up";
+/// What spliced logs at debug level when it takes a sender whose peer does not keep up out of
+/// the kernel (with `parked=`, the bytes the kernel then holds for the peer).
+const PAUSED: &str = "the peer is not keeping up: leaving the kernel";
 
 /// The configuration: TLS on 443, `forwarding` as given, `extra` appended to `[defaults]`.
 fn config_with(forwarding: &str, extra: &str) -> String {
@@ -341,6 +343,34 @@ fn pauses(spliced: &Service, side: &str) -> usize {
         .lines()
         .filter(|l| l.contains(PAUSED) && l.contains(&side))
         .count()
+}
+
+/// What the kernel may redirect beyond the limit while spliced notices and takes the sender
+/// out: up to about 4 MiB at loopback speed on a busy 2-core machine (7.5 MiB before spliced
+/// asked for a wake-up at the threshold). Without any limit it is gigabytes.
+const REACTION: u64 = 16 * MIB;
+
+/// The most the kernel held for a peer when one of `side`'s directions left it (`parked=`).
+fn max_parked(spliced: &Service, side: &str) -> Option<u64> {
+    let side = format!("side={side}");
+    spliced
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains(PAUSED) && l.contains(&side))
+        .filter_map(|l| field(l, "parked")?.parse().ok())
+        .max()
+}
+
+/// Checks that the kernel never held more than `limit` bytes for `side`'s peer.
+fn expect_parked_within(spliced: &Service, side: &str, limit: u64) -> Result<()> {
+    let parked = max_parked(spliced, side)
+        .with_context(|| format!("spliced never took the {side} side out of the kernel"))?;
+    eprintln!("the kernel held at most {parked} bytes for the {side} side's peer (limit {limit})");
+    ensure!(
+        parked <= limit,
+        "the kernel held {parked} bytes for the {side} side's peer, over the {limit} byte limit"
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -692,9 +722,9 @@ const BOUND: u64 = 64 * MIB;
 const STALL: Duration = Duration::from_secs(3);
 
 /// The client writes as much as it can while the backend (which read the hello) does not read
-/// for 3 s; returns how much that was and how often the client's socket was paused, after
+/// for 3 s; returns how much that was and the most the kernel held for the backend, after
 /// checking that once the backend reads, every byte arrives.
-fn stalled_backend(limit: &str) -> Result<(u64, usize)> {
+fn stalled_backend(limit: &str) -> Result<(u64, Option<u64>)> {
     let world = World::new()?;
     let spliced = start(&world, &format!("sockmap_backlog_limit = \"{limit}\""))?;
     let hello = simple_hello("sm.example");
@@ -732,13 +762,19 @@ fn stalled_backend(limit: &str) -> Result<(u64, usize)> {
     let received = result(&server, IO, "the stalled backend")?;
     ensure!(received == written, "the backend verified {received} bytes");
     expect_ok(&spliced, me, hello.len() as u64 + written, 0)?;
-    Ok((written, pauses(&spliced, "Client")))
+    Ok((written, max_parked(&spliced, "Client")))
 }
 
 #[test]
 fn stalled_backend_bounds_what_the_client_can_park() -> Result<()> {
-    let (written, paused) = stalled_backend("1MiB")?;
-    ensure!(paused > 0, "spliced never paused the client's socket");
+    let (written, parked) = stalled_backend("1MiB")?;
+    let parked = parked.context("spliced never took the client's socket out of the kernel")?;
+    eprintln!("the kernel held at most {parked} bytes for the stalled backend (limit 1 MiB)");
+    ensure!(
+        parked <= MIB + REACTION,
+        "the kernel held {parked} bytes for the stalled backend, over the 1 MiB limit plus \
+         {REACTION} bytes of reaction time"
+    );
     ensure!(
         written < BOUND,
         "the client parked {written} bytes while the backend did not read (bound {BOUND})"
@@ -801,7 +837,7 @@ fn stalled_client_bounds_what_the_backend_can_park() -> Result<()> {
         "spliced never paused the backend's socket; diagnostics:\n{}",
         tail(&spliced.stderr_text(), 30)
     );
-    Ok(())
+    expect_parked_within(&spliced, "Backend", MIB + REACTION)
 }
 
 /// Both sides read 64 KiB every 10 ms while the other sends 32 MiB: both directions get paused,
@@ -1075,9 +1111,9 @@ fn connections_leave_nothing_behind() -> Result<()> {
     let fds_before = fd_count(pid)?;
     let sockets_before = tcp_sockets(&world, pid)?;
 
-    // A connection whose client does not read while the echo comes back: both directions get
-    // paused, so SPLICED_PAUSED has entries while it is stuck. It half-closes only after reading
-    // everything, and it is done before the others start (a half-close while paused is what
+    // A connection whose client does not read while the echo comes back: both directions
+    // leave the kernel. It half-closes only after reading everything, and it is done before
+    // the others start (a half-close while paused is what
     // `paused_half_closed_connections_do_not_stall_others` is about).
     let mut stuck = raw::connect(&world, 443, IO)?;
     stuck.write_all(&hello)?;
@@ -1090,18 +1126,17 @@ fn connections_leave_nothing_behind() -> Result<()> {
         writer.shutdown(Shutdown::Write)?;
         Ok(())
     });
-    let mut seen = Vec::new();
     wait_for("the stuck connection to be paused", LOG_WAIT, || {
-        seen = map_lens(pid)?;
-        Ok(seen.iter().any(|(m, n)| m == "SPLICED_PAUSED" && *n > 0))
-    })
-    .with_context(|| format!("map entries: {seen:?}"))?;
+        Ok(pauses(&spliced, "Backend") > 0)
+    })?;
+    let seen = map_lens(pid)?;
     eprintln!("map entries with one paused connection open: {seen:?}");
+    let entries = |map: &str| seen.iter().find(|(m, _)| m == map).map(|(_, n)| *n);
     ensure!(
-        seen.iter()
-            .filter(|(m, _)| CONNECTION_MAPS.contains(&m.as_str()) && m != "SPLICED_PAUSED")
-            .all(|(_, n)| *n == 2),
-        "one open connection should have 2 entries in each socket map: {seen:?}"
+        entries("SPLICED_PEERS") == Some(2)
+            && entries("SPLICED_HOLD") == Some(2)
+            && entries("SPLICED_SOCKS").is_some_and(|n| n <= 1),
+        "one open connection with one direction out of the kernel: {seen:?}"
     );
     let verifier = receive_first(&mut stuck, 51, 4 * MIB, 4 * MIB as usize)
         .context("the paused connection")?;
@@ -1728,22 +1763,6 @@ fn payload_never_reaches_user_space() -> Result<()> {
         sockmap.socket_bytes < 64 * KIB,
         "with sockmap spliced read {} bytes from its sockets",
         sockmap.socket_bytes
-    );
-    Ok(())
-}
-
-/// With the default backlog limit, a bulk transfer to readers that keep up may be paused for a
-/// moment (at the start the peer's TCP window is still small), but it must go back to the
-/// kernel: at most a quarter of the 128 MiB may pass through user space.
-#[test]
-#[ignore = "open sockmap defect: a paused direction rarely resumes in the kernel under steady flow"]
-fn bulk_transfer_stays_in_the_kernel_with_the_default_limit() -> Result<()> {
-    let reads = reads_under_strace("sockmap", "")?;
-    ensure!(
-        reads.socket_bytes < 32 * MIB,
-        "with the default sockmap_backlog_limit spliced read {} of the 128 MiB from its sockets \
-         (a paused direction never went back to the kernel)",
-        reads.socket_bytes
     );
     Ok(())
 }

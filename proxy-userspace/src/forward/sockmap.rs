@@ -11,33 +11,34 @@
 //! - End of stream shows as `read() == 0`. The half-close is passed on only once every byte
 //!   redirected to the peer has been handed to its TCP (`tcpi_bytes_acked` + `SIOCOUTQ`);
 //!   earlier, the redirected tail would be thrown away.
-//! - Backpressure: a psock egress queue has no bound. When the bytes waiting for a peer pass
-//!   half the limit, the sender is paused: the verdict passes its data to its own socket,
-//!   charged to its receive buffer, so TCP closes the window. Once everything redirected
-//!   earlier has reached the peer's TCP, user space copies what was passed; when the peer has
-//!   drained, user space tells the verdict how many passed bytes it has written, and the
-//!   verdict resumes redirecting at the first skb after exactly that many, so nothing
-//!   overtakes. (Taking the socket out of the verdict map instead, as the design notes suggest,
-//!   lost data here when re-inserting, and a paused socket may report end of stream before the
-//!   skbs passed to it are queued, so EOF is believed only once all passed bytes were read.)
-//! - Known defect, why `auto` does not pick this engine yet: under saturating two-way load with
-//!   repeated pauses, about one transfer in ten (256 MiB each way, loopback) came out with one
-//!   64 KiB segment duplicated or missing. Without pauses (a limit larger than the transfer)
-//!   and with every byte passed to user space, the same load came through intact every time,
-//!   so the fault is in the pause transitions or in the kernel's handling of mixed
-//!   pass-to-self and redirect skbs on one psock; it is not found yet.
+//! - Backpressure: a psock egress queue has no bound. The verdict reports at once when a
+//!   direction's backlog may have reached half the limit; if it has, the sender is taken out
+//!   of the verdict map, so its data stays in its own TCP receive queue and TCP closes the
+//!   window. Once every redirected byte reached the peer's TCP, `splice(2)` carries the rest
+//!   of that direction. The removal must not race with a verdict run (an skb already off the
+//!   receive queue would be dropped), so an `iter/tcp` program does it with the socket
+//!   locked (`Kernel::detach`). The kernel can redirect a little more while we react.
+//! - Why a direction does not go back into the kernel: re-inserting a detached socket and
+//!   kicking it, repeated under saturating two-way load, corrupted the stream in 9 of 20
+//!   one-GiB runs (a segment duplicated or lost, not at the re-insertion point); leaving once
+//!   was intact in every run. Earlier pause designs (passing to the socket's own queue) had
+//!   the same defect. The cause is not found; see issue 4's notes.
 //! - A socket that already got its FIN cannot be inserted: the client side then falls back to
-//!   another engine before anything moved; the backend side is forwarded from user space.
+//!   another engine before anything moved; the backend side is spliced from user space.
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd},
-    sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio::{io::Interest, net::TcpStream, sync::Notify};
 
-use super::{Counters, ForwardError, Side, shutdown_write, write_all};
+use super::{Counters, ForwardError, Side, shutdown_write, splice, write_all};
 use crate::ebpf::{self, Kernel};
 
 /// How the connection was forwarded.
@@ -64,15 +65,12 @@ pub struct Params<'a> {
 enum Mode {
     /// The verdict program moves this direction.
     Kernel,
-    /// Paused in the kernel; waiting until every redirected byte reached the peer's TCP.
-    Draining(Instant),
-    /// Forwarded by reads and writes here (the socket could not enter the map, or was paused).
+    /// Out of the verdict map, its data waiting in the source's TCP receive queue (so TCP
+    /// closes the window), until every byte redirected earlier reached the peer's TCP.
+    Draining,
+    /// Forwarded by `splice(2)` from here on.
     User,
 }
-
-/// After pausing, how long before the redirect counter is trusted: a verdict run that read
-/// the map before the pause may still be redirecting one last skb.
-const SETTLE: Duration = Duration::from_millis(10);
 
 struct Direction<'s> {
     src: &'s TcpStream,
@@ -80,19 +78,17 @@ struct Direction<'s> {
     side: Side,
     cookie: u64,
     mode: Mode,
-    /// Bytes user space wrote to `dst` (preface, passed data, user-mode payload).
+    /// Bytes user space wrote to `dst` before the kernel took over (preface and hello).
     user_written: u64,
-    /// Payload moved, for the access log (excludes the preface).
+    /// Payload moved by user space, for the access log (excludes the preface).
     payload_user: u64,
+    /// Payload moved by `splice(2)` once in [`Mode::User`].
+    spliced: &'s AtomicU64,
     redirected: u64,
-    /// Bytes read from `src` and written to `dst` since it was paused (compared with what the
-    /// kernel passed).
-    read_since_pause: u64,
-    /// Whether user mode came from a pause (and can go back to the kernel).
-    resumable: bool,
-    /// End of stream was reported before every passed byte was read: retry on the timer
-    /// (not on readiness, which stays set at EOF and would spin).
-    recheck: bool,
+    /// What `dst`'s TCP had taken at the last check, to notice progress.
+    handed: u64,
+    /// The redirected count at which the verdict was last asked to wake us.
+    wake_at: u64,
     eof: bool,
     shut: bool,
 }
@@ -112,8 +108,10 @@ impl Direction<'_> {
         }
     }
 
+    /// In the kernel a read sees only end of stream (and bytes that found no peer); once out
+    /// of the map the data must stay queued until the splice takes over.
     fn wants_read(&self) -> bool {
-        !self.eof && !self.recheck && !matches!(self.mode, Mode::Draining(_))
+        !self.eof && self.mode == Mode::Kernel
     }
 
     /// Reads what user space can see on `src`: end of stream, or bytes the kernel did not
@@ -126,8 +124,7 @@ impl Direction<'_> {
                     return Ok(());
                 }
                 Ok(n) => {
-                    self.read_since_pause += n as u64;
-                    tracing::debug!(side = ?self.side, mode = ?self.mode, bytes = n, "user space forwards");
+                    tracing::debug!(side = ?self.side, bytes = n, "user space forwards bytes that found no peer");
                     write_all(self.dst, &buf[..n])
                         .await
                         .map_err(|e| self.err_dst(e))?;
@@ -144,6 +141,7 @@ impl Direction<'_> {
     fn backlog(&mut self, kernel: &Kernel) -> Result<u64, ForwardError> {
         self.redirected = kernel.redirected(self.cookie);
         let handed = ebpf::bytes_handed_to_tcp(self.dst.as_fd()).map_err(|e| self.err_dst(e))?;
+        self.handed = handed;
         Ok((self.redirected + self.user_written).saturating_sub(handed))
     }
 }
@@ -228,9 +226,10 @@ pub async fn forward(
     let backend_mode = if kernel.start(cb, backend.as_fd()).is_ok() {
         Mode::Kernel
     } else {
-        // The backend already closed: what it sent waits in its TCP queue for user space.
-        Mode::User
+        // The backend already closed: what it sent waits in its TCP queue for the splice.
+        Mode::Draining
     };
+    let (spliced_up, spliced_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut up = Direction {
         src: client,
         dst: backend,
@@ -239,10 +238,10 @@ pub async fn forward(
         mode: Mode::Kernel,
         user_written: params.preface_len + drained,
         payload_user: drained,
+        spliced: &spliced_up,
         redirected: 0,
-        read_since_pause: 0,
-        resumable: false,
-        recheck: false,
+        handed: 0,
+        wake_at: 0,
         eof: false,
         shut: false,
     };
@@ -254,10 +253,10 @@ pub async fn forward(
         mode: backend_mode,
         user_written: 0,
         payload_user: 0,
+        spliced: &spliced_down,
         redirected: 0,
-        read_since_pause: 0,
-        resumable: false,
-        recheck: false,
+        handed: 0,
+        wake_at: 0,
         eof: false,
         shut: false,
     };
@@ -295,6 +294,21 @@ pub async fn forward(
     result.map(|()| Used::Sockmap)
 }
 
+type SpliceFuture<'s> = Pin<Box<dyn Future<Output = Result<(), ForwardError>> + Send + 's>>;
+
+/// Starts forwarding `d` with `splice(2)`; it half-closes `dst` at the end of stream.
+fn splice_rest<'s>(d: &Direction<'s>) -> SpliceFuture<'s> {
+    Box::pin(splice::one_way(d.src, d.dst, d.side, d.spliced))
+}
+
+/// Waits for a direction's splice, if it has one.
+async fn finished(f: &mut Option<SpliceFuture<'_>>) -> Result<(), ForwardError> {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run<'s>(
     up: &mut Direction<'s>,
     down: &mut Direction<'s>,
@@ -306,12 +320,14 @@ async fn run<'s>(
 ) -> Result<(), ForwardError> {
     let mut buf = vec![0u8; 64 * 1024];
     let (client, backend) = (up.src, down.src);
+    let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
     // Time between checks when nothing wakes us: short while something is pending, growing
     // while idle so that idle connections cost (almost) nothing.
     let mut interval = Duration::from_millis(1);
     const MAX_IDLE_INTERVAL: Duration = Duration::from_secs(1);
     const MAX_PENDING_INTERVAL: Duration = Duration::from_millis(50);
     loop {
+        let [splice_up, splice_down] = &mut splices;
         tokio::select! {
             r = client.ready(Interest::READABLE), if up.wants_read() => {
                 r.map_err(|e| up.err_src(e))?;
@@ -321,28 +337,27 @@ async fn run<'s>(
                 r.map_err(|e| down.err_src(e))?;
                 down.on_readable(&mut buf).await?;
             }
+            r = finished(splice_up) => {
+                r?;
+                (up.eof, up.shut) = (true, true);
+                *splice_up = None;
+            }
+            r = finished(splice_down) => {
+                r?;
+                (down.eof, down.shut) = (true, true);
+                *splice_down = None;
+            }
             () = notify_a.notified() => interval = Duration::from_millis(1),
             () = notify_b.notified() => interval = Duration::from_millis(1),
             () = tokio::time::sleep(interval) => {}
         }
-        let before = (up.redirected, down.redirected);
+        let before = (up.redirected, down.redirected, up.handed, down.handed);
         let mut pending = false;
-        for d in [&mut *up, &mut *down] {
-            if d.recheck {
-                // Kick TCP so the verdict sees anything still queued, then look again.
-                d.recheck = false;
-                let _ = ebpf::set_rcvlowat(d.src, 1);
-                d.on_readable(&mut buf).await?;
-            }
-            if d.eof && d.mode == Mode::User {
-                // A paused socket may report end of stream while skbs the verdict passed to it
-                // are still waiting to be queued: only believe it once all of them were read.
-                if let Some(passed) = kernel.passed(d.cookie)
-                    && passed > d.read_since_pause
-                {
-                    d.eof = false;
-                    d.recheck = true;
-                }
+        let [splice_up, splice_down] = &mut splices;
+        for (d, splice) in [(&mut *up, splice_up), (&mut *down, splice_down)] {
+            if d.mode == Mode::User {
+                pending |= !d.shut;
+                continue;
             }
             let backlog = d.backlog(kernel)?;
             if d.eof && !d.shut && backlog == 0 {
@@ -350,55 +365,55 @@ async fn run<'s>(
                 d.shut = true;
             }
             match d.mode {
-                Mode::Kernel if backlog > limit / 2 => {
-                    kernel.pause(d.cookie).map_err(|e| {
-                        d.err_src(io::Error::other(format!("pausing a socket: {e}")))
-                    })?;
-                    d.mode = Mode::Draining(Instant::now());
-                    d.read_since_pause = 0;
-                    tracing::debug!(side = ?d.side, backlog, "paused: the peer is not keeping up");
+                Mode::Kernel if backlog > limit / 2 && !d.eof => {
+                    // The peer is not keeping up. Taking the socket out of the verdict map
+                    // leaves its data in its TCP queue, where flow control applies; the
+                    // removal waits for any verdict run, so the redirected count is final.
+                    kernel
+                        .detach(d.cookie)
+                        .map_err(|e| d.err_src(io::Error::other(format!("pausing: {e}"))))?;
+                    d.mode = Mode::Draining;
+                    // Now final: what the kernel holds for the peer at most, from here on.
+                    let parked = d.backlog(kernel)?;
+                    tracing::debug!(
+                        side = ?d.side,
+                        backlog,
+                        parked,
+                        "the peer is not keeping up: leaving the kernel"
+                    );
                 }
-                Mode::Draining(since) if backlog == 0 && since.elapsed() >= SETTLE => {
-                    d.mode = Mode::User;
-                    d.resumable = true;
-                    tracing::debug!(side = ?d.side, "drained; user space carries what was passed");
-                }
-                Mode::User if d.resumable && !d.eof => {
-                    match kernel.passed(d.cookie) {
-                        // The verdict saw we had caught up and went back to redirecting:
-                        // notice at once, so the pause check applies again.
-                        None => {
-                            d.mode = Mode::Kernel;
-                            d.resumable = false;
-                            tracing::debug!(side = ?d.side, "resumed in the kernel");
-                        }
-                        // Tell it how far we are; it resumes on the first skb after exactly
-                        // that many passed bytes.
-                        Some(_) if backlog <= limit / 4 => {
-                            kernel.resume(d.cookie, d.read_since_pause).map_err(|e| {
-                                d.err_src(io::Error::other(format!("resuming a socket: {e}")))
-                            })?;
-                        }
-                        Some(_) => {}
+                Mode::Kernel if !d.eof => {
+                    // Hear at once when the backlog could reach the threshold (if the peer
+                    // took nothing meanwhile), instead of at the next progress step.
+                    let room = (limit / 2).saturating_sub(backlog).max(1);
+                    let at = d.redirected + room;
+                    if at != d.wake_at {
+                        kernel.wake_at(d.cookie, at);
+                        d.wake_at = at;
                     }
+                }
+                Mode::Draining if backlog == 0 => {
+                    // Every redirected byte is in the peer's TCP: the rest can follow.
+                    d.mode = Mode::User;
+                    *splice = Some(splice_rest(d));
+                    tracing::debug!(side = ?d.side, "drained; splice carries the rest");
                 }
                 _ => {}
             }
-            pending |= (d.eof && !d.shut)
-                || d.recheck
-                || matches!(d.mode, Mode::Draining(_))
-                || backlog > 0;
+            pending |= (d.eof && !d.shut) || d.mode != Mode::Kernel;
         }
-        counters
-            .upstream
-            .store(up.redirected + up.payload_user, Ordering::Relaxed);
-        counters
-            .downstream
-            .store(down.redirected + down.payload_user, Ordering::Relaxed);
+        counters.upstream.store(
+            up.redirected + up.payload_user + up.spliced.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        counters.downstream.store(
+            down.redirected + down.payload_user + down.spliced.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         if up.shut && down.shut {
             return Ok(());
         }
-        let moved = before != (up.redirected, down.redirected);
+        let moved = before != (up.redirected, down.redirected, up.handed, down.handed);
         interval = if moved {
             Duration::from_millis(1)
         } else if pending {

@@ -21,7 +21,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-pub(super) async fn one_way(
+pub(crate) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     from_side: Side,
