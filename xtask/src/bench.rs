@@ -30,16 +30,20 @@ pub struct Options {
 enum Contender {
     Direct,
     Spliced(&'static str),
+    /// The sockmap engine with the default backlog limit, in a second spliced on port 444.
+    SockmapDefaultLimit,
 }
 
 impl Contender {
     fn name(self) -> String {
         match self {
             Contender::Direct => "direct (kernel routing, no proxy)".into(),
-            // The limit is raised above the transfer size so the row measures the kernel path;
-            // pauses hand bytes to user space (see forward::sockmap).
-            Contender::Spliced("sockmap") => "spliced, engine sockmap (no pauses)".into(),
+            // The limit is raised above the transfer size so the row measures the kernel path
+            // alone (see forward::sockmap for what the limit does).
+            Contender::Spliced("sockmap") => "spliced, engine sockmap (limit 4GiB)".into(),
             Contender::Spliced(engine) => format!("spliced, engine {engine}"),
+            // A direction whose reader falls behind leaves the kernel and is spliced.
+            Contender::SockmapDefaultLimit => "spliced, engine sockmap (default 4MiB limit)".into(),
         }
     }
 }
@@ -65,9 +69,21 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     );
     let spliced = backends::spliced(&world, &config, &[443])?;
     let pid = spliced.pid().context("spliced has no PID")?;
+    let default_limit = format!(
+        "[[listen]]\naddress = \"0.0.0.0:444\"\nprotocol = \"tls\"\n\
+         [[site]]\nhostnames = [\"sockmap.bench\"]\nbackend = \"[{BACKEND_V6}]:{BACKEND_PORT}\"\nforwarding = \"sockmap\"\n"
+    );
+    let second = raw::spliced_with(
+        &world,
+        &default_limit,
+        &[444],
+        &raw::Launch::named("spliced-default-limit"),
+    )?;
+    let pid_default = second.pid().context("the second spliced has no PID")?;
     let contenders = [
         Contender::Direct,
         Contender::Spliced("sockmap"),
+        Contender::SockmapDefaultLimit,
         Contender::Spliced("splice"),
         Contender::Spliced("copy"),
     ];
@@ -81,17 +97,26 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     );
     for round in 0..opts.rounds {
         for (i, &c) in contenders.iter().enumerate() {
-            let hello = match c {
-                Contender::Spliced(engine) => raw::simple_hello(&format!("{engine}.bench")),
-                Contender::Direct => raw::simple_hello("direct.bench"),
+            let (hello, target, proxy) = match c {
+                Contender::Spliced(engine) => (
+                    raw::simple_hello(&format!("{engine}.bench")),
+                    SocketAddr::new(PROXY_V4, 443),
+                    pid,
+                ),
+                Contender::SockmapDefaultLimit => (
+                    raw::simple_hello("sockmap.bench"),
+                    SocketAddr::new(PROXY_V4, 444),
+                    pid_default,
+                ),
+                Contender::Direct => (
+                    raw::simple_hello("direct.bench"),
+                    SocketAddr::new(BACKEND_V4, BACKEND_PORT),
+                    pid,
+                ),
             };
-            let target = match c {
-                Contender::Direct => SocketAddr::new(BACKEND_V4, BACKEND_PORT),
-                Contender::Spliced(_) => SocketAddr::new(PROXY_V4, 443),
-            };
-            let before = (process_cpu(pid)?, system_cpu()?);
+            let before = (process_cpu(proxy)?, system_cpu()?);
             let seconds = transfer(&world, target, &hello, opts.bytes)?;
-            let after = (process_cpu(pid)?, system_cpu()?);
+            let after = (process_cpu(proxy)?, system_cpu()?);
             let s = Sample {
                 seconds,
                 proxy_cpu: after.0 - before.0,
@@ -107,6 +132,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
             samples[i].push(s);
         }
     }
+    drop(second);
     drop(spliced);
     // Both directions moved `bytes`: CPU per GiB counts every byte forwarded.
     let gib_moved = 2.0 * gib_each_way;
@@ -134,7 +160,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         let system: Vec<f64> = s.iter().map(|s| s.system_cpu / gib_moved).collect();
         let proxy_cell = match c {
             Contender::Direct => "-".to_string(),
-            Contender::Spliced(_) => spread(&proxy, 3),
+            Contender::Spliced(_) | Contender::SockmapDefaultLimit => spread(&proxy, 3),
         };
         table.push_str(&format!(
             "| {} | {} | {:.2}x | {} | {} | {:.2}x |\n",
