@@ -224,6 +224,7 @@ mod tests {
             sites,
             default_site,
             files: vec![PathBuf::from("test.toml")],
+            xdp: None,
         }
     }
 

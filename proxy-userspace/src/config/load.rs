@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawBackend, RawDefaults, RawFile, RawListener, RawSite, RawSize, SpannedStrings};
+use super::raw::{
+    RawBackend, RawDefaults, RawFile, RawListener, RawSite, RawSize, RawXdp, SpannedStrings,
+};
 use super::{Backend, Config, ConfigError, Defaults, Forwarding, Listener, Origin, Site, Tlvs};
-use super::{Protocol, parse};
+use super::{Cidr, Protocol, SynLimit, Xdp, XdpMode, parse};
 use crate::preface::Version;
 
 /// A file's name and text, to turn byte spans into lines and columns.
@@ -107,6 +109,10 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
     };
     let defaults = build_defaults(&main, raw.defaults)?;
     let listeners = build_listeners(&main, raw.listen)?;
+    let xdp = raw
+        .xdp
+        .map(|xdp| build_xdp(&main, xdp, &listeners))
+        .transpose()?;
     let default_site = match raw.default {
         Some(site) => Some(build_site(&main, site, true)?.0),
         None => None,
@@ -119,6 +125,7 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         sites: loader.sites,
         default_site,
         files: loader.files,
+        xdp,
     })
 }
 
@@ -222,6 +229,9 @@ impl Loader {
         }
         if let Some(default) = &raw.default {
             return Err(child.error(default.span(), format!("[default] {main_only}")));
+        }
+        if let Some(xdp) = &raw.xdp {
+            return Err(child.error(xdp.span(), format!("[xdp] {main_only}")));
         }
         self.files.push(path.clone());
         self.stack.push((identity, path));
@@ -460,6 +470,177 @@ fn build_listeners(
         });
     }
     Ok(listeners)
+}
+
+/// Validates `[xdp]`; without a `ports` key the filter guards the ports of `listeners`.
+fn build_xdp(
+    src: &Source,
+    raw: Spanned<RawXdp>,
+    listeners: &[Listener],
+) -> Result<Xdp, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+
+    let Some(list) = raw.interfaces else {
+        return Err(src.error(
+            span,
+            "[xdp] has no interfaces, e.g. interfaces = [\"eth0\"]",
+        ));
+    };
+    if list.get_ref().is_empty() {
+        return Err(src.error(list.span(), "xdp: interfaces is empty"));
+    }
+    let mut interfaces: Vec<String> = Vec::with_capacity(list.get_ref().len());
+    for name in list.into_inner() {
+        let text = name.get_ref();
+        parse::interface_name(text).map_err(|reason| {
+            src.error(
+                name.span(),
+                format!("xdp: interface {text:?} is not valid: {reason}"),
+            )
+        })?;
+        if interfaces.contains(text) {
+            return Err(src.error(
+                name.span(),
+                format!("xdp: interface {text:?} is listed twice"),
+            ));
+        }
+        interfaces.push(name.into_inner());
+    }
+
+    let mode = match raw.mode {
+        None => XdpMode::Auto,
+        Some(value) => parse::xdp_mode(value.get_ref()).ok_or_else(|| {
+            src.error(
+                value.span(),
+                format!(
+                    "xdp: mode must be one of auto, native, generic, not {:?}",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
+
+    let mut deny = Vec::new();
+    // Each network with the text it was written as, to name both spellings of a duplicate.
+    let mut seen: HashMap<Cidr, String> = HashMap::new();
+    for entry in raw.deny.map(Spanned::into_inner).unwrap_or_default() {
+        let text = entry.get_ref();
+        let (addr, prefix) = parse::cidr(text).map_err(|reason| {
+            src.error(
+                entry.span(),
+                format!("xdp: deny {text:?} is not valid: {reason}"),
+            )
+        })?;
+        let cidr = Cidr {
+            addr: parse::network(addr, prefix),
+            prefix,
+        };
+        if cidr.addr != addr {
+            return Err(src.error(
+                entry.span(),
+                format!("xdp: deny {text:?} has bits set after the prefix; the network is {cidr}"),
+            ));
+        }
+        match seen.entry(cidr) {
+            Entry::Occupied(first) if first.get() == text => {
+                return Err(src.error(entry.span(), format!("xdp: deny {text:?} is listed twice")));
+            }
+            Entry::Occupied(first) => {
+                return Err(src.error(
+                    entry.span(),
+                    format!(
+                        "xdp: deny {text:?} is listed twice: {:?} is the same network, {cidr}",
+                        first.get()
+                    ),
+                ));
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(text.clone());
+            }
+        }
+        deny.push(cidr);
+    }
+
+    let count = |value: &Spanned<i64>, key: &str| {
+        let n = *value.get_ref();
+        if n < 1 {
+            return Err(src.error(
+                value.span(),
+                format!("xdp: {key} must be at least 1, not {n}"),
+            ));
+        }
+        u32::try_from(n).map_err(|_| {
+            src.error(
+                value.span(),
+                format!("xdp: {key} must be at most {}, not {n}", u32::MAX),
+            )
+        })
+    };
+    let syn_limit = match (&raw.syn_rate_per_source, &raw.syn_burst) {
+        (None, None) => None,
+        (None, Some(burst)) => {
+            return Err(src.error(
+                burst.span(),
+                "xdp: syn_burst needs syn_rate_per_source; without a rate there is no SYN limit \
+                 for a burst to size",
+            ));
+        }
+        (Some(rate), burst) => {
+            let rate_per_second = count(rate, "syn_rate_per_source")?;
+            let burst = match burst {
+                Some(burst) => count(burst, "syn_burst")?,
+                None => rate_per_second,
+            };
+            Some(SynLimit {
+                rate_per_second,
+                burst,
+            })
+        }
+    };
+
+    let ports = match raw.ports {
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(src.error(
+                    list.span(),
+                    "xdp: ports is empty; leave it out to guard the listeners' ports",
+                ));
+            }
+            let mut ports: Vec<u16> = Vec::with_capacity(list.get_ref().len());
+            for value in list.into_inner() {
+                let n = *value.get_ref();
+                let port = u16::try_from(n).ok().filter(|&p| p != 0).ok_or_else(|| {
+                    src.error(
+                        value.span(),
+                        format!("xdp: ports must be between 1 and 65535, not {n}"),
+                    )
+                })?;
+                if ports.contains(&port) {
+                    return Err(
+                        src.error(value.span(), format!("xdp: port {port} is listed twice"))
+                    );
+                }
+                ports.push(port);
+            }
+            ports.sort_unstable();
+            ports
+        }
+        None => {
+            let mut ports: Vec<u16> = listeners.iter().map(|l| l.address.port()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports
+        }
+    };
+
+    Ok(Xdp {
+        interfaces,
+        mode,
+        deny,
+        syn_limit,
+        ports,
+    })
 }
 
 /// Validates one `[[site]]` (or `[default]` when `is_default`) and returns it with the span of

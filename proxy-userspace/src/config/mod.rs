@@ -13,8 +13,8 @@
 //! keeps editor backups out. A glob that matches nothing is fine (a new host with no customers
 //! yet); a plain path that does not exist is an error.
 //!
-//! Included files may contain `[[site]]` entries and `include` only: listeners, `[defaults]` and
-//! `[default]` belong to the main file, so one file decides how the proxy runs. Nested includes
+//! Included files may contain `[[site]]` entries and `include` only: listeners, `[defaults]`,
+//! `[default]` and `[xdp]` belong to the main file, so one file decides how the proxy runs. Nested includes
 //! are allowed (a customer directory can have its own index file); a file that includes itself
 //! directly or through others is an error that prints the cycle, and so is a file included twice
 //! by overlapping patterns, because reading it twice would define its hostnames twice.
@@ -48,6 +48,8 @@ pub struct Config {
     pub default_site: Option<Site>,
     /// Every file read, main file first, for the summary.
     pub files: Vec<PathBuf>,
+    /// The `[xdp]` edge filter; `None` attaches nothing.
+    pub xdp: Option<Xdp>,
 }
 
 /// `[defaults]`.
@@ -232,6 +234,75 @@ impl fmt::Display for Backend {
     }
 }
 
+/// `[xdp]`: the edge filter attached to network interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Xdp {
+    /// The interfaces to attach to, in file order; at least one, no duplicates, each a valid
+    /// Linux interface name.
+    pub interfaces: Vec<String>,
+    /// How the program is attached.
+    pub mode: XdpMode,
+    /// Source networks whose packets are dropped, in file order; no two are the same network.
+    pub deny: Vec<Cidr>,
+    /// The per-source SYN limit; `None` limits nothing.
+    pub syn_limit: Option<SynLimit>,
+    /// Guarded destination ports; already resolved: the `ports` key, or else the listeners'
+    /// ports (deduplicated, sorted). Either way sorted, without duplicates, and not empty.
+    pub ports: Vec<u16>,
+}
+
+/// How the XDP program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic (SKB) mode otherwise.
+    Auto,
+    /// Native (driver) mode only; attaching fails on drivers without XDP support.
+    Native,
+    /// Generic (SKB) mode: works on every interface, after the kernel has built an skb.
+    Generic,
+}
+
+impl XdpMode {
+    /// The spelling used in the configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A token bucket per source: IPv4 sources are counted per address (/32), IPv6 sources per /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynLimit {
+    /// SYNs per second a source may send; at least 1.
+    pub rate_per_second: u32,
+    /// How many SYNs a source may send at once (the bucket size); at least 1.
+    pub burst: u32,
+}
+
+/// An IPv4 or IPv6 network: address with every bit after `prefix` zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    /// The network address; every bit after `prefix` is zero.
+    pub addr: IpAddr,
+    /// The prefix length: at most 32 for IPv4, 128 for IPv6.
+    pub prefix: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// A place in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Origin {
@@ -294,7 +365,8 @@ impl Config {
     }
 
     /// A multi-line description for `spliced check`: files read, listeners, how many sites and
-    /// hostnames, the default site and which PROXY protocol versions are in use.
+    /// hostnames, the default site, which PROXY protocol versions are in use and the XDP
+    /// filter.
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
@@ -387,6 +459,41 @@ impl Config {
             count(Version::V1),
             count(Version::V2)
         );
+        match &self.xdp {
+            Some(xdp) => {
+                let _ = writeln!(
+                    out,
+                    "xdp: mode {} on {}",
+                    xdp.mode,
+                    xdp.interfaces.join(", ")
+                );
+                let v4 = xdp.deny.iter().filter(|c| c.addr.is_ipv4()).count();
+                let _ = writeln!(
+                    out,
+                    "  deny: {} networks ({} IPv4, {} IPv6)",
+                    xdp.deny.len(),
+                    v4,
+                    xdp.deny.len() - v4
+                );
+                match xdp.syn_limit {
+                    Some(limit) => {
+                        let _ = writeln!(
+                            out,
+                            "  syn limit: {} per second per source, burst {}",
+                            limit.rate_per_second, limit.burst
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  syn limit: none");
+                    }
+                }
+                let ports: Vec<String> = xdp.ports.iter().map(u16::to_string).collect();
+                let _ = writeln!(out, "  guarded ports: {}", ports.join(", "));
+            }
+            None => {
+                let _ = writeln!(out, "xdp: none (no edge filter)");
+            }
+        }
         out
     }
 }

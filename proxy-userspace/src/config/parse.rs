@@ -2,16 +2,18 @@
 //! enumerations. Pure functions; on error they return the reason for a human, and the caller
 //! adds which key it was and where.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use super::{Forwarding, Protocol};
+use super::{Forwarding, Protocol, XdpMode};
 use crate::preface::Version;
 
 /// The longest hostname DNS can carry, without the trailing dot (RFC 1035, 2.3.4).
 const MAX_HOSTNAME_LEN: usize = 253;
 /// The longest DNS label (RFC 1035, 2.3.4).
 const MAX_LABEL_LEN: usize = 63;
+/// The longest Linux interface name: `IFNAMSIZ` (16) less the terminating NUL.
+const MAX_INTERFACE_NAME_LEN: usize = 15;
 
 /// Parses `"5s"`, `"250ms"`, `"1m"`, `"2h"` or a sum like `"1m30s"`; a bare `"0"` is zero.
 ///
@@ -251,6 +253,94 @@ pub(crate) fn proxy_version(text: &str) -> Option<Version> {
     }
 }
 
+/// Parses the `[xdp]` `mode`.
+pub(crate) fn xdp_mode(text: &str) -> Option<XdpMode> {
+    [XdpMode::Auto, XdpMode::Native, XdpMode::Generic]
+        .into_iter()
+        .find(|m| m.as_str() == text)
+}
+
+/// Checks a network interface name the way the kernel does (`dev_valid_name`): 1 to 15 bytes,
+/// not `.` or `..`, and no '/', ':' or whitespace. A NUL is refused too, since the name is
+/// handed to the kernel as a C string.
+pub(crate) fn interface_name(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("it is empty".into());
+    }
+    if text.len() > MAX_INTERFACE_NAME_LEN {
+        return Err(format!(
+            "it is {} bytes long, more than {MAX_INTERFACE_NAME_LEN}",
+            text.len()
+        ));
+    }
+    if text == "." || text == ".." {
+        return Err("\".\" and \"..\" are not interface names".into());
+    }
+    if let Some(bad) = text.chars().find(|c| c.is_whitespace() || *c == '\0') {
+        return Err(format!("it contains {bad:?}"));
+    }
+    if text.contains('/') {
+        return Err("it contains '/'".into());
+    }
+    if text.contains(':') {
+        return Err(
+            "it contains ':'; an alias like \"eth0:1\" is an address label, not an interface"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Parses `"192.0.2.0/24"`, `"2001:db8::/32"`, or a bare address, which stands for a single
+/// host (/32 or /128). Bits after the prefix are not checked here: see [`network`].
+pub(crate) fn cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr_text, prefix_text) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr_text.parse().map_err(|_| {
+        "expected an IPv4 or IPv6 address, optionally followed by /prefix, as in \
+         \"192.0.2.0/24\" or \"2001:db8::/32\""
+            .to_string()
+    })?;
+    let (family, max) = match addr {
+        IpAddr::V4(_) => ("IPv4", 32),
+        IpAddr::V6(_) => ("IPv6", 128),
+    };
+    let Some(prefix_text) = prefix_text else {
+        return Ok((addr, max));
+    };
+    if prefix_text.is_empty() || !prefix_text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("the prefix length {prefix_text:?} is not a number"));
+    }
+    let prefix = prefix_text
+        .parse::<u8>()
+        .ok()
+        .filter(|&p| p <= max)
+        .ok_or_else(|| {
+            format!("the prefix length {prefix_text} is more than {max}, the length of an {family} address")
+        })?;
+    Ok((addr, prefix))
+}
+
+/// `addr` with every bit after the first `prefix` cleared.
+pub(crate) fn network(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
+}
+
 /// Formats a duration the way the configuration writes it, for the summary.
 pub(crate) fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -403,6 +493,74 @@ mod tests {
             backend_socket("[2001:db8::1]:8080"),
             Ok(SocketAddr::new(v6, 8080))
         );
+    }
+
+    #[test]
+    fn interface_names() {
+        for good in ["eth0", "enp0s31f6", "a", "veth-abc.100", &"x".repeat(15)] {
+            assert_eq!(interface_name(good), Ok(()), "{good:?}");
+        }
+        for (bad, reason) in [
+            ("", "empty"),
+            (&"x".repeat(16), "16 bytes long, more than 15"),
+            (".", "not interface names"),
+            ("..", "not interface names"),
+            ("eth 0", "contains ' '"),
+            ("eth0\t", "contains '\\t'"),
+            ("eth\u{0}", "contains '\\0'"),
+            ("a/b", "contains '/'"),
+            ("eth0:1", "contains ':'"),
+        ] {
+            let err = interface_name(bad).expect_err(bad);
+            assert!(err.contains(reason), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        let v4: IpAddr = "192.0.2.0".parse().expect("literal");
+        let v6: IpAddr = "2001:db8::".parse().expect("literal");
+        assert_eq!(cidr("192.0.2.0/24"), Ok((v4, 24)));
+        assert_eq!(cidr("192.0.2.0"), Ok((v4, 32)));
+        assert_eq!(
+            cidr("0.0.0.0/0"),
+            Ok(("0.0.0.0".parse().expect("literal"), 0))
+        );
+        assert_eq!(cidr("2001:db8::/32"), Ok((v6, 32)));
+        assert_eq!(cidr("2001:db8::"), Ok((v6, 128)));
+        for (bad, reason) in [
+            ("", "expected an IPv4 or IPv6 address"),
+            ("192.0.2/24", "expected an IPv4 or IPv6 address"),
+            ("host.example/24", "expected an IPv4 or IPv6 address"),
+            ("[2001:db8::]/32", "expected an IPv4 or IPv6 address"),
+            ("192.0.2.0/", "prefix length \"\" is not a number"),
+            ("192.0.2.0/+24", "prefix length \"+24\" is not a number"),
+            ("192.0.2.0/24/1", "prefix length \"24/1\" is not a number"),
+            (
+                "192.0.2.0/33",
+                "33 is more than 32, the length of an IPv4 address",
+            ),
+            ("192.0.2.0/300", "300 is more than 32"),
+            (
+                "2001:db8::/129",
+                "129 is more than 128, the length of an IPv6 address",
+            ),
+        ] {
+            let err = cidr(bad).expect_err(bad);
+            assert!(err.contains(reason), "{bad:?}: {err}");
+        }
+        let addr = |t: &str| -> IpAddr { t.parse().expect("literal") };
+        assert_eq!(network(addr("192.0.2.77"), 24), addr("192.0.2.0"));
+        assert_eq!(network(addr("192.0.2.77"), 32), addr("192.0.2.77"));
+        assert_eq!(network(addr("192.0.2.77"), 0), addr("0.0.0.0"));
+        assert_eq!(network(addr("192.0.2.77"), 25), addr("192.0.2.0"));
+        assert_eq!(network(addr("192.0.2.200"), 25), addr("192.0.2.128"));
+        assert_eq!(
+            network(addr("2001:db8:bad:1::1"), 48),
+            addr("2001:db8:bad::")
+        );
+        assert_eq!(network(addr("2001:db8::1"), 128), addr("2001:db8::1"));
+        assert_eq!(network(addr("2001:db8::1"), 0), addr("::"));
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub site: Vec<Spanned<RawSite>>,
     pub default: Option<Spanned<RawSite>>,
+    pub xdp: Option<Spanned<RawXdp>>,
 }
 
 /// `[defaults]`.
@@ -60,6 +61,20 @@ pub(super) struct RawSite {
     pub proxy_protocol: Option<Spanned<String>>,
     pub proxy_protocol_tlvs: Option<SpannedStrings>,
     pub forwarding: Option<Spanned<String>>,
+}
+
+/// `[xdp]`; `interfaces` is optional here so that a missing one gets a message saying what to
+/// write. Numbers stay `i64` (TOML's integer) so that 0, negatives and values too large get
+/// messages naming the key instead of serde's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawXdp {
+    pub interfaces: Option<SpannedStrings>,
+    pub mode: Option<Spanned<String>>,
+    pub deny: Option<SpannedStrings>,
+    pub syn_rate_per_source: Option<Spanned<i64>>,
+    pub syn_burst: Option<Spanned<i64>>,
+    pub ports: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// A size written as a string (`"4MiB"`) or as a plain integer of bytes.

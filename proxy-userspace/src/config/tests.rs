@@ -888,6 +888,7 @@ fn include_errors() {
             "[defaults]\nconnect_timeout = \"1s\"\n".to_string(),
         ),
         ("[default]", "[default]\nbackend = \"::1\"\n".to_string()),
+        ("[xdp]", "[xdp]\ninterfaces = [\"eth0\"]\n".to_string()),
     ] {
         let dir = TempDir::new("main-only");
         let main = dir.write(
@@ -1026,4 +1027,373 @@ backend = "2001:db8::3"
         refusing.contains("default site: none (unknown and missing names are refused)"),
         "{refusing}"
     );
+    assert!(
+        refusing.contains("xdp: none (no edge filter)\n"),
+        "{refusing}"
+    );
+}
+
+/// `[xdp]` on line 4, after the listener; `body` starts on line 5.
+fn xdp(body: &str) -> String {
+    format!("{LISTEN}[xdp]\n{body}")
+}
+
+/// Asserts that `[xdp]` with `body` is refused with exactly `expected` (`file:line:col: message`).
+#[track_caller]
+fn xdp_refused(body: &str, expected: &str) {
+    let err = parse(&xdp(body)).expect_err("the [xdp] section should be refused");
+    assert_eq!(err.to_string(), expected);
+}
+
+#[test]
+fn xdp_every_key() {
+    let text = r#"
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+
+[xdp]
+interfaces = ["eth0", "eth1"]     # required
+mode = "auto"                     # auto (default) | native | generic
+deny = ["192.0.2.3/32", "2001:db8:bad::/48", "198.51.100.7", "2001:DB8::1", "10.0.0.0/8"]
+syn_rate_per_source = 100         # SYNs per second per source
+syn_burst = 200
+ports = [443, 80]
+"#;
+    let config = parse(text).expect("valid");
+    let cidr = |addr: &str, prefix: u8| Cidr {
+        addr: ip(addr),
+        prefix,
+    };
+    assert_eq!(
+        config.xdp,
+        Some(Xdp {
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            mode: XdpMode::Auto,
+            deny: vec![
+                cidr("192.0.2.3", 32),
+                cidr("2001:db8:bad::", 48),
+                cidr("198.51.100.7", 32),
+                cidr("2001:db8::1", 128),
+                cidr("10.0.0.0", 8),
+            ],
+            syn_limit: Some(SynLimit {
+                rate_per_second: 100,
+                burst: 200
+            }),
+            // Sorted; the listener's port is not added to an explicit list.
+            ports: vec![80, 443],
+        })
+    );
+    for (mode, expected) in [
+        ("auto", XdpMode::Auto),
+        ("native", XdpMode::Native),
+        ("generic", XdpMode::Generic),
+    ] {
+        let text = xdp(&format!("interfaces = [\"eth0\"]\nmode = \"{mode}\"\n"));
+        let xdp = parse(&text).expect("valid").xdp.expect("[xdp]");
+        assert_eq!(xdp.mode, expected);
+        assert_eq!(xdp.mode.to_string(), mode);
+    }
+    assert_eq!(cidr("2001:db8:bad::", 48).to_string(), "2001:db8:bad::/48");
+    assert_eq!(cidr("192.0.2.0", 24).to_string(), "192.0.2.0/24");
+    // Every network of a family, and the longest interface name.
+    let text = xdp("interfaces = [\"abcdefghijklmno\"]\ndeny = [\"0.0.0.0/0\", \"::/0\"]\n");
+    let xdp = parse(&text).expect("valid").xdp.expect("[xdp]");
+    assert_eq!(xdp.interfaces, ["abcdefghijklmno"]);
+    assert_eq!(xdp.deny, [cidr("0.0.0.0", 0), cidr("::", 0)]);
+}
+
+#[test]
+fn xdp_defaults() {
+    assert_eq!(parse(LISTEN).expect("valid").xdp, None);
+    let text = r#"
+[[listen]]
+address = "0.0.0.0:8443"
+protocol = "tls"
+[[listen]]
+address = "[::]:443"
+protocol = "tls"
+[[listen]]
+address = "0.0.0.0:80"
+protocol = "http"
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+[xdp]
+interfaces = ["eth0"]
+"#;
+    let config = parse(text).expect("valid");
+    assert_eq!(
+        config.xdp,
+        Some(Xdp {
+            interfaces: vec!["eth0".into()],
+            mode: XdpMode::Auto,
+            deny: vec![],
+            syn_limit: None,
+            // The listeners' ports, deduplicated and sorted.
+            ports: vec![80, 443, 8443],
+        })
+    );
+    let rate_only = xdp("interfaces = [\"eth0\"]\nsyn_rate_per_source = 50\ndeny = []\n");
+    let xdp = parse(&rate_only).expect("valid").xdp.expect("[xdp]");
+    assert_eq!(
+        xdp.syn_limit,
+        Some(SynLimit {
+            rate_per_second: 50,
+            burst: 50
+        })
+    );
+    assert!(xdp.deny.is_empty());
+    assert_eq!(xdp.ports, [443]);
+    let largest = xdp_limits(u32::MAX.into(), u32::MAX.into());
+    assert_eq!(
+        largest.syn_limit,
+        Some(SynLimit {
+            rate_per_second: u32::MAX,
+            burst: u32::MAX
+        })
+    );
+    let small_burst = xdp_limits(100, 1);
+    assert_eq!(small_burst.syn_limit.map(|l| l.burst), Some(1));
+}
+
+/// The `[xdp]` section with the given SYN rate and burst.
+fn xdp_limits(rate: i64, burst: i64) -> Xdp {
+    let text = xdp(&format!(
+        "interfaces = [\"eth0\"]\nsyn_rate_per_source = {rate}\nsyn_burst = {burst}\n"
+    ));
+    parse(&text).expect("valid").xdp.expect("[xdp]")
+}
+
+#[test]
+fn xdp_section_errors() {
+    xdp_refused(
+        "interfaces = [\"eth0\"]\nmodes = \"auto\"\n",
+        "main.toml:6:1: unknown field `modes`, expected one of `interfaces`, `mode`, `deny`, \
+         `syn_rate_per_source`, `syn_burst`, `ports`",
+    );
+    xdp_refused(
+        "mode = \"auto\"\n",
+        "main.toml:4:1: [xdp] has no interfaces, e.g. interfaces = [\"eth0\"]",
+    );
+    xdp_refused(
+        "interfaces = [\"eth0\"]\nmode = \"driver\"\n",
+        "main.toml:6:8: xdp: mode must be one of auto, native, generic, not \"driver\"",
+    );
+    xdp_refused(
+        "interfaces = [\"eth0\"]\nmode = \"Native\"\n",
+        "main.toml:6:8: xdp: mode must be one of auto, native, generic, not \"Native\"",
+    );
+}
+
+#[test]
+fn xdp_interface_errors() {
+    xdp_refused(
+        "interfaces = []\n",
+        "main.toml:5:14: xdp: interfaces is empty",
+    );
+    xdp_refused(
+        "interfaces = \"eth0\"\n",
+        "main.toml:5:14: invalid type: string \"eth0\", expected a sequence",
+    );
+    // `interfaces = ["eth0", ` is 22 characters: the bad name is at column 23.
+    for (bad, reason) in [
+        ("eth 0", "it contains ' '"),
+        ("eth0\\t", "it contains '\\t'"),
+        ("a/b", "it contains '/'"),
+        (
+            "eth0:1",
+            "it contains ':'; an alias like \"eth0:1\" is an address label, not an interface",
+        ),
+        (".", "\".\" and \"..\" are not interface names"),
+        ("..", "\".\" and \"..\" are not interface names"),
+        ("", "it is empty"),
+        ("abcdefghijklmnop", "it is 16 bytes long, more than 15"),
+        ("ethernet-äöüß", "it is 17 bytes long, more than 15"),
+    ] {
+        let shown = bad.replace("\\t", "\t");
+        xdp_refused(
+            &format!("interfaces = [\"eth0\", \"{bad}\"]\n"),
+            &format!("main.toml:5:23: xdp: interface {shown:?} is not valid: {reason}"),
+        );
+    }
+    xdp_refused(
+        "interfaces = [\"eth0\", \"eth1\", \"eth0\"]\n",
+        "main.toml:5:31: xdp: interface \"eth0\" is listed twice",
+    );
+}
+
+#[test]
+fn xdp_deny_errors() {
+    // `deny = [` is 8 characters: the first entry is at column 9.
+    let deny = |list: &str| format!("interfaces = [\"eth0\"]\ndeny = [{list}]\n");
+    xdp_refused(
+        &deny("\"192.0.2/24\""),
+        "main.toml:6:9: xdp: deny \"192.0.2/24\" is not valid: expected an IPv4 or IPv6 address, \
+         optionally followed by /prefix, as in \"192.0.2.0/24\" or \"2001:db8::/32\"",
+    );
+    xdp_refused(
+        &deny("\"bad.example\""),
+        "main.toml:6:9: xdp: deny \"bad.example\" is not valid: expected an IPv4 or IPv6 \
+         address, optionally followed by /prefix, as in \"192.0.2.0/24\" or \"2001:db8::/32\"",
+    );
+    xdp_refused(
+        &deny("\"192.0.2.0/x\""),
+        "main.toml:6:9: xdp: deny \"192.0.2.0/x\" is not valid: the prefix length \"x\" is not a \
+         number",
+    );
+    xdp_refused(
+        &deny("\"192.0.2.0/\""),
+        "main.toml:6:9: xdp: deny \"192.0.2.0/\" is not valid: the prefix length \"\" is not a \
+         number",
+    );
+    xdp_refused(
+        &deny("24"),
+        "main.toml:6:9: invalid type: integer `24`, expected a string",
+    );
+    xdp_refused(
+        &deny("\"192.0.2.1/24\""),
+        "main.toml:6:9: xdp: deny \"192.0.2.1/24\" has bits set after the prefix; the network \
+         is 192.0.2.0/24",
+    );
+    xdp_refused(
+        &deny("\"10.0.0.0/8\", \"2001:db8:bad:1::/48\""),
+        "main.toml:6:23: xdp: deny \"2001:db8:bad:1::/48\" has bits set after the prefix; the \
+         network is 2001:db8:bad::/48",
+    );
+    xdp_refused(
+        &deny("\"192.0.2.0/33\""),
+        "main.toml:6:9: xdp: deny \"192.0.2.0/33\" is not valid: the prefix length 33 is more \
+         than 32, the length of an IPv4 address",
+    );
+    xdp_refused(
+        &deny("\"2001:db8::/129\""),
+        "main.toml:6:9: xdp: deny \"2001:db8::/129\" is not valid: the prefix length 129 is \
+         more than 128, the length of an IPv6 address",
+    );
+    xdp_refused(
+        &deny("\"192.0.2.0/24\", \"192.0.2.0/24\""),
+        "main.toml:6:25: xdp: deny \"192.0.2.0/24\" is listed twice",
+    );
+    xdp_refused(
+        &deny("\"198.51.100.7\",\n  \"198.51.100.7/32\""),
+        "main.toml:7:3: xdp: deny \"198.51.100.7/32\" is listed twice: \"198.51.100.7\" is the \
+         same network, 198.51.100.7/32",
+    );
+    xdp_refused(
+        &deny("\"2001:db8::/32\", \"2001:DB8:0::/32\""),
+        "main.toml:6:26: xdp: deny \"2001:DB8:0::/32\" is listed twice: \"2001:db8::/32\" is the \
+         same network, 2001:db8::/32",
+    );
+}
+
+#[test]
+fn xdp_syn_limit_errors() {
+    let limits = |keys: &str| format!("interfaces = [\"eth0\"]\n{keys}\n");
+    xdp_refused(
+        &limits("syn_burst = 200"),
+        "main.toml:6:13: xdp: syn_burst needs syn_rate_per_source; without a rate there is no \
+         SYN limit for a burst to size",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = 0"),
+        "main.toml:6:23: xdp: syn_rate_per_source must be at least 1, not 0",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = -5"),
+        "main.toml:6:23: xdp: syn_rate_per_source must be at least 1, not -5",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = 4294967296"),
+        "main.toml:6:23: xdp: syn_rate_per_source must be at most 4294967295, not 4294967296",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = \"100\""),
+        "main.toml:6:23: invalid type: string \"100\", expected i64",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = 100\nsyn_burst = 0"),
+        "main.toml:7:13: xdp: syn_burst must be at least 1, not 0",
+    );
+    xdp_refused(
+        &limits("syn_rate_per_source = 100\nsyn_burst = 4294967296"),
+        "main.toml:7:13: xdp: syn_burst must be at most 4294967295, not 4294967296",
+    );
+}
+
+#[test]
+fn xdp_port_errors() {
+    // `ports = [` is 9 characters: the first entry is at column 10.
+    let ports = |list: &str| format!("interfaces = [\"eth0\"]\nports = [{list}]\n");
+    xdp_refused(
+        &ports("0"),
+        "main.toml:6:10: xdp: ports must be between 1 and 65535, not 0",
+    );
+    xdp_refused(
+        &ports("443, 70000"),
+        "main.toml:6:15: xdp: ports must be between 1 and 65535, not 70000",
+    );
+    xdp_refused(
+        &ports("-443"),
+        "main.toml:6:10: xdp: ports must be between 1 and 65535, not -443",
+    );
+    xdp_refused(
+        &ports("443, 80, 443"),
+        "main.toml:6:19: xdp: port 443 is listed twice",
+    );
+    xdp_refused(
+        &ports(""),
+        "main.toml:6:9: xdp: ports is empty; leave it out to guard the listeners' ports",
+    );
+    xdp_refused(
+        &ports("\"443\""),
+        "main.toml:6:10: invalid type: string \"443\", expected i64",
+    );
+}
+
+#[test]
+fn xdp_only_in_the_main_file() {
+    let dir = TempDir::new("xdp-include");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"site.toml\"]\n{LISTEN}"),
+    );
+    let site = dir.write(
+        "site.toml",
+        "[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\n\n[xdp]\ninterfaces = [\"eth0\"]\n",
+    );
+    let err = Config::load(&main).expect_err("[xdp] in an included file");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:5:1: [xdp] is only allowed in the main configuration file; included files may \
+             contain [[site]] entries and include only",
+            site.display()
+        )
+    );
+}
+
+#[test]
+fn xdp_summary() {
+    let text = format!(
+        "{LISTEN}[[listen]]\naddress = \"[::]:80\"\nprotocol = \"http\"\n[xdp]\n\
+         interfaces = [\"eth0\", \"eth1\"]\nmode = \"generic\"\n\
+         deny = [\"192.0.2.0/24\", \"2001:db8::/32\", \"198.51.100.7\"]\n\
+         syn_rate_per_source = 100\n"
+    );
+    let summary = parse(&text).expect("valid").summary();
+    assert!(
+        summary.contains(
+            "xdp: mode generic on eth0, eth1\n\
+             \x20 deny: 3 networks (2 IPv4, 1 IPv6)\n\
+             \x20 syn limit: 100 per second per source, burst 100\n\
+             \x20 guarded ports: 80, 443\n"
+        ),
+        "{summary}"
+    );
+    let unlimited = parse(&xdp("interfaces = [\"eth0\"]\n"))
+        .expect("valid")
+        .summary();
+    assert!(unlimited.contains("  syn limit: none\n"), "{unlimited}");
 }
