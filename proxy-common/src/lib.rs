@@ -107,3 +107,109 @@ impl Counter {
         }
     }
 }
+
+/// Name of the XDP program that filters packets before the stack sees them.
+pub const PROG_XDP: &str = "spliced_xdp";
+/// Name of the IPv4 deny list: an LPM trie keyed by prefix length and address (4 bytes,
+/// network order); any value means "deny".
+pub const MAP_XDP_DENY4: &str = "SPLICED_XDP_DENY4";
+/// Name of the IPv6 deny list: an LPM trie keyed by prefix length and address (16 bytes).
+pub const MAP_XDP_DENY6: &str = "SPLICED_XDP_DENY6";
+/// Name of the hash of guarded destination TCP ports (host order) to 1.
+pub const MAP_XDP_PORTS: &str = "SPLICED_XDP_PORTS";
+/// Name of the one-element array holding the [`SynLimit`] in force.
+pub const MAP_XDP_LIMIT: &str = "SPLICED_XDP_LIMIT";
+/// Name of the LRU hash from a source ([`xdp_source`]) to its [`SynBucket`].
+pub const MAP_XDP_BUCKETS: &str = "SPLICED_XDP_BUCKETS";
+/// Name of the per-CPU array of XDP counters, indexed by [`XdpCounter`].
+pub const MAP_XDP_COUNTERS: &str = "SPLICED_XDP_COUNTERS";
+/// Sources whose SYN buckets are remembered at once (least recently used ones are forgotten).
+pub const XDP_MAX_SOURCES: u32 = 65_536;
+/// Entries each deny list can hold.
+pub const XDP_MAX_DENY: u32 = 16_384;
+/// One token, in the bucket's units: buckets count nano-tokens so that refills need no floats.
+pub const XDP_TOKEN: u64 = 1_000_000_000;
+
+/// The SYN limit per source: `rate_per_second` tokens are added each second up to `burst`;
+/// each SYN takes one. A rate of 0 means no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynLimit {
+    /// Tokens (SYNs) added per second.
+    pub rate_per_second: u64,
+    /// The most tokens a source can save up.
+    pub burst: u64,
+}
+
+/// A source's token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynBucket {
+    /// Tokens left, in units of [`XDP_TOKEN`] per SYN.
+    pub tokens: u64,
+    /// When the bucket was last refilled (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, two `u64`s, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for SynLimit {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SynBucket {}
+
+/// The key a source's SYNs are counted under: IPv4 addresses whole (as `::ffff:a.b.c.d`), IPv6
+/// addresses by their /64, the rest zero.
+pub fn xdp_source(v4: Option<[u8; 4]>, v6: Option<[u8; 16]>) -> [u8; 16] {
+    match (v4, v6) {
+        (Some(a), _) => [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ],
+        (None, Some(a)) => [
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+        (None, None) => [0; 16],
+    }
+}
+
+/// XDP counters, the index into [`MAP_XDP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpCounter {
+    /// TCP packets to a guarded port that passed the filter.
+    Passed = 0,
+    /// Packets to a guarded port dropped because the source is on the deny list.
+    DroppedDeny = 1,
+    /// SYNs to a guarded port dropped because the source exceeded its rate.
+    DroppedRate = 2,
+    /// Everything else (other protocols and ports, ARP, neighbour discovery): passed untouched.
+    NotGuarded = 3,
+    /// Packets too short or malformed to read up to the TCP ports, and non-first fragments:
+    /// passed for the stack to judge.
+    Unparsed = 4,
+}
+
+impl XdpCounter {
+    /// Number of counters; the length of [`MAP_XDP_COUNTERS`].
+    pub const COUNT: u32 = 5;
+
+    /// Every counter, in index order.
+    pub const ALL: [XdpCounter; Self::COUNT as usize] = [
+        XdpCounter::Passed,
+        XdpCounter::DroppedDeny,
+        XdpCounter::DroppedRate,
+        XdpCounter::NotGuarded,
+        XdpCounter::Unparsed,
+    ];
+
+    /// The counter's name as it appears in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpCounter::Passed => "passed",
+            XdpCounter::DroppedDeny => "dropped_deny",
+            XdpCounter::DroppedRate => "dropped_rate",
+            XdpCounter::NotGuarded => "not_guarded",
+            XdpCounter::Unparsed => "unparsed",
+        }
+    }
+}

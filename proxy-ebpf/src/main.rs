@@ -4,6 +4,7 @@
 //! both sockets of every spliced connection. For each skb arriving on a socket it looks up the
 //! peer's cookie and redirects the skb to the peer's egress queue, so the payload never reaches
 //! user space. The maps carry BTF, so `bpftool map dump` shows their keys and values by name.
+//! `spliced_xdp` (module `xdp`) is the edge filter attached to network interfaces.
 #![no_std]
 #![no_main]
 // The program macros generate a `pub fn` entry point that receives the kernel's raw context
@@ -20,6 +21,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use core::ffi::c_void;
+
+mod xdp;
 use proxy_common::{Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, PROGRESS_STEP, Pair};
 
 const MAX: usize = MAX_SOCKETS as usize;

@@ -10,13 +10,17 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{Iter, SkSkb},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
+    programs::{Iter, SkSkb, Xdp, xdp::XdpMode as AttachMode},
 };
 use proxy_common::{
     Counter, DETACH_ABSENT, DETACH_DONE, DETACH_REQUESTED, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS,
-    MAP_HOLD, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, PROG_DETACH, PROG_STREAM_VERDICT, Pair,
+    MAP_HOLD, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4,
+    MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS, PROG_DETACH, PROG_STREAM_VERDICT, PROG_XDP, Pair,
+    SynBucket, SynLimit, XdpCounter,
 };
+
+use crate::config::{Cidr, Xdp as XdpConfig, XdpMode};
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
 /// The eBPF object built by `build.rs` from the `proxy-ebpf` crate.
@@ -34,6 +38,22 @@ struct Maps {
     wake: HashMap<MapData, u64, u64>,
 }
 
+/// An interface the edge filter is attached to, and in which mode ("native" or "generic").
+pub type Attachment = (String, &'static str);
+
+/// The edge filter's maps (see `proxy-ebpf/src/xdp.rs`).
+struct XdpMaps {
+    deny4: LpmTrie<MapData, [u8; 4], u8>,
+    deny6: LpmTrie<MapData, [u8; 16], u8>,
+    ports: HashMap<MapData, u16, u8>,
+    limit: Array<MapData, SynLimit>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Held only so that it is pinned (users read the buckets with bpftool).
+    _buckets: HashMap<MapData, [u8; 16], SynBucket>,
+    /// Interfaces the program is attached to, and how.
+    attached: Vec<Attachment>,
+}
+
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the
 /// pins it made.
 pub struct Kernel {
@@ -44,6 +64,7 @@ pub struct Kernel {
     events: Mutex<Option<RingBuf<MapData>>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
+    xdp: Mutex<XdpMaps>,
     pins: Vec<PathBuf>,
 }
 
@@ -103,6 +124,15 @@ impl Kernel {
         let wake: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_WAKE)?.try_into()?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_COUNTERS)?.try_into()?;
         let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
+        let xdp = XdpMaps {
+            deny4: take(&mut ebpf, MAP_XDP_DENY4)?.try_into()?,
+            deny6: take(&mut ebpf, MAP_XDP_DENY6)?.try_into()?,
+            ports: take(&mut ebpf, MAP_XDP_PORTS)?.try_into()?,
+            limit: take(&mut ebpf, MAP_XDP_LIMIT)?.try_into()?,
+            counters: take(&mut ebpf, MAP_XDP_COUNTERS)?.try_into()?,
+            _buckets: take(&mut ebpf, MAP_XDP_BUCKETS)?.try_into()?,
+            attached: Vec::new(),
+        };
         let fd = socks.fd().try_clone()?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_STREAM_VERDICT)
@@ -132,6 +162,7 @@ impl Kernel {
             events: Mutex::new(Some(events)),
             logger: Mutex::new(logger),
             watchers: Mutex::new(StdHashMap::new()),
+            xdp: Mutex::new(xdp),
             pins,
         })
     }
@@ -221,14 +252,7 @@ impl Kernel {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
-            .map(|&c| {
-                let sum = self
-                    .counters
-                    .get(&(c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (c.name(), sum)
-            })
+            .map(|&c| (c.name(), sum_per_cpu(&self.counters, c as u32)))
             .collect()
     }
 
@@ -237,6 +261,117 @@ impl Kernel {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
+        f(&mut guard)
+    }
+
+    /// Fills the edge filter's maps from `cfg` and attaches the XDP program to its interfaces.
+    /// A failed attach is an error naming the interface, except that `mode = "auto"` falls back
+    /// from native to generic mode (logged).
+    pub fn attach_xdp(&self, cfg: &XdpConfig) -> Result<()> {
+        self.update_xdp(cfg)?;
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_XDP)
+            .with_context(|| format!("program {PROG_XDP} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .context("the verifier rejected the XDP program")?;
+        let mut attached = Vec::new();
+        for name in &cfg.interfaces {
+            let c_name = std::ffi::CString::new(name.as_str())
+                .with_context(|| format!("interface name {name:?}"))?;
+            let c_name = c_name.as_c_str();
+            let how = match cfg.mode {
+                XdpMode::Native => {
+                    prog.attach(c_name, AttachMode::Driver).with_context(|| {
+                        format!("attaching XDP to interface {name} in native mode")
+                    })?;
+                    "native"
+                }
+                XdpMode::Generic => {
+                    prog.attach(c_name, AttachMode::Skb).with_context(|| {
+                        format!("attaching XDP to interface {name} in generic mode")
+                    })?;
+                    "generic"
+                }
+                XdpMode::Auto => match prog.attach(c_name, AttachMode::Driver) {
+                    Ok(_) => "native",
+                    Err(native) => {
+                        prog.attach(c_name, AttachMode::Skb).with_context(|| {
+                            format!(
+                                "attaching XDP to interface {name} (native mode failed too: \
+                                 {native})"
+                            )
+                        })?;
+                        tracing::warn!(
+                            interface = %name,
+                            "native XDP is not available ({native}); using generic mode"
+                        );
+                        "generic"
+                    }
+                },
+            };
+            tracing::info!(interface = %name, mode = how, "XDP edge filter attached");
+            attached.push((name.clone(), how));
+        }
+        self.with_xdp(|x| x.attached = attached);
+        Ok(())
+    }
+
+    /// Makes the edge filter's deny lists, guarded ports and SYN limit match `cfg`, without
+    /// detaching anything (entries added by hand with bpftool are replaced by the config's).
+    pub fn update_xdp(&self, cfg: &XdpConfig) -> Result<()> {
+        self.with_xdp(|x| -> Result<()> {
+            let mut want4 = Vec::new();
+            let mut want6 = Vec::new();
+            for Cidr { addr, prefix } in &cfg.deny {
+                match addr {
+                    std::net::IpAddr::V4(a) => want4.push(Key::new(u32::from(*prefix), a.octets())),
+                    std::net::IpAddr::V6(a) => want6.push(Key::new(u32::from(*prefix), a.octets())),
+                }
+            }
+            sync_trie(&mut x.deny4, &want4).context("updating the IPv4 deny list")?;
+            sync_trie(&mut x.deny6, &want6).context("updating the IPv6 deny list")?;
+            let stale: Vec<u16> = x
+                .ports
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|p| !cfg.ports.contains(p))
+                .collect();
+            for p in stale {
+                x.ports.remove(&p)?;
+            }
+            for p in &cfg.ports {
+                x.ports.insert(p, &1, 0)?;
+            }
+            let limit = cfg.syn_limit.map_or(SynLimit::default(), |l| SynLimit {
+                rate_per_second: u64::from(l.rate_per_second),
+                burst: u64::from(l.burst),
+            });
+            x.limit.set(0, &limit, 0)?;
+            Ok(())
+        })
+    }
+
+    /// The edge filter's counters summed over CPUs, by name, and the interfaces it is on.
+    pub fn xdp_counters(&self) -> (Vec<(&'static str, u64)>, Vec<Attachment>) {
+        self.with_xdp(|x| {
+            let counts = XdpCounter::ALL
+                .iter()
+                .map(|&c| (c.name(), sum_per_cpu(&x.counters, c as u32)))
+                .collect();
+            (counts, x.attached.clone())
+        })
+    }
+
+    fn with_xdp<T>(&self, f: impl FnOnce(&mut XdpMaps) -> T) -> T {
+        let mut guard = self
+            .xdp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut guard)
     }
 
@@ -386,6 +521,37 @@ impl Drop for Kernel {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// A per-CPU counter summed over CPUs (0 if it cannot be read).
+fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    array
+        .get(&index, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}
+
+/// Makes an LPM trie hold exactly `want` (value 1 each).
+fn sync_trie<K: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    want: &[Key<K>],
+) -> Result<()> {
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            !want
+                .iter()
+                .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+        })
+        .collect();
+    for k in &stale {
+        trie.remove(k)?;
+    }
+    for k in want {
+        trie.insert(k, &1, 0)?;
+    }
+    Ok(())
 }
 
 /// Mounts bpffs on `/sys/fs/bpf` when `dir` is under it and nothing is mounted there:

@@ -42,6 +42,16 @@ pub fn render(shared: &Shared) -> String {
         for (name, n) in kernel.counters() {
             let _ = writeln!(out, "spliced_kernel_total{{counter=\"{name}\"}} {n}");
         }
+        let (xdp, attached) = kernel.xdp_counters();
+        if !attached.is_empty() {
+            out.push_str(
+                "# HELP spliced_xdp_packets_total Packets the XDP edge filter judged, by outcome.\n",
+            );
+            out.push_str("# TYPE spliced_xdp_packets_total counter\n");
+            for (name, n) in xdp {
+                let _ = writeln!(out, "spliced_xdp_packets_total{{outcome=\"{name}\"}} {n}");
+            }
+        }
         let (socks, hold, peers) = kernel.entries();
         let _ = writeln!(
             out,

@@ -98,6 +98,9 @@ impl Shared {
 
 /// A bound, not yet running proxy.
 pub struct Server {
+    /// SIGTERM, SIGINT and SIGHUP, registered before anything else so that a signal sent as
+    /// soon as the ports listen is handled instead of killing the process.
+    signals: [tokio::signal::unix::Signal; 3],
     listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
     shared: Arc<Shared>,
     max_connections: usize,
@@ -138,27 +141,31 @@ pub struct Options {
 impl Server {
     /// Binds every listener of `config`. `config_path` is re-read on SIGHUP.
     pub fn bind(config: Config, config_path: Option<PathBuf>, options: &Options) -> Result<Server> {
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let socket = crate::listen::bind(l.address)?;
-            listeners.push((
-                socket,
-                Arc::new(ListenerInfo {
-                    address: l.address,
-                    protocol: l.protocol,
-                    forwarding: l.forwarding,
-                }),
-            ));
-        }
+        let signals = [
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        ];
         let (explicit, auto) = wants_sockmap(&config);
-        let kernel = if explicit || auto {
+        let kernel = if explicit || auto || config.xdp.is_some() {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
+                    if let Some(xdp) = &config.xdp {
+                        kernel
+                            .attach_xdp(xdp)
+                            .context("starting the XDP edge filter ([xdp] in the config)")?;
+                    }
                     tracing::info!(
                         pins = %options.pin_dir.as_deref().map_or("none".into(), |p| p.display().to_string()),
                         "eBPF stream verdict loaded and attached; sockmap engine available"
                     );
                     Some(Arc::new(kernel))
+                }
+                Err(e) if config.xdp.is_some() => {
+                    return Err(e.context(
+                        "[xdp] is configured but the eBPF side cannot be loaded (it needs root or \
+                         CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
+                    ));
                 }
                 Err(e) if explicit => {
                     return Err(e.context(
@@ -176,9 +183,23 @@ impl Server {
         } else {
             None
         };
+        // Listening last: once the ports accept, the eBPF side (and the edge filter) is ready.
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let socket = crate::listen::bind(l.address)?;
+            listeners.push((
+                socket,
+                Arc::new(ListenerInfo {
+                    address: l.address,
+                    protocol: l.protocol,
+                    forwarding: l.forwarding,
+                }),
+            ));
+        }
         let max_connections = config.defaults.max_connections;
         let router = Router::new(&config);
         Ok(Server {
+            signals,
             listeners,
             shared: Arc::new(Shared {
                 routing: RwLock::new(Arc::new(Routing { config, router })),
@@ -232,6 +253,22 @@ impl Server {
                 "listener changes take effect only after a restart; sites and timeouts were reloaded"
             );
         }
+        match (&old.config.xdp, &config.xdp, shared.kernel()) {
+            (Some(before), Some(now), Some(kernel)) => {
+                if (&before.interfaces, before.mode) != (&now.interfaces, now.mode) {
+                    tracing::warn!(
+                        "XDP interface and mode changes take effect only after a restart; the \
+                         deny list, ports and SYN limit were reloaded"
+                    );
+                }
+                kernel
+                    .update_xdp(now)
+                    .context("reloading the XDP edge filter")?;
+                log_xdp_counters(kernel);
+            }
+            (None, None, _) => {}
+            _ => tracing::warn!("adding or removing [xdp] takes effect only after a restart"),
+        }
         let router = Router::new(&config);
         let routing = Arc::new(Routing { config, router });
         match shared.routing.write() {
@@ -249,6 +286,7 @@ impl Server {
         let max = self.max_connections;
         let mut tasks = Vec::new();
         let Server {
+            signals,
             listeners,
             shared,
             max_connections: _,
@@ -282,9 +320,7 @@ impl Server {
                 stop_rx.clone(),
             )));
         }
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let [mut term, mut int, mut hup] = signals;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -312,6 +348,7 @@ impl Server {
                 .map(|(n, v)| format!("{n}={v}"))
                 .collect();
             tracing::info!("kernel counters: {}", counters.join(" "));
+            log_xdp_counters(kernel);
         }
         if open > 0 {
             tracing::warn!(
@@ -321,6 +358,16 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Logs the edge filter's counters, if it is attached anywhere.
+fn log_xdp_counters(kernel: &crate::ebpf::Kernel) {
+    let (counters, attached) = kernel.xdp_counters();
+    if attached.is_empty() {
+        return;
+    }
+    let counters: Vec<String> = counters.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    tracing::info!("xdp counters: {}", counters.join(" "));
 }
 
 /// What SIGHUP needs: where the config is and what to swap.

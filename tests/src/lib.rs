@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod backends;
+pub mod packets;
 mod process;
 pub mod raw;
 mod world;

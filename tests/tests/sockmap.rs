@@ -60,8 +60,17 @@ const CONNECTION_MAPS: [&str; 5] = [
     "SPLICED_DETACH",
     "SPLICED_WAKE",
 ];
-/// The pinned maps that hold no per-connection entries.
-const GLOBAL_MAPS: [&str; 2] = ["SPLICED_COUNTERS", "SPLICED_EVENTS"];
+/// The pinned maps that hold no per-connection entries (the edge filter's among them).
+const GLOBAL_MAPS: [&str; 8] = [
+    "SPLICED_COUNTERS",
+    "SPLICED_EVENTS",
+    "SPLICED_XDP_BUCKETS",
+    "SPLICED_XDP_COUNTERS",
+    "SPLICED_XDP_DENY4",
+    "SPLICED_XDP_DENY6",
+    "SPLICED_XDP_LIMIT",
+    "SPLICED_XDP_PORTS",
+];
 /// What spliced logs at debug level when it takes a sender whose peer does not keep up out of
 /// the kernel (with `parked=`, the bytes the kernel then holds for the peer).
 const PAUSED: &str = "the peer is not keeping up: leaving the kernel";
