@@ -472,7 +472,7 @@ fn bind_to<A: RawSockaddr>(fd: &OwnedFd, addr: &A) -> io::Result<()> {
 }
 
 /// `setsockopt(2)` of an integer option (nix 0.32 has no `IP_HDRINCL` / `IPV6_HDRINCL`).
-fn set_int_option(
+pub fn set_int_option(
     fd: &OwnedFd,
     level: libc::c_int,
     name: libc::c_int,

@@ -5,6 +5,9 @@
 //! (A B C A B C ...), every figure is a median with its min-max, and the table also gives
 //! ratios to the direct path measured in the same run. A transfer is: connect, send a real
 //! ClientHello, then push N bytes each way at once until both sides saw end of stream.
+//!
+//! A second part (`bench_xdp`) follows in the same run: TCP SYNs per second the XDP edge
+//! filter drops on one core next to those the kernel's stack handles there without it.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -186,7 +189,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -196,13 +199,13 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn spread(v: &[f64], decimals: usize) -> String {
+pub(crate) fn spread(v: &[f64], decimals: usize) -> String {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     format!("{:.d$} ({:.d$}-{:.d$})", median(v), min, max, d = decimals)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t as f64,
         _ => 100.0,
@@ -223,16 +226,26 @@ fn process_cpu(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clock_ticks())
 }
 
-/// Non-idle CPU seconds of the whole machine, softirq included.
-fn system_cpu() -> Result<f64> {
+/// The tick counts on the `/proc/stat` line labelled `label` ("cpu" for all, "cpu1", ...):
+/// user nice system idle iowait irq softirq steal ...
+pub(crate) fn proc_stat(label: &str) -> Result<Vec<f64>> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(label))
+        .with_context(|| format!("no {label} in /proc/stat"))?;
     let v: Vec<f64> = line
         .split_whitespace()
         .skip(1)
         .map(|f| f.parse().unwrap_or(0.0))
         .collect();
     ensure!(v.len() >= 8, "unexpected /proc/stat: {line}");
+    Ok(v)
+}
+
+/// Non-idle CPU seconds of the whole machine, softirq included.
+fn system_cpu() -> Result<f64> {
+    let v = proc_stat("cpu")?;
     // user nice system idle iowait irq softirq steal
     let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
     Ok(busy / clock_ticks())
