@@ -33,6 +33,8 @@ const UNGUARDED: u16 = 8443;
 /// A second IPv6 address in the backend namespace, for an IPv6 client that is not denied.
 const V6_ALLOWED: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x21);
 const IO: Duration = Duration::from_secs(10);
+/// Where spliced serves Prometheus metrics, in the proxy namespace.
+const METRICS: u16 = 9100;
 /// How long a connection attempt may take before it counts as blocked.
 const BLOCKED_AFTER: Duration = Duration::from_secs(2);
 
@@ -89,7 +91,9 @@ fn setup(xdp: &str) -> Result<(World, TestBackend, Service)> {
         &world,
         &config(xdp),
         &[443, UNGUARDED],
-        &raw::Launch::named("spliced"),
+        &raw::Launch::named("spliced")
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{METRICS}")),
     )?;
     Ok((world, echo, spliced))
 }
@@ -177,6 +181,25 @@ fn counters(spliced: &Service) -> Result<Vec<(String, u64)>> {
         .map(|kv| {
             let (k, v) = kv.split_once('=').context("counter without =")?;
             Ok((k.to_owned(), v.parse()?))
+        })
+        .collect()
+}
+
+/// The `spliced_xdp_packets_total` samples from spliced's metrics endpoint.
+fn metrics(world: &World) -> Result<Vec<(String, u64)>> {
+    let body = world.within(Ns::Proxy, || -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", METRICS))?;
+        s.set_read_timeout(Some(IO))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out)?;
+        Ok(out)
+    })??;
+    body.lines()
+        .filter_map(|l| l.strip_prefix("spliced_xdp_packets_total{outcome=\""))
+        .map(|rest| {
+            let (name, value) = rest.split_once("\"} ").context("a malformed sample")?;
+            Ok((name.to_owned(), value.trim().parse()?))
         })
         .collect()
 }
@@ -313,6 +336,11 @@ fn deny_list_blocks_addresses_and_prefixes_only_on_guarded_ports() -> Result<()>
     );
     ensure!(counter(&all, "passed")? > 0, "passed: {all:?}");
     ensure!(counter(&all, "not_guarded")? > 0, "not_guarded: {all:?}");
+    let exported = metrics(&world)?;
+    ensure!(
+        counter(&exported, "dropped_deny")? >= counter(&all, "dropped_deny")?,
+        "the metrics endpoint should count the drops too: {exported:?}"
+    );
     let dump = bpftool(
         &spliced,
         &[
@@ -354,6 +382,12 @@ fn deny_list_changes_on_reload_and_with_bpftool() -> Result<()> {
     edit_deny4(&spliced, "delete", "192 0 2 2")?;
     served(&world, Ns::Client, CLIENT_V4, proxy4(443))?;
 
+    // A prefix: both client addresses; the IPv6 client is still served.
+    rewrite_config(&world, &spliced, r#"deny = ["192.0.2.2/31"]"#)?;
+    blocked(&world, Ns::Client, CLIENT_V4, proxy4(443))?;
+    blocked(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
+    served(&world, Ns::Backend, IpAddr::V6(V6_ALLOWED), proxy6(443))?;
+
     rewrite_config(&world, &spliced, r#"deny = []"#)?;
     served(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
     open.write_all(b"and now")?;
@@ -364,6 +398,23 @@ fn deny_list_changes_on_reload_and_with_bpftool() -> Result<()> {
     ensure!(
         attached_id(&spliced)? == attached_at_start,
         "the XDP program on eth0 changed across the reloads"
+    );
+    drop(open);
+    let mut spliced = spliced;
+    let status = spliced.terminate(IO)?;
+    ensure!(status.success(), "spliced exited with {status}");
+    ensure!(
+        spliced.stderr_text().contains("xdp counters: "),
+        "the counters are logged at exit"
+    );
+    let net = world
+        .command(Ns::Proxy, "bpftool")
+        .args(["net", "show", "dev", "eth0"])
+        .output()?;
+    let net = String::from_utf8_lossy(&net.stdout);
+    ensure!(
+        !net.contains(" id "),
+        "eth0 kept XDP after spliced exited: {net}"
     );
     Ok(())
 }
@@ -550,5 +601,15 @@ fn attach_errors_name_the_interface_and_generic_mode_works() -> Result<()> {
     ensure!(net.contains("generic"), "attached in generic mode: {net}");
     served(&world, Ns::Client, CLIENT_V4, proxy4(443))?;
     blocked(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
+    drop(generic);
+
+    // Loopback has no native XDP: auto falls back to generic and says so.
+    let on_lo = config("").replace(r#"interfaces = ["eth0", "eth1"]"#, r#"interfaces = ["lo"]"#);
+    let lo = raw::spliced_with(&world, &on_lo, &[443], &raw::Launch::named("spliced-lo"))?;
+    let said = lo.stderr_text();
+    ensure!(
+        said.contains("using generic mode") && said.contains("interface=lo"),
+        "auto on lo should fall back to generic mode, with a warning: {said}"
+    );
     Ok(())
 }
