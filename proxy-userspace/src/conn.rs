@@ -224,11 +224,12 @@ async fn serve(
         .unwrap_or(defaults.forwarding);
     let engine = match (wanted, shared.kernel()) {
         (Forwarding::Copy, _) => Engine::Copy,
-        (Forwarding::Splice, _) => Engine::Splice,
-        (Forwarding::Sockmap | Forwarding::Auto, Some(_)) => Engine::Sockmap,
-        // Without the kernel side: `auto` was told at start-up; Server::bind refuses to start
-        // when sockmap is asked for explicitly and cannot be loaded.
-        (Forwarding::Sockmap | Forwarding::Auto, None) => Engine::Splice,
+        // `auto` stays on splice: the sockmap kernel path still duplicates a ~64 KiB segment
+        // now and then (see forward::sockmap).
+        (Forwarding::Splice | Forwarding::Auto, _) => Engine::Splice,
+        (Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
+        // Server::bind refuses to start when sockmap is asked for and cannot be loaded.
+        (Forwarding::Sockmap, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
     let counters = &facts.counters;

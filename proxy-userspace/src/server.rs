@@ -150,6 +150,14 @@ impl Server {
         let kernel = if explicit || auto || config.xdp.is_some() {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
+                    if explicit {
+                        tracing::warn!(
+                            "forwarding = \"sockmap\" is experimental: under saturating load \
+                             its kernel path has been seen to deliver a ~64 KiB segment twice \
+                             (about 1 transfer in 60 of 256 MiB); auto uses splice until that \
+                             is fixed"
+                        );
+                    }
                     if let Some(xdp) = &config.xdp {
                         kernel
                             .attach_xdp(xdp)
