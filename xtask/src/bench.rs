@@ -1,24 +1,34 @@
 //! `cargo xtask bench`: throughput and CPU cost per GiB of each forwarding engine next to a
-//! direct connection, measured side by side in one run.
+//! direct connection, HAProxy and nginx, measured side by side in one run.
 //!
-//! The machines this runs on are noisy, so contenders are interleaved round by round
-//! (A B C A B C ...), every figure is a median with its min-max, and the table also gives
-//! ratios to the direct path measured in the same run. A transfer is: connect, send a real
-//! ClientHello, then push N bytes each way at once until both sides saw end of stream.
+//! The proxies ([`crate::proxies`]) all do the same job in the proxy namespace: route on the
+//! ClientHello's server name to the IPv6 backend and send it a PROXY header, which the backend
+//! here checks and skips. The machines this runs on are noisy, so contenders are interleaved
+//! round by round (A B C A B C ...), every figure is a median with its min-max, and the table
+//! also gives ratios to the direct path and to HAProxy measured in the same run. A transfer
+//! is: connect, send a real ClientHello, then push N bytes each way at once until both sides
+//! saw end of stream; both ends count what they received.
 //!
 //! A second part (`bench_xdp`) follows in the same run: TCP SYNs per second the XDP edge
 //! filter drops on one core next to those the kernel's stack handles there without it.
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
-use spliced_tests::{BACKEND_V4, BACKEND_V6, Ns, PROXY_V4, World, backends, raw};
+use anyhow::{Context as _, Result, ensure};
+use spliced_tests::{BACKEND_V4, BACKEND_V6, CLIENT_V4, Ns, World, raw};
 
-const BACKEND_PORT: u16 = 9000;
+use crate::proxies::{self, Running};
+
+/// The bench backend's port, on its IPv6 address (for the proxies) and its IPv4 one (direct).
+pub(crate) const BACKEND_PORT: u16 = 9000;
 const BUF: usize = 256 * 1024;
 
 /// Benchmark options.
@@ -29,24 +39,17 @@ pub struct Options {
     pub rounds: usize,
 }
 
-#[derive(Clone, Copy)]
+/// A row of the table: the direct path, or one of the proxies.
 enum Contender {
     Direct,
-    Spliced(&'static str),
-    /// The sockmap engine with the default backlog limit, in a second spliced on port 444.
-    SockmapDefaultLimit,
+    Proxy(Running),
 }
 
 impl Contender {
-    fn name(self) -> String {
+    fn name(&self) -> String {
         match self {
             Contender::Direct => "direct (kernel routing, no proxy)".into(),
-            // The limit is raised above the transfer size so the row measures the kernel path
-            // alone (see forward::sockmap for what the limit does).
-            Contender::Spliced("sockmap") => "spliced, engine sockmap (limit 4GiB)".into(),
-            Contender::Spliced(engine) => format!("spliced, engine {engine}"),
-            // A direction whose reader falls behind leaves the kernel and is spliced.
-            Contender::SockmapDefaultLimit => "spliced, engine sockmap (default 4MiB limit)".into(),
+            Contender::Proxy(p) => p.name.clone(),
         }
     }
 }
@@ -58,39 +61,22 @@ struct Sample {
 }
 
 /// Runs the benchmark with the given `spliced` binary and prints a Markdown table.
-pub fn run(bin: &Path, opts: &Options) -> Result<()> {
+///
+/// A transfer that does not deliver exactly what was sent, either way, is left out of the
+/// figures and listed under the table; the run goes on (a proxy that loses or repeats bytes
+/// now and then still has a speed worth knowing, and the list says how often it did).
+pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
     // SAFETY: set before any thread starts; the harness reads it to find the binary.
     unsafe { std::env::set_var("SPLICED_BIN", bin) };
     let world = World::new()?;
     world.route_direct()?;
-    let _sink = start_backend(&world)?;
-    let config = format!(
-        "[defaults]\nsockmap_backlog_limit = \"4GiB\"\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
-         [[site]]\nhostnames = [\"sockmap.bench\"]\nbackend = \"[{BACKEND_V6}]:{BACKEND_PORT}\"\nforwarding = \"sockmap\"\n\
-         [[site]]\nhostnames = [\"splice.bench\"]\nbackend = \"[{BACKEND_V6}]:{BACKEND_PORT}\"\nforwarding = \"splice\"\n\
-         [[site]]\nhostnames = [\"copy.bench\"]\nbackend = \"[{BACKEND_V6}]:{BACKEND_PORT}\"\nforwarding = \"copy\"\n"
-    );
-    let spliced = backends::spliced(&world, &config, &[443])?;
-    let pid = spliced.pid().context("spliced has no PID")?;
-    let default_limit = format!(
-        "[[listen]]\naddress = \"0.0.0.0:444\"\nprotocol = \"tls\"\n\
-         [[site]]\nhostnames = [\"sockmap.bench\"]\nbackend = \"[{BACKEND_V6}]:{BACKEND_PORT}\"\nforwarding = \"sockmap\"\n"
-    );
-    let second = raw::spliced_with(
-        &world,
-        &default_limit,
-        &[444],
-        &raw::Launch::named("spliced-default-limit"),
-    )?;
-    let pid_default = second.pid().context("the second spliced has no PID")?;
-    let contenders = [
-        Contender::Direct,
-        Contender::Spliced("sockmap"),
-        Contender::SockmapDefaultLimit,
-        Contender::Spliced("splice"),
-        Contender::Spliced("copy"),
-    ];
+    let sink = start_backend(&world)?;
+    let proxies = proxies::start(&world, SocketAddr::new(BACKEND_V6, BACKEND_PORT))?;
+    let contenders: Vec<Contender> = std::iter::once(Contender::Direct)
+        .chain(proxies.running.iter().cloned().map(Contender::Proxy))
+        .collect();
     let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<Vec<String>> = contenders.iter().map(|_| Vec::new()).collect();
     let gib_each_way = opts.bytes as f64 / f64::from(1u32 << 30);
     eprintln!(
         "bench: {} rounds x {} contenders, {:.2} GiB each way per transfer",
@@ -98,85 +84,143 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         contenders.len(),
         gib_each_way
     );
+    let width = contenders.iter().map(|c| c.name().len()).max().unwrap_or(0);
     for round in 0..opts.rounds {
-        for (i, &c) in contenders.iter().enumerate() {
-            let (hello, target, proxy) = match c {
-                Contender::Spliced(engine) => (
-                    raw::simple_hello(&format!("{engine}.bench")),
-                    SocketAddr::new(PROXY_V4, 443),
-                    pid,
-                ),
-                Contender::SockmapDefaultLimit => (
-                    raw::simple_hello("sockmap.bench"),
-                    SocketAddr::new(PROXY_V4, 444),
-                    pid_default,
-                ),
+        for (i, c) in contenders.iter().enumerate() {
+            let (hello, target, header) = match c {
+                Contender::Proxy(p) => (raw::simple_hello(&p.sni), p.target, p.proxy_protocol),
                 Contender::Direct => (
                     raw::simple_hello("direct.bench"),
                     SocketAddr::new(BACKEND_V4, BACKEND_PORT),
-                    pid,
+                    0,
                 ),
             };
-            let before = (process_cpu(proxy)?, system_cpu()?);
-            let seconds = transfer(&world, target, &hello, opts.bytes)?;
-            let after = (process_cpu(proxy)?, system_cpu()?);
+            let proxy_cpu = || match c {
+                Contender::Proxy(p) => p.cpu_seconds(),
+                Contender::Direct => Ok(0.0),
+            };
+            let mark = sink.mark();
+            let before = (proxy_cpu()?, system_cpu()?);
+            let done = transfer(&world, target, &hello, opts.bytes)
+                .with_context(|| format!("a transfer through {}", c.name()))?;
+            let after = (proxy_cpu()?, system_cpu()?);
+            let mut problems = sink.problems_since(&mark, header);
+            if done.received != opts.bytes {
+                problems.push(format!(
+                    "the client received {} bytes, expected {}",
+                    done.received, opts.bytes
+                ));
+            }
+            if !problems.is_empty() {
+                let what = problems.join("; ");
+                eprintln!("  round {round} {:<width$} FAILED: {what}", c.name());
+                failures[i].push(format!("round {round}: {what}"));
+                continue;
+            }
             let s = Sample {
-                seconds,
+                seconds: done.seconds,
                 proxy_cpu: after.0 - before.0,
                 system_cpu: after.1 - before.1,
             };
             eprintln!(
-                "  round {round} {:<34} {:>8.1} MiB/s each way, proxy {:.3} s, system {:.3} s",
+                "  round {round} {:<width$} {:>8.1} MiB/s each way, proxy {:.3} s, system {:.3} s",
                 c.name(),
-                opts.bytes as f64 / seconds / f64::from(1u32 << 20),
+                opts.bytes as f64 / done.seconds / f64::from(1u32 << 20),
                 s.proxy_cpu,
                 s.system_cpu
             );
             samples[i].push(s);
         }
     }
-    drop(second);
-    drop(spliced);
+    let skipped = proxies.skipped.clone();
+    drop(proxies);
     // Both directions moved `bytes`: CPU per GiB counts every byte forwarded.
     let gib_moved = 2.0 * gib_each_way;
-    let direct_tput = median(
-        &samples[0]
-            .iter()
-            .map(|s| opts.bytes as f64 / s.seconds)
-            .collect::<Vec<_>>(),
-    );
-    let direct_sys = median(
-        &samples[0]
-            .iter()
-            .map(|s| s.system_cpu / gib_moved)
-            .collect::<Vec<_>>(),
-    );
+    let mib = f64::from(1u32 << 20);
+    let tput = |s: &[Sample]| -> Vec<f64> {
+        s.iter()
+            .map(|s| opts.bytes as f64 / s.seconds / mib)
+            .collect()
+    };
+    let proxy = |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.proxy_cpu / gib_moved).collect() };
+    let system =
+        |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.system_cpu / gib_moved).collect() };
+    // The medians ratios are taken against, measured in the same rounds: the direct path's,
+    // and the baseline HAProxy's when it runs.
+    let direct = (median(&tput(&samples[0])), median(&system(&samples[0])));
+    let haproxy = contenders
+        .iter()
+        .position(|c| matches!(c, Contender::Proxy(p) if p.baseline))
+        .map(|i| {
+            (
+                median(&tput(&samples[i])),
+                median(&proxy(&samples[i])),
+                median(&system(&samples[i])),
+            )
+        });
+    let ratio = |value: f64, base: Option<f64>| match base {
+        Some(base) if value.is_finite() && base.is_finite() && base > 0.0 => {
+            format!("{:.2}x", value / base)
+        }
+        _ => "-".to_string(),
+    };
+    let cell = |v: &[f64], decimals: usize| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            spread(v, decimals)
+        }
+    };
     let mut table = String::from(
-        "| contender | throughput each way, MiB/s (median, min-max) | vs direct | proxy CPU s/GiB (median, min-max) | system CPU s/GiB (median, min-max) | vs direct |\n|---|---|---|---|---|---|\n",
+        "| contender | throughput each way, MiB/s (median, min-max) | vs direct | vs HAProxy \
+         | proxy CPU s/GiB (median, min-max) | vs HAProxy \
+         | system CPU s/GiB (median, min-max) | vs direct | vs HAProxy |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for (c, s) in contenders.iter().zip(&samples) {
-        let tput: Vec<f64> = s
-            .iter()
-            .map(|s| opts.bytes as f64 / s.seconds / f64::from(1u32 << 20))
-            .collect();
-        let proxy: Vec<f64> = s.iter().map(|s| s.proxy_cpu / gib_moved).collect();
-        let system: Vec<f64> = s.iter().map(|s| s.system_cpu / gib_moved).collect();
-        let proxy_cell = match c {
-            Contender::Direct => "-".to_string(),
-            Contender::Spliced(_) | Contender::SockmapDefaultLimit => spread(&proxy, 3),
+        let (tput, proxy, system) = (tput(s), proxy(s), system(s));
+        let (proxy_cell, proxy_ratio) = match c {
+            Contender::Direct => ("-".to_string(), "-".to_string()),
+            Contender::Proxy(_) => (cell(&proxy, 3), ratio(median(&proxy), haproxy.map(|h| h.1))),
         };
         table.push_str(&format!(
-            "| {} | {} | {:.2}x | {} | {} | {:.2}x |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.name(),
-            spread(&tput, 0),
-            median(&tput) * f64::from(1u32 << 20) / direct_tput,
+            cell(&tput, 0),
+            ratio(median(&tput), Some(direct.0)),
+            ratio(median(&tput), haproxy.map(|h| h.0)),
             proxy_cell,
-            spread(&system, 3),
-            median(&system) / direct_sys,
+            proxy_ratio,
+            cell(&system, 3),
+            ratio(median(&system), Some(direct.1)),
+            ratio(median(&system), haproxy.map(|h| h.2)),
         ));
     }
-    println!(
-        "\n{} rounds, {:.2} GiB each way per transfer, kernel {}, {} CPUs\n\n{table}",
+    let mut notes = String::from(
+        "Every proxy routes on the ClientHello's server name and announces the client to the \
+         backend with a PROXY header (v2; nginx's stream module can only send v1). \
+         \"vs HAProxy\" compares with HAProxy splicing every connection.",
+    );
+    for why in &skipped {
+        notes.push_str(&format!("\nSkipped {why}."));
+    }
+    let mut failed = String::new();
+    for (c, f) in contenders.iter().zip(&failures) {
+        if !f.is_empty() {
+            failed.push_str(&format!(
+                "\n- {}: {} of {} transfers, left out of its figures. {}.",
+                c.name(),
+                f.len(),
+                opts.rounds,
+                f.join(". ")
+            ));
+        }
+    }
+    if !failed.is_empty() {
+        failed.insert_str(0, "\nTransfers that did not deliver exactly what was sent:");
+    }
+    let text = format!(
+        "{} rounds, {:.2} GiB each way per transfer, kernel {}, {} CPUs\n\n{notes}\n\n{table}{failed}",
         opts.rounds,
         gib_each_way,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -186,7 +230,40 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
             .map(usize::from)
             .unwrap_or(0)
     );
-    Ok(())
+    println!("\n{text}");
+    let bars = |f: &dyn Fn(&[Sample]) -> Vec<f64>, with_direct: bool| {
+        contenders
+            .iter()
+            .zip(&samples)
+            .filter(|(c, _)| with_direct || !matches!(c, Contender::Direct))
+            .map(|(c, s)| (c.name(), median(&f(s))))
+            .collect::<Vec<_>>()
+    };
+    let panel = |title: &str, unit: &str, lower: bool, bars| crate::report::Panel {
+        title: title.into(),
+        unit: unit.into(),
+        lower_is_better: lower,
+        bars,
+    };
+    Ok(crate::report::Part {
+        heading: "Bulk throughput and CPU per GiB".into(),
+        markdown: text,
+        panels: vec![
+            panel("Throughput each way", "MiB/s", false, bars(&tput, true)),
+            panel(
+                "Proxy process CPU per GiB",
+                "s/GiB",
+                true,
+                bars(&proxy, false),
+            ),
+            panel(
+                "Whole-system CPU per GiB",
+                "s/GiB",
+                true,
+                bars(&system, true),
+            ),
+        ],
+    })
 }
 
 pub(crate) fn median(v: &[f64]) -> f64 {
@@ -210,20 +287,6 @@ pub(crate) fn clock_ticks() -> f64 {
         Ok(Some(t)) if t > 0 => t as f64,
         _ => 100.0,
     }
-}
-
-/// User plus system CPU seconds of process `pid` (all its threads).
-fn process_cpu(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may contain spaces; fields after it are fixed.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc/PID/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
 }
 
 /// The tick counts on the `/proc/stat` line labelled `label` ("cpu" for all, "cpu1", ...):
@@ -251,52 +314,171 @@ fn system_cpu() -> Result<f64> {
     Ok(busy / clock_ticks())
 }
 
-/// The sink/source backend: after the hello, sends `bytes` and reads until EOF, both at once.
-/// The byte count to send is the first 8 bytes after the hello (big-endian).
-fn start_backend(world: &World) -> Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut handles = Vec::new();
+/// The sink/source backend, on [`BACKEND_PORT`] of the backend's IPv6 address (what the proxies
+/// connect to) and of its IPv4 one (the direct path). Per connection: an optional PROXY v1 or
+/// v2 header, which must announce the client's address; the hello; 8 bytes (big-endian)
+/// saying how many bytes to send and to expect; then it sends that many while reading until
+/// end of stream, checks the count it read, and only then ends its side, so whatever went
+/// wrong is on record before the client sees the end of stream.
+pub(crate) struct Backend {
+    shared: Arc<Shared>,
+    _threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Connections so far that came with no PROXY header, with v1, with v2.
+    headers: [AtomicU64; 3],
+    /// What went wrong on connections so far, oldest first.
+    problems: Mutex<Vec<String>>,
+}
+
+/// Where the backend's records stood before a transfer (see [`Backend::mark`]).
+pub(crate) struct Mark {
+    headers: [u64; 3],
+    problems: usize,
+}
+
+impl Shared {
+    fn problems(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A panicking connection thread leaves the list as it was: still usable.
+        self.problems.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Backend {
+    /// Where the records stand now, to check the next connection with
+    /// [`Backend::problems_since`].
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            headers: [0, 1, 2].map(|i| self.shared.headers[i].load(Ordering::SeqCst)),
+            problems: self.shared.problems().len(),
+        }
+    }
+
+    /// What went wrong since `mark`, which should have seen exactly one connection, with PROXY
+    /// `version` (0: none), that moved every byte both ways. Empty if all went well.
+    pub(crate) fn problems_since(&self, mark: &Mark, version: u8) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .shared
+            .problems()
+            .iter()
+            .skip(mark.problems)
+            .map(|p| format!("the backend saw: {p}"))
+            .collect();
+        let now = self.mark().headers;
+        let mut expected = mark.headers;
+        expected[usize::from(version.min(2))] += 1;
+        if now != expected {
+            out.push(format!(
+                "expected one backend connection with {}, got (none, v1, v2) = {:?}",
+                match version {
+                    0 => "no PROXY header".to_string(),
+                    v => format!("PROXY v{v}"),
+                },
+                [0, 1, 2].map(|i| now[i] - mark.headers[i])
+            ));
+        }
+        out
+    }
+}
+
+pub(crate) fn start_backend(world: &World) -> Result<Backend> {
+    let shared = Arc::new(Shared::default());
+    let mut threads = Vec::new();
     for ip in [BACKEND_V6, BACKEND_V4] {
         let listener = world
             .within(Ns::Backend, move || {
                 TcpListener::bind(SocketAddr::new(ip, BACKEND_PORT))
             })?
             .with_context(|| format!("binding the bench backend on {ip}"))?;
-        handles.push(std::thread::spawn(move || {
+        let shared = Arc::clone(&shared);
+        threads.push(std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
+                let shared = Arc::clone(&shared);
                 std::thread::spawn(move || {
-                    let _ = serve(stream);
+                    if let Err(e) = serve(&stream, &shared) {
+                        shared.problems().push(format!("{e:#}"));
+                    }
+                    // Only now may the client see the end of stream.
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
                 });
             }
         }));
     }
-    Ok(handles)
+    Ok(Backend {
+        shared,
+        _threads: threads,
+    })
 }
 
-fn serve(mut stream: TcpStream) -> Result<()> {
-    // Skip the hello: its record header says how long it is.
+fn serve(stream: &TcpStream, shared: &Shared) -> Result<()> {
+    let mut reader = stream;
     let mut header = [0u8; 5];
-    stream.read_exact(&mut header)?;
+    reader.read_exact(&mut header)?;
+    let version = if header == raw::PROXY_V2_SIGNATURE[..5] {
+        // Signature, version and command, family, length; then the addresses and any TLVs.
+        let mut fixed = header.to_vec();
+        fixed.resize(16, 0);
+        reader.read_exact(&mut fixed[5..])?;
+        let len = 16 + usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        fixed.resize(len, 0);
+        reader.read_exact(&mut fixed[16..])?;
+        let v2 = raw::parse_proxy_v2_inet(&fixed)?;
+        ensure!(
+            v2.ver_cmd == 0x21 && v2.family == 0x11 && v2.source.ip() == CLIENT_V4,
+            "PROXY v2 header does not announce a TCP/IPv4 client at {CLIENT_V4}: {v2:?}"
+        );
+        reader.read_exact(&mut header)?;
+        2
+    } else if &header == b"PROXY" {
+        // A text line of at most 107 bytes, CRLF included.
+        let mut line = header.to_vec();
+        while !line.ends_with(b"\r\n") {
+            ensure!(line.len() < 107, "PROXY v1 line without CRLF in 107 bytes");
+            let mut byte = [0u8; 1];
+            reader.read_exact(&mut byte)?;
+            line.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&line);
+        ensure!(
+            text.starts_with(&format!("PROXY TCP4 {CLIENT_V4} ")),
+            "PROXY v1 line does not announce a TCP/IPv4 client at {CLIENT_V4}: {text:?}"
+        );
+        reader.read_exact(&mut header)?;
+        1
+    } else {
+        0
+    };
+    // Skip the hello: its record header says how long it is.
+    ensure!(
+        header[0] == 22,
+        "expected a TLS handshake record, got {header:02x?}"
+    );
     let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
     let mut hello = vec![0u8; len];
-    stream.read_exact(&mut hello)?;
+    reader.read_exact(&mut hello)?;
+    shared.headers[version].fetch_add(1, Ordering::SeqCst);
     let mut count = [0u8; 8];
-    stream.read_exact(&mut count)?;
+    reader.read_exact(&mut count)?;
     let bytes = u64::from_be_bytes(count);
     let mut writer = stream.try_clone()?;
-    let sender = std::thread::spawn(move || -> Result<()> {
-        send(&mut writer, bytes)?;
-        writer.shutdown(std::net::Shutdown::Write)?;
-        Ok(())
-    });
-    drain(&mut stream)?;
+    let sender = std::thread::spawn(move || send(&mut writer, bytes));
+    let received = drain(&mut reader);
     sender
         .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?
+        .context("sending")?;
+    let received = received.context("receiving")?;
+    ensure!(
+        received == bytes,
+        "received {received} bytes from the client, expected {bytes}"
+    );
     Ok(())
 }
 
-fn send(out: &mut TcpStream, mut bytes: u64) -> Result<()> {
+fn send(mut out: impl Write, mut bytes: u64) -> Result<()> {
     let buf = vec![0x5au8; BUF];
     while bytes > 0 {
         let n = usize::try_from(bytes.min(BUF as u64))?;
@@ -306,7 +488,7 @@ fn send(out: &mut TcpStream, mut bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn drain(input: &mut TcpStream) -> Result<u64> {
+fn drain(mut input: impl Read) -> Result<u64> {
     let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
@@ -317,8 +499,16 @@ fn drain(input: &mut TcpStream) -> Result<u64> {
     }
 }
 
-/// One transfer from the client namespace; returns its wall-clock seconds.
-fn transfer(world: &World, target: SocketAddr, hello: &[u8], bytes: u64) -> Result<f64> {
+/// How one transfer went, as the client saw it.
+struct Done {
+    /// From connect to the end of stream, with the client's own sending done.
+    seconds: f64,
+    /// Bytes the client received.
+    received: u64,
+}
+
+/// One transfer from the client namespace: `bytes` each way.
+fn transfer(world: &World, target: SocketAddr, hello: &[u8], bytes: u64) -> Result<Done> {
     let started = Instant::now();
     let mut stream = world
         .within(Ns::Client, move || {
@@ -335,12 +525,12 @@ fn transfer(world: &World, target: SocketAddr, hello: &[u8], bytes: u64) -> Resu
         writer.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     });
-    let got = drain(&mut stream)?;
+    let received = drain(&mut stream)?;
     sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    if got != bytes {
-        bail!("received {got} bytes from {target}, expected {bytes}");
-    }
-    Ok(started.elapsed().as_secs_f64())
+    Ok(Done {
+        seconds: started.elapsed().as_secs_f64(),
+        received,
+    })
 }

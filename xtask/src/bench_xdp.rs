@@ -141,7 +141,7 @@ impl Sample {
 }
 
 /// Runs this part of the benchmark and prints a Markdown table. `SPLICED_BIN` must be set.
-pub fn run(opts: &Options) -> Result<()> {
+pub fn run(opts: &Options) -> Result<crate::report::Part> {
     let cpu = generator_cpu()?;
     let world = World::new()?;
     let proxy_mac = world.within(Ns::Proxy, || packets::mac_of(IFACE))??;
@@ -186,8 +186,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
     drop(world);
-    print_table(opts, cpu, &samples[0], &samples[1]);
-    Ok(())
+    Ok(print_table(opts, cpu, &samples[0], &samples[1]))
 }
 
 /// One sample: a fresh spliced for `contender`, the generator for `seconds`, counters around it.
@@ -239,7 +238,12 @@ fn sample(
     })
 }
 
-fn print_table(opts: &Options, cpu: usize, xdp: &[Sample], stack: &[Sample]) {
+fn print_table(
+    opts: &Options,
+    cpu: usize,
+    xdp: &[Sample],
+    stack: &[Sample],
+) -> crate::report::Part {
     let k = |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| x / 1e3).collect() };
     let mode = match xdp.iter().find_map(|s| s.mode.as_deref()) {
         Some("xdp") => "native",
@@ -302,7 +306,7 @@ fn print_table(opts: &Options, cpu: usize, xdp: &[Sample], stack: &[Sample]) {
     let xdp_ns = median(&xdp.iter().map(Sample::softirq_ns).collect::<Vec<_>>());
     let stack_ns = median(&stack.iter().map(Sample::softirq_ns).collect::<Vec<_>>());
     let per_round: Vec<f64> = xdp_pps.iter().zip(&stack_pps).map(|(x, s)| x / s).collect();
-    println!(
+    let text = format!(
         "\nXDP drop vs the stack: TCP SYNs {CLIENT_V4} -> {PROXY_V4}:{PORT}, each a new flow, \
          {} rounds of {:.1} s per contender, kernel {}, {} CPUs; generator pinned to CPU {cpu}.\n\
          On veth the receiver runs in softirq on the sending CPU: every figure is one core doing \
@@ -328,6 +332,20 @@ fn print_table(opts: &Options, cpu: usize, xdp: &[Sample], stack: &[Sample]) {
         1e6 / xdp_ns,
         1e6 / stack_ns,
     );
+    println!("{text}");
+    crate::report::Part {
+        heading: "XDP: packets per second dropped on one core, next to the stack".into(),
+        markdown: text,
+        panels: vec![crate::report::Panel {
+            title: "SYNs handled on one core".into(),
+            unit: "kpps".into(),
+            lower_is_better: false,
+            bars: vec![
+                ("XDP drop (spliced_xdp)".into(), median(&xdp_pps) / 1000.0),
+                ("the stack, no XDP".into(), median(&stack_pps) / 1000.0),
+            ],
+        }],
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

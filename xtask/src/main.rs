@@ -10,6 +10,8 @@ use clap::Parser;
 mod bench;
 mod bench_xdp;
 mod demo;
+mod proxies;
+mod report;
 
 #[derive(Parser)]
 #[command(about = "spliced project tasks")]
@@ -73,6 +75,7 @@ fn main() -> Result<()> {
             let bin = build_spliced()?;
             // SAFETY: no other thread runs yet; the harness reads it to find the binary.
             unsafe { std::env::set_var("SPLICED_BIN", &bin) };
+            let mut parts = Vec::new();
             if only != Some(BenchPart::Xdp) {
                 let opts = if quick {
                     bench::Options {
@@ -85,7 +88,7 @@ fn main() -> Result<()> {
                         rounds: 5,
                     }
                 };
-                bench::run(&bin, &opts)?;
+                parts.push(bench::run(&bin, &opts)?);
             }
             if only != Some(BenchPart::Throughput) {
                 let opts = if quick {
@@ -99,7 +102,12 @@ fn main() -> Result<()> {
                         rounds: 3,
                     }
                 };
-                bench_xdp::run(&opts)?;
+                parts.push(bench_xdp::run(&opts)?);
+            }
+            // Only a full run of every part is the record; quick and partial runs just print.
+            if !quick && only.is_none() {
+                report::write(&root(), "cargo xtask bench", &parts)?;
+                eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg");
             }
         }
         Task::Demo => {

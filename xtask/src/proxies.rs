@@ -1,0 +1,466 @@
+//! The proxies `cargo xtask bench` compares, started once in a [`World`]'s proxy namespace and
+//! shared by every part of the bench that needs them.
+//!
+//! All of them do the same job: accept IPv4 clients on 192.0.2.1, read the TLS ClientHello,
+//! route on its server name to one IPv6 backend, and announce the client with a PROXY header.
+//! spliced and HAProxy send PROXY v2; nginx's stream module can only send v1, so it does.
+//!
+//! - spliced, one instance with a site per forwarding engine (`sockmap.bench`,
+//!   `splice.bench`, `copy.bench`; the sockmap backlog limit raised to 4 GiB), and a second
+//!   instance with the sockmap engine at its default limit;
+//! - HAProxy in `mode tcp`: `req.ssl_sni` routing, `send-proxy-v2`, 2 threads (the machine's
+//!   core count); one route with splicing forced both ways (`option splice-request` and
+//!   `splice-response`: the baseline the tables compare with) and one with `option
+//!   splice-auto`, which did not splice these transfers at all (see [`start_haproxy`]);
+//! - nginx's stream module: `ssl_preread`, a `map` from the server name to the backend,
+//!   `proxy_protocol on`, 2 worker processes.
+//!
+//! A contender whose program or module is missing is skipped with the reason in
+//! [`Proxies::skipped`] rather than failing the whole bench.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::Signal;
+use spliced_tests::{Ns, PROXY_V4, Service, World, backends, raw, wait_for};
+
+/// Client-facing ports on 192.0.2.1.
+const SPLICED_PORT: u16 = 443;
+const SPLICED_DEFAULT_LIMIT_PORT: u16 = 444;
+const HAPROXY_PORT: u16 = 445;
+const NGINX_PORT: u16 = 446;
+
+/// Threads or worker processes for HAProxy and nginx: one per core of the bench machine.
+const WORKERS: u32 = 2;
+
+/// One proxy contender, listening and ready.
+#[derive(Clone, Debug)]
+pub(crate) struct Running {
+    /// What the bench's tables call it.
+    pub name: String,
+    /// Where clients connect (in the client namespace).
+    pub target: SocketAddr,
+    /// The server name its clients send, which routes them to the backend.
+    pub sni: String,
+    /// The processes that make it up when it started (nginx: master and workers).
+    pub pids: Vec<u32>,
+    /// The PROXY protocol version it sends to the backend.
+    pub proxy_protocol: u8,
+    /// Whether it is the one other proxies are compared with ("vs HAProxy"): HAProxy with
+    /// splicing forced, the fastest setup of the established proxies here.
+    pub baseline: bool,
+}
+
+impl Running {
+    /// User plus system CPU seconds used so far by its processes and their descendants.
+    pub(crate) fn cpu_seconds(&self) -> Result<f64> {
+        tree_cpu(&self.pids)
+    }
+}
+
+/// The running contenders; their processes are stopped when this is dropped.
+pub(crate) struct Proxies {
+    pub running: Vec<Running>,
+    /// Contenders not started, with why (e.g. nginx without its stream module).
+    pub skipped: Vec<String>,
+    /// Concurrent proxied connections each proxy is configured to take (see
+    /// [`connection_limit`]).
+    pub max_connections: u32,
+    /// Kept only to stop them on drop (each [`Service`] stops its own process by PID).
+    _services: Vec<Service>,
+}
+
+/// Starts every proxy contender in `world`'s proxy namespace, each routing its server name to
+/// `backend`, and waits until each listens.
+pub(crate) fn start(world: &World, backend: SocketAddr) -> Result<Proxies> {
+    let mut proxies = Proxies {
+        running: Vec::new(),
+        skipped: Vec::new(),
+        max_connections: connection_limit()?,
+        _services: Vec::new(),
+    };
+    start_spliced(world, backend, &mut proxies)?;
+    match haproxy_version() {
+        Ok(version) => start_haproxy(world, backend, &version, &mut proxies)?,
+        Err(why) => proxies.skipped.push(format!("HAProxy: {why:#}")),
+    }
+    match nginx_stream() {
+        Ok(stream) => start_nginx(world, backend, &stream, &mut proxies)?,
+        Err(why) => proxies.skipped.push(format!("nginx: {why:#}")),
+    }
+    for why in &proxies.skipped {
+        eprintln!("bench: skipping {why}");
+    }
+    Ok(proxies)
+}
+
+fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> Result<()> {
+    let site = |name: &str, engine: &str| {
+        format!(
+            "[[site]]\nhostnames = [\"{name}\"]\nbackend = \"{backend}\"\n\
+             forwarding = \"{engine}\"\nproxy_protocol = \"v2\"\n"
+        )
+    };
+    let engines = ["sockmap", "splice", "copy"];
+    let max = proxies.max_connections;
+    let mut config = format!(
+        "[defaults]\nsockmap_backlog_limit = \"4GiB\"\nmax_connections = {max}\n\
+         [[listen]]\naddress = \"0.0.0.0:{SPLICED_PORT}\"\nprotocol = \"tls\"\n"
+    );
+    for engine in engines {
+        config.push_str(&site(&format!("{engine}.bench"), engine));
+    }
+    let main = backends::spliced(world, &config, &[SPLICED_PORT])?;
+    let pid = main.pid().context("spliced has no PID")?;
+    let default_limit = format!(
+        "[defaults]\nmax_connections = {max}\n\
+         [[listen]]\naddress = \"0.0.0.0:{SPLICED_DEFAULT_LIMIT_PORT}\"\nprotocol = \"tls\"\n{}",
+        site("sockmap.bench", "sockmap")
+    );
+    let second = raw::spliced_with(
+        world,
+        &default_limit,
+        &[SPLICED_DEFAULT_LIMIT_PORT],
+        &raw::Launch::named("spliced-default-limit"),
+    )?;
+    let pid_default = second.pid().context("the second spliced has no PID")?;
+    for engine in engines {
+        proxies.running.push(Running {
+            // The limit is raised above the transfer size so the sockmap row measures the
+            // kernel path alone (see forward::sockmap for what the limit does).
+            name: match engine {
+                "sockmap" => "spliced, engine sockmap (limit 4GiB)".into(),
+                _ => format!("spliced, engine {engine}"),
+            },
+            target: SocketAddr::new(PROXY_V4, SPLICED_PORT),
+            sni: format!("{engine}.bench"),
+            pids: vec![pid],
+            proxy_protocol: 2,
+            baseline: false,
+        });
+        if engine == "sockmap" {
+            // A direction whose reader falls behind leaves the kernel and is spliced.
+            proxies.running.push(Running {
+                name: "spliced, engine sockmap (default 4MiB limit)".into(),
+                target: SocketAddr::new(PROXY_V4, SPLICED_DEFAULT_LIMIT_PORT),
+                sni: "sockmap.bench".into(),
+                pids: vec![pid_default],
+                proxy_protocol: 2,
+                baseline: false,
+            });
+        }
+    }
+    proxies._services.extend([main, second]);
+    Ok(())
+}
+
+/// `2.6.12` from `haproxy -v`; fails if HAProxy is not installed.
+fn haproxy_version() -> Result<String> {
+    let out = Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .context("haproxy is not installed (Debian: apt-get install haproxy)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+    let version = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('-').next())
+        .with_context(|| format!("unexpected `haproxy -v` output: {text}"))?;
+    Ok(version.to_owned())
+}
+
+fn start_haproxy(
+    world: &World,
+    backend: SocketAddr,
+    version: &str,
+    proxies: &mut Proxies,
+) -> Result<()> {
+    let max = proxies.max_connections;
+    // Two routes in one process, to the same backend: one splicing every connection in both
+    // directions, one leaving it to `option splice-auto`, whose heuristic (a channel becomes a
+    // "fast streamer" after three reads that fill the buffer, then the stream decides) never
+    // switched these transfers to splice() with HAProxy 2.6: they were copied through 16 KiB
+    // buffers (recvfrom/sendto) from start to end. With splicing forced, HAProxy 2.6.12 now
+    // and then ends the server-to-client direction early, logging a normal close and fewer
+    // bytes than the backend sent (about 1 transfer of 256 MiB in 30 here); the bench lists
+    // such transfers under its table.
+    let routes = [
+        (
+            "haproxy.bench",
+            "splice",
+            "splice forced",
+            ["option splice-request", "option splice-response"].as_slice(),
+        ),
+        (
+            "haproxy-auto.bench",
+            "auto",
+            "splice-auto",
+            ["option splice-auto"].as_slice(),
+        ),
+    ];
+    // maxconn also sizes HAProxy's file descriptors: two per connection plus a pipe (two)
+    // for every fourth, which [`connection_limit`] leaves room for.
+    let mut conf = vec![
+        "global".to_string(),
+        format!("  nbthread {WORKERS}"),
+        format!("  maxconn {max}"),
+        "defaults".into(),
+        "  mode tcp".into(),
+        format!("  maxconn {max}"),
+        "  timeout connect 5s".into(),
+        "  timeout client 10m".into(),
+        "  timeout server 10m".into(),
+        "frontend bench".into(),
+        format!("  bind {PROXY_V4}:{HAPROXY_PORT}"),
+        "  tcp-request inspect-delay 5s".into(),
+        "  tcp-request content accept if { req.ssl_hello_type 1 }".into(),
+    ];
+    for (sni, name, _, _) in routes {
+        conf.push(format!(
+            "  use_backend {name} if {{ req.ssl_sni -i {sni} }}"
+        ));
+    }
+    for (_, name, _, options) in routes {
+        conf.push(format!("backend {name}"));
+        conf.extend(options.iter().map(|o| format!("  {o}")));
+        conf.push(format!("  server sink {backend} send-proxy-v2"));
+    }
+    conf.push(String::new());
+    let path = world.dir().join("bench-haproxy.cfg");
+    std::fs::write(&path, conf.join("\n"))?;
+    let mut cmd = world.command(Ns::Proxy, "haproxy");
+    cmd.arg("-db").arg("-f").arg(&path);
+    // SIGTERM: a hard stop, nothing to flush.
+    let mut service = Service::start("bench-haproxy", cmd, world.dir())?.stop_with(Signal::SIGTERM);
+    backends::wait_listening(world, Ns::Proxy, HAPROXY_PORT, &mut service)?;
+    let pid = service.pid().context("HAProxy has no PID")?;
+    for (i, (sni, _, label, _)) in routes.into_iter().enumerate() {
+        proxies.running.push(Running {
+            name: format!("HAProxy {version} (tcp, {label}, {WORKERS} threads)"),
+            target: SocketAddr::new(PROXY_V4, HAPROXY_PORT),
+            sni: sni.into(),
+            pids: vec![pid],
+            proxy_protocol: 2,
+            baseline: i == 0,
+        });
+    }
+    proxies._services.push(service);
+    Ok(())
+}
+
+/// How this nginx gets its stream module.
+struct NginxStream {
+    version: String,
+    /// `Some(path)` when it is a dynamic module to load.
+    module: Option<PathBuf>,
+}
+
+/// Finds out whether nginx is installed and has its stream module (built in, or a dynamic
+/// module that is installed: Debian ships it in libnginx-mod-stream).
+fn nginx_stream() -> Result<NginxStream> {
+    let out = Command::new("nginx")
+        .arg("-V")
+        .output()
+        .context("nginx is not installed (Debian: apt-get install nginx libnginx-mod-stream)")?;
+    // nginx prints its version and build options to standard error.
+    let text = String::from_utf8_lossy(&out.stderr);
+    let version = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nginx/"))
+        .with_context(|| format!("unexpected `nginx -V` output: {text}"))?
+        .to_owned();
+    let options: Vec<&str> = text.split_whitespace().collect();
+    if options.contains(&"--with-stream") {
+        return Ok(NginxStream {
+            version,
+            module: None,
+        });
+    }
+    if !options.contains(&"--with-stream=dynamic") {
+        bail!("nginx {version} was built without its stream module");
+    }
+    let dir = options
+        .iter()
+        .find_map(|o| o.strip_prefix("--modules-path="))
+        .unwrap_or("/usr/lib/nginx/modules");
+    let module = Path::new(dir).join("ngx_stream_module.so");
+    if !module.is_file() {
+        bail!(
+            "nginx {version}'s stream module is not installed ({} is missing; Debian: \
+             apt-get install libnginx-mod-stream)",
+            module.display()
+        );
+    }
+    Ok(NginxStream {
+        version,
+        module: Some(module),
+    })
+}
+
+fn start_nginx(
+    world: &World,
+    backend: SocketAddr,
+    stream: &NginxStream,
+    proxies: &mut Proxies,
+) -> Result<()> {
+    let sni = "nginx.bench";
+    let dir = world.dir().display().to_string();
+    let load = match &stream.module {
+        Some(module) => format!("load_module {};", module.display()),
+        None => "# the stream module is built in".into(),
+    };
+    // nginx counts the client's and the backend's socket against worker_connections, and has
+    // no limit across workers: each may take the whole limit, as far as its descriptors go.
+    let conf = [
+        load,
+        format!("worker_processes {WORKERS};"),
+        format!("worker_rlimit_nofile {};", open_files_limit()?),
+        "daemon off;".into(),
+        format!("pid {dir}/bench-nginx.pid;"),
+        format!("error_log {dir}/bench-nginx-error.log notice;"),
+        format!(
+            "events {{ worker_connections {}; }}",
+            2 * proxies.max_connections
+        ),
+        "stream {".into(),
+        "  map $ssl_preread_server_name $backend_by_sni {".into(),
+        format!("    {sni} \"{backend}\";"),
+        "  }".into(),
+        "  server {".into(),
+        format!("    listen {PROXY_V4}:{NGINX_PORT};"),
+        "    ssl_preread on;".into(),
+        "    preread_timeout 5s;".into(),
+        "    proxy_pass $backend_by_sni;".into(),
+        "    proxy_protocol on;".into(),
+        // Without it nginx closes both directions when the client half-closes.
+        "    proxy_half_close on;".into(),
+        "    proxy_connect_timeout 5s;".into(),
+        "    proxy_timeout 10m;".into(),
+        "  }".into(),
+        "}".into(),
+        String::new(),
+    ]
+    .join("\n");
+    let path = world.dir().join("bench-nginx.conf");
+    std::fs::write(&path, conf)?;
+    let mut cmd = world.command(Ns::Proxy, "nginx");
+    cmd.arg("-c").arg(&path);
+    // SIGTERM: nginx's fast shutdown.
+    let mut service = Service::start("bench-nginx", cmd, world.dir())?.stop_with(Signal::SIGTERM);
+    backends::wait_listening(world, Ns::Proxy, NGINX_PORT, &mut service)?;
+    let master = service.pid().context("nginx has no PID")?;
+    let mut workers = Vec::new();
+    wait_for(
+        &format!("{WORKERS} nginx workers"),
+        Duration::from_secs(10),
+        || {
+            service.check_running()?;
+            workers = children(master);
+            Ok(workers.len() >= WORKERS as usize)
+        },
+    )?;
+    let mut pids = vec![master];
+    pids.extend(workers);
+    proxies.running.push(Running {
+        name: format!(
+            "nginx {} (stream, {WORKERS} workers, PROXY v1)",
+            stream.version
+        ),
+        target: SocketAddr::new(PROXY_V4, NGINX_PORT),
+        sni: sni.into(),
+        pids,
+        proxy_protocol: 1,
+        baseline: false,
+    });
+    proxies._services.push(service);
+    Ok(())
+}
+
+/// Concurrent proxied connections every proxy is configured for: as many as fit in this
+/// machine's hard limit on open files (which the proxies inherit and, without
+/// `CAP_SYS_RESOURCE`, cannot raise), the tightest being HAProxy's two descriptors per
+/// connection plus a pipe for every fourth one.
+pub(crate) fn connection_limit() -> Result<u32> {
+    Ok(open_files_limit()?.saturating_sub(64) * 2 / 5)
+}
+
+/// The hard limit on open files of this process, which the proxies inherit.
+fn open_files_limit() -> Result<u32> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no \"Max open files\" in /proc/self/limits")?;
+    // "Max open files            20000                20000                files"
+    let hard = line
+        .split_whitespace()
+        .nth(4)
+        .with_context(|| format!("unexpected /proc/self/limits line: {line}"))?;
+    match hard {
+        "unlimited" => Ok(1 << 20),
+        n => Ok(n.parse::<u64>()?.min(1 << 20).try_into()?),
+    }
+}
+
+/// The children of `pid`, from `/proc/PID/task/*/children`; empty if it is gone.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// User plus system CPU seconds of `roots` and all their current descendants. A root that is
+/// gone is an error; a descendant that exits meanwhile is left out.
+pub(crate) fn tree_cpu(roots: &[u32]) -> Result<f64> {
+    let mut seen = BTreeSet::new();
+    let mut queue: Vec<u32> = Vec::new();
+    let mut total = 0.0;
+    for &root in roots {
+        if seen.insert(root) {
+            total += process_cpu(root)?;
+            queue.push(root);
+        }
+    }
+    while let Some(pid) = queue.pop() {
+        for child in children(pid) {
+            if seen.insert(child) {
+                if let Ok(cpu) = process_cpu(child) {
+                    total += cpu;
+                }
+                queue.push(child);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// User plus system CPU seconds of process `pid` (all its threads).
+pub(crate) fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may contain spaces; fields after it are fixed.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / crate::bench::clock_ticks())
+}
