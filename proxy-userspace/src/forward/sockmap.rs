@@ -120,7 +120,12 @@ impl Direction<'_> {
 
     /// Reads what user space can see on `src`: end of stream, or bytes the kernel did not
     /// redirect, which go to `dst` right away.
-    async fn on_readable(&mut self, buf: &mut [u8]) -> Result<(), ForwardError> {
+    async fn on_readable(&mut self, buf: &mut Vec<u8>) -> Result<(), ForwardError> {
+        // Allocated on first use: in the kernel a read normally sees only end of stream, and
+        // an idle connection should not carry a buffer.
+        if buf.is_empty() {
+            buf.resize(16 * 1024, 0);
+        }
         loop {
             match self.src.try_read(buf) {
                 Ok(0) => {
@@ -322,7 +327,7 @@ async fn run<'s>(
     notify_a: &Notify,
     notify_b: &Notify,
 ) -> Result<(), ForwardError> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = Vec::new();
     let (client, backend) = (up.src, down.src);
     let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
     // Time between checks when nothing wakes us: short while something is pending, growing
