@@ -8,6 +8,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
 mod bench;
+mod bench_conns;
+mod bench_idle;
 mod bench_xdp;
 mod demo;
 mod proxies;
@@ -52,6 +54,8 @@ enum Task {
 enum BenchPart {
     /// Throughput and CPU per GiB of each forwarding engine.
     Throughput,
+    /// Short connections per second, added latency, memory of idle connections.
+    Connections,
     /// SYNs per second dropped by XDP next to those the stack handles, on one core.
     Xdp,
 }
@@ -76,7 +80,7 @@ fn main() -> Result<()> {
             // SAFETY: no other thread runs yet; the harness reads it to find the binary.
             unsafe { std::env::set_var("SPLICED_BIN", &bin) };
             let mut parts = Vec::new();
-            if only != Some(BenchPart::Xdp) {
+            if only.is_none() || only == Some(BenchPart::Throughput) {
                 let opts = if quick {
                     bench::Options {
                         bytes: 256 << 20,
@@ -90,7 +94,15 @@ fn main() -> Result<()> {
                 };
                 parts.push(bench::run(&bin, &opts)?);
             }
-            if only != Some(BenchPart::Throughput) {
+            if only.is_none() || only == Some(BenchPart::Connections) {
+                let (rounds, seconds, idle) = if quick { (1, 1, 1000) } else { (3, 2, 9000) };
+                parts.push(bench_conns::part(
+                    rounds,
+                    std::time::Duration::from_secs(seconds),
+                    idle,
+                )?);
+            }
+            if only.is_none() || only == Some(BenchPart::Xdp) {
                 let opts = if quick {
                     bench_xdp::Options {
                         seconds: std::time::Duration::from_secs(1),
