@@ -277,6 +277,9 @@ pub(crate) fn median(v: &[f64]) -> f64 {
 }
 
 pub(crate) fn spread(v: &[f64], decimals: usize) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     format!("{:.d$} ({:.d$}-{:.d$})", median(v), min, max, d = decimals)
