@@ -36,6 +36,9 @@ pub(crate) async fn one_way(
         side: to_side,
         error,
     };
+    // The pipe is made when the first bytes can be read: an idle connection then holds two
+    // descriptors instead of six, and no pipe buffers.
+    from.readable().await.map_err(err_from)?;
     let (pipe_r, pipe_w) = pipe().map_err(err_from)?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
