@@ -14,15 +14,8 @@ pub(super) async fn one_way(
     from_side: Side,
     counter: &AtomicU64,
 ) -> Result<(), ForwardError> {
-    let to_side = from_side.other();
-    let err_from = |error| ForwardError {
-        side: from_side,
-        error,
-    };
-    let err_to = |error| ForwardError {
-        side: to_side,
-        error,
-    };
+    let err_from = |error| from_side.failed(error);
+    let err_to = |error| from_side.other().failed(error);
     let mut buf = vec![0u8; BUFFER];
     loop {
         from.readable().await.map_err(err_from)?;

@@ -66,6 +66,11 @@ pub enum Side {
 }
 
 impl Side {
+    /// A forwarding failure of this side's socket.
+    pub fn failed(self, error: io::Error) -> ForwardError {
+        ForwardError { side: self, error }
+    }
+
     /// The other end of the connection.
     pub fn other(self) -> Side {
         match self {

@@ -99,17 +99,11 @@ struct Direction<'s> {
 
 impl Direction<'_> {
     fn err_src(&self, error: io::Error) -> ForwardError {
-        ForwardError {
-            side: self.side,
-            error,
-        }
+        self.side.failed(error)
     }
 
     fn err_dst(&self, error: io::Error) -> ForwardError {
-        ForwardError {
-            side: self.side.other(),
-            error,
-        }
+        self.side.other().failed(error)
     }
 
     /// In the kernel a read sees only end of stream (and bytes that found no peer); once out
@@ -177,18 +171,12 @@ async fn drain_queued(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, true)),
             Err(error) => {
-                return Err(ForwardError {
-                    side: Side::Client,
-                    error,
-                });
+                return Err(Side::Client.failed(error));
             }
         };
         write_all(backend, &buf[..n])
             .await
-            .map_err(|error| ForwardError {
-                side: Side::Backend,
-                error,
-            })?;
+            .map_err(|error| Side::Backend.failed(error))?;
         total += n as u64;
         if n < buf.len() {
             return Ok((total, true));

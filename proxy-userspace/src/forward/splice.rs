@@ -27,15 +27,8 @@ pub(crate) async fn one_way(
     from_side: Side,
     counter: &AtomicU64,
 ) -> Result<(), ForwardError> {
-    let to_side = from_side.other();
-    let err_from = |error| ForwardError {
-        side: from_side,
-        error,
-    };
-    let err_to = |error| ForwardError {
-        side: to_side,
-        error,
-    };
+    let err_from = |error| from_side.failed(error);
+    let err_to = |error| from_side.other().failed(error);
     // The pipe is made when the first bytes can be read: an idle connection then holds two
     // descriptors instead of six, and no pipe buffers.
     from.readable().await.map_err(err_from)?;
