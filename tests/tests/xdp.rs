@@ -234,6 +234,21 @@ fn bpftool(spliced: &Service, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Expects no XDP program on the proxy's eth0 (asked of the namespace, not of spliced, which
+/// is gone).
+fn expect_nothing_on_eth0(world: &World, when: &str) -> Result<()> {
+    let net = world
+        .command(Ns::Proxy, "bpftool")
+        .args(["net", "show", "dev", "eth0"])
+        .output()?;
+    let net = String::from_utf8_lossy(&net.stdout);
+    ensure!(
+        !net.contains(" id "),
+        "eth0 kept an XDP program {when}: {net}"
+    );
+    Ok(())
+}
+
 /// Edits the pinned IPv4 deny list by hand, as a user would: `bpftool map VERB pinned ... key
 /// 32 0 0 0 REST` (the key is the prefix length as a little-endian u32, then the address).
 fn edit_deny4(spliced: &Service, verb: &str, rest: &str) -> Result<String> {
@@ -407,16 +422,7 @@ fn deny_list_changes_on_reload_and_with_bpftool() -> Result<()> {
         spliced.stderr_text().contains("xdp counters: "),
         "the counters are logged at exit"
     );
-    let net = world
-        .command(Ns::Proxy, "bpftool")
-        .args(["net", "show", "dev", "eth0"])
-        .output()?;
-    let net = String::from_utf8_lossy(&net.stdout);
-    ensure!(
-        !net.contains(" id "),
-        "eth0 kept XDP after spliced exited: {net}"
-    );
-    Ok(())
+    expect_nothing_on_eth0(&world, "after spliced exited")
 }
 
 /// A SYN flood from one source is cut to its rate while another source keeps connecting; the
@@ -437,24 +443,22 @@ fn syn_flood_is_cut_to_the_rate_while_others_connect() -> Result<()> {
         bail!("the proxy address is IPv4");
     };
     let started = Instant::now();
-    let flooder = {
-        std::thread::scope(|scope| -> Result<u64> {
-            let flood = scope.spawn(|| {
-                world.within(Ns::Client, || {
-                    packets::send_syns_v4(src, dst, 443, 20_000, FLOOD, Duration::from_secs(5))
-                })
-            });
-            // Meanwhile another source connects, several times.
-            for _ in 0..5 {
-                served(&world, Ns::Client, CLIENT_V4_B, proxy4(443))
-                    .context("the second source during the flood")?;
-            }
-            match flood.join() {
-                Ok(r) => r?,
-                Err(_) => bail!("the flood thread panicked"),
-            }
-        })?
-    };
+    let flooder = std::thread::scope(|scope| -> Result<u64> {
+        let flood = scope.spawn(|| {
+            world.within(Ns::Client, || {
+                packets::send_syns_v4(src, dst, 443, 20_000, FLOOD, Duration::from_secs(5))
+            })
+        });
+        // Meanwhile another source connects, several times.
+        for _ in 0..5 {
+            served(&world, Ns::Client, CLIENT_V4_B, proxy4(443))
+                .context("the second source during the flood")?;
+        }
+        match flood.join() {
+            Ok(r) => r?,
+            Err(_) => bail!("the flood thread panicked"),
+        }
+    })?;
     let elapsed = started.elapsed().as_secs_f64();
     ensure!(flooder == FLOOD, "sent {flooder} of {FLOOD} SYNs");
     let after = counters(&spliced)?;
@@ -581,15 +585,7 @@ fn attach_errors_name_the_interface_and_generic_mode_works() -> Result<()> {
         said.contains("nosuch0") && said.contains("XDP"),
         "the error should name the interface: {said}"
     );
-    let net = world
-        .command(Ns::Proxy, "bpftool")
-        .args(["net", "show", "dev", "eth0"])
-        .output()?;
-    let net = String::from_utf8_lossy(&net.stdout);
-    ensure!(
-        !net.contains(" id "),
-        "eth0 kept an XDP program after the failed start: {net}"
-    );
+    expect_nothing_on_eth0(&world, "after the failed start")?;
 
     let generic = raw::spliced_with(
         &world,
