@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::bench::{median, spread};
 use anyhow::{Context as _, Result, bail};
 use nix::{
     errno::Errno,
@@ -541,8 +542,6 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
     let rank = (q * sorted.len() as f64).ceil() as usize;
     f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
 }
-
-pub(crate) use crate::bench::{median, spread};
 
 /// Whether `name` is the direct path: "direct", or "direct" followed by a space and more.
 pub(crate) fn is_direct(name: &str) -> bool {

@@ -502,39 +502,24 @@ fn sockstat(world: &World, ns: Ns) -> Result<Sockstat> {
 /// Raises this process's limit on open files to `want` (the hard limit too, which needs
 /// CAP_SYS_RESOURCE), or else as far as the hard limit allows; returns the soft limit now.
 fn raise_nofile(want: u64) -> Result<u64> {
-    use nix::libc;
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into the struct we pass, which lives across the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    if soft == RLIM_INFINITY || soft >= want {
+        return Ok(soft);
     }
-    if cur.rlim_cur == libc::RLIM_INFINITY || cur.rlim_cur >= want {
-        return Ok(cur.rlim_cur);
-    }
-    let hard = if cur.rlim_max == libc::RLIM_INFINITY {
-        cur.rlim_max
+    // Raising the hard limit needs CAP_SYS_RESOURCE; without it, go as far as it allows.
+    let raised_hard = if hard == RLIM_INFINITY {
+        hard
     } else {
-        cur.rlim_max.max(want)
+        hard.max(want)
     };
-    for new in [
-        libc::rlimit {
-            rlim_cur: want,
-            rlim_max: hard,
-        },
-        libc::rlimit {
-            rlim_cur: want.min(cur.rlim_max),
-            rlim_max: cur.rlim_max,
-        },
-    ] {
-        // SAFETY: setrlimit only reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return Ok(new.rlim_cur);
-        }
-    }
-    Err(io::Error::last_os_error()).with_context(|| format!("raising RLIMIT_NOFILE to {want}"))
+    setrlimit(Resource::RLIMIT_NOFILE, want, raised_hard)
+        .map(|()| want)
+        .or_else(|_| {
+            let soft = want.min(hard);
+            setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map(|()| soft)
+        })
+        .with_context(|| format!("raising RLIMIT_NOFILE to {want}"))
 }
 
 /// Warns when none of the proxy's processes may open enough files for `count` client plus

@@ -62,13 +62,7 @@ fn short(v: f64) -> String {
 }
 
 /// An SVG with the panels stacked vertically; bars are scaled per panel.
-#[cfg(test)]
-fn chart(title: &str, panels: &[Panel]) -> String {
-    chart_refs(title, &panels.iter().collect::<Vec<_>>())
-}
-
-/// [`chart`] over borrowed panels.
-fn chart_refs(title: &str, panels: &[&Panel]) -> String {
+fn chart(title: &str, panels: &[&Panel]) -> String {
     let mut names: Vec<&str> = Vec::new();
     for p in panels {
         for (n, _) in &p.bars {
@@ -152,7 +146,7 @@ fn chart_refs(title: &str, panels: &[&Panel]) -> String {
 /// and panels; `docs/benchmarks-analysis.md`, written by hand, is linked when it exists.
 pub(crate) fn write(root: &Path, command: &str, parts: &[Part]) -> Result<()> {
     let panels: Vec<&Panel> = parts.iter().flat_map(|p| &p.panels).collect();
-    let svg = chart_refs(
+    let svg = chart(
         "spliced next to HAProxy, nginx and a direct connection",
         &panels,
     );
@@ -217,7 +211,7 @@ mod tests {
 
     #[test]
     fn bars_scale_to_the_largest_value_and_labels_are_escaped() {
-        let svg = chart("t & u", &[panel(&[("a", 100.0), ("b & c", 50.0)])]);
+        let svg = chart("t & u", &[&panel(&[("a", 100.0), ("b & c", 50.0)])]);
         assert!(svg.starts_with("<svg "));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t &amp; u"));
@@ -233,8 +227,8 @@ mod tests {
         let svg = chart(
             "x",
             &[
-                panel(&[("a", 1.0), ("b", 2.0)]),
-                panel(&[("b", f64::NAN), ("a", 0.0)]),
+                &panel(&[("a", 1.0), ("b", 2.0)]),
+                &panel(&[("b", f64::NAN), ("a", 0.0)]),
             ],
         );
         assert_eq!(
