@@ -216,6 +216,10 @@ async fn serve(
     forward::write_all(&backend, &preface_bytes)
         .await
         .map_err(Failure::BackendWrite)?;
+    let preface_len = preface_bytes.len() as u64;
+    // Both buffers would otherwise stay allocated for as long as the connection lives.
+    drop(preface_bytes);
+    drop(buf);
 
     // 6. Forward.
     let wanted = site
@@ -241,7 +245,7 @@ async fn serve(
             let params = forward::sockmap::Params {
                 kernel,
                 backlog_limit: defaults.sockmap_backlog_limit,
-                preface_len: preface_bytes.len() as u64,
+                preface_len,
             };
             match forward::sockmap::forward(client, &backend, counters, params).await {
                 Ok(forward::sockmap::Used::Sockmap) => return Ok(()),
@@ -292,10 +296,14 @@ async fn read_hello(
     buf: &mut Vec<u8>,
     facts: &mut Facts,
 ) -> Result<Option<String>, Failure> {
-    let mut chunk = [0u8; 4096];
     loop {
+        // Read straight into the buffer's spare room: a 4 KiB array here would live in every
+        // connection's task for its whole life (a future is as large as its largest state).
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
         let n = client
-            .async_io(Interest::READABLE, || client.try_read(&mut chunk))
+            .async_io(Interest::READABLE, || client.try_read_buf(buf))
             .await
             .map_err(Failure::ClientIo)?;
         if n == 0 {
@@ -303,7 +311,6 @@ async fn read_hello(
         }
         // Everything read is kept and forwarded, even bytes after the hello (early data);
         // the parser refuses once the hello itself passes its limit, so this stays bounded.
-        buf.extend_from_slice(&chunk[..n]);
         match protocol {
             Protocol::Tls => match hello::tls::parse_client_hello(buf) {
                 Ok(None) => {}
@@ -359,7 +366,8 @@ async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
         return;
     }
     let _ = timeout(Duration::from_secs(1), async {
-        let mut sink = [0u8; 4096];
+        // On the heap: refusals are rare, and an array would enlarge every connection's task.
+        let mut sink = vec![0u8; 4096];
         let mut left = 64 * 1024usize;
         while left > 0 {
             match client
