@@ -16,6 +16,8 @@ pub(super) async fn one_way(
 ) -> Result<(), ForwardError> {
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
+    // The buffer is made once there is something to put in it: idle connections hold none.
+    super::first_bytes(from).await.map_err(err_from)?;
     let mut buf = vec![0u8; BUFFER];
     loop {
         from.readable().await.map_err(err_from)?;

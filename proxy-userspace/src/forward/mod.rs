@@ -151,6 +151,15 @@ where
     tokio::try_join!(up, down).map(|_| ())
 }
 
+/// Waits until `from` has bytes to read or has reached its end of stream, without consuming
+/// anything. The engines make their buffers and pipes only after this, so an idle connection
+/// holds none. A plain readiness wait would not do: the hello reader leaves the client socket
+/// marked readable after its last successful read.
+pub(crate) async fn first_bytes(from: &TcpStream) -> io::Result<()> {
+    let mut probe = [0u8; 1];
+    from.peek(&mut probe).await.map(|_| ())
+}
+
 /// Writes all of `bytes`, waiting for the socket whenever its send buffer is full.
 pub(crate) async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {

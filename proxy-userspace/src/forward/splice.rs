@@ -3,6 +3,7 @@
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},
+    sync::Mutex,
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -14,11 +15,53 @@ use super::{ForwardError, Side, shutdown_write};
 /// How much one `splice` call may move; also the pipe's capacity we ask for.
 const CHUNK: usize = 1 << 20;
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A bigger pipe means fewer syscalls per megabyte; failing to grow it only costs speed.
-    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
-    Ok((r, w))
+/// Empty pipes kept for the next connections. Making a pipe (`pipe2`, growing it, and two
+/// `close`s later) is a large part of a short connection's cost; 64 pipes hold 128
+/// descriptors and no data pages.
+const POOL_MAX: usize = 64;
+
+static POOL: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
+
+/// A pipe that goes back to [`POOL`] when dropped, unless it may still hold bytes.
+struct Pipe {
+    ends: Option<(OwnedFd, OwnedFd)>,
+    /// Nothing was spliced into it since it was last drained.
+    empty: bool,
+}
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        let pooled = POOL.lock().ok().and_then(|mut pool| pool.pop());
+        let ends = match pooled {
+            Some(ends) => ends,
+            None => {
+                let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+                // A bigger pipe means fewer syscalls per megabyte; failing to grow it (for
+                // example past the per-user pipe page limit) only costs speed.
+                let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+                (r, w)
+            }
+        };
+        Ok(Pipe {
+            ends: Some(ends),
+            empty: true,
+        })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // A pipe cut off mid-transfer (an error, or the other direction failing) may hold
+        // another connection's bytes: it is closed, never reused.
+        if !self.empty {
+            return;
+        }
+        if let (Some(ends), Ok(mut pool)) = (self.ends.take(), POOL.lock())
+            && pool.len() < POOL_MAX
+        {
+            pool.push(ends);
+        }
+    }
 }
 
 pub(crate) async fn one_way(
@@ -29,20 +72,24 @@ pub(crate) async fn one_way(
 ) -> Result<(), ForwardError> {
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
-    // The pipe is made when the first bytes can be read: an idle connection then holds two
+    // The pipe is taken when the first bytes are there: an idle connection then holds two
     // descriptors instead of six, and no pipe buffers.
-    from.readable().await.map_err(err_from)?;
-    let (pipe_r, pipe_w) = pipe().map_err(err_from)?;
+    super::first_bytes(from).await.map_err(err_from)?;
+    let mut pipe = Pipe::take().map_err(err_from)?;
+    let Some((pipe_r, pipe_w)) = pipe.ends.as_ref().map(|(r, w)| (r.as_fd(), w.as_fd())) else {
+        return Err(err_from(io::Error::other("pipe without ends")));
+    };
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
+        pipe.empty = false;
         let n = from
             .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags)
-                    .map_err(io::Error::from)
+                splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
             })
             .await
             .map_err(err_from)?;
         if n == 0 {
+            pipe.empty = true;
             return shutdown_write(to).map_err(err_to);
         }
         // Drain the pipe completely before reading more, so bytes keep their order and a
@@ -51,12 +98,12 @@ pub(crate) async fn one_way(
         while left > 0 {
             left -= to
                 .async_io(Interest::WRITABLE, || {
-                    splice(pipe_r.as_fd(), None, to.as_fd(), None, left, flags)
-                        .map_err(io::Error::from)
+                    splice(pipe_r, None, to.as_fd(), None, left, flags).map_err(io::Error::from)
                 })
                 .await
                 .map_err(err_to)?;
         }
+        pipe.empty = true;
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
