@@ -5,9 +5,9 @@
 //! route on its server name to one IPv6 backend, and announce the client with a PROXY header.
 //! spliced and HAProxy send PROXY v2; nginx's stream module can only send v1, so it does.
 //!
-//! - spliced, one instance with a site per forwarding engine (`sockmap.bench`,
-//!   `splice.bench`, `copy.bench`; the sockmap backlog limit raised to 4 GiB), and a second
-//!   instance with the sockmap engine at its default limit;
+//! - spliced, one process per forwarding engine (`sockmap.bench`, `splice.bench`,
+//!   `copy.bench`), and the sockmap engine twice: with its backlog limit raised to 4 GiB (the
+//!   kernel path alone) and at its default limit;
 //! - HAProxy in `mode tcp`: `req.ssl_sni` routing, `send-proxy-v2`, 2 threads (the machine's
 //!   core count); one route with splicing forced both ways (`option splice-request` and
 //!   `splice-response`: the baseline the tables compare with) and one with `option
@@ -34,6 +34,8 @@ const SPLICED_PORT: u16 = 443;
 const SPLICED_DEFAULT_LIMIT_PORT: u16 = 444;
 const HAPROXY_PORT: u16 = 445;
 const NGINX_PORT: u16 = 446;
+const SPLICED_SPLICE_PORT: u16 = 447;
+const SPLICED_COPY_PORT: u16 = 448;
 
 /// Threads or worker processes for HAProxy and nginx: one per core of the bench machine.
 const WORKERS: u32 = 2;
@@ -100,62 +102,54 @@ pub(crate) fn start(world: &World, backend: SocketAddr) -> Result<Proxies> {
 }
 
 fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> Result<()> {
-    let site = |name: &str, engine: &str| {
-        format!(
-            "[[site]]\nhostnames = [\"{name}\"]\nbackend = \"{backend}\"\n\
-             forwarding = \"{engine}\"\nproxy_protocol = \"v2\"\n"
-        )
-    };
-    let engines = ["sockmap", "splice", "copy"];
     let max = proxies.max_connections;
-    let mut config = format!(
-        "[defaults]\nsockmap_backlog_limit = \"4GiB\"\nmax_connections = {max}\n\
-         [[listen]]\naddress = \"0.0.0.0:{SPLICED_PORT}\"\nprotocol = \"tls\"\n"
-    );
-    for engine in engines {
-        config.push_str(&site(&format!("{engine}.bench"), engine));
-    }
-    let main = backends::spliced(world, &config, &[SPLICED_PORT])?;
-    let pid = main.pid().context("spliced has no PID")?;
-    let default_limit = format!(
-        "[defaults]\nmax_connections = {max}\n\
-         [[listen]]\naddress = \"0.0.0.0:{SPLICED_DEFAULT_LIMIT_PORT}\"\nprotocol = \"tls\"\n{}",
-        site("sockmap.bench", "sockmap")
-    );
-    let second = raw::spliced_with(
-        world,
-        &default_limit,
-        &[SPLICED_DEFAULT_LIMIT_PORT],
-        &raw::Launch::named("spliced-default-limit"),
-    )?;
-    let pid_default = second.pid().context("the second spliced has no PID")?;
-    for engine in engines {
+    // One process per engine, so that each one's CPU and memory are its own: memory a process
+    // freed after one contender's connections would otherwise flatter the next one's.
+    // The first sockmap row raises the backlog limit above the transfer size so it measures
+    // the kernel path alone (see forward::sockmap for what the limit does); with the default
+    // limit a direction whose reader falls behind leaves the kernel and is spliced.
+    let contenders = [
+        (
+            "spliced, engine sockmap (limit 4GiB)",
+            SPLICED_PORT,
+            "sockmap",
+            "sockmap_backlog_limit = \"4GiB\"\n",
+        ),
+        (
+            "spliced, engine sockmap (default 4MiB limit)",
+            SPLICED_DEFAULT_LIMIT_PORT,
+            "sockmap",
+            "",
+        ),
+        ("spliced, engine splice", SPLICED_SPLICE_PORT, "splice", ""),
+        ("spliced, engine copy", SPLICED_COPY_PORT, "copy", ""),
+    ];
+    for (name, port, engine, extra) in contenders {
+        let config = format!(
+            "[defaults]\n{extra}max_connections = {max}\n\
+             [[listen]]\naddress = \"0.0.0.0:{port}\"\nprotocol = \"tls\"\n\
+             [[site]]\nhostnames = [\"{engine}.bench\"]\nbackend = \"{backend}\"\n\
+             forwarding = \"{engine}\"\nproxy_protocol = \"v2\"\n"
+        );
+        let service = raw::spliced_with(
+            world,
+            &config,
+            &[port],
+            &raw::Launch::named(&format!("spliced-{port}")),
+        )?;
+        let pid = service
+            .pid()
+            .with_context(|| format!("{name} has no PID"))?;
         proxies.running.push(Running {
-            // The limit is raised above the transfer size so the sockmap row measures the
-            // kernel path alone (see forward::sockmap for what the limit does).
-            name: match engine {
-                "sockmap" => "spliced, engine sockmap (limit 4GiB)".into(),
-                _ => format!("spliced, engine {engine}"),
-            },
-            target: SocketAddr::new(PROXY_V4, SPLICED_PORT),
+            name: name.into(),
+            target: SocketAddr::new(PROXY_V4, port),
             sni: format!("{engine}.bench"),
             pids: vec![pid],
             proxy_protocol: 2,
             baseline: false,
         });
-        if engine == "sockmap" {
-            // A direction whose reader falls behind leaves the kernel and is spliced.
-            proxies.running.push(Running {
-                name: "spliced, engine sockmap (default 4MiB limit)".into(),
-                target: SocketAddr::new(PROXY_V4, SPLICED_DEFAULT_LIMIT_PORT),
-                sni: "sockmap.bench".into(),
-                pids: vec![pid_default],
-                proxy_protocol: 2,
-                baseline: false,
-            });
-        }
+        proxies._services.push(service);
     }
-    proxies._services.extend([main, second]);
     Ok(())
 }
 
