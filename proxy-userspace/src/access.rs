@@ -37,35 +37,57 @@ pub struct Entry<'a> {
 
 impl Entry<'_> {
     /// Formats the line (without a newline). Values with spaces or quotes are quoted.
+    ///
+    /// Every value is written straight into the line (this runs once per connection, so no
+    /// string per field); only a value that needs quoting is formatted a second time.
     pub fn line(&self) -> String {
         let mut s = String::with_capacity(256);
-        let mut field = |key: &str, value: &dyn std::fmt::Display| {
-            let v = value.to_string();
-            if v.is_empty() || v.contains([' ', '"', '=']) {
-                let _ = write!(s, "{key}={v:?} ");
-            } else {
-                let _ = write!(s, "{key}={v} ");
-            }
-        };
-        let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
-        field("client", &dash(self.client.map(|a| a.to_string())));
-        field("listener", &dash(self.listener.map(|a| a.to_string())));
-        field("name", &dash(self.name.map(str::to_owned)));
-        field("alpn", &dash(self.alpn.map(str::to_owned)));
-        field("site", &dash(self.site.map(str::to_owned)));
-        field("backend", &dash(self.backend.map(|a| a.to_string())));
-        field("proxy", &self.proxy_protocol);
-        field("engine", &dash(self.engine.map(str::to_owned)));
-        field("up", &self.bytes_up);
-        field("down", &self.bytes_down);
-        field("ms", &self.duration.as_millis());
-        field("outcome", &self.outcome);
+        field(&mut s, "client", Dash(self.client));
+        field(&mut s, "listener", Dash(self.listener));
+        field(&mut s, "name", Dash(self.name));
+        field(&mut s, "alpn", Dash(self.alpn));
+        field(&mut s, "site", Dash(self.site));
+        field(&mut s, "backend", Dash(self.backend));
+        field(&mut s, "proxy", self.proxy_protocol);
+        field(&mut s, "engine", Dash(self.engine));
+        field(&mut s, "up", self.bytes_up);
+        field(&mut s, "down", self.bytes_down);
+        field(&mut s, "ms", self.duration.as_millis());
+        field(&mut s, "outcome", self.outcome);
         if let Some(detail) = self.detail {
-            field("detail", &detail);
+            field(&mut s, "detail", detail);
         }
         s.pop();
         s
     }
+}
+
+/// An optional value, written as `-` when absent.
+struct Dash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Dash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Appends `key=value ` to `line`, quoting the value when it is empty or holds a space, a quote
+/// or an `=`.
+fn field(line: &mut String, key: &str, value: impl std::fmt::Display) {
+    line.push_str(key);
+    line.push('=');
+    let start = line.len();
+    let _ = write!(line, "{value}");
+    let written = &line[start..];
+    if written.is_empty() || written.contains([' ', '"', '=']) {
+        let quoted = format!("{written:?}");
+        line.truncate(start);
+        line.push_str(&quoted);
+    }
+    line.push(' ');
 }
 
 #[cfg(test)]
@@ -87,6 +109,24 @@ mod tests {
             "client=192.0.2.2:40000 listener=- name=a.example alpn=- site=- backend=- proxy=v2 \
              engine=- up=0 down=0 ms=0 outcome=backend_unreachable \
              detail=\"Connection refused (os error 111)\""
+        );
+    }
+
+    /// Values a client controls (the requested name) cannot forge a field: an empty value,
+    /// an `=` or a quote is quoted and escaped.
+    #[test]
+    fn client_controlled_values_are_quoted() {
+        let e = Entry {
+            name: Some("a=b \"c\""),
+            alpn: Some(""),
+            outcome: "ok",
+            proxy_protocol: "none",
+            ..Default::default()
+        };
+        let line = e.line();
+        assert!(
+            line.contains(r#"name="a=b \"c\"" alpn="" site=-"#),
+            "{line}"
         );
     }
 }
