@@ -1,6 +1,9 @@
 //! The user-space engine: read into a buffer, write it out. Last resort, and the reference the
 //! other engines are tested against.
-use std::{io, sync::atomic::AtomicU64, sync::atomic::Ordering};
+use std::{
+    io,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use tokio::{io::Interest, net::TcpStream};
 
@@ -13,6 +16,7 @@ pub(super) async fn one_way(
     to: &TcpStream,
     from_side: Side,
     counter: &AtomicU64,
+    ends: Option<&AtomicBool>,
 ) -> Result<(), ForwardError> {
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
@@ -27,7 +31,11 @@ pub(super) async fn one_way(
             Err(e) => return Err(err_from(e)),
         };
         if n == 0 {
-            // Everything before the FIN has been written: pass the half-close on.
+            // Everything before the FIN has been written: pass the half-close on, unless the
+            // other direction ended first and the connection is closed next (see splice).
+            if ends.is_some_and(|other_ended| other_ended.swap(true, Ordering::AcqRel)) {
+                return Ok(());
+            }
             return shutdown_write(to).map_err(err_to);
         }
         let mut sent = 0;

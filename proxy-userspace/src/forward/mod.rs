@@ -10,7 +10,7 @@ mod splice;
 
 use std::{
     io,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use tokio::net::TcpStream;
@@ -126,11 +126,13 @@ pub async fn forward(
     backend: &TcpStream,
     counters: &Counters,
 ) -> Result<(), ForwardError> {
+    // Whichever direction ends second skips its half-close: both sockets are closed next.
+    let ends = AtomicBool::new(false);
     match engine {
         Engine::Splice | Engine::Sockmap => {
-            both_ways(client, backend, counters, splice::one_way).await
+            both_ways(client, backend, counters, &ends, splice::one_way).await
         }
-        Engine::Copy => both_ways(client, backend, counters, copy::one_way).await,
+        Engine::Copy => both_ways(client, backend, counters, &ends, copy::one_way).await,
     }
 }
 
@@ -140,14 +142,27 @@ async fn both_ways<'a, F, Fut>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
     counters: &'a Counters,
+    ends: &'a AtomicBool,
     one_way: F,
 ) -> Result<(), ForwardError>
 where
-    F: Fn(&'a TcpStream, &'a TcpStream, Side, &'a AtomicU64) -> Fut,
+    F: Fn(&'a TcpStream, &'a TcpStream, Side, &'a AtomicU64, Option<&'a AtomicBool>) -> Fut,
     Fut: Future<Output = Result<(), ForwardError>>,
 {
-    let up = one_way(client, backend, Side::Client, &counters.upstream);
-    let down = one_way(backend, client, Side::Backend, &counters.downstream);
+    let up = one_way(
+        client,
+        backend,
+        Side::Client,
+        &counters.upstream,
+        Some(ends),
+    );
+    let down = one_way(
+        backend,
+        client,
+        Side::Backend,
+        &counters.downstream,
+        Some(ends),
+    );
     tokio::try_join!(up, down).map(|_| ())
 }
 

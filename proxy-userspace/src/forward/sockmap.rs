@@ -295,7 +295,7 @@ type SpliceFuture<'s> = Pin<Box<dyn Future<Output = Result<(), ForwardError>> + 
 
 /// Starts forwarding `d` with `splice(2)`; it half-closes `dst` at the end of stream.
 fn splice_rest<'s>(d: &Direction<'s>) -> SpliceFuture<'s> {
-    Box::pin(splice::one_way(d.src, d.dst, d.side, d.spliced))
+    Box::pin(splice::one_way(d.src, d.dst, d.side, d.spliced, None))
 }
 
 /// Waits for a direction's splice, if it has one.

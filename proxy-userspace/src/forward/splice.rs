@@ -4,7 +4,7 @@ use std::{
     io,
     os::fd::{AsFd, OwnedFd},
     sync::Mutex,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
@@ -64,32 +64,47 @@ impl Drop for Pipe {
     }
 }
 
+/// Forwards `from` to `to` until `from`'s end of stream, then half-closes `to`, unless `ends`
+/// says the other direction already ended: the connection is closed next, and close() sends
+/// the FIN itself (both receive queues are empty by then, so it cannot turn into a reset).
 pub(crate) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     from_side: Side,
     counter: &AtomicU64,
+    ends: Option<&AtomicBool>,
 ) -> Result<(), ForwardError> {
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
-    // The pipe is taken when the first bytes are there: an idle connection then holds two
-    // descriptors instead of six, and no pipe buffers.
-    super::first_bytes(from).await.map_err(err_from)?;
-    let mut pipe = Pipe::take().map_err(err_from)?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    // A pipe is held only while bytes are there, so an idle connection holds its two sockets
+    // and nothing else. Readiness alone does not prove there are bytes (the hello reader leaves
+    // the client socket marked readable after its last read): a first splice that finds
+    // nothing gives the pipe back to the pool and waits for the socket.
+    let (mut pipe, mut n) = loop {
+        from.readable().await.map_err(err_from)?;
+        let mut pipe = Pipe::take().map_err(err_from)?;
+        let Some(pipe_w) = pipe.ends.as_ref().map(|(_, w)| w.as_fd()) else {
+            return Err(err_from(io::Error::other("pipe without ends")));
+        };
+        pipe.empty = false;
+        match from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
+        }) {
+            Ok(n) => break (pipe, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.empty = true,
+            Err(e) => return Err(err_from(e)),
+        }
+    };
     let Some((pipe_r, pipe_w)) = pipe.ends.as_ref().map(|(r, w)| (r.as_fd(), w.as_fd())) else {
         return Err(err_from(io::Error::other("pipe without ends")));
     };
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
-        pipe.empty = false;
-        let n = from
-            .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
-            })
-            .await
-            .map_err(err_from)?;
         if n == 0 {
             pipe.empty = true;
+            if ends.is_some_and(|other_ended| other_ended.swap(true, Ordering::AcqRel)) {
+                return Ok(());
+            }
             return shutdown_write(to).map_err(err_to);
         }
         // Drain the pipe completely before reading more, so bytes keep their order and a
@@ -103,7 +118,12 @@ pub(crate) async fn one_way(
                 .await
                 .map_err(err_to)?;
         }
-        pipe.empty = true;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        n = from
+            .async_io(Interest::READABLE, || {
+                splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
+            })
+            .await
+            .map_err(err_from)?;
     }
 }
