@@ -246,6 +246,7 @@ async fn serve(
                 kernel,
                 backlog_limit: defaults.sockmap_backlog_limit,
                 preface_len,
+                idle_timeout: defaults.idle_timeout,
             };
             match forward::sockmap::forward(client, &backend, counters, params).await {
                 Ok(forward::sockmap::Used::Sockmap) => return Ok(()),

@@ -63,6 +63,9 @@ pub struct Params<'a> {
     pub backlog_limit: u64,
     /// Bytes user space already wrote to the backend (PROXY header and hello).
     pub preface_len: u64,
+    /// The connection's idle timeout: the byte counters it watches are refreshed at least
+    /// four times within it.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -93,6 +96,8 @@ struct Direction<'s> {
     handed: u64,
     /// The redirected count at which the verdict was last asked to wake us.
     wake_at: u64,
+    /// `user_written` when `wake_at` was set.
+    wake_user_written: u64,
     eof: bool,
     shut: bool,
 }
@@ -239,6 +244,7 @@ pub async fn forward(
         redirected: 0,
         handed: 0,
         wake_at: 0,
+        wake_user_written: 0,
         eof: false,
         shut: false,
     };
@@ -254,6 +260,7 @@ pub async fn forward(
         redirected: 0,
         handed: 0,
         wake_at: 0,
+        wake_user_written: 0,
         eof: false,
         shut: false,
     };
@@ -261,16 +268,7 @@ pub async fn forward(
     if backend_mode == Mode::Kernel {
         let _ = ebpf::set_rcvlowat(backend, 1);
     }
-    let result = run(
-        &mut up,
-        &mut down,
-        kernel,
-        params.backlog_limit,
-        counters,
-        &notify,
-        &notify_b,
-    )
-    .await;
+    let result = run(&mut up, &mut down, &params, counters, &notify, &notify_b).await;
     // Everything was handed to TCP before each half-close; on errors the connection is being
     // torn down anyway, so dropping queued bytes is what a reset means.
     kernel.unregister([ca, cb]);
@@ -309,8 +307,7 @@ async fn finished(f: &mut Option<SpliceFuture<'_>>) -> Result<(), ForwardError> 
 async fn run<'s>(
     up: &mut Direction<'s>,
     down: &mut Direction<'s>,
-    kernel: &Kernel,
-    limit: u64,
+    params: &Params<'_>,
     counters: &Counters,
     notify_a: &Notify,
     notify_b: &Notify,
@@ -318,10 +315,17 @@ async fn run<'s>(
     let mut buf = Vec::new();
     let (client, backend) = (up.src, down.src);
     let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
-    // Time between checks when nothing wakes us: short while something is pending, growing
-    // while idle so that idle connections cost (almost) nothing.
+    // Time between checks when nothing wakes us. While both directions are in the kernel and
+    // open, the verdict's events are enough (a progress step, or the backlog reaching the
+    // wake point), so the interval grows to a second whether or not bytes move: polling
+    // every millisecond there cost a TCP_INFO, a SIOCOUTQ and a map lookup per direction
+    // and was most of the engine's CPU. Something pending (a drain, a half-close waiting for
+    // the peer's TCP) has no event, so it is polled from 1 ms, backing off while nothing moves.
+    let (kernel, limit) = (params.kernel, params.backlog_limit);
     let mut interval = Duration::from_millis(1);
-    const MAX_IDLE_INTERVAL: Duration = Duration::from_secs(1);
+    let max_idle_interval = params.idle_timeout.map_or(Duration::from_secs(1), |idle| {
+        (idle / 4).clamp(Duration::from_millis(1), Duration::from_secs(1))
+    });
     const MAX_PENDING_INTERVAL: Duration = Duration::from_millis(50);
     loop {
         let [splice_up, splice_down] = &mut splices;
@@ -344,8 +348,8 @@ async fn run<'s>(
                 (down.eof, down.shut) = (true, true);
                 *splice_down = None;
             }
-            () = notify_a.notified() => interval = Duration::from_millis(1),
-            () = notify_b.notified() => interval = Duration::from_millis(1),
+            () = notify_a.notified() => {}
+            () = notify_b.notified() => {}
             () = tokio::time::sleep(interval) => {}
         }
         let before = (up.redirected, down.redirected, up.handed, down.handed);
@@ -355,6 +359,20 @@ async fn run<'s>(
             if d.mode == Mode::User {
                 pending |= !d.shut;
                 continue;
+            }
+            if d.mode == Mode::Kernel
+                && !d.eof
+                && d.wake_at != 0
+                && d.user_written == d.wake_user_written
+            {
+                // Below the wake point the backlog cannot have reached the threshold: it was
+                // at most threshold - (wake_at - redirected then) when the point was set, and
+                // the peer's TCP has only taken more since. The redirected count (for the
+                // byte counters) is all this check needs; TCP_INFO is the costly part.
+                d.redirected = kernel.redirected(d.cookie);
+                if d.redirected < d.wake_at {
+                    continue;
+                }
             }
             let backlog = d.backlog(kernel)?;
             if d.eof && !d.shut && backlog == 0 {
@@ -388,6 +406,7 @@ async fn run<'s>(
                         kernel.wake_at(d.cookie, at);
                         d.wake_at = at;
                     }
+                    d.wake_user_written = d.user_written;
                 }
                 Mode::Draining if backlog == 0 => {
                     // Every redirected byte is in the peer's TCP: the rest can follow.
@@ -411,12 +430,12 @@ async fn run<'s>(
             return Ok(());
         }
         let moved = before != (up.redirected, down.redirected, up.handed, down.handed);
-        interval = if moved {
+        interval = if !pending {
+            (interval * 2).min(max_idle_interval)
+        } else if moved {
             Duration::from_millis(1)
-        } else if pending {
-            (interval * 2).min(MAX_PENDING_INTERVAL)
         } else {
-            (interval * 2).min(MAX_IDLE_INTERVAL)
+            (interval * 2).min(MAX_PENDING_INTERVAL)
         };
     }
 }

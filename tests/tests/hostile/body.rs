@@ -913,3 +913,75 @@ fn client_reset_mid_stream_closes_the_backend_side() -> Result<()> {
     );
     Ok(())
 }
+
+/// A world whose spliced closes connections idle for `idle` (no byte either way).
+fn with_idle_timeout(idle: &str) -> Result<(World, Service)> {
+    let cfg = config(ENGINE, "1s", false).replacen(
+        "[defaults]\n",
+        &format!("[defaults]\nidle_timeout = \"{idle}\"\n"),
+        1,
+    );
+    start(&cfg)
+}
+
+/// With an idle timeout of 500 ms and the echo backend: a client that sent its hello, its
+/// address, and the hello.
+fn idle_timeout_client() -> Result<(World, Service, TestBackend, TcpStream, SocketAddr, Vec<u8>)> {
+    let (world, spliced) = with_idle_timeout("500ms")?;
+    let echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let mut client = raw::connect(&world, 443, CLIENT_TIMEOUT)?;
+    let me = client.local_addr()?;
+    let hello = simple_hello("echo.example");
+    client.write_all(&hello)?;
+    Ok((world, spliced, echo, client, me, hello))
+}
+
+/// A connection that goes quiet after the hello is closed once `idle_timeout` passes, and
+/// the access log says why.
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() -> Result<()> {
+    let (_world, spliced, _echo, mut client, me, hello) = idle_timeout_client()?;
+    let started = Instant::now();
+    let (got, end) = raw::read_to_end(&mut client, 1 << 16);
+    let waited = started.elapsed();
+    ensure!(
+        got == hello,
+        "the echo of the hello differs: {} bytes",
+        got.len()
+    );
+    ensure!(end.closed(), "the idle connection was not closed: {end:?}");
+    ensure!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, with an idle timeout of 500ms"
+    );
+    expect_log(&spliced, me, &[("outcome", "idle_timeout")])?;
+    Ok(())
+}
+
+/// Bytes trickling in more slowly than the engine's own bookkeeping, but more often than the
+/// idle timeout, keep the connection open well past that timeout.
+#[test]
+fn trickling_connections_outlive_the_idle_timeout() -> Result<()> {
+    let (_world, spliced, _echo, mut client, me, hello) = idle_timeout_client()?;
+    ensure!(
+        raw::read_exactly(&mut client, hello.len())? == hello,
+        "hello echo differs"
+    );
+    // 2.4 s in all, almost five idle timeouts; one byte every 150 ms.
+    for i in 0..16u8 {
+        std::thread::sleep(Duration::from_millis(150));
+        client.write_all(&[i])?;
+        let got = raw::read_exactly(&mut client, 1)
+            .with_context(|| format!("byte {i} did not come back"))?;
+        ensure!(got == [i], "byte {i} came back as {got:?}");
+    }
+    client.shutdown(Shutdown::Write)?;
+    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
+    ensure!(
+        rest.is_empty() && end == End::Eof,
+        "after the trickle: {} bytes, {end:?}",
+        rest.len()
+    );
+    expect_log(&spliced, me, &[("outcome", "ok")])?;
+    Ok(())
+}
