@@ -30,7 +30,7 @@ pub const MAP_EVENTS: &str = "SPLICED_EVENTS";
 /// the peer's backlog would reach the limit, so it can react before the kernel holds much more.
 pub const MAP_WAKE: &str = "SPLICED_WAKE";
 /// A socket reports progress each time its redirected byte count crosses a multiple of this.
-pub const PROGRESS_STEP: u64 = 256 * 1024;
+pub const PROGRESS_STEP: u64 = 1024 * 1024;
 
 /// Name of the per-CPU array of kernel-side counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "SPLICED_COUNTERS";
