@@ -198,8 +198,9 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
     }
     let mut notes = String::from(
         "Every proxy routes on the ClientHello's server name and announces the client to the \
-         backend with a PROXY header (v2; nginx's stream module can only send v1). \
-         \"vs HAProxy\" compares with HAProxy splicing every connection.",
+         backend with a PROXY header (v2; nginx's stream module can only send v1), and \
+         writes one access-log line per connection to a file. \"vs HAProxy\" compares with \
+         HAProxy splicing every connection.",
     );
     for why in &skipped {
         notes.push_str(&format!("\nSkipped {why}."));

@@ -664,10 +664,11 @@ pub(crate) fn part(
         "Short connections: {rounds} rounds of {:.0} s per contender, {} client threads; a \
          connection is connect, ClientHello, a 64-byte answer from the backend, close. Latency \
          is from connect to the answer.\n\n{conns_table}\n\n### Idle connections\n\n{count} \
-         idle connections per contender (the machine's hard limit of open files, 20,000, \
-         keeps this process from holding 10,000 on both ends); memory is scaled to 10,000. \
-         spliced's engines share one process, so a later row reuses memory an earlier one \
-         left to the allocator.\n\n{idle_table}",
+         idle connections per contender; memory is scaled to 10,000. The machine's hard \
+         limit of open files, 20,000 (no CAP_SYS_RESOURCE to raise it), keeps this process \
+         from holding 10,000 connections on both ends, and a single-process proxy would need \
+         more than 20,000 descriptors for 10,000 client and 10,000 backend sockets. Each \
+         spliced engine runs in its own process.\n\n{idle_table}",
         per_sample.as_secs_f64(),
         CLIENT_THREADS
     );

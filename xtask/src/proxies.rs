@@ -2,7 +2,8 @@
 //! shared by every part of the bench that needs them.
 //!
 //! All of them do the same job: accept IPv4 clients on 192.0.2.1, read the TLS ClientHello,
-//! route on its server name to one IPv6 backend, and announce the client with a PROXY header.
+//! route on its server name to one IPv6 backend, announce the client with a PROXY header, and
+//! write one access-log line per connection to a file.
 //! spliced and HAProxy send PROXY v2; nginx's stream module can only send v1, so it does.
 //!
 //! - spliced, one process per forwarding engine (`sockmap.bench`, `splice.bench`,
@@ -204,8 +205,13 @@ fn start_haproxy(
         "global".to_string(),
         format!("  nbthread {WORKERS}"),
         format!("  maxconn {max}"),
+        // One line per connection, like spliced's access log (written to standard output,
+        // which the bench keeps in a file).
+        "  log stdout format raw local0 info".into(),
         "defaults".into(),
         "  mode tcp".into(),
+        "  log global".into(),
+        "  option tcplog".into(),
         format!("  maxconn {max}"),
         "  timeout connect 5s".into(),
         "  timeout client 10m".into(),
@@ -323,6 +329,11 @@ fn start_nginx(
             2 * proxies.max_connections
         ),
         "stream {".into(),
+        // One line per connection, like spliced's access log.
+        "  log_format per_connection '$remote_addr [$time_local] $ssl_preread_server_name \
+         $upstream_addr $status $bytes_received $bytes_sent $session_time';"
+            .into(),
+        format!("  access_log {dir}/bench-nginx-access.log per_connection;"),
         "  map $ssl_preread_server_name $backend_by_sni {".into(),
         format!("    {sni} \"{backend}\";"),
         "  }".into(),
