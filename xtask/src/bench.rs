@@ -246,9 +246,59 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
         lower_is_better: lower,
         bars,
     };
+    // The bar in issue 6: each spliced engine's median against HAProxy's and the direct path's.
+    let spliced: Vec<(String, &[Sample])> = contenders
+        .iter()
+        .zip(&samples)
+        .filter(|(c, _)| c.name().starts_with("spliced"))
+        .map(|(c, s)| (c.name(), s.as_slice()))
+        .collect();
+    let against = |f: &dyn Fn(&[Sample]) -> Vec<f64>, base: f64| {
+        spliced
+            .iter()
+            .map(|(name, s)| (name.clone(), median(&f(s)) / base))
+            .collect::<Vec<_>>()
+    };
+    let mut checks = Vec::new();
+    if let Some((h_tput, h_proxy, h_system)) = haproxy {
+        use crate::report::check;
+        checks.extend(check(
+            "throughput >= 1.0x HAProxy",
+            against(&tput, h_tput),
+            true,
+            1.0,
+            2,
+            "x",
+        ));
+        checks.extend(check(
+            "throughput >= 0.8x the direct path",
+            against(&tput, direct.0),
+            true,
+            0.8,
+            2,
+            "x",
+        ));
+        checks.extend(check(
+            "proxy CPU per GiB <= 0.1x HAProxy",
+            against(&proxy, h_proxy),
+            false,
+            0.1,
+            2,
+            "x",
+        ));
+        checks.extend(check(
+            "whole-system CPU per GiB <= 1.0x HAProxy",
+            against(&system, h_system),
+            false,
+            1.0,
+            2,
+            "x",
+        ));
+    }
     Ok(crate::report::Part {
         heading: "Bulk throughput and CPU per GiB".into(),
         markdown: text,
+        checks,
         panels: vec![
             panel("Throughput each way", "MiB/s", false, bars(&tput, true)),
             panel(

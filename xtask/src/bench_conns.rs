@@ -618,6 +618,63 @@ pub(crate) fn table(results: &[ConnResult], baseline: &str) -> String {
     out
 }
 
+/// The lines of the bar in issue 6 this part measures, for the best spliced engine: connections
+/// per second against the baseline, added p50 latency against the baseline's, and memory per
+/// 10,000 idle connections.
+fn bar_checks(
+    conns: &[ConnResult],
+    idle: &[crate::bench_idle::IdleResult],
+    baseline: &str,
+) -> Vec<crate::report::Check> {
+    use crate::report::check;
+    let spliced = |name: &str| name.starts_with("spliced");
+    let mut checks = Vec::new();
+    let base = conns.iter().find(|r| r.name == baseline);
+    let direct = conns.iter().find(|r| is_direct(&r.name));
+    if let Some(base) = base {
+        let base_rate = median(&base.rates);
+        checks.extend(check(
+            "connections/s >= 1.0x HAProxy",
+            conns
+                .iter()
+                .filter(|r| spliced(&r.name))
+                .map(|r| (r.name.clone(), median(&r.rates) / base_rate)),
+            true,
+            1.0,
+            2,
+            "x",
+        ));
+        if let Some(d) = direct {
+            let limit = (base.p50_us - d.p50_us).round();
+            checks.extend(check(
+                &format!("added p50 latency <= HAProxy's ({limit:+.0} us)"),
+                conns
+                    .iter()
+                    .filter(|r| spliced(&r.name))
+                    .map(|r| (r.name.clone(), r.p50_us - d.p50_us)),
+                false,
+                limit,
+                0,
+                " us",
+            ));
+        }
+    }
+    checks.extend(check(
+        "<= 50 MiB user space per 10,000 idle connections",
+        idle.iter()
+            .filter(|r| spliced(&r.name) && r.error.is_none() && r.count > 0)
+            .map(|r| {
+                let per_10k = r.pss_kib as f64 / 1024.0 * 10_000.0 / r.count as f64;
+                (r.name.clone(), per_10k)
+            }),
+        false,
+        50.0,
+        1,
+        " MiB",
+    ));
+    checks
+}
+
 /// Port of the responder in the backend namespace (both for short and for idle connections).
 const RESPONDER_PORT: u16 = 9100;
 
@@ -690,6 +747,7 @@ pub(crate) fn part(
     Ok(crate::report::Part {
         heading: "Short connections, latency and idle memory".into(),
         markdown: text,
+        checks: bar_checks(&conns, &idle_results, &baseline),
         panels: vec![
             crate::report::Panel {
                 title: "Short connections per second".into(),

@@ -345,6 +345,7 @@ fn print_table(
                 ("the stack, no XDP".into(), median(&stack_pps) / 1000.0),
             ],
         }],
+        checks: Vec::new(),
     }
 }
 

@@ -116,6 +116,9 @@ fn main() -> Result<()> {
                 };
                 parts.push(bench_xdp::run(&opts)?);
             }
+            if let Some(table) = report::bar_table(&parts) {
+                println!("\nThe bar in issue 6, against this run:\n\n{table}");
+            }
             // Only a full run of every part is the record; quick and partial runs just print.
             if !quick && only.is_none() {
                 report::write(&root(), "cargo xtask bench", &parts)?;

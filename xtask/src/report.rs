@@ -12,6 +12,54 @@ pub(crate) struct Part {
     pub markdown: String,
     /// Its panels in the chart.
     pub panels: Vec<Panel>,
+    /// Lines of the bar in issue 6 this part measures, checked against its own figures.
+    pub checks: Vec<Check>,
+}
+
+/// One line of the bar in issue 6, checked against the figures of the run that is written.
+pub(crate) struct Check {
+    /// What the bar asks, e.g. "throughput >= 1.0x HAProxy".
+    pub bar: String,
+    /// The spliced engine that comes closest in this run, and its figure.
+    pub best: String,
+    /// Whether that figure meets the bar, as the tables round it.
+    pub met: bool,
+}
+
+/// The check of a bar that a ratio (or value) must reach or stay under: among `candidates`
+/// (name, value), the best one, rounded to `decimals` as the tables show it.
+pub(crate) fn check(
+    bar: &str,
+    candidates: impl IntoIterator<Item = (String, f64)>,
+    higher_is_better: bool,
+    limit: f64,
+    decimals: i32,
+    unit: &str,
+) -> Option<Check> {
+    let scale = 10f64.powi(decimals);
+    let round = |v: f64| (v * scale).round() / scale;
+    let best = candidates
+        .into_iter()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(name, v)| (name, round(v)))
+        .reduce(|a, b| {
+            let b_better = if higher_is_better {
+                b.1 > a.1
+            } else {
+                b.1 < a.1
+            };
+            if b_better { b } else { a }
+        })?;
+    let met = if higher_is_better {
+        best.1 >= limit
+    } else {
+        best.1 <= limit
+    };
+    Some(Check {
+        bar: bar.into(),
+        best: format!("{}: {:.*}{unit}", best.0, decimals.max(0) as usize, best.1),
+        met,
+    })
 }
 
 /// One panel of the chart: horizontal bars, one per contender.
@@ -142,6 +190,30 @@ fn chart(title: &str, panels: &[&Panel]) -> String {
     svg
 }
 
+/// The bar checks of every part as Markdown, if any part has some.
+pub(crate) fn bar_table(parts: &[Part]) -> Option<String> {
+    let checks: Vec<&Check> = parts.iter().flat_map(|p| &p.checks).collect();
+    if checks.is_empty() {
+        return None;
+    }
+    let mut table = String::from(
+        "Each line of the bar, with the spliced engine that comes closest in this run. Ratios \
+         move from run to run on these machines; the analysis below gives the spread over \
+         several runs.\n\n| bar | best spliced engine in this run | met in this run |\n\
+         |---|---|---|\n",
+    );
+    for c in checks {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} |",
+            c.bar,
+            c.best,
+            if c.met { "yes" } else { "no" }
+        );
+    }
+    Some(table)
+}
+
 /// Writes `docs/benchmarks.md` and `docs/benchmarks.svg` under `root` from the parts' text
 /// and panels; `docs/benchmarks-analysis.md`, written by hand, is linked when it exists.
 pub(crate) fn write(root: &Path, command: &str, parts: &[Part]) -> Result<()> {
@@ -154,6 +226,9 @@ pub(crate) fn write(root: &Path, command: &str, parts: &[Part]) -> Result<()> {
         .iter()
         .map(|p| (p.heading.clone(), p.markdown.clone()))
         .collect();
+    if let Some(table) = bar_table(parts) {
+        sections.push(("The bar in issue 6, against this run".into(), table));
+    }
     if root.join("docs/benchmarks-analysis.md").exists() {
         sections.push((
             "Where spliced falls short, and why".into(),
@@ -199,6 +274,37 @@ fn write_docs(root: &Path, command: &str, sections: &[(String, String)], svg: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The best candidate decides, compared as the tables round it; NaN never wins.
+    #[test]
+    fn bar_checks_take_the_best_engine_as_rounded() -> Result<(), String> {
+        let c = check(
+            "throughput >= 1.0x HAProxy",
+            [
+                ("a".to_string(), 0.8),
+                ("b".to_string(), 0.996),
+                ("c".to_string(), f64::NAN),
+            ],
+            true,
+            1.0,
+            2,
+            "x",
+        )
+        .ok_or("no check")?;
+        assert_eq!((c.best.as_str(), c.met), ("b: 1.00x", true));
+        let c = check(
+            "proxy CPU <= 0.1x",
+            [("a".to_string(), 0.34), ("b".to_string(), 0.2)],
+            false,
+            0.1,
+            2,
+            "x",
+        )
+        .ok_or("no check")?;
+        assert_eq!((c.best.as_str(), c.met), ("b: 0.20x", false));
+        assert!(check("empty", Vec::new(), true, 1.0, 2, "x").is_none());
+        Ok(())
+    }
 
     fn panel(bars: &[(&str, f64)]) -> Panel {
         Panel {
