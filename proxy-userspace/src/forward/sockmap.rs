@@ -222,10 +222,19 @@ pub async fn forward(
     if !emptied {
         return Ok(Used::NotInserted);
     }
+    // The verdict reports at once if a direction's backlog could reach the detach threshold,
+    // counting every byte user space wrote as not yet taken by the peer; this is in place
+    // before the first redirect, so a fast sender cannot run far ahead of the first check.
+    let up_written = params.preface_len + drained;
+    let first_wake = |written: u64| (params.backlog_limit / 2).saturating_sub(written).max(1);
     if kernel
         .register((ca, client.as_fd()), (cb, backend.as_fd()))
         .is_err()
-        || kernel.start(ca, client.as_fd()).is_err()
+        || {
+            kernel.wake_at(ca, first_wake(up_written));
+            kernel.wake_at(cb, first_wake(0));
+            kernel.start(ca, client.as_fd()).is_err()
+        }
     {
         // Nothing was redirected yet (the backend never entered the verdict map).
         kernel.unregister([ca, cb]);
@@ -246,13 +255,13 @@ pub async fn forward(
         side: Side::Client,
         cookie: ca,
         mode: Mode::Kernel,
-        user_written: params.preface_len + drained,
+        user_written: up_written,
         payload_user: drained,
         spliced: &spliced_up,
         redirected: 0,
         handed: 0,
-        wake_at: 0,
-        wake_user_written: 0,
+        wake_at: first_wake(up_written),
+        wake_user_written: up_written,
         eof: false,
         shut: false,
     };
@@ -267,7 +276,7 @@ pub async fn forward(
         spliced: &spliced_down,
         redirected: 0,
         handed: 0,
-        wake_at: 0,
+        wake_at: first_wake(0),
         wake_user_written: 0,
         eof: false,
         shut: false,
@@ -368,11 +377,7 @@ async fn run<'s>(
                 pending |= !d.shut;
                 continue;
             }
-            if d.mode == Mode::Kernel
-                && !d.eof
-                && d.wake_at != 0
-                && d.user_written == d.wake_user_written
-            {
+            if d.mode == Mode::Kernel && !d.eof && d.user_written == d.wake_user_written {
                 // Below the wake point the backlog cannot have reached the threshold: it was
                 // at most threshold - (wake_at - redirected then) when the point was set, and
                 // the peer's TCP has only taken more since. The redirected count (for the
