@@ -27,9 +27,9 @@
 //!   the transfer), under saturating two-way load over veth, about 1 transfer in 60 of
 //!   256 MiB delivered one aggregated segment twice (65160 = 45 x 1448 or 64260 = 45 x 1428
 //!   extra bytes, either direction). Not found yet; the pauses were not the only trigger.
-//!   The bench's throughput part showed it once in 25 one-GiB transfers on 2026-11-28; about
-//!   85 runs of the 1 GiB bulk test that day (alone, next to a splice transfer, and with the
-//!   client's data arriving before insertion) showed none. The one upstream fix for
+//!   The bench's throughput part showed it twice in about 35 one-GiB transfers on
+//!   2026-11-28; about 90 runs of the 1 GiB bulk test that day (alone, next to a splice
+//!   transfer, and with the client's data arriving before insertion) showed none. The one upstream fix for
 //!   duplicated egress data we know of ("bpf, sockmap: fix duplicated data transmission",
 //!   commit 3b4f14b79428, 2025: a partial send followed by EAGAIN resent the prefix already
 //!   sent) should be in 6.18; this comes from a literature search, not checked against this
