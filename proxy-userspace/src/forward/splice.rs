@@ -20,51 +20,39 @@ const CHUNK: usize = 1 << 20;
 /// descriptors and no data pages.
 const POOL_MAX: usize = 64;
 
-static POOL: Mutex<Vec<(OwnedFd, OwnedFd)>> = Mutex::new(Vec::new());
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
-/// A pipe that goes back to [`POOL`] when dropped, unless it may still hold bytes.
+/// A pipe for one direction: taken from [`POOL`] (or made) when bytes are there, and given
+/// back only once drained. One dropped any other way (an error, or the other direction
+/// failing) may hold another connection's bytes, so it is closed, never reused.
 struct Pipe {
-    ends: Option<(OwnedFd, OwnedFd)>,
-    /// Nothing was spliced into it since it was last drained.
-    empty: bool,
+    r: OwnedFd,
+    w: OwnedFd,
 }
 
 impl Pipe {
     fn take() -> io::Result<Pipe> {
-        let pooled = POOL.lock().ok().and_then(|mut pool| pool.pop());
-        let ends = match pooled {
-            Some(ends) => ends,
-            None => {
-                let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-                // A bigger pipe means fewer syscalls per megabyte; failing to grow it (for
-                // example past the per-user pipe page limit) only costs speed.
-                let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
-                (r, w)
-            }
-        };
-        Ok(Pipe {
-            ends: Some(ends),
-            empty: true,
-        })
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        // A pipe cut off mid-transfer (an error, or the other direction failing) may hold
-        // another connection's bytes: it is closed, never reused.
-        if !self.empty {
-            return;
+        if let Some(pipe) = POOL.lock().ok().and_then(|mut pool| pool.pop()) {
+            return Ok(pipe);
         }
-        if let (Some(ends), Ok(mut pool)) = (self.ends.take(), POOL.lock())
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A bigger pipe means fewer syscalls per megabyte; failing to grow it (for example
+        // past the per-user pipe page limit) only costs speed.
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+        Ok(Pipe { r, w })
+    }
+
+    /// Keeps an empty pipe for the next connection, or closes it when the pool is full.
+    fn give_back(self) {
+        if let Ok(mut pool) = POOL.lock()
             && pool.len() < POOL_MAX
         {
-            pool.push(ends);
+            pool.push(self);
         }
     }
 }
 
-/// Forwards `from` to `to` until `from`'s end of stream, then half-closes `to`, unless `ends`
+/// Forwards `from` to `to` until `from`'s end of stream, then half-closes `to`, unless `ended`
 /// says the other direction already ended: the connection is closed next, and close() sends
 /// the FIN itself (both receive queues are empty by then, so it cannot turn into a reset).
 pub(crate) async fn one_way(
@@ -72,37 +60,31 @@ pub(crate) async fn one_way(
     to: &TcpStream,
     from_side: Side,
     counter: &AtomicU64,
-    ends: Option<&AtomicBool>,
+    ended: Option<&AtomicBool>,
 ) -> Result<(), ForwardError> {
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let fill = |pipe: &Pipe| {
+        splice(from.as_fd(), None, pipe.w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
+    };
     // A pipe is held only while bytes are there, so an idle connection holds its two sockets
     // and nothing else. Readiness alone does not prove there are bytes (the hello reader leaves
     // the client socket marked readable after its last read): a first splice that finds
     // nothing gives the pipe back to the pool and waits for the socket.
-    let (mut pipe, mut n) = loop {
+    let (pipe, mut n) = loop {
         from.readable().await.map_err(err_from)?;
-        let mut pipe = Pipe::take().map_err(err_from)?;
-        let Some(pipe_w) = pipe.ends.as_ref().map(|(_, w)| w.as_fd()) else {
-            return Err(err_from(io::Error::other("pipe without ends")));
-        };
-        pipe.empty = false;
-        match from.try_io(Interest::READABLE, || {
-            splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
-        }) {
+        let pipe = Pipe::take().map_err(err_from)?;
+        match from.try_io(Interest::READABLE, || fill(&pipe)) {
             Ok(n) => break (pipe, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.empty = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
             Err(e) => return Err(err_from(e)),
         }
     };
-    let Some((pipe_r, pipe_w)) = pipe.ends.as_ref().map(|(r, w)| (r.as_fd(), w.as_fd())) else {
-        return Err(err_from(io::Error::other("pipe without ends")));
-    };
     loop {
         if n == 0 {
-            pipe.empty = true;
-            if ends.is_some_and(|other_ended| other_ended.swap(true, Ordering::AcqRel)) {
+            pipe.give_back();
+            if ended.is_some_and(|other| other.swap(true, Ordering::AcqRel)) {
                 return Ok(());
             }
             return shutdown_write(to).map_err(err_to);
@@ -113,16 +95,15 @@ pub(crate) async fn one_way(
         while left > 0 {
             left -= to
                 .async_io(Interest::WRITABLE, || {
-                    splice(pipe_r, None, to.as_fd(), None, left, flags).map_err(io::Error::from)
+                    splice(pipe.r.as_fd(), None, to.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
                 })
                 .await
                 .map_err(err_to)?;
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
         n = from
-            .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_w, None, CHUNK, flags).map_err(io::Error::from)
-            })
+            .async_io(Interest::READABLE, || fill(&pipe))
             .await
             .map_err(err_from)?;
     }
