@@ -127,12 +127,12 @@ pub async fn forward(
     counters: &Counters,
 ) -> Result<(), ForwardError> {
     // Whichever direction ends second skips its half-close: both sockets are closed next.
-    let ends = AtomicBool::new(false);
+    let ended = AtomicBool::new(false);
     match engine {
         Engine::Splice | Engine::Sockmap => {
-            both_ways(client, backend, counters, &ends, splice::one_way).await
+            both_ways(client, backend, counters, &ended, splice::one_way).await
         }
-        Engine::Copy => both_ways(client, backend, counters, &ends, copy::one_way).await,
+        Engine::Copy => both_ways(client, backend, counters, &ended, copy::one_way).await,
     }
 }
 
@@ -142,7 +142,7 @@ async fn both_ways<'a, F, Fut>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
     counters: &'a Counters,
-    ends: &'a AtomicBool,
+    ended: &'a AtomicBool,
     one_way: F,
 ) -> Result<(), ForwardError>
 where
@@ -154,25 +154,16 @@ where
         backend,
         Side::Client,
         &counters.upstream,
-        Some(ends),
+        Some(ended),
     );
     let down = one_way(
         backend,
         client,
         Side::Backend,
         &counters.downstream,
-        Some(ends),
+        Some(ended),
     );
     tokio::try_join!(up, down).map(|_| ())
-}
-
-/// Waits until `from` has bytes to read or has reached its end of stream, without consuming
-/// anything. The engines make their buffers and pipes only after this, so an idle connection
-/// holds none. A plain readiness wait would not do: the hello reader leaves the client socket
-/// marked readable after its last successful read.
-pub(crate) async fn first_bytes(from: &TcpStream) -> io::Result<()> {
-    let mut probe = [0u8; 1];
-    from.peek(&mut probe).await.map(|_| ())
 }
 
 /// Writes all of `bytes`, waiting for the socket whenever its send buffer is full.
