@@ -226,7 +226,7 @@ pub async fn forward(
     // counting every byte user space wrote as not yet taken by the peer; this is in place
     // before the first redirect, so a fast sender cannot run far ahead of the first check.
     let up_written = params.preface_len + drained;
-    let first_wake = |written: u64| (params.backlog_limit / 2).saturating_sub(written).max(1);
+    let first_wake = |written: u64| wake_room(params.backlog_limit, written);
     if kernel
         .register((ca, client.as_fd()), (cb, backend.as_fd()))
         .is_err()
@@ -311,6 +311,12 @@ type SpliceFuture<'s> = Pin<Box<dyn Future<Output = Result<(), ForwardError>> + 
 /// Starts forwarding `d` with `splice(2)`; it half-closes `dst` at the end of stream.
 fn splice_rest<'s>(d: &Direction<'s>) -> SpliceFuture<'s> {
     Box::pin(splice::one_way(d.src, d.dst, d.side, d.spliced, None))
+}
+
+/// How many more bytes the verdict may redirect before the backlog, now `backlog`, could
+/// reach the detach threshold (half the limit) if the peer took nothing meanwhile; at least 1.
+fn wake_room(limit: u64, backlog: u64) -> u64 {
+    (limit / 2).saturating_sub(backlog).max(1)
 }
 
 /// Waits for a direction's splice, if it has one.
@@ -413,8 +419,7 @@ async fn run<'s>(
                 Mode::Kernel if !d.eof => {
                     // Hear at once when the backlog could reach the threshold (if the peer
                     // took nothing meanwhile), instead of at the next progress step.
-                    let room = (limit / 2).saturating_sub(backlog).max(1);
-                    let at = d.redirected + room;
+                    let at = d.redirected + wake_room(limit, backlog);
                     if at != d.wake_at {
                         kernel.wake_at(d.cookie, at);
                         d.wake_at = at;
