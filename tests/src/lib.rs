@@ -17,7 +17,7 @@ mod process;
 pub mod raw;
 mod world;
 
-pub use process::{Service, wait_for};
+pub use process::{OpenFiles, Service, open_files, wait_for};
 pub use world::{Ns, World, require_root};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -1,5 +1,6 @@
 //! Processes a test starts, stopped by PID when dropped.
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -130,4 +131,37 @@ pub fn wait_for(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A process's open descriptors, as `/proc/<pid>/fd` lists them.
+pub struct OpenFiles {
+    /// Everything that is not a pipe end: sockets, files, epoll and event descriptors.
+    pub other: usize,
+    /// Pipe ends.
+    pub pipe_ends: usize,
+    /// `pipe:[inode]` of every pipe with an end open (two ends of one pipe count once).
+    pub pipes: BTreeSet<String>,
+}
+
+/// Lists `pid`'s open descriptors. One closed between the listing and the look at it is not
+/// counted.
+pub fn open_files(pid: u32) -> Result<OpenFiles> {
+    let mut files = OpenFiles {
+        other: 0,
+        pipe_ends: 0,
+        pipes: BTreeSet::new(),
+    };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if target.starts_with("pipe:") {
+            files.pipe_ends += 1;
+            files.pipes.insert(target);
+        } else {
+            files.other += 1;
+        }
+    }
+    Ok(files)
 }

@@ -6,7 +6,6 @@
 //! Run as root (network namespaces) with a release build of the proxy:
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test resources`.
 use std::{
-    collections::BTreeSet,
     io::Write as _,
     net::{Shutdown, SocketAddr, TcpStream},
     time::Duration,
@@ -14,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, Service, World, backends,
+    BACKEND_V6, Ns, Service, World, backends, open_files,
     raw::{self, Behavior, End, Stream, TestBackend, simple_hello},
     wait_for,
 };
@@ -41,38 +40,6 @@ fn config() -> String {
         site("idle-copy.example", SILENT_PORT, "copy"),
     ]
     .concat()
-}
-
-/// spliced's open descriptors: sockets and other files, its pipe ends, and their pipes.
-struct Fds {
-    other: usize,
-    pipe_ends: usize,
-    /// `pipe:[inode]` of every pipe with an end open.
-    pipes: BTreeSet<String>,
-}
-
-fn fds(pid: u32) -> Result<Fds> {
-    let mut other = 0;
-    let mut pipe_ends = 0;
-    let mut pipes = BTreeSet::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        // A descriptor closed between the listing and the readlink is simply not counted.
-        let Ok(target) = std::fs::read_link(entry?.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        if target.starts_with("pipe:") {
-            pipe_ends += 1;
-            pipes.insert(target);
-        } else {
-            other += 1;
-        }
-    }
-    Ok(Fds {
-        other,
-        pipe_ends,
-        pipes,
-    })
 }
 
 /// Sends `payload` through the echo site `name` and checks every byte that comes back.
@@ -116,7 +83,7 @@ fn idle_connections_hold_two_sockets_and_no_pipes() -> Result<()> {
     )?;
     // Warm up, so the runtime's own descriptors are there before the baseline.
     echo(&world, "echo-copy.example", b"warm-up")?;
-    let before = fds(pid)?;
+    let before = open_files(pid)?;
 
     // More than the pool holds, so pipes held per idle connection would show.
     const EACH: usize = 2 * POOL_MAX;
@@ -133,14 +100,14 @@ fn idle_connections_hold_two_sockets_and_no_pipes() -> Result<()> {
     let want = before.other + 2 * clients.len();
     let mut seen = (0, 0);
     wait_for("spliced to hold every idle connection", IO, || {
-        let now = fds(pid)?;
+        let now = open_files(pid)?;
         seen = (now.other, now.pipe_ends);
         Ok(now.other == want)
     })
     .with_context(|| format!("descriptors (other, pipes): {seen:?}, want {want} other"))?;
     // Let any lazily made buffer or pipe appear before looking.
     std::thread::sleep(Duration::from_millis(300));
-    let idle = fds(pid)?;
+    let idle = open_files(pid)?;
     // Pipes may sit in the pool (a connection that found no bytes yet gives its pipe back),
     // but they must not grow with the number of idle connections.
     ensure!(
@@ -165,7 +132,7 @@ fn idle_connections_hold_two_sockets_and_no_pipes() -> Result<()> {
             "the backend did not get the client's byte"
         );
     }
-    let busy = fds(pid)?;
+    let busy = open_files(pid)?;
     ensure!(
         busy.pipe_ends >= before.pipe_ends + 2 * EACH
             && busy.pipe_ends <= before.pipe_ends + 2 * (EACH + POOL_MAX),
@@ -179,7 +146,7 @@ fn idle_connections_hold_two_sockets_and_no_pipes() -> Result<()> {
     drop(backends);
     let mut left = (0, 0);
     wait_for("spliced to close every connection", IO, || {
-        let now = fds(pid)?;
+        let now = open_files(pid)?;
         left = (now.other, now.pipe_ends);
         Ok(now.other == before.other && now.pipe_ends <= before.pipe_ends + 2 * POOL_MAX)
     })
@@ -201,7 +168,7 @@ fn pipes_are_reused_and_never_carry_old_bytes() -> Result<()> {
     let (world, spliced, pid) = start()?;
     let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
     echo(&world, "echo-splice.example", b"first")?;
-    let first = fds(pid)?;
+    let first = open_files(pid)?;
     ensure!(
         !first.pipes.is_empty(),
         "no pipe was kept after a splice connection"
@@ -209,7 +176,7 @@ fn pipes_are_reused_and_never_carry_old_bytes() -> Result<()> {
     for i in 0..100 {
         echo(&world, "echo-splice.example", &Stream::prefix(i, 4096))?;
     }
-    let after = fds(pid)?;
+    let after = open_files(pid)?;
     ensure!(
         after.pipes == first.pipes,
         "100 sequential connections made new pipes: {} pipes before, {} after, {} new",
@@ -231,7 +198,7 @@ fn pipes_are_reused_and_never_carry_old_bytes() -> Result<()> {
             &Stream::prefix(2000 + i, 256 * 1024),
         )?;
     }
-    let end = fds(pid)?;
+    let end = open_files(pid)?;
     ensure!(
         end.pipe_ends <= 2 * POOL_MAX,
         "{} pipe ends after sequential connections",

@@ -1078,20 +1078,12 @@ fn map_lens(pid: u32) -> Result<Vec<(String, usize)>> {
         .collect()
 }
 
-/// spliced's descriptors that are not pipe ends, and its pipe ends. Pipes are counted apart
-/// because the splice engine (which carries a direction that left the kernel) keeps up to 64
-/// empty pipes for reuse (`tests/resources.rs` checks that pool).
+/// spliced's descriptors as (not pipe ends, pipe ends). Pipes are counted apart because the
+/// splice engine (which carries a direction that left the kernel) keeps up to 64 empty pipes
+/// for reuse (`tests/resources.rs` checks that pool).
 fn fd_count(pid: u32) -> Result<(usize, usize)> {
-    let (mut other, mut pipes) = (0, 0);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        match std::fs::read_link(entry?.path()) {
-            Ok(t) if t.to_string_lossy().starts_with("pipe:") => pipes += 1,
-            Ok(_) => other += 1,
-            // Closed between the listing and the readlink.
-            Err(_) => {}
-        }
-    }
-    Ok((other, pipes))
+    let files = spliced_tests::open_files(pid)?;
+    Ok((files.other, files.pipe_ends))
 }
 
 /// spliced's TCP sockets as `ss` lists them in the proxy namespace (listeners included).
