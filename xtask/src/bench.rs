@@ -250,7 +250,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
     let spliced: Vec<(String, &[Sample])> = contenders
         .iter()
         .zip(&samples)
-        .filter(|(c, _)| c.name().starts_with("spliced"))
+        .filter(|(c, _)| proxies::is_spliced(&c.name()))
         .map(|(c, s)| (c.name(), s.as_slice()))
         .collect();
     let against = |f: &dyn Fn(&[Sample]) -> Vec<f64>, base: f64| {

@@ -627,7 +627,7 @@ fn bar_checks(
     baseline: &str,
 ) -> Vec<crate::report::Check> {
     use crate::report::check;
-    let spliced = |name: &str| name.starts_with("spliced");
+    let spliced = crate::proxies::is_spliced;
     let mut checks = Vec::new();
     let base = conns.iter().find(|r| r.name == baseline);
     let direct = conns.iter().find(|r| is_direct(&r.name));
@@ -662,10 +662,12 @@ fn bar_checks(
     checks.extend(check(
         "<= 50 MiB user space per 10,000 idle connections",
         idle.iter()
-            .filter(|r| spliced(&r.name) && r.error.is_none() && r.count > 0)
+            .filter(|r| spliced(&r.name) && r.error.is_none())
             .map(|r| {
-                let per_10k = r.pss_kib as f64 / 1024.0 * 10_000.0 / r.count as f64;
-                (r.name.clone(), per_10k)
+                (
+                    r.name.clone(),
+                    crate::bench_idle::per_10k(r.pss_kib, r.count),
+                )
             }),
         false,
         50.0,
@@ -736,12 +738,10 @@ pub(crate) fn part(
     let idle_bars = idle_results
         .iter()
         .map(|r| {
-            let per_10k = if r.count == 0 {
-                f64::NAN
-            } else {
-                r.pss_kib as f64 / 1024.0 * 10_000.0 / r.count as f64
-            };
-            (r.name.clone(), per_10k)
+            (
+                r.name.clone(),
+                crate::bench_idle::per_10k(r.pss_kib, r.count),
+            )
         })
         .collect();
     Ok(crate::report::Part {

@@ -547,16 +547,18 @@ fn warn_low_limits(t: &Target, count: usize) {
     }
 }
 
+/// `kib` measured over `count` connections, as MiB per 10,000 connections (NaN without any).
+pub(crate) fn per_10k(kib: i64, count: usize) -> f64 {
+    if count == 0 {
+        f64::NAN
+    } else {
+        kib as f64 / 1024.0 * 10_000.0 / count as f64
+    }
+}
+
 /// A Markdown table of `results`, with user-space memory (PSS) relative to the proxy named
 /// `baseline`.
 pub(crate) fn table(results: &[IdleResult], baseline: &str) -> String {
-    let per_10k = |kib: i64, count: usize| -> f64 {
-        if count == 0 {
-            f64::NAN
-        } else {
-            kib as f64 / 1024.0 * 10_000.0 / count as f64
-        }
-    };
     let base = bench_conns::find_named(results.iter().map(|r| r.name.as_str()), baseline)
         .filter(|&i| results[i].error.is_none())
         .map(|i| per_10k(results[i].pss_kib, results[i].count));

@@ -154,6 +154,12 @@ fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> R
     Ok(())
 }
 
+/// Whether the contender named `name` is one of spliced's engines (what issue 6's bar is
+/// about), as [`start_spliced`] names them.
+pub(crate) fn is_spliced(name: &str) -> bool {
+    name.starts_with("spliced")
+}
+
 /// `2.6.12` from `haproxy -v`; fails if HAProxy is not installed.
 fn haproxy_version() -> Result<String> {
     let out = Command::new("haproxy")
