@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod preface;
 pub mod route;
 pub mod server;
+mod sys;

@@ -1,42 +1,28 @@
 //! The sockmap engine: both sockets go into a `SOCKHASH` whose `sk_skb` stream-verdict program
 //! redirects every skb to the peer's egress, so the payload never reaches user space.
 //!
-//! What user space still does, and why (see DESIGN.md, "Facts about sockmap"):
-//! - Insertion order: both sockets are first *held* (a second `SOCKHASH` without programs) and
-//!   registered as peers, and only then put in the verdict map, so a redirect can never target
-//!   a socket that is not there yet. Redirect targets are looked up in the hold map.
-//! - The preface went out before any insertion, so kernel-redirected bytes always follow it.
-//! - After insertion `SO_RCVLOWAT` is set, which makes TCP offer the verdict whatever arrived
-//!   before the socket was in the map.
+//! What user space still does, and why (DESIGN.md, "Facts about sockmap", has the evidence;
+//! `docs/sockmap-engine.md` the history of each choice):
+//! - Before insertion it forwards whatever the client already queued, until a read comes back
+//!   short: the hello reader can leave an skb half-read, which the verdict would see whole.
+//! - Insertion order is [`crate::ebpf::SplicedPair`]'s: both sockets held and registered as peers,
+//!   then the verdict map, so a redirect never targets a socket that is not there yet. The
+//!   PROXY header and hello went out before, so redirected bytes always follow them. After
+//!   insertion `SO_RCVLOWAT` makes TCP offer the verdict whatever arrived before.
 //! - End of stream shows as `read() == 0`. The half-close is passed on only once every byte
 //!   redirected to the peer has been handed to its TCP (`tcpi_bytes_acked` + `SIOCOUTQ`);
 //!   earlier, the redirected tail would be thrown away.
-//! - Backpressure: a psock egress queue has no bound. The verdict reports at once when a
-//!   direction's backlog may have reached half the limit; if it has, the sender is taken out
-//!   of the verdict map, so its data stays in its own TCP receive queue and TCP closes the
-//!   window. Once every redirected byte reached the peer's TCP, `splice(2)` carries the rest
-//!   of that direction. The removal must not race with a verdict run (an skb already off the
-//!   receive queue would be dropped), so an `iter/tcp` program does it with the socket
-//!   locked (`Kernel::detach`). The kernel can redirect a little more while we react.
-//! - Why a direction does not go back into the kernel: re-inserting a detached socket and
-//!   kicking it, repeated under saturating two-way load, corrupted the stream in 9 of 20
-//!   one-GiB runs (a segment duplicated or lost, not at the re-insertion point); leaving once
-//!   was intact in every run. Earlier pause designs (passing to the socket's own queue) had
-//!   the same defect. The cause is not found; see issue 4's notes.
-//! - Known defect, why `auto` does not choose this engine: with no pause at all (a limit above
-//!   the transfer), under saturating two-way load over veth, about 1 transfer in 60 of
-//!   256 MiB delivered one aggregated segment twice (65160 = 45 x 1448 or 64260 = 45 x 1428
-//!   extra bytes, either direction). Not found yet; the pauses were not the only trigger.
-//!   The bench's throughput part showed it twice in about 35 one-GiB transfers on
-//!   2026-11-28; about 90 runs of the 1 GiB bulk test that day (alone, next to a splice
-//!   transfer, and with the client's data arriving before insertion) showed none. The one upstream fix for
-//!   duplicated egress data we know of ("bpf, sockmap: fix duplicated data transmission",
-//!   commit 3b4f14b79428, 2025: a partial send followed by EAGAIN resent the prefix already
-//!   sent) should be in 6.18; this comes from a literature search, not checked against this
-//!   kernel's source. Its symptom is a partial prefix, while this one repeats a whole skb.
-//!   Next step: trace `sk_psock_backlog` and `skb_send_sock` per skb while the bench runs.
+//! - Backpressure: a psock egress queue has no bound. The verdict wakes us when a direction's
+//!   redirected count reaches a point where its backlog could have reached half the limit
+//!   (see [`decide`]); if it has, the sender is taken out of the verdict map under its socket
+//!   lock, its data stays in its own TCP receive queue where flow control applies, and once
+//!   every redirected byte reached the peer's TCP, `splice(2)` carries the rest of that
+//!   direction. It does not go back into the kernel: re-inserting a detached socket has
+//!   corrupted streams under load.
 //! - A socket that already got its FIN cannot be inserted: the client side then falls back to
 //!   another engine before anything moved; the backend side is spliced from user space.
+//! - Under packet loss the kernel path has delivered an skb twice (DESIGN.md, fact 11), so
+//!   `auto` does not choose this engine.
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd},
@@ -51,7 +37,7 @@ use std::{
 use tokio::{io::Interest, net::TcpStream, sync::Notify};
 
 use super::{Counters, ForwardError, Side, shutdown_write, splice, write_all};
-use crate::ebpf::{self, Kernel};
+use crate::{ebpf::Kernel, sys};
 
 /// How the connection was forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +142,10 @@ impl Direction<'_> {
     /// Bytes sent towards `dst` that its TCP has not taken yet (the psock egress queue).
     fn backlog(&mut self, kernel: &Kernel) -> Result<u64, ForwardError> {
         self.redirected = kernel.redirected(self.cookie);
-        let handed = ebpf::bytes_handed_to_tcp(self.dst.as_fd()).map_err(|e| self.err_dst(e))?;
+        // spliced connected the backend and accepted the client.
+        let dst_connected_here = self.side == Side::Client;
+        let handed = sys::bytes_handed_to_tcp(self.dst.as_fd(), dst_connected_here)
+            .map_err(|e| self.err_dst(e))?;
         self.handed = handed;
         Ok((self.redirected + self.user_written).saturating_sub(handed))
     }
@@ -201,7 +190,7 @@ async fn drain_queued(
 }
 
 fn cookies(client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    Ok((ebpf::socket_cookie(client)?, ebpf::socket_cookie(backend)?))
+    Ok((sys::socket_cookie(client)?, sys::socket_cookie(backend)?))
 }
 
 /// Splices `client` and `backend` in the kernel until both directions are closed.
@@ -227,68 +216,65 @@ pub async fn forward(
     // before the first redirect, so a fast sender cannot run far ahead of the first check.
     let up_written = params.preface_len + drained;
     let first_wake = |written: u64| wake_room(params.backlog_limit, written);
-    if kernel
-        .register((ca, client.as_fd()), (cb, backend.as_fd()))
-        .is_err()
-        || {
-            kernel.wake_at(ca, first_wake(up_written));
-            kernel.wake_at(cb, first_wake(0));
-            kernel.start(ca, client.as_fd()).is_err()
-        }
-    {
-        // Nothing was redirected yet (the backend never entered the verdict map).
-        kernel.unregister([ca, cb]);
+    let wake = [first_wake(up_written), first_wake(0)];
+    let Ok(pair) = kernel.splice_pair((ca, client.as_fd()), (cb, backend.as_fd()), wake) else {
+        // Nothing was redirected yet: the backend never entered the verdict map, and the
+        // pair, dropped, took the client out again.
         return Ok(Used::NotInserted);
-    }
-    let notify = kernel.watch(ca);
-    let notify_b = kernel.watch(cb);
-    let backend_mode = if kernel.start(cb, backend.as_fd()).is_ok() {
+    };
+    let backend_mode = if pair.start_second(backend.as_fd()).is_ok() {
         Mode::Kernel
     } else {
         // The backend already closed: what it sent waits in its TCP queue for the splice.
         Mode::Draining
     };
     let (spliced_up, spliced_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut up = Direction {
-        src: client,
-        dst: backend,
-        side: Side::Client,
-        cookie: ca,
-        mode: Mode::Kernel,
-        user_written: up_written,
-        payload_user: drained,
-        spliced: &spliced_up,
+    let direction = |src, dst, side, cookie, mode, written, payload, spliced, wake_at| Direction {
+        src,
+        dst,
+        side,
+        cookie,
+        mode,
+        user_written: written,
+        payload_user: payload,
+        spliced,
         redirected: 0,
         handed: 0,
-        wake_at: first_wake(up_written),
-        wake_user_written: up_written,
+        wake_at,
+        wake_user_written: written,
         eof: false,
         shut: false,
     };
-    let mut down = Direction {
-        src: backend,
-        dst: client,
-        side: Side::Backend,
-        cookie: cb,
-        mode: backend_mode,
-        user_written: 0,
-        payload_user: 0,
-        spliced: &spliced_down,
-        redirected: 0,
-        handed: 0,
-        wake_at: first_wake(0),
-        wake_user_written: 0,
-        eof: false,
-        shut: false,
-    };
-    let _ = ebpf::set_rcvlowat(client, 1);
+    let mut up = direction(
+        client,
+        backend,
+        Side::Client,
+        ca,
+        Mode::Kernel,
+        up_written,
+        drained,
+        &spliced_up,
+        wake[0],
+    );
+    let mut down = direction(
+        backend,
+        client,
+        Side::Backend,
+        cb,
+        backend_mode,
+        0,
+        0,
+        &spliced_down,
+        wake[1],
+    );
+    let _ = sys::set_rcvlowat(client, 1);
     if backend_mode == Mode::Kernel {
-        let _ = ebpf::set_rcvlowat(backend, 1);
+        let _ = sys::set_rcvlowat(backend, 1);
     }
-    let result = run(&mut up, &mut down, &params, counters, &notify, &notify_b).await;
+    let result = run(&mut up, &mut down, &params, counters, pair.notifiers()).await;
     // Everything was handed to TCP before each half-close; on errors the connection is being
     // torn down anyway, so dropping queued bytes is what a reset means.
-    kernel.unregister([ca, cb]);
+    drop(pair);
     if result.is_err() {
         // Bytes parked in a psock are invisible to close(), which would then send a FIN and
         // make a failure look like a clean end: reset both sides instead, as splice would.
@@ -319,6 +305,83 @@ fn wake_room(limit: u64, backlog: u64) -> u64 {
     (limit / 2).saturating_sub(backlog).max(1)
 }
 
+/// Whether a direction in the kernel can skip its full check (`TCP_INFO` and `SIOCOUTQ`, the
+/// costly part): below its wake point, with nothing written by user space since the point
+/// was set, its backlog cannot have reached the threshold. It was at most the threshold
+/// less the room left when the point was set, and the peer's TCP has only taken more since.
+fn below_wake_point(d: &Direction<'_>) -> bool {
+    d.mode == Mode::Kernel
+        && !d.eof
+        && d.user_written == d.wake_user_written
+        && d.redirected < d.wake_at
+}
+
+/// What a direction does after a check, decided from its state and what the check measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Decision {
+    /// Pass the end of stream on now (`shutdown(SHUT_WR)` on the destination): every byte
+    /// before it reached the destination's TCP.
+    shutdown: bool,
+    /// What happens to the direction's mode.
+    next: Next,
+}
+
+/// The mode change a check decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// Nothing changes.
+    Stay,
+    /// The peer is not keeping up: take the source out of the verdict map.
+    Detach,
+    /// Stay in the kernel, and have the verdict wake us when the redirected count reaches
+    /// this (where the backlog could reach the threshold if the peer took nothing).
+    WakeAt(u64),
+    /// Every byte redirected earlier reached the peer's TCP: `splice(2)` carries the rest.
+    Splice,
+}
+
+/// The per-direction rule. `backlog` is what was sent towards the destination but not yet
+/// taken by its TCP, `redirected` the verdict's count, `limit` the backlog limit; a direction
+/// leaves the kernel when its backlog passes half the limit, before its end of stream.
+fn decide(
+    mode: Mode,
+    eof: bool,
+    shut: bool,
+    backlog: u64,
+    redirected: u64,
+    limit: u64,
+) -> Decision {
+    let next = match mode {
+        Mode::Kernel if eof => Next::Stay,
+        Mode::Kernel if backlog > limit / 2 => Next::Detach,
+        Mode::Kernel => Next::WakeAt(redirected + wake_room(limit, backlog)),
+        Mode::Draining if backlog == 0 => Next::Splice,
+        Mode::Draining | Mode::User => Next::Stay,
+    };
+    Decision {
+        shutdown: eof && !shut && backlog == 0,
+        next,
+    }
+}
+
+/// The most time between checks while something is pending that no event announces (a
+/// drain, a half-close waiting for the peer's TCP).
+const MAX_PENDING_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Time until the next check when nothing wakes us. While both directions are in the kernel
+/// and open, the verdict's events are enough, so the interval grows to `max_idle` whether or
+/// not bytes move (polling every millisecond there was most of the engine's CPU). Something
+/// pending is polled from 1 ms while it moves, backing off while it does not.
+fn next_interval(interval: Duration, pending: bool, moved: bool, max_idle: Duration) -> Duration {
+    if !pending {
+        (interval * 2).min(max_idle)
+    } else if moved {
+        Duration::from_millis(1)
+    } else {
+        (interval * 2).min(MAX_PENDING_INTERVAL)
+    }
+}
+
 /// Waits for a direction's splice, if it has one.
 async fn finished(f: &mut Option<SpliceFuture<'_>>) -> Result<(), ForwardError> {
     match f {
@@ -332,24 +395,17 @@ async fn run<'s>(
     down: &mut Direction<'s>,
     params: &Params<'_>,
     counters: &Counters,
-    notify_a: &Notify,
-    notify_b: &Notify,
+    [notify_a, notify_b]: [&Notify; 2],
 ) -> Result<(), ForwardError> {
     let mut buf = Vec::new();
     let (client, backend) = (up.src, down.src);
     let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
-    // Time between checks when nothing wakes us. While both directions are in the kernel and
-    // open, the verdict's events are enough (a progress step, or the backlog reaching the
-    // wake point), so the interval grows to a second whether or not bytes move: polling
-    // every millisecond there cost a TCP_INFO, a SIOCOUTQ and a map lookup per direction
-    // and was most of the engine's CPU. Something pending (a drain, a half-close waiting for
-    // the peer's TCP) has no event, so it is polled from 1 ms, backing off while nothing moves.
     let (kernel, limit) = (params.kernel, params.backlog_limit);
     let mut interval = Duration::from_millis(1);
+    // The byte counters the idle timeout watches are refreshed at least four times within it.
     let max_idle_interval = params.idle_timeout.map_or(Duration::from_secs(1), |idle| {
         (idle / 4).clamp(Duration::from_millis(1), Duration::from_secs(1))
     });
-    const MAX_PENDING_INTERVAL: Duration = Duration::from_millis(50);
     loop {
         let [splice_up, splice_down] = &mut splices;
         tokio::select! {
@@ -383,26 +439,25 @@ async fn run<'s>(
                 pending |= !d.shut;
                 continue;
             }
-            if d.mode == Mode::Kernel && !d.eof && d.user_written == d.wake_user_written {
-                // Below the wake point the backlog cannot have reached the threshold: it was
-                // at most threshold - (wake_at - redirected then) when the point was set, and
-                // the peer's TCP has only taken more since. The redirected count (for the
-                // byte counters) is all this check needs; TCP_INFO is the costly part.
+            if d.mode == Mode::Kernel {
+                // The redirected count (for the byte counters) is all a direction below its
+                // wake point needs.
                 d.redirected = kernel.redirected(d.cookie);
-                if d.redirected < d.wake_at {
+                if below_wake_point(d) {
                     continue;
                 }
             }
             let backlog = d.backlog(kernel)?;
-            if d.eof && !d.shut && backlog == 0 {
+            let decision = decide(d.mode, d.eof, d.shut, backlog, d.redirected, limit);
+            if decision.shutdown {
                 shutdown_write(d.dst).map_err(|e| d.err_dst(e))?;
                 d.shut = true;
             }
-            match d.mode {
-                Mode::Kernel if backlog > limit / 2 && !d.eof => {
-                    // The peer is not keeping up. Taking the socket out of the verdict map
-                    // leaves its data in its TCP queue, where flow control applies; the
-                    // removal waits for any verdict run, so the redirected count is final.
+            match decision.next {
+                Next::Stay => {}
+                Next::Detach => {
+                    // The removal waits for any verdict run, so the redirected count is
+                    // final afterwards.
                     kernel
                         .detach(d.cookie)
                         .map_err(|e| d.err_src(io::Error::other(format!("pausing: {e}"))))?;
@@ -416,23 +471,18 @@ async fn run<'s>(
                         "the peer is not keeping up: leaving the kernel"
                     );
                 }
-                Mode::Kernel if !d.eof => {
-                    // Hear at once when the backlog could reach the threshold (if the peer
-                    // took nothing meanwhile), instead of at the next progress step.
-                    let at = d.redirected + wake_room(limit, backlog);
+                Next::WakeAt(at) => {
                     if at != d.wake_at {
                         kernel.wake_at(d.cookie, at);
                         d.wake_at = at;
                     }
                     d.wake_user_written = d.user_written;
                 }
-                Mode::Draining if backlog == 0 => {
-                    // Every redirected byte is in the peer's TCP: the rest can follow.
+                Next::Splice => {
                     d.mode = Mode::User;
                     *splice = Some(splice_rest(d));
                     tracing::debug!(side = ?d.side, "drained; splice carries the rest");
                 }
-                _ => {}
             }
             pending |= (d.eof && !d.shut) || d.mode != Mode::Kernel;
         }
@@ -448,12 +498,87 @@ async fn run<'s>(
             return Ok(());
         }
         let moved = before != (up.redirected, down.redirected, up.handed, down.handed);
-        interval = if !pending {
-            (interval * 2).min(max_idle_interval)
-        } else if moved {
-            Duration::from_millis(1)
-        } else {
-            (interval * 2).min(MAX_PENDING_INTERVAL)
-        };
+        interval = next_interval(interval, pending, moved, max_idle_interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: u64 = 4 << 20;
+
+    fn next(mode: Mode, eof: bool, backlog: u64, redirected: u64) -> Next {
+        decide(mode, eof, false, backlog, redirected, LIMIT).next
+    }
+
+    #[test]
+    fn a_kernel_direction_leaves_only_past_half_the_limit_and_before_its_end() {
+        assert_eq!(next(Mode::Kernel, false, LIMIT / 2 + 1, 0), Next::Detach);
+        assert_eq!(
+            next(Mode::Kernel, false, LIMIT / 2, 10),
+            Next::WakeAt(11),
+            "at the threshold it stays, woken after one more byte"
+        );
+        assert_eq!(
+            next(Mode::Kernel, true, LIMIT, 0),
+            Next::Stay,
+            "ended: no detach"
+        );
+    }
+
+    #[test]
+    fn the_wake_point_is_where_the_backlog_could_reach_the_threshold() {
+        assert_eq!(
+            next(Mode::Kernel, false, 0, 100),
+            Next::WakeAt(100 + LIMIT / 2)
+        );
+        assert_eq!(
+            next(Mode::Kernel, false, LIMIT / 4, 100),
+            Next::WakeAt(100 + LIMIT / 4)
+        );
+        assert_eq!(
+            wake_room(LIMIT, LIMIT),
+            1,
+            "never zero: the verdict must move on"
+        );
+    }
+
+    #[test]
+    fn a_draining_direction_splices_once_its_backlog_is_gone() {
+        assert_eq!(next(Mode::Draining, false, 1, 0), Next::Stay);
+        assert_eq!(next(Mode::Draining, false, 0, 0), Next::Splice);
+        assert_eq!(next(Mode::User, false, 0, 0), Next::Stay);
+    }
+
+    #[test]
+    fn end_of_stream_passes_on_only_when_everything_reached_the_peer() {
+        let shutdown =
+            |eof, shut, backlog| decide(Mode::Kernel, eof, shut, backlog, 0, LIMIT).shutdown;
+        assert!(shutdown(true, false, 0));
+        assert!(
+            !shutdown(true, false, 1),
+            "the redirected tail would be thrown away"
+        );
+        assert!(!shutdown(true, true, 0), "once");
+        assert!(!shutdown(false, false, 0), "not before the end");
+        assert!(decide(Mode::Draining, true, false, 0, 0, LIMIT).shutdown);
+    }
+
+    #[test]
+    fn the_poll_interval_backs_off_unless_something_pending_moves() {
+        let ms = Duration::from_millis;
+        let max = Duration::from_secs(1);
+        assert_eq!(
+            next_interval(ms(1), false, true, max),
+            ms(2),
+            "events cover moving bytes"
+        );
+        assert_eq!(next_interval(ms(800), false, false, max), max);
+        assert_eq!(next_interval(ms(40), true, true, max), ms(1));
+        assert_eq!(
+            next_interval(ms(40), true, false, max),
+            MAX_PENDING_INTERVAL
+        );
     }
 }

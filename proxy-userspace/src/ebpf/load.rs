@@ -1,0 +1,191 @@
+//! Loading the eBPF object: programs loaded and attached, maps taken and pinned under bpffs
+//! (with BTF, so bpftool shows them by field name), the programs' log records, and the
+//! per-CPU counters. Dropping the [`Kernel`] unloads everything and removes its pins.
+use std::{collections::HashMap as StdHashMap, path::Path, sync::Mutex};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    programs::{Iter, SkSkb},
+};
+use proxy_common::{
+    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_PEERS, MAP_SOCKETS, MAP_WAKE,
+    MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS,
+    PROG_DETACH, PROG_STREAM_VERDICT,
+};
+use tokio::io::unix::AsyncFd;
+
+use super::{Kernel, lock, sockmap::Maps, sum_per_cpu, xdp::XdpMaps};
+
+/// The eBPF object built by `build.rs` from the `proxy-ebpf` crate.
+#[cfg(not(spliced_no_ebpf))]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+#[cfg(spliced_no_ebpf)]
+static OBJECT: &[u8] = &[];
+
+/// Where bpffs is mounted normally.
+const BPFFS: &str = "/sys/fs/bpf";
+
+impl Kernel {
+    /// Loads the object, attaches the stream-verdict program to the socket hash and, if
+    /// `pin_dir` is given, pins every map there (replacing stale pins from a crashed run).
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        anyhow::ensure!(
+            !OBJECT.is_empty(),
+            "this binary was built without its eBPF object"
+        );
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
+        // The programs' aya-log records reach our log (debug level, target `proxy_ebpf`).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF log records will not be shown: {e}");
+                None
+            }
+        };
+        if let Some(dir) = pin_dir {
+            ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut pins = Vec::new();
+        let mut take = |ebpf: &mut Ebpf, name: &str| -> Result<aya::maps::Map> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            if let Some(dir) = pin_dir {
+                let path = dir.join(name);
+                if path.exists() {
+                    // Left by a run that did not shut down cleanly; its maps died with it.
+                    tracing::warn!(pin = %path.display(), "removing a stale pin");
+                    std::fs::remove_file(&path)?;
+                }
+                map.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                pins.push(path);
+            }
+            Ok(map)
+        };
+        let maps = Maps {
+            socks: take(&mut ebpf, MAP_SOCKETS)?.try_into()?,
+            hold: take(&mut ebpf, MAP_HOLD)?.try_into()?,
+            peers: take(&mut ebpf, MAP_PEERS)?.try_into()?,
+            detach: take(&mut ebpf, MAP_DETACH)?.try_into()?,
+            wake: take(&mut ebpf, MAP_WAKE)?.try_into()?,
+        };
+        let counters = take(&mut ebpf, MAP_COUNTERS)?.try_into()?;
+        let events = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
+        let xdp = XdpMaps {
+            deny4: take(&mut ebpf, MAP_XDP_DENY4)?.try_into()?,
+            deny6: take(&mut ebpf, MAP_XDP_DENY6)?.try_into()?,
+            ports: take(&mut ebpf, MAP_XDP_PORTS)?.try_into()?,
+            limit: take(&mut ebpf, MAP_XDP_LIMIT)?.try_into()?,
+            counters: take(&mut ebpf, MAP_XDP_COUNTERS)?.try_into()?,
+            _buckets: take(&mut ebpf, MAP_XDP_BUCKETS)?.try_into()?,
+            attached: Vec::new(),
+        };
+        let fd = maps.socks.fd().try_clone()?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(PROG_STREAM_VERDICT)
+            .with_context(|| format!("program {PROG_STREAM_VERDICT} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .context("the verifier rejected the stream-verdict program")?;
+        prog.attach(&fd)
+            .context("attaching the stream-verdict program")?;
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let iter: &mut Iter = ebpf
+            .program_mut(PROG_DETACH)
+            .with_context(|| format!("program {PROG_DETACH} missing from the object"))?
+            .try_into()?;
+        iter.load("tcp", &btf)
+            .context("the verifier rejected the TCP iterator program")?;
+        Ok(Kernel {
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(maps),
+            counters,
+            events: Mutex::new(Some(events)),
+            logger: Mutex::new(logger),
+            watchers: Mutex::new(StdHashMap::new()),
+            xdp: Mutex::new(xdp),
+            pins,
+        })
+    }
+
+    /// Starts the tasks that pass the programs' log records to our log and their progress
+    /// events to the connections they belong to. Call once, inside the runtime.
+    pub fn spawn_event_reader(self: &std::sync::Arc<Self>) -> Result<()> {
+        self.spawn_log_pump()?;
+        self.spawn_progress_reader()
+    }
+
+    fn spawn_log_pump(&self) -> Result<()> {
+        let Some(logger) = lock(&self.logger).take() else {
+            return Ok(());
+        };
+        // SAFETY: the logger owns its map descriptor and keeps it open while registered.
+        let mut logger = unsafe { AsyncFd::register(logger) }
+            .map_err(|e| anyhow::anyhow!("watching the eBPF log buffer: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Names of the programs in the loaded object.
+    pub fn program_names(&self) -> Vec<String> {
+        lock(&self.ebpf)
+            .programs()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    /// Kernel-side counters summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| (c.name(), sum_per_cpu(&self.counters, c as u32)))
+            .collect()
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        for pin in &self.pins {
+            let _ = std::fs::remove_file(pin);
+        }
+        if let Some(dir) = self.pins.first().and_then(|p| p.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when `dir` is under it and nothing is mounted there:
+/// `ip netns exec` gives its command a fresh `/sys` without one.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new(BPFFS);
+    if !dir.starts_with(root) {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS))
+    {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs on /sys/fs/bpf")?;
+    Ok(())
+}

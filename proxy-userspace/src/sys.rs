@@ -1,0 +1,127 @@
+//! Socket options and ioctls that nix does not wrap, each checked for the length the kernel
+//! wrote back, so a kernel that returns less than we expect is an error rather than zeros.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use nix::libc;
+
+/// Reads a fixed-size socket option into `T`, failing unless the kernel wrote at least
+/// `needed` bytes of it (the leading fields the caller reads).
+///
+/// # Safety
+/// `T` must be plain data for which any bit pattern is valid.
+unsafe fn getsockopt_raw<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    needed: usize,
+) -> io::Result<T> {
+    // SAFETY: the caller guarantees T is plain data; zeroes are a valid value of it.
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < needed {
+        return Err(io::Error::other(format!(
+            "getsockopt({level}, {name}) returned {len} bytes, expected at least {needed}"
+        )));
+    }
+    Ok(value)
+}
+
+/// The kernel's cookie for a socket: stable for its life, the key in every socket map.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: u64 is plain data.
+    unsafe { getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_COOKIE, size_of::<u64>()) }
+}
+
+/// Bytes a socket has handed to TCP: acknowledged by the peer plus still in the send queue.
+///
+/// `connected_here` says whether this socket sent the SYN (`connect`, not `accept`): the
+/// kernel counts the acknowledgement of our own SYN in `tcpi_bytes_acked`, which is one more
+/// than the data, while an accepted socket's count starts at its first data byte.
+pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>, connected_here: bool) -> io::Result<u64> {
+    // `tcpi_bytes_acked` is not in the oldest tcp_info layouts: insist the kernel wrote it.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+    // SAFETY: tcp_info is plain data.
+    let info: libc::tcp_info =
+        unsafe { getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, needed)? };
+    let acked = info
+        .tcpi_bytes_acked
+        .saturating_sub(u64::from(connected_here));
+    Ok(acked + unsent_bytes(fd)?)
+}
+
+/// Bytes in a socket's send queue not yet acknowledged (`SIOCOUTQ`).
+fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))
+}
+
+/// Sets `SO_RCVLOWAT`; setting it makes TCP re-check its queue and wake the verdict program
+/// for data that arrived before the socket was in the map.
+pub fn set_rcvlowat(fd: impl AsFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: SO_RCVLOWAT reads one int, and we pass one with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected pair on loopback: the options read back what the kernel says.
+    #[test]
+    fn options_on_a_connected_socket() -> io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        let a = socket_cookie(client.as_fd())?;
+        let b = socket_cookie(server.as_fd())?;
+        assert_ne!(a, 0);
+        assert_ne!(a, b, "two sockets, two cookies");
+        assert_eq!(socket_cookie(client.as_fd())?, a, "a cookie is stable");
+        io::Write::write_all(&mut &client, b"12345")?;
+        let mut buf = [0u8; 5];
+        io::Read::read_exact(&mut &server, &mut buf)?;
+        io::Write::write_all(&mut &server, b"123")?;
+        let mut buf = [0u8; 3];
+        io::Read::read_exact(&mut &client, &mut buf)?;
+        // Acknowledged or queued, exactly the data each side wrote was handed to TCP.
+        assert_eq!(bytes_handed_to_tcp(client.as_fd(), true)?, 5);
+        assert_eq!(bytes_handed_to_tcp(server.as_fd(), false)?, 3);
+        set_rcvlowat(&server, 1)?;
+        Ok(())
+    }
+}
