@@ -108,9 +108,11 @@ pub struct Server {
     metrics: Option<SocketAddr>,
 }
 
-/// Whether `config` asks for the sockmap engine anywhere, explicitly or through `auto`.
-fn wants_sockmap(config: &Config) -> (bool, bool) {
-    let all = std::iter::once(Some(config.defaults.forwarding))
+/// Whether `config` asks for the sockmap engine anywhere (a listener, a site, the default site
+/// or `[defaults]`). `auto` does not count while it means splice: programs it would never use
+/// are not loaded.
+fn wants_sockmap(config: &Config) -> bool {
+    std::iter::once(Some(config.defaults.forwarding))
         .chain(config.listeners.iter().map(|l| l.forwarding))
         .chain(
             config
@@ -119,14 +121,8 @@ fn wants_sockmap(config: &Config) -> (bool, bool) {
                 .chain(&config.default_site)
                 .map(|s| s.forwarding),
         )
-        .flatten();
-    let mut explicit = false;
-    let mut auto = false;
-    for f in all {
-        explicit |= f == Forwarding::Sockmap;
-        auto |= f == Forwarding::Auto;
-    }
-    (explicit, auto)
+        .flatten()
+        .any(|f| f == Forwarding::Sockmap)
 }
 
 /// Where the maps are pinned, and whether to pin at all.
@@ -146,8 +142,8 @@ impl Server {
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         ];
-        let (explicit, auto) = wants_sockmap(&config);
-        let kernel = if explicit || auto || config.xdp.is_some() {
+        let explicit = wants_sockmap(&config);
+        let kernel = if explicit || config.xdp.is_some() {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
                     if explicit {
@@ -175,17 +171,11 @@ impl Server {
                          CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
                     ));
                 }
-                Err(e) if explicit => {
+                Err(e) => {
                     return Err(e.context(
                         "forwarding = \"sockmap\" is configured but the eBPF side cannot be loaded \
                          (it needs root or CAP_BPF and CAP_NET_ADMIN)",
                     ));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "forwarding engine: splice, because sockmap is unavailable: {e:#}"
-                    );
-                    None
                 }
             }
         } else {
@@ -239,9 +229,10 @@ impl Server {
 
     /// Swaps in a new configuration for connections accepted from now on.
     pub fn reload(shared: &Shared, config: Config) -> Result<()> {
-        if wants_sockmap(&config).0 && shared.kernel.is_none() {
+        if wants_sockmap(&config) && shared.kernel.is_none() {
             bail!(
-                "forwarding = \"sockmap\" needs the eBPF side, which this process could not load"
+                "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
+                 start (nothing asked for it then); restart spliced to use it"
             );
         }
         let old = shared.current();

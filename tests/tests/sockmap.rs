@@ -1786,10 +1786,10 @@ fn payload_never_reaches_user_space() -> Result<()> {
 // Without privileges
 // ---------------------------------------------------------------------------------------------
 
-/// Runs spliced as nobody with no capabilities: `auto` says sockmap is unavailable and serves
-/// with splice; `sockmap` refuses to start and says why.
+/// Runs spliced as nobody with no capabilities: `auto` (which means splice and needs no eBPF)
+/// serves; `sockmap` refuses to start and says why.
 #[test]
-fn without_privileges_auto_falls_back_and_sockmap_refuses() -> Result<()> {
+fn without_privileges_auto_serves_and_sockmap_refuses() -> Result<()> {
     const HIGH_PORT: u16 = 8443;
     let world = World::new()?;
     let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
@@ -1835,8 +1835,8 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() -> Result<()> {
         "spliced does not run as nobody:\n{status}"
     );
     ensure!(
-        auto.stderr_text().contains("sockmap is unavailable"),
-        "no \"sockmap is unavailable\" in:\n{}",
+        !auto.stderr_text().contains("sockmap"),
+        "auto needs no eBPF, yet spliced speaks of sockmap:\n{}",
         auto.stderr_text()
     );
     let mut client = raw::connect(&world, HIGH_PORT, IO)?;
@@ -1854,6 +1854,46 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() -> Result<()> {
     ensure!(
         field(&line, "outcome") == Some("ok") && field(&line, "engine") == Some("splice"),
         "expected outcome=ok engine=splice: {line}"
+    );
+    Ok(())
+}
+
+/// The eBPF objects a process holds (programs, maps, links), as `ls -l /proc/PID/fd` shows them.
+fn bpf_objects(pid: u32) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if let Ok(target) = std::fs::read_link(entry?.path()) {
+            let target = target.to_string_lossy().into_owned();
+            if target.starts_with("anon_inode:bpf") {
+                found.push(target);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `auto` means splice for now, so as root it loads no program and creates no map; asking for
+/// sockmap does.
+#[test]
+fn auto_loads_no_ebpf_it_does_not_use() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let auto = raw::spliced_with(
+        &world,
+        &config_with("auto", ""),
+        &[443],
+        &Launch::named("auto"),
+    )?;
+    roundtrip(&world, "echo.example", b"through auto")?;
+    let pid = auto.pid().context("no pid")?;
+    let held = bpf_objects(pid)?;
+    ensure!(held.is_empty(), "auto holds eBPF objects: {held:?}");
+    drop(auto);
+    let sockmap = start(&world, "")?;
+    let held = bpf_objects(sockmap.pid().context("no pid")?)?;
+    ensure!(
+        held.iter().any(|t| t.contains("bpf-prog")) && held.iter().any(|t| t.contains("bpf-map")),
+        "sockmap holds no programs and maps: {held:?}"
     );
     Ok(())
 }
