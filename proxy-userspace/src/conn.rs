@@ -217,6 +217,7 @@ async fn serve(
         .await
         .map_err(Failure::BackendWrite)?;
     let preface_len = preface_bytes.len() as u64;
+    let client_consumed = buf.len() as u64;
     // Both buffers would otherwise stay allocated for as long as the connection lives.
     drop(preface_bytes);
     drop(buf);
@@ -246,6 +247,7 @@ async fn serve(
                 kernel,
                 backlog_limit: defaults.sockmap_backlog_limit,
                 preface_len,
+                client_consumed,
                 idle_timeout: defaults.idle_timeout,
             };
             match forward::sockmap::forward(client, &backend, counters, params).await {

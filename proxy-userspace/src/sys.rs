@@ -48,21 +48,34 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     unsafe { getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_COOKIE, size_of::<u64>()) }
 }
 
-/// Bytes a socket has handed to TCP: acknowledged by the peer plus still in the send queue.
+/// What a TCP socket has moved, in payload bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounts {
+    /// Handed to TCP for sending: acknowledged by the peer plus still in the send queue.
+    pub handed: u64,
+    /// Received in order from the peer, whether read yet or not, plus one for its FIN once
+    /// that arrived (TCP counts the FIN's sequence number).
+    pub received: u64,
+}
+
+/// Reads a socket's [`TcpCounts`].
 ///
 /// `connected_here` says whether this socket sent the SYN (`connect`, not `accept`): the
 /// kernel counts the acknowledgement of our own SYN in `tcpi_bytes_acked`, which is one more
 /// than the data, while an accepted socket's count starts at its first data byte.
-pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>, connected_here: bool) -> io::Result<u64> {
-    // `tcpi_bytes_acked` is not in the oldest tcp_info layouts: insist the kernel wrote it.
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+pub fn tcp_counts(fd: BorrowedFd<'_>, connected_here: bool) -> io::Result<TcpCounts> {
+    // `tcpi_bytes_received` is the later of the two fields: insist the kernel wrote it.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + size_of::<u64>();
     // SAFETY: tcp_info is plain data.
     let info: libc::tcp_info =
         unsafe { getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, needed)? };
     let acked = info
         .tcpi_bytes_acked
         .saturating_sub(u64::from(connected_here));
-    Ok(acked + unsent_bytes(fd)?)
+    Ok(TcpCounts {
+        handed: acked + unsent_bytes(fd)?,
+        received: info.tcpi_bytes_received,
+    })
 }
 
 /// Bytes in a socket's send queue not yet acknowledged (`SIOCOUTQ`).
@@ -118,9 +131,15 @@ mod tests {
         io::Write::write_all(&mut &server, b"123")?;
         let mut buf = [0u8; 3];
         io::Read::read_exact(&mut &client, &mut buf)?;
-        // Acknowledged or queued, exactly the data each side wrote was handed to TCP.
-        assert_eq!(bytes_handed_to_tcp(client.as_fd(), true)?, 5);
-        assert_eq!(bytes_handed_to_tcp(server.as_fd(), false)?, 3);
+        // Acknowledged or queued, exactly the data each side wrote was handed to TCP, and
+        // the other side counts it as received.
+        let expect = |handed, received| TcpCounts { handed, received };
+        assert_eq!(tcp_counts(client.as_fd(), true)?, expect(5, 3));
+        assert_eq!(tcp_counts(server.as_fd(), false)?, expect(3, 5));
+        // The FIN counts one.
+        client.shutdown(std::net::Shutdown::Write)?;
+        assert_eq!(io::Read::read(&mut &server, &mut buf)?, 0);
+        assert_eq!(tcp_counts(server.as_fd(), false)?, expect(3, 6));
         set_rcvlowat(&server, 1)?;
         Ok(())
     }

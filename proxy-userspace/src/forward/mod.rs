@@ -90,8 +90,27 @@ pub struct ForwardError {
 }
 
 impl ForwardError {
+    /// The kernel's byte accounting for a spliced direction disagreed (it moved more than
+    /// arrived, or less without moving on): the connection is reset rather than go on.
+    pub fn kernel_accounting(detail: String) -> ForwardError {
+        ForwardError {
+            side: Side::Client,
+            error: io::Error::other(KernelAccounting(detail)),
+        }
+    }
+
+    /// Whether this is a [`ForwardError::kernel_accounting`] failure.
+    pub fn is_kernel_accounting(&self) -> bool {
+        self.error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<KernelAccounting>())
+    }
+
     /// Reason name for logs and metrics, e.g. `client_reset`.
     pub fn reason(&self) -> &'static str {
+        if self.is_kernel_accounting() {
+            return "kernel_accounting";
+        }
         match (self.side, self.error.kind()) {
             (Side::Client, io::ErrorKind::ConnectionReset) => "client_reset",
             (Side::Backend, io::ErrorKind::ConnectionReset) => "backend_reset",
@@ -105,8 +124,23 @@ impl ForwardError {
     }
 }
 
+/// What a kernel-accounting failure says.
+#[derive(Debug)]
+struct KernelAccounting(String);
+
+impl std::fmt::Display for KernelAccounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kernel byte accounting: {}", self.0)
+    }
+}
+
+impl std::error::Error for KernelAccounting {}
+
 impl std::fmt::Display for ForwardError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(inner) = self.error.get_ref().filter(|e| e.is::<KernelAccounting>()) {
+            return write!(f, "{inner}");
+        }
         let side = match self.side {
             Side::Client => "client",
             Side::Backend => "backend",

@@ -31,7 +31,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{io::Interest, net::TcpStream, sync::Notify};
@@ -57,6 +57,9 @@ pub struct Params<'a> {
     pub backlog_limit: u64,
     /// Bytes user space already wrote to the backend (PROXY header and hello).
     pub preface_len: u64,
+    /// Payload bytes user space already read from the client (the hello and whatever came
+    /// with it), all of them in `preface_len`.
+    pub client_consumed: u64,
     /// The connection's idle timeout: the byte counters it watches are refreshed at least
     /// four times within it.
     pub idle_timeout: Option<Duration>,
@@ -79,7 +82,10 @@ struct Direction<'s> {
     side: Side,
     cookie: u64,
     mode: Mode,
-    /// Bytes user space wrote to `dst` before the kernel took over (preface and hello).
+    /// Payload bytes user space read from `src` before the kernel took over (the hello and
+    /// whatever came with it): TCP counts them as received, the verdict never saw them.
+    consumed: u64,
+    /// Bytes user space wrote to `dst` before the kernel took over (PROXY header and hello).
     user_written: u64,
     /// Payload moved by user space, for the access log (excludes the preface).
     payload_user: u64,
@@ -90,10 +96,25 @@ struct Direction<'s> {
     handed: u64,
     /// The redirected count at which the verdict was last asked to wake us.
     wake_at: u64,
-    /// `user_written` when `wake_at` was set.
-    wake_user_written: u64,
+    /// `src`'s FIN arrived (the socket reported `EPOLLRDHUP`); the verdict may still be
+    /// redirecting what came before it.
+    fin: bool,
+    /// Since when the verdict has redirected less than arrived before the FIN, with no progress.
+    short_since: Option<Instant>,
+    /// Every byte before `src`'s FIN was redirected (or spliced): its end of stream can be
+    /// passed on once they reached `dst`'s TCP.
     eof: bool,
     shut: bool,
+}
+
+/// What a full check of a direction measured.
+struct Measured {
+    /// Bytes sent towards `dst` that its TCP has not taken yet (the psock egress queue).
+    backlog: u64,
+    /// Payload that arrived on `src` for the kernel to forward (after what user space read).
+    arrived: u64,
+    /// Payload the kernel delivered to `dst`'s TCP.
+    delivered: u64,
 }
 
 impl Direction<'_> {
@@ -105,50 +126,74 @@ impl Direction<'_> {
         self.side.other().failed(error)
     }
 
-    /// In the kernel a read sees only end of stream (and bytes that found no peer); once out
-    /// of the map the data must stay queued until the splice takes over.
-    fn wants_read(&self) -> bool {
-        !self.eof && self.mode == Mode::Kernel
+    /// While `src` is in the verdict map it is never read: a read there runs the verdict
+    /// inside `recvmsg` and can lose track of the sequence (DESIGN.md, fact 12). Only its
+    /// readiness is watched, for the FIN (`EPOLLRDHUP`) or an error.
+    fn watches_src(&self) -> bool {
+        self.mode == Mode::Kernel && !self.fin
     }
 
-    /// Reads what user space can see on `src`: end of stream, or bytes the kernel did not
-    /// redirect, which go to `dst` right away.
-    async fn on_readable(&mut self, buf: &mut Vec<u8>) -> Result<(), ForwardError> {
-        // Allocated on first use: in the kernel a read normally sees only end of stream, and
-        // an idle connection should not carry a buffer.
-        if buf.is_empty() {
-            buf.resize(16 * 1024, 0);
+    /// `src` became ready without being read: a FIN, an error, or (which the insertion order
+    /// rules out) bytes the verdict passed to the socket, which the accounting then notices.
+    fn on_ready(&mut self, ready: tokio::io::Ready) -> Result<(), ForwardError> {
+        if let Some(error) = self.src.take_error().map_err(|e| self.err_src(e))? {
+            return Err(self.err_src(error));
         }
-        loop {
-            match self.src.try_read(buf) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    tracing::debug!(side = ?self.side, bytes = n, "user space forwards bytes that found no peer");
-                    write_all(self.dst, &buf[..n])
-                        .await
-                        .map_err(|e| self.err_dst(e))?;
-                    self.user_written += n as u64;
-                    self.payload_user += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(self.err_src(e)),
-            }
+        if ready.is_read_closed() {
+            self.fin = true;
+        } else {
+            // Clear the readiness without reading, or the next wait would return at once.
+            let _ = self.src.try_io(Interest::READABLE, || -> io::Result<()> {
+                Err(io::ErrorKind::WouldBlock.into())
+            });
         }
+        Ok(())
     }
 
-    /// Bytes sent towards `dst` that its TCP has not taken yet (the psock egress queue).
-    fn backlog(&mut self, kernel: &Kernel) -> Result<u64, ForwardError> {
+    /// Reads both sockets' TCP counters and the verdict's count: the backlog towards `dst`,
+    /// and what arrived and left, for the accounting.
+    fn measure(&mut self, kernel: &Kernel) -> Result<Measured, ForwardError> {
         self.redirected = kernel.redirected(self.cookie);
         // spliced connected the backend and accepted the client.
-        let dst_connected_here = self.side == Side::Client;
-        let handed = sys::bytes_handed_to_tcp(self.dst.as_fd(), dst_connected_here)
+        let dst = sys::tcp_counts(self.dst.as_fd(), self.side == Side::Client)
             .map_err(|e| self.err_dst(e))?;
+        let src = sys::tcp_counts(self.src.as_fd(), self.side == Side::Backend)
+            .map_err(|e| self.err_src(e))?;
+        // TCP counts a FIN as one byte: the one we sent on `dst` once we shut it, the one that
+        // arrived on `src`.
+        let handed = dst.handed.saturating_sub(u64::from(self.shut));
+        let received = src.received.saturating_sub(u64::from(self.fin));
         self.handed = handed;
-        Ok((self.redirected + self.user_written).saturating_sub(handed))
+        Ok(Measured {
+            backlog: (self.redirected + self.user_written).saturating_sub(handed),
+            arrived: received.saturating_sub(self.consumed),
+            delivered: handed.saturating_sub(self.user_written),
+        })
     }
+}
+
+/// How long the verdict may lag behind a FIN, redirecting nothing, before the bytes it has not
+/// redirected count as lost.
+const SHORT_LIMIT: Duration = Duration::from_secs(1);
+
+/// The byte accounting of a direction in the kernel: the verdict cannot have redirected more
+/// than arrived, nor can the peer's TCP have taken more than was redirected. Either would mean
+/// the kernel duplicated data (DESIGN.md, fact 11), and the connection must not go on as if
+/// nothing happened.
+fn check_accounts(m: &Measured, redirected: u64) -> Result<(), String> {
+    if redirected > m.arrived {
+        return Err(format!(
+            "the verdict redirected {redirected} bytes, but only {} arrived",
+            m.arrived
+        ));
+    }
+    if m.delivered > redirected {
+        return Err(format!(
+            "the peer's TCP took {} bytes, but only {redirected} were redirected",
+            m.delivered
+        ));
+    }
+    Ok(())
 }
 
 /// The most `drain_queued` forwards before giving the connection to another engine: a client
@@ -229,28 +274,32 @@ pub async fn forward(
         Mode::Draining
     };
     let (spliced_up, spliced_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let direction = |src, dst, side, cookie, mode, written, payload, spliced, wake_at| Direction {
-        src,
-        dst,
-        side,
-        cookie,
-        mode,
-        user_written: written,
-        payload_user: payload,
-        spliced,
-        redirected: 0,
-        handed: 0,
-        wake_at,
-        wake_user_written: written,
-        eof: false,
-        shut: false,
-    };
+    let direction =
+        |src, dst, side, cookie, mode, consumed, written, payload, spliced, wake_at| Direction {
+            src,
+            dst,
+            side,
+            cookie,
+            mode,
+            consumed,
+            user_written: written,
+            payload_user: payload,
+            spliced,
+            redirected: 0,
+            handed: 0,
+            wake_at,
+            fin: false,
+            short_since: None,
+            eof: false,
+            shut: false,
+        };
     let mut up = direction(
         client,
         backend,
         Side::Client,
         ca,
         Mode::Kernel,
+        params.client_consumed + drained,
         up_written,
         drained,
         &spliced_up,
@@ -262,6 +311,7 @@ pub async fn forward(
         Side::Backend,
         cb,
         backend_mode,
+        0,
         0,
         0,
         &spliced_down,
@@ -305,15 +355,12 @@ fn wake_room(limit: u64, backlog: u64) -> u64 {
     (limit / 2).saturating_sub(backlog).max(1)
 }
 
-/// Whether a direction in the kernel can skip its full check (`TCP_INFO` and `SIOCOUTQ`, the
-/// costly part): below its wake point, with nothing written by user space since the point
-/// was set, its backlog cannot have reached the threshold. It was at most the threshold
-/// less the room left when the point was set, and the peer's TCP has only taken more since.
+/// Whether a direction in the kernel can skip its full check (`TCP_INFO` on both sockets, the
+/// costly part): before its FIN and below its wake point, its backlog cannot have reached the
+/// threshold. It was at most the threshold less the room left when the point was set, and the
+/// peer's TCP has only taken more since.
 fn below_wake_point(d: &Direction<'_>) -> bool {
-    d.mode == Mode::Kernel
-        && !d.eof
-        && d.user_written == d.wake_user_written
-        && d.redirected < d.wake_at
+    d.mode == Mode::Kernel && !d.fin && d.redirected < d.wake_at
 }
 
 /// What a direction does after a check, decided from its state and what the check measured.
@@ -397,7 +444,6 @@ async fn run<'s>(
     counters: &Counters,
     [notify_a, notify_b]: [&Notify; 2],
 ) -> Result<(), ForwardError> {
-    let mut buf = Vec::new();
     let (client, backend) = (up.src, down.src);
     let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
     let (kernel, limit) = (params.kernel, params.backlog_limit);
@@ -409,13 +455,11 @@ async fn run<'s>(
     loop {
         let [splice_up, splice_down] = &mut splices;
         tokio::select! {
-            r = client.ready(Interest::READABLE), if up.wants_read() => {
-                r.map_err(|e| up.err_src(e))?;
-                up.on_readable(&mut buf).await?;
+            r = client.ready(Interest::READABLE), if up.watches_src() => {
+                up.on_ready(r.map_err(|e| up.err_src(e))?)?;
             }
-            r = backend.ready(Interest::READABLE), if down.wants_read() => {
-                r.map_err(|e| down.err_src(e))?;
-                down.on_readable(&mut buf).await?;
+            r = backend.ready(Interest::READABLE), if down.watches_src() => {
+                down.on_ready(r.map_err(|e| down.err_src(e))?)?;
             }
             r = finished(splice_up) => {
                 r?;
@@ -447,7 +491,25 @@ async fn run<'s>(
                     continue;
                 }
             }
-            let backlog = d.backlog(kernel)?;
+            let redirected_before = d.redirected;
+            let m = d.measure(kernel)?;
+            check_accounts(&m, d.redirected).map_err(ForwardError::kernel_accounting)?;
+            if d.mode == Mode::Kernel && d.fin && !d.eof {
+                // The FIN arrived; once the verdict has redirected everything before it, the
+                // end of stream can follow them.
+                if d.redirected == m.arrived {
+                    d.eof = true;
+                } else if d.redirected != redirected_before {
+                    d.short_since = None;
+                } else if d.short_since.get_or_insert_with(Instant::now).elapsed() >= SHORT_LIMIT {
+                    return Err(ForwardError::kernel_accounting(format!(
+                        "{} bytes arrived before the FIN, the verdict redirected {} and then \
+                         nothing for {SHORT_LIMIT:?}",
+                        m.arrived, d.redirected
+                    )));
+                }
+            }
+            let backlog = m.backlog;
             let decision = decide(d.mode, d.eof, d.shut, backlog, d.redirected, limit);
             if decision.shutdown {
                 shutdown_write(d.dst).map_err(|e| d.err_dst(e))?;
@@ -463,7 +525,7 @@ async fn run<'s>(
                         .map_err(|e| d.err_src(io::Error::other(format!("pausing: {e}"))))?;
                     d.mode = Mode::Draining;
                     // Now final: what the kernel holds for the peer at most, from here on.
-                    let parked = d.backlog(kernel)?;
+                    let parked = d.measure(kernel)?.backlog;
                     tracing::debug!(
                         side = ?d.side,
                         backlog,
@@ -476,7 +538,6 @@ async fn run<'s>(
                         kernel.wake_at(d.cookie, at);
                         d.wake_at = at;
                     }
-                    d.wake_user_written = d.user_written;
                 }
                 Next::Splice => {
                     d.mode = Mode::User;
@@ -484,7 +545,7 @@ async fn run<'s>(
                     tracing::debug!(side = ?d.side, "drained; splice carries the rest");
                 }
             }
-            pending |= (d.eof && !d.shut) || d.mode != Mode::Kernel;
+            pending |= (d.fin && !d.shut) || d.mode != Mode::Kernel;
         }
         counters.upstream.store(
             up.redirected + up.payload_user + up.spliced.load(Ordering::Relaxed),
@@ -563,6 +624,24 @@ mod tests {
         assert!(!shutdown(true, true, 0), "once");
         assert!(!shutdown(false, false, 0), "not before the end");
         assert!(decide(Mode::Draining, true, false, 0, 0, LIMIT).shutdown);
+    }
+
+    #[test]
+    fn the_kernel_may_not_move_more_than_arrived() {
+        let m = |arrived, delivered| Measured {
+            backlog: 0,
+            arrived,
+            delivered,
+        };
+        assert!(
+            check_accounts(&m(100, 90), 95).is_ok(),
+            "5 bytes still queued"
+        );
+        assert!(check_accounts(&m(100, 100), 100).is_ok());
+        let duplicated = check_accounts(&m(100, 100), 100 + 65_160);
+        assert!(duplicated.is_err_and(|e| e.contains("redirected 65260 bytes, but only 100")));
+        let resent = check_accounts(&m(100, 101), 100);
+        assert!(resent.is_err_and(|e| e.contains("took 101 bytes")));
     }
 
     #[test]
