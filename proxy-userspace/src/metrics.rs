@@ -11,7 +11,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::server::Shared;
+use crate::{forward::sockmap, server::Shared};
 
 /// Renders every metric in the text exposition format.
 pub fn render(shared: &Shared) -> String {
@@ -52,6 +52,20 @@ pub fn render(shared: &Shared) -> String {
                 let _ = writeln!(out, "spliced_xdp_packets_total{{outcome=\"{name}\"}} {n}");
             }
         }
+        let (client, backend) = sockmap::DETACHES.detached();
+        let _ = writeln!(
+            out,
+            "# HELP spliced_sockmap_detached_total Directions taken out of the kernel because \
+             the peer did not keep up, by whose data was being sent.\n\
+             # TYPE spliced_sockmap_detached_total counter\n\
+             spliced_sockmap_detached_total{{side=\"client\"}} {client}\n\
+             spliced_sockmap_detached_total{{side=\"backend\"}} {backend}\n\
+             # HELP spliced_sockmap_parked_bytes_max The most bytes the kernel held for a peer \
+             when a direction left it.\n\
+             # TYPE spliced_sockmap_parked_bytes_max gauge\n\
+             spliced_sockmap_parked_bytes_max {}",
+            sockmap::DETACHES.parked_max()
+        );
         let (socks, hold, peers) = kernel.entries();
         let _ = writeln!(
             out,

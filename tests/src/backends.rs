@@ -1,5 +1,6 @@
-//! Real servers nobody here wrote, run inside a [`World`]: nginx, Apache, HAProxy; plus the
-//! spliced binary itself, a self-signed certificate and curl as the client.
+//! Real servers nobody here wrote, run inside a [`World`]: nginx, Apache, HAProxy; plus a
+//! self-signed certificate and curl as the client. spliced itself starts from
+//! [`crate::spliced::Launch`].
 use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
@@ -212,20 +213,6 @@ pub fn haproxy(world: &World, port: u16, body: &str) -> Result<Service> {
     cmd.arg("-db").arg("-f").arg(&path);
     let mut service = Service::start("haproxy", cmd, world.dir())?.stop_with(Signal::SIGUSR1);
     wait_listening(world, Ns::Backend, port, &mut service)?;
-    Ok(service)
-}
-
-/// Writes `config` to the world's directory and starts `spliced run` in the proxy namespace,
-/// waiting until every port in `ports` listens. `RUST_LOG` is passed through.
-pub fn spliced(world: &World, config: &str, ports: &[u16]) -> Result<Service> {
-    let path = world.dir().join("spliced.toml");
-    std::fs::write(&path, config)?;
-    let mut cmd = world.command(Ns::Proxy, crate::spliced_bin()?);
-    cmd.args(["run", "--config"]).arg(&path);
-    let mut service = Service::start("spliced", cmd, world.dir())?.stop_with(Signal::SIGTERM);
-    for &port in ports {
-        wait_listening(world, Ns::Proxy, port, &mut service)?;
-    }
     Ok(service)
 }
 

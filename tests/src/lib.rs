@@ -15,6 +15,8 @@ pub mod backends;
 pub mod packets;
 mod process;
 pub mod raw;
+pub mod sockmap;
+pub mod spliced;
 mod world;
 
 pub use process::{OpenFiles, Service, open_files, wait_for};

@@ -214,17 +214,26 @@ impl World {
     /// Runs `f` on a thread that has entered `ns`: sockets it creates live in that namespace
     /// and stay there after the thread ends.
     pub fn within<T: Send>(&self, ns: Ns, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = Path::new("/var/run/netns").join(self.name(ns));
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        std::thread::scope(|s| {
-            s.spawn(move || -> Result<T> {
-                setns(&file, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the thread inside namespace {ns:?} panicked"))?
-        })
+        in_netns(Some(self.name(ns)), f)
     }
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns` (an `ip netns` name),
+/// or in this thread's own namespace for `None`.
+pub(crate) fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let Some(name) = netns else {
+        return Ok(f());
+    };
+    let path = Path::new("/var/run/netns").join(name);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread inside namespace {name} panicked"))?
+    })
 }
 
 impl Drop for World {

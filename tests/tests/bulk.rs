@@ -12,8 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, World, backends,
-    raw::{self, BLOCK, Behavior, SEED_DOWN, SEED_UP, TestBackend, Verifier, field, simple_hello},
+    BACKEND_V6, World,
+    raw::{self, BLOCK, Behavior, SEED_DOWN, SEED_UP, TestBackend, Verifier, simple_hello},
+    spliced::{Launch, field},
 };
 
 const GIB: u64 = 1 << 30;
@@ -42,7 +43,7 @@ backend = "[{BACKEND_V6}]:{BULK_PORT}"
 
 fn bulk(forwarding: &str, extra: &str) -> Result<()> {
     let world = World::new()?;
-    let mut spliced = backends::spliced(&world, &config(forwarding, extra), &[443])?;
+    let mut spliced = Launch::new(config(forwarding, extra)).start(&world, &[443])?;
     let hello = simple_hello("bulk.example");
     let hello_len = hello.len();
     let backend = TestBackend::start(
@@ -60,7 +61,7 @@ fn bulk(forwarding: &str, extra: &str) -> Result<()> {
     let started = Instant::now();
 
     // With sockmap the client sends its stream only once the backend's first bytes arrived:
-    // bytes that come together with the hello are what `sockmap.rs`'s early-data test is about,
+    // bytes that come together with the hello are what `sockmap_order.rs`'s early-data test is about,
     // and this one is about the bulk.
     let gate = forwarding == "sockmap";
     let (through_tx, through_rx) = mpsc::channel::<()>();
@@ -153,7 +154,7 @@ fn bulk(forwarding: &str, extra: &str) -> Result<()> {
         conn.total
     );
 
-    let line = raw::log_line_for(&spliced, me, Duration::from_secs(10))?;
+    let line = spliced.log_line_for(me, Duration::from_secs(10))?;
     let number = |key: &str| -> Result<u64> {
         field(&line, key)
             .with_context(|| format!("no {key}= in {line}"))?

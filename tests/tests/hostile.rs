@@ -16,11 +16,11 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use spliced_tests::Service;
 use spliced_tests::raw::{
     self, ALERT_HANDSHAKE_FAILURE, ALERT_UNRECOGNIZED_NAME, Behavior, End, TestBackend, XorShift,
     client_hello, records, simple_hello,
 };
+use spliced_tests::spliced::Spliced;
 
 /// The engine the shared tests in `hostile/body.rs` ask for.
 const ENGINE: &str = "splice";
@@ -119,7 +119,7 @@ fn half_a_hello_then_silence_is_closed_at_the_hello_timeout() -> Result<()> {
 /// connection closed after about that, and by `latest`; at most a handshake_failure alert
 /// before it; the access log says why; nothing reached the backend.
 fn closed_at_the_hello_deadline(
-    spliced: &Service,
+    spliced: &Spliced,
     backend: &TestBackend,
     me: SocketAddr,
     got: &[u8],

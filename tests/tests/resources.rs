@@ -13,8 +13,9 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, Service, World, backends, open_files,
+    BACKEND_V6, Ns, World, open_files,
     raw::{self, Behavior, End, Stream, TestBackend, simple_hello},
+    spliced::{Launch, Spliced},
     wait_for,
 };
 
@@ -62,9 +63,9 @@ fn echo(world: &World, name: &str, payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn start() -> Result<(World, Service, u32)> {
+fn start() -> Result<(World, Spliced, u32)> {
     let world = World::new()?;
-    let spliced = backends::spliced(&world, &config(), &[443])?;
+    let spliced = Launch::new(config()).start(&world, &[443])?;
     let pid = spliced.pid().context("spliced has no PID")?;
     Ok((world, spliced, pid))
 }

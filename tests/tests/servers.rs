@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
     CLIENT_V4, CLIENT_V4_B, PROXY_V6, World,
     backends::{self, Cert, NginxServer},
+    spliced::Launch,
 };
 
 const CONFIG_SITES: &str = r#"
@@ -111,7 +112,7 @@ fn run_world(engine: &str, port_base: u16) -> Result<()> {
     )?;
     let mut apache = backends::apache(&world, 9443, Some(&cert), "apache-tls")?;
     let haproxy = backends::haproxy(&world, 7080, "haproxy-http")?;
-    let mut spliced = backends::spliced(&world, &config(engine), &[443, 80])?;
+    let mut spliced = Launch::new(config(engine)).start(&world, &[443, 80])?;
 
     let cases = [
         Case {

@@ -11,7 +11,7 @@
 //! Two contenders, interleaved round by round (A B A B ...), each with a fresh spliced:
 //!
 //! - XDP drop: spliced with `[xdp]` on the proxy's eth0, denying 192.0.2.2 on port 443. Rate:
-//!   the `dropped_deny` counter's growth, from spliced's `xdp counters` log line (SIGHUP).
+//!   the `dropped_deny` counter's growth, from spliced's `/metrics` (`spliced_xdp_packets_total`).
 //! - the stack: spliced without `[xdp]`, listening on 443. This is what a denied client's SYN
 //!   flood meets without the filter: the listener's SYN queue fills at once, after which the
 //!   stack answers every SYN with a SYN cookie SYN-ACK. Rate: the proxy namespace's TCP
@@ -35,16 +35,14 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::{
     libc,
     sched::{CpuSet, sched_getaffinity, sched_setaffinity},
-    sys::{
-        signal::{Signal, kill},
-        socket::{AddressFamily, SockFlag, SockType, socket},
-    },
+    sys::socket::{AddressFamily, SockFlag, SockType, socket},
     unistd::Pid,
 };
 use spliced_tests::{
-    BACKEND_V6, CLIENT_V4, Ns, PROXY_V4, Service, World,
+    BACKEND_V6, CLIENT_V4, Ns, PROXY_V4, World,
     packets::{self, ETHERTYPE_IPV4},
-    raw, wait_for,
+    spliced::{Launch, Spliced},
+    wait_for,
 };
 
 use crate::bench::{median, spread};
@@ -198,12 +196,10 @@ fn sample(
     seconds: Duration,
     round: usize,
 ) -> Result<Sample> {
-    let mut spliced = raw::spliced_with(
-        world,
-        &contender.config(),
-        &[PORT],
-        &raw::Launch::named(&format!("bench-xdp-{}-{round}", contender.label())),
-    )?;
+    let mut spliced = Launch::new(contender.config())
+        .named(&format!("bench-xdp-{}-{round}", contender.label()))
+        .metrics()
+        .start(world, &[PORT])?;
     let mode = match contender {
         Contender::XdpDrop => {
             wait_for("the XDP program on the proxy's eth0", WAIT, || {
@@ -361,7 +357,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn read(world: &World, contender: Contender, spliced: &Service) -> Result<Counters> {
+    fn read(world: &World, contender: Contender, spliced: &Spliced) -> Result<Counters> {
         match contender {
             Contender::XdpDrop => Ok(Counters {
                 handled: xdp_counter(spliced, "dropped_deny")?,
@@ -415,30 +411,11 @@ fn proc_net_counters(text: &str) -> HashMap<String, u64> {
     out
 }
 
-/// One of the counters spliced logs in its `xdp counters:` line, after asking with SIGHUP.
-fn xdp_counter(spliced: &Service, name: &str) -> Result<u64> {
-    let lines = |text: &str| text.matches("xdp counters: ").count();
-    let before = lines(&spliced.stderr_text());
-    let pid = spliced.pid().context("spliced has no PID")?;
-    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGHUP)?;
-    wait_for("spliced's xdp counters line", WAIT, || {
-        Ok(lines(&spliced.stderr_text()) > before)
-    })
-    .with_context(|| format!("spliced said:\n{}", spliced.stderr_text()))?;
-    let text = spliced.stderr_text();
-    let line = text
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once("xdp counters: ").map(|(_, c)| c))
-        .context("no xdp counters line")?;
-    line.split_whitespace()
-        .find_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            (k == name).then(|| v.trim_end_matches(|c: char| !c.is_ascii_digit()))
-        })
-        .with_context(|| format!("no {name} in {line:?}"))?
-        .parse()
-        .with_context(|| format!("{name} in {line:?}"))
+/// One of the XDP filter's counters, from spliced's metrics endpoint.
+fn xdp_counter(spliced: &Spliced, name: &str) -> Result<u64> {
+    spliced
+        .metrics()?
+        .count("spliced_xdp_packets_total", &[("outcome", name)])
 }
 
 /// How an XDP program is attached to the proxy's eth0 (`xdp`, `xdpgeneric`), if one is.

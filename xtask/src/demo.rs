@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use spliced_tests::{
     BACKEND_V6, CLIENT_V4, World,
     backends::{self, NginxServer},
+    spliced::Launch,
 };
 
 /// Runs the demo with the given `spliced` binary.
@@ -47,7 +48,7 @@ pub fn run(bin: &Path) -> Result<()> {
          forwarding = \"sockmap\"\n"
     );
     println!("== spliced configuration:\n{config}");
-    let mut spliced = backends::spliced(&world, &config, &[443, 80])?;
+    let mut spliced = Launch::new(config.as_str()).start(&world, &[443, 80])?;
     for url in ["https://shop.example/", "http://shop.example/"] {
         println!("== client {CLIENT_V4}: curl {url}");
         let out = backends::curl(&world, CLIENT_V4, url, Some(&cert))?;

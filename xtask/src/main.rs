@@ -10,6 +10,7 @@ use clap::Parser;
 mod bench;
 mod bench_conns;
 mod bench_idle;
+mod bench_stall;
 mod bench_xdp;
 mod demo;
 mod proxies;
@@ -58,6 +59,9 @@ enum BenchPart {
     Connections,
     /// SYNs per second dropped by XDP next to those the stack handles, on one core.
     Xdp,
+    /// What a stalled reader lets a sockmap sender park, with and without a useful backlog
+    /// limit (only with `--only`: it parks gigabytes of kernel memory).
+    SockmapStall,
 }
 
 fn main() -> Result<()> {
@@ -115,6 +119,9 @@ fn main() -> Result<()> {
                     }
                 };
                 parts.push(bench_xdp::run(&opts)?);
+            }
+            if only == Some(BenchPart::SockmapStall) {
+                parts.push(bench_stall::part()?);
             }
             if let Some(table) = report::bar_table(&parts) {
                 println!("\nThe bar in issue 6, against this run:\n\n{table}");

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
-use spliced_tests::{Ns, PROXY_V4, Service, World, backends, raw, wait_for};
+use spliced_tests::{Ns, PROXY_V4, Service, World, backends, spliced::Launch, wait_for};
 
 /// Client-facing ports on 192.0.2.1.
 const SPLICED_PORT: u16 = 443;
@@ -132,12 +132,10 @@ fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> R
              [[site]]\nhostnames = [\"{engine}.bench\"]\nbackend = \"{backend}\"\n\
              forwarding = \"{engine}\"\nproxy_protocol = \"v2\"\n"
         );
-        let service = raw::spliced_with(
-            world,
-            &config,
-            &[port],
-            &raw::Launch::named(&format!("spliced-{port}")),
-        )?;
+        let service = Launch::new(config)
+            .named(&format!("spliced-{port}"))
+            .start(world, &[port])?
+            .into_service();
         let pid = service
             .pid()
             .with_context(|| format!("{name} has no PID"))?;

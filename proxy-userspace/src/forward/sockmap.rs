@@ -49,6 +49,47 @@ pub enum Used {
     NotInserted,
 }
 
+/// What the engine did across all connections, for the metrics endpoint: how often a direction
+/// left the kernel because its peer did not keep up, and the most the kernel then held for a
+/// peer. Process-wide like the kernel's own counters, which live in maps shared by every
+/// connection.
+pub static DETACHES: Detaches = Detaches {
+    client: AtomicU64::new(0),
+    backend: AtomicU64::new(0),
+    parked_max: AtomicU64::new(0),
+};
+
+/// See [`DETACHES`].
+pub struct Detaches {
+    client: AtomicU64,
+    backend: AtomicU64,
+    parked_max: AtomicU64,
+}
+
+impl Detaches {
+    /// Directions taken out of the kernel, by whose data was being sent: `(client, backend)`.
+    pub fn detached(&self) -> (u64, u64) {
+        (
+            self.client.load(Ordering::Relaxed),
+            self.backend.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The most bytes the kernel held for a peer when a direction left it.
+    pub fn parked_max(&self) -> u64 {
+        self.parked_max.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, side: Side, parked: u64) {
+        let count = match side {
+            Side::Client => &self.client,
+            Side::Backend => &self.backend,
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        self.parked_max.fetch_max(parked, Ordering::Relaxed);
+    }
+}
+
 /// What the engine needs besides the sockets.
 pub struct Params<'a> {
     /// The loaded programs and maps.
@@ -526,6 +567,7 @@ async fn run<'s>(
                     d.mode = Mode::Draining;
                     // Now final: what the kernel holds for the peer at most, from here on.
                     let parked = d.measure(kernel)?.backlog;
+                    DETACHES.record(d.side, parked);
                     tracing::debug!(
                         side = ?d.side,
                         backlog,

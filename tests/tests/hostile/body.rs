@@ -13,10 +13,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
     BACKEND_V6, CLIENT_V4, Ns, PROXY_V4, Service, World, backends,
-    raw::{
-        self, Behavior, End, Stream, TestBackend, client_hello, field, log_line_for, records,
-        simple_hello,
-    },
+    raw::{self, Behavior, End, Stream, TestBackend, client_hello, records, simple_hello},
+    spliced::{Launch, Spliced, field},
 };
 
 use super::ENGINE;
@@ -100,24 +98,24 @@ backend = "[{BACKEND_V6}]:{DOWN_PORT}"
     cfg
 }
 
-/// A world with spliced running on 443 (TLS) and 80 (HTTP).
-fn start(cfg: &str) -> Result<(World, Service)> {
+/// A world with spliced running on 443 (TLS) and 80 (HTTP), with its metrics endpoint.
+fn start(cfg: &str) -> Result<(World, Spliced)> {
     let world = World::new()?;
-    let spliced = backends::spliced(&world, cfg, &[443, 80])?;
+    let spliced = Launch::new(cfg).metrics().start(&world, &[443, 80])?;
     Ok((world, spliced))
 }
 
-pub(crate) fn standard() -> Result<(World, Service)> {
+pub(crate) fn standard() -> Result<(World, Spliced)> {
     start(&config(ENGINE, "1s", false))
 }
 
 /// The access-log line of `client`, checked for every `key=value` in `expect`.
 pub(crate) fn expect_log(
-    spliced: &Service,
+    spliced: &Spliced,
     client: SocketAddr,
     expect: &[(&str, &str)],
 ) -> Result<String> {
-    let line = log_line_for(spliced, client, LOG_WAIT)?;
+    let line = spliced.log_line_for(client, LOG_WAIT)?;
     for (key, value) in expect {
         ensure!(
             field(&line, key) == Some(value),
@@ -151,7 +149,7 @@ fn send_pieces(stream: &mut TcpStream, pieces: &[&[u8]], gap: Duration) -> Resul
 /// the backend received exactly that too, and the access log says ok for `name`.
 fn echo_roundtrip(
     world: &World,
-    spliced: &Service,
+    spliced: &Spliced,
     echo: &TestBackend,
     pieces: &[&[u8]],
     gap: Duration,
@@ -346,7 +344,9 @@ fn silent_clients_do_not_delay_others() -> Result<()> {
     let mut half = raw::connect(&world, 443, CLIENT_TIMEOUT)?;
     let hello = simple_hello("echo.example");
     half.write_all(&hello[..20])?;
-    std::thread::sleep(Duration::from_millis(100));
+    spliced.wait_metrics("spliced to hold both connections", LOG_WAIT, |m| {
+        Ok(m.count("spliced_open_connections", &[])? >= 2)
+    })?;
     let started = Instant::now();
     for i in 0..10 {
         let round = Instant::now();
@@ -901,7 +901,7 @@ fn client_reset_mid_stream_closes_the_backend_side() -> Result<()> {
         conn.saw_eof || conn.error.is_some(),
         "the backend connection was not closed: {conn:?}"
     );
-    let line = log_line_for(&spliced, me, LOG_WAIT)?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
     let outcome = field(&line, "outcome").unwrap_or_default();
     ensure!(
         outcome.starts_with("client_"),
@@ -915,7 +915,7 @@ fn client_reset_mid_stream_closes_the_backend_side() -> Result<()> {
 }
 
 /// A world whose spliced closes connections idle for `idle` (no byte either way).
-fn with_idle_timeout(idle: &str) -> Result<(World, Service)> {
+fn with_idle_timeout(idle: &str) -> Result<(World, Spliced)> {
     let cfg = config(ENGINE, "1s", false).replacen(
         "[defaults]\n",
         &format!("[defaults]\nidle_timeout = \"{idle}\"\n"),
@@ -926,7 +926,7 @@ fn with_idle_timeout(idle: &str) -> Result<(World, Service)> {
 
 /// With an idle timeout of 500 ms and the echo backend: a client that sent its hello, its
 /// address, and the hello.
-fn idle_timeout_client() -> Result<(World, Service, TestBackend, TcpStream, SocketAddr, Vec<u8>)> {
+fn idle_timeout_client() -> Result<(World, Spliced, TestBackend, TcpStream, SocketAddr, Vec<u8>)> {
     let (world, spliced) = with_idle_timeout("500ms")?;
     let echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
     let mut client = raw::connect(&world, 443, CLIENT_TIMEOUT)?;
