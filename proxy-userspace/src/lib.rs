@@ -14,6 +14,7 @@ pub mod forward;
 pub mod hello;
 pub mod listen;
 pub mod metrics;
+mod name;
 pub mod preface;
 pub mod route;
 pub mod server;

@@ -1,6 +1,6 @@
 //! Routing a requested name to a site: exact, then wildcard, then the default site.
 //!
-//! Names are compared case-insensitively and without a trailing dot ([`normalize`]).
+//! Names are compared case-insensitively and without a trailing dot ([`crate::name::normalize`]).
 //!
 //! Wildcards follow the TLS certificate rule (RFC 6125, 6.4.3): `*.example.com` stands for
 //! exactly one more label, so it matches `a.example.com` but neither `example.com` nor
@@ -14,12 +14,12 @@
 //! HTTP `Host` may be one) matches only an exact entry for that address, never a wildcard, and
 //! otherwise goes to the default site.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use crate::config::{Config, Site};
+use crate::name::normalize_cow;
 
 /// The name-to-site table built from a [`Config`]; `Send + Sync`, so one can be shared by all
 /// connections and replaced on reload.
@@ -155,44 +155,12 @@ impl Router {
     }
 }
 
-/// Normalizes a name for comparison: ASCII lowercase, one trailing dot removed; `None` if
-/// nothing is left. An IPv6 literal, bracketed or not, becomes its canonical text, so
-/// `[2001:DB8:0::1]` and `2001:db8::1` are the same name.
-///
-/// This does not check that the name is a valid hostname: a name nobody configured simply
-/// matches nothing.
-pub fn normalize(name: &str) -> Option<String> {
-    normalize_cow(name).map(Cow::into_owned)
-}
-
-/// [`normalize`] without allocating for the common, already-normal name.
-fn normalize_cow(name: &str) -> Option<Cow<'_, str>> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.is_empty() {
-        return None;
-    }
-    if name.contains(':') {
-        let bare = name
-            .strip_prefix('[')
-            .and_then(|n| n.strip_suffix(']'))
-            .unwrap_or(name);
-        if let Ok(ip) = bare.parse::<Ipv6Addr>() {
-            return Some(Cow::Owned(ip.to_string()));
-        }
-    }
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(Cow::Owned(name.to_ascii_lowercase()))
-    } else {
-        Some(Cow::Borrowed(name))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Backend, Defaults, Listener, Origin, Protocol, Tlvs};
     use crate::preface::Version;
-    use std::net::SocketAddr;
+    use std::net::{Ipv6Addr, SocketAddr};
     use std::path::PathBuf;
 
     fn site(hostnames: &[&str], last_octet: u16) -> Site {
@@ -340,20 +308,6 @@ mod tests {
             lookup(&odd, Some("x.0.2.8")),
             ok("*.0.2.8", Match::Wildcard)
         );
-    }
-
-    #[test]
-    fn normalize_rules() {
-        assert_eq!(normalize("Example.COM.").as_deref(), Some("example.com"));
-        assert_eq!(normalize("example.com").as_deref(), Some("example.com"));
-        assert_eq!(normalize(""), None);
-        assert_eq!(normalize("."), None);
-        assert_eq!(normalize("[2001:DB8::1]").as_deref(), Some("2001:db8::1"));
-        assert_eq!(
-            normalize("2001:0db8:0:0::1").as_deref(),
-            Some("2001:db8::1")
-        );
-        assert!(matches!(normalize_cow("a.example"), Some(Cow::Borrowed(_))));
     }
 
     #[test]
