@@ -15,6 +15,7 @@ pub mod hello;
 pub mod listen;
 pub mod metrics;
 mod name;
+pub mod outcome;
 pub mod preface;
 pub mod route;
 pub mod server;

@@ -11,17 +11,37 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::server::Shared;
+use crate::{
+    outcome::{Outcome, Source},
+    server::Shared,
+};
 
 /// Renders every metric in the text exposition format.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::new();
     out.push_str("# HELP spliced_connections_total Connections by how they ended.\n");
     out.push_str("# TYPE spliced_connections_total counter\n");
-    for (outcome, n) in shared.outcomes() {
+    // Every outcome from zero, so a rate or an alert works before the first one happens.
+    for outcome in Outcome::ALL {
         let _ = writeln!(
             out,
-            "spliced_connections_total{{outcome=\"{outcome}\"}} {n}"
+            "spliced_connections_total{{outcome=\"{}\"}} {}",
+            outcome.name(),
+            shared.outcome_count(outcome)
+        );
+    }
+    out.push_str("# HELP spliced_failures_total Connections that did not end ok, by who failed.\n");
+    out.push_str("# TYPE spliced_failures_total counter\n");
+    for source in Source::ALL {
+        let n: u64 = Outcome::ALL
+            .iter()
+            .filter(|o| o.source() == Some(source))
+            .map(|&o| shared.outcome_count(o))
+            .sum();
+        let _ = writeln!(
+            out,
+            "spliced_failures_total{{source=\"{}\"}} {n}",
+            source.name()
         );
     }
     let _ = writeln!(

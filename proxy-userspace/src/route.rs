@@ -33,23 +33,13 @@ pub struct Router {
     default: Option<Site>,
 }
 
-/// Why a name could not be routed; [`RouteError::reason`] is the label for logs and metrics.
+/// Why a name could not be routed (`crate::outcome` names it for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteError {
     /// The client sent no name (no SNI, no `Host`) and there is no default site.
     MissingName,
     /// No site claims the name and there is no default site.
     UnknownName,
-}
-
-impl RouteError {
-    /// The reason label used in the access log and metrics.
-    pub fn reason(self) -> &'static str {
-        match self {
-            RouteError::MissingName => "missing_name",
-            RouteError::UnknownName => "unknown_name",
-        }
-    }
 }
 
 impl fmt::Display for RouteError {
@@ -196,15 +186,12 @@ mod tests {
         }
     }
 
-    /// The site name and match kind a lookup gives, or the error's reason.
-    fn lookup(router: &Router, name: Option<&str>) -> Result<(String, Match), &'static str> {
-        router
-            .route(name)
-            .map(|r| (r.site.name.clone(), r.matched))
-            .map_err(RouteError::reason)
+    /// The site name and match kind a lookup gives, or the error.
+    fn lookup(router: &Router, name: Option<&str>) -> Result<(String, Match), RouteError> {
+        router.route(name).map(|r| (r.site.name.clone(), r.matched))
     }
 
-    fn ok(name: &str, matched: Match) -> Result<(String, Match), &'static str> {
+    fn ok(name: &str, matched: Match) -> Result<(String, Match), RouteError> {
         Ok((name.to_string(), matched))
     }
 
@@ -231,7 +218,10 @@ mod tests {
             ok("site1.example", Match::Wildcard)
         );
         // One label only: a deeper name does not match *.site1.example...
-        assert_eq!(lookup(&r, Some("a.c.site1.example")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("a.c.site1.example")),
+            Err(RouteError::UnknownName)
+        );
         // ...but a wildcard one level deeper exists for b.site1.example.
         assert_eq!(
             lookup(&r, Some("a.b.site1.example")),
@@ -242,11 +232,20 @@ mod tests {
             lookup(&r, Some("b.site1.example")),
             ok("site1.example", Match::Wildcard)
         );
-        assert_eq!(lookup(&r, Some("other.example")), Err("unknown_name"));
-        assert_eq!(lookup(&r, Some("example")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("other.example")),
+            Err(RouteError::UnknownName)
+        );
+        assert_eq!(lookup(&r, Some("example")), Err(RouteError::UnknownName));
         // A literal '*' sent by a client is not a wildcard match.
-        assert_eq!(lookup(&r, Some("*.site1.example")), Err("unknown_name"));
-        assert_eq!(lookup(&r, Some(".site1.example")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("*.site1.example")),
+            Err(RouteError::UnknownName)
+        );
+        assert_eq!(
+            lookup(&r, Some(".site1.example")),
+            Err(RouteError::UnknownName)
+        );
     }
 
     #[test]
@@ -278,15 +277,18 @@ mod tests {
             ok("site1.example", Match::Wildcard)
         );
         // Only one trailing dot is a DNS root; two is a different (invalid) name.
-        assert_eq!(lookup(&r, Some("site1.example..")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("site1.example..")),
+            Err(RouteError::UnknownName)
+        );
     }
 
     #[test]
     fn missing_name() {
         let without = sample(false);
-        assert_eq!(lookup(&without, None), Err("missing_name"));
-        assert_eq!(lookup(&without, Some("")), Err("missing_name"));
-        assert_eq!(lookup(&without, Some(".")), Err("missing_name"));
+        assert_eq!(lookup(&without, None), Err(RouteError::MissingName));
+        assert_eq!(lookup(&without, Some("")), Err(RouteError::MissingName));
+        assert_eq!(lookup(&without, Some(".")), Err(RouteError::MissingName));
         let with = sample(true);
         assert_eq!(lookup(&with, None), ok("default", Match::Default));
         assert_eq!(lookup(&with, Some("")), ok("default", Match::Default));
@@ -303,7 +305,10 @@ mod tests {
         assert_eq!(lookup(&r, Some("192.0.2.8")), ok("default", Match::Default));
         // An IPv4 literal never matches a wildcard, even one that looks like its suffix.
         let odd = Router::new(&config(vec![site(&["*.0.2.8"], 1)], None));
-        assert_eq!(lookup(&odd, Some("192.0.2.8")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&odd, Some("192.0.2.8")),
+            Err(RouteError::UnknownName)
+        );
         assert_eq!(
             lookup(&odd, Some("x.0.2.8")),
             ok("*.0.2.8", Match::Wildcard)
@@ -340,7 +345,7 @@ mod tests {
         }
         assert_eq!(
             lookup(&router, Some("customer10000.example")),
-            Err("unknown_name")
+            Err(RouteError::UnknownName)
         );
     }
 
@@ -352,8 +357,6 @@ mod tests {
 
     #[test]
     fn reasons() {
-        assert_eq!(RouteError::MissingName.reason(), "missing_name");
-        assert_eq!(RouteError::UnknownName.reason(), "unknown_name");
         assert_eq!(Match::Wildcard.as_str(), "wildcard");
     }
 }

@@ -4,12 +4,11 @@
 //! [`Server`] is built once from a config and later given new ones with [`Server::reload`],
 //! which swaps sites and timeouts for new connections while established ones go on untouched.
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -26,6 +25,7 @@ use crate::{
     access,
     config::{Config, Forwarding},
     conn::{self, ListenerInfo, Routing},
+    outcome::Outcome,
     route::Router,
 };
 
@@ -35,7 +35,8 @@ pub struct Shared {
     kernel: Option<Arc<crate::ebpf::Kernel>>,
     id_seed: u64,
     next_id: AtomicU64,
-    outcomes: Mutex<BTreeMap<&'static str, u64>>,
+    /// Connections ended, indexed by [`Outcome::index`].
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     open: AtomicU64,
     fallbacks: AtomicU64,
 }
@@ -75,16 +76,14 @@ impl Shared {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
-    /// Counts a connection's outcome by reason name.
-    pub fn count_outcome(&self, outcome: &'static str) {
-        if let Ok(mut map) = self.outcomes.lock() {
-            *map.entry(outcome).or_default() += 1;
-        }
+    /// Counts a connection's outcome.
+    pub fn count_outcome(&self, outcome: Outcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Outcome counts so far, by reason name.
-    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
-        self.outcomes.lock().map(|m| m.clone()).unwrap_or_default()
+    /// Connections ended with `outcome` so far.
+    pub fn outcome_count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()].load(Ordering::Relaxed)
     }
 
     /// Writes one access-log line to standard output.
@@ -214,7 +213,7 @@ impl Server {
                 kernel,
                 id_seed: random_u64(),
                 next_id: AtomicU64::new(0),
-                outcomes: Mutex::new(BTreeMap::new()),
+                outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
                 open: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
             }),

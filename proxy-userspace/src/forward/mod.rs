@@ -89,22 +89,6 @@ pub struct ForwardError {
     pub error: io::Error,
 }
 
-impl ForwardError {
-    /// Reason name for logs and metrics, e.g. `client_reset`.
-    pub fn reason(&self) -> &'static str {
-        match (self.side, self.error.kind()) {
-            (Side::Client, io::ErrorKind::ConnectionReset) => "client_reset",
-            (Side::Backend, io::ErrorKind::ConnectionReset) => "backend_reset",
-            (Side::Client, io::ErrorKind::BrokenPipe) => "client_closed",
-            (Side::Backend, io::ErrorKind::BrokenPipe) => "backend_closed",
-            (Side::Client, io::ErrorKind::TimedOut) => "client_idle_timeout",
-            (Side::Backend, io::ErrorKind::TimedOut) => "backend_idle_timeout",
-            (Side::Client, _) => "client_error",
-            (Side::Backend, _) => "backend_error",
-        }
-    }
-}
-
 impl std::fmt::Display for ForwardError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let side = match self.side {

@@ -90,18 +90,6 @@ pub enum EncodeError {
     AlpnTooLong(usize),
 }
 
-impl EncodeError {
-    /// A stable snake_case name for access logs and metrics labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            EncodeError::UniqueIdTooLong(_) => "unique_id_too_long",
-            EncodeError::AuthorityTooLong(_) => "authority_too_long",
-            EncodeError::AuthorityNotAscii(_) => "authority_not_ascii",
-            EncodeError::AlpnTooLong(_) => "alpn_too_long",
-        }
-    }
-}
-
 impl fmt::Display for EncodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -391,22 +391,16 @@ fn unique_id_formats_hex() {
 }
 
 #[test]
-fn errors_display_and_reason() {
+fn errors_display() {
     let e = EncodeError::UniqueIdTooLong(129);
     assert_eq!(
         e.to_string(),
         "PROXY v2 unique id is 129 bytes, more than 128"
     );
-    assert_eq!(e.reason(), "unique_id_too_long");
     assert_eq!(
         EncodeError::AuthorityTooLong(300).to_string(),
         "PROXY v2 authority is 300 bytes, more than 255"
     );
-    assert_eq!(
-        EncodeError::AuthorityNotAscii(3).reason(),
-        "authority_not_ascii"
-    );
-    assert_eq!(EncodeError::AlpnTooLong(256).reason(), "alpn_too_long");
     let boxed: Box<dyn Error> = Box::new(EncodeError::AlpnTooLong(256));
     assert_eq!(
         boxed.to_string(),
