@@ -17,8 +17,7 @@ use crate::{
     hello,
     outcome::{Failure, Outcome},
     preface,
-    route::Router,
-    server::Shared,
+    shared::Shared,
 };
 
 /// What the listener that accepted a connection contributes to it.
@@ -43,6 +42,8 @@ struct Facts {
     engine: Option<Engine>,
     hello_len: u64,
     counters: Counters,
+    /// The id sent in the PROXY header, if the site asked for one.
+    id: Option<preface::UniqueId>,
 }
 
 /// Serves one accepted connection to completion and writes its access-log line.
@@ -81,6 +82,7 @@ pub async fn handle(
         duration: started.elapsed(),
         outcome: outcome.name(),
         detail: detail.as_deref(),
+        id: facts.id,
     };
     shared.access_log(&entry);
 }
@@ -131,7 +133,7 @@ async fn serve(
 
     // 5. Preface: PROXY header and every byte read so far, in one write.
     let mut preface_bytes = Vec::with_capacity(buf.len() + 256);
-    let unique_id = site
+    facts.id = site
         .tlvs
         .unique_id
         .then(|| preface::UniqueId::from_u128(shared.next_id()));
@@ -144,7 +146,7 @@ async fn serve(
             None
         },
         alpn: None,
-        unique_id: unique_id.as_ref().map(preface::UniqueId::as_bytes),
+        unique_id: facts.id.as_ref().map(preface::UniqueId::as_bytes),
         crc32c: site.tlvs.crc32c,
     };
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
@@ -305,12 +307,4 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
         }
     })
     .await;
-}
-
-/// Routing state swapped as a whole on reload.
-pub struct Routing {
-    /// The configuration this routing was built from.
-    pub config: crate::config::Config,
-    /// Its routing table.
-    pub router: Router,
 }

@@ -19,3 +19,4 @@ pub mod outcome;
 pub mod preface;
 pub mod route;
 pub mod server;
+pub mod shared;

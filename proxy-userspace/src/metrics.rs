@@ -13,7 +13,7 @@ use tokio::{
 
 use crate::{
     outcome::{Outcome, Source},
-    server::Shared,
+    shared::Shared,
 };
 
 /// Renders every metric in the text exposition format.
@@ -49,6 +49,13 @@ pub fn render(shared: &Shared) -> String {
         "# HELP spliced_open_connections Connections being served now.\n\
          # TYPE spliced_open_connections gauge\nspliced_open_connections {}",
         shared.open_connections()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spliced_access_log_dropped_total Access-log lines dropped because standard \
+         output did not keep up.\n\
+         # TYPE spliced_access_log_dropped_total counter\nspliced_access_log_dropped_total {}",
+        shared.access_log_dropped()
     );
     let _ = writeln!(
         out,
@@ -125,5 +132,38 @@ pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> Result<()> {
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access;
+
+    /// A scrape before any connection already lists every outcome, at zero, so rates and
+    /// alerts work from the start; counted outcomes show their count.
+    #[test]
+    fn every_outcome_from_zero() {
+        let log = access::Log::new(4, std::io::sink()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let text = render(&shared);
+        for outcome in Outcome::ALL {
+            let sample = format!(
+                "spliced_connections_total{{outcome=\"{}\"}} 0\n",
+                outcome.name()
+            );
+            assert!(text.contains(&sample), "{sample} missing from\n{text}");
+        }
+        assert!(
+            text.contains("spliced_access_log_dropped_total 0\n"),
+            "{text}"
+        );
+        shared.count_outcome(Outcome::UnknownName);
+        shared.count_outcome(Outcome::BackendUnreachable);
+        let text = render(&shared);
+        assert!(text.contains("spliced_connections_total{outcome=\"unknown_name\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"client\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"backend\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"proxy\"} 0\n"));
     }
 }
