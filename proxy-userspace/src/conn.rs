@@ -111,8 +111,7 @@ async fn serve(
     facts.hello_len = buf.len() as u64;
 
     // 3. Route.
-    let route = config.router.route(name.as_deref())?;
-    let site = route.site;
+    let site = config.router.route(name.as_deref())?;
     facts.site = Some(site.name.clone());
     facts.proxy_protocol = site.proxy_protocol;
     let local = client
@@ -138,16 +137,14 @@ async fn serve(
         .unique_id
         .then(|| preface::UniqueId::from_u128(shared.next_id()));
     let header = preface::Header {
-        source: peer,
-        destination: local,
         authority: if site.tlvs.authority {
             facts.name.as_deref()
         } else {
             None
         },
-        alpn: None,
         unique_id: facts.id.as_ref().map(preface::UniqueId::as_bytes),
         crc32c: site.tlvs.crc32c,
+        ..preface::Header::new(peer, local)
     };
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
         .map_err(|e| Failure::new(Outcome::PrefaceError, e))?;

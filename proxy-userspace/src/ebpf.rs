@@ -238,16 +238,6 @@ impl Kernel {
         }
     }
 
-    /// Names of the programs in the loaded object.
-    pub fn program_names(&self) -> Vec<String> {
-        self.ebpf
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .programs()
-            .map(|(name, _)| name.to_owned())
-            .collect()
-    }
-
     /// Kernel-side counters summed over CPUs, by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL

@@ -53,37 +53,6 @@ impl fmt::Display for RouteError {
 
 impl std::error::Error for RouteError {}
 
-/// Where a name goes.
-#[derive(Debug, Clone, Copy)]
-pub struct Route<'a> {
-    /// The site that serves the name.
-    pub site: &'a Site,
-    /// How it was found, for the access log.
-    pub matched: Match,
-}
-
-/// How a name found its site.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Match {
-    /// A hostname equal to the name.
-    Exact,
-    /// A `*.` hostname one label above the name.
-    Wildcard,
-    /// The default site, for a missing or unknown name.
-    Default,
-}
-
-impl Match {
-    /// The label used in the access log and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Match::Exact => "exact",
-            Match::Wildcard => "wildcard",
-            Match::Default => "default",
-        }
-    }
-}
-
 impl Router {
     /// Indexes the configuration's sites. Should two sites claim one hostname (a validated
     /// [`Config`] never has that), the first one keeps it.
@@ -108,12 +77,12 @@ impl Router {
 
     /// Finds the site for `name` (the SNI or `Host`, `None` if the client sent none): exact
     /// match, then the wildcard one label up, then the default site.
-    pub fn route(&self, name: Option<&str>) -> Result<Route<'_>, RouteError> {
+    pub fn route(&self, name: Option<&str>) -> Result<&Site, RouteError> {
         let Some(name) = name.and_then(normalize_cow) else {
             return self.fallback(RouteError::MissingName);
         };
         if let Some(&index) = self.exact.get(name.as_ref()) {
-            return Ok(self.found(index, Match::Exact));
+            return Ok(self.site(index));
         }
         if let Some((label, parent)) = name.split_once('.')
             && !label.is_empty()
@@ -121,27 +90,18 @@ impl Router {
             && name.parse::<IpAddr>().is_err()
             && let Some(&index) = self.wildcard.get(parent)
         {
-            return Ok(self.found(index, Match::Wildcard));
+            return Ok(self.site(index));
         }
         self.fallback(RouteError::UnknownName)
     }
 
-    fn found(&self, index: usize, matched: Match) -> Route<'_> {
-        Route {
-            // Indices come from enumerating `sites` in `new`, so they are always in range.
-            site: &self.sites[index],
-            matched,
-        }
+    fn site(&self, index: usize) -> &Site {
+        // Indices come from enumerating `sites` in `new`, so they are always in range.
+        &self.sites[index]
     }
 
-    fn fallback(&self, error: RouteError) -> Result<Route<'_>, RouteError> {
-        self.default
-            .as_ref()
-            .map(|site| Route {
-                site,
-                matched: Match::Default,
-            })
-            .ok_or(error)
+    fn fallback(&self, error: RouteError) -> Result<&Site, RouteError> {
+        self.default.as_ref().ok_or(error)
     }
 }
 
@@ -186,13 +146,13 @@ mod tests {
         }
     }
 
-    /// The site name and match kind a lookup gives, or the error.
-    fn lookup(router: &Router, name: Option<&str>) -> Result<(String, Match), RouteError> {
-        router.route(name).map(|r| (r.site.name.clone(), r.matched))
+    /// The name of the site a lookup gives, or the error.
+    fn lookup(router: &Router, name: Option<&str>) -> Result<String, RouteError> {
+        router.route(name).map(|site| site.name.clone())
     }
 
-    fn ok(name: &str, matched: Match) -> Result<(String, Match), RouteError> {
-        Ok((name.to_string(), matched))
+    fn ok(name: &str) -> Result<String, RouteError> {
+        Ok(name.to_string())
     }
 
     fn sample(with_default: bool) -> Router {
@@ -209,14 +169,8 @@ mod tests {
     #[test]
     fn exact_and_wildcard() {
         let r = sample(false);
-        assert_eq!(
-            lookup(&r, Some("site1.example")),
-            ok("site1.example", Match::Exact)
-        );
-        assert_eq!(
-            lookup(&r, Some("www.site1.example")),
-            ok("site1.example", Match::Wildcard)
-        );
+        assert_eq!(lookup(&r, Some("site1.example")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("www.site1.example")), ok("site1.example"));
         // One label only: a deeper name does not match *.site1.example...
         assert_eq!(
             lookup(&r, Some("a.c.site1.example")),
@@ -225,13 +179,10 @@ mod tests {
         // ...but a wildcard one level deeper exists for b.site1.example.
         assert_eq!(
             lookup(&r, Some("a.b.site1.example")),
-            ok("*.b.site1.example", Match::Wildcard)
+            ok("*.b.site1.example")
         );
         // The wildcard does not cover the bare parent it hangs off.
-        assert_eq!(
-            lookup(&r, Some("b.site1.example")),
-            ok("site1.example", Match::Wildcard)
-        );
+        assert_eq!(lookup(&r, Some("b.site1.example")), ok("site1.example"));
         assert_eq!(
             lookup(&r, Some("other.example")),
             Err(RouteError::UnknownName)
@@ -253,29 +204,17 @@ mod tests {
         let r = sample(true);
         assert_eq!(
             lookup(&r, Some("special.site1.example")),
-            ok("special.site1.example", Match::Exact)
+            ok("special.site1.example")
         );
-        assert_eq!(
-            lookup(&r, Some("other.site1.example")),
-            ok("site1.example", Match::Wildcard)
-        );
-        assert_eq!(
-            lookup(&r, Some("unknown.example")),
-            ok("default", Match::Default)
-        );
+        assert_eq!(lookup(&r, Some("other.site1.example")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("unknown.example")), ok("default"));
     }
 
     #[test]
     fn case_and_trailing_dot() {
         let r = sample(false);
-        assert_eq!(
-            lookup(&r, Some("SITE1.Example.")),
-            ok("site1.example", Match::Exact)
-        );
-        assert_eq!(
-            lookup(&r, Some("WWW.site1.EXAMPLE.")),
-            ok("site1.example", Match::Wildcard)
-        );
+        assert_eq!(lookup(&r, Some("SITE1.Example.")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("WWW.site1.EXAMPLE.")), ok("site1.example"));
         // Only one trailing dot is a DNS root; two is a different (invalid) name.
         assert_eq!(
             lookup(&r, Some("site1.example..")),
@@ -290,29 +229,23 @@ mod tests {
         assert_eq!(lookup(&without, Some("")), Err(RouteError::MissingName));
         assert_eq!(lookup(&without, Some(".")), Err(RouteError::MissingName));
         let with = sample(true);
-        assert_eq!(lookup(&with, None), ok("default", Match::Default));
-        assert_eq!(lookup(&with, Some("")), ok("default", Match::Default));
+        assert_eq!(lookup(&with, None), ok("default"));
+        assert_eq!(lookup(&with, Some("")), ok("default"));
     }
 
     #[test]
     fn ip_literals() {
         let r = sample(true);
-        assert_eq!(lookup(&r, Some("192.0.2.7")), ok("192.0.2.7", Match::Exact));
-        assert_eq!(
-            lookup(&r, Some("[2001:DB8:0::7]")),
-            ok("192.0.2.7", Match::Exact)
-        );
-        assert_eq!(lookup(&r, Some("192.0.2.8")), ok("default", Match::Default));
+        assert_eq!(lookup(&r, Some("192.0.2.7")), ok("192.0.2.7"));
+        assert_eq!(lookup(&r, Some("[2001:DB8:0::7]")), ok("192.0.2.7"));
+        assert_eq!(lookup(&r, Some("192.0.2.8")), ok("default"));
         // An IPv4 literal never matches a wildcard, even one that looks like its suffix.
         let odd = Router::new(&config(vec![site(&["*.0.2.8"], 1)], None));
         assert_eq!(
             lookup(&odd, Some("192.0.2.8")),
             Err(RouteError::UnknownName)
         );
-        assert_eq!(
-            lookup(&odd, Some("x.0.2.8")),
-            ok("*.0.2.8", Match::Wildcard)
-        );
+        assert_eq!(lookup(&odd, Some("x.0.2.8")), ok("*.0.2.8"));
     }
 
     #[test]
@@ -329,14 +262,14 @@ mod tests {
             let expected = format!("customer{i}.example");
             assert_eq!(
                 lookup(&router, Some(&format!("CUSTOMER{i}.example."))),
-                ok(&expected, Match::Exact)
+                ok(&expected)
             );
-            let route = router
+            let site = router
                 .route(Some(&format!("www.customer{i}.example")))
                 .expect("wildcard");
-            assert_eq!(route.matched, Match::Wildcard);
+            assert_eq!(site.name, expected);
             assert_eq!(
-                route.site.backend.for_listener(Protocol::Tls, 443),
+                site.backend.for_listener(Protocol::Tls, 443),
                 Some(SocketAddr::new(
                     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i)),
                     443
@@ -353,10 +286,5 @@ mod tests {
     fn router_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Router>();
-    }
-
-    #[test]
-    fn reasons() {
-        assert_eq!(Match::Wildcard.as_str(), "wildcard");
     }
 }

@@ -140,21 +140,8 @@ impl Server {
         })
     }
 
-    /// The addresses actually bound (useful when a config asks for port 0).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
-            .collect()
-    }
-
-    /// The state shared with connection tasks.
-    pub fn shared(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
-    }
-
     /// Swaps in a new configuration for connections accepted from now on.
-    pub fn reload(shared: &Shared, config: Config) -> Result<()> {
+    pub(crate) fn reload(shared: &Shared, config: Config) -> Result<()> {
         if wants_sockmap(&config).0 && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process could not load"

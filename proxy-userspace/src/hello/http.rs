@@ -111,12 +111,6 @@ pub fn response_400() -> &'static [u8] {
       Connection: close\r\n\r\nbad request\n"
 }
 
-/// `404 Not Found`: no site serves the requested host and there is no default site.
-pub fn response_404() -> &'static [u8] {
-    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\
-      Connection: close\r\n\r\nnot found\n"
-}
-
 /// `421 Misdirected Request`: this proxy does not serve the requested host (RFC 9110 §15.5.20),
 /// which tells clients reusing a connection for another name to open a new one.
 pub fn response_421() -> &'static [u8] {

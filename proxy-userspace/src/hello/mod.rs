@@ -7,9 +7,9 @@
 //! ([`tls::MAX_CLIENT_HELLO`], [`http::MAX_REQUEST_HEAD`]), so calling it again after every read
 //! costs at most one pass over a bounded buffer.
 //!
-//! The parsers are total: any input gives a value or an error, never a panic. [`fuzz_check_tls`]
-//! and [`fuzz_check_http`] hold the properties the fuzz targets in `fuzz/` check, so the unit tests
-//! exercise them on stable too.
+//! The parsers are total: any input gives a value or an error, never a panic. `fuzz_check_tls`
+//! and `fuzz_check_http` (compiled for tests and under `cfg(fuzzing)`, as quinn does) hold the
+//! properties the fuzz targets in `fuzz/` check, so the unit tests exercise them on stable too.
 
 pub mod http;
 pub mod tls;
@@ -96,6 +96,7 @@ fn lowercase_ascii(name: &[u8]) -> String {
         .collect()
 }
 
+#[cfg(any(test, fuzzing))]
 /// Where the fuzz targets cut their input in two: the first byte picks the position, the rest is
 /// the input, so the fuzzer can steer the split independently of the bytes being parsed.
 fn fuzz_split(data: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -105,12 +106,12 @@ fn fuzz_split(data: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((input, prefix))
 }
 
+#[cfg(any(test, fuzzing))]
 /// The body of the `hello_tls` fuzz target: parses `data[1..]` whole and a prefix of it chosen by
 /// `data[0]`, and panics if the results disagree or a parsed hello breaks its invariants.
 ///
 /// A prefix may say "need more" where the whole input says more, but if it gives an answer it must
 /// be the same answer: the accept loop acts on the first answer it gets.
-#[doc(hidden)]
 pub fn fuzz_check_tls(data: &[u8]) {
     let Some((input, prefix)) = fuzz_split(data) else {
         return;
@@ -144,9 +145,9 @@ pub fn fuzz_check_tls(data: &[u8]) {
     }
 }
 
+#[cfg(any(test, fuzzing))]
 /// The body of the `hello_http` fuzz target: parses `data[1..]` whole and a prefix of it chosen by
 /// `data[0]`, and panics if the results disagree or a parsed head breaks its invariants.
-#[doc(hidden)]
 pub fn fuzz_check_http(data: &[u8]) {
     let Some((input, prefix)) = fuzz_split(data) else {
         return;

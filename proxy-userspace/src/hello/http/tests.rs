@@ -270,7 +270,6 @@ fn too_many_header_lines() {
 fn responses_are_complete_and_honest() {
     let cases = [
         (response_400(), 400),
-        (response_404(), 404),
         (response_421(), 421),
         (response_431(), 431),
         (response_502(), 502),
