@@ -158,6 +158,19 @@ struct Stopped {
 }
 
 impl Running {
+    /// Starts `spliced run --config cfg` with `extra` arguments, standard output and standard
+    /// error piped (for [`Running::stop`] to collect).
+    fn start(cfg: &std::path::Path, extra: &[&str]) -> Running {
+        let child = Command::new(BIN)
+            .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start spliced");
+        Running(child)
+    }
+
     /// Sends SIGTERM, waits up to 15 s for the exit, and collects the piped output.
     fn stop(&mut self) -> Stopped {
         signal(&self.0, "TERM");
@@ -260,13 +273,7 @@ fn sighup_reloads_sites_and_keeps_the_old_config_when_the_new_one_is_bad() {
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let cfg = dir.write("spliced.toml", &config(port, backend_port, false));
-    let child = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start spliced");
-    let mut running = Running(child);
+    let mut running = Running::start(&cfg, &[]);
 
     let before = request(addr, "a.example");
     assert!(
@@ -357,13 +364,7 @@ fn access_log_names_the_unique_id_the_backend_received() {
             config(port, backend_port, true)
         ),
     );
-    let child = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start spliced");
-    let mut running = Running(child);
+    let mut running = Running::start(&cfg, &[]);
     let reply = request(addr, "a.example");
     assert!(reply.ends_with("backend"), "{reply:?}");
     let preface = preface
