@@ -7,4 +7,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| spliced::hello::fuzz_check_tls(data));
+fuzz_target!(|data: &[u8]| spliced::fuzz::fuzz_check_tls(data));

@@ -1,8 +1,139 @@
 //! The access log: one line per connection, `key=value` pairs, on standard output.
 //!
-//! The reason names are the same strings the error types return and the metrics use, so a line
-//! can be matched to a counter.
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+//! The outcome names are the ones the metrics use ([`crate::outcome`]), so a line can be matched
+//! to a counter.
+//!
+//! Connection tasks never write to standard output themselves: a slow reader of the pipe would
+//! then stall every connection on the runtime's threads. They queue each line ([`Log::write`]);
+//! one writer thread drains the queue, and a full queue drops the line and counts it.
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::preface::UniqueId;
+
+/// Lines that may wait for the writer: a few MiB at most, and seconds of a burst at the
+/// connection rates this proxy sees, before lines are dropped.
+const QUEUE_LINES: usize = 16 * 1024;
+
+/// Bytes the writer gathers from the queue into one `write`.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// How long dropping a [`Log`] waits for its queued lines to be written.
+const DROP_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// What the writer thread is handed.
+enum Message {
+    /// One line, newline included.
+    Line(String),
+    /// Answer on this channel once every line queued before it is written.
+    Flush(SyncSender<()>),
+}
+
+/// A non-blocking access-log sink: a bounded queue drained by one writer thread.
+///
+/// Lines never interleave (one thread writes them, each whole), and they keep their order.
+/// Dropping the log waits a few seconds for queued lines to be written, so a process that
+/// returns from `main` does not lose its last connections' lines.
+pub struct Log {
+    queue: SyncSender<Message>,
+    dropped: AtomicU64,
+}
+
+impl Log {
+    /// A log to standard output.
+    pub fn stdout() -> io::Result<Log> {
+        Log::new(QUEUE_LINES, io::stdout())
+    }
+
+    /// A log to `out` that holds at most `capacity` lines waiting for the writer.
+    pub fn new(capacity: usize, out: impl Write + Send + 'static) -> io::Result<Log> {
+        let (queue, lines) = sync_channel(capacity);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&lines, out))?;
+        Ok(Log {
+            queue,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues `entry`'s line; if the queue is full, drops it and counts it instead of waiting.
+    pub fn write(&self, entry: &Entry<'_>) {
+        let mut line = entry.line();
+        line.push('\n');
+        if self.queue.try_send(Message::Line(line)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every line queued before this call is written, for at most `limit`; says
+    /// whether it was. Blocks the calling thread.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let (done, written) = sync_channel(1);
+        let mut message = Message::Flush(done);
+        // The queue may be full of lines: wait for room, but not past the deadline.
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
+        written
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.flush(DROP_FLUSH_LIMIT);
+    }
+}
+
+/// The writer thread: writes queued lines in batches until every sender is gone.
+fn write_lines(queue: &Receiver<Message>, mut out: impl Write) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
+    let mut flushes = Vec::new();
+    while let Ok(first) = queue.recv() {
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                Message::Line(line) => batch.extend_from_slice(line.as_bytes()),
+                Message::Flush(done) => flushes.push(done),
+            }
+            next = if batch.len() < BATCH_BYTES {
+                queue.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        // Nothing to do about a failed write to standard output but to go on: a connection's
+        // outcome is still counted in the metrics.
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        batch.clear();
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
 
 /// Everything known about a connection when it ends.
 #[derive(Debug, Default)]
@@ -33,6 +164,9 @@ pub struct Entry<'a> {
     pub outcome: &'a str,
     /// Extra detail for failures (an OS error message).
     pub detail: Option<&'a str>,
+    /// The connection's id, when one was made for its PROXY header (`PP2_TYPE_UNIQUE_ID`): the
+    /// same 32 hex digits the backend received, so its log and ours can be joined.
+    pub id: Option<UniqueId>,
 }
 
 impl Entry<'_> {
@@ -54,6 +188,9 @@ impl Entry<'_> {
         field(&mut s, "down", self.bytes_down);
         field(&mut s, "ms", self.duration.as_millis());
         field(&mut s, "outcome", self.outcome);
+        if let Some(id) = self.id {
+            field(&mut s, "id", id);
+        }
         if let Some(detail) = self.detail {
             field(&mut s, "detail", detail);
         }
@@ -92,7 +229,95 @@ fn field(line: &mut String, key: &str, value: impl std::fmt::Display) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex, mpsc};
+
     use super::*;
+
+    /// A writer that keeps what it is given, and can be held still to fill the queue.
+    #[derive(Clone)]
+    struct Held {
+        written: Arc<Mutex<Vec<u8>>>,
+        /// Each write first reports that it started, then waits for a go.
+        started: SyncSender<()>,
+        go: Arc<Mutex<Receiver<()>>>,
+    }
+
+    impl Write for Held {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let _ = self.started.send(());
+            let _ = self.go.lock().expect("go").recv();
+            self.written
+                .lock()
+                .expect("written")
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn entry(name: &str) -> Entry<'_> {
+        Entry {
+            name: Some(name),
+            outcome: "ok",
+            proxy_protocol: "none",
+            ..Default::default()
+        }
+    }
+
+    /// With the writer stuck, the queue fills and further lines are dropped and counted, never
+    /// waited for; once it moves, every queued line comes out whole and in order.
+    #[test]
+    fn full_queue_drops_and_counts_lines() {
+        let (started, writes) = sync_channel(16);
+        let (go, wait) = mpsc::channel();
+        let out = Held {
+            written: Arc::default(),
+            started,
+            go: Arc::new(Mutex::new(wait)),
+        };
+        let log = Log::new(2, out.clone()).expect("writer thread");
+        log.write(&entry("first.example"));
+        // The writer took the first line and is stuck writing it: the queue is empty again.
+        writes.recv().expect("first write");
+        for name in [
+            "second.example",
+            "third.example",
+            "fourth.example",
+            "fifth.example",
+        ] {
+            log.write(&entry(name));
+        }
+        assert_eq!(log.dropped(), 2);
+        // One go per write; spare ones are harmless.
+        for _ in 0..8 {
+            go.send(()).expect("go");
+        }
+        assert!(log.flush(Duration::from_secs(10)));
+        let text = String::from_utf8(out.written.lock().expect("written").clone()).expect("utf-8");
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("name=")))
+            .collect();
+        assert_eq!(names, ["first.example", "second.example", "third.example"]);
+    }
+
+    #[test]
+    fn id_is_written_when_one_was_made() {
+        let mut e = entry("a.example");
+        assert!(!e.line().contains("id="));
+        e.id = Some(UniqueId::from_u128(
+            0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+        ));
+        assert!(
+            e.line()
+                .ends_with("outcome=ok id=0123456789abcdef0011223344556677"),
+            "{}",
+            e.line()
+        );
+    }
 
     #[test]
     fn line_has_every_field_and_quotes_spaces() {

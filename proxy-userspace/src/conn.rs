@@ -14,10 +14,10 @@ use crate::{
     access,
     config::{Forwarding, Protocol},
     forward::{self, Counters, Engine},
-    hello::{self, HelloError},
+    hello,
+    outcome::{Failure, Outcome},
     preface,
-    route::Router,
-    server::Shared,
+    shared::Shared,
 };
 
 /// What the listener that accepted a connection contributes to it.
@@ -31,54 +31,6 @@ pub struct ListenerInfo {
     pub forwarding: Option<Forwarding>,
 }
 
-/// Why a connection ended before (or while) forwarding; `reason()` names it in logs/metrics.
-#[derive(Debug)]
-enum Failure {
-    HelloTimeout,
-    ClientClosedEarly,
-    ClientIo(std::io::Error),
-    Hello(HelloError),
-    Route(&'static str),
-    NoBackendForProtocol,
-    ConnectTimeout,
-    Connect(std::io::Error),
-    Preface(preface::EncodeError),
-    BackendWrite(std::io::Error),
-    Forward(forward::ForwardError),
-    IdleTimeout,
-}
-
-impl Failure {
-    fn reason(&self) -> &'static str {
-        match self {
-            Failure::HelloTimeout => "client_hello_timeout",
-            Failure::ClientClosedEarly => "client_closed_before_hello",
-            Failure::ClientIo(_) => "client_error",
-            Failure::Hello(e) => e.reason(),
-            Failure::Route(reason) => reason,
-            Failure::NoBackendForProtocol => "no_backend_for_protocol",
-            Failure::ConnectTimeout => "backend_connect_timeout",
-            Failure::Connect(_) => "backend_unreachable",
-            Failure::Preface(_) => "preface_error",
-            Failure::BackendWrite(_) => "backend_error",
-            Failure::Forward(e) => e.reason(),
-            Failure::IdleTimeout => "idle_timeout",
-        }
-    }
-
-    fn detail(&self) -> Option<String> {
-        match self {
-            Failure::ClientIo(e) | Failure::Connect(e) | Failure::BackendWrite(e) => {
-                Some(e.to_string())
-            }
-            Failure::Hello(e) => Some(e.to_string()),
-            Failure::Preface(e) => Some(e.to_string()),
-            Failure::Forward(e) => Some(e.to_string()),
-            _ => None,
-        }
-    }
-}
-
 /// What we learned along the way, for the access log.
 #[derive(Default)]
 struct Facts {
@@ -90,6 +42,8 @@ struct Facts {
     engine: Option<Engine>,
     hello_len: u64,
     counters: Counters,
+    /// The id sent in the PROXY header, if the site asked for one.
+    id: Option<preface::UniqueId>,
 }
 
 /// Serves one accepted connection to completion and writes its access-log line.
@@ -102,16 +56,16 @@ pub async fn handle(
     let started = Instant::now();
     let mut facts = Facts::default();
     let result = serve(&client, peer, &listener, &shared, &mut facts).await;
+    let (outcome, detail) = match result {
+        Ok(()) => (Outcome::Ok, None),
+        Err(Failure { outcome, detail }) => (outcome, detail),
+    };
+    refuse(&client, listener.protocol, outcome).await;
     let (up, down) = facts.counters.get();
     let proxy_protocol = match facts.proxy_protocol {
         preface::Version::None => "none",
         preface::Version::V1 => "v1",
         preface::Version::V2 => "v2",
-    };
-    let detail = result.as_ref().err().and_then(Failure::detail);
-    let outcome = match &result {
-        Ok(()) => "ok",
-        Err(f) => f.reason(),
     };
     shared.count_outcome(outcome);
     let entry = access::Entry {
@@ -126,8 +80,9 @@ pub async fn handle(
         bytes_up: up + facts.hello_len,
         bytes_down: down,
         duration: started.elapsed(),
-        outcome,
+        outcome: outcome.name(),
         detail: detail.as_deref(),
+        id: facts.id,
     };
     shared.access_log(&entry);
 }
@@ -150,72 +105,53 @@ async fn serve(
     )
     .await
     {
-        Err(_) => return Err(Failure::HelloTimeout),
-        Ok(Err(failure)) => {
-            if let Failure::Hello(e) = &failure {
-                refuse(client, listener.protocol, e.reason()).await;
-            }
-            return Err(failure);
-        }
-        Ok(Ok(name)) => name,
+        Err(_) => return Err(Outcome::HelloTimeout.into()),
+        Ok(result) => result?,
     };
     facts.hello_len = buf.len() as u64;
 
     // 3. Route.
-    let route = match config.router.route(name.as_deref()) {
-        Ok(route) => route,
-        Err(e) => {
-            refuse(client, listener.protocol, "unknown_name").await;
-            return Err(Failure::Route(e.reason()));
-        }
-    };
-    let site = route.site;
+    let site = config.router.route(name.as_deref())?;
     facts.site = Some(site.name.clone());
     facts.proxy_protocol = site.proxy_protocol;
-    let local = client.local_addr().map_err(Failure::ClientIo)?;
+    let local = client
+        .local_addr()
+        .map_err(|e| Failure::new(Outcome::ClientError, e))?;
     let Some(backend_addr) = site.backend.for_listener(listener.protocol, local.port()) else {
-        refuse(client, listener.protocol, "unknown_name").await;
-        return Err(Failure::NoBackendForProtocol);
+        return Err(Outcome::NoBackendForProtocol.into());
     };
     facts.backend = Some(backend_addr);
 
     // 4. Connect.
     let backend = match timeout(defaults.connect_timeout, TcpStream::connect(backend_addr)).await {
-        Err(_) => {
-            refuse(client, listener.protocol, "backend_connect_timeout").await;
-            return Err(Failure::ConnectTimeout);
-        }
-        Ok(Err(e)) => {
-            refuse(client, listener.protocol, "backend_unreachable").await;
-            return Err(Failure::Connect(e));
-        }
+        Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
+        Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
         Ok(Ok(stream)) => stream,
     };
     let _ = backend.set_nodelay(true);
 
     // 5. Preface: PROXY header and every byte read so far, in one write.
     let mut preface_bytes = Vec::with_capacity(buf.len() + 256);
-    let unique_id = site
+    facts.id = site
         .tlvs
         .unique_id
         .then(|| preface::UniqueId::from_u128(shared.next_id()));
     let header = preface::Header {
-        source: peer,
-        destination: local,
         authority: if site.tlvs.authority {
             facts.name.as_deref()
         } else {
             None
         },
-        alpn: None,
-        unique_id: unique_id.as_ref().map(preface::UniqueId::as_bytes),
+        unique_id: facts.id.as_ref().map(preface::UniqueId::as_bytes),
         crc32c: site.tlvs.crc32c,
+        ..preface::Header::new(peer, local)
     };
-    preface::encode(site.proxy_protocol, &header, &mut preface_bytes).map_err(Failure::Preface)?;
+    preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
+        .map_err(|e| Failure::new(Outcome::PrefaceError, e))?;
     preface_bytes.extend_from_slice(&buf);
     forward::write_all(&backend, &preface_bytes)
         .await
-        .map_err(Failure::BackendWrite)?;
+        .map_err(|e| Failure::new(Outcome::BackendError, e))?;
     let preface_len = preface_bytes.len() as u64;
     let client_consumed = buf.len() as u64;
     // Both buffers would otherwise stay allocated for as long as the connection lives.
@@ -269,11 +205,11 @@ async fn serve(
         forward::forward(fallback, client, &backend, counters).await
     };
     match defaults.idle_timeout {
-        None => forwarding.await.map_err(Failure::Forward),
+        None => Ok(forwarding.await?),
         Some(idle) => {
             tokio::select! {
-                r = forwarding => r.map_err(Failure::Forward),
-                () = idle_watch(counters, idle) => Err(Failure::IdleTimeout),
+                r = forwarding => Ok(r?),
+                () = idle_watch(counters, idle) => Err(Outcome::IdleTimeout.into()),
             }
         }
     }
@@ -308,9 +244,9 @@ async fn read_hello(
         let n = client
             .async_io(Interest::READABLE, || client.try_read_buf(buf))
             .await
-            .map_err(Failure::ClientIo)?;
+            .map_err(|e| Failure::new(Outcome::ClientError, e))?;
         if n == 0 {
-            return Err(Failure::ClientClosedEarly);
+            return Err(Outcome::ClientClosedBeforeHello.into());
         }
         // Everything read is kept and forwarded, even bytes after the hello (early data);
         // the parser refuses once the hello itself passes its limit, so this stays bounded.
@@ -322,7 +258,7 @@ async fn read_hello(
                     facts.name.clone_from(&h.sni);
                     return Ok(h.sni);
                 }
-                Err(e) => return Err(Failure::Hello(e)),
+                Err(e) => return Err(e.into()),
             },
             Protocol::Http => match hello::http::parse_request_head(buf) {
                 Ok(None) => {}
@@ -330,30 +266,17 @@ async fn read_hello(
                     facts.name.clone_from(&head.host);
                     return Ok(head.host);
                 }
-                Err(e) => return Err(Failure::Hello(e)),
+                Err(e) => return Err(e.into()),
             },
         }
     }
 }
 
-/// What an HTTP client gets when its site's backend cannot be reached.
-const RESPONSE_502: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n\
-Content-Length: 28\r\nConnection: close\r\n\r\nthe backend is unreachable.\n";
-
-/// What an HTTP client gets when its site's backend does not answer in time.
-const RESPONSE_504: &[u8] = b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain\r\n\
-Content-Length: 35\r\nConnection: close\r\n\r\nthe backend did not answer in time\n";
-
-/// Tells the client why it is refused, in its protocol, then lets the socket close.
-async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
-    let bytes: &[u8] = match (protocol, reason) {
-        (Protocol::Tls, "unknown_name" | "missing_name") => &hello::tls::UNRECOGNIZED_NAME_ALERT,
-        (Protocol::Tls, _) => &hello::tls::HANDSHAKE_FAILURE_ALERT,
-        (Protocol::Http, "unknown_name" | "missing_name") => hello::http::response_421(),
-        (Protocol::Http, "backend_unreachable") => RESPONSE_502,
-        (Protocol::Http, "backend_connect_timeout") => RESPONSE_504,
-        (Protocol::Http, "head_too_large") => hello::http::response_431(),
-        (Protocol::Http, _) => hello::http::response_400(),
+/// Tells the client why it is refused, in its protocol, then lets the socket close; does
+/// nothing for an outcome without a refusal ([`Outcome::refusal`]).
+async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
+    let Some(bytes) = outcome.refusal(protocol) else {
+        return;
     };
     // Best effort with a short deadline: a client that does not read must not hold us.
     if timeout(Duration::from_secs(1), forward::write_all(client, bytes))
@@ -383,36 +306,4 @@ async fn refuse(client: &TcpStream, protocol: Protocol, reason: &str) {
         }
     })
     .await;
-}
-
-/// Routing state swapped as a whole on reload.
-pub struct Routing {
-    /// The configuration this routing was built from.
-    pub config: crate::config::Config,
-    /// Its routing table.
-    pub router: Router,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A wrong Content-Length makes clients hang or truncate: check each canned response.
-    #[test]
-    fn canned_responses_declare_their_body_length() {
-        for response in [RESPONSE_502, RESPONSE_504] {
-            let mut headers = [httparse::EMPTY_HEADER; 8];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let head = match parsed.parse(response) {
-                Ok(httparse::Status::Complete(n)) => n,
-                other => panic!("unparseable response {other:?}"),
-            };
-            let length = parsed
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok());
-            assert_eq!(length, Some(response.len() - head));
-        }
-    }
 }

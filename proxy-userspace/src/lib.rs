@@ -2,19 +2,35 @@
 //! IPv6 backends, optionally announces the client with a PROXY protocol header, and moves the
 //! payload with the cheapest engine available (kernel sockmap splicing, `splice(2)`, or copy).
 //!
-//! Modules follow a connection's path: [`config`] and [`route`] decide where it goes, [`hello`]
-//! reads the name, [`preface`] builds what the backend sees first, then forwarding and closing.
+//! Modules follow a connection's path: `config` and `route` decide where it goes, `hello` reads
+//! the name, `preface` builds what the backend sees first, then `forward` moves the bytes and
+//! `outcome` names how it ended. The public surface is only what the `spliced` binary and the
+//! fuzz targets use, so the compiler reports everything else that nothing calls.
 #![warn(missing_docs)]
 
-pub mod access;
-pub mod config;
-pub mod conn;
-pub mod ebpf;
-pub mod forward;
-pub mod hello;
-pub mod listen;
-pub mod metrics;
-pub mod preface;
-pub mod route;
-pub mod server;
+mod access;
+mod config;
+mod conn;
+mod ebpf;
+mod forward;
+mod hello;
+mod listen;
+mod metrics;
+mod name;
+mod outcome;
+mod preface;
+mod route;
+mod server;
+mod shared;
 mod sys;
+
+pub use config::{Config, ConfigError};
+pub use server::{Options, Server};
+
+/// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.
+#[cfg(fuzzing)]
+pub mod fuzz {
+    pub use crate::hello::{fuzz_check_http, fuzz_check_tls};
+    #[cfg(feature = "fuzz")]
+    pub use crate::preface::fuzz_check_roundtrip;
+}

@@ -2,7 +2,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use spliced::{config::Config, server::Server};
+use spliced::{Config, Server};
 
 #[derive(Parser)]
 #[command(
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
             pin_dir,
             metrics,
         } => {
-            let options = spliced::server::Options {
+            let options = spliced::Options {
                 pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
                 metrics,
             };
@@ -86,7 +86,7 @@ fn run(
     config: Config,
     path: PathBuf,
     grace: Duration,
-    options: &spliced::server::Options,
+    options: &spliced::Options,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -11,17 +11,38 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{forward::sockmap, server::Shared};
+use crate::{
+    forward::sockmap,
+    outcome::{Outcome, Source},
+    shared::Shared,
+};
 
 /// Renders every metric in the text exposition format.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::new();
     out.push_str("# HELP spliced_connections_total Connections by how they ended.\n");
     out.push_str("# TYPE spliced_connections_total counter\n");
-    for (outcome, n) in shared.outcomes() {
+    // Every outcome from zero, so a rate or an alert works before the first one happens.
+    for outcome in Outcome::ALL {
         let _ = writeln!(
             out,
-            "spliced_connections_total{{outcome=\"{outcome}\"}} {n}"
+            "spliced_connections_total{{outcome=\"{}\"}} {}",
+            outcome.name(),
+            shared.outcome_count(outcome)
+        );
+    }
+    out.push_str("# HELP spliced_failures_total Connections that did not end ok, by who failed.\n");
+    out.push_str("# TYPE spliced_failures_total counter\n");
+    for source in Source::ALL {
+        let n: u64 = Outcome::ALL
+            .iter()
+            .filter(|o| o.source() == Some(source))
+            .map(|&o| shared.outcome_count(o))
+            .sum();
+        let _ = writeln!(
+            out,
+            "spliced_failures_total{{source=\"{}\"}} {n}",
+            source.name()
         );
     }
     let _ = writeln!(
@@ -29,6 +50,13 @@ pub fn render(shared: &Shared) -> String {
         "# HELP spliced_open_connections Connections being served now.\n\
          # TYPE spliced_open_connections gauge\nspliced_open_connections {}",
         shared.open_connections()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP spliced_access_log_dropped_total Access-log lines dropped because standard \
+         output did not keep up.\n\
+         # TYPE spliced_access_log_dropped_total counter\nspliced_access_log_dropped_total {}",
+        shared.access_log_dropped()
     );
     let _ = writeln!(
         out,
@@ -119,5 +147,38 @@ pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> Result<()> {
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access;
+
+    /// A scrape before any connection already lists every outcome, at zero, so rates and
+    /// alerts work from the start; counted outcomes show their count.
+    #[test]
+    fn every_outcome_from_zero() {
+        let log = access::Log::new(4, std::io::sink()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let text = render(&shared);
+        for outcome in Outcome::ALL {
+            let sample = format!(
+                "spliced_connections_total{{outcome=\"{}\"}} 0\n",
+                outcome.name()
+            );
+            assert!(text.contains(&sample), "{sample} missing from\n{text}");
+        }
+        assert!(
+            text.contains("spliced_access_log_dropped_total 0\n"),
+            "{text}"
+        );
+        shared.count_outcome(Outcome::UnknownName);
+        shared.count_outcome(Outcome::BackendUnreachable);
+        let text = render(&shared);
+        assert!(text.contains("spliced_connections_total{outcome=\"unknown_name\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"client\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"backend\"} 1\n"));
+        assert!(text.contains("spliced_failures_total{source=\"proxy\"} 0\n"));
     }
 }

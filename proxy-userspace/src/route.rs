@@ -1,6 +1,6 @@
 //! Routing a requested name to a site: exact, then wildcard, then the default site.
 //!
-//! Names are compared case-insensitively and without a trailing dot ([`normalize`]).
+//! Names are compared case-insensitively and without a trailing dot ([`crate::name::normalize`]).
 //!
 //! Wildcards follow the TLS certificate rule (RFC 6125, 6.4.3): `*.example.com` stands for
 //! exactly one more label, so it matches `a.example.com` but neither `example.com` nor
@@ -14,12 +14,12 @@
 //! HTTP `Host` may be one) matches only an exact entry for that address, never a wildcard, and
 //! otherwise goes to the default site.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use crate::config::{Config, Site};
+use crate::name::normalize_cow;
 
 /// The name-to-site table built from a [`Config`]; `Send + Sync`, so one can be shared by all
 /// connections and replaced on reload.
@@ -33,23 +33,13 @@ pub struct Router {
     default: Option<Site>,
 }
 
-/// Why a name could not be routed; [`RouteError::reason`] is the label for logs and metrics.
+/// Why a name could not be routed (`crate::outcome` names it for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteError {
     /// The client sent no name (no SNI, no `Host`) and there is no default site.
     MissingName,
     /// No site claims the name and there is no default site.
     UnknownName,
-}
-
-impl RouteError {
-    /// The reason label used in the access log and metrics.
-    pub fn reason(self) -> &'static str {
-        match self {
-            RouteError::MissingName => "missing_name",
-            RouteError::UnknownName => "unknown_name",
-        }
-    }
 }
 
 impl fmt::Display for RouteError {
@@ -62,37 +52,6 @@ impl fmt::Display for RouteError {
 }
 
 impl std::error::Error for RouteError {}
-
-/// Where a name goes.
-#[derive(Debug, Clone, Copy)]
-pub struct Route<'a> {
-    /// The site that serves the name.
-    pub site: &'a Site,
-    /// How it was found, for the access log.
-    pub matched: Match,
-}
-
-/// How a name found its site.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Match {
-    /// A hostname equal to the name.
-    Exact,
-    /// A `*.` hostname one label above the name.
-    Wildcard,
-    /// The default site, for a missing or unknown name.
-    Default,
-}
-
-impl Match {
-    /// The label used in the access log and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Match::Exact => "exact",
-            Match::Wildcard => "wildcard",
-            Match::Default => "default",
-        }
-    }
-}
 
 impl Router {
     /// Indexes the configuration's sites. Should two sites claim one hostname (a validated
@@ -118,12 +77,12 @@ impl Router {
 
     /// Finds the site for `name` (the SNI or `Host`, `None` if the client sent none): exact
     /// match, then the wildcard one label up, then the default site.
-    pub fn route(&self, name: Option<&str>) -> Result<Route<'_>, RouteError> {
+    pub fn route(&self, name: Option<&str>) -> Result<&Site, RouteError> {
         let Some(name) = name.and_then(normalize_cow) else {
             return self.fallback(RouteError::MissingName);
         };
         if let Some(&index) = self.exact.get(name.as_ref()) {
-            return Ok(self.found(index, Match::Exact));
+            return Ok(self.site(index));
         }
         if let Some((label, parent)) = name.split_once('.')
             && !label.is_empty()
@@ -131,59 +90,18 @@ impl Router {
             && name.parse::<IpAddr>().is_err()
             && let Some(&index) = self.wildcard.get(parent)
         {
-            return Ok(self.found(index, Match::Wildcard));
+            return Ok(self.site(index));
         }
         self.fallback(RouteError::UnknownName)
     }
 
-    fn found(&self, index: usize, matched: Match) -> Route<'_> {
-        Route {
-            // Indices come from enumerating `sites` in `new`, so they are always in range.
-            site: &self.sites[index],
-            matched,
-        }
+    fn site(&self, index: usize) -> &Site {
+        // Indices come from enumerating `sites` in `new`, so they are always in range.
+        &self.sites[index]
     }
 
-    fn fallback(&self, error: RouteError) -> Result<Route<'_>, RouteError> {
-        self.default
-            .as_ref()
-            .map(|site| Route {
-                site,
-                matched: Match::Default,
-            })
-            .ok_or(error)
-    }
-}
-
-/// Normalizes a name for comparison: ASCII lowercase, one trailing dot removed; `None` if
-/// nothing is left. An IPv6 literal, bracketed or not, becomes its canonical text, so
-/// `[2001:DB8:0::1]` and `2001:db8::1` are the same name.
-///
-/// This does not check that the name is a valid hostname: a name nobody configured simply
-/// matches nothing.
-pub fn normalize(name: &str) -> Option<String> {
-    normalize_cow(name).map(Cow::into_owned)
-}
-
-/// [`normalize`] without allocating for the common, already-normal name.
-fn normalize_cow(name: &str) -> Option<Cow<'_, str>> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.is_empty() {
-        return None;
-    }
-    if name.contains(':') {
-        let bare = name
-            .strip_prefix('[')
-            .and_then(|n| n.strip_suffix(']'))
-            .unwrap_or(name);
-        if let Ok(ip) = bare.parse::<Ipv6Addr>() {
-            return Some(Cow::Owned(ip.to_string()));
-        }
-    }
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(Cow::Owned(name.to_ascii_lowercase()))
-    } else {
-        Some(Cow::Borrowed(name))
+    fn fallback(&self, error: RouteError) -> Result<&Site, RouteError> {
+        self.default.as_ref().ok_or(error)
     }
 }
 
@@ -192,7 +110,7 @@ mod tests {
     use super::*;
     use crate::config::{Backend, Defaults, Listener, Origin, Protocol, Tlvs};
     use crate::preface::Version;
-    use std::net::SocketAddr;
+    use std::net::{Ipv6Addr, SocketAddr};
     use std::path::PathBuf;
 
     fn site(hostnames: &[&str], last_octet: u16) -> Site {
@@ -228,16 +146,13 @@ mod tests {
         }
     }
 
-    /// The site name and match kind a lookup gives, or the error's reason.
-    fn lookup(router: &Router, name: Option<&str>) -> Result<(String, Match), &'static str> {
-        router
-            .route(name)
-            .map(|r| (r.site.name.clone(), r.matched))
-            .map_err(RouteError::reason)
+    /// The name of the site a lookup gives, or the error.
+    fn lookup(router: &Router, name: Option<&str>) -> Result<String, RouteError> {
+        router.route(name).map(|site| site.name.clone())
     }
 
-    fn ok(name: &str, matched: Match) -> Result<(String, Match), &'static str> {
-        Ok((name.to_string(), matched))
+    fn ok(name: &str) -> Result<String, RouteError> {
+        Ok(name.to_string())
     }
 
     fn sample(with_default: bool) -> Router {
@@ -254,31 +169,34 @@ mod tests {
     #[test]
     fn exact_and_wildcard() {
         let r = sample(false);
-        assert_eq!(
-            lookup(&r, Some("site1.example")),
-            ok("site1.example", Match::Exact)
-        );
-        assert_eq!(
-            lookup(&r, Some("www.site1.example")),
-            ok("site1.example", Match::Wildcard)
-        );
+        assert_eq!(lookup(&r, Some("site1.example")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("www.site1.example")), ok("site1.example"));
         // One label only: a deeper name does not match *.site1.example...
-        assert_eq!(lookup(&r, Some("a.c.site1.example")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("a.c.site1.example")),
+            Err(RouteError::UnknownName)
+        );
         // ...but a wildcard one level deeper exists for b.site1.example.
         assert_eq!(
             lookup(&r, Some("a.b.site1.example")),
-            ok("*.b.site1.example", Match::Wildcard)
+            ok("*.b.site1.example")
         );
         // The wildcard does not cover the bare parent it hangs off.
+        assert_eq!(lookup(&r, Some("b.site1.example")), ok("site1.example"));
         assert_eq!(
-            lookup(&r, Some("b.site1.example")),
-            ok("site1.example", Match::Wildcard)
+            lookup(&r, Some("other.example")),
+            Err(RouteError::UnknownName)
         );
-        assert_eq!(lookup(&r, Some("other.example")), Err("unknown_name"));
-        assert_eq!(lookup(&r, Some("example")), Err("unknown_name"));
+        assert_eq!(lookup(&r, Some("example")), Err(RouteError::UnknownName));
         // A literal '*' sent by a client is not a wildcard match.
-        assert_eq!(lookup(&r, Some("*.site1.example")), Err("unknown_name"));
-        assert_eq!(lookup(&r, Some(".site1.example")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("*.site1.example")),
+            Err(RouteError::UnknownName)
+        );
+        assert_eq!(
+            lookup(&r, Some(".site1.example")),
+            Err(RouteError::UnknownName)
+        );
     }
 
     #[test]
@@ -286,74 +204,48 @@ mod tests {
         let r = sample(true);
         assert_eq!(
             lookup(&r, Some("special.site1.example")),
-            ok("special.site1.example", Match::Exact)
+            ok("special.site1.example")
         );
-        assert_eq!(
-            lookup(&r, Some("other.site1.example")),
-            ok("site1.example", Match::Wildcard)
-        );
-        assert_eq!(
-            lookup(&r, Some("unknown.example")),
-            ok("default", Match::Default)
-        );
+        assert_eq!(lookup(&r, Some("other.site1.example")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("unknown.example")), ok("default"));
     }
 
     #[test]
     fn case_and_trailing_dot() {
         let r = sample(false);
-        assert_eq!(
-            lookup(&r, Some("SITE1.Example.")),
-            ok("site1.example", Match::Exact)
-        );
-        assert_eq!(
-            lookup(&r, Some("WWW.site1.EXAMPLE.")),
-            ok("site1.example", Match::Wildcard)
-        );
+        assert_eq!(lookup(&r, Some("SITE1.Example.")), ok("site1.example"));
+        assert_eq!(lookup(&r, Some("WWW.site1.EXAMPLE.")), ok("site1.example"));
         // Only one trailing dot is a DNS root; two is a different (invalid) name.
-        assert_eq!(lookup(&r, Some("site1.example..")), Err("unknown_name"));
+        assert_eq!(
+            lookup(&r, Some("site1.example..")),
+            Err(RouteError::UnknownName)
+        );
     }
 
     #[test]
     fn missing_name() {
         let without = sample(false);
-        assert_eq!(lookup(&without, None), Err("missing_name"));
-        assert_eq!(lookup(&without, Some("")), Err("missing_name"));
-        assert_eq!(lookup(&without, Some(".")), Err("missing_name"));
+        assert_eq!(lookup(&without, None), Err(RouteError::MissingName));
+        assert_eq!(lookup(&without, Some("")), Err(RouteError::MissingName));
+        assert_eq!(lookup(&without, Some(".")), Err(RouteError::MissingName));
         let with = sample(true);
-        assert_eq!(lookup(&with, None), ok("default", Match::Default));
-        assert_eq!(lookup(&with, Some("")), ok("default", Match::Default));
+        assert_eq!(lookup(&with, None), ok("default"));
+        assert_eq!(lookup(&with, Some("")), ok("default"));
     }
 
     #[test]
     fn ip_literals() {
         let r = sample(true);
-        assert_eq!(lookup(&r, Some("192.0.2.7")), ok("192.0.2.7", Match::Exact));
-        assert_eq!(
-            lookup(&r, Some("[2001:DB8:0::7]")),
-            ok("192.0.2.7", Match::Exact)
-        );
-        assert_eq!(lookup(&r, Some("192.0.2.8")), ok("default", Match::Default));
+        assert_eq!(lookup(&r, Some("192.0.2.7")), ok("192.0.2.7"));
+        assert_eq!(lookup(&r, Some("[2001:DB8:0::7]")), ok("192.0.2.7"));
+        assert_eq!(lookup(&r, Some("192.0.2.8")), ok("default"));
         // An IPv4 literal never matches a wildcard, even one that looks like its suffix.
         let odd = Router::new(&config(vec![site(&["*.0.2.8"], 1)], None));
-        assert_eq!(lookup(&odd, Some("192.0.2.8")), Err("unknown_name"));
         assert_eq!(
-            lookup(&odd, Some("x.0.2.8")),
-            ok("*.0.2.8", Match::Wildcard)
+            lookup(&odd, Some("192.0.2.8")),
+            Err(RouteError::UnknownName)
         );
-    }
-
-    #[test]
-    fn normalize_rules() {
-        assert_eq!(normalize("Example.COM.").as_deref(), Some("example.com"));
-        assert_eq!(normalize("example.com").as_deref(), Some("example.com"));
-        assert_eq!(normalize(""), None);
-        assert_eq!(normalize("."), None);
-        assert_eq!(normalize("[2001:DB8::1]").as_deref(), Some("2001:db8::1"));
-        assert_eq!(
-            normalize("2001:0db8:0:0::1").as_deref(),
-            Some("2001:db8::1")
-        );
-        assert!(matches!(normalize_cow("a.example"), Some(Cow::Borrowed(_))));
+        assert_eq!(lookup(&odd, Some("x.0.2.8")), ok("*.0.2.8"));
     }
 
     #[test]
@@ -370,14 +262,14 @@ mod tests {
             let expected = format!("customer{i}.example");
             assert_eq!(
                 lookup(&router, Some(&format!("CUSTOMER{i}.example."))),
-                ok(&expected, Match::Exact)
+                ok(&expected)
             );
-            let route = router
+            let site = router
                 .route(Some(&format!("www.customer{i}.example")))
                 .expect("wildcard");
-            assert_eq!(route.matched, Match::Wildcard);
+            assert_eq!(site.name, expected);
             assert_eq!(
-                route.site.backend.for_listener(Protocol::Tls, 443),
+                site.backend.for_listener(Protocol::Tls, 443),
                 Some(SocketAddr::new(
                     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i)),
                     443
@@ -386,7 +278,7 @@ mod tests {
         }
         assert_eq!(
             lookup(&router, Some("customer10000.example")),
-            Err("unknown_name")
+            Err(RouteError::UnknownName)
         );
     }
 
@@ -394,12 +286,5 @@ mod tests {
     fn router_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Router>();
-    }
-
-    #[test]
-    fn reasons() {
-        assert_eq!(RouteError::MissingName.reason(), "missing_name");
-        assert_eq!(RouteError::UnknownName.reason(), "unknown_name");
-        assert_eq!(Match::Wildcard.as_str(), "wildcard");
     }
 }

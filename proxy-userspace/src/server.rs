@@ -3,17 +3,7 @@
 //! Reading a configuration ([`crate::config::Config::load`]) and serving are separate: a
 //! [`Server`] is built once from a config and later given new ones with [`Server::reload`],
 //! which swaps sites and timeouts for new connections while established ones go on untouched.
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
@@ -23,78 +13,13 @@ use tokio::{
 };
 
 use crate::{
-    access,
     config::{Config, Forwarding},
-    conn::{self, ListenerInfo, Routing},
-    route::Router,
+    conn::{self, ListenerInfo},
+    shared::{Routing, Shared},
 };
 
-/// State every connection task reads.
-pub struct Shared {
-    routing: RwLock<Arc<Routing>>,
-    kernel: Option<Arc<crate::ebpf::Kernel>>,
-    id_seed: u64,
-    next_id: AtomicU64,
-    outcomes: Mutex<BTreeMap<&'static str, u64>>,
-    open: AtomicU64,
-    fallbacks: AtomicU64,
-}
-
-impl Shared {
-    /// The routing state new connections use.
-    pub fn current(&self) -> Arc<Routing> {
-        match self.routing.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    /// The loaded eBPF side, when the sockmap engine is available.
-    pub fn kernel(&self) -> Option<&Arc<crate::ebpf::Kernel>> {
-        self.kernel.as_ref()
-    }
-
-    /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique
-    /// across restarts (used for the PROXY v2 UNIQUE_ID TLV).
-    pub fn next_id(&self) -> u128 {
-        (u128::from(self.id_seed) << 64) | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Connections being served now.
-    pub fn open_connections(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Counts a connection the sockmap engine could not take (it used another engine).
-    pub fn count_fallback(&self) {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Connections the sockmap engine handed to another engine so far.
-    pub fn fallbacks(&self) -> u64 {
-        self.fallbacks.load(Ordering::Relaxed)
-    }
-
-    /// Counts a connection's outcome by reason name.
-    pub fn count_outcome(&self, outcome: &'static str) {
-        if let Ok(mut map) = self.outcomes.lock() {
-            *map.entry(outcome).or_default() += 1;
-        }
-    }
-
-    /// Outcome counts so far, by reason name.
-    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
-        self.outcomes.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Writes one access-log line to standard output.
-    pub fn access_log(&self, entry: &access::Entry<'_>) {
-        let mut line = entry.line();
-        line.push('\n');
-        // One write per line so lines from concurrent connections never interleave.
-        let _ = std::io::stdout().lock().write_all(line.as_bytes());
-    }
-}
+/// How long stopping waits for queued access-log lines to be written.
+const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running proxy.
 pub struct Server {
@@ -195,41 +120,19 @@ impl Server {
             ));
         }
         let max_connections = config.defaults.max_connections;
-        let router = Router::new(&config);
         Ok(Server {
             signals,
             listeners,
-            shared: Arc::new(Shared {
-                routing: RwLock::new(Arc::new(Routing { config, router })),
-                kernel,
-                id_seed: random_u64(),
-                next_id: AtomicU64::new(0),
-                outcomes: Mutex::new(BTreeMap::new()),
-                open: AtomicU64::new(0),
-                fallbacks: AtomicU64::new(0),
-            }),
+            shared: Arc::new(Shared::new(config, kernel)?),
             max_connections,
             config_path,
             metrics: options.metrics,
         })
     }
 
-    /// The addresses actually bound (useful when a config asks for port 0).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
-            .collect()
-    }
-
-    /// The state shared with connection tasks.
-    pub fn shared(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
-    }
-
     /// Swaps in a new configuration for connections accepted from now on.
-    pub fn reload(shared: &Shared, config: Config) -> Result<()> {
-        if wants_sockmap(&config) && shared.kernel.is_none() {
+    pub(crate) fn reload(shared: &Shared, config: Config) -> Result<()> {
+        if wants_sockmap(&config) && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
                  start (nothing asked for it then); restart spliced to use it"
@@ -268,12 +171,7 @@ impl Server {
             (None, None, _) => {}
             _ => tracing::warn!("adding or removing [xdp] takes effect only after a restart"),
         }
-        let router = Router::new(&config);
-        let routing = Arc::new(Routing { config, router });
-        match shared.routing.write() {
-            Ok(mut guard) => *guard = routing,
-            Err(poisoned) => *poisoned.into_inner() = routing,
-        }
+        shared.replace_routing(Routing::new(config));
         Ok(())
     }
 
@@ -355,6 +253,12 @@ impl Server {
                 "closing connections still open after the grace period"
             );
         }
+        // The lines of every connection that ended are queued; whoever reads our output after
+        // we stop must find them all. (Dropping the log waits too, but only once the last task
+        // holding `shared` is gone.)
+        let log = Arc::clone(&shared);
+        let _ =
+            tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
         Ok(())
     }
 }
@@ -415,9 +319,9 @@ async fn accept_loop(
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
-                    shared.open.fetch_add(1, Ordering::Relaxed);
-                    conn::handle(stream, peer, info, Arc::clone(&shared)).await;
-                    shared.open.fetch_sub(1, Ordering::Relaxed);
+                    let open = shared.open_connection();
+                    conn::handle(stream, peer, info, shared).await;
+                    drop(open);
                     drop(permit);
                 });
             }
@@ -428,12 +332,4 @@ async fn accept_loop(
             }
         }
     }
-}
-
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
-    }
-    u64::from_ne_bytes(bytes) ^ u64::from(std::process::id())
 }

@@ -150,6 +150,59 @@ impl Drop for Running {
     }
 }
 
+/// What a stopped `spliced run` left: its exit status, standard output and standard error.
+struct Stopped {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Running {
+    /// Starts `spliced run --config cfg` with `extra` arguments, standard output and standard
+    /// error piped (for [`Running::stop`] to collect).
+    fn start(cfg: &std::path::Path, extra: &[&str]) -> Running {
+        let child = Command::new(BIN)
+            .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start spliced");
+        Running(child)
+    }
+
+    /// Sends SIGTERM, waits up to 15 s for the exit, and collects the piped output.
+    fn stop(&mut self) -> Stopped {
+        signal(&self.0, "TERM");
+        let child = &mut self.0;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spliced did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Stopped {
+            status,
+            stdout: read_all(child.stdout.take()),
+            stderr: read_all(child.stderr.take()),
+        }
+    }
+}
+
+/// Everything left in a child's pipe; empty if it was not piped.
+fn read_all(pipe: Option<impl std::io::Read>) -> String {
+    let mut text = String::new();
+    if let Some(mut pipe) = pipe {
+        let _ = pipe.read_to_string(&mut text);
+    }
+    text
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -220,13 +273,7 @@ fn sighup_reloads_sites_and_keeps_the_old_config_when_the_new_one_is_bad() {
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let cfg = dir.write("spliced.toml", &config(port, backend_port, false));
-    let child = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start spliced");
-    let mut running = Running(child);
+    let mut running = Running::start(&cfg, &[]);
 
     let before = request(addr, "a.example");
     assert!(
@@ -259,37 +306,17 @@ fn sighup_reloads_sites_and_keeps_the_old_config_when_the_new_one_is_bad() {
         "a bad reload must keep the running config: {still:?}"
     );
 
-    signal(&running.0, "TERM");
-    let child = &mut running.0;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spliced did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let Stopped {
+        status,
+        stdout,
+        stderr,
+    } = running.stop();
     assert!(status.success(), "exit status after SIGTERM: {status}");
-    let mut stderr = String::new();
-    let _ = child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr);
     assert!(stderr.contains("configuration reloaded"), "{stderr}");
     assert!(
         stderr.contains("reload refused") && stderr.contains("spliced.toml:1:"),
         "{stderr}"
     );
-    let mut stdout = String::new();
-    let _ = child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout);
     assert!(
         stdout.lines().any(|l| l.contains("outcome=unknown_name")),
         "{stdout}"
@@ -302,6 +329,60 @@ fn sighup_reloads_sites_and_keeps_the_old_config_when_the_new_one_is_bad() {
             >= 2,
         "{stdout}"
     );
+}
+
+/// A site that sends the PROXY v2 unique id gets the same id in the access log (`id=`), so the
+/// backend's log line and ours can be joined; the line is there after SIGTERM.
+#[test]
+fn access_log_names_the_unique_id_the_backend_received() {
+    let dir = Scratch::new("unique-id");
+    let backend = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("backend");
+    let backend_port = backend.local_addr().expect("addr").port();
+    let (received, preface) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Some(Ok(mut s)) = backend.incoming().next() else {
+            return;
+        };
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 2048];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nbackend");
+        let _ = received.send(got);
+    });
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let cfg = dir.write(
+        "spliced.toml",
+        &format!(
+            "{}proxy_protocol = \"v2\"\nproxy_protocol_tlvs = [\"unique_id\"]\n",
+            config(port, backend_port, true)
+        ),
+    );
+    let mut running = Running::start(&cfg, &[]);
+    let reply = request(addr, "a.example");
+    assert!(reply.ends_with("backend"), "{reply:?}");
+    let preface = preface
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backend got a request");
+    // IPv4 on both ends: 16 fixed bytes and 12 of addresses, then the only TLV asked for:
+    // PP2_TYPE_UNIQUE_ID (0x05), 32 bytes.
+    let tlv = preface.get(28..63).expect("a v2 header with one TLV");
+    assert_eq!(tlv[..3], [0x05, 0x00, 0x20], "{preface:02x?}");
+    let id = text(&tlv[3..]);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id:?}");
+    let stopped = running.stop();
+    let line = stopped
+        .stdout
+        .lines()
+        .find(|l| l.contains("site=a.example"))
+        .unwrap_or_else(|| panic!("no access-log line in {:?}", stopped.stdout));
+    assert!(line.contains(&format!(" id={id}")), "{line}");
 }
 
 #[test]

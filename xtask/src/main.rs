@@ -205,18 +205,14 @@ fn run_counting(cmd: &mut Command) -> Result<(u64, u64)> {
 /// `target/bpf`, and returns the object's path.
 fn build_ebpf() -> Result<PathBuf> {
     let target_dir = root().join("target").join("bpf");
+    let arch_cfg = format!("--cfg=bpf_target_arch=\"{}\"", bpf_target_arch());
     run(cargo()
         .current_dir(root().join("proxy-ebpf"))
         // Only this nested build may use -Z build-std.
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            [
-                "--cfg=bpf_target_arch=\"x86_64\"",
-                "-Cdebuginfo=2",
-                "-Clink-arg=--btf",
-            ]
-            .join("\x1f"),
+            [arch_cfg.as_str(), "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
         )
         .args([
             "build",
@@ -232,6 +228,15 @@ fn build_ebpf() -> Result<PathBuf> {
         bail!("the build succeeded but {} is missing", object.display());
     }
     Ok(object)
+}
+
+/// The architecture the eBPF programs are built for (their `pt_regs` layout and helpers):
+/// this host's, named as aya-build names it, which folds every riscv64 variant into one.
+fn bpf_target_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        arch if arch.starts_with("riscv64") => "riscv64",
+        arch => arch,
+    }
 }
 
 /// Builds the release binary and returns its path.

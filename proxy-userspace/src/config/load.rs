@@ -673,7 +673,7 @@ fn build_site(
         let first = first.get_ref();
         let context = format!(
             "site {:?}",
-            crate::route::normalize(first).unwrap_or_else(|| first.clone())
+            crate::name::normalize(first).unwrap_or_else(|| first.clone())
         );
         for hostname in list.into_inner() {
             let normalized = parse::hostname(hostname.get_ref()).map_err(|reason| {

@@ -39,17 +39,17 @@ use crate::preface::Version;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Settings that apply unless a listener or site overrides them.
-    pub defaults: Defaults,
+    pub(crate) defaults: Defaults,
     /// The `[[listen]]` entries, in file order; at least one, addresses unique.
-    pub listeners: Vec<Listener>,
+    pub(crate) listeners: Vec<Listener>,
     /// Every `[[site]]` from the main file and its includes; no hostname appears twice.
-    pub sites: Vec<Site>,
+    pub(crate) sites: Vec<Site>,
     /// The `[default]` site, for unknown and missing names; `None` refuses them.
-    pub default_site: Option<Site>,
+    pub(crate) default_site: Option<Site>,
     /// Every file read, main file first, for the summary.
-    pub files: Vec<PathBuf>,
+    pub(crate) files: Vec<PathBuf>,
     /// The `[xdp]` edge filter; `None` attaches nothing.
-    pub xdp: Option<Xdp>,
+    pub(crate) xdp: Option<Xdp>,
 }
 
 /// `[defaults]`.
@@ -322,13 +322,13 @@ impl fmt::Display for Origin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The file the problem is in (for a missing include: the file that names it).
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// 1-based line, when the problem has a position.
-    pub line: Option<usize>,
+    pub(crate) line: Option<usize>,
     /// 1-based column in characters, when the problem has a position.
-    pub column: Option<usize>,
+    pub(crate) column: Option<usize>,
     /// What is wrong, for a human.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ConfigError {

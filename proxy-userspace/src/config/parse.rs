@@ -109,13 +109,13 @@ pub(crate) fn size(text: &str) -> Result<u64, String> {
 }
 
 /// Validates a configured hostname and returns its normalized form (see
-/// [`crate::route::normalize`]).
+/// [`crate::name::normalize`]).
 ///
 /// Accepted: DNS names whose labels are 1-63 letters, digits or hyphens, not starting or ending
 /// with a hyphen, at most 253 characters; a leading `*.` wildcard label; or an IP literal (an
 /// HTTP `Host` may be one), which is normalized to its canonical text.
 pub(crate) fn hostname(text: &str) -> Result<String, String> {
-    let name = crate::route::normalize(text).ok_or_else(|| "it is empty".to_string())?;
+    let name = crate::name::normalize(text).ok_or_else(|| "it is empty".to_string())?;
     if name.parse::<IpAddr>().is_ok() {
         return Ok(name);
     }

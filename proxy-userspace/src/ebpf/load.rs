@@ -137,14 +137,6 @@ impl Kernel {
         Ok(())
     }
 
-    /// Names of the programs in the loaded object.
-    pub fn program_names(&self) -> Vec<String> {
-        lock(&self.ebpf)
-            .programs()
-            .map(|(name, _)| name.to_owned())
-            .collect()
-    }
-
     /// Kernel-side counters summed over CPUs, by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL

@@ -2,7 +2,7 @@
 //!
 //! - [`load`]: loading the object, pinning the maps under bpffs, the eBPF log pump, the kernel
 //!   counters; unpinning on drop.
-//! - [`sockmap`]: the socket maps of the sockmap engine: a [`SplicedPair`] puts a connection's two
+//! - [`sockmap`]: the socket maps of the sockmap engine: a `SplicedPair` puts a connection's two
 //!   sockets in, in the order the verdict needs, and takes them out when dropped; the progress
 //!   events that wake a connection.
 //! - [`xdp`]: the edge filter's maps and attachments.
@@ -23,9 +23,6 @@ use tokio::sync::Notify;
 mod load;
 mod sockmap;
 mod xdp;
-
-pub use sockmap::{InsertError, SplicedPair};
-pub use xdp::Attachment;
 
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the
 /// pins it made.

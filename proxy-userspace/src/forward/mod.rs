@@ -105,23 +105,6 @@ impl ForwardError {
             .get_ref()
             .is_some_and(|inner| inner.is::<KernelAccounting>())
     }
-
-    /// Reason name for logs and metrics, e.g. `client_reset`.
-    pub fn reason(&self) -> &'static str {
-        if self.is_kernel_accounting() {
-            return "kernel_accounting";
-        }
-        match (self.side, self.error.kind()) {
-            (Side::Client, io::ErrorKind::ConnectionReset) => "client_reset",
-            (Side::Backend, io::ErrorKind::ConnectionReset) => "backend_reset",
-            (Side::Client, io::ErrorKind::BrokenPipe) => "client_closed",
-            (Side::Backend, io::ErrorKind::BrokenPipe) => "backend_closed",
-            (Side::Client, io::ErrorKind::TimedOut) => "client_idle_timeout",
-            (Side::Backend, io::ErrorKind::TimedOut) => "backend_idle_timeout",
-            (Side::Client, _) => "client_error",
-            (Side::Backend, _) => "backend_error",
-        }
-    }
 }
 
 /// What a kernel-accounting failure says.

@@ -5,7 +5,7 @@
 //! `docs/sockmap-engine.md` the history of each choice):
 //! - Before insertion it forwards whatever the client already queued, until a read comes back
 //!   short: the hello reader can leave an skb half-read, which the verdict would see whole.
-//! - Insertion order is [`crate::ebpf::SplicedPair`]'s: both sockets held and registered as peers,
+//! - Insertion order is `ebpf::SplicedPair`'s: both sockets held and registered as peers,
 //!   then the verdict map, so a redirect never targets a socket that is not there yet. The
 //!   PROXY header and hello went out before, so redirected bytes always follow them. After
 //!   insertion `SO_RCVLOWAT` makes TCP offer the verdict whatever arrived before.

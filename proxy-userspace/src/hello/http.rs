@@ -44,7 +44,7 @@ pub struct RequestHead {
 /// `Ok(None)` means the head has not ended yet and still can within [`MAX_REQUEST_HEAD`] bytes:
 /// read more and call again. At exactly [`MAX_REQUEST_HEAD`] bytes without the end of the head
 /// the answer is already [`HelloError::HeadTooLarge`], since no further byte can make it fit.
-/// An `Err` is final; [`refusal_response`] gives the response to send.
+/// An `Err` is final (`crate::outcome` says what the client is told).
 ///
 /// A first byte that cannot begin a request line gives [`HelloError::NotHttp`] at once, so a TLS
 /// ClientHello sent to the HTTP port is refused without waiting for more bytes. An HTTP/1.1
@@ -105,31 +105,10 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
     }))
 }
 
-/// The complete response to send for a refused request head, or `None` when the client does not
-/// speak HTTP and gets no answer.
-pub fn refusal_response(error: &HelloError) -> Option<&'static [u8]> {
-    match error {
-        HelloError::HeadTooLarge => Some(response_431()),
-        HelloError::BadRequest(_) => Some(response_400()),
-        // NotHttp, and the TLS reasons this parser never returns.
-        HelloError::NotHttp
-        | HelloError::NotTls
-        | HelloError::NotClientHello
-        | HelloError::TooLarge
-        | HelloError::Malformed(_) => None,
-    }
-}
-
 /// `400 Bad Request`: the head is not a request we can route (bad or missing Host, bad syntax).
 pub fn response_400() -> &'static [u8] {
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\
       Connection: close\r\n\r\nbad request\n"
-}
-
-/// `404 Not Found`: no site serves the requested host and there is no default site.
-pub fn response_404() -> &'static [u8] {
-    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\
-      Connection: close\r\n\r\nnot found\n"
 }
 
 /// `421 Misdirected Request`: this proxy does not serve the requested host (RFC 9110 §15.5.20),
@@ -144,6 +123,18 @@ pub fn response_421() -> &'static [u8] {
 pub fn response_431() -> &'static [u8] {
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n\
       Content-Length: 32\r\nConnection: close\r\n\r\nrequest header fields too large\n"
+}
+
+/// `502 Bad Gateway`: the site's backend cannot be reached.
+pub fn response_502() -> &'static [u8] {
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n\
+      Content-Length: 28\r\nConnection: close\r\n\r\nthe backend is unreachable.\n"
+}
+
+/// `504 Gateway Timeout`: the site's backend did not accept the connection in time.
+pub fn response_504() -> &'static [u8] {
+    b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain\r\n\
+      Content-Length: 35\r\nConnection: close\r\n\r\nthe backend did not answer in time\n"
 }
 
 /// The first byte of the request line, after the empty lines httparse skips (`\r\n` or `\n`).

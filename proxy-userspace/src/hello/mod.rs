@@ -7,9 +7,9 @@
 //! ([`tls::MAX_CLIENT_HELLO`], [`http::MAX_REQUEST_HEAD`]), so calling it again after every read
 //! costs at most one pass over a bounded buffer.
 //!
-//! The parsers are total: any input gives a value or an error, never a panic. [`fuzz_check_tls`]
-//! and [`fuzz_check_http`] hold the properties the fuzz targets in `fuzz/` check, so the unit tests
-//! exercise them on stable too.
+//! The parsers are total: any input gives a value or an error, never a panic. `fuzz_check_tls`
+//! and `fuzz_check_http` (compiled for tests and under `cfg(fuzzing)`, as quinn does) hold the
+//! properties the fuzz targets in `fuzz/` check, so the unit tests exercise them on stable too.
 
 pub mod http;
 pub mod tls;
@@ -21,8 +21,8 @@ use std::fmt;
 
 /// Why a hello was refused.
 ///
-/// The access log and the metrics both use [`HelloError::reason`] as the label, so each variant is
-/// one thing an operator may want to count; the `&'static str` details only go into log lines.
+/// Each variant is one outcome an operator may want to count (`crate::outcome` names it); the
+/// `&'static str` details only go into log lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HelloError {
     /// The first bytes cannot start a TLS handshake record: plain HTTP sent to a TLS port, an
@@ -42,32 +42,6 @@ pub enum HelloError {
     /// An HTTP request head that is not a valid request, or whose Host cannot be used; the text
     /// says what.
     BadRequest(&'static str),
-}
-
-/// Every value [`HelloError::reason`] returns, for metrics that register their counters at zero.
-pub const REASONS: [&str; 7] = [
-    "not_tls",
-    "not_client_hello",
-    "too_large",
-    "malformed",
-    "not_http",
-    "head_too_large",
-    "bad_request",
-];
-
-impl HelloError {
-    /// The stable snake_case name used in access logs and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HelloError::NotTls => "not_tls",
-            HelloError::NotClientHello => "not_client_hello",
-            HelloError::TooLarge => "too_large",
-            HelloError::Malformed(_) => "malformed",
-            HelloError::NotHttp => "not_http",
-            HelloError::HeadTooLarge => "head_too_large",
-            HelloError::BadRequest(_) => "bad_request",
-        }
-    }
 }
 
 impl fmt::Display for HelloError {
@@ -122,6 +96,7 @@ fn lowercase_ascii(name: &[u8]) -> String {
         .collect()
 }
 
+#[cfg(any(test, fuzzing))]
 /// Where the fuzz targets cut their input in two: the first byte picks the position, the rest is
 /// the input, so the fuzzer can steer the split independently of the bytes being parsed.
 fn fuzz_split(data: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -131,12 +106,12 @@ fn fuzz_split(data: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((input, prefix))
 }
 
+#[cfg(any(test, fuzzing))]
 /// The body of the `hello_tls` fuzz target: parses `data[1..]` whole and a prefix of it chosen by
 /// `data[0]`, and panics if the results disagree or a parsed hello breaks its invariants.
 ///
 /// A prefix may say "need more" where the whole input says more, but if it gives an answer it must
 /// be the same answer: the accept loop acts on the first answer it gets.
-#[doc(hidden)]
 pub fn fuzz_check_tls(data: &[u8]) {
     let Some((input, prefix)) = fuzz_split(data) else {
         return;
@@ -170,9 +145,9 @@ pub fn fuzz_check_tls(data: &[u8]) {
     }
 }
 
+#[cfg(any(test, fuzzing))]
 /// The body of the `hello_http` fuzz target: parses `data[1..]` whole and a prefix of it chosen by
 /// `data[0]`, and panics if the results disagree or a parsed head breaks its invariants.
-#[doc(hidden)]
 pub fn fuzz_check_http(data: &[u8]) {
     let Some((input, prefix)) = fuzz_split(data) else {
         return;
@@ -217,24 +192,6 @@ pub fn fuzz_check_http(data: &[u8]) {
 mod tests {
     use super::testutil::{Rng, captured_openssl_hello, chrome_like_hello};
     use super::*;
-
-    #[test]
-    fn reasons_are_stable_snake_case_and_listed() {
-        let all = [
-            HelloError::NotTls,
-            HelloError::NotClientHello,
-            HelloError::TooLarge,
-            HelloError::Malformed("x"),
-            HelloError::NotHttp,
-            HelloError::HeadTooLarge,
-            HelloError::BadRequest("x"),
-        ];
-        let reasons: Vec<&str> = all.iter().map(HelloError::reason).collect();
-        assert_eq!(reasons, REASONS);
-        for reason in REASONS {
-            assert!(reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
-        }
-    }
 
     #[test]
     fn display_carries_the_detail() {

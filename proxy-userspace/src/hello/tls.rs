@@ -75,8 +75,7 @@ const fn alert(description: u8) -> [u8; 7] {
 /// [`MAX_CLIENT_HELLO`] bytes: read more and call again with the longer buffer. `Ok(Some)` is
 /// returned as soon as the hello's last byte is present; bytes after it (the rest of its record,
 /// early data) are ignored and left for forwarding. An `Err` is final: more bytes cannot change
-/// it, so the caller refuses the connection (sending nothing for [`HelloError::NotTls`], an alert
-/// otherwise).
+/// it, so the caller refuses the connection (`crate::outcome` says with which alert).
 ///
 /// Record versions 0x0301 to 0x0303 are accepted (ClientHellos commonly use 0x0301), anything
 /// else after a handshake content type is malformed; SSLv2-style hellos are [`HelloError::NotTls`].

@@ -20,13 +20,14 @@ use std::fmt;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-#[cfg(test)]
+// The round-trip check reads our headers back with `ppp`, a dev-dependency, or an optional one
+// that the fuzz crate turns on with the `fuzz` feature.
+#[cfg(any(test, all(fuzzing, feature = "fuzz")))]
 mod roundtrip;
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-#[doc(hidden)]
+#[cfg(all(fuzzing, feature = "fuzz"))]
 pub use roundtrip::fuzz_check_roundtrip;
 
 /// Which header a site wants.
@@ -52,9 +53,6 @@ pub struct Header<'a> {
     /// The requested host name (SNI or `Host`), v2 only (`PP2_TYPE_AUTHORITY`). At most
     /// [`AUTHORITY_MAX_LEN`] bytes of printable US-ASCII; an empty value is omitted.
     pub authority: Option<&'a str>,
-    /// The first ALPN protocol the client offered, v2 only (`PP2_TYPE_ALPN`). At most
-    /// [`ALPN_MAX_LEN`] bytes; an empty value is omitted.
-    pub alpn: Option<&'a [u8]>,
     /// A connection id the backend can log, v2 only (`PP2_TYPE_UNIQUE_ID`). At most
     /// [`UNIQUE_ID_MAX_LEN`] bytes; an empty value is omitted. See [`UniqueId`].
     pub unique_id: Option<&'a [u8]>,
@@ -69,7 +67,6 @@ impl<'a> Header<'a> {
             source,
             destination,
             authority: None,
-            alpn: None,
             unique_id: None,
             crc32c: false,
         }
@@ -86,20 +83,6 @@ pub enum EncodeError {
     /// `authority` has a byte outside printable US-ASCII (the spec says US-ASCII; controls and
     /// spaces would also let a client inject into the backend's logs); carries its index.
     AuthorityNotAscii(usize),
-    /// `alpn` is longer than [`ALPN_MAX_LEN`] bytes; carries the length.
-    AlpnTooLong(usize),
-}
-
-impl EncodeError {
-    /// A stable snake_case name for access logs and metrics labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            EncodeError::UniqueIdTooLong(_) => "unique_id_too_long",
-            EncodeError::AuthorityTooLong(_) => "authority_too_long",
-            EncodeError::AuthorityNotAscii(_) => "authority_not_ascii",
-            EncodeError::AlpnTooLong(_) => "alpn_too_long",
-        }
-    }
 }
 
 impl fmt::Display for EncodeError {
@@ -117,17 +100,12 @@ impl fmt::Display for EncodeError {
                 f,
                 "PROXY v2 authority has a byte outside printable US-ASCII at index {i}"
             ),
-            EncodeError::AlpnTooLong(n) => {
-                write!(f, "PROXY v2 ALPN is {n} bytes, more than {ALPN_MAX_LEN}")
-            }
         }
     }
 }
 
 impl Error for EncodeError {}
 
-/// The longest v1 line the spec allows, `\r\n` included. Ours are at most 104 bytes.
-pub const V1_MAX_LEN: usize = 107;
 /// The 12 bytes every v2 header starts with (chosen by the spec to never parse as HTTP, TLS, ...).
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest `PP2_TYPE_UNIQUE_ID` value the spec allows.
@@ -135,20 +113,15 @@ pub const UNIQUE_ID_MAX_LEN: usize = 128;
 /// The longest authority we send: a DNS name is at most 253 characters, and HAProxy rejects the
 /// whole header as bad when this TLV is longer (`HA_PP2_AUTHORITY_MAX`).
 pub const AUTHORITY_MAX_LEN: usize = 255;
-/// The longest ALPN protocol name TLS can carry (RFC 7301: `opaque ProtocolName<1..2^8-1>`).
-pub const ALPN_MAX_LEN: usize = 255;
 
-/// Version 2 in the high nibble, command (LOCAL 0, PROXY 1) in the low one.
-const V2_CMD_LOCAL: u8 = 0x20;
+/// Version 2 in the high nibble, command PROXY (1) in the low one.
 const V2_CMD_PROXY: u8 = 0x21;
 /// Address family in the high nibble, `SOCK_STREAM` (1) in the low one.
-const V2_FAM_UNSPEC: u8 = 0x00;
 const V2_FAM_TCP4: u8 = 0x11;
 const V2_FAM_TCP6: u8 = 0x21;
 /// Signature, ver_cmd, fam, 16-bit length.
 const V2_FIXED_LEN: usize = 16;
 const TLV_HEADER_LEN: usize = 3;
-const PP2_TYPE_ALPN: u8 = 0x01;
 const PP2_TYPE_AUTHORITY: u8 = 0x02;
 const PP2_TYPE_CRC32C: u8 = 0x03;
 const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
@@ -156,7 +129,6 @@ const CRC32C_LEN: usize = 4;
 
 /// The longest payload after the fixed 16 bytes: IPv6 addresses plus every TLV at its maximum.
 const V2_MAX_PAYLOAD: usize = 36
-    + (TLV_HEADER_LEN + ALPN_MAX_LEN)
     + (TLV_HEADER_LEN + AUTHORITY_MAX_LEN)
     + (TLV_HEADER_LEN + CRC32C_LEN)
     + (TLV_HEADER_LEN + UNIQUE_ID_MAX_LEN);
@@ -180,7 +152,7 @@ pub fn encode(version: Version, header: &Header<'_>, out: &mut Vec<u8>) -> Resul
 
 /// Appends a v1 line: `PROXY TCP4|TCP6 <src> <dst> <srcport> <dstport>\r\n`.
 ///
-/// v1 has no TLVs, so `authority`, `alpn`, `unique_id` and `crc32c` are ignored, and it cannot
+/// v1 has no TLVs, so `authority`, `unique_id` and `crc32c` are ignored, and it cannot
 /// fail. IPv6 is written in RFC 5952 canonical form (lowercase, longest zero run as `::`).
 pub fn encode_v1(header: &Header<'_>, out: &mut Vec<u8>) {
     // `write!` into a Vec cannot fail (running out of memory aborts instead of returning an
@@ -203,12 +175,11 @@ pub fn encode_v1(header: &Header<'_>, out: &mut Vec<u8>) {
 
 /// Appends a v2 binary header with command PROXY, `SOCK_STREAM`, and the TLVs `header` asks for.
 ///
-/// TLVs are written in ascending type order: ALPN (0x01), AUTHORITY (0x02), CRC32C (0x03),
-/// UNIQUE_ID (0x05). Empty values are omitted: a zero-length host name, protocol or id tells the
+/// TLVs are written in ascending type order: AUTHORITY (0x02), CRC32C (0x03), UNIQUE_ID (0x05).
+/// Empty values are omitted: a zero-length host name or id tells the
 /// backend nothing, and refusing the client over it would hurt more than it helps. Values over
 /// their limit, or a non-printable-ASCII authority, are errors; then `out` is left as it was.
 pub fn encode_v2(header: &Header<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let alpn = non_empty(header.alpn);
     let authority = non_empty(header.authority.map(str::as_bytes));
     let unique_id = non_empty(header.unique_id);
     if let Some(a) = authority {
@@ -218,11 +189,6 @@ pub fn encode_v2(header: &Header<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErr
         if let Some(i) = a.iter().position(|b| !b.is_ascii_graphic()) {
             return Err(EncodeError::AuthorityNotAscii(i));
         }
-    }
-    if let Some(a) = alpn
-        && a.len() > ALPN_MAX_LEN
-    {
-        return Err(EncodeError::AlpnTooLong(a.len()));
     }
     if let Some(u) = unique_id
         && u.len() > UNIQUE_ID_MAX_LEN
@@ -234,7 +200,6 @@ pub fn encode_v2(header: &Header<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErr
     let tlv_len = |v: Option<&[u8]>| v.map_or(0, |v| TLV_HEADER_LEN + v.len());
     // Bounded by V2_MAX_PAYLOAD thanks to the checks above (see the const assertion).
     let payload_len = endpoints.v2_len()
-        + tlv_len(alpn)
         + tlv_len(authority)
         + if header.crc32c {
             TLV_HEADER_LEN + CRC32C_LEN
@@ -275,7 +240,6 @@ pub fn encode_v2(header: &Header<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErr
             out.extend_from_slice(&dst_port.to_be_bytes());
         }
     }
-    push_tlv(out, PP2_TYPE_ALPN, alpn);
     push_tlv(out, PP2_TYPE_AUTHORITY, authority);
     // The checksum covers the whole header with its own field zeroed: write zeros, hash, patch.
     let crc_at = header.crc32c.then(|| {
@@ -288,22 +252,6 @@ pub fn encode_v2(header: &Header<'_>, out: &mut Vec<u8>) -> Result<(), EncodeErr
         out[at..at + CRC32C_LEN].copy_from_slice(&crc.to_be_bytes());
     }
     Ok(())
-}
-
-/// Appends a header that says "no client address": v1 `PROXY UNKNOWN\r\n`, v2 command LOCAL with
-/// `AF_UNSPEC` and no payload; [`Version::None`] appends nothing.
-///
-/// For connections the proxy makes itself (health checks): the spec tells the receiver to use
-/// the connection's real endpoints, so a backend that requires the header still accepts it.
-pub fn encode_local(version: Version, out: &mut Vec<u8>) {
-    match version {
-        Version::None => {}
-        Version::V1 => out.extend_from_slice(b"PROXY UNKNOWN\r\n"),
-        Version::V2 => {
-            out.extend_from_slice(&V2_SIGNATURE);
-            out.extend_from_slice(&[V2_CMD_LOCAL, V2_FAM_UNSPEC, 0, 0]);
-        }
-    }
 }
 
 /// A 128-bit connection id formatted for `PP2_TYPE_UNIQUE_ID`: 32 lowercase hex digits.

@@ -1,17 +1,19 @@
 //! The PROXY round-trip check shared by the unit tests and the fuzz target: encode a header,
 //! read it back with an independent implementation (the `ppp` crate), compare.
 //!
-//! `ppp` is only a dev-dependency of the library, so this file is compiled into the library
-//! under `cfg(test)` only; the fuzz target (`fuzz/fuzz_targets/preface_roundtrip.rs`) includes
-//! the same file with `#[path]` and brings the names below into its crate root. Everything is
-//! therefore reached through `super::` and the public API, never through `crate::`.
+//! Compiled for the unit tests (`ppp` is a dev-dependency) and, for the fuzz target
+//! (`fuzz/fuzz_targets/preface_roundtrip.rs`), under `cfg(fuzzing)` with the `fuzz` feature,
+//! which brings `ppp` in as an optional dependency.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use super::{
-    ALPN_MAX_LEN, AUTHORITY_MAX_LEN, EncodeError, Header, UNIQUE_ID_MAX_LEN, V1_MAX_LEN, Version,
-    encode, encode_v1, encode_v2,
+    AUTHORITY_MAX_LEN, EncodeError, Header, UNIQUE_ID_MAX_LEN, Version, encode, encode_v1,
+    encode_v2,
 };
+
+/// The longest v1 line the spec allows, `\r\n` included. Ours are at most 104 bytes.
+pub(crate) const V1_MAX_LEN: usize = 107;
 
 /// Derives a [`Header`] from arbitrary bytes and checks that v1 and v2 encodings read back
 /// (with `ppp`) as exactly what was put in, or that v2 refuses exactly the invalid values.
@@ -74,11 +76,10 @@ impl<'a> Bytes<'a> {
     }
 }
 
-/// Layout: flags (bits 0-1 source kind, 2-3 destination kind, 4 authority, 5 ALPN, 6 unique
-/// id, 7 CRC32C), source, destination, then each present value as a length and its bytes.
+/// Layout: flags (bits 0-1 source kind, 2-3 destination kind, 4 authority, 6 unique id,
+/// 7 CRC32C; bit 5 is unused), source, destination, then each present value as a length and its bytes.
 /// Lengths reach past the limits so the error paths are exercised too.
-#[doc(hidden)]
-pub fn header_from_bytes(data: &[u8]) -> Header<'_> {
+pub(crate) fn header_from_bytes(data: &[u8]) -> Header<'_> {
     let mut r = Bytes(data);
     let flags = r.u8();
     let source = r.socket_addr(flags);
@@ -93,10 +94,6 @@ pub fn header_from_bytes(data: &[u8]) -> Header<'_> {
             Err(e) => e.valid_up_to(),
         };
         header.authority = std::str::from_utf8(&raw[..valid]).ok();
-    }
-    if flags & 0x20 != 0 {
-        let len = usize::from(r.u16() % 300);
-        header.alpn = Some(r.take(len));
     }
     if flags & 0x40 != 0 {
         let len = usize::from(r.u8());
@@ -162,8 +159,7 @@ fn expected(header: &Header<'_>) -> Expected {
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: slow but independent of
 /// the `crc32c` crate the encoder uses.
-#[doc(hidden)]
-pub fn crc32c_bitwise(data: &[u8]) -> u32 {
+pub(crate) fn crc32c_bitwise(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &byte in data {
         crc ^= u32::from(byte);
@@ -179,8 +175,7 @@ pub fn crc32c_bitwise(data: &[u8]) -> u32 {
 }
 
 /// Encodes `header` as v1 and v2 and checks both against `ppp`; panics on any mismatch.
-#[doc(hidden)]
-pub fn check_header(header: &Header<'_>) {
+pub(crate) fn check_header(header: &Header<'_>) {
     let want = expected(header);
     check_v1(header, &want);
     check_v2(header, &want);
@@ -235,7 +230,6 @@ fn check_v2(header: &Header<'_>, want: &Expected) {
     fn non_empty(v: Option<&[u8]>) -> Option<&[u8]> {
         v.filter(|v| !v.is_empty())
     }
-    let alpn = non_empty(header.alpn);
     let authority = non_empty(header.authority.map(str::as_bytes));
     let unique_id = non_empty(header.unique_id);
 
@@ -248,11 +242,6 @@ fn check_v2(header: &Header<'_>, want: &Expected) {
         if let Some(i) = a.iter().position(|&b| !(0x21..=0x7e).contains(&b)) {
             allowed_errors.push(EncodeError::AuthorityNotAscii(i));
         }
-    }
-    if let Some(a) = alpn
-        && a.len() > ALPN_MAX_LEN
-    {
-        allowed_errors.push(EncodeError::AlpnTooLong(a.len()));
     }
     if let Some(u) = unique_id
         && u.len() > UNIQUE_ID_MAX_LEN
@@ -322,9 +311,6 @@ fn check_v2(header: &Header<'_>, want: &Expected) {
     assert_eq!(offset, bytes.len(), "TLVs do not end where the header does");
 
     let mut want_tlvs = Vec::new();
-    if let Some(a) = alpn {
-        want_tlvs.push((0x01, a.to_vec()));
-    }
     if let Some(a) = authority {
         want_tlvs.push((0x02, a.to_vec()));
     }

@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
-use super::roundtrip::{check_header, crc32c_bitwise, fuzz_check_roundtrip};
+use super::roundtrip::{V1_MAX_LEN, check_header, crc32c_bitwise, fuzz_check_roundtrip};
 use super::*;
 
 const SIG: [u8; 12] = [
@@ -117,7 +117,6 @@ fn v1_ignores_tlv_fields_and_scope_ids() {
         sa("[fe80::2]:443"),
     );
     h.authority = Some("site1.example");
-    h.alpn = Some(b"h2");
     h.unique_id = Some(&[0; 200]);
     h.crc32c = true;
     assert_eq!(v1(&h), "PROXY TCP6 fe80::1 fe80::2 1234 443\r\n");
@@ -183,13 +182,12 @@ fn v2_ipv6_all_tlvs_golden() {
         source: sa("[2001:db8::1]:65535"),
         destination: sa("[2001:db8:1::10]:443"),
         authority: Some("site1.example"),
-        alpn: Some(b"h2"),
         unique_id: Some(id.as_bytes()),
         crc32c: true,
     };
     let want = v2_bytes(&[
-        // 36 + (3+2) + (3+13) + (3+4) + (3+32) = 99
-        &[0x21, 0x21, 0x00, 0x63],
+        // 36 + (3+13) + (3+4) + (3+32) = 94
+        &[0x21, 0x21, 0x00, 0x5E],
         &[
             0x20, 0x01, 0x0D, 0xB8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
         ],
@@ -197,18 +195,16 @@ fn v2_ipv6_all_tlvs_golden() {
             0x20, 0x01, 0x0D, 0xB8, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
         ],
         &[0xFF, 0xFF, 0x01, 0xBB],
-        &[0x01, 0x00, 0x02],
-        b"h2",
         &[0x02, 0x00, 0x0D],
         b"site1.example",
-        &[0x03, 0x00, 0x04, 0xE7, 0x90, 0x79, 0x5A],
+        &[0x03, 0x00, 0x04, 0x2C, 0x57, 0x9E, 0x75],
         &[0x05, 0x00, 0x20],
         b"0123456789abcdef0123456789abcdef",
     ]);
     let got = v2(&h);
     assert_eq!(got, want);
-    assert_eq!(got.len(), 16 + 99);
-    assert_crc_field(&got, 16 + 36 + 5 + 16 + 3);
+    assert_eq!(got.len(), 16 + 94);
+    assert_crc_field(&got, 16 + 36 + 16 + 3);
 }
 
 #[test]
@@ -253,33 +249,6 @@ fn version_none_appends_nothing() {
     assert_eq!(encode(Version::None, &h, &mut out), Ok(()));
     assert_eq!(out, b"hello");
     assert_eq!(Version::default(), Version::None);
-}
-
-#[test]
-fn local_golden_and_readable_by_ppp() {
-    let mut out = Vec::new();
-    encode_local(Version::V1, &mut out);
-    assert_eq!(out, b"PROXY UNKNOWN\r\n");
-    match ppp::v1::Header::try_from(out.as_slice()) {
-        Ok(p) => assert_eq!(p.addresses, ppp::v1::Addresses::Unknown),
-        Err(e) => panic!("ppp: {e:?}"),
-    }
-
-    let mut out = Vec::new();
-    encode_local(Version::V2, &mut out);
-    assert_eq!(out, v2_bytes(&[&[0x20, 0x00, 0x00, 0x00]]));
-    match ppp::v2::Header::try_from(out.as_slice()) {
-        Ok(p) => {
-            assert_eq!(p.command, ppp::v2::Command::Local);
-            assert_eq!(p.addresses, ppp::v2::Addresses::Unspecified);
-            assert_eq!(p.len(), 16);
-        }
-        Err(e) => panic!("ppp: {e:?}"),
-    }
-
-    let mut out = Vec::new();
-    encode_local(Version::None, &mut out);
-    assert!(out.is_empty());
 }
 
 fn v2_result(h: &Header<'_>) -> Result<Vec<u8>, EncodeError> {
@@ -343,22 +312,10 @@ fn authority_limit_is_255_printable_ascii() {
 }
 
 #[test]
-fn alpn_limit_is_255() {
-    let proto = [b'p'; 256];
-    let mut h = Header::new(sa("192.0.2.1:1"), sa("192.0.2.2:2"));
-    h.alpn = Some(&proto[..255]);
-    assert!(v2_result(&h).is_ok());
-    check_header(&h);
-    h.alpn = Some(&proto);
-    assert_eq!(v2_result(&h), Err(EncodeError::AlpnTooLong(256)));
-}
-
-#[test]
 fn empty_values_are_omitted() {
     let bare = Header::new(sa("[2001:db8::1]:1"), sa("[2001:db8::2]:2"));
     let mut h = bare.clone();
     h.authority = Some("");
-    h.alpn = Some(b"");
     h.unique_id = Some(b"");
     assert_eq!(v2_result(&h), v2_result(&bare));
     assert_eq!(v2(&h).len(), 16 + 36);
@@ -371,13 +328,12 @@ fn largest_v2_header() {
         source: sa("[2001:db8::1]:65535"),
         destination: sa("[2001:db8::2]:65535"),
         authority: Some(&name),
-        alpn: Some(&[b'a'; ALPN_MAX_LEN]),
         unique_id: Some(&[b'u'; UNIQUE_ID_MAX_LEN]),
         crc32c: true,
     };
     let got = v2(&h);
-    assert_eq!(got.len(), 16 + 36 + 258 + 258 + 7 + 131);
-    assert_eq!(got[14..16], 690u16.to_be_bytes());
+    assert_eq!(got.len(), 16 + 36 + 258 + 7 + 131);
+    assert_eq!(got[14..16], 432u16.to_be_bytes());
     check_header(&h);
 }
 
@@ -391,26 +347,20 @@ fn unique_id_formats_hex() {
 }
 
 #[test]
-fn errors_display_and_reason() {
+fn errors_display() {
     let e = EncodeError::UniqueIdTooLong(129);
     assert_eq!(
         e.to_string(),
         "PROXY v2 unique id is 129 bytes, more than 128"
     );
-    assert_eq!(e.reason(), "unique_id_too_long");
     assert_eq!(
         EncodeError::AuthorityTooLong(300).to_string(),
         "PROXY v2 authority is 300 bytes, more than 255"
     );
-    assert_eq!(
-        EncodeError::AuthorityNotAscii(3).reason(),
-        "authority_not_ascii"
-    );
-    assert_eq!(EncodeError::AlpnTooLong(256).reason(), "alpn_too_long");
-    let boxed: Box<dyn Error> = Box::new(EncodeError::AlpnTooLong(256));
+    let boxed: Box<dyn Error> = Box::new(EncodeError::AuthorityNotAscii(3));
     assert_eq!(
         boxed.to_string(),
-        "PROXY v2 ALPN is 256 bytes, more than 255"
+        "PROXY v2 authority has a byte outside printable US-ASCII at index 3"
     );
 }
 
@@ -450,23 +400,21 @@ fn ppp_reads_every_family_and_tlv_combination() {
         .collect();
     static UNIQUE: UniqueId = UniqueId::from_u128(42);
     // Each TLV alone, none, and all together.
-    let with = |authority: Option<&'static str>, alpn: Option<&'static [u8]>, id: bool, crc| {
+    let with = |authority: Option<&'static str>, id: bool, crc| {
         move |source, destination| Header {
             source,
             destination,
             authority,
-            alpn,
             unique_id: id.then_some(UNIQUE.as_bytes()),
             crc32c: crc,
         }
     };
     let combos = [
-        with(None, None, false, false),
-        with(Some("site1.example"), None, false, false),
-        with(None, Some(b"http/1.1"), false, false),
-        with(None, None, true, false),
-        with(None, None, false, true),
-        with(Some("site1.example"), Some(b"h2"), true, true),
+        with(None, false, false),
+        with(Some("site1.example"), false, false),
+        with(None, true, false),
+        with(None, false, true),
+        with(Some("site1.example"), true, true),
     ];
     let (mut tcp4, mut tcp6) = (0, 0);
     for &source in &addrs {
@@ -483,8 +431,8 @@ fn ppp_reads_every_family_and_tlv_combination() {
         }
     }
     // 6 of the 15 addresses end up IPv4 (4 plain, 2 mapped).
-    assert_eq!(tcp4, (6 * 4) * (6 * 4) * 6);
-    assert_eq!(tcp4 + tcp6, addrs.len() * addrs.len() * 6);
+    assert_eq!(tcp4, (6 * 4) * (6 * 4) * 5);
+    assert_eq!(tcp4 + tcp6, addrs.len() * addrs.len() * 5);
 }
 
 /// xorshift64: deterministic, no extra dependency.
@@ -560,13 +508,11 @@ fn generated_headers_round_trip() {
                 _ => char::from(b'a' + rng.below(26) as u8),
             })
             .collect();
-        let alpn_len = rng.len_near(ALPN_MAX_LEN);
         let id_len = rng.len_near(UNIQUE_ID_MAX_LEN);
         let h = Header {
             source: rng.addr(),
             destination: rng.addr(),
             authority: (rng.below(2) == 0).then_some(authority.as_str()),
-            alpn: (rng.below(2) == 0).then_some(&pool[..alpn_len]),
             unique_id: (rng.below(2) == 0).then_some(&pool[100..100 + id_len]),
             crc32c: rng.below(2) == 0,
         };

@@ -1,0 +1,169 @@
+//! What every connection task reads and counts into: the routing snapshot, the eBPF side, the
+//! connection ids, the counters and the access log.
+//!
+//! Its own module, below both [`crate::server`] (which builds it, swaps the routing on reload and
+//! owns the tasks) and [`crate::conn`] (which serves one connection with it), so neither imports
+//! the other for it; [`crate::metrics`] reads it too.
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router};
+
+/// Routing state swapped as a whole on reload.
+pub struct Routing {
+    /// The configuration this routing was built from.
+    pub config: Config,
+    /// Its routing table.
+    pub router: Router,
+}
+
+impl Routing {
+    /// Builds the routing table for `config`.
+    pub fn new(config: Config) -> Routing {
+        let router = Router::new(&config);
+        Routing { config, router }
+    }
+}
+
+/// State every connection task reads.
+pub struct Shared {
+    routing: RwLock<Arc<Routing>>,
+    kernel: Option<Arc<Kernel>>,
+    id_seed: u64,
+    next_id: AtomicU64,
+    /// Connections ended, indexed by [`Outcome::index`].
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    open: AtomicU64,
+    fallbacks: AtomicU64,
+    access_log: access::Log,
+}
+
+impl Shared {
+    /// State for serving `config`, with the eBPF side if it was loaded, writing the access log
+    /// to standard output. Fails if the OS has no randomness for the connection ids or the
+    /// access-log writer thread cannot start.
+    pub fn new(config: Config, kernel: Option<Arc<Kernel>>) -> Result<Shared> {
+        let access_log = access::Log::stdout().context("starting the access-log writer")?;
+        Shared::with_log(config, kernel, access_log)
+    }
+
+    fn with_log(
+        config: Config,
+        kernel: Option<Arc<Kernel>>,
+        access_log: access::Log,
+    ) -> Result<Shared> {
+        Ok(Shared {
+            routing: RwLock::new(Arc::new(Routing::new(config))),
+            kernel,
+            id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
+            next_id: AtomicU64::new(0),
+            outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
+            open: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            access_log,
+        })
+    }
+
+    /// The routing state new connections use.
+    pub fn current(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Makes `routing` the state for connections accepted from now on.
+    pub fn replace_routing(&self, routing: Routing) {
+        let routing = Arc::new(routing);
+        match self.routing.write() {
+            Ok(mut guard) => *guard = routing,
+            Err(poisoned) => *poisoned.into_inner() = routing,
+        }
+    }
+
+    /// The loaded eBPF side, when the sockmap engine is available.
+    pub fn kernel(&self) -> Option<&Arc<Kernel>> {
+        self.kernel.as_ref()
+    }
+
+    /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique
+    /// across restarts (the PROXY v2 UNIQUE_ID TLV and the access log's `id=`).
+    pub fn next_id(&self) -> u128 {
+        (u128::from(self.id_seed) << 64) | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(self))
+    }
+
+    /// Connections being served now.
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection the sockmap engine could not take (it used another engine).
+    pub fn count_fallback(&self) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections the sockmap engine handed to another engine so far.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection's outcome.
+    pub fn count_outcome(&self, outcome: Outcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections ended with `outcome` so far.
+    pub fn outcome_count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Queues one access-log line; never blocks (see [`access::Log`]).
+    pub fn access_log(&self, entry: &access::Entry<'_>) {
+        self.access_log.write(entry);
+    }
+
+    /// Access-log lines dropped because the writer could not keep up.
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access_log.dropped()
+    }
+
+    /// Waits, for at most `limit`, until every access-log line queued so far is written. Blocks
+    /// the calling thread: call it from a thread that may block.
+    pub fn flush_access_log(&self, limit: Duration) {
+        self.access_log.flush(limit);
+    }
+}
+
+/// A connection counted in [`Shared::open_connections`] while this lives.
+pub struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A `Shared` for a configuration without sites, logging into `log`.
+    pub(crate) fn shared(log: access::Log) -> Shared {
+        let text = "[[listen]]\naddress = \"127.0.0.1:443\"\nprotocol = \"tls\"\n";
+        let config = Config::from_str(text, std::path::Path::new("test.toml")).expect("config");
+        Shared::with_log(config, None, log).expect("getrandom")
+    }
+}
