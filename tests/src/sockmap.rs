@@ -14,8 +14,7 @@ use anyhow::{Context as _, Result, ensure};
 use crate::{
     BACKEND_V6, Ns, World,
     raw::{
-        self, End, SEED_UP, expect_hello, receive, result, simple_hello, spawn,
-        write_while_possible,
+        self, SEED_UP, expect_hello, receive, result, simple_hello, spawn, write_while_possible,
     },
     spliced::{Launch, Spliced, field},
 };
@@ -175,13 +174,7 @@ pub fn roundtrip(world: &World, name: &str, payload: &[u8]) -> Result<SocketAddr
     client.write_all(payload)?;
     let got = raw::read_exactly(&mut client, payload.len())?;
     ensure!(got == payload, "the echo differs from what was sent");
-    client.shutdown(Shutdown::Write)?;
-    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
-    ensure!(
-        end == End::Eof && rest.is_empty(),
-        "after the echo: {} bytes, {end:?}",
-        rest.len()
-    );
+    raw::shut_and_expect_eof(&mut client, "after the echo")?;
     Ok(me)
 }
 
@@ -237,13 +230,7 @@ pub fn stalled_backend(limit: &str) -> Result<Stall> {
         written as f64 / MIB as f64
     );
     let _ = go_tx.send(written);
-    client.shutdown(Shutdown::Write)?;
-    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
-    ensure!(
-        end == End::Eof && rest.is_empty(),
-        "expected the backend's EOF: {} bytes, {end:?}",
-        rest.len()
-    );
+    raw::shut_and_expect_eof(&mut client, "expected the backend's EOF")?;
     let received = result(&server, IO, "the stalled backend")?;
     ensure!(received == written, "the backend verified {received} bytes");
     expect_ok(&spliced, me, hello.len() as u64 + written, 0)?;

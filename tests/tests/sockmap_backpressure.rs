@@ -18,8 +18,8 @@ use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
     World,
     raw::{
-        self, Behavior, End, SEED_DOWN, SEED_UP, TestBackend, expect_hello, receive,
-        receive_slowly, result, simple_hello, spawn, write_while_possible,
+        self, Behavior, SEED_DOWN, SEED_UP, TestBackend, expect_hello, receive, receive_slowly,
+        result, simple_hello, spawn, write_while_possible,
     },
     sockmap::*,
     wait_for,
@@ -63,13 +63,7 @@ fn stalled_client_bounds_what_the_backend_can_park() -> Result<()> {
         expect_hello(&mut stream, &expected_hello)?;
         let written = write_while_possible(&mut stream, SEED_DOWN, STALL, 4 << 30)?;
         let _ = len_tx.send(written);
-        stream.shutdown(Shutdown::Write)?;
-        let (rest, end) = raw::read_to_end(&mut stream, 1 << 16);
-        ensure!(
-            end == End::Eof && rest.is_empty(),
-            "expected the client's EOF: {} bytes, {end:?}",
-            rest.len()
-        );
+        raw::shut_and_expect_eof(&mut stream, "expected the client's EOF")?;
         Ok(written)
     })?;
     let mut client = raw::connect(&world, 443, IO)?;

@@ -21,8 +21,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
     PROXY_V4, World,
     raw::{
-        self, BLOCK, Behavior, End, SEED_DOWN, SEED_UP, Stream, TestBackend, Verifier, difference,
-        echo, expect_hello, receive, receive_first, receive_rest, result, simple_hello, spawn,
+        self, BLOCK, Behavior, SEED_DOWN, SEED_UP, Stream, TestBackend, Verifier, difference, echo,
+        expect_hello, receive, receive_first, receive_rest, result, simple_hello, spawn,
     },
     sockmap::*,
     spliced::field,
@@ -60,13 +60,7 @@ fn early_data_with_the_hello_arrives_in_order() -> Result<()> {
     client.write_all(&more)?;
     let got = raw::read_exactly(&mut client, MORE)?;
     ensure!(got == more, "data after the early data came back altered");
-    client.shutdown(Shutdown::Write)?;
-    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
-    ensure!(
-        end == End::Eof && rest.is_empty(),
-        "expected EOF: {} bytes, {end:?}",
-        rest.len()
-    );
+    raw::shut_and_expect_eof(&mut client, "expected EOF")?;
     let echoed = result(&server, IO, "the echo backend")?;
     let total = (first.len() + MORE) as u64;
     ensure!(echoed == total, "the backend echoed {echoed} of {total}");

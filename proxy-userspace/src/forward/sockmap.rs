@@ -137,9 +137,14 @@ struct Direction<'s> {
     handed: u64,
     /// The redirected count at which the verdict was last asked to wake us.
     wake_at: u64,
-    /// `src`'s FIN arrived (the socket reported `EPOLLRDHUP`); the verdict may still be
-    /// redirecting what came before it.
+    /// `src`'s input ended (the socket reported `EPOLLRDHUP`): a FIN or a reset arrived, and
+    /// the verdict may still be redirecting what came before it.
     fin: bool,
+    /// The error `src` reported with the end of its input (a reset), if any.
+    src_error: Option<io::ErrorKind>,
+    /// A reset that arrived on `src` after its FIN: this direction ended cleanly, but nothing
+    /// more can be delivered to that socket.
+    reset_after_fin: Option<io::ErrorKind>,
     /// Since when the verdict has redirected less than arrived before the FIN, with no progress.
     short_since: Option<Instant>,
     /// Every byte before `src`'s FIN was redirected (or spliced): its end of stream can be
@@ -152,7 +157,8 @@ struct Direction<'s> {
 struct Measured {
     /// Bytes sent towards `dst` that its TCP has not taken yet (the psock egress queue).
     backlog: u64,
-    /// Payload that arrived on `src` for the kernel to forward (after what user space read).
+    /// Sequence space that arrived on `src` for the kernel to forward (after what user space
+    /// read): the payload, plus one for a FIN that arrived.
     arrived: u64,
     /// Payload the kernel delivered to `dst`'s TCP.
     delivered: u64,
@@ -174,14 +180,17 @@ impl Direction<'_> {
         self.mode == Mode::Kernel && !self.fin
     }
 
-    /// `src` became ready without being read: a FIN, an error, or (which the insertion order
+    /// `src` became ready without being read: a FIN, a reset, or (which the insertion order
     /// rules out) bytes the verdict passed to the socket, which the accounting then notices.
+    /// Whether a reset came after a FIN is decided from the counts ([`fin_outcome`]).
     fn on_ready(&mut self, ready: tokio::io::Ready) -> Result<(), ForwardError> {
-        if let Some(error) = self.src.take_error().map_err(|e| self.err_src(e))? {
-            return Err(self.err_src(error));
-        }
-        if ready.is_read_closed() {
+        if ready.is_read_closed() || ready.is_error() {
             self.fin = true;
+            self.src_error = self
+                .src
+                .take_error()
+                .map_err(|e| self.err_src(e))?
+                .map(|e| e.kind());
         } else {
             // Clear the readiness without reading, or the next wait would return at once.
             let _ = self.src.try_io(Interest::READABLE, || -> io::Result<()> {
@@ -202,12 +211,12 @@ impl Direction<'_> {
             .map_err(|e| self.err_src(e))?;
         // TCP counts a FIN as one byte: the one we sent on `dst` once we shut it, the one that
         // arrived on `src`.
+        // (Whether a FIN is among what arrived is only known at the end; see `fin_outcome`.)
         let handed = dst.handed.saturating_sub(u64::from(self.shut));
-        let received = src.received.saturating_sub(u64::from(self.fin));
         self.handed = handed;
         Ok(Measured {
             backlog: (self.redirected + self.user_written).saturating_sub(handed),
-            arrived: received.saturating_sub(self.consumed),
+            arrived: src.received.saturating_sub(self.consumed),
             delivered: handed.saturating_sub(self.user_written),
         })
     }
@@ -218,7 +227,8 @@ impl Direction<'_> {
 const SHORT_LIMIT: Duration = Duration::from_secs(1);
 
 /// The byte accounting of a direction in the kernel: the verdict cannot have redirected more
-/// than arrived, nor can the peer's TCP have taken more than was redirected. Either would mean
+/// than arrived (which may count a FIN as one byte: a margin of one), nor can the peer's TCP
+/// have taken more than was redirected. Either would mean
 /// the kernel duplicated data (DESIGN.md, fact 11), and the connection must not go on as if
 /// nothing happened.
 fn check_accounts(m: &Measured, redirected: u64) -> Result<(), String> {
@@ -330,6 +340,8 @@ pub async fn forward(
             handed: 0,
             wake_at,
             fin: false,
+            src_error: None,
+            reset_after_fin: None,
             short_since: None,
             eof: false,
             shut: false,
@@ -402,6 +414,31 @@ fn wake_room(limit: u64, backlog: u64) -> u64 {
 /// peer's TCP has only taken more since.
 fn below_wake_point(d: &Direction<'_>) -> bool {
     d.mode == Mode::Kernel && !d.fin && d.redirected < d.wake_at
+}
+
+/// How a direction's input ended, once `src` reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FinOutcome {
+    /// A FIN, and the verdict redirected every byte before it. (A reset that came after the
+    /// FIN does not undo that; it only means nothing more can be sent to that socket.)
+    Complete,
+    /// A reset before any FIN, with every byte before it redirected: pass the abort on.
+    Aborted(io::ErrorKind),
+    /// The verdict has not redirected everything that arrived yet.
+    Behind,
+}
+
+/// Reads the end of a direction's input from the counts: `arrived` is the sequence space that
+/// arrived after what user space read (a FIN counts one), `redirected` the verdict's count,
+/// `error` what the socket reported with the end (a reset), if anything.
+fn fin_outcome(arrived: u64, redirected: u64, error: Option<io::ErrorKind>) -> FinOutcome {
+    match (arrived.checked_sub(redirected), error) {
+        (Some(1), _) => FinOutcome::Complete,
+        (Some(0), Some(kind)) => FinOutcome::Aborted(kind),
+        // More than redirected is the verdict still at work; fewer (`None`) the accounting
+        // check reports before this is asked. A FIN with nothing counted for it is neither.
+        _ => FinOutcome::Behind,
+    }
 }
 
 /// What a direction does after a check, decided from its state and what the check measured.
@@ -519,7 +556,12 @@ async fn run<'s>(
         let before = (up.redirected, down.redirected, up.handed, down.handed);
         let mut pending = false;
         let [splice_up, splice_down] = &mut splices;
-        for (d, splice) in [(&mut *up, splice_up), (&mut *down, splice_down)] {
+        // A direction whose destination reset after its FIN fails once it has bytes for it.
+        let dst_reset = [down.reset_after_fin, up.reset_after_fin];
+        for (i, (d, splice)) in [(&mut *up, splice_up), (&mut *down, splice_down)]
+            .into_iter()
+            .enumerate()
+        {
             if d.mode == Mode::User {
                 pending |= !d.shut;
                 continue;
@@ -536,19 +578,37 @@ async fn run<'s>(
             let m = d.measure(kernel)?;
             check_accounts(&m, d.redirected).map_err(ForwardError::kernel_accounting)?;
             if d.mode == Mode::Kernel && d.fin && !d.eof {
-                // The FIN arrived; once the verdict has redirected everything before it, the
-                // end of stream can follow them.
-                if d.redirected == m.arrived {
-                    d.eof = true;
-                } else if d.redirected != redirected_before {
-                    d.short_since = None;
-                } else if d.short_since.get_or_insert_with(Instant::now).elapsed() >= SHORT_LIMIT {
-                    return Err(ForwardError::kernel_accounting(format!(
-                        "{} bytes arrived before the FIN, the verdict redirected {} and then \
-                         nothing for {SHORT_LIMIT:?}",
-                        m.arrived, d.redirected
-                    )));
+                match fin_outcome(m.arrived, d.redirected, d.src_error) {
+                    FinOutcome::Complete => {
+                        d.eof = true;
+                        d.reset_after_fin = d.src_error;
+                    }
+                    FinOutcome::Aborted(kind) => return Err(d.err_src(kind.into())),
+                    FinOutcome::Behind if d.redirected != redirected_before => {
+                        d.short_since = None;
+                    }
+                    FinOutcome::Behind => {
+                        let since = *d.short_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= SHORT_LIMIT {
+                            // After a reset nothing runs the verdict again: what it left is
+                            // lost with the reset.
+                            if let Some(kind) = d.src_error {
+                                return Err(d.err_src(kind.into()));
+                            }
+                            return Err(ForwardError::kernel_accounting(format!(
+                                "{} bytes arrived up to the end of input, the verdict \
+                                 redirected {} and then nothing for {SHORT_LIMIT:?}",
+                                m.arrived, d.redirected
+                            )));
+                        }
+                    }
                 }
+            }
+            if let Some(kind) = dst_reset[i]
+                && m.backlog > 0
+            {
+                // The destination reset after its own FIN: these bytes cannot reach it.
+                return Err(d.err_dst(kind.into()));
             }
             let backlog = m.backlog;
             let decision = decide(d.mode, d.eof, d.shut, backlog, d.redirected, limit);
@@ -684,6 +744,32 @@ mod tests {
         assert!(duplicated.is_err_and(|e| e.contains("redirected 65260 bytes, but only 100")));
         let resent = check_accounts(&m(100, 101), 100);
         assert!(resent.is_err_and(|e| e.contains("took 101 bytes")));
+    }
+
+    #[test]
+    fn the_end_of_input_is_read_from_the_counts() {
+        let reset = Some(io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            fin_outcome(101, 100, None),
+            FinOutcome::Complete,
+            "100 bytes and a FIN"
+        );
+        assert_eq!(
+            fin_outcome(101, 100, reset),
+            FinOutcome::Complete,
+            "a reset after the FIN"
+        );
+        assert_eq!(
+            fin_outcome(100, 100, reset),
+            FinOutcome::Aborted(io::ErrorKind::ConnectionReset),
+            "a reset with no FIN before it"
+        );
+        assert_eq!(fin_outcome(150, 100, None), FinOutcome::Behind);
+        assert_eq!(
+            fin_outcome(100, 100, None),
+            FinOutcome::Behind,
+            "no FIN counted yet"
+        );
     }
 
     #[test]

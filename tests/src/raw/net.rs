@@ -73,6 +73,20 @@ pub fn read_to_end(stream: &mut TcpStream, limit: usize) -> (Vec<u8>, End) {
     }
 }
 
+/// Half-closes `stream` and expects the peer's clean end of stream with no byte before it:
+/// how a test ends a connection whose bytes it has already checked. `what` says where in the
+/// test this is, for the failure message.
+pub fn shut_and_expect_eof(stream: &mut TcpStream, what: &str) -> Result<()> {
+    stream.shutdown(Shutdown::Write)?;
+    let (rest, end) = read_to_end(stream, 1 << 16);
+    anyhow::ensure!(
+        end == End::Eof && rest.is_empty(),
+        "{what}: {} bytes, {end:?}",
+        rest.len()
+    );
+    Ok(())
+}
+
 /// A TCP port on `ip` that nothing in this namespace listens on right now (the kernel picks
 /// it; it may be taken again before it is used, which is unlikely among high ports).
 pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
