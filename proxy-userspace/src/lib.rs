@@ -12,6 +12,7 @@ pub mod conn;
 pub mod ebpf;
 pub mod forward;
 pub mod hello;
+pub mod kernel_btf;
 pub mod listen;
 pub mod metrics;
 pub mod preface;
