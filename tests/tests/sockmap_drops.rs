@@ -38,6 +38,8 @@ use spliced_tests::{
 };
 
 const PORT: u16 = 9300;
+/// The kernel path alone: the backlog limit is above every transfer, so nothing leaves it.
+const KERNEL_ONLY: &str = "sockmap_backlog_limit = \"4GiB\"";
 const MIB: u64 = 1 << 20;
 /// One transfer fails if it is not done by then.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -312,7 +314,7 @@ fn expect_intact(forwarding: &str, extra: &str) -> Result<String> {
 /// The kernel path alone (the backlog limit is above the transfer, so nothing leaves it).
 #[test]
 fn sockmap_kernel_path_survives_random_drops() -> Result<()> {
-    let counters = expect_intact("sockmap", "sockmap_backlog_limit = \"4GiB\"")?;
+    let counters = expect_intact("sockmap", KERNEL_ONLY)?;
     ensure!(counter(&counters, "trim_incomplete") == 0, "{counters}");
     Ok(())
 }
@@ -399,9 +401,9 @@ fn sequence_numbers(stream: &std::net::TcpStream) -> Result<(u32, u32)> {
 fn segment_fragments(
     src: Ipv4Addr,
     sport: u16,
-    seq: u32,
-    ack: u32,
+    (seq, ack): (u32, u32),
     payload: &[u8],
+    fin: bool,
 ) -> Vec<Vec<u8>> {
     let IpAddr::V4(dst) = PROXY_V4 else {
         unreachable!("the proxy listens on IPv4")
@@ -411,7 +413,9 @@ fn segment_fragments(
     tcp.extend_from_slice(&443u16.to_be_bytes());
     tcp.extend_from_slice(&seq.to_be_bytes());
     tcp.extend_from_slice(&ack.to_be_bytes());
-    tcp.extend_from_slice(&[5 << 4, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    // ACK|PSH, and FIN if asked.
+    let flags = 0x18 | u8::from(fin);
+    tcp.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
     tcp.extend_from_slice(payload);
     let mut pseudo = Vec::with_capacity(12);
     pseudo.extend_from_slice(&src.octets());
@@ -485,19 +489,33 @@ fn unsent(stream: &std::net::TcpStream) -> Result<u64> {
     Ok(u64::try_from(outq).unwrap_or(0))
 }
 
-/// Stream bytes the client sends before the overlapping segment, and after it.
-const FIRST: u64 = 1 << 20;
+/// Stream bytes the client sends in all, each way.
 const TOTAL: u64 = 2 << 20;
 /// The overlapping segment: this many bytes the proxy already forwarded, then new ones. More
 /// than three `bpf_skb_adjust_room` steps of 4095 bytes, in an skb of IP fragments.
 const OLD: usize = 13_000;
 const NEW: usize = 7_000;
 
+/// What the made-up segment holds besides [`OLD`] bytes the proxy already forwarded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overlap {
+    /// [`NEW`] new bytes, in the middle of the stream: the client's own next segment then
+    /// overlaps those in turn.
+    NewBytes,
+    /// Only a FIN, after the whole stream: TCP queues it for the FIN, the verdict gets only old
+    /// bytes.
+    Fin,
+}
+
 /// Makes the proxy's TCP queue one segment that starts [`OLD`] bytes below what it already
 /// received (a retransmission that overlaps, as after a lost ACK) and checks that the backend
-/// sees every byte once, in order. The client's own next segment then overlaps the [`NEW`]
-/// bytes in turn. Returns spliced's kernel counters.
-fn overlapping_segment(forwarding: &str, extra: &str) -> Result<String> {
+/// sees every byte once, in order. Returns spliced's kernel counters.
+fn overlapping_segment(forwarding: &str, extra: &str, overlap: Overlap) -> Result<String> {
+    // Where in the stream the segment goes: what the client sent before it.
+    let first = match overlap {
+        Overlap::NewBytes => 1 << 20,
+        Overlap::Fin => TOTAL,
+    };
     let world = World::new()?;
     // No timestamps on the client, so that a segment without the option is not suspicious.
     let out = world
@@ -526,7 +544,7 @@ fn overlapping_segment(forwarding: &str, extra: &str) -> Result<String> {
     // The client reads nothing yet: its receive window closes after the first ~100 KiB of the
     // downstream, so it stays ESTABLISHED (repair mode needs that) and little arrives while
     // its sequence numbers are read.
-    raw::send_stream_range(&mut client, SEED_UP, 0, FIRST)?;
+    raw::send_stream_range(&mut client, SEED_UP, 0, first)?;
     spliced_tests::wait_for(
         "the backend to receive the first part",
         Duration::from_secs(10),
@@ -534,7 +552,7 @@ fn overlapping_segment(forwarding: &str, extra: &str) -> Result<String> {
             Ok(backend
                 .connections()
                 .first()
-                .is_some_and(|c| c.verified >= FIRST))
+                .is_some_and(|c| c.verified >= first))
         },
     )?;
     spliced_tests::wait_for(
@@ -544,15 +562,17 @@ fn overlapping_segment(forwarding: &str, extra: &str) -> Result<String> {
     )?;
     let (snd, rcv) = sequence_numbers(&client)?;
     let mut stream = Stream::new(SEED_UP);
-    let mut payload = vec![0u8; OLD + NEW];
-    stream.fill(FIRST - OLD as u64, &mut payload);
+    let fin = overlap == Overlap::Fin;
+    let mut payload = vec![0u8; if fin { OLD } else { OLD + NEW }];
+    stream.fill(first - OLD as u64, &mut payload);
     let IpAddr::V4(src) = me.ip() else {
         bail!("the client is not IPv4: {me}")
     };
-    let fragments = segment_fragments(src, me.port(), snd.wrapping_sub(OLD as u32), rcv, &payload);
+    let seqs = (snd.wrapping_sub(OLD as u32), rcv);
+    let fragments = segment_fragments(src, me.port(), seqs, &payload, fin);
     world.within(Ns::Client, || send_raw_v4(&fragments))??;
     std::thread::sleep(Duration::from_millis(200));
-    raw::send_stream_range(&mut client, SEED_UP, FIRST, TOTAL)?;
+    raw::send_stream_range(&mut client, SEED_UP, first, TOTAL)?;
     client.shutdown(Shutdown::Write)?;
     let mut verifier = Verifier::new(SEED_DOWN, TOTAL);
     raw::receive_stream(&mut client, &mut verifier)?;
@@ -581,7 +601,7 @@ fn overlapping_segment(forwarding: &str, extra: &str) -> Result<String> {
 /// Without the verdict's trim, the kernel path forwards the [`OLD`] bytes twice.
 #[test]
 fn sockmap_forwards_an_overlapping_segment_once() -> Result<()> {
-    let counters = overlapping_segment("sockmap", "sockmap_backlog_limit = \"4GiB\"")?;
+    let counters = overlapping_segment("sockmap", KERNEL_ONLY, Overlap::NewBytes)?;
     ensure!(
         counter(&counters, "old_trimmed_bytes") >= OLD as u64,
         "the verdict should have trimmed at least {OLD} old bytes: {counters}"
@@ -590,8 +610,26 @@ fn sockmap_forwards_an_overlapping_segment_once() -> Result<()> {
     Ok(())
 }
 
+/// A segment of old bytes that TCP queues only for its FIN: the verdict must drop it without
+/// moving `copied_seq`, and spliced must still see the end of the stream.
+#[test]
+fn sockmap_drops_old_bytes_that_carry_a_fin() -> Result<()> {
+    let counters = overlapping_segment("sockmap", KERNEL_ONLY, Overlap::Fin)?;
+    ensure!(
+        counter(&counters, "old_dropped_skbs") >= 1,
+        "the verdict should have dropped the old bytes: {counters}"
+    );
+    ensure!(counter(&counters, "trim_incomplete") == 0, "{counters}");
+    Ok(())
+}
+
 /// The control: splice reads through `tcp_read_sock`, which skips what was already read.
 #[test]
 fn splice_forwards_an_overlapping_segment_once() -> Result<()> {
-    overlapping_segment("splice", "").map(drop)
+    overlapping_segment("splice", "", Overlap::NewBytes).map(drop)
+}
+
+#[test]
+fn splice_drops_old_bytes_that_carry_a_fin() -> Result<()> {
+    overlapping_segment("splice", "", Overlap::Fin).map(drop)
 }
