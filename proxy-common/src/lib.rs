@@ -35,6 +35,40 @@ pub const PROGRESS_STEP: u64 = 1024 * 1024;
 /// Name of the per-CPU array of kernel-side counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "SPLICED_COUNTERS";
 
+/// Name of the one-element array holding the [`SkbOffsets`] the verdict reads the kernel's
+/// structures with. User space fills it from the kernel's BTF before the program is attached.
+pub const MAP_OFFSETS: &str = "SPLICED_OFFSETS";
+
+/// Where the verdict finds, in the kernel's own structures, what it needs to tell bytes it
+/// already forwarded from new ones: byte offsets read from `/sys/kernel/btf/vmlinux` at load
+/// time (the layout differs between kernels and builds, so nothing is hard-coded).
+///
+/// `tcp_read_skb` hands the verdict every queued skb whole, even one that starts below the
+/// socket's `copied_seq` (a retransmission that overlaps bytes already forwarded): the verdict
+/// trims that part. See `docs/sockmap-duplication.md`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbOffsets {
+    /// `struct sk_buff`, member `cb`: where `struct tcp_skb_cb` lives.
+    pub skb_cb: u32,
+    /// `struct sk_buff`, member `sk`: the socket that owns the skb.
+    pub skb_sk: u32,
+    /// `struct tcp_skb_cb`, member `seq`: the skb's first sequence number.
+    pub cb_seq: u32,
+    /// `struct tcp_sock`, member `copied_seq`: the next sequence number not yet consumed.
+    pub tcp_copied_seq: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, four `u32`s, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for SkbOffsets {}
+
+/// The most bytes one `bpf_skb_adjust_room` call may remove from an `sk_skb` (0xfff).
+pub const TRIM_STEP: u32 = 4095;
+/// The verdict trims at most this many steps of [`TRIM_STEP`] from one skb (about 512 KiB,
+/// beyond any GSO skb); what is left is counted in [`Counter::TrimIncomplete`].
+pub const TRIM_MAX_STEPS: u32 = 128;
+
 /// Name of the `sk_skb/stream_verdict` program that redirects payload to the peer socket.
 pub const PROG_STREAM_VERDICT: &str = "spliced_verdict";
 
@@ -79,11 +113,20 @@ pub enum Counter {
     EmptyDropped = 4,
     /// Sockets taken out of the verdict map under their lock (pauses for backpressure).
     Detached = 5,
+    /// skbs that started below the socket's `copied_seq` and were trimmed to the new bytes.
+    OldTrimmed = 6,
+    /// Bytes trimmed off such skbs: old bytes that would otherwise have been forwarded twice.
+    OldTrimmedBytes = 7,
+    /// skbs holding only bytes already forwarded, dropped after trimming them to nothing.
+    OldDropped = 8,
+    /// skbs whose old part could not be trimmed entirely (a helper failed or the skb was
+    /// longer than the trim loop allows). Should stay 0.
+    TrimIncomplete = 9,
 }
 
 impl Counter {
     /// Number of counters; the length of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 10;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -93,6 +136,10 @@ impl Counter {
         Counter::RedirectFailed,
         Counter::EmptyDropped,
         Counter::Detached,
+        Counter::OldTrimmed,
+        Counter::OldTrimmedBytes,
+        Counter::OldDropped,
+        Counter::TrimIncomplete,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -104,6 +151,10 @@ impl Counter {
             Counter::RedirectFailed => "redirect_failed",
             Counter::EmptyDropped => "empty_dropped",
             Counter::Detached => "detached",
+            Counter::OldTrimmed => "old_trimmed_skbs",
+            Counter::OldTrimmedBytes => "old_trimmed_bytes",
+            Counter::OldDropped => "old_dropped_skbs",
+            Counter::TrimIncomplete => "trim_incomplete",
         }
     }
 }

@@ -14,8 +14,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action,
-    btf_maps::{HashMap, PerCpuArray, RingBuf, SockHash},
-    helpers::{bpf_get_socket_cookie, bpf_map_delete_elem},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
+    helpers::{bpf_get_socket_cookie, bpf_map_delete_elem, bpf_probe_read_kernel},
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
@@ -23,7 +23,10 @@ use aya_log_ebpf::{debug, warn};
 use core::ffi::c_void;
 
 mod xdp;
-use proxy_common::{Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, PROGRESS_STEP, Pair};
+use proxy_common::{
+    Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, PROGRESS_STEP, Pair, SkbOffsets,
+    TRIM_MAX_STEPS, TRIM_STEP,
+};
 
 const MAX: usize = MAX_SOCKETS as usize;
 
@@ -55,6 +58,11 @@ static SPLICED_EVENTS: RingBuf<u64, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static SPLICED_WAKE: HashMap<u64, u64, MAX> = HashMap::new();
 
+/// Where `TCP_SKB_CB(skb)->seq`, `skb->sk` and `tcp_sk(sk)->copied_seq` are, from the
+/// kernel's BTF; user space fills it before attaching the verdict.
+#[btf_map]
+static SPLICED_OFFSETS: Array<SkbOffsets, 1> = Array::new();
+
 /// Per-CPU counters: the bpf target has no atomic read-modify-write.
 #[btf_map]
 static SPLICED_COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -76,9 +84,84 @@ pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
         count(Counter::EmptyDropped, 1);
         return sk_action::SK_DROP;
     }
+    let len = match trim_old(&ctx, len) {
+        Some(len) => len,
+        None => {
+            // Every byte was forwarded before: the skb is now empty, and `tcp_eat_skb` leaves
+            // `copied_seq` alone for an empty skb.
+            count(Counter::OldDropped, 1);
+            return sk_action::SK_DROP;
+        }
+    };
     // SAFETY: the helper only reads the socket the skb belongs to.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     redirect(&ctx, cookie, len)
+}
+
+/// Removes from the head of the skb the bytes below the socket's `copied_seq`, which the
+/// verdict already consumed, and returns the length left (`None` if nothing is left).
+///
+/// `tcp_read_skb` hands over each queued skb whole. TCP queues whole a segment that partly
+/// overlaps bytes already received (a retransmission, or one from the out-of-order queue), so
+/// without this the old bytes would be forwarded a second time, and `tcp_eat_skb` would move
+/// `copied_seq` past `rcv_nxt`. The verdict runs under the socket lock and each earlier skb's
+/// `tcp_eat_skb` has run, so `copied_seq` is exactly where the new bytes start; `tcp_eat_skb`
+/// then advances it by the trimmed length.
+#[inline(always)]
+fn trim_old(ctx: &SkBuffContext, len: u32) -> Option<u32> {
+    // A zeroed entry means user space gave no offsets (a diagnostic mode): change nothing.
+    let Some(off) = SPLICED_OFFSETS.get(0).filter(|o| o.skb_cb != 0) else {
+        return Some(len);
+    };
+    // The context of an `sk_skb` program is the kernel's `struct sk_buff`.
+    let skb = ctx.as_ptr() as usize;
+    // SAFETY: reads of kernel memory at offsets from the kernel's BTF; a bad address makes the
+    // helper fail, it never faults.
+    let seq =
+        unsafe { bpf_probe_read_kernel((skb + (off.skb_cb + off.cb_seq) as usize) as *const u32) };
+    // SAFETY: as above.
+    let sk = unsafe { bpf_probe_read_kernel((skb + off.skb_sk as usize) as *const usize) };
+    let (Ok(seq), Ok(sk)) = (seq, sk) else {
+        count(Counter::TrimIncomplete, 1);
+        return Some(len);
+    };
+    if sk == 0 {
+        return Some(len);
+    }
+    // SAFETY: as above.
+    let Ok(copied) =
+        (unsafe { bpf_probe_read_kernel((sk + off.tcp_copied_seq as usize) as *const u32) })
+    else {
+        count(Counter::TrimIncomplete, 1);
+        return Some(len);
+    };
+    // Sequence numbers wrap: the skb starts below `copied_seq` when the difference, taken as
+    // signed, is positive.
+    let old = copied.wrapping_sub(seq) as i32;
+    if old <= 0 {
+        return Some(len);
+    }
+    let old = (old as u32).min(len);
+    let mut left = old;
+    for _ in 0..TRIM_MAX_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+        // `sk_skb_adjust_room` with a negative difference pulls bytes off the head.
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    let trimmed = old - left;
+    count(Counter::OldTrimmed, 1);
+    count(Counter::OldTrimmedBytes, u64::from(trimmed));
+    if left != 0 {
+        count(Counter::TrimIncomplete, 1);
+    }
+    let now = ctx.len();
+    if now == 0 { None } else { Some(now) }
 }
 
 /// Redirects the skb to the peer registered for `cookie`, counting what went.

@@ -6,12 +6,13 @@ use std::{collections::HashMap as StdHashMap, path::Path, sync::Mutex};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
+    maps::{Array, MapData},
     programs::{Iter, SkSkb},
 };
 use proxy_common::{
-    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_PEERS, MAP_SOCKETS, MAP_WAKE,
-    MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS,
-    PROG_DETACH, PROG_STREAM_VERDICT,
+    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PEERS, MAP_SOCKETS,
+    MAP_WAKE, MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT,
+    MAP_XDP_PORTS, PROG_DETACH, PROG_STREAM_VERDICT, SkbOffsets,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -22,6 +23,11 @@ use super::{Kernel, lock, sockmap::Maps, sum_per_cpu, xdp::XdpMaps};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 #[cfg(spliced_no_ebpf)]
 static OBJECT: &[u8] = &[];
+
+/// Diagnostic only: when set in spliced's environment, the verdict is loaded without the
+/// offsets it trims already-forwarded bytes with, which reproduces the kernel defect described
+/// in `docs/sockmap-duplication.md`.
+pub const DIAG_NO_TRIM: &str = "SPLICED_DIAG_NO_TRIM";
 
 /// Where bpffs is mounted normally.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -83,6 +89,25 @@ impl Kernel {
             _buckets: take(&mut ebpf, MAP_XDP_BUCKETS)?.try_into()?,
             attached: Vec::new(),
         };
+        // The verdict trims bytes it already forwarded (see `btf`); without the offsets it
+        // would forward them twice, so the engine is not offered at all.
+        let offsets = super::btf::skb_offsets()
+            .context("finding sk_buff and tcp_sock members in the kernel's BTF")?;
+        let mut offsets_map: Array<&mut MapData, SkbOffsets> = ebpf
+            .map_mut(MAP_OFFSETS)
+            .with_context(|| format!("map {MAP_OFFSETS} missing from the object"))?
+            .try_into()?;
+        if std::env::var_os(DIAG_NO_TRIM).is_some() {
+            // Leaves the map zeroed: the verdict then forwards overlapping bytes again.
+            tracing::warn!(
+                "{DIAG_NO_TRIM} is set: the stream verdict will NOT trim bytes it already \
+                 forwarded, and retransmissions can corrupt streams (for reproducing the \
+                 kernel defect only)"
+            );
+        } else {
+            offsets_map.set(0, &offsets, 0)?;
+            tracing::debug!(?offsets, "kernel structure offsets for the stream verdict");
+        }
         let fd = maps.socks.fd().try_clone()?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_STREAM_VERDICT)

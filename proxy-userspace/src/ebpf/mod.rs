@@ -20,6 +20,7 @@ use aya::{
 };
 use tokio::sync::Notify;
 
+mod btf;
 mod load;
 mod sockmap;
 mod xdp;
