@@ -22,15 +22,13 @@ pub const DETACH_DONE: u32 = 1;
 pub const DETACH_ABSENT: u32 = 2;
 /// Name of the hash map from a socket's cookie to its [`Pair`].
 pub const MAP_PEERS: &str = "SPLICED_PEERS";
-/// Name of the ring buffer that carries [`Pair`] cookies to user space every
-/// [`PROGRESS_STEP`] redirected bytes, so idle connections cost no polling.
+/// Name of the ring buffer that carries the cookie of a socket whose redirected count reached
+/// its wake point ([`MAP_WAKE`]) to user space, so connections cost no polling.
 pub const MAP_EVENTS: &str = "SPLICED_EVENTS";
 /// Name of the hash map from a socket's cookie to the redirected byte count at which the
-/// verdict reports progress at once, whatever [`PROGRESS_STEP`] says: user space sets it where
-/// the peer's backlog would reach the limit, so it can react before the kernel holds much more.
+/// verdict reports at once: user space sets it where the peer's backlog would reach the limit,
+/// so it can react before the kernel holds much more.
 pub const MAP_WAKE: &str = "SPLICED_WAKE";
-/// A socket reports progress each time its redirected byte count crosses a multiple of this.
-pub const PROGRESS_STEP: u64 = 1024 * 1024;
 
 /// Name of the per-CPU array of kernel-side counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "SPLICED_COUNTERS";
@@ -105,8 +103,9 @@ pub enum Counter {
     Redirected = 0,
     /// Payload bytes redirected to the peer socket.
     RedirectedBytes = 1,
-    /// skbs passed to the owning socket because no peer was registered.
-    PassedNoPeer = 2,
+    /// skbs dropped because no peer was registered (the insertion order rules it out; user
+    /// space's byte accounting resets a connection that loses bytes this way).
+    NoPeer = 2,
     /// Redirects the kernel refused (peer gone from the map).
     RedirectFailed = 3,
     /// Zero-length skbs (a bare FIN) dropped on purpose.
@@ -132,7 +131,7 @@ impl Counter {
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::RedirectedBytes,
-        Counter::PassedNoPeer,
+        Counter::NoPeer,
         Counter::RedirectFailed,
         Counter::EmptyDropped,
         Counter::Detached,
@@ -147,7 +146,7 @@ impl Counter {
         match self {
             Counter::Redirected => "redirected_skbs",
             Counter::RedirectedBytes => "redirected_bytes",
-            Counter::PassedNoPeer => "passed_no_peer",
+            Counter::NoPeer => "dropped_no_peer",
             Counter::RedirectFailed => "redirect_failed",
             Counter::EmptyDropped => "empty_dropped",
             Counter::Detached => "detached",

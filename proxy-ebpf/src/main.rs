@@ -24,8 +24,7 @@ use core::ffi::c_void;
 
 mod xdp;
 use proxy_common::{
-    Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, PROGRESS_STEP, Pair, SkbOffsets,
-    TRIM_MAX_STEPS, TRIM_STEP,
+    Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, Pair, SkbOffsets, TRIM_MAX_STEPS, TRIM_STEP,
 };
 
 const MAX: usize = MAX_SOCKETS as usize;
@@ -48,8 +47,8 @@ static SPLICED_DETACH: HashMap<u64, u32, MAX> = HashMap::new();
 #[btf_map]
 static SPLICED_PEERS: HashMap<u64, Pair, MAX> = HashMap::new();
 
-/// Cookies of sockets whose redirected bytes crossed a [`PROGRESS_STEP`] boundary: user space
-/// checks those connections' backlogs instead of polling every connection.
+/// Cookies of sockets whose redirected bytes reached their wake point (`SPLICED_WAKE`): user
+/// space checks those connections' backlogs instead of polling every connection.
 #[btf_map]
 static SPLICED_EVENTS: RingBuf<u64, { 256 * 1024 }> = RingBuf::new();
 
@@ -79,7 +78,7 @@ fn count(counter: Counter, by: u64) {
 pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
     let len = ctx.len();
     // A bare FIN arrives as a zero-length skb; redirecting or passing it loses data still queued
-    // for the peer, so drop it and let user space see EOF through read() == 0.
+    // for the peer, so drop it: user space learns of the FIN from the socket (EPOLLRDHUP).
     if len == 0 {
         count(Counter::EmptyDropped, 1);
         return sk_action::SK_DROP;
@@ -168,9 +167,11 @@ fn trim_old(ctx: &SkBuffContext, len: u32) -> Option<u32> {
 #[inline(always)]
 fn redirect(ctx: &SkBuffContext, cookie: u64, len: u32) -> u32 {
     let Some(pair) = SPLICED_PEERS.get_ptr_mut(&cookie) else {
-        // No peer: hand the data to the socket so user space forwards it.
-        count(Counter::PassedNoPeer, 1);
-        return sk_action::SK_PASS;
+        // No peer (the insertion order rules it out). User space never reads a socket in the
+        // map, so passing would only park the bytes there; its byte accounting notices what
+        // was not redirected and resets the connection.
+        count(Counter::NoPeer, 1);
+        return sk_action::SK_DROP;
     };
     // SAFETY: the entry stays valid for this run; only this socket's verdict writes it.
     let mut peer = unsafe { (*pair).peer };
@@ -187,23 +188,24 @@ fn redirect(ctx: &SkBuffContext, cookie: u64, len: u32) -> u32 {
         let wake_at = unsafe { SPLICED_WAKE.get(&cookie) }
             .copied()
             .unwrap_or(u64::MAX);
-        if before / PROGRESS_STEP != after / PROGRESS_STEP || (before < wake_at && after >= wake_at)
-        {
-            // A full ring only delays the wake-up until the next step; nothing is lost.
+        // Only the wake point wakes user space: progress alone is read from this map when
+        // someone asks, so a transfer costs no wake-up per megabyte.
+        if before < wake_at && after >= wake_at {
+            // A full ring only delays the wake-up until user space's next poll.
             let _ = SPLICED_EVENTS.output(&cookie, 0);
         }
         count(Counter::Redirected, 1);
         count(Counter::RedirectedBytes, u64::from(len));
         sk_action::SK_PASS
     } else {
-        // The peer is no longer held (it is being torn down): passing keeps the bytes on this
-        // socket, where user space sees them, instead of dropping them silently.
+        // The peer is no longer held (the connection is being torn down): as above, the bytes
+        // are dropped and user space's accounting notices if the connection was not ending.
         count(Counter::RedirectFailed, 1);
         warn!(
             ctx,
-            "redirect from socket {} to {} failed; passing to user space", cookie, peer
+            "redirect from socket {} to {} failed; dropped", cookie, peer
         );
-        sk_action::SK_PASS
+        sk_action::SK_DROP
     }
 }
 

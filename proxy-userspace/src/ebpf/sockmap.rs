@@ -227,17 +227,13 @@ impl Drop for SplicedPair<'_> {
                 w.remove(&c);
             }
         }
-        // Out of the verdict map first, so no redirect starts towards a socket that is
-        // leaving the hold map.
+        // Only the hash maps need deleting: closing a socket takes it out of every socket map,
+        // and the sockets are closed right after this. A verdict that runs until then finds
+        // no peer and drops what it got, which a connection that is ending does not miss.
         self.kernel.with_maps(|m| {
             for c in cookies {
-                let _ = m.socks.remove(&c);
-            }
-            for c in cookies {
                 let _ = m.peers.remove(&c);
-                let _ = m.detach.remove(&c);
                 let _ = m.wake.remove(&c);
-                let _ = m.hold.remove(&c);
             }
         });
     }

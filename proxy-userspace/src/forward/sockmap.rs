@@ -203,10 +203,14 @@ impl Direction<'_> {
     /// Reads both sockets' TCP counters and the verdict's count: the backlog towards `dst`,
     /// and what arrived and left, for the accounting.
     fn measure(&mut self, kernel: &Kernel) -> Result<Measured, ForwardError> {
-        self.redirected = kernel.redirected(self.cookie);
+        // The counts move while they are read: read them downstream first, so that each one
+        // read later can only have grown past what the one before it saw (the peer's TCP
+        // cannot have taken more than was redirected, nor the verdict redirected more than
+        // arrived), and the accounting never blames the kernel for our own timing.
         // spliced connected the backend and accepted the client.
         let dst = sys::tcp_counts(self.dst.as_fd(), self.side == Side::Client)
             .map_err(|e| self.err_dst(e))?;
+        self.redirected = kernel.redirected(self.cookie);
         let src = sys::tcp_counts(self.src.as_fd(), self.side == Side::Backend)
             .map_err(|e| self.err_src(e))?;
         // TCP counts a FIN as one byte: the one we sent on `dst` once we shut it, the one that
