@@ -89,6 +89,33 @@ fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))
 }
 
+/// Sets a socket's send buffer to `bytes` (the kernel doubles it for bookkeeping), past
+/// `net.core.wmem_max` where the process may (`SO_SNDBUFFORCE`, `CAP_NET_ADMIN`), and up to that
+/// cap otherwise. This turns off the kernel's send-buffer autotuning for the socket.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    let set = |option| {
+        // SAFETY: both options read one int, and we pass one with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const bytes).cast(),
+                size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    match set(libc::SO_SNDBUFFORCE) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => set(libc::SO_SNDBUF),
+        other => other,
+    }
+}
+
 /// Sets `SO_RCVLOWAT`; setting it makes TCP re-check its queue and wake the verdict program
 /// for data that arrived before the socket was in the map.
 pub fn set_rcvlowat(fd: impl AsFd, bytes: i32) -> io::Result<()> {
