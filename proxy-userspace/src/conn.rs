@@ -165,12 +165,12 @@ async fn serve(
         .unwrap_or(defaults.forwarding);
     let engine = match (wanted, shared.kernel()) {
         (Forwarding::Copy, _) => Engine::Copy,
-        // `auto` stays on splice: the sockmap kernel path still duplicates a ~64 KiB segment
-        // now and then (see forward::sockmap).
-        (Forwarding::Splice | Forwarding::Auto, _) => Engine::Splice,
-        (Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
-        // Server::bind refuses to start when sockmap is asked for and cannot be loaded.
-        (Forwarding::Sockmap, None) => Engine::Splice,
+        (Forwarding::Splice, _) => Engine::Splice,
+        // `auto` and `sockmap` both start with splice and hand a direction to the kernel after
+        // `sockmap_handoff` bytes (see forward::sockmap). Without the eBPF side, `auto` is
+        // splice; Server::bind refuses to start when `sockmap` cannot have it.
+        (Forwarding::Auto | Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
+        (Forwarding::Auto | Forwarding::Sockmap, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
     let counters = &facts.counters;
@@ -185,17 +185,18 @@ async fn serve(
                 preface_len,
                 client_consumed,
                 idle_timeout: defaults.idle_timeout,
+                handoff: defaults.sockmap_handoff,
             };
-            match forward::sockmap::forward(client, &backend, counters, params).await {
-                Ok(forward::sockmap::Used::Sockmap) => return Ok(()),
-                Ok(forward::sockmap::Used::NotInserted) => {
-                    // E.g. the client already sent its FIN: nothing moved yet, so another
-                    // engine can take over from here.
+            let used = forward::sockmap::forward(client, &backend, counters, params).await?;
+            if used == forward::sockmap::Used::Splice {
+                // Too short to be handed over, or (with no handoff) the kernel could not take
+                // it, e.g. because the client had already sent its FIN.
+                if defaults.sockmap_handoff == 0 {
                     shared.count_fallback();
-                    *engine_slot = Some(Engine::Splice);
                 }
-                Err(e) => return Err(e),
+                *engine_slot = Some(Engine::Splice);
             }
+            return Ok(());
         }
         let fallback = if engine == Engine::Copy {
             Engine::Copy

@@ -33,10 +33,9 @@ pub struct Server {
     metrics: Option<SocketAddr>,
 }
 
-/// Whether `config` asks for the sockmap engine anywhere (a listener, a site, the default site
-/// or `[defaults]`). `auto` does not count while it means splice: programs it would never use
-/// are not loaded.
-fn wants_sockmap(config: &Config) -> bool {
+/// Which forwarding engines `config` names anywhere (a listener, a site, the default site or
+/// `[defaults]`).
+fn engines(config: &Config) -> impl Iterator<Item = Forwarding> + '_ {
     std::iter::once(Some(config.defaults.forwarding))
         .chain(config.listeners.iter().map(|l| l.forwarding))
         .chain(
@@ -47,7 +46,18 @@ fn wants_sockmap(config: &Config) -> bool {
                 .map(|s| s.forwarding),
         )
         .flatten()
-        .any(|f| f == Forwarding::Sockmap)
+}
+
+/// Whether `config` asks for the sockmap engine explicitly anywhere: then the eBPF side is
+/// required.
+fn wants_sockmap(config: &Config) -> bool {
+    engines(config).any(|f| f == Forwarding::Sockmap)
+}
+
+/// Whether `config` could use the kernel path anywhere (`sockmap`, or `auto`, which uses it
+/// where it loads): only then are its programs loaded.
+fn may_use_sockmap(config: &Config) -> bool {
+    engines(config).any(|f| matches!(f, Forwarding::Sockmap | Forwarding::Auto))
 }
 
 /// Where the maps are pinned, and whether to pin at all.
@@ -68,17 +78,9 @@ impl Server {
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         ];
         let explicit = wants_sockmap(&config);
-        let kernel = if explicit || config.xdp.is_some() {
+        let kernel = if may_use_sockmap(&config) || config.xdp.is_some() {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
-                    if explicit {
-                        tracing::warn!(
-                            "forwarding = \"sockmap\" is experimental: under saturating load \
-                             its kernel path has been seen to deliver a ~64 KiB segment twice \
-                             (about 1 transfer in 60 of 256 MiB); auto uses splice until that \
-                             is fixed"
-                        );
-                    }
                     if let Some(xdp) = &config.xdp {
                         kernel
                             .attach_xdp(xdp)
@@ -96,11 +98,17 @@ impl Server {
                          CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
                     ));
                 }
-                Err(e) => {
+                Err(e) if explicit => {
                     return Err(e.context(
                         "forwarding = \"sockmap\" is configured but the eBPF side cannot be loaded \
                          (it needs root or CAP_BPF and CAP_NET_ADMIN)",
                     ));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "forwarding engine: splice, because the kernel path is unavailable: {e:#}"
+                    );
+                    None
                 }
             }
         } else {
@@ -135,7 +143,8 @@ impl Server {
         if wants_sockmap(&config) && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
-                 start (nothing asked for it then); restart spliced to use it"
+                 start (nothing asked for it then, or it could not be loaded); restart spliced \
+                 to use it"
             );
         }
         let old = shared.current();

@@ -100,10 +100,16 @@ backend = "[{BACKEND_V6}]:{BULK_PORT}"
     )
 }
 
-/// spliced with `forwarding = "sockmap"` in the world's proxy namespace, with its metrics
-/// endpoint (the tests read its counters there) and debug logging (for failure messages).
+/// What puts every byte of a connection through the kernel path: no `splice(2)` phase first.
+/// The sockmap tests use it, since they test what happens when sockets enter the maps with
+/// data queued, half-closes and resets; `tests/sockmap_handoff.rs` tests the handoff itself.
+pub const NO_HANDOFF: &str = "sockmap_handoff = 0";
+
+/// spliced with `forwarding = "sockmap"` and [`NO_HANDOFF`] in the world's proxy namespace,
+/// with its metrics endpoint (the tests read its counters there) and debug logging (for
+/// failure messages).
 pub fn start(world: &World, extra: &str) -> Result<Spliced> {
-    Launch::new(config_with("sockmap", extra))
+    Launch::new(config_with("sockmap", &format!("{NO_HANDOFF}\n{extra}")))
         .metrics()
         .env("RUST_LOG", "spliced=debug")
         .start(world, &[443])

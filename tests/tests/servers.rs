@@ -44,7 +44,7 @@ proxy_protocol_tlvs = ["authority", "crc32c", "unique_id"]
 
 fn config(engine: &str) -> String {
     format!(
-        "[defaults]\nforwarding = \"{engine}\"\n\n\
+        "[defaults]\nforwarding = \"{engine}\"\nsockmap_handoff = 0\n\n\
          [[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
          [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n{CONFIG_SITES}"
     )

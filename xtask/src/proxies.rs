@@ -106,15 +106,16 @@ fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> R
     let max = proxies.max_connections;
     // One process per engine, so that each one's CPU and memory are its own: memory a process
     // freed after one contender's connections would otherwise flatter the next one's.
-    // The first sockmap row raises the backlog limit above the transfer size so it measures
-    // the kernel path alone (see forward::sockmap for what the limit does); with the default
-    // limit a direction whose reader falls behind leaves the kernel and is spliced.
+    // The first sockmap row raises the backlog limit above the transfer size and hands every
+    // byte to the kernel at once, so it measures the kernel path alone (see forward::sockmap);
+    // the second is what `auto` does by default: splice for the first 256 KiB of each
+    // direction, then the kernel, and splice again while a reader falls behind.
     let contenders = [
         (
             "spliced, engine sockmap (limit 4GiB)",
             SPLICED_PORT,
             "sockmap",
-            "sockmap_backlog_limit = \"4GiB\"\n",
+            "sockmap_backlog_limit = \"4GiB\"\nsockmap_handoff = 0\n",
         ),
         (
             "spliced, engine sockmap (default 4MiB limit)",

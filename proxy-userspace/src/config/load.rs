@@ -331,24 +331,8 @@ fn build_defaults(
             )
         })?;
     }
-    if let Some(value) = raw.sockmap_backlog_limit {
-        let bytes = match value.get_ref() {
-            RawSize::Text(text) => parse::size(text).map_err(|reason| {
-                src.error(
-                    value.span(),
-                    format!(
-                        "defaults: sockmap_backlog_limit must be a size like \"4MiB\", \"512KiB\" \
-                         or \"1048576\", not {text:?}: {reason}"
-                    ),
-                )
-            })?,
-            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| {
-                src.error(
-                    value.span(),
-                    format!("defaults: sockmap_backlog_limit cannot be negative, not {n}"),
-                )
-            })?,
-        };
+    if let Some(value) = &raw.sockmap_backlog_limit {
+        let bytes = size_value(src, value, "sockmap_backlog_limit")?;
         if bytes == 0 {
             return Err(src.error(
                 value.span(),
@@ -357,7 +341,32 @@ fn build_defaults(
         }
         defaults.sockmap_backlog_limit = bytes;
     }
+    if let Some(value) = &raw.sockmap_handoff {
+        defaults.sockmap_handoff = size_value(src, value, "sockmap_handoff")?;
+    }
     Ok(defaults)
+}
+
+/// A size in `[defaults]` (`"4MiB"`, `"512KiB"` or a number of bytes), with the key named in
+/// the error.
+fn size_value(src: &Source, value: &Spanned<RawSize>, key: &str) -> Result<u64, ConfigError> {
+    match value.get_ref() {
+        RawSize::Text(text) => parse::size(text).map_err(|reason| {
+            src.error(
+                value.span(),
+                format!(
+                    "defaults: {key} must be a size like \"4MiB\", \"512KiB\" or \"1048576\", \
+                     not {text:?}: {reason}"
+                ),
+            )
+        }),
+        RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| {
+            src.error(
+                value.span(),
+                format!("defaults: {key} cannot be negative, not {n}"),
+            )
+        }),
+    }
 }
 
 fn duration(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {

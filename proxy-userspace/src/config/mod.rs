@@ -68,6 +68,10 @@ pub struct Defaults {
     /// Bytes a sockmap-spliced peer may have queued before its sender is paused (DESIGN.md,
     /// sockmap fact 7).
     pub sockmap_backlog_limit: u64,
+    /// Bytes a direction moves with `splice(2)` before it is handed to the kernel path (the
+    /// sockmap engine, and `auto` where eBPF is loaded); 0 hands it over from the first byte.
+    /// Short connections then never pay for entering the socket maps.
+    pub sockmap_handoff: u64,
 }
 
 impl Default for Defaults {
@@ -80,6 +84,7 @@ impl Default for Defaults {
             idle_timeout: None,
             max_connections: 10_000,
             sockmap_backlog_limit: 4 << 20,
+            sockmap_handoff: 256 << 10,
         }
     }
 }
@@ -379,7 +384,7 @@ impl Config {
         let _ = writeln!(
             out,
             "defaults: forwarding {}, client_hello_timeout {}, connect_timeout {}, idle_timeout {}, \
-             max_connections {}, sockmap_backlog_limit {}",
+             max_connections {}, sockmap_backlog_limit {}, sockmap_handoff {}",
             d.forwarding,
             parse::format_duration(d.client_hello_timeout),
             parse::format_duration(d.connect_timeout),
@@ -387,6 +392,7 @@ impl Config {
                 .map_or("none".to_string(), parse::format_duration),
             d.max_connections,
             parse::format_size(d.sockmap_backlog_limit),
+            parse::format_size(d.sockmap_handoff),
         );
         let _ = writeln!(out, "listeners: {}", self.listeners.len());
         for l in &self.listeners {

@@ -40,6 +40,7 @@ pub(super) struct RawDefaults {
     pub idle_timeout: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
     pub sockmap_backlog_limit: Option<Spanned<RawSize>>,
+    pub sockmap_handoff: Option<Spanned<RawSize>>,
 }
 
 /// `[[listen]]`; required keys are optional here for the same reason as in [`RawSite`].

@@ -204,6 +204,7 @@ connect_timeout = "1m"
 idle_timeout = "1h"
 max_connections = 500
 sockmap_backlog_limit = "512KiB"
+sockmap_handoff = 0
 
 [[listen]]
 address = "[::]:443"
@@ -237,6 +238,7 @@ forwarding = "auto"
             idle_timeout: Some(Duration::from_secs(3600)),
             max_connections: 500,
             sockmap_backlog_limit: 512 * 1024,
+            sockmap_handoff: 0,
         }
     );
     assert_eq!(config.listeners[0].address, sock("[::]:443"));

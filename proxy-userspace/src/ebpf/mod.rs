@@ -25,6 +25,8 @@ mod load;
 mod sockmap;
 mod xdp;
 
+pub(crate) use sockmap::SplicedPair;
+
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the
 /// pins it made.
 pub struct Kernel {

@@ -50,8 +50,7 @@ impl Kernel {
     /// Splices `first` into `second` and back: both are registered as each other's peer and
     /// held (so a redirect never misses a peer still being inserted), each gets the redirected
     /// count at which the verdict should wake us (`wake_at`), and then `first` enters the
-    /// verdict map. `second` enters it with [`SplicedPair::start_second`], after the caller
-    /// has checked it can.
+    /// verdict map. `second` enters it with [`SplicedPair::start`] when its turn comes.
     pub fn splice_pair(
         &self,
         first: (u64, BorrowedFd<'_>),
@@ -202,19 +201,20 @@ impl Kernel {
 }
 
 impl SplicedPair<'_> {
-    /// Starts redirecting what arrives on the second socket. Fails if it cannot enter the
-    /// verdict map (it already received its FIN): its data then waits in its TCP queue.
-    pub fn start_second(&self, fd: BorrowedFd<'_>) -> Result<(), InsertError> {
+    /// Starts redirecting what arrives on one of the pair's sockets (again, after a
+    /// [`Kernel::detach`]). Fails if it cannot enter the verdict map, for example once it
+    /// received its FIN: its data then waits in its TCP queue for another engine.
+    pub fn start(&self, cookie: u64, fd: BorrowedFd<'_>) -> Result<(), InsertError> {
         self.kernel.with_maps(|m| {
             m.socks
-                .insert(&self.cookies[1], fd.as_raw_fd(), 0)
+                .insert(&cookie, fd.as_raw_fd(), 0)
                 .map_err(InsertError)
         })
     }
 
-    /// Woken when the first (`[0]`) or second (`[1]`) socket's progress event arrives.
-    pub fn notifiers(&self) -> [&Notify; 2] {
-        [&*self.notify[0], &*self.notify[1]]
+    /// Woken when the first (`[0]`) or second (`[1]`) socket reaches its wake point.
+    pub fn notifiers(&self) -> [Arc<Notify>; 2] {
+        self.notify.clone()
     }
 }
 

@@ -25,7 +25,7 @@
 //!   `auto` does not choose this engine.
 use std::{
     io,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::AsFd,
     pin::Pin,
     sync::{
         Arc,
@@ -36,17 +36,20 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream, sync::Notify};
 
-use super::{Counters, ForwardError, Side, shutdown_write, splice, write_all};
-use crate::{ebpf::Kernel, sys};
+use super::{Counters, ForwardError, Side, shutdown_write, splice};
+use crate::{
+    ebpf::{Kernel, SplicedPair},
+    sys,
+};
 
 /// How the connection was forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Used {
-    /// In the kernel (possibly with the backend-to-client direction in user space, when the
-    /// backend had already closed).
+    /// At least one direction went through the kernel path.
     Sockmap,
-    /// The sockets could not enter the map; nothing moved, use another engine.
-    NotInserted,
+    /// Both directions stayed with `splice(2)`: short enough never to be handed over, or the
+    /// sockets could not enter the maps.
+    Splice,
 }
 
 /// What the engine did across all connections, for the metrics endpoint: how often a direction
@@ -104,6 +107,9 @@ pub struct Params<'a> {
     /// The connection's idle timeout: the byte counters it watches are refreshed at least
     /// four times within it.
     pub idle_timeout: Option<Duration>,
+    /// Bytes a direction moves with `splice(2)` before it is handed to the kernel; 0 hands it
+    /// over at once.
+    pub handoff: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -113,7 +119,8 @@ enum Mode {
     /// Out of the verdict map, its data waiting in the source's TCP receive queue (so TCP
     /// closes the window), until every byte redirected earlier reached the peer's TCP.
     Draining,
-    /// Forwarded by `splice(2)` from here on.
+    /// Forwarded by `splice(2)`: before its handoff, after a hold, or for good when the kernel
+    /// path is not available.
     User,
 }
 
@@ -121,17 +128,18 @@ struct Direction<'s> {
     src: &'s TcpStream,
     dst: &'s TcpStream,
     side: Side,
+    /// `src`'s cookie, once the connection entered the maps.
     cookie: u64,
     mode: Mode,
-    /// Payload bytes user space read from `src` before the kernel took over (the hello and
-    /// whatever came with it): TCP counts them as received, the verdict never saw them.
-    consumed: u64,
-    /// Bytes user space wrote to `dst` before the kernel took over (PROXY header and hello).
-    user_written: u64,
-    /// Payload moved by user space, for the access log (excludes the preface).
-    payload_user: u64,
-    /// Payload moved by `splice(2)` once in [`Mode::User`].
+    /// Payload bytes user space read from `src` outside `splice` (the hello and whatever came
+    /// with it): TCP counts them as received, the verdict never saw them.
+    consumed_base: u64,
+    /// Bytes user space wrote to `dst` outside `splice` (PROXY header and hello).
+    written_base: u64,
+    /// Payload moved by `splice(2)`, in every phase: read from `src` and written to `dst`.
     spliced: &'s AtomicU64,
+    /// The splice count at which the current `splice` phase hands over to the kernel.
+    handoff_at: u64,
     redirected: u64,
     /// What `dst`'s TCP had taken at the last check, to notice progress.
     handed: u64,
@@ -218,10 +226,12 @@ impl Direction<'_> {
         // (Whether a FIN is among what arrived is only known at the end; see `fin_outcome`.)
         let handed = dst.handed.saturating_sub(u64::from(self.shut));
         self.handed = handed;
+        let spliced = self.spliced.load(Ordering::Relaxed);
+        let written = self.written_base + spliced;
         Ok(Measured {
-            backlog: (self.redirected + self.user_written).saturating_sub(handed),
-            arrived: src.received.saturating_sub(self.consumed),
-            delivered: handed.saturating_sub(self.user_written),
+            backlog: (self.redirected + written).saturating_sub(handed),
+            arrived: src.received.saturating_sub(self.consumed_base + spliced),
+            delivered: handed.saturating_sub(written),
         })
     }
 }
@@ -251,148 +261,133 @@ fn check_accounts(m: &Measured, redirected: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// The most `drain_queued` forwards before giving the connection to another engine: a client
-/// that keeps the queue full that long is better served by splice than by waiting.
-const DRAIN_LIMIT: u64 = 4 << 20;
+/// The connection's link to the kernel: the pair of sockets in the maps, made when the first
+/// direction is handed over (short connections never make one).
+struct Link<'k> {
+    kernel: &'k Kernel,
+    pair: Option<SplicedPair<'k>>,
+    /// The pair could not be made: every direction stays with `splice(2)`.
+    unavailable: bool,
+    /// A direction went through the kernel at some point.
+    used: bool,
+}
 
-/// Forwards whatever `client` has queued to `backend` until a read comes back short, which
-/// means the queue was empty under the socket lock, so every skb read was consumed whole.
-/// (Reading exactly the `SIOCINQ` count is not enough: TCP merges segments arriving meanwhile
-/// into the tail skb, so such a read can stop inside an skb the verdict later takes whole.)
-/// Returns the bytes forwarded and whether the queue was emptied (`false` when the client
-/// kept it full past [`DRAIN_LIMIT`] and another engine should take over).
-async fn drain_queued(
-    client: &TcpStream,
-    backend: &TcpStream,
-) -> Result<(u64, bool), ForwardError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match client.try_read(&mut buf) {
-            Ok(0) => return Ok((total, true)),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((total, true)),
-            Err(error) => {
-                return Err(Side::Client.failed(error));
+impl Link<'_> {
+    /// Hands direction `d` to the kernel: makes the pair if this is the first direction, puts
+    /// `d.src` in the verdict map, and kicks the verdict for what is already queued. Returns
+    /// `false` (with nothing changed for `d`) when the kernel cannot take it; `d` then stays
+    /// with `splice(2)` until its end.
+    fn enter(&mut self, d: &mut Direction<'_>, other: &mut Direction<'_>, limit: u64) -> bool {
+        if self.unavailable {
+            return false;
+        }
+        // Every byte redirected before (if any) reached `dst`'s TCP before `d` left the kernel,
+        // so the backlog is zero here: the verdict may redirect half the limit before we look.
+        let wake_at = d.redirected + wake_room(limit, 0);
+        let started = match &self.pair {
+            Some(pair) => {
+                self.kernel.wake_at(d.cookie, wake_at);
+                pair.start(d.cookie, d.src.as_fd()).is_ok()
+            }
+            None => {
+                let (Ok(mine), Ok(theirs)) = (
+                    sys::socket_cookie(d.src.as_fd()),
+                    sys::socket_cookie(other.src.as_fd()),
+                ) else {
+                    self.unavailable = true;
+                    return false;
+                };
+                (d.cookie, other.cookie) = (mine, theirs);
+                let wake = [wake_at, other.redirected + wake_room(limit, 0)];
+                match self.kernel.splice_pair(
+                    (mine, d.src.as_fd()),
+                    (theirs, other.src.as_fd()),
+                    wake,
+                ) {
+                    Ok(pair) => {
+                        self.pair = Some(pair);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!("the sockets cannot enter the socket maps: {e}");
+                        self.unavailable = true;
+                        false
+                    }
+                }
             }
         };
-        write_all(backend, &buf[..n])
-            .await
-            .map_err(|error| Side::Backend.failed(error))?;
-        total += n as u64;
-        if n < buf.len() {
-            return Ok((total, true));
+        if !started {
+            return false;
         }
-        if total >= DRAIN_LIMIT {
-            return Ok((total, false));
+        // See `send_buffer_for`.
+        let sndbuf = send_buffer_for(limit);
+        if let Err(e) = sys::set_send_buffer(d.dst.as_fd(), sndbuf) {
+            tracing::debug!("setting the send buffer to {sndbuf} bytes: {e}");
         }
+        // Makes TCP offer the verdict what arrived before the socket was in the map.
+        let _ = sys::set_rcvlowat(d.src, 1);
+        d.mode = Mode::Kernel;
+        d.wake_at = wake_at;
+        self.used = true;
+        true
     }
 }
 
-fn cookies(client: BorrowedFd<'_>, backend: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    Ok((sys::socket_cookie(client)?, sys::socket_cookie(backend)?))
-}
-
-/// Splices `client` and `backend` in the kernel until both directions are closed.
+/// Forwards `client` and `backend` until both directions are closed: each direction with
+/// `splice(2)` for its first `params.handoff` bytes, then in the kernel; back to `splice`
+/// while its peer does not keep up, and into the kernel again once it has moved as much as
+/// the backlog limit.
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     counters: &Counters,
     params: Params<'_>,
 ) -> Result<Used, ForwardError> {
-    let kernel = params.kernel;
-    let Ok((ca, cb)) = cookies(client.as_fd(), backend.as_fd()) else {
-        return Ok(Used::NotInserted);
-    };
-    // The hello was read in chunks, which can leave an skb half-read; the verdict would later
-    // see that skb whole and send its head a second time. So first forward everything queued.
-    let (drained, emptied) = drain_queued(client, backend).await?;
-    counters.upstream.store(drained, Ordering::Relaxed);
-    if !emptied {
-        return Ok(Used::NotInserted);
-    }
-    // The verdict reports at once if a direction's backlog could reach the detach threshold,
-    // counting every byte user space wrote as not yet taken by the peer; this is in place
-    // before the first redirect, so a fast sender cannot run far ahead of the first check.
-    let up_written = params.preface_len + drained;
-    let first_wake = |written: u64| wake_room(params.backlog_limit, written);
-    let wake = [first_wake(up_written), first_wake(0)];
-    let Ok(pair) = kernel.splice_pair((ca, client.as_fd()), (cb, backend.as_fd()), wake) else {
-        // Nothing was redirected yet: the backend never entered the verdict map, and the
-        // pair, dropped, took the client out again.
-        return Ok(Used::NotInserted);
-    };
-    let backend_mode = if pair.start_second(backend.as_fd()).is_ok() {
-        Mode::Kernel
-    } else {
-        // The backend already closed: what it sent waits in its TCP queue for the splice.
-        Mode::Draining
-    };
     let (spliced_up, spliced_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let direction =
-        |src, dst, side, cookie, mode, consumed, written, payload, spliced, wake_at| Direction {
-            src,
-            dst,
-            side,
-            cookie,
-            mode,
-            consumed,
-            user_written: written,
-            payload_user: payload,
-            spliced,
-            redirected: 0,
-            handed: 0,
-            wake_at,
-            fin: false,
-            src_error: None,
-            reset_after_fin: None,
-            short_since: None,
-            eof: false,
-            shut: false,
-        };
+    let direction = |src, dst, side, consumed_base, written_base, spliced| Direction {
+        src,
+        dst,
+        side,
+        cookie: 0,
+        mode: Mode::User,
+        consumed_base,
+        written_base,
+        spliced,
+        handoff_at: params.handoff,
+        redirected: 0,
+        handed: 0,
+        wake_at: 0,
+        fin: false,
+        src_error: None,
+        reset_after_fin: None,
+        short_since: None,
+        eof: false,
+        shut: false,
+    };
     let mut up = direction(
         client,
         backend,
         Side::Client,
-        ca,
-        Mode::Kernel,
-        params.client_consumed + drained,
-        up_written,
-        drained,
+        params.client_consumed,
+        params.preface_len,
         &spliced_up,
-        wake[0],
     );
-    let mut down = direction(
-        backend,
-        client,
-        Side::Backend,
-        cb,
-        backend_mode,
-        0,
-        0,
-        0,
-        &spliced_down,
-        wake[1],
-    );
-    // The psock worker that sends redirected bytes gives up for a whole jiffy (4 ms here) when
-    // the destination's send buffer is half full, and a write-space wake-up does not cut that
-    // short (DESIGN.md, fact 14). With the send buffer TCP autotunes to, that cost the kernel
-    // path about 40% of its throughput in `cargo xtask bench`; a buffer sized from the backlog
-    // limit keeps the worker sending.
-    let sndbuf = send_buffer_for(params.backlog_limit);
-    for s in [client, backend] {
-        if let Err(e) = sys::set_send_buffer(s.as_fd(), sndbuf) {
-            tracing::debug!("setting the send buffer to {sndbuf} bytes: {e}");
-        }
-    }
-    let _ = sys::set_rcvlowat(client, 1);
-    if backend_mode == Mode::Kernel {
-        let _ = sys::set_rcvlowat(backend, 1);
-    }
-    let result = run(&mut up, &mut down, &params, counters, pair.notifiers()).await;
+    let mut down = direction(backend, client, Side::Backend, 0, 0, &spliced_down);
+    let mut link = Link {
+        kernel: params.kernel,
+        pair: None,
+        unavailable: false,
+        used: false,
+    };
+    let result = run(&mut up, &mut down, &params, counters, &mut link).await;
+    let used = if link.used {
+        Used::Sockmap
+    } else {
+        Used::Splice
+    };
     // Everything was handed to TCP before each half-close; on errors the connection is being
     // torn down anyway, so dropping queued bytes is what a reset means.
-    drop(pair);
+    drop(link);
     if result.is_err() {
         // Bytes parked in a psock are invisible to close(), which would then send a FIN and
         // make a failure look like a clean end: reset both sides instead, as splice would.
@@ -407,14 +402,23 @@ pub async fn forward(
             );
         }
     }
-    result.map(|()| Used::Sockmap)
+    result.map(|()| used)
 }
 
-type SpliceFuture<'s> = Pin<Box<dyn Future<Output = Result<(), ForwardError>> + Send + 's>>;
+type SpliceFuture<'s> =
+    Pin<Box<dyn Future<Output = Result<splice::Stopped, ForwardError>> + Send + 's>>;
 
-/// Starts forwarding `d` with `splice(2)`; it half-closes `dst` at the end of stream.
-fn splice_rest<'s>(d: &Direction<'s>) -> SpliceFuture<'s> {
-    Box::pin(splice::one_way(d.src, d.dst, d.side, d.spliced, None))
+/// Forwards `d` with `splice(2)` until its end of stream (which it passes on) or until its
+/// splice count reaches `d.handoff_at`.
+fn splice_phase<'s>(d: &Direction<'s>) -> SpliceFuture<'s> {
+    Box::pin(splice::one_way_until(
+        d.src,
+        d.dst,
+        d.side,
+        d.spliced,
+        None,
+        d.handoff_at,
+    ))
 }
 
 /// The send buffer a socket in the kernel path gets: twice the backlog limit, between 1 and
@@ -534,11 +538,25 @@ fn next_interval(interval: Duration, pending: bool, moved: bool, max_idle: Durat
 }
 
 /// Waits for a direction's splice, if it has one.
-async fn finished(f: &mut Option<SpliceFuture<'_>>) -> Result<(), ForwardError> {
+async fn finished(f: &mut Option<SpliceFuture<'_>>) -> Result<splice::Stopped, ForwardError> {
     match f {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
+}
+
+/// Waits for a wake-up from the verdict, once the pair exists.
+async fn woken(notify: Option<&Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// After a hold, a direction moves at least this much with `splice(2)` before it goes back
+/// into the kernel, so a reader that keeps falling behind does not bounce between the two.
+fn reentry(params: &Params<'_>) -> u64 {
+    params.handoff.max(params.backlog_limit)
 }
 
 async fn run<'s>(
@@ -546,17 +564,40 @@ async fn run<'s>(
     down: &mut Direction<'s>,
     params: &Params<'_>,
     counters: &Counters,
-    [notify_a, notify_b]: [&Notify; 2],
+    link: &mut Link<'_>,
 ) -> Result<(), ForwardError> {
     let (client, backend) = (up.src, down.src);
     let mut splices: [Option<SpliceFuture<'s>>; 2] = [None, None];
     let (kernel, limit) = (params.kernel, params.backlog_limit);
+    // Each direction starts with splice, or in the kernel at once when there is no handoff (if
+    // the kernel cannot take it, e.g. because its FIN already arrived, splice to its end).
+    let start = |d: &mut Direction<'s>, other: &mut Direction<'s>, link: &mut Link<'_>| {
+        if params.handoff > 0 {
+            return Some(splice_phase(d));
+        }
+        if link.enter(d, other, limit) {
+            return None;
+        }
+        d.handoff_at = u64::MAX;
+        Some(splice_phase(d))
+    };
+    splices[0] = start(up, down, link);
+    splices[1] = start(down, up, link);
+    let mut notify: Option<[Arc<Notify>; 2]> = None;
     let mut interval = Duration::from_millis(1);
     // The byte counters the idle timeout watches are refreshed at least four times within it.
     let max_idle_interval = params.idle_timeout.map_or(Duration::from_secs(1), |idle| {
         (idle / 4).clamp(Duration::from_millis(1), Duration::from_secs(1))
     });
     loop {
+        if notify.is_none() {
+            notify = link.pair.as_ref().map(SplicedPair::notifiers);
+        }
+        let (notify_a, notify_b) = match &notify {
+            Some([a, b]) => (Some(&**a), Some(&**b)),
+            None => (None, None),
+        };
+        let mut reached = [false; 2];
         let [splice_up, splice_down] = &mut splices;
         tokio::select! {
             r = client.ready(Interest::READABLE), if up.watches_src() => {
@@ -566,30 +607,43 @@ async fn run<'s>(
                 down.on_ready(r.map_err(|e| down.err_src(e))?)?;
             }
             r = finished(splice_up) => {
-                r?;
-                (up.eof, up.shut) = (true, true);
                 *splice_up = None;
+                match r? {
+                    splice::Stopped::Eof => (up.eof, up.shut) = (true, true),
+                    splice::Stopped::Reached => reached[0] = true,
+                }
             }
             r = finished(splice_down) => {
-                r?;
-                (down.eof, down.shut) = (true, true);
                 *splice_down = None;
+                match r? {
+                    splice::Stopped::Eof => (down.eof, down.shut) = (true, true),
+                    splice::Stopped::Reached => reached[1] = true,
+                }
             }
-            () = notify_a.notified() => {}
-            () = notify_b.notified() => {}
+            () = woken(notify_a) => {}
+            () = woken(notify_b) => {}
             () = tokio::time::sleep(interval) => {}
+        }
+        // A direction whose splice phase reached its handoff goes into the kernel, or, if the
+        // kernel cannot take it, splices to its end.
+        if reached[0] && !link.enter(up, down, limit) {
+            up.handoff_at = u64::MAX;
+            splices[0] = Some(splice_phase(up));
+        }
+        if reached[1] && !link.enter(down, up, limit) {
+            down.handoff_at = u64::MAX;
+            splices[1] = Some(splice_phase(down));
         }
         let before = (up.redirected, down.redirected, up.handed, down.handed);
         let mut pending = false;
-        let [splice_up, splice_down] = &mut splices;
         // A direction whose destination reset after its FIN fails once it has bytes for it.
         let dst_reset = [down.reset_after_fin, up.reset_after_fin];
+        let [splice_up, splice_down] = &mut splices;
         for (i, (d, splice)) in [(&mut *up, splice_up), (&mut *down, splice_down)]
             .into_iter()
             .enumerate()
         {
             if d.mode == Mode::User {
-                pending |= !d.shut;
                 continue;
             }
             if d.mode == Mode::Kernel {
@@ -668,19 +722,22 @@ async fn run<'s>(
                     }
                 }
                 Next::Splice => {
+                    // Every redirected byte reached the peer's TCP: splice carries on, and
+                    // after as much as the backlog limit the kernel gets it back.
                     d.mode = Mode::User;
-                    *splice = Some(splice_rest(d));
-                    tracing::debug!(side = ?d.side, "drained; splice carries the rest");
+                    d.handoff_at = d.spliced.load(Ordering::Relaxed) + reentry(params);
+                    *splice = Some(splice_phase(d));
+                    tracing::debug!(side = ?d.side, "drained; splice carries on for a while");
                 }
             }
-            pending |= (d.fin && !d.shut) || d.mode != Mode::Kernel;
+            pending |= d.mode == Mode::Draining || (d.fin && !d.shut);
         }
         counters.upstream.store(
-            up.redirected + up.payload_user + up.spliced.load(Ordering::Relaxed),
+            up.redirected + up.spliced.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
         counters.downstream.store(
-            down.redirected + down.payload_user + down.spliced.load(Ordering::Relaxed),
+            down.redirected + down.spliced.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
         if up.shut && down.shut {

@@ -62,6 +62,34 @@ pub(crate) async fn one_way(
     counter: &AtomicU64,
     ended: Option<&AtomicBool>,
 ) -> Result<(), ForwardError> {
+    one_way_until(from, to, from_side, counter, ended, u64::MAX)
+        .await
+        .map(drop)
+}
+
+/// Where [`one_way_until`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    /// `from`'s end of stream, passed on.
+    Eof,
+    /// `counter` reached the given mark with the pipe empty: every byte read from `from` was
+    /// written to `to`, and another engine may take over from here.
+    Reached,
+}
+
+/// As [`one_way`], but stops once `counter` has reached `until` at a point where the pipe is
+/// empty, so the direction can be handed over without a byte in between.
+pub(crate) async fn one_way_until(
+    from: &TcpStream,
+    to: &TcpStream,
+    from_side: Side,
+    counter: &AtomicU64,
+    ended: Option<&AtomicBool>,
+    until: u64,
+) -> Result<Stopped, ForwardError> {
+    if counter.load(Ordering::Relaxed) >= until {
+        return Ok(Stopped::Reached);
+    }
     let err_from = |error| from_side.failed(error);
     let err_to = |error| from_side.other().failed(error);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
@@ -84,10 +112,10 @@ pub(crate) async fn one_way(
     loop {
         if n == 0 {
             pipe.give_back();
-            if ended.is_some_and(|other| other.swap(true, Ordering::AcqRel)) {
-                return Ok(());
+            if !ended.is_some_and(|other| other.swap(true, Ordering::AcqRel)) {
+                shutdown_write(to).map_err(err_to)?;
             }
-            return shutdown_write(to).map_err(err_to);
+            return Ok(Stopped::Eof);
         }
         // Drain the pipe completely before reading more, so bytes keep their order and a
         // half-close is only passed on after the last of them.
@@ -101,7 +129,10 @@ pub(crate) async fn one_way(
                 .await
                 .map_err(err_to)?;
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if counter.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= until {
+            pipe.give_back();
+            return Ok(Stopped::Reached);
+        }
         n = from
             .async_io(Interest::READABLE, || fill(&pipe))
             .await

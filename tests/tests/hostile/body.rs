@@ -41,6 +41,8 @@ fn config(forwarding: &str, hello_timeout: &str, default: bool) -> String {
     let mut cfg = format!(
         r#"[defaults]
 forwarding = "{forwarding}"
+# The sockmap run puts every byte through the kernel path (no splice phase first).
+sockmap_handoff = 0
 client_hello_timeout = "{hello_timeout}"
 connect_timeout = "1s"
 
