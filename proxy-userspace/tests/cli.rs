@@ -456,7 +456,7 @@ fn metrics_count_outcomes_and_kernel_bytes() {
     let cfg = dir.write(
         "spliced.toml",
         &format!(
-            "[defaults]\nforwarding = \"{engine}\"\n{}",
+            "[defaults]\nforwarding = \"{engine}\"\nsockmap_handoff = 0\n{}",
             config(port, backend_port, true)
         ),
     );

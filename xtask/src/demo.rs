@@ -41,7 +41,10 @@ pub fn run(bin: &Path) -> Result<()> {
         "== nginx listens on [{BACKEND_V6}]:443 (ssl proxy_protocol) and :80 (proxy_protocol)"
     );
     let config = format!(
-        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
+        "[defaults]\n\
+         # every byte through the kernel; by default a direction's first 256 KiB go by splice\n\
+         sockmap_handoff = 0\n\n\
+         [[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
          [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\n\
          [[site]]\nhostnames = [\"shop.example\"]\nbackend = \"{BACKEND_V6}\"\nproxy_protocol = \"v2\"\n\
          # after the PROXY header, the kernel moves the bytes (eBPF sockmap)\n\
