@@ -437,6 +437,7 @@ fn pins_are_replaced_when_stale_and_removed_at_exit() -> Result<()> {
     let cfg = format!(
         r#"[defaults]
 forwarding = "sockmap"
+{NO_HANDOFF}
 
 [[listen]]
 address = "127.0.0.1:{port}"
