@@ -51,7 +51,16 @@ pub struct RequestHead {
 /// request without `Host` is a [`HelloError::BadRequest`] (RFC 9112 §3.2), as is more than one
 /// `Host` or a `Host` that is not a host name or bracketed IPv6 address with an optional port.
 pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError> {
-    let window = buf.get(..MAX_REQUEST_HEAD).unwrap_or(buf);
+    parse_request_head_within(buf, MAX_REQUEST_HEAD)
+}
+
+/// [`parse_request_head`] with `limit` bytes in place of [`MAX_REQUEST_HEAD`] (the configured
+/// `max_request_head`).
+pub fn parse_request_head_within(
+    buf: &[u8],
+    limit: usize,
+) -> Result<Option<RequestHead>, HelloError> {
+    let window = buf.get(..limit).unwrap_or(buf);
     if let Some(first) = first_request_line_byte(window)
         && !is_token_byte(first)
     {
@@ -61,7 +70,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(window) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+        Ok(httparse::Status::Partial) if buf.len() >= limit => {
             return Err(HelloError::HeadTooLarge);
         }
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -73,8 +82,22 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
         return Err(HelloError::BadRequest("incomplete request line"));
     };
 
-    let mut host_values = request
-        .headers
+    let host = request_host(path, version, request.headers)?;
+    Ok(Some(RequestHead {
+        host,
+        method: method.to_owned(),
+        path: path.to_owned(),
+        head_len,
+    }))
+}
+
+/// The host a parsed request names (see [`RequestHead::host`]), or why it cannot be routed.
+pub(crate) fn request_host(
+    path: &str,
+    version: u8,
+    headers: &[httparse::Header<'_>],
+) -> Result<Option<String>, HelloError> {
+    let mut host_values = headers
         .iter()
         .filter(|header| header.name.eq_ignore_ascii_case("host"))
         .map(|header| header.value);
@@ -97,12 +120,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
         }
         None => from_header,
     };
-    Ok(Some(RequestHead {
-        host,
-        method: method.to_owned(),
-        path: path.to_owned(),
-        head_len,
-    }))
+    Ok(host)
 }
 
 /// `400 Bad Request`: the head is not a request we can route (bad or missing Host, bad syntax).
