@@ -1500,3 +1500,20 @@ fn forwarded_header_errors() {
         "max_request_head must be between 1KiB and 1MiB",
     );
 }
+
+#[test]
+fn cidr_contains() {
+    let net = |addr: &str, prefix| Cidr {
+        addr: ip(addr),
+        prefix,
+    };
+    assert!(net("198.51.100.0", 24).contains(ip("198.51.100.200")));
+    assert!(net("198.51.100.0", 24).contains(ip("::ffff:198.51.100.7")));
+    assert!(!net("198.51.100.0", 24).contains(ip("198.51.101.1")));
+    assert!(net("0.0.0.0", 0).contains(ip("192.0.2.1")));
+    assert!(net("192.0.2.1", 32).contains(ip("192.0.2.1")));
+    assert!(!net("192.0.2.1", 32).contains(ip("192.0.2.2")));
+    assert!(net("2001:db8::", 32).contains(ip("2001:db8:1::1")));
+    assert!(!net("2001:db8::", 32).contains(ip("192.0.2.1")));
+    assert!(net("::", 0).contains(ip("2001:db8::1")));
+}

@@ -145,7 +145,7 @@ pub enum RequestStep {
 }
 
 /// Frames a client's requests, one after the other, and rewrites their heads.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RequestFramer {
     state: State,
     forwarding: Forwarding,
@@ -158,7 +158,7 @@ pub struct RequestFramer {
     switch_after_body: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum State {
     Head,
     Length(u64),
