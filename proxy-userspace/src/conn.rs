@@ -356,6 +356,13 @@ async fn read_hello(
                     facts.name.clone_from(&head.host);
                     return Ok(head.host);
                 }
+                Err(e @ hello::HelloError::BadRequest(_)) => {
+                    // Count a NUL, a fold or a bare line ending by its own name.
+                    return Err(match http1::byte_error(buf, max_request_head) {
+                        Some(specific) => forward::http::Refusal::Request(specific).into(),
+                        None => e.into(),
+                    });
+                }
                 Err(e) => return Err(e.into()),
             },
         }

@@ -336,6 +336,23 @@ impl RequestFramer {
     }
 }
 
+/// The specific reason a head the hello parser refused breaks the rules on bytes (a NUL, a fold,
+/// a bare CR or LF), so that the first request of a connection is counted like any later one.
+pub fn byte_error(head: &[u8], limit: usize) -> Option<RequestError> {
+    let forwarding = Forwarding {
+        header: ForwardedHeader::None,
+        client: SocketAddr::from(([0, 0, 0, 0], 0)),
+        port: 0,
+        trusted: false,
+    };
+    let error = RequestFramer::new(forwarding, limit).scan(head).err()?;
+    matches!(
+        error,
+        RequestError::Nul | RequestError::ObsFold | RequestError::BareLineEnding
+    )
+    .then_some(error)
+}
+
 /// How a request's body is framed.
 enum Body {
     Length(u64),
