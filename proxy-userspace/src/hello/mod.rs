@@ -15,7 +15,7 @@ pub mod http;
 pub mod tls;
 
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::fmt;
 

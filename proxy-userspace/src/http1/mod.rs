@@ -526,8 +526,25 @@ pub fn fuzz_check_requests(data: &[u8]) {
     };
     let whole = tests_support::run(input, input.len().max(1));
     let split = tests_support::run(input, usize::from(selector % 64) + 1);
-    // A split run may stop earlier (need more at the end is the same answer) but not differ.
     assert_eq!(whole, split, "split {} disagrees", selector % 64 + 1);
+    // Without forwarding lines of its own, the output is what was consumed plus ours.
+    let lowercase = input.to_ascii_lowercase();
+    if !lowercase.windows(9).any(|w| w == b"forwarded") {
+        let ours =
+            b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 80\r\n";
+        let mut stripped = Vec::with_capacity(whole.out.len());
+        let mut rest = whole.out.as_slice();
+        while let Some(at) = rest.windows(ours.len()).position(|w| w == ours) {
+            stripped.extend_from_slice(rest.get(..at).unwrap_or_default());
+            rest = rest.get(at + ours.len()..).unwrap_or_default();
+        }
+        stripped.extend_from_slice(rest);
+        assert_eq!(
+            stripped,
+            input.get(..whole.consumed).unwrap_or_default(),
+            "output is not the input plus our lines"
+        );
+    }
 }
 
 #[cfg(any(test, fuzzing))]
@@ -542,6 +559,7 @@ pub(crate) mod tests_support {
         pub out: Vec<u8>,
         pub heads: Vec<Option<String>>,
         pub end: Result<usize, RequestError>,
+        pub consumed: usize,
     }
 
     /// Feeds `input` at most `read` bytes at a time; a switch request resumes at once.
@@ -566,6 +584,7 @@ pub(crate) mod tests_support {
                         out,
                         heads,
                         end: Err(e),
+                        consumed: at,
                     };
                 }
             };
@@ -579,6 +598,7 @@ pub(crate) mod tests_support {
                         out,
                         heads,
                         end: Ok(at),
+                        consumed: at,
                     };
                 }
                 RequestStep::NeedMore => available = (available + read).min(input.len()),

@@ -37,6 +37,7 @@ fn run_two(input: &[u8], at: usize) -> Run {
                     out,
                     heads,
                     end: Err(e),
+                    consumed,
                 };
             }
             Ok(RequestStep::NeedMore) if available < input.len() => available = input.len(),
@@ -49,6 +50,7 @@ fn run_two(input: &[u8], at: usize) -> Run {
                     out,
                     heads,
                     end: Ok(consumed),
+                    consumed,
                 };
             }
             Ok(RequestStep::Head(head)) => {
@@ -388,5 +390,22 @@ fn fuzz_check_on_samples() {
         b"\xffPOST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
     ] {
         fuzz_check_requests(sample);
+    }
+}
+
+/// What the fuzz target checks, on mutations of real request streams (a stand-in for a fuzzer
+/// run on stable).
+#[test]
+fn fuzz_check_on_mutated_streams() {
+    let rng = crate::hello::testutil::Rng::new(14);
+    let corpus: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+        b"\r\nGET /chat HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n\x81\x00GET / HTTP/1.1\r\n\r\n",
+    ];
+    for _ in 0..3000 {
+        let mut data = vec![rng.byte()];
+        data.extend(rng.mutate(rng.pick(&corpus)));
+        fuzz_check_requests(&data);
     }
 }
