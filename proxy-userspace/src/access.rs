@@ -154,7 +154,8 @@ pub struct Entry<'a> {
     pub proxy_protocol: &'a str,
     /// Forwarding engine used.
     pub engine: Option<&'a str>,
-    /// Bytes from the client to the backend (hello included, PROXY header excluded).
+    /// Bytes from the client to the backend (hello included, PROXY header excluded; with the
+    /// `http` engine, the requests as sent on, forwarding lines included).
     pub bytes_up: u64,
     /// Bytes from the backend to the client.
     pub bytes_down: u64,

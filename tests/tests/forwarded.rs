@@ -19,10 +19,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, CLIENT_V4, Ns, PROXY_V6, World,
+    BACKEND_V6, CLIENT_V4, CLIENT_V4_B, Ns, PROXY_V6, World,
     backends::{self, NginxServer, RemoteIp},
     raw::{self, End, XorShift},
     spliced::{Launch, Spliced, field},
+    wait_for,
 };
 
 /// Where the test backend listens.
@@ -36,6 +37,7 @@ fn config() -> String {
         r#"
 [defaults]
 forwarded_header = "x-forwarded-for"
+trusted_proxies = ["{CLIENT_V4_B}/32"]
 
 [[listen]]
 address = "0.0.0.0:80"
@@ -170,17 +172,24 @@ fn serve(stream: TcpStream, heads: &Mutex<Vec<String>>) -> Result<()> {
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .push(head.clone());
+        let method = head.split(' ').next().unwrap_or_default().to_string();
         let header = |name: &str| {
             head.lines().skip(1).find_map(|l| {
                 let (n, v) = l.split_once(':')?;
                 n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
             })
         };
-        let method = head.split(' ').next().unwrap_or_default().to_string();
-        if header("upgrade").is_some() {
-            out.write_all(
+        let tunnel: Option<&[u8]> = if method == "CONNECT" {
+            Some(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        } else if header("upgrade").is_some() {
+            Some(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
-            )?;
+            )
+        } else {
+            None
+        };
+        if let Some(answer) = tunnel {
+            out.write_all(answer)?;
             std::io::copy(&mut reader, &mut out)?;
             out.shutdown(Shutdown::Write)?;
             return Ok(());
@@ -381,14 +390,18 @@ fn nginx_and_apache_see_the_client_on_every_request() -> Result<()> {
             !all.contains("6.6.6.6"),
             "a client's own header won:\n{all}"
         );
-        // One connection carried all ten.
-        let access = spliced.stdout_text();
-        ensure!(
-            access
-                .lines()
-                .any(|l| field(l, "site") == Some(host) && field(l, "requests") == Some("10")),
-            "no connection with requests=10 for {host}:\n{access}"
-        );
+        // One connection carried all ten (its line is written once the backend closed too).
+        wait_for(
+            &format!("a connection with requests=10 for {host}"),
+            Duration::from_secs(10),
+            || {
+                Ok(spliced
+                    .stdout_text()
+                    .lines()
+                    .any(|l| field(l, "site") == Some(host) && field(l, "requests") == Some("10")))
+            },
+        )
+        .with_context(|| spliced.stdout_text())?;
     }
     Ok(())
 }
@@ -444,6 +457,49 @@ GET /5 HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-Proto: https\r\n\r\n";
     Ok(())
 }
 
+/// A load balancer in `trusted_proxies` keeps its headers; our address is appended.
+#[test]
+fn a_trusted_proxys_headers_are_appended_to() -> Result<()> {
+    let (world, app, _spliced) = app_world()?;
+    let mut cmd = world.command(Ns::Client, "curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--interface",
+        &CLIENT_V4_B.to_string(),
+    ])
+    .args([
+        "--resolve",
+        &format!("app.example:80:{}", spliced_tests::PROXY_V4),
+    ])
+    .args([
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        "-H",
+        "X-Forwarded-Proto: https",
+    ])
+    .arg("http://app.example/lb");
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let heads = app.heads();
+    let lb = heads
+        .iter()
+        .find(|h| h.starts_with("GET /lb "))
+        .context("no request from the load balancer")?;
+    ensure!(
+        lb.contains("X-Forwarded-Proto: https\r\n")
+            && lb.contains(&format!("X-Forwarded-For: 203.0.113.9, {CLIENT_V4_B}\r\n"))
+            && !lb.contains("X-Forwarded-Proto: http\r\n"),
+        "{lb:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn forwarded_syntax_with_a_proxy_header_and_untouched_sites() -> Result<()> {
     let (world, app, spliced) = app_world()?;
@@ -454,7 +510,7 @@ fn forwarded_syntax_with_a_proxy_header_and_untouched_sites() -> Result<()> {
     )?;
     ensure!(read_response(&mut reader, false)?.status == 200);
     raw::shut_and_expect_eof(&mut stream, "forwarded.example")?;
-    expect_log(&spliced, me, &[("engine", "http"), ("proxy", "v1")])?;
+    let line = expect_log(&spliced, me, &[("engine", "http"), ("proxy", "v1")])?;
     let (mut plain, mut plain_reader) = client(&world)?;
     let plain_me = plain.local_addr()?;
     plain.write_all(
@@ -478,6 +534,11 @@ fn forwarded_syntax_with_a_proxy_header_and_untouched_sites() -> Result<()> {
             ),
         "{:?}",
         heads[1]
+    );
+    // up= counts the request as sent on, without the PROXY header.
+    ensure!(
+        field(&line, "up") == Some(heads[1].len().to_string().as_str()),
+        "{line}"
     );
     ensure!(
         heads[2] == "GET / HTTP/1.1\r\nHost: untouched.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
@@ -544,6 +605,37 @@ early bytes;",
     )?;
     let switched = read_response(&mut reader, false)?;
     ensure!(switched.status == 101, "{}", switched.head);
+    echo_through(stream, reader)?;
+    expect_log(
+        &spliced,
+        me,
+        &[("engine", "http"), ("requests", "1"), ("outcome", "ok")],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn connect_turns_the_connection_into_a_byte_stream() -> Result<()> {
+    let (world, _app, spliced) = app_world()?;
+    let (mut stream, mut reader) = client(&world)?;
+    let me = stream.local_addr()?;
+    stream.write_all(
+        b"CONNECT app.example:443 HTTP/1.1\r\nHost: app.example:443\r\n\r\nearly bytes;",
+    )?;
+    let established = read_response(&mut reader, false)?;
+    ensure!(established.status == 200, "{}", established.head);
+    echo_through(stream, reader)?;
+    expect_log(
+        &spliced,
+        me,
+        &[("engine", "http"), ("requests", "1"), ("outcome", "ok")],
+    )?;
+    Ok(())
+}
+
+/// After a switch: 1 MiB (starting with what looks like a request for another site) goes
+/// through the echo and back unchanged, after the `early bytes;` sent with the request.
+fn echo_through(stream: TcpStream, mut reader: BufReader<TcpStream>) -> Result<()> {
     let mut payload = vec![0u8; 1 << 20];
     XorShift::new(101).fill(&mut payload);
     // Bytes that look like HTTP are just bytes now.
@@ -570,11 +662,6 @@ early bytes;",
         echoed.len(),
         want.len()
     );
-    expect_log(
-        &spliced,
-        me,
-        &[("engine", "http"), ("requests", "1"), ("outcome", "ok")],
-    )?;
     Ok(())
 }
 

@@ -179,6 +179,7 @@ async fn requests(
         requests,
     } = params;
     let mut start = 0;
+    let mut uncounted = preface.len();
     let mut out = preface;
     loop {
         let input = buf.get(start..).unwrap_or_default();
@@ -187,7 +188,7 @@ async fn requests(
             Ok(step) => step,
             Err(error) => {
                 out.truncate(before);
-                send(backend, Side::Backend, &mut out, counter).await?;
+                send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                 // Only a broken chunk comes after its request's head went on.
                 let head_sent = error == RequestError::InvalidChunk;
                 return Ok(refuse(link, Refusal::Request(error), head_sent));
@@ -197,7 +198,7 @@ async fn requests(
             RequestStep::Head(head) => {
                 if !same_site(head.host.as_deref()) {
                     out.truncate(before);
-                    send(backend, Side::Backend, &mut out, counter).await?;
+                    send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                     return Ok(refuse(link, Refusal::Misdirected, false));
                 }
                 link.with(|s| s.pending.push_back(head.pending));
@@ -209,7 +210,7 @@ async fn requests(
                 start += len;
             }
             RequestStep::NeedMore => {
-                send(backend, Side::Backend, &mut out, counter).await?;
+                send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                 buf.drain(..start);
                 start = 0;
                 if buf.capacity() - buf.len() < BUFFER / 4 {
@@ -225,11 +226,11 @@ async fn requests(
                 }
             }
             RequestStep::AwaitSwitch => {
-                send(backend, Side::Backend, &mut out, counter).await?;
+                send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                 match wait_switch(link).await {
                     Some(true) => {
                         out.extend_from_slice(input);
-                        send(backend, Side::Backend, &mut out, counter).await?;
+                        send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                         return Ok(Up::Tunnel);
                     }
                     Some(false) => framer.resume(),
@@ -238,23 +239,27 @@ async fn requests(
             }
         }
         if out.len() >= BUFFER {
-            send(backend, Side::Backend, &mut out, counter).await?;
+            send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
         }
     }
 }
 
-/// Writes `out` to `to` (whose socket is `side`), counts it, and empties it.
+/// Writes `out` to `to` (whose socket is `side`), counts it but for its first `uncounted`
+/// bytes (the PROXY header, which the access log leaves out), and empties it.
 async fn send(
     to: &TcpStream,
     side: Side,
     out: &mut Vec<u8>,
     counter: &AtomicU64,
+    uncounted: &mut usize,
 ) -> Result<(), ForwardError> {
     if out.is_empty() {
         return Ok(());
     }
     write_all(to, out).await.map_err(|e| side.failed(e))?;
-    counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+    let skipped = (*uncounted).min(out.len());
+    *uncounted -= skipped;
+    counter.fetch_add((out.len() - skipped) as u64, Ordering::Relaxed);
     out.clear();
     Ok(())
 }
@@ -310,7 +315,7 @@ async fn responses(
         // Stop once the client has every response it should get before a refusal.
         let stop = link.with(|s| s.stop_after == Some(0) && !s.responding);
         if stop {
-            send(client, Side::Client, &mut out, counter).await?;
+            send(client, Side::Client, &mut out, counter, &mut 0).await?;
             done(link);
             return Ok(Down::Stopped);
         }
@@ -339,7 +344,7 @@ async fn responses(
                 }
                 if head.tunnel {
                     out.extend_from_slice(buf.get(start..).unwrap_or_default());
-                    send(client, Side::Client, &mut out, counter).await?;
+                    send(client, Side::Client, &mut out, counter, &mut 0).await?;
                     return Ok(Down::Tunnel);
                 }
             }
@@ -351,7 +356,7 @@ async fn responses(
                 }
             }
             ResponseStep::NeedMore => {
-                send(client, Side::Client, &mut out, counter).await?;
+                send(client, Side::Client, &mut out, counter, &mut 0).await?;
                 buf.drain(..start);
                 start = 0;
                 if buf.capacity() - buf.len() < BUFFER / 4 {
@@ -384,7 +389,7 @@ async fn responses(
             }
         }
         if out.len() >= BUFFER {
-            send(client, Side::Client, &mut out, counter).await?;
+            send(client, Side::Client, &mut out, counter, &mut 0).await?;
         }
     }
 }
