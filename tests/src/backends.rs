@@ -271,6 +271,20 @@ pub fn curl_from(
         .and_then(|rest| rest.split(['/', ':']).next())
         .context("URL without a host")?;
     let port = if url.starts_with("https") { 443 } else { 80 };
+    let mut cmd = curl_command(world, source, host, port);
+    if let Some(port) = local_port {
+        cmd.args(["--local-port", &port.to_string()]);
+    }
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(&ca.cert);
+    }
+    cmd.arg(url);
+    Ok(cmd.output()?)
+}
+
+/// curl in the client namespace from `source`, with `host` on `port` resolved to the proxy
+/// and 10 s for everything; add the rest (headers, URLs, `--next`).
+pub fn curl_command(world: &World, source: IpAddr, host: &str, port: u16) -> Command {
     let mut cmd = world.command(Ns::Client, "curl");
     cmd.args([
         "-sS",
@@ -280,14 +294,7 @@ pub fn curl_from(
         &source.to_string(),
     ])
     .args(["--resolve", &format!("{host}:{port}:{PROXY_V4}")]);
-    if let Some(port) = local_port {
-        cmd.args(["--local-port", &port.to_string()]);
-    }
-    if let Some(ca) = ca {
-        cmd.arg("--cacert").arg(&ca.cert);
-    }
-    cmd.arg(url);
-    Ok(cmd.output()?)
+    cmd
 }
 
 /// The proxy's client-facing address on `port`.

@@ -346,18 +346,7 @@ fn nginx_and_apache_see_the_client_on_every_request() -> Result<()> {
         ("apache.example", "apache-xff", backends::apache_log(&world)),
     ] {
         // Ten requests on one keep-alive connection, each with a client's own header to drop.
-        let mut cmd = world.command(Ns::Client, "curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--interface",
-            &CLIENT_V4.to_string(),
-        ]);
-        cmd.args([
-            "--resolve",
-            &format!("{host}:80:{}", spliced_tests::PROXY_V4),
-        ]);
+        let mut cmd = backends::curl_command(&world, CLIENT_V4, host, 80);
         for n in 1..=10 {
             if n > 1 {
                 cmd.arg("--next");
@@ -461,19 +450,8 @@ GET /5 HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-Proto: https\r\n\r\n";
 #[test]
 fn a_trusted_proxys_headers_are_appended_to() -> Result<()> {
     let (world, app, _spliced) = app_world()?;
-    let mut cmd = world.command(Ns::Client, "curl");
+    let mut cmd = backends::curl_command(&world, CLIENT_V4_B, "app.example", 80);
     cmd.args([
-        "-sS",
-        "--max-time",
-        "10",
-        "--interface",
-        &CLIENT_V4_B.to_string(),
-    ])
-    .args([
-        "--resolve",
-        &format!("app.example:80:{}", spliced_tests::PROXY_V4),
-    ])
-    .args([
         "-H",
         "X-Forwarded-For: 203.0.113.9",
         "-H",
