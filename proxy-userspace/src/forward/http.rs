@@ -12,6 +12,7 @@
 //! caller sends the refusal and closes.
 use std::{
     collections::VecDeque,
+    io,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::Notify, time::Instant};
+use tokio::{net::TcpStream, sync::Notify, time::Instant};
 
 use super::{Counters, ForwardError, Side, shutdown_write, write_all};
 use crate::http1::{
@@ -213,11 +214,7 @@ async fn requests(
                 send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                 buf.drain(..start);
                 start = 0;
-                if buf.capacity() - buf.len() < BUFFER / 4 {
-                    buf.reserve(BUFFER);
-                }
-                let n = client
-                    .async_io(Interest::READABLE, || client.try_read_buf(&mut buf))
+                let n = read_more(client, &mut buf, &mut out)
                     .await
                     .map_err(|e| Side::Client.failed(e))?;
                 if n == 0 {
@@ -240,6 +237,26 @@ async fn requests(
         }
         if out.len() >= BUFFER {
             send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
+        }
+    }
+}
+
+/// Reads what `from` has into `buf`. While nothing is buffered, the connection gives its
+/// buffers back until the socket has bytes again, so an idle keep-alive connection holds none.
+async fn read_more(from: &TcpStream, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        if buf.capacity() - buf.len() < BUFFER / 4 {
+            buf.reserve(BUFFER);
+        }
+        match from.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    *buf = Vec::new();
+                    *out = Vec::new();
+                }
+                from.readable().await?;
+            }
+            result => return result,
         }
     }
 }
@@ -359,14 +376,11 @@ async fn responses(
                 send(client, Side::Client, &mut out, counter, &mut 0).await?;
                 buf.drain(..start);
                 start = 0;
-                if buf.capacity() - buf.len() < BUFFER / 4 {
-                    buf.reserve(BUFFER);
-                }
                 let stopping = link.with(|s| s.stop_after.is_some());
                 if stopping && deadline.is_none() {
                     deadline = Some(Instant::now() + DRAIN_LIMIT);
                 }
-                let read = backend.async_io(Interest::READABLE, || backend.try_read_buf(&mut buf));
+                let read = read_more(backend, &mut buf, &mut out);
                 let n = tokio::select! {
                     n = read => n.map_err(|e| Side::Backend.failed(e))?,
                     () = link.to_responses.notified() => continue,
