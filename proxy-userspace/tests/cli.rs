@@ -109,6 +109,33 @@ fn check_names_file_line_and_problem_and_exits_non_zero() {
     assert!(text(&missing.stderr).contains("/nonexistent/spliced.toml"));
 }
 
+/// A header on a site only TLS reaches, in an included customer file, is explained with that
+/// file's line (issue 14).
+#[test]
+fn check_explains_a_forwarded_header_no_http_listener_can_add() {
+    let dir = Scratch::new("check-header");
+    std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
+    dir.write(
+        "sites/shop.toml",
+        "[[site]]\nhostnames = [\"shop.example\"]\nbackend = \"2001:db8::3\"\n\
+         forwarded_header = \"x-forwarded-for\"\n",
+    );
+    let cfg = dir.write(
+        "spliced.toml",
+        "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
+    );
+    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sites/shop.toml:4:")
+            && stderr.contains(
+                "forwarded_header = \"x-forwarded-for\" needs a [[listen]] with protocol = \"http\""
+            ),
+        "{stderr:?}"
+    );
+}
+
 #[test]
 fn run_refuses_an_invalid_config_and_a_busy_port() {
     let dir = Scratch::new("run-bad");
