@@ -80,23 +80,29 @@ fn check_accepts_a_valid_config_and_summarises_it() {
     );
 }
 
-#[test]
-fn check_names_file_line_and_problem_and_exits_non_zero() {
-    let dir = Scratch::new("check-bad");
+/// Runs `spliced check` on a main file with one TLS listener that includes `sites/site.toml`
+/// holding `site`; asserts it fails and returns its standard error.
+fn check_included_site(tag: &str, site: &str) -> String {
+    let dir = Scratch::new(tag);
     std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
-    dir.write(
-        "sites/bad.toml",
-        "[[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::3\"\nproxy_protocol = \"v3\"\n",
-    );
+    dir.write("sites/site.toml", site);
     let cfg = dir.write(
         "spliced.toml",
         "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
     );
     let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    text(&out.stderr)
+}
+
+#[test]
+fn check_names_file_line_and_problem_and_exits_non_zero() {
+    let stderr = check_included_site(
+        "check-bad",
+        "[[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::3\"\nproxy_protocol = \"v3\"\n",
+    );
     assert!(
-        stderr.contains("sites/bad.toml:4:"),
+        stderr.contains("sites/site.toml:4:"),
         "no file:line in {stderr:?}"
     );
     assert!(
@@ -113,22 +119,13 @@ fn check_names_file_line_and_problem_and_exits_non_zero() {
 /// file's line (issue 14).
 #[test]
 fn check_explains_a_forwarded_header_no_http_listener_can_add() {
-    let dir = Scratch::new("check-header");
-    std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
-    dir.write(
-        "sites/shop.toml",
+    let stderr = check_included_site(
+        "check-header",
         "[[site]]\nhostnames = [\"shop.example\"]\nbackend = \"2001:db8::3\"\n\
          forwarded_header = \"x-forwarded-for\"\n",
     );
-    let cfg = dir.write(
-        "spliced.toml",
-        "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
-    );
-    let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("sites/shop.toml:4:")
+        stderr.contains("sites/site.toml:4:")
             && stderr.contains(
                 "forwarded_header = \"x-forwarded-for\" needs a [[listen]] with protocol = \"http\""
             ),
