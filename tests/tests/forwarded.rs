@@ -75,8 +75,9 @@ forwarded_header = "none"
 
 /// A tiny HTTP/1.1 server in the backend namespace. It records each request head (and a PROXY
 /// line, if one comes first), answers `len=N hash=H` for the body it read (chunked or
-/// Content-Length; `100 Continue` when asked), and after a request with `Upgrade` answers 101
-/// and echoes every byte until the client's end of stream.
+/// Content-Length; `100 Continue` when asked), and after a request with `Upgrade` (or a
+/// `CONNECT`) switches and echoes every byte until the client's end of stream. `/204` and
+/// `/304` get bodiless responses (the 304 with a Content-Length), `/slow` waits 300 ms.
 struct App {
     heads: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
@@ -229,6 +230,20 @@ fn serve(stream: TcpStream, heads: &Mutex<Vec<String>>) -> Result<()> {
             }
         } else if let Some(n) = header("content-length") {
             take(&mut reader, n.parse()?)?;
+        }
+        let path = head.split(' ').nth(1).unwrap_or_default();
+        match path {
+            // Responses without a body whatever their headers say (RFC 9112 §6.3).
+            "/204" => {
+                out.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?;
+                continue;
+            }
+            "/304" => {
+                out.write_all(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")?;
+                continue;
+            }
+            "/slow" => std::thread::sleep(Duration::from_millis(300)),
+            _ => {}
         }
         let body = format!("len={len} hash={:016x}\n", hash.0);
         let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
@@ -761,6 +776,55 @@ fn smuggling_and_bad_input_are_refused_and_counted() -> Result<()> {
         let got = metrics.count("spliced_connections_total", &[("outcome", outcome)])?;
         ensure!(got == want, "{outcome}: counted {got}, want {want}");
     }
+    Ok(())
+}
+
+#[test]
+fn bodiless_responses_are_not_misread() -> Result<()> {
+    let (world, _app, spliced) = app_world()?;
+    let (mut stream, mut reader) = client(&world)?;
+    let me = stream.local_addr()?;
+    stream.write_all(
+        b"GET /204 HTTP/1.1\r\nHost: app.example\r\n\r\nGET /304 HTTP/1.1\r\nHost: app.example\r\n\r\n\
+GET / HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )?;
+    for (status, head_only) in [(204, true), (304, true), (200, false)] {
+        let response = read_response(&mut reader, head_only)?;
+        ensure!(response.status == status, "{}", response.head);
+    }
+    raw::shut_and_expect_eof(&mut stream, "after 204, 304 and 200")?;
+    expect_log(&spliced, me, &[("requests", "3"), ("outcome", "ok")])?;
+    Ok(())
+}
+
+/// A refused request waits for the responses to the requests before it, then gets its 400.
+#[test]
+fn a_refusal_comes_after_the_slow_responses_before_it() -> Result<()> {
+    let (world, app, spliced) = app_world()?;
+    let (got, end, me) = exchange(
+        &world,
+        b"GET /slow HTTP/1.1\r\nHost: app.example\r\n\r\nGET /slow HTTP/1.1\r\nHost: app.example\r\n\r\n\
+POST /smuggle HTTP/1.1\r\nHost: app.example\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )?;
+    let text = String::from_utf8_lossy(&got);
+    let statuses: Vec<&str> = text
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| r.get(..3).unwrap_or(r))
+        .collect();
+    ensure!(
+        statuses == ["200", "200", "400"] && end.closed(),
+        "{end:?} {text:?}"
+    );
+    expect_log(
+        &spliced,
+        me,
+        &[
+            ("outcome", "content_length_and_transfer_encoding"),
+            ("requests", "2"),
+        ],
+    )?;
+    ensure!(app.heads().len() == 2, "{:#?}", app.heads());
     Ok(())
 }
 
