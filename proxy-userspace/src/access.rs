@@ -154,7 +154,8 @@ pub struct Entry<'a> {
     pub proxy_protocol: &'a str,
     /// Forwarding engine used.
     pub engine: Option<&'a str>,
-    /// Bytes from the client to the backend (hello included, PROXY header excluded).
+    /// Bytes from the client to the backend (hello included, PROXY header excluded; with the
+    /// `http` engine, the requests as sent on, forwarding lines included).
     pub bytes_up: u64,
     /// Bytes from the backend to the client.
     pub bytes_down: u64,
@@ -167,6 +168,8 @@ pub struct Entry<'a> {
     /// The connection's id, when one was made for its PROXY header (`PP2_TYPE_UNIQUE_ID`): the
     /// same 32 hex digits the backend received, so its log and ours can be joined.
     pub id: Option<UniqueId>,
+    /// Requests forwarded on the connection, when its engine framed them (`http`).
+    pub requests: Option<u64>,
 }
 
 impl Entry<'_> {
@@ -187,6 +190,9 @@ impl Entry<'_> {
         field(&mut s, "up", self.bytes_up);
         field(&mut s, "down", self.bytes_down);
         field(&mut s, "ms", self.duration.as_millis());
+        if let Some(requests) = self.requests {
+            field(&mut s, "requests", requests);
+        }
         field(&mut s, "outcome", self.outcome);
         if let Some(id) = self.id {
             field(&mut s, "id", id);

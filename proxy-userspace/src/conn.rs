@@ -4,7 +4,10 @@
 //! waits on its own timer.
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -12,9 +15,9 @@ use tokio::{io::Interest, net::TcpStream, time::timeout};
 
 use crate::{
     access,
-    config::{Forwarding, Protocol},
+    config::{ForwardedHeader, Forwarding, Protocol},
     forward::{self, Counters, Engine},
-    hello,
+    hello, http1,
     outcome::{Failure, Outcome},
     preface,
     shared::Shared,
@@ -44,6 +47,11 @@ struct Facts {
     counters: Counters,
     /// The id sent in the PROXY header, if the site asked for one.
     id: Option<preface::UniqueId>,
+    /// Requests sent on by the `http` engine (the others do not count them).
+    requests: AtomicU64,
+    /// The client may not be sent the refusal its outcome has: the responses before it did not
+    /// end cleanly.
+    no_refusal: bool,
 }
 
 /// Serves one accepted connection to completion and writes its access-log line.
@@ -60,7 +68,9 @@ pub async fn handle(
         Ok(()) => (Outcome::Ok, None),
         Err(Failure { outcome, detail }) => (outcome, detail),
     };
-    refuse(&client, listener.protocol, outcome).await;
+    if !facts.no_refusal {
+        refuse(&client, listener.protocol, outcome).await;
+    }
     let (up, down) = facts.counters.get();
     let proxy_protocol = match facts.proxy_protocol {
         preface::Version::None => "none",
@@ -83,6 +93,8 @@ pub async fn handle(
         outcome: outcome.name(),
         detail: detail.as_deref(),
         id: facts.id,
+        requests: (facts.engine == Some(Engine::Http))
+            .then(|| facts.requests.load(Ordering::Relaxed)),
     };
     shared.access_log(&entry);
 }
@@ -101,7 +113,13 @@ async fn serve(
     let mut buf = Vec::with_capacity(2048);
     let name = match timeout(
         defaults.client_hello_timeout,
-        read_hello(client, listener.protocol, &mut buf, facts),
+        read_hello(
+            client,
+            listener.protocol,
+            defaults.max_request_head,
+            &mut buf,
+            facts,
+        ),
     )
     .await
     {
@@ -121,6 +139,29 @@ async fn serve(
         return Err(Outcome::NoBackendForProtocol.into());
     };
     facts.backend = Some(backend_addr);
+
+    // A header site's requests are framed; the first one is checked before the backend is
+    // connected, so that a refused request never reaches it.
+    let framer = (listener.protocol == Protocol::Http
+        && site.forwarded_header != ForwardedHeader::None)
+        .then(|| {
+            let forwarding = http1::Forwarding {
+                header: site.forwarded_header,
+                client: peer,
+                port: local.port(),
+                trusted: defaults
+                    .trusted_proxies
+                    .iter()
+                    .any(|net| net.contains(peer.ip())),
+            };
+            http1::RequestFramer::new(forwarding, defaults.max_request_head)
+        });
+    if let Some(framer) = &framer {
+        framer
+            .clone()
+            .step(&buf, &mut Vec::new())
+            .map_err(|e| Failure::from(forward::http::Refusal::Request(e)))?;
+    }
 
     // 4. Connect.
     let backend = match timeout(defaults.connect_timeout, TcpStream::connect(backend_addr)).await {
@@ -148,6 +189,54 @@ async fn serve(
     };
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
         .map_err(|e| Failure::new(Outcome::PrefaceError, e))?;
+    if let Some(framer) = framer {
+        // The header engine sends the preface with the first rewritten request.
+        facts.hello_len = 0;
+        facts.engine = Some(Engine::Http);
+        let router = &config.router;
+        let same_site = |host: Option<&str>| {
+            router
+                .route(host)
+                .is_ok_and(|other| std::ptr::eq(other, site))
+        };
+        let params = forward::http::Params {
+            framer,
+            buffered: buf,
+            preface: preface_bytes,
+            same_site: &same_site,
+            requests: &facts.requests,
+        };
+        let counters = &facts.counters;
+        let forwarding = async {
+            // Socket and response failures have no refusal: the client may hold a partial
+            // response.
+            let ended = forward::http::forward(client, &backend, counters, params)
+                .await
+                .map_err(|e| (Failure::from(e), false))?;
+            match ended {
+                forward::http::Ended::Closed => Ok(()),
+                forward::http::Ended::Tunnel => {
+                    forward::forward(Engine::Http, client, &backend, counters)
+                        .await
+                        .map_err(|e| (Failure::from(e), false))
+                }
+                forward::http::Ended::Refused { error, refuse } => {
+                    Err((Failure::from(error), refuse))
+                }
+            }
+        };
+        let result = match defaults.idle_timeout {
+            None => forwarding.await,
+            Some(idle) => tokio::select! {
+                r = forwarding => r,
+                () = idle_watch(counters, idle) => Err((Outcome::IdleTimeout.into(), false)),
+            },
+        };
+        return result.map_err(|(failure, refuse)| {
+            facts.no_refusal = !refuse;
+            failure
+        });
+    }
     preface_bytes.extend_from_slice(&buf);
     forward::write_all(&backend, &preface_bytes)
         .await
@@ -233,6 +322,7 @@ async fn idle_watch(counters: &Counters, idle: Duration) {
 async fn read_hello(
     client: &TcpStream,
     protocol: Protocol,
+    max_request_head: usize,
     buf: &mut Vec<u8>,
     facts: &mut Facts,
 ) -> Result<Option<String>, Failure> {
@@ -261,11 +351,18 @@ async fn read_hello(
                 }
                 Err(e) => return Err(e.into()),
             },
-            Protocol::Http => match hello::http::parse_request_head(buf) {
+            Protocol::Http => match hello::http::parse_request_head_within(buf, max_request_head) {
                 Ok(None) => {}
                 Ok(Some(head)) => {
                     facts.name.clone_from(&head.host);
                     return Ok(head.host);
+                }
+                Err(e @ hello::HelloError::BadRequest(_)) => {
+                    // Count a NUL, a fold or a bare line ending by its own name.
+                    return Err(match http1::byte_error(buf, max_request_head) {
+                        Some(specific) => forward::http::Refusal::Request(specific).into(),
+                        None => e.into(),
+                    });
                 }
                 Err(e) => return Err(e.into()),
             },

@@ -14,6 +14,7 @@ mod conn;
 mod ebpf;
 mod forward;
 mod hello;
+mod http1;
 mod listen;
 mod metrics;
 mod name;
@@ -31,6 +32,7 @@ pub use server::{Options, Server};
 #[cfg(fuzzing)]
 pub mod fuzz {
     pub use crate::hello::{fuzz_check_http, fuzz_check_tls};
+    pub use crate::http1::fuzz_check_requests;
     #[cfg(feature = "fuzz")]
     pub use crate::preface::fuzz_check_roundtrip;
 }

@@ -14,8 +14,10 @@ use std::{fmt::Display, io};
 
 use crate::{
     config::Protocol,
+    forward::http::{HttpError, Refusal},
     forward::{ForwardError, Side},
     hello::{HelloError, http, tls},
+    http1::RequestError,
     route::RouteError,
 };
 
@@ -101,11 +103,31 @@ pub enum Outcome {
     /// The kernel's byte counts for a spliced direction disagreed (it moved more bytes than
     /// arrived): both sides were reset rather than pass on a corrupted stream.
     KernelAccounting,
+    /// [`RequestError::ContentLengthAndTransferEncoding`].
+    ContentLengthAndTransferEncoding,
+    /// [`RequestError::ConflictingContentLength`].
+    ConflictingContentLength,
+    /// [`RequestError::InvalidContentLength`].
+    InvalidContentLength,
+    /// [`RequestError::BadTransferEncoding`].
+    BadTransferEncoding,
+    /// [`RequestError::ObsFold`].
+    ObsFold,
+    /// [`RequestError::BareLineEnding`].
+    BareLineEnding,
+    /// [`RequestError::InvalidChunk`].
+    InvalidChunk,
+    /// [`RequestError::Nul`].
+    NulInHead,
+    /// A later request on a header site's connection named another site.
+    MisdirectedRequest,
+    /// A header site's backend sent something that is not an HTTP response.
+    BadResponse,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 36] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -132,6 +154,16 @@ impl Outcome {
         Outcome::BackendIdleTimeout,
         Outcome::IdleTimeout,
         Outcome::KernelAccounting,
+        Outcome::ContentLengthAndTransferEncoding,
+        Outcome::ConflictingContentLength,
+        Outcome::InvalidContentLength,
+        Outcome::BadTransferEncoding,
+        Outcome::ObsFold,
+        Outcome::BareLineEnding,
+        Outcome::InvalidChunk,
+        Outcome::NulInHead,
+        Outcome::MisdirectedRequest,
+        Outcome::BadResponse,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -163,6 +195,16 @@ impl Outcome {
             Outcome::BackendIdleTimeout => "backend_idle_timeout",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::KernelAccounting => "kernel_accounting",
+            Outcome::ContentLengthAndTransferEncoding => "content_length_and_transfer_encoding",
+            Outcome::ConflictingContentLength => "conflicting_content_length",
+            Outcome::InvalidContentLength => "invalid_content_length",
+            Outcome::BadTransferEncoding => "bad_transfer_encoding",
+            Outcome::ObsFold => "obs_fold",
+            Outcome::BareLineEnding => "bare_line_ending",
+            Outcome::InvalidChunk => "invalid_chunk",
+            Outcome::NulInHead => "nul_in_head",
+            Outcome::MisdirectedRequest => "misdirected_request",
+            Outcome::BadResponse => "bad_response",
         }
     }
 
@@ -184,13 +226,23 @@ impl Outcome {
             | Outcome::UnknownName
             | Outcome::ClientReset
             | Outcome::ClientClosed
-            | Outcome::ClientIdleTimeout => Some(Source::Client),
+            | Outcome::ClientIdleTimeout
+            | Outcome::ContentLengthAndTransferEncoding
+            | Outcome::ConflictingContentLength
+            | Outcome::InvalidContentLength
+            | Outcome::BadTransferEncoding
+            | Outcome::ObsFold
+            | Outcome::BareLineEnding
+            | Outcome::InvalidChunk
+            | Outcome::NulInHead
+            | Outcome::MisdirectedRequest => Some(Source::Client),
             Outcome::BackendConnectTimeout
             | Outcome::BackendUnreachable
             | Outcome::BackendError
             | Outcome::BackendReset
             | Outcome::BackendClosed
-            | Outcome::BackendIdleTimeout => Some(Source::Backend),
+            | Outcome::BackendIdleTimeout
+            | Outcome::BadResponse => Some(Source::Backend),
             // The configuration has no backend for this port, the header cannot be encoded, or
             // our own idle limit ended a connection both peers left silent.
             Outcome::NoBackendForProtocol
@@ -204,14 +256,16 @@ impl Outcome {
     /// alert or an HTTP response; `None` when it gets nothing.
     ///
     /// Only outcomes decided before the backend got its preface have a refusal: after that the
-    /// client may already have received the backend's bytes.
+    /// client may already have received the backend's bytes. The exception is a header site's
+    /// refused request, which is decided between responses (`forward::http`).
     pub fn refusal(self, protocol: Protocol) -> Option<&'static [u8]> {
         let (alert, response): (&'static [u8], _) = match self {
             // RFC 6066: no site serves the name (browsers show a name error, not a network one);
             // RFC 9110 §15.5.20: clients reusing a connection for another name open a new one.
-            Outcome::MissingName | Outcome::UnknownName | Outcome::NoBackendForProtocol => {
-                (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421())
-            }
+            Outcome::MissingName
+            | Outcome::UnknownName
+            | Outcome::NoBackendForProtocol
+            | Outcome::MisdirectedRequest => (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421()),
             Outcome::BackendUnreachable => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_502()),
             Outcome::BackendConnectTimeout => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_504()),
             Outcome::HeadTooLarge => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_431()),
@@ -222,7 +276,15 @@ impl Outcome {
             | Outcome::TooLarge
             | Outcome::Malformed
             | Outcome::NotHttp
-            | Outcome::BadRequest => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_400()),
+            | Outcome::BadRequest
+            | Outcome::ContentLengthAndTransferEncoding
+            | Outcome::ConflictingContentLength
+            | Outcome::InvalidContentLength
+            | Outcome::BadTransferEncoding
+            | Outcome::ObsFold
+            | Outcome::BareLineEnding
+            | Outcome::InvalidChunk
+            | Outcome::NulInHead => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_400()),
             Outcome::Ok
             | Outcome::HelloTimeout
             | Outcome::ClientClosedBeforeHello
@@ -236,7 +298,8 @@ impl Outcome {
             | Outcome::ClientIdleTimeout
             | Outcome::BackendIdleTimeout
             | Outcome::IdleTimeout
-            | Outcome::KernelAccounting => return None,
+            | Outcome::KernelAccounting
+            | Outcome::BadResponse => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,
@@ -288,6 +351,46 @@ impl From<&ForwardError> for Outcome {
             (Side::Backend, io::ErrorKind::TimedOut) => Outcome::BackendIdleTimeout,
             (Side::Client, _) => Outcome::ClientError,
             (Side::Backend, _) => Outcome::BackendError,
+        }
+    }
+}
+
+impl From<RequestError> for Outcome {
+    fn from(error: RequestError) -> Outcome {
+        match error {
+            RequestError::ContentLengthAndTransferEncoding => {
+                Outcome::ContentLengthAndTransferEncoding
+            }
+            RequestError::ConflictingContentLength => Outcome::ConflictingContentLength,
+            RequestError::InvalidContentLength => Outcome::InvalidContentLength,
+            RequestError::BadTransferEncoding => Outcome::BadTransferEncoding,
+            RequestError::ObsFold => Outcome::ObsFold,
+            RequestError::BareLineEnding => Outcome::BareLineEnding,
+            RequestError::InvalidChunk => Outcome::InvalidChunk,
+            RequestError::HeadTooLarge => Outcome::HeadTooLarge,
+            RequestError::Nul => Outcome::NulInHead,
+            RequestError::Malformed(_) => Outcome::BadRequest,
+        }
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Failure {
+        match refusal {
+            Refusal::Request(error) => Failure::new(Outcome::from(error), error),
+            Refusal::Misdirected => Failure::new(
+                Outcome::MisdirectedRequest,
+                "a later request names another site",
+            ),
+        }
+    }
+}
+
+impl From<HttpError> for Failure {
+    fn from(error: HttpError) -> Failure {
+        match error {
+            HttpError::Forward(error) => error.into(),
+            HttpError::Response(error) => Failure::new(Outcome::BadResponse, error),
         }
     }
 }
@@ -377,6 +480,14 @@ mod tests {
             "client_reset",
             "backend_reset",
             "idle_timeout",
+            "content_length_and_transfer_encoding",
+            "conflicting_content_length",
+            "bad_transfer_encoding",
+            "obs_fold",
+            "bare_line_ending",
+            "invalid_chunk",
+            "nul_in_head",
+            "misdirected_request",
         ] {
             assert!(names.contains(&published), "{published}");
         }

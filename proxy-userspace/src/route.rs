@@ -108,7 +108,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, Defaults, Listener, Origin, Protocol, Tlvs};
+    use crate::config::{Backend, Defaults, ForwardedHeader, Listener, Origin, Protocol, Tlvs};
     use crate::preface::Version;
     use std::net::{Ipv6Addr, SocketAddr};
     use std::path::PathBuf;
@@ -124,6 +124,7 @@ mod tests {
             proxy_protocol: Version::None,
             tlvs: Tlvs::default(),
             forwarding: None,
+            forwarded_header: ForwardedHeader::None,
             origin: Origin {
                 file: PathBuf::from("test.toml"),
                 line: 1,

@@ -80,23 +80,29 @@ fn check_accepts_a_valid_config_and_summarises_it() {
     );
 }
 
-#[test]
-fn check_names_file_line_and_problem_and_exits_non_zero() {
-    let dir = Scratch::new("check-bad");
+/// Runs `spliced check` on a main file with one TLS listener that includes `sites/site.toml`
+/// holding `site`; asserts it fails and returns its standard error.
+fn check_included_site(tag: &str, site: &str) -> String {
+    let dir = Scratch::new(tag);
     std::fs::create_dir_all(dir.0.join("sites")).expect("sites dir");
-    dir.write(
-        "sites/bad.toml",
-        "[[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::3\"\nproxy_protocol = \"v3\"\n",
-    );
+    dir.write("sites/site.toml", site);
     let cfg = dir.write(
         "spliced.toml",
         "include = [\"sites/*.toml\"]\n[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n",
     );
     let out = spliced(&["check", "--config", cfg.to_str().expect("utf-8 path")]);
     assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    text(&out.stderr)
+}
+
+#[test]
+fn check_names_file_line_and_problem_and_exits_non_zero() {
+    let stderr = check_included_site(
+        "check-bad",
+        "[[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::3\"\nproxy_protocol = \"v3\"\n",
+    );
     assert!(
-        stderr.contains("sites/bad.toml:4:"),
+        stderr.contains("sites/site.toml:4:"),
         "no file:line in {stderr:?}"
     );
     assert!(
@@ -107,6 +113,24 @@ fn check_names_file_line_and_problem_and_exits_non_zero() {
     let missing = spliced(&["check", "--config", "/nonexistent/spliced.toml"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("/nonexistent/spliced.toml"));
+}
+
+/// A header on a site only TLS reaches, in an included customer file, is explained with that
+/// file's line (issue 14).
+#[test]
+fn check_explains_a_forwarded_header_no_http_listener_can_add() {
+    let stderr = check_included_site(
+        "check-header",
+        "[[site]]\nhostnames = [\"shop.example\"]\nbackend = \"2001:db8::3\"\n\
+         forwarded_header = \"x-forwarded-for\"\n",
+    );
+    assert!(
+        stderr.contains("sites/site.toml:4:")
+            && stderr.contains(
+                "forwarded_header = \"x-forwarded-for\" needs a [[listen]] with protocol = \"http\""
+            ),
+        "{stderr:?}"
+    );
 }
 
 #[test]

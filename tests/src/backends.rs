@@ -83,6 +83,9 @@ pub struct NginxServer<'a> {
     pub tls: Option<&'a Cert>,
     /// `listen ... proxy_protocol`.
     pub proxy_protocol: bool,
+    /// `Some(proxy)`: take the client address from `X-Forwarded-For` when the peer is `proxy`
+    /// (`set_real_ip_from` and `real_ip_header`); the log then shows it as `$remote_addr`.
+    pub real_ip_from: Option<IpAddr>,
     /// Body of every response (also the file `/big` if `files` has it).
     pub body: &'a str,
 }
@@ -124,6 +127,12 @@ pub fn nginx(world: &World, servers: &[NginxServer<'_>]) -> Result<Service> {
              root {dir}/www;\n location = / {{ default_type text/plain; return 200 \"{}\\n\"; }}\n",
             s.body
         );
+        if let Some(proxy) = s.real_ip_from {
+            let _ = write!(
+                conf,
+                " set_real_ip_from {proxy};\n real_ip_header X-Forwarded-For;\n"
+            );
+        }
         if let Some(cert) = s.tls {
             let _ = write!(
                 conf,
@@ -152,9 +161,29 @@ pub fn apache_log(world: &World) -> PathBuf {
     world.dir().join("apache-access.log")
 }
 
+/// How Apache's mod_remoteip learns the client address.
+#[derive(Clone, Copy, Debug)]
+pub enum RemoteIp {
+    /// `RemoteIPProxyProtocol On`: from the PROXY header.
+    ProxyProtocol,
+    /// `RemoteIPHeader X-Forwarded-For` with `RemoteIPInternalProxy` set to this address.
+    ForwardedFor(IpAddr),
+}
+
 /// Starts Apache with mod_remoteip `RemoteIPProxyProtocol On` on `port` of the backend's
 /// address, HTTPS if `tls` is given; `/` answers with `body`.
 pub fn apache(world: &World, port: u16, tls: Option<&Cert>, body: &str) -> Result<Service> {
+    apache_with(world, port, tls, body, RemoteIp::ProxyProtocol)
+}
+
+/// [`apache`] with the client address taken as `remote_ip` says.
+pub fn apache_with(
+    world: &World,
+    port: u16,
+    tls: Option<&Cert>,
+    body: &str,
+    remote_ip: RemoteIp,
+) -> Result<Service> {
     let dir = world.dir().display().to_string();
     let root = world.dir().join("apache-www");
     std::fs::create_dir_all(&root)?;
@@ -171,8 +200,14 @@ pub fn apache(world: &World, port: u16, tls: Option<&Cert>, body: &str) -> Resul
          Listen [{BACKEND_V6}]:{port}\nErrorLog {dir}/apache-error.log\nLogLevel info\n\
          LogFormat \"%a:%{{remote}}p \\\"%r\\\" %>s\" spliced\n\
          CustomLog {dir}/apache-access.log spliced\n\
-         RemoteIPProxyProtocol On\nDocumentRoot {}\nDirectoryIndex index.html\n\
+         {}\nDocumentRoot {}\nDirectoryIndex index.html\n\
          <Directory {}>\n  Require all granted\n</Directory>\n",
+        match remote_ip {
+            RemoteIp::ProxyProtocol => "RemoteIPProxyProtocol On".to_string(),
+            RemoteIp::ForwardedFor(proxy) => {
+                format!("RemoteIPHeader X-Forwarded-For\nRemoteIPInternalProxy {proxy}")
+            }
+        },
         root.display(),
         root.display()
     );
@@ -236,6 +271,20 @@ pub fn curl_from(
         .and_then(|rest| rest.split(['/', ':']).next())
         .context("URL without a host")?;
     let port = if url.starts_with("https") { 443 } else { 80 };
+    let mut cmd = curl_command(world, source, host, port);
+    if let Some(port) = local_port {
+        cmd.args(["--local-port", &port.to_string()]);
+    }
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(&ca.cert);
+    }
+    cmd.arg(url);
+    Ok(cmd.output()?)
+}
+
+/// curl in the client namespace from `source`, with `host` on `port` resolved to the proxy
+/// and 10 s for everything; add the rest (headers, URLs, `--next`).
+pub fn curl_command(world: &World, source: IpAddr, host: &str, port: u16) -> Command {
     let mut cmd = world.command(Ns::Client, "curl");
     cmd.args([
         "-sS",
@@ -245,14 +294,7 @@ pub fn curl_from(
         &source.to_string(),
     ])
     .args(["--resolve", &format!("{host}:{port}:{PROXY_V4}")]);
-    if let Some(port) = local_port {
-        cmd.args(["--local-port", &port.to_string()]);
-    }
-    if let Some(ca) = ca {
-        cmd.arg("--cacert").arg(&ca.cert);
-    }
-    cmd.arg(url);
-    Ok(cmd.output()?)
+    cmd
 }
 
 /// The proxy's client-facing address on `port`.

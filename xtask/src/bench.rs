@@ -164,13 +164,6 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
         }
         _ => "-".to_string(),
     };
-    let cell = |v: &[f64], decimals: usize| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            spread(v, decimals)
-        }
-    };
     let mut table = String::from(
         "| contender | throughput each way, MiB/s (median, min-max) | vs direct | vs HAProxy \
          | proxy CPU s/GiB (median, min-max) | vs HAProxy \
@@ -315,6 +308,15 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
             ),
         ],
     })
+}
+
+/// A table cell of samples: median and min-max, or "-" when there are none.
+pub(crate) fn cell(v: &[f64], decimals: usize) -> String {
+    if v.is_empty() {
+        "-".to_string()
+    } else {
+        spread(v, decimals)
+    }
 }
 
 pub(crate) fn median(v: &[f64]) -> f64 {

@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod bench;
 mod bench_conns;
+mod bench_http;
 mod bench_idle;
 mod bench_stall;
 mod bench_xdp;
@@ -38,7 +39,8 @@ enum Task {
     /// Show an IPv4 client reaching an IPv6-only nginx through spliced, in namespaces.
     Demo,
     /// Throughput and CPU per GiB of each engine next to a direct connection, then SYNs per
-    /// second the XDP filter drops on one core next to what the stack handles, in one run.
+    /// second the XDP filter drops on one core next to what the stack handles, then header
+    /// mode's keep-alive requests per second, in one run.
     Bench {
         /// A short run: 256 MiB per transfer, 3 rounds; 1 s of SYNs, 1 round (instead of
         /// 1 GiB, 5 rounds; 3 s of SYNs, 3 rounds).
@@ -59,6 +61,9 @@ enum BenchPart {
     Connections,
     /// SYNs per second dropped by XDP next to those the stack handles, on one core.
     Xdp,
+    /// Keep-alive requests per second, CPU per request and added latency of header mode
+    /// (`forwarded_header`) next to HAProxy and nginx adding X-Forwarded-For.
+    Http,
     /// What a stalled reader lets a sockmap sender park, with and without a useful backlog
     /// limit (only with `--only`: it parks gigabytes of kernel memory).
     SockmapStall,
@@ -120,11 +125,27 @@ fn main() -> Result<()> {
                 };
                 parts.push(bench_xdp::run(&opts)?);
             }
+            if only.is_none() || only == Some(BenchPart::Http) {
+                let opts = if quick {
+                    bench_http::Options {
+                        seconds: std::time::Duration::from_secs(1),
+                        rounds: 1,
+                        latency_requests: 200,
+                    }
+                } else {
+                    bench_http::Options {
+                        seconds: std::time::Duration::from_secs(5),
+                        rounds: 3,
+                        latency_requests: 5000,
+                    }
+                };
+                parts.push(bench_http::part(&opts)?);
+            }
             if only == Some(BenchPart::SockmapStall) {
                 parts.push(bench_stall::part()?);
             }
             if let Some(table) = report::bar_table(&parts) {
-                println!("\nThe bar in issue 6, against this run:\n\n{table}");
+                println!("\nThe bars in issues 6 and 14, against this run:\n\n{table}");
             }
             // Only a full run of every part is the record; quick and partial runs just print.
             if !quick && only.is_none() {

@@ -160,7 +160,7 @@ pub(crate) fn is_spliced(name: &str) -> bool {
 }
 
 /// `2.6.12` from `haproxy -v`; fails if HAProxy is not installed.
-fn haproxy_version() -> Result<String> {
+pub(crate) fn haproxy_version() -> Result<String> {
     let out = Command::new("haproxy")
         .arg("-v")
         .output()
@@ -269,17 +269,7 @@ struct NginxStream {
 /// Finds out whether nginx is installed and has its stream module (built in, or a dynamic
 /// module that is installed: Debian ships it in libnginx-mod-stream).
 fn nginx_stream() -> Result<NginxStream> {
-    let out = Command::new("nginx")
-        .arg("-V")
-        .output()
-        .context("nginx is not installed (Debian: apt-get install nginx libnginx-mod-stream)")?;
-    // nginx prints its version and build options to standard error.
-    let text = String::from_utf8_lossy(&out.stderr);
-    let version = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("nginx/"))
-        .with_context(|| format!("unexpected `nginx -V` output: {text}"))?
-        .to_owned();
+    let (version, text) = nginx_build()?;
     let options: Vec<&str> = text.split_whitespace().collect();
     if options.contains(&"--with-stream") {
         return Ok(NginxStream {
@@ -306,6 +296,27 @@ fn nginx_stream() -> Result<NginxStream> {
         version,
         module: Some(module),
     })
+}
+
+/// nginx's version and `nginx -V`'s output (its build options); fails if it is not installed.
+fn nginx_build() -> Result<(String, String)> {
+    let out = Command::new("nginx")
+        .arg("-V")
+        .output()
+        .context("nginx is not installed (Debian: apt-get install nginx libnginx-mod-stream)")?;
+    // nginx prints its version and build options to standard error.
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    let version = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nginx/"))
+        .with_context(|| format!("unexpected `nginx -V` output: {text}"))?
+        .to_owned();
+    Ok((version, text))
+}
+
+/// `1.22.1` from `nginx -V`; fails if nginx is not installed.
+pub(crate) fn nginx_version() -> Result<String> {
+    Ok(nginx_build()?.0)
 }
 
 fn start_nginx(

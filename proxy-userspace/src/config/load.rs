@@ -14,7 +14,10 @@ use toml::Spanned;
 use super::raw::{
     RawBackend, RawDefaults, RawFile, RawListener, RawSite, RawSize, RawXdp, SpannedStrings,
 };
-use super::{Backend, Config, ConfigError, Defaults, Forwarding, Listener, Origin, Site, Tlvs};
+use super::{
+    Backend, Config, ConfigError, Defaults, ForwardedHeader, Forwarding, Listener, Origin, Site,
+    Tlvs,
+};
 use super::{Cidr, Protocol, SynLimit, Xdp, XdpMode, parse};
 use crate::preface::Version;
 
@@ -89,6 +92,16 @@ struct Loader {
     sites: Vec<Site>,
     /// Every hostname so far, with where it was declared and by which site.
     hostnames: HashMap<String, (Origin, String)>,
+    /// What every site's validation needs to know about the main file.
+    rules: SiteRules,
+}
+
+/// What validating a site needs from the main file: the inherited header, and whether any
+/// listener could ever add one.
+#[derive(Clone, Copy)]
+struct SiteRules {
+    default_header: ForwardedHeader,
+    http_listener: bool,
 }
 
 /// Builds a [`Config`] from the main file's text, reading includes relative to `path`.
@@ -99,6 +112,13 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
     };
     let raw = main.parse()?;
     // A main file given only as text (tests) may not exist; its name then stands for itself.
+    let listeners = build_listeners(&main, raw.listen)?;
+    let http_listener = listeners.iter().any(|l| l.protocol == Protocol::Http);
+    let defaults = build_defaults(&main, raw.defaults, http_listener)?;
+    let rules = SiteRules {
+        default_header: defaults.forwarded_header,
+        http_listener,
+    };
     let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut loader = Loader {
         files: vec![main.path.clone()],
@@ -106,15 +126,14 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         stack: vec![(identity, main.path.clone())],
         sites: Vec::new(),
         hostnames: HashMap::new(),
+        rules,
     };
-    let defaults = build_defaults(&main, raw.defaults)?;
-    let listeners = build_listeners(&main, raw.listen)?;
     let xdp = raw
         .xdp
         .map(|xdp| build_xdp(&main, xdp, &listeners))
         .transpose()?;
     let default_site = match raw.default {
-        Some(site) => Some(build_site(&main, site, true)?.0),
+        Some(site) => Some(build_site(&main, site, true, rules)?.0),
         None => None,
     };
     loader.add_sites(&main, raw.site)?;
@@ -132,7 +151,7 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
 impl Loader {
     fn add_sites(&mut self, src: &Source, sites: Vec<Spanned<RawSite>>) -> Result<(), ConfigError> {
         for raw in sites {
-            let (site, spans) = build_site(src, raw, false)?;
+            let (site, spans) = build_site(src, raw, false, self.rules)?;
             for (hostname, span) in site.hostnames.iter().zip(spans) {
                 match self.hostnames.entry(hostname.clone()) {
                     Entry::Occupied(first) => {
@@ -304,6 +323,7 @@ fn expand(src: &Source, pattern: &Spanned<String>) -> Result<Vec<PathBuf>, Confi
 fn build_defaults(
     src: &Source,
     raw: Option<Spanned<RawDefaults>>,
+    http_listener: bool,
 ) -> Result<Defaults, ConfigError> {
     let mut defaults = Defaults::default();
     let Some(raw) = raw.map(Spanned::into_inner) else {
@@ -343,6 +363,26 @@ fn build_defaults(
     }
     if let Some(value) = &raw.sockmap_handoff {
         defaults.sockmap_handoff = size_value(src, value, "sockmap_handoff")?;
+    }
+    if let Some(value) = raw.forwarded_header {
+        defaults.forwarded_header = forwarded_header(src, &value, "defaults", http_listener)?;
+    }
+    if let Some(list) = raw.trusted_proxies {
+        for entry in list.into_inner() {
+            let cidr = network(src, &entry, "defaults: trusted_proxies")?;
+            defaults.trusted_proxies.push(cidr);
+        }
+    }
+    if let Some(value) = raw.max_request_head {
+        let bytes = size_value(src, &value, "max_request_head")?;
+        // Below 1 KiB ordinary browser requests fail; above 1 MiB one client holds too much.
+        if !(1 << 10..=1 << 20).contains(&bytes) {
+            return Err(src.error(
+                value.span(),
+                "defaults: max_request_head must be between 1KiB and 1MiB",
+            ));
+        }
+        defaults.max_request_head = usize::try_from(bytes).unwrap_or(1 << 20);
     }
     Ok(defaults)
 }
@@ -392,6 +432,37 @@ fn timeout(src: &Source, value: &Spanned<String>, key: &str) -> Result<Duration,
         ));
     }
     Ok(d)
+}
+
+/// Parses a `forwarded_header` value; one other than `none` needs an `http` listener, since
+/// only there can a header be added.
+fn forwarded_header(
+    src: &Source,
+    value: &Spanned<String>,
+    context: &str,
+    http_listener: bool,
+) -> Result<ForwardedHeader, ConfigError> {
+    let header = parse::forwarded_header(value.get_ref()).ok_or_else(|| {
+        src.error(
+            value.span(),
+            format!(
+                "{context}: forwarded_header must be one of x-forwarded-for, forwarded, none, \
+                 not {:?}",
+                value.get_ref()
+            ),
+        )
+    })?;
+    if header != ForwardedHeader::None && !http_listener {
+        return Err(src.error(
+            value.span(),
+            format!(
+                "{context}: forwarded_header = \"{header}\" needs a [[listen]] with protocol = \
+                 \"http\": a header can only be added to plain HTTP, and there is no such \
+                 listener (TLS is forwarded encrypted; use proxy_protocol there)"
+            ),
+        ));
+    }
+    Ok(header)
 }
 
 fn forwarding(
@@ -481,6 +552,29 @@ fn build_listeners(
     Ok(listeners)
 }
 
+/// A network written as `"addr/prefix"`, refused when bits after the prefix are set (a typo
+/// that would otherwise silently widen or move the network).
+fn network(src: &Source, entry: &Spanned<String>, key: &str) -> Result<Cidr, ConfigError> {
+    let text = entry.get_ref();
+    let (addr, prefix) = parse::cidr(text).map_err(|reason| {
+        src.error(
+            entry.span(),
+            format!("{key} {text:?} is not valid: {reason}"),
+        )
+    })?;
+    let cidr = Cidr {
+        addr: parse::network(addr, prefix),
+        prefix,
+    };
+    if cidr.addr != addr {
+        return Err(src.error(
+            entry.span(),
+            format!("{key} {text:?} has bits set after the prefix; the network is {cidr}"),
+        ));
+    }
+    Ok(cidr)
+}
+
 /// Validates `[xdp]`; without a `ports` key the filter guards the ports of `listeners`.
 fn build_xdp(
     src: &Source,
@@ -535,22 +629,7 @@ fn build_xdp(
     let mut seen: HashMap<Cidr, String> = HashMap::new();
     for entry in raw.deny.map(Spanned::into_inner).unwrap_or_default() {
         let text = entry.get_ref();
-        let (addr, prefix) = parse::cidr(text).map_err(|reason| {
-            src.error(
-                entry.span(),
-                format!("xdp: deny {text:?} is not valid: {reason}"),
-            )
-        })?;
-        let cidr = Cidr {
-            addr: parse::network(addr, prefix),
-            prefix,
-        };
-        if cidr.addr != addr {
-            return Err(src.error(
-                entry.span(),
-                format!("xdp: deny {text:?} has bits set after the prefix; the network is {cidr}"),
-            ));
-        }
+        let cidr = network(src, &entry, "xdp: deny")?;
         match seen.entry(cidr) {
             Entry::Occupied(first) if first.get() == text => {
                 return Err(src.error(entry.span(), format!("xdp: deny {text:?} is listed twice")));
@@ -658,6 +737,7 @@ fn build_site(
     src: &Source,
     raw: Spanned<RawSite>,
     is_default: bool,
+    rules: SiteRules,
 ) -> Result<(Site, Vec<Range<usize>>), ConfigError> {
     let span = raw.span();
     let raw = raw.into_inner();
@@ -767,6 +847,25 @@ fn build_site(
         .map(|f| forwarding(src, &f, &context))
         .transpose()?;
 
+    let forwarded_header = match &raw.forwarded_header {
+        None => rules.default_header,
+        Some(value) => {
+            let header = forwarded_header(src, value, &context, rules.http_listener)?;
+            if header != ForwardedHeader::None && backend.for_listener(Protocol::Http, 80).is_none()
+            {
+                return Err(src.error(
+                    value.span(),
+                    format!(
+                        "{context}: forwarded_header = \"{header}\" needs an http backend, but \
+                         this site's backend only has tls; a header can only be added to plain \
+                         HTTP (use proxy_protocol for TLS)"
+                    ),
+                ));
+            }
+            header
+        }
+    };
+
     let site = Site {
         name: hostnames
             .first()
@@ -777,6 +876,7 @@ fn build_site(
         proxy_protocol,
         tlvs,
         forwarding,
+        forwarded_header,
         origin: src.origin(span),
     };
     Ok((site, spans))

@@ -72,6 +72,14 @@ pub struct Defaults {
     /// sockmap engine, and `auto` where eBPF is loaded); 0 hands it over from the first byte.
     /// Short connections then never pay for entering the socket maps.
     pub sockmap_handoff: u64,
+    /// The header HTTP sites add to every request unless a site says otherwise.
+    pub forwarded_header: ForwardedHeader,
+    /// Sources whose own `X-Forwarded-For`/`Forwarded` (and `X-Forwarded-Proto`/`-Port`) are
+    /// kept and appended to; everyone else's are removed, since a client can write anything.
+    pub trusted_proxies: Vec<Cidr>,
+    /// The longest HTTP request head (request line, header lines, blank line) read on `http`
+    /// listeners: the first request's, and every later one on a header site's connection.
+    pub max_request_head: usize,
 }
 
 impl Default for Defaults {
@@ -85,6 +93,9 @@ impl Default for Defaults {
             max_connections: 10_000,
             sockmap_backlog_limit: 4 << 20,
             sockmap_handoff: 256 << 10,
+            forwarded_header: ForwardedHeader::None,
+            trusted_proxies: Vec::new(),
+            max_request_head: 16 << 10,
         }
     }
 }
@@ -115,6 +126,36 @@ impl Forwarding {
 }
 
 impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The header that tells an HTTP backend who the client is, added to every request (README,
+/// "Client address in a header").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// Nothing is added; the connection is spliced untouched.
+    None,
+    /// `X-Forwarded-For: 192.0.2.7`, as HAProxy's `option forwardfor` and nginx's
+    /// `$proxy_add_x_forwarded_for` send it.
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=192.0.2.7:4711;proto=http`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// The spelling used in the configuration and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardedHeader::None => "none",
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+impl fmt::Display for ForwardedHeader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -172,6 +213,9 @@ pub struct Site {
     pub tlvs: Tlvs,
     /// Overrides the listener's and the default forwarding engine.
     pub forwarding: Option<Forwarding>,
+    /// The header added to each request on `http` listeners: the site's own setting, else
+    /// `[defaults]`'. Connections on `tls` listeners never get one.
+    pub forwarded_header: ForwardedHeader,
     /// Where the site was declared, for messages.
     pub origin: Origin,
 }
@@ -302,6 +346,28 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Cidr {
+    /// Whether `ip` is in this network; an IPv4-mapped IPv6 address (a client on a dual-stack
+    /// listener) counts as the IPv4 address it maps.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -384,7 +450,8 @@ impl Config {
         let _ = writeln!(
             out,
             "defaults: forwarding {}, client_hello_timeout {}, connect_timeout {}, idle_timeout {}, \
-             max_connections {}, sockmap_backlog_limit {}, sockmap_handoff {}",
+             max_connections {}, sockmap_backlog_limit {}, sockmap_handoff {}, \
+             forwarded_header {}, max_request_head {}, trusted_proxies {}",
             d.forwarding,
             parse::format_duration(d.client_hello_timeout),
             parse::format_duration(d.connect_timeout),
@@ -393,6 +460,9 @@ impl Config {
             d.max_connections,
             parse::format_size(d.sockmap_backlog_limit),
             parse::format_size(d.sockmap_handoff),
+            d.forwarded_header,
+            parse::format_size(d.max_request_head as u64),
+            d.trusted_proxies.len(),
         );
         let _ = writeln!(out, "listeners: {}", self.listeners.len());
         for l in &self.listeners {
@@ -464,6 +534,20 @@ impl Config {
             count(Version::None),
             count(Version::V1),
             count(Version::V2)
+        );
+        let headers = |h: ForwardedHeader| {
+            self.sites
+                .iter()
+                .chain(&self.default_site)
+                .filter(|s| s.forwarded_header == h)
+                .count()
+        };
+        let _ = writeln!(
+            out,
+            "forwarded_header: {} none, {} x-forwarded-for, {} forwarded",
+            headers(ForwardedHeader::None),
+            headers(ForwardedHeader::XForwardedFor),
+            headers(ForwardedHeader::Forwarded)
         );
         match &self.xdp {
             Some(xdp) => {

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use super::{Forwarding, Protocol, XdpMode};
+use super::{ForwardedHeader, Forwarding, Protocol, XdpMode};
 use crate::preface::Version;
 
 /// The longest hostname DNS can carry, without the trailing dot (RFC 1035, 2.3.4).
@@ -251,6 +251,17 @@ pub(crate) fn proxy_version(text: &str) -> Option<Version> {
         "v2" => Some(Version::V2),
         _ => None,
     }
+}
+
+/// Parses `forwarded_header`.
+pub(crate) fn forwarded_header(text: &str) -> Option<ForwardedHeader> {
+    [
+        ForwardedHeader::None,
+        ForwardedHeader::XForwardedFor,
+        ForwardedHeader::Forwarded,
+    ]
+    .into_iter()
+    .find(|h| h.as_str() == text)
 }
 
 /// Parses the `[xdp]` `mode`.

@@ -41,6 +41,9 @@ pub(super) struct RawDefaults {
     pub max_connections: Option<Spanned<i64>>,
     pub sockmap_backlog_limit: Option<Spanned<RawSize>>,
     pub sockmap_handoff: Option<Spanned<RawSize>>,
+    pub forwarded_header: Option<Spanned<String>>,
+    pub trusted_proxies: Option<SpannedStrings>,
+    pub max_request_head: Option<Spanned<RawSize>>,
 }
 
 /// `[[listen]]`; required keys are optional here for the same reason as in [`RawSite`].
@@ -62,6 +65,7 @@ pub(super) struct RawSite {
     pub proxy_protocol: Option<Spanned<String>>,
     pub proxy_protocol_tlvs: Option<SpannedStrings>,
     pub forwarding: Option<Spanned<String>>,
+    pub forwarded_header: Option<Spanned<String>>,
 }
 
 /// `[xdp]`; `interfaces` is optional here so that a missing one gets a message saying what to

@@ -151,6 +151,7 @@ backend = "2001:db8:1::12"
                     unique_id: false
                 },
                 forwarding: None,
+                forwarded_header: ForwardedHeader::None,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: line_of(text, "[[site]]\nhostnames = [\"site1")
@@ -166,6 +167,7 @@ backend = "2001:db8:1::12"
                 proxy_protocol: Version::V1,
                 tlvs: Tlvs::default(),
                 forwarding: None,
+                forwarded_header: ForwardedHeader::None,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: 20
@@ -185,6 +187,7 @@ backend = "2001:db8:1::12"
             proxy_protocol: Version::None,
             tlvs: Tlvs::default(),
             forwarding: None,
+            forwarded_header: ForwardedHeader::None,
             origin: Origin {
                 file: "main.toml".into(),
                 line: 25
@@ -239,6 +242,7 @@ forwarding = "auto"
             max_connections: 500,
             sockmap_backlog_limit: 512 * 1024,
             sockmap_handoff: 0,
+            ..Defaults::default()
         }
     );
     assert_eq!(config.listeners[0].address, sock("[::]:443"));
@@ -1398,4 +1402,120 @@ fn xdp_summary() {
         .expect("valid")
         .summary();
     assert!(unlimited.contains("  syn limit: none\n"), "{unlimited}");
+}
+
+/// An `http` listener, for the header tests.
+const LISTEN_HTTP: &str = "[[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n";
+
+#[test]
+fn forwarded_header_per_site_and_in_defaults() {
+    let text = format!(
+        "[defaults]\nforwarded_header = \"x-forwarded-for\"\n\
+         trusted_proxies = [\"198.51.100.0/24\", \"2001:db8:9::/48\"]\n\
+         max_request_head = \"32KiB\"\n{LISTEN}{LISTEN_HTTP}\
+         [[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\n\
+         [[site]]\nhostnames = [\"b.example\"]\nbackend = \"::1\"\nforwarded_header = \"forwarded\"\n\
+         [[site]]\nhostnames = [\"c.example\"]\nbackend = \"::1\"\nforwarded_header = \"none\"\n\
+         [[site]]\nhostnames = [\"d.example\"]\nbackend = {{ tls = \"[::1]:443\" }}\n"
+    );
+    let config = parse(&text).expect("valid");
+    let headers: Vec<ForwardedHeader> = config.sites.iter().map(|s| s.forwarded_header).collect();
+    // d.example inherits the default; its TLS-only backend simply never sees a header.
+    assert_eq!(
+        headers,
+        [
+            ForwardedHeader::XForwardedFor,
+            ForwardedHeader::Forwarded,
+            ForwardedHeader::None,
+            ForwardedHeader::XForwardedFor
+        ]
+    );
+    assert_eq!(config.defaults.max_request_head, 32 << 10);
+    assert_eq!(
+        config.defaults.trusted_proxies,
+        [
+            Cidr {
+                addr: ip("198.51.100.0"),
+                prefix: 24
+            },
+            Cidr {
+                addr: ip("2001:db8:9::"),
+                prefix: 48
+            }
+        ]
+    );
+    let summary = config.summary();
+    assert!(
+        summary.contains("forwarded_header: 1 none, 2 x-forwarded-for, 1 forwarded\n"),
+        "{summary}"
+    );
+    let plain = parse(&format!(
+        "{LISTEN_HTTP}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(plain.sites[0].forwarded_header, ForwardedHeader::None);
+    assert_eq!(plain.defaults.max_request_head, 16 << 10);
+}
+
+#[test]
+fn forwarded_header_errors() {
+    let site = |listen: &str, extra: &str| {
+        format!("{listen}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"::1\"\n{extra}\n")
+    };
+    refused(
+        &site(LISTEN_HTTP, "forwarded_header = \"x-real-ip\""),
+        "forwarded_header",
+        "site \"a.example\": forwarded_header must be one of x-forwarded-for, forwarded, none, \
+         not \"x-real-ip\"",
+    );
+    refused(
+        &site(LISTEN, "forwarded_header = \"x-forwarded-for\""),
+        "forwarded_header",
+        "needs a [[listen]] with protocol = \"http\"",
+    );
+    refused(
+        &format!("[defaults]\nforwarded_header = \"forwarded\"\n{LISTEN}"),
+        "forwarded_header",
+        "defaults: forwarded_header = \"forwarded\" needs a [[listen]]",
+    );
+    refused(
+        &format!(
+            "{LISTEN}{LISTEN_HTTP}[[site]]\nhostnames = [\"a.example\"]\n\
+             backend = {{ tls = \"[::1]:443\" }}\nforwarded_header = \"x-forwarded-for\"\n"
+        ),
+        "forwarded_header",
+        "needs an http backend, but this site's backend only has tls",
+    );
+    refused(
+        &format!("[defaults]\ntrusted_proxies = [\"198.51.100.1/24\"]\n{LISTEN}"),
+        "trusted_proxies",
+        "has bits set after the prefix; the network is 198.51.100.0/24",
+    );
+    refused(
+        &format!("[defaults]\ntrusted_proxies = [\"lb.example\"]\n{LISTEN}"),
+        "trusted_proxies",
+        "trusted_proxies \"lb.example\" is not valid",
+    );
+    refused(
+        &format!("[defaults]\nmax_request_head = \"100B\"\n{LISTEN}"),
+        "max_request_head",
+        "max_request_head must be between 1KiB and 1MiB",
+    );
+}
+
+#[test]
+fn cidr_contains() {
+    let net = |addr: &str, prefix| Cidr {
+        addr: ip(addr),
+        prefix,
+    };
+    assert!(net("198.51.100.0", 24).contains(ip("198.51.100.200")));
+    assert!(net("198.51.100.0", 24).contains(ip("::ffff:198.51.100.7")));
+    assert!(!net("198.51.100.0", 24).contains(ip("198.51.101.1")));
+    assert!(net("0.0.0.0", 0).contains(ip("192.0.2.1")));
+    assert!(net("192.0.2.1", 32).contains(ip("192.0.2.1")));
+    assert!(!net("192.0.2.1", 32).contains(ip("192.0.2.2")));
+    assert!(net("2001:db8::", 32).contains(ip("2001:db8:1::1")));
+    assert!(!net("2001:db8::", 32).contains(ip("192.0.2.1")));
+    assert!(net("::", 0).contains(ip("2001:db8::1")));
 }

@@ -5,6 +5,7 @@
 //! and never lose, duplicate or reorder a byte. They differ in who touches the payload.
 
 mod copy;
+pub mod http;
 pub mod sockmap;
 mod splice;
 
@@ -24,6 +25,9 @@ pub enum Engine {
     Splice,
     /// Plain reads and writes through a user-space buffer.
     Copy,
+    /// HTTP/1.1 framing with a forwarding header added to each request ([`http`]); after a
+    /// switch of protocols the connection is spliced.
+    Http,
 }
 
 impl Engine {
@@ -33,6 +37,7 @@ impl Engine {
             Engine::Sockmap => "sockmap",
             Engine::Splice => "splice",
             Engine::Copy => "copy",
+            Engine::Http => "http",
         }
     }
 }
@@ -146,7 +151,8 @@ pub async fn forward(
     // Whichever direction ends second skips its half-close: both sockets are closed next.
     let ended = AtomicBool::new(false);
     match engine {
-        Engine::Splice | Engine::Sockmap => {
+        // An `http` connection comes here once it switched protocols: a byte stream to splice.
+        Engine::Splice | Engine::Sockmap | Engine::Http => {
             both_ways(client, backend, counters, &ended, splice::one_way).await
         }
         Engine::Copy => both_ways(client, backend, counters, &ended, copy::one_way).await,

@@ -12,9 +12,9 @@ use std::net::Ipv6Addr;
 
 use super::HelloError;
 
-/// The longest request head (request line, header lines, blank line) we wait for. 8 KiB is what
-/// nginx and Apache accept per header line by default and more than browsers send; a client with
-/// more is refused with 431.
+/// The longest request head (request line, header lines, blank line) [`parse_request_head`]
+/// waits for; the proxy itself uses the configured `max_request_head` (16 KiB unless set).
+#[cfg(any(test, fuzzing))]
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// The most header lines we read; more is refused like a head that is too long (431).
@@ -50,8 +50,18 @@ pub struct RequestHead {
 /// ClientHello sent to the HTTP port is refused without waiting for more bytes. An HTTP/1.1
 /// request without `Host` is a [`HelloError::BadRequest`] (RFC 9112 §3.2), as is more than one
 /// `Host` or a `Host` that is not a host name or bracketed IPv6 address with an optional port.
+#[cfg(any(test, fuzzing))]
 pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError> {
-    let window = buf.get(..MAX_REQUEST_HEAD).unwrap_or(buf);
+    parse_request_head_within(buf, MAX_REQUEST_HEAD)
+}
+
+/// `parse_request_head` with `limit` bytes in place of `MAX_REQUEST_HEAD` (the configured
+/// `max_request_head`).
+pub fn parse_request_head_within(
+    buf: &[u8],
+    limit: usize,
+) -> Result<Option<RequestHead>, HelloError> {
+    let window = buf.get(..limit).unwrap_or(buf);
     if let Some(first) = first_request_line_byte(window)
         && !is_token_byte(first)
     {
@@ -61,7 +71,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(window) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+        Ok(httparse::Status::Partial) if buf.len() >= limit => {
             return Err(HelloError::HeadTooLarge);
         }
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -73,8 +83,22 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
         return Err(HelloError::BadRequest("incomplete request line"));
     };
 
-    let mut host_values = request
-        .headers
+    let host = request_host(path, version, request.headers)?;
+    Ok(Some(RequestHead {
+        host,
+        method: method.to_owned(),
+        path: path.to_owned(),
+        head_len,
+    }))
+}
+
+/// The host a parsed request names (see [`RequestHead::host`]), or why it cannot be routed.
+pub(crate) fn request_host(
+    path: &str,
+    version: u8,
+    headers: &[httparse::Header<'_>],
+) -> Result<Option<String>, HelloError> {
+    let mut host_values = headers
         .iter()
         .filter(|header| header.name.eq_ignore_ascii_case("host"))
         .map(|header| header.value);
@@ -97,12 +121,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HelloError>
         }
         None => from_header,
     };
-    Ok(Some(RequestHead {
-        host,
-        method: method.to_owned(),
-        path: path.to_owned(),
-        head_len,
-    }))
+    Ok(host)
 }
 
 /// `400 Bad Request`: the head is not a request we can route (bad or missing Host, bad syntax).
@@ -118,7 +137,7 @@ pub fn response_421() -> &'static [u8] {
       Connection: close\r\n\r\nmisdirected request\n"
 }
 
-/// `431 Request Header Fields Too Large`: the head is over [`MAX_REQUEST_HEAD`] bytes or
+/// `431 Request Header Fields Too Large`: the head is over `max_request_head` bytes or
 /// [`MAX_HEADERS`] lines (RFC 6585 §5).
 pub fn response_431() -> &'static [u8] {
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n\

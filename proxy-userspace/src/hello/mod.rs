@@ -4,7 +4,7 @@
 //! client so far and gets back "need more" (`Ok(None)`), the parsed hello, or a [`HelloError`]
 //! that says why the connection is refused. Nothing is consumed or rewritten; the caller forwards
 //! the whole buffer to the backend unchanged. Each parser looks at no more than its size limit
-//! ([`tls::MAX_CLIENT_HELLO`], [`http::MAX_REQUEST_HEAD`]), so calling it again after every read
+//! ([`tls::MAX_CLIENT_HELLO`], the configured `max_request_head`), so calling it again after every read
 //! costs at most one pass over a bounded buffer.
 //!
 //! The parsers are total: any input gives a value or an error, never a panic. `fuzz_check_tls`
@@ -15,7 +15,7 @@ pub mod http;
 pub mod tls;
 
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::fmt;
 
@@ -36,7 +36,7 @@ pub enum HelloError {
     Malformed(&'static str),
     /// The first bytes cannot start an HTTP request line (a TLS hello sent to an HTTP port).
     NotHttp,
-    /// The HTTP request head does not end within [`http::MAX_REQUEST_HEAD`] bytes, or has more
+    /// The HTTP request head does not end within its limit (`max_request_head`), or has more
     /// header lines than we keep.
     HeadTooLarge,
     /// An HTTP request head that is not a valid request, or whose Host cannot be used; the text
@@ -58,8 +58,7 @@ impl fmt::Display for HelloError {
             HelloError::NotHttp => f.write_str("not an HTTP request"),
             HelloError::HeadTooLarge => write!(
                 f,
-                "HTTP request head larger than {} bytes or {} header lines",
-                http::MAX_REQUEST_HEAD,
+                "HTTP request head larger than max_request_head or {} header lines",
                 http::MAX_HEADERS
             ),
             HelloError::BadRequest(what) => write!(f, "bad HTTP request: {what}"),
@@ -198,7 +197,11 @@ mod tests {
         let text = HelloError::Malformed("duplicate extension").to_string();
         assert_eq!(text, "malformed ClientHello: duplicate extension");
         assert!(HelloError::TooLarge.to_string().contains("16384"));
-        assert!(HelloError::HeadTooLarge.to_string().contains("8192"));
+        assert!(
+            HelloError::HeadTooLarge
+                .to_string()
+                .contains("larger than max_request_head")
+        );
     }
 
     #[test]
