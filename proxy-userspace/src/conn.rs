@@ -149,9 +149,12 @@ async fn serve(
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
         .map_err(|e| Failure::new(Outcome::PrefaceError, e))?;
     preface_bytes.extend_from_slice(&buf);
-    forward::write_all(&backend, &preface_bytes)
-        .await
-        .map_err(|e| Failure::new(Outcome::BackendError, e))?;
+    if let Err(e) = forward::write_all(&backend, &preface_bytes).await {
+        // The client's hello is lost with it: a clean end would look like a refusal by the
+        // site, so the client gets a reset.
+        forward::reset_on_close(client);
+        return Err(Failure::new(Outcome::BackendError, e));
+    }
     let preface_len = preface_bytes.len() as u64;
     let client_consumed = buf.len() as u64;
     // Both buffers would otherwise stay allocated for as long as the connection lives.
@@ -204,19 +207,28 @@ async fn serve(
         };
         forward::forward(fallback, client, &backend, counters).await
     };
-    match defaults.idle_timeout {
-        None => Ok(forwarding.await?),
-        Some(idle) => {
-            tokio::select! {
-                r = forwarding => Ok(r?),
-                () = idle_watch(counters, idle) => Err(Outcome::IdleTimeout.into()),
-            }
+    let (result, abort) = tokio::select! {
+        r = forwarding => match r {
+            Ok(()) => (Ok(()), false),
+            // One side failed or reset: the other must see an abort, not a clean end.
+            Err(e) => (Err(Failure::from(e)), true),
+        },
+        () = idle_watch(counters, defaults.idle_timeout) => {
+            (Err(Outcome::IdleTimeout.into()), false)
         }
+    };
+    if abort {
+        forward::reset_on_close(client);
+        forward::reset_on_close(&backend);
     }
+    result
 }
 
-/// Resolves once no byte moved in either direction for `idle`.
-async fn idle_watch(counters: &Counters, idle: Duration) {
+/// Resolves once no byte moved in either direction for `idle`; never without an idle limit.
+async fn idle_watch(counters: &Counters, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
     let mut last = counters.get();
     loop {
         tokio::time::sleep(idle).await;
