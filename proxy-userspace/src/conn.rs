@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream, time::timeout};
+use tokio::{io::Interest, net::TcpStream, sync::watch, time::timeout};
 
 use crate::{
     access,
@@ -46,21 +46,34 @@ struct Facts {
     id: Option<preface::UniqueId>,
 }
 
-/// Serves one accepted connection to completion and writes its access-log line.
+/// Serves one accepted connection to completion and writes its access-log line. `cut` turns
+/// true when the process stops for good (the grace period is over): the connection then ends
+/// at once with [`Outcome::Shutdown`], and still gets its line.
 pub async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
+    mut cut: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let mut facts = Facts::default();
-    let result = serve(&client, peer, &listener, &shared, &mut facts).await;
+    let mut inner_cut = cut.clone();
+    let result = tokio::select! {
+        // Biased: while forwarding, `serve` sees the cut itself and resets the backend too.
+        biased;
+        r = serve(&client, peer, &listener, &shared, &mut facts, &mut inner_cut) => r,
+        _ = cut.wait_for(|&c| c) => {
+            forward::reset_on_close(&client);
+            Err(Outcome::Shutdown.into())
+        }
+    };
     let (outcome, detail) = match result {
         Ok(()) => (Outcome::Ok, None),
         Err(Failure { outcome, detail }) => (outcome, detail),
     };
-    refuse(&client, listener.protocol, outcome).await;
+    // What the client sent after its hello while being refused counts as received too.
+    let drained = refuse(&client, listener.protocol, outcome).await;
     let (up, down) = facts.counters.get();
     let proxy_protocol = match facts.proxy_protocol {
         preface::Version::None => "none",
@@ -77,7 +90,7 @@ pub async fn handle(
         backend: facts.backend,
         proxy_protocol,
         engine: facts.engine.map(Engine::as_str),
-        bytes_up: up + facts.hello_len,
+        bytes_up: up + facts.hello_len + drained,
         bytes_down: down,
         duration: started.elapsed(),
         outcome: outcome.name(),
@@ -93,6 +106,7 @@ async fn serve(
     listener: &ListenerInfo,
     shared: &Shared,
     facts: &mut Facts,
+    cut: &mut watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let config = shared.current();
     let defaults = &config.config.defaults;
@@ -108,7 +122,6 @@ async fn serve(
         Err(_) => return Err(Outcome::HelloTimeout.into()),
         Ok(result) => result?,
     };
-    facts.hello_len = buf.len() as u64;
 
     // 3. Route.
     let site = config.router.route(name.as_deref())?;
@@ -216,6 +229,7 @@ async fn serve(
         () = idle_watch(counters, defaults.idle_timeout) => {
             (Err(Outcome::IdleTimeout.into()), false)
         }
+        _ = cut.wait_for(|&c| c) => (Err(Outcome::Shutdown.into()), true),
     };
     if abort {
         forward::reset_on_close(client);
@@ -257,6 +271,8 @@ async fn read_hello(
             .async_io(Interest::READABLE, || client.try_read_buf(buf))
             .await
             .map_err(|e| Failure::new(Outcome::ClientError, e))?;
+        // Counted as it arrives, so a refused or abandoned hello still shows in `up=`.
+        facts.hello_len = buf.len() as u64;
         if n == 0 {
             return Err(Outcome::ClientClosedBeforeHello.into());
         }
@@ -285,24 +301,26 @@ async fn read_hello(
 }
 
 /// Tells the client why it is refused, in its protocol, then lets the socket close; does
-/// nothing for an outcome without a refusal ([`Outcome::refusal`]).
-async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
+/// nothing for an outcome without a refusal ([`Outcome::refusal`]). Returns how many bytes the
+/// client sent meanwhile (they were read and discarded).
+async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) -> u64 {
     let Some(bytes) = outcome.refusal(protocol) else {
-        return;
+        return 0;
     };
     // Best effort with a short deadline: a client that does not read must not hold us.
     if timeout(Duration::from_secs(1), forward::write_all(client, bytes))
         .await
         .is_err()
     {
-        return;
+        return 0;
     }
     // Closing with unread input makes the kernel send RST, which can destroy the response
     // before the client reads it; so half-close, then discard what the client still sends
     // until it closes too (bounded in time and bytes).
     if forward::shutdown_write(client).is_err() {
-        return;
+        return 0;
     }
+    let mut drained = 0u64;
     let _ = timeout(Duration::from_secs(1), async {
         // On the heap: refusals are rare, and an array would enlarge every connection's task.
         let mut sink = vec![0u8; 4096];
@@ -313,9 +331,13 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
                 .await
             {
                 Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
+                Ok(n) => {
+                    drained += n as u64;
+                    left = left.saturating_sub(n);
+                }
             }
         }
     })
     .await;
+    drained
 }

@@ -101,11 +101,13 @@ pub enum Outcome {
     /// The kernel's byte counts for a spliced direction disagreed (it moved more bytes than
     /// arrived): both sides were reset rather than pass on a corrupted stream.
     KernelAccounting,
+    /// Still open when the SIGTERM grace period ended: cut (with a reset) as the process stops.
+    Shutdown,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -132,6 +134,7 @@ impl Outcome {
         Outcome::BackendIdleTimeout,
         Outcome::IdleTimeout,
         Outcome::KernelAccounting,
+        Outcome::Shutdown,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -163,6 +166,7 @@ impl Outcome {
             Outcome::BackendIdleTimeout => "backend_idle_timeout",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::KernelAccounting => "kernel_accounting",
+            Outcome::Shutdown => "shutdown",
         }
     }
 
@@ -196,7 +200,8 @@ impl Outcome {
             Outcome::NoBackendForProtocol
             | Outcome::PrefaceError
             | Outcome::IdleTimeout
-            | Outcome::KernelAccounting => Some(Source::Proxy),
+            | Outcome::KernelAccounting
+            | Outcome::Shutdown => Some(Source::Proxy),
         }
     }
 
@@ -236,7 +241,8 @@ impl Outcome {
             | Outcome::ClientIdleTimeout
             | Outcome::BackendIdleTimeout
             | Outcome::IdleTimeout
-            | Outcome::KernelAccounting => return None,
+            | Outcome::KernelAccounting
+            | Outcome::Shutdown => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,

@@ -179,6 +179,8 @@ impl Server {
     /// for up to `grace`. SIGHUP re-reads the configuration file.
     pub async fn run(self, grace: Duration) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Turns true when the grace period is over: open connections end and log their line.
+        let (cut_tx, cut_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let max = self.max_connections;
         let mut tasks = Vec::new();
@@ -214,7 +216,7 @@ impl Server {
                 info,
                 Arc::clone(&shared),
                 Arc::clone(&permits),
-                stop_rx.clone(),
+                (stop_rx.clone(), cut_rx.clone()),
             )));
         }
         let [mut term, mut int, mut hup] = signals;
@@ -235,6 +237,19 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let open = max - permits.available_permits();
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "closing connections still open after the grace period"
+            );
+            // Each ends with outcome=shutdown and its access-log line; a moment is enough,
+            // nothing waits on a peer any more.
+            let _ = cut_tx.send(true);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if let Some(task) = metrics_task {
             task.abort();
         }
@@ -246,12 +261,6 @@ impl Server {
                 .collect();
             tracing::info!("kernel counters: {}", counters.join(" "));
             log_xdp_counters(kernel);
-        }
-        if open > 0 {
-            tracing::warn!(
-                open,
-                "closing connections still open after the grace period"
-            );
         }
         // The lines of every connection that ended are queued; whoever reads our output after
         // we stop must find them all. (Dropping the log waits too, but only once the last task
@@ -301,7 +310,7 @@ async fn accept_loop(
     info: Arc<ListenerInfo>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, cut): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     loop {
         // At the connection limit we stop accepting; new clients wait in the listen backlog.
@@ -318,9 +327,10 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
+                let cut = cut.clone();
                 tokio::spawn(async move {
                     let open = shared.open_connection();
-                    conn::handle(stream, peer, info, shared).await;
+                    conn::handle(stream, peer, info, shared, cut).await;
                     drop(open);
                     drop(permit);
                 });
