@@ -30,7 +30,7 @@ pub struct Server {
     shared: Arc<Shared>,
     max_connections: usize,
     config_path: Option<PathBuf>,
-    metrics: Option<SocketAddr>,
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Whether `config` asks for the sockmap engine anywhere (a listener, a site, the default site
@@ -106,6 +106,17 @@ impl Server {
         } else {
             None
         };
+        // Bound here, not in its task: a port in use stops the start instead of leaving an
+        // error in the log and a proxy without metrics.
+        let metrics = options
+            .metrics
+            .map(|address| {
+                let listener = std::net::TcpListener::bind(address)
+                    .with_context(|| format!("binding the metrics endpoint {address}"))?;
+                listener.set_nonblocking(true)?;
+                anyhow::Ok(listener)
+            })
+            .transpose()?;
         // Listening last: once the ports accept, the eBPF side (and the edge filter) is ready.
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -126,7 +137,7 @@ impl Server {
             shared: Arc::new(Shared::new(config, kernel)?),
             max_connections,
             config_path,
-            metrics: options.metrics,
+            metrics,
         })
     }
 
@@ -194,10 +205,10 @@ impl Server {
         } = self;
         // Ends with the process, not with the listeners: metrics stay readable while open
         // connections finish.
-        let metrics_task = metrics.map(|address| {
+        let metrics_task = metrics.map(|listener| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(address, shared).await {
+                if let Err(e) = crate::metrics::serve(listener, shared).await {
                     tracing::error!("{e:#}");
                 }
             })
