@@ -14,6 +14,7 @@ mod conn;
 mod ebpf;
 mod forward;
 mod hello;
+mod instance;
 mod listen;
 mod metrics;
 mod name;

@@ -31,6 +31,8 @@ pub struct Server {
     max_connections: usize,
     config_path: Option<PathBuf>,
     metrics: Option<std::net::TcpListener>,
+    /// Held while serving: another spliced cannot take over the pins meanwhile.
+    pin_lock: Option<crate::instance::PinLock>,
 }
 
 /// Whether `config` asks for the sockmap engine anywhere (a listener, a site, the default site
@@ -67,8 +69,22 @@ impl Server {
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         ];
+        // A second instance would share the ports (SO_REUSEPORT) and take the first one's pins:
+        // refuse before touching anything.
+        let addresses: Vec<SocketAddr> = config
+            .listeners
+            .iter()
+            .map(|l| l.address)
+            .chain(options.metrics)
+            .collect();
+        crate::instance::check_addresses_free(&addresses)?;
         let explicit = wants_sockmap(&config);
-        let kernel = if explicit || config.xdp.is_some() {
+        let loads_kernel = explicit || config.xdp.is_some();
+        let mut pin_lock = match &options.pin_dir {
+            Some(dir) if loads_kernel => crate::instance::lock_pin_dir(dir)?,
+            _ => None,
+        };
+        let kernel = if loads_kernel {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
                     if explicit {
@@ -106,6 +122,10 @@ impl Server {
         } else {
             None
         };
+        if let (Some(dir), Some(_), None) = (&options.pin_dir, &kernel, &pin_lock) {
+            // The directory did not exist before loading: lock the one the pins are in now.
+            pin_lock = crate::instance::lock_pin_dir(dir)?;
+        }
         // Bound here, not in its task: a port in use stops the start instead of leaving an
         // error in the log and a proxy without metrics.
         let metrics = options
@@ -138,6 +158,7 @@ impl Server {
             max_connections,
             config_path,
             metrics,
+            pin_lock,
         })
     }
 
@@ -202,6 +223,7 @@ impl Server {
             max_connections: _,
             config_path,
             metrics,
+            pin_lock,
         } = self;
         // Ends with the process, not with the listeners: metrics stay readable while open
         // connections finish.
@@ -279,6 +301,7 @@ impl Server {
         let log = Arc::clone(&shared);
         let _ =
             tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
+        drop(pin_lock);
         Ok(())
     }
 }
