@@ -111,17 +111,21 @@ async fn serve(
     let config = shared.current();
     let defaults = &config.config.defaults;
 
-    // 2. Read the hello under one deadline for the whole hello, not per read.
+    // 2. Read the hello under one deadline for the whole hello, not per read. Until it is
+    // complete, the connection may be shed to free its descriptor (see crate::shed).
     let mut buf = Vec::with_capacity(2048);
-    let name = match timeout(
-        defaults.client_hello_timeout,
-        read_hello(client, listener.protocol, &mut buf, facts),
-    )
-    .await
-    {
-        Err(_) => return Err(Outcome::HelloTimeout.into()),
-        Ok(result) => result?,
+    let ticket = shared.pre_hello().enter();
+    let name = tokio::select! {
+        read = timeout(
+            defaults.client_hello_timeout,
+            read_hello(client, listener.protocol, &mut buf, facts),
+        ) => match read {
+            Err(_) => return Err(Outcome::HelloTimeout.into()),
+            Ok(result) => result?,
+        },
+        () = ticket.shed() => return Err(Outcome::ShedBeforeHello.into()),
     };
+    drop(ticket);
 
     // 3. Route.
     let site = config.router.route(name.as_deref())?;

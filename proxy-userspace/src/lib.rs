@@ -23,6 +23,7 @@ mod preface;
 mod route;
 mod server;
 mod shared;
+mod shed;
 mod sys;
 
 pub use config::{Config, ConfigError};

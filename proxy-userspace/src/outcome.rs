@@ -103,11 +103,14 @@ pub enum Outcome {
     KernelAccounting,
     /// Still open when the SIGTERM grace period ended: cut (with a reset) as the process stops.
     Shutdown,
+    /// Closed before its hello was complete to free descriptors for new connections: the
+    /// process was near its descriptor limit and this was among the oldest waiting for a hello.
+    ShedBeforeHello,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 27] = [
+    pub const ALL: [Outcome; 28] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -135,6 +138,7 @@ impl Outcome {
         Outcome::IdleTimeout,
         Outcome::KernelAccounting,
         Outcome::Shutdown,
+        Outcome::ShedBeforeHello,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -167,6 +171,7 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::KernelAccounting => "kernel_accounting",
             Outcome::Shutdown => "shutdown",
+            Outcome::ShedBeforeHello => "shed_before_hello",
         }
     }
 
@@ -201,7 +206,8 @@ impl Outcome {
             | Outcome::PrefaceError
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
-            | Outcome::Shutdown => Some(Source::Proxy),
+            | Outcome::Shutdown
+            | Outcome::ShedBeforeHello => Some(Source::Proxy),
         }
     }
 
@@ -242,7 +248,8 @@ impl Outcome {
             | Outcome::BackendIdleTimeout
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
-            | Outcome::Shutdown => return None,
+            | Outcome::Shutdown
+            | Outcome::ShedBeforeHello => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,

@@ -33,6 +33,32 @@ pub struct Server {
     metrics: Option<std::net::TcpListener>,
     /// Held while serving: another spliced cannot take over the pins meanwhile.
     pin_lock: Option<crate::instance::PinLock>,
+    /// The descriptor limit and how many of them to keep free (see [`crate::shed`]).
+    descriptors: Descriptors,
+}
+
+/// The process's descriptor limit, and the reserve kept below it.
+#[derive(Clone, Copy, Debug)]
+struct Descriptors {
+    limit: u64,
+    reserve: u64,
+}
+
+impl Descriptors {
+    fn current() -> Descriptors {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        Descriptors {
+            limit,
+            reserve: crate::shed::reserve_for(limit),
+        }
+    }
+
+    /// Whether a new descriptor numbered `fd` leaves less than the reserve free. Linux hands
+    /// out the lowest free number, so every number below `fd` is taken.
+    fn pressed(self, fd: i32) -> bool {
+        u64::try_from(fd).is_ok_and(|fd| fd + self.reserve >= self.limit)
+    }
 }
 
 /// Whether `config` asks for the sockmap engine anywhere (a listener, a site, the default site
@@ -159,6 +185,7 @@ impl Server {
             config_path,
             metrics,
             pin_lock,
+            descriptors: Descriptors::current(),
         })
     }
 
@@ -224,7 +251,13 @@ impl Server {
             config_path,
             metrics,
             pin_lock,
+            descriptors,
         } = self;
+        tracing::debug!(
+            limit = descriptors.limit,
+            reserve = descriptors.reserve,
+            "descriptors"
+        );
         // Ends with the process, not with the listeners: metrics stay readable while open
         // connections finish.
         let metrics_task = metrics.map(|listener| {
@@ -250,6 +283,7 @@ impl Server {
                 Arc::clone(&shared),
                 Arc::clone(&permits),
                 (stop_rx.clone(), cut_rx.clone()),
+                descriptors,
             )));
         }
         let [mut term, mut int, mut hup] = signals;
@@ -345,7 +379,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     (mut stop, cut): (watch::Receiver<bool>, watch::Receiver<bool>),
+    descriptors: Descriptors,
 ) {
+    let batch = crate::shed::batch_for(descriptors.reserve);
     loop {
         // At the connection limit we stop accepting; new clients wait in the listen backlog.
         let permit = tokio::select! {
@@ -358,6 +394,11 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                if descriptors.pressed(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+                    // Near the limit: the oldest connections still without a hello make room
+                    // before the table is full, so served clients find their backend socket.
+                    shared.pre_hello().shed_oldest(batch);
+                }
                 let _ = stream.set_nodelay(true);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
@@ -370,9 +411,12 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a full descriptor table.
-                tracing::warn!(address = %info.address, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE and friends: shed connections still without a hello and retry soon;
+                // with none to shed, back off instead of spinning on a full descriptor table.
+                let shed = shared.pre_hello().shed_oldest(batch);
+                tracing::warn!(address = %info.address, shed, "accept failed: {e}");
+                let pause = if shed > 0 { 10 } else { 100 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }

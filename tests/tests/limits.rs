@@ -1,5 +1,7 @@
 //! At the descriptor limit spliced stays usable: the metrics endpoint backs off instead of
-//! spinning when it cannot accept, and serves a bounded number of scrapes at once.
+//! spinning when it cannot accept and serves a bounded number of scrapes at once, and
+//! connections that never finish their hello are shed, oldest first, so normal clients are
+//! still served promptly.
 //!
 //! Run as root (network namespaces) with a release build of the proxy:
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test limits`.
@@ -11,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, World, open_files,
+    BACKEND_V6, Ns, PROXY_V4, World, open_files,
     raw::{self, Behavior, End, TestBackend, expect_hello, simple_hello},
     spliced::{Launch, Spliced},
     wait_for,
@@ -168,5 +170,66 @@ fn out_of_descriptors_the_metrics_endpoint_backs_off_and_recovers() -> Result<()
     );
     drop(held);
     spliced.wait_metrics("a scrape after the held ones closed", IO, |_| Ok(true))?;
+    Ok(())
+}
+
+/// Hundreds of connections that never send a hello, more than the descriptor limit allows:
+/// the oldest are shed (and counted), the newest stay, and normal clients are served
+/// promptly all along.
+#[test]
+fn at_the_descriptor_limit_silent_connections_are_shed_oldest_first() -> Result<()> {
+    const NOFILE: u64 = 256;
+    const SILENT: usize = 400;
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, NOFILE)?;
+    let addr = SocketAddr::new(PROXY_V4, 443);
+    let silent: Vec<TcpStream> = world.within(Ns::Client, || {
+        (0..SILENT)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&addr, IO)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                Ok(s)
+            })
+            .collect::<Result<_>>()
+    })??;
+    let mut shed = 0;
+    spliced.wait_metrics("every silent connection accepted", IO, |m| {
+        shed = m.count(
+            "spliced_connections_total",
+            &[("outcome", "shed_before_hello")],
+        )?;
+        Ok(shed + m.count("spliced_open_connections", &[])? >= SILENT as u64)
+    })?;
+    eprintln!("{shed} of {SILENT} silent connections shed with {NOFILE} descriptors");
+    ensure!(
+        shed >= (SILENT as u64).saturating_sub(NOFILE),
+        "only {shed} of {SILENT} silent connections were shed"
+    );
+    for i in 0..10 {
+        let started = Instant::now();
+        served(&world).with_context(|| format!("normal client {i}"))?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(2),
+            "normal client {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let ended = |mut s: &TcpStream| {
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    ensure!(
+        ended(&silent[0]),
+        "the oldest silent connection is still open"
+    );
+    ensure!(
+        !ended(&silent[SILENT - 1]),
+        "the newest silent connection was closed"
+    );
     Ok(())
 }
