@@ -14,7 +14,10 @@ use anyhow::{Result, ensure};
 use nix::sys::signal::Signal;
 use spliced_tests::{
     BACKEND_V6, World,
-    raw::{self, ALERT_UNRECOGNIZED_NAME, Behavior, End, TestBackend, expect_hello, simple_hello},
+    raw::{
+        self, ALERT_HANDSHAKE_FAILURE, ALERT_UNRECOGNIZED_NAME, Behavior, End, TestBackend,
+        expect_hello, simple_hello,
+    },
     spliced::{Launch, Spliced, field},
 };
 
@@ -40,31 +43,57 @@ backend = "[{BACKEND_V6}]:{ECHO_PORT}"
         .start(world, &[443])
 }
 
-/// A client refused for an unknown name sent its hello and some early data: `up=` counts all
-/// of it, not 0.
-#[test]
-fn a_refused_connection_logs_the_bytes_it_sent() -> Result<()> {
-    let world = World::new()?;
-    let spliced = start(&world, &[])?;
-    let mut sent = simple_hello("nobody.example");
-    sent.extend_from_slice(b"early data after the hello");
-    let mut client = raw::connect(&world, 443, IO)?;
+/// Sends `sent` and half-closes; expects `reply` and a clean end, and a line with `outcome`
+/// whose `up=` counts every byte sent.
+fn refused(
+    world: &World,
+    spliced: &Spliced,
+    sent: &[u8],
+    reply: &[u8],
+    outcome: &str,
+) -> Result<()> {
+    let mut client = raw::connect(world, 443, IO)?;
     let me = client.local_addr()?;
-    client.write_all(&sent)?;
+    client.write_all(sent)?;
     client.shutdown(Shutdown::Write)?;
     let (got, end) = raw::read_to_end(&mut client, 1 << 16);
     ensure!(
-        got == ALERT_UNRECOGNIZED_NAME && end == End::Eof,
-        "expected the unrecognized_name alert and a clean end: {got:02x?} {end:?}"
+        got == reply && end == End::Eof,
+        "expected {reply:02x?} and a clean end: {got:02x?} {end:?}"
     );
     let line = spliced.log_line_for(me, IO)?;
-    ensure!(field(&line, "outcome") == Some("unknown_name"), "{line}");
+    ensure!(field(&line, "outcome") == Some(outcome), "{line}");
     let want = sent.len().to_string();
     ensure!(
         field(&line, "up") == Some(want.as_str()),
         "expected up={want}: {line}"
     );
     Ok(())
+}
+
+/// Refused clients' `up=` counts what they sent: a request that is not TLS at all (refused
+/// while reading the hello, logged as `up=0` before), and a hello for an unknown name followed
+/// by early data.
+#[test]
+fn a_refused_connection_logs_the_bytes_it_sent() -> Result<()> {
+    let world = World::new()?;
+    let spliced = start(&world, &[])?;
+    refused(
+        &world,
+        &spliced,
+        b"GET / HTTP/1.1\r\nHost: echo.example\r\n\r\n",
+        &ALERT_HANDSHAKE_FAILURE,
+        "not_tls",
+    )?;
+    let mut sent = simple_hello("nobody.example");
+    sent.extend_from_slice(b"early data after the hello");
+    refused(
+        &world,
+        &spliced,
+        &sent,
+        &ALERT_UNRECOGNIZED_NAME,
+        "unknown_name",
+    )
 }
 
 /// A connection still forwarding and one still waiting for its hello when the grace period
