@@ -1,9 +1,9 @@
 //! An abort stays an abort: when one side resets its connection while bytes flow, the other
 //! side's connection is reset too (a read fails with ECONNRESET), never ended with a FIN that a
-//! reader would take for a complete stream. Each user-space engine, each side, uploading and
-//! downloading. (The sockmap engine has its own reset tests in `sockmap_resets.rs`.)
+//! reader would take for a complete stream. Each engine, each side, uploading and
+//! downloading. (`sockmap_resets.rs` checks the sockmap engine's timing and access log further.)
 //!
-//! Run as root (network namespaces) with a release build of the proxy:
+//! Run as root (network namespaces, eBPF) with a release build of the proxy:
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test aborts`.
 use std::{io::Write as _, sync::mpsc, time::Duration};
 
@@ -159,4 +159,24 @@ fn copy_client_reset_while_uploading() -> Result<()> {
 #[test]
 fn copy_client_reset_while_downloading() -> Result<()> {
     client_resets("copy", false)
+}
+
+#[test]
+fn sockmap_backend_reset_while_client_uploads() -> Result<()> {
+    backend_resets("sockmap", true)
+}
+
+#[test]
+fn sockmap_backend_reset_while_client_downloads() -> Result<()> {
+    backend_resets("sockmap", false)
+}
+
+#[test]
+fn sockmap_client_reset_while_uploading() -> Result<()> {
+    client_resets("sockmap", true)
+}
+
+#[test]
+fn sockmap_client_reset_while_downloading() -> Result<()> {
+    client_resets("sockmap", false)
 }
