@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream, time::timeout};
+use tokio::{io::Interest, net::TcpStream, sync::watch, time::timeout};
 
 use crate::{
     access,
@@ -54,23 +54,38 @@ struct Facts {
     no_refusal: bool,
 }
 
-/// Serves one accepted connection to completion and writes its access-log line.
+/// Serves one accepted connection to completion and writes its access-log line. `cut` turns
+/// true when the process stops for good (the grace period is over): the connection then ends
+/// at once with [`Outcome::Shutdown`], and still gets its line.
 pub async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerInfo>,
     shared: Arc<Shared>,
+    mut cut: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let mut facts = Facts::default();
-    let result = serve(&client, peer, &listener, &shared, &mut facts).await;
+    let mut inner_cut = cut.clone();
+    let result = tokio::select! {
+        // Biased: while forwarding, `serve` sees the cut itself and resets the backend too.
+        biased;
+        r = serve(&client, peer, &listener, &shared, &mut facts, &mut inner_cut) => r,
+        _ = cut.wait_for(|&c| c) => {
+            forward::reset_on_close(&client);
+            Err(Outcome::Shutdown.into())
+        }
+    };
     let (outcome, detail) = match result {
         Ok(()) => (Outcome::Ok, None),
         Err(Failure { outcome, detail }) => (outcome, detail),
     };
-    if !facts.no_refusal {
-        refuse(&client, listener.protocol, outcome).await;
-    }
+    // What the client sent after its hello while being refused counts as received too.
+    let drained = if facts.no_refusal {
+        0
+    } else {
+        refuse(&client, listener.protocol, outcome).await
+    };
     let (up, down) = facts.counters.get();
     let proxy_protocol = match facts.proxy_protocol {
         preface::Version::None => "none",
@@ -87,7 +102,7 @@ pub async fn handle(
         backend: facts.backend,
         proxy_protocol,
         engine: facts.engine.map(Engine::as_str),
-        bytes_up: up + facts.hello_len,
+        bytes_up: up + facts.hello_len + drained,
         bytes_down: down,
         duration: started.elapsed(),
         outcome: outcome.name(),
@@ -105,28 +120,32 @@ async fn serve(
     listener: &ListenerInfo,
     shared: &Shared,
     facts: &mut Facts,
+    cut: &mut watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let config = shared.current();
     let defaults = &config.config.defaults;
 
-    // 2. Read the hello under one deadline for the whole hello, not per read.
+    // 2. Read the hello under one deadline for the whole hello, not per read. Until it is
+    // complete, the connection may be shed to free its descriptor (see crate::shed).
     let mut buf = Vec::with_capacity(2048);
-    let name = match timeout(
-        defaults.client_hello_timeout,
-        read_hello(
-            client,
-            listener.protocol,
-            defaults.max_request_head,
-            &mut buf,
-            facts,
-        ),
-    )
-    .await
-    {
-        Err(_) => return Err(Outcome::HelloTimeout.into()),
-        Ok(result) => result?,
+    let ticket = shared.pre_hello().enter();
+    let name = tokio::select! {
+        read = timeout(
+            defaults.client_hello_timeout,
+            read_hello(
+                client,
+                listener.protocol,
+                defaults.max_request_head,
+                &mut buf,
+                facts,
+            ),
+        ) => match read {
+            Err(_) => return Err(Outcome::HelloTimeout.into()),
+            Ok(result) => result?,
+        },
+        () = ticket.shed() => return Err(Outcome::ShedBeforeHello.into()),
     };
-    facts.hello_len = buf.len() as u64;
+    drop(ticket);
 
     // 3. Route.
     let site = config.router.route(name.as_deref())?;
@@ -225,12 +244,16 @@ async fn serve(
                 }
             }
         };
-        let result = match defaults.idle_timeout {
-            None => forwarding.await,
-            Some(idle) => tokio::select! {
-                r = forwarding => r,
-                () = idle_watch(counters, idle) => Err((Outcome::IdleTimeout.into(), false)),
-            },
+        let result = tokio::select! {
+            r = forwarding => r,
+            () = idle_watch(counters, defaults.idle_timeout) => {
+                Err((Outcome::IdleTimeout.into(), false))
+            }
+            _ = cut.wait_for(|&c| c) => {
+                forward::reset_on_close(client);
+                forward::reset_on_close(&backend);
+                Err((Outcome::Shutdown.into(), false))
+            }
         };
         return result.map_err(|(failure, refuse)| {
             facts.no_refusal = !refuse;
@@ -238,9 +261,12 @@ async fn serve(
         });
     }
     preface_bytes.extend_from_slice(&buf);
-    forward::write_all(&backend, &preface_bytes)
-        .await
-        .map_err(|e| Failure::new(Outcome::BackendError, e))?;
+    if let Err(e) = forward::write_all(&backend, &preface_bytes).await {
+        // The client's hello is lost with it: a clean end would look like a refusal by the
+        // site, so the client gets a reset.
+        forward::reset_on_close(client);
+        return Err(Failure::new(Outcome::BackendError, e));
+    }
     let preface_len = preface_bytes.len() as u64;
     let client_consumed = buf.len() as u64;
     // Both buffers would otherwise stay allocated for as long as the connection lives.
@@ -294,19 +320,29 @@ async fn serve(
         };
         forward::forward(fallback, client, &backend, counters).await
     };
-    match defaults.idle_timeout {
-        None => Ok(forwarding.await?),
-        Some(idle) => {
-            tokio::select! {
-                r = forwarding => Ok(r?),
-                () = idle_watch(counters, idle) => Err(Outcome::IdleTimeout.into()),
-            }
+    let (result, abort) = tokio::select! {
+        r = forwarding => match r {
+            Ok(()) => (Ok(()), false),
+            // One side failed or reset: the other must see an abort, not a clean end.
+            Err(e) => (Err(Failure::from(e)), true),
+        },
+        () = idle_watch(counters, defaults.idle_timeout) => {
+            (Err(Outcome::IdleTimeout.into()), false)
         }
+        _ = cut.wait_for(|&c| c) => (Err(Outcome::Shutdown.into()), true),
+    };
+    if abort {
+        forward::reset_on_close(client);
+        forward::reset_on_close(&backend);
     }
+    result
 }
 
-/// Resolves once no byte moved in either direction for `idle`.
-async fn idle_watch(counters: &Counters, idle: Duration) {
+/// Resolves once no byte moved in either direction for `idle`; never without an idle limit.
+async fn idle_watch(counters: &Counters, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
     let mut last = counters.get();
     loop {
         tokio::time::sleep(idle).await;
@@ -336,6 +372,8 @@ async fn read_hello(
             .async_io(Interest::READABLE, || client.try_read_buf(buf))
             .await
             .map_err(|e| Failure::new(Outcome::ClientError, e))?;
+        // Counted as it arrives, so a refused or abandoned hello still shows in `up=`.
+        facts.hello_len = buf.len() as u64;
         if n == 0 {
             return Err(Outcome::ClientClosedBeforeHello.into());
         }
@@ -371,24 +409,26 @@ async fn read_hello(
 }
 
 /// Tells the client why it is refused, in its protocol, then lets the socket close; does
-/// nothing for an outcome without a refusal ([`Outcome::refusal`]).
-async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
+/// nothing for an outcome without a refusal ([`Outcome::refusal`]). Returns how many bytes the
+/// client sent meanwhile (they were read and discarded).
+async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) -> u64 {
     let Some(bytes) = outcome.refusal(protocol) else {
-        return;
+        return 0;
     };
     // Best effort with a short deadline: a client that does not read must not hold us.
     if timeout(Duration::from_secs(1), forward::write_all(client, bytes))
         .await
         .is_err()
     {
-        return;
+        return 0;
     }
     // Closing with unread input makes the kernel send RST, which can destroy the response
     // before the client reads it; so half-close, then discard what the client still sends
     // until it closes too (bounded in time and bytes).
     if forward::shutdown_write(client).is_err() {
-        return;
+        return 0;
     }
+    let mut drained = 0u64;
     let _ = timeout(Duration::from_secs(1), async {
         // On the heap: refusals are rare, and an array would enlarge every connection's task.
         let mut sink = vec![0u8; 4096];
@@ -399,9 +439,13 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) {
                 .await
             {
                 Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
+                Ok(n) => {
+                    drained += n as u64;
+                    left = left.saturating_sub(n);
+                }
             }
         }
     })
     .await;
+    drained
 }

@@ -15,6 +15,7 @@ mod ebpf;
 mod forward;
 mod hello;
 mod http1;
+mod instance;
 mod listen;
 mod metrics;
 mod name;
@@ -23,6 +24,7 @@ mod preface;
 mod route;
 mod server;
 mod shared;
+mod shed;
 mod sys;
 
 pub use config::{Config, ConfigError};

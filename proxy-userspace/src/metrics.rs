@@ -3,12 +3,13 @@
 //!
 //! Hand-written on purpose: the exposition format is a few lines of text and this avoids a
 //! second HTTP stack next to our own request-head parser.
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
+    sync::Semaphore,
 };
 
 use crate::{
@@ -107,18 +108,32 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `address` until the task is dropped.
-pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding the metrics endpoint {address}"))?;
+/// How many scrapes may be served at once; more are closed at once. A scraper needs one.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` on `listener` (bound, non-blocking) until the task is dropped.
+pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<()> {
+    let address = listener.local_addr()?;
+    let listener = TcpListener::from_std(listener).context("registering the metrics endpoint")?;
     tracing::info!(%address, "metrics endpoint listening");
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors: retrying at once would spin on a full table.
+                tracing::warn!(%address, "metrics accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // Dropped: closed at once.
             continue;
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            let _permit = permit;
             let mut head = Vec::with_capacity(512);
             let mut chunk = [0u8; 512];
             let read = tokio::time::timeout(Duration::from_secs(5), async {

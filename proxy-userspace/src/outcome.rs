@@ -123,11 +123,16 @@ pub enum Outcome {
     MisdirectedRequest,
     /// A header site's backend sent something that is not an HTTP response.
     BadResponse,
+    /// Still open when the SIGTERM grace period ended: cut (with a reset) as the process stops.
+    Shutdown,
+    /// Closed before its hello was complete to free descriptors for new connections: the
+    /// process was near its descriptor limit and this was among the oldest waiting for a hello.
+    ShedBeforeHello,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 36] = [
+    pub const ALL: [Outcome; 38] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -164,6 +169,8 @@ impl Outcome {
         Outcome::NulInHead,
         Outcome::MisdirectedRequest,
         Outcome::BadResponse,
+        Outcome::Shutdown,
+        Outcome::ShedBeforeHello,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -205,6 +212,8 @@ impl Outcome {
             Outcome::NulInHead => "nul_in_head",
             Outcome::MisdirectedRequest => "misdirected_request",
             Outcome::BadResponse => "bad_response",
+            Outcome::Shutdown => "shutdown",
+            Outcome::ShedBeforeHello => "shed_before_hello",
         }
     }
 
@@ -248,7 +257,9 @@ impl Outcome {
             Outcome::NoBackendForProtocol
             | Outcome::PrefaceError
             | Outcome::IdleTimeout
-            | Outcome::KernelAccounting => Some(Source::Proxy),
+            | Outcome::KernelAccounting
+            | Outcome::Shutdown
+            | Outcome::ShedBeforeHello => Some(Source::Proxy),
         }
     }
 
@@ -299,7 +310,9 @@ impl Outcome {
             | Outcome::BackendIdleTimeout
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
-            | Outcome::BadResponse => return None,
+            | Outcome::BadResponse
+            | Outcome::Shutdown
+            | Outcome::ShedBeforeHello => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,

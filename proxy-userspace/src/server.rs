@@ -30,7 +30,35 @@ pub struct Server {
     shared: Arc<Shared>,
     max_connections: usize,
     config_path: Option<PathBuf>,
-    metrics: Option<SocketAddr>,
+    metrics: Option<std::net::TcpListener>,
+    /// Held while serving: another spliced cannot take over the pins meanwhile.
+    pin_lock: Option<crate::instance::PinLock>,
+    /// The descriptor limit and how many of them to keep free (see [`crate::shed`]).
+    descriptors: Descriptors,
+}
+
+/// The process's descriptor limit, and the reserve kept below it.
+#[derive(Clone, Copy, Debug)]
+struct Descriptors {
+    limit: u64,
+    reserve: u64,
+}
+
+impl Descriptors {
+    fn current() -> Descriptors {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        Descriptors {
+            limit,
+            reserve: crate::shed::reserve_for(limit),
+        }
+    }
+
+    /// Whether a new descriptor numbered `fd` leaves less than the reserve free. Linux hands
+    /// out the lowest free number, so every number below `fd` is taken.
+    fn pressed(self, fd: i32) -> bool {
+        u64::try_from(fd).is_ok_and(|fd| fd + self.reserve >= self.limit)
+    }
 }
 
 /// Which forwarding engines `config` names anywhere (a listener, a site, the default site or
@@ -77,8 +105,22 @@ impl Server {
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         ];
+        // A second instance would share the ports (SO_REUSEPORT) and take the first one's pins:
+        // refuse before touching anything.
+        let addresses: Vec<SocketAddr> = config
+            .listeners
+            .iter()
+            .map(|l| l.address)
+            .chain(options.metrics)
+            .collect();
+        crate::instance::check_addresses_free(&addresses)?;
         let explicit = wants_sockmap(&config);
-        let kernel = if may_use_sockmap(&config) || config.xdp.is_some() {
+        let loads_kernel = may_use_sockmap(&config) || config.xdp.is_some();
+        let mut pin_lock = match &options.pin_dir {
+            Some(dir) if loads_kernel => crate::instance::lock_pin_dir(dir)?,
+            _ => None,
+        };
+        let kernel = if loads_kernel {
             match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
                 Ok(kernel) => {
                     if let Some(xdp) = &config.xdp {
@@ -114,6 +156,21 @@ impl Server {
         } else {
             None
         };
+        if let (Some(dir), Some(_), None) = (&options.pin_dir, &kernel, &pin_lock) {
+            // The directory did not exist before loading: lock the one the pins are in now.
+            pin_lock = crate::instance::lock_pin_dir(dir)?;
+        }
+        // Bound here, not in its task: a port in use stops the start instead of leaving an
+        // error in the log and a proxy without metrics.
+        let metrics = options
+            .metrics
+            .map(|address| {
+                let listener = std::net::TcpListener::bind(address)
+                    .with_context(|| format!("binding the metrics endpoint {address}"))?;
+                listener.set_nonblocking(true)?;
+                anyhow::Ok(listener)
+            })
+            .transpose()?;
         // Listening last: once the ports accept, the eBPF side (and the edge filter) is ready.
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -134,7 +191,9 @@ impl Server {
             shared: Arc::new(Shared::new(config, kernel)?),
             max_connections,
             config_path,
-            metrics: options.metrics,
+            metrics,
+            pin_lock,
+            descriptors: Descriptors::current(),
         })
     }
 
@@ -188,6 +247,8 @@ impl Server {
     /// for up to `grace`. SIGHUP re-reads the configuration file.
     pub async fn run(self, grace: Duration) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Turns true when the grace period is over: open connections end and log their line.
+        let (cut_tx, cut_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let max = self.max_connections;
         let mut tasks = Vec::new();
@@ -198,13 +259,20 @@ impl Server {
             max_connections: _,
             config_path,
             metrics,
+            pin_lock,
+            descriptors,
         } = self;
+        tracing::debug!(
+            limit = descriptors.limit,
+            reserve = descriptors.reserve,
+            "descriptors"
+        );
         // Ends with the process, not with the listeners: metrics stay readable while open
         // connections finish.
-        let metrics_task = metrics.map(|address| {
+        let metrics_task = metrics.map(|listener| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(address, shared).await {
+                if let Err(e) = crate::metrics::serve(listener, shared).await {
                     tracing::error!("{e:#}");
                 }
             })
@@ -223,7 +291,8 @@ impl Server {
                 info,
                 Arc::clone(&shared),
                 Arc::clone(&permits),
-                stop_rx.clone(),
+                (stop_rx.clone(), cut_rx.clone()),
+                descriptors,
             )));
         }
         let [mut term, mut int, mut hup] = signals;
@@ -244,6 +313,19 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let open = max - permits.available_permits();
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "closing connections still open after the grace period"
+            );
+            // Each ends with outcome=shutdown and its access-log line; a moment is enough,
+            // nothing waits on a peer any more.
+            let _ = cut_tx.send(true);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if let Some(task) = metrics_task {
             task.abort();
         }
@@ -256,18 +338,13 @@ impl Server {
             tracing::info!("kernel counters: {}", counters.join(" "));
             log_xdp_counters(kernel);
         }
-        if open > 0 {
-            tracing::warn!(
-                open,
-                "closing connections still open after the grace period"
-            );
-        }
         // The lines of every connection that ended are queued; whoever reads our output after
         // we stop must find them all. (Dropping the log waits too, but only once the last task
         // holding `shared` is gone.)
         let log = Arc::clone(&shared);
         let _ =
             tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
+        drop(pin_lock);
         Ok(())
     }
 }
@@ -310,8 +387,10 @@ async fn accept_loop(
     info: Arc<ListenerInfo>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, cut): (watch::Receiver<bool>, watch::Receiver<bool>),
+    descriptors: Descriptors,
 ) {
+    let batch = crate::shed::batch_for(descriptors.reserve);
     loop {
         // At the connection limit we stop accepting; new clients wait in the listen backlog.
         let permit = tokio::select! {
@@ -324,20 +403,29 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                if descriptors.pressed(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+                    // Near the limit: the oldest connections still without a hello make room
+                    // before the table is full, so served clients find their backend socket.
+                    shared.pre_hello().shed_oldest(batch);
+                }
                 let _ = stream.set_nodelay(true);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
+                let cut = cut.clone();
                 tokio::spawn(async move {
                     let open = shared.open_connection();
-                    conn::handle(stream, peer, info, shared).await;
+                    conn::handle(stream, peer, info, shared, cut).await;
                     drop(open);
                     drop(permit);
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a full descriptor table.
-                tracing::warn!(address = %info.address, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE and friends: shed connections still without a hello and retry soon;
+                // with none to shed, back off instead of spinning on a full descriptor table.
+                let shed = shared.pre_hello().shed_oldest(batch);
+                tracing::warn!(address = %info.address, shed, "accept failed: {e}");
+                let pause = if shed > 0 { 10 } else { 100 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }

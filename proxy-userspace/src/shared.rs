@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router};
+use crate::{
+    access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router, shed::PreHello,
+};
 
 /// Routing state swapped as a whole on reload.
 pub struct Routing {
@@ -43,6 +45,7 @@ pub struct Shared {
     open: AtomicU64,
     fallbacks: AtomicU64,
     access_log: access::Log,
+    pre_hello: PreHello,
 }
 
 impl Shared {
@@ -68,6 +71,7 @@ impl Shared {
             open: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             access_log,
+            pre_hello: PreHello::default(),
         })
     }
 
@@ -108,6 +112,11 @@ impl Shared {
     /// Connections being served now.
     pub fn open_connections(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The connections waiting for their hello, which are shed first under descriptor pressure.
+    pub fn pre_hello(&self) -> &PreHello {
+        &self.pre_hello
     }
 
     /// Counts a connection the sockmap engine could not take (it used another engine).

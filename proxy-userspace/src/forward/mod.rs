@@ -212,3 +212,18 @@ pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// Makes the next `close()` of `stream` abortive: with `SO_LINGER` 0 the kernel sends RST
+/// instead of FIN and drops what is still queued. A forwarding failure on one side must reach
+/// the other side as a failure: a FIN there would pass a truncated stream off as complete.
+pub(crate) fn reset_on_close(stream: &TcpStream) {
+    // Best effort: if the option cannot be set, the socket still closes, with a FIN.
+    let _ = nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}

@@ -283,3 +283,49 @@ pub fn difference(got: &[u8], want: &[u8]) -> String {
         want.len()
     )
 }
+
+/// Sends the stream `seed` while reading (and discarding) whatever arrives, on this one
+/// thread, until the connection ends or `timeout` passes; returns the bytes sent and the first
+/// sign of the end. One thread matters: after a reset, whichever call comes first takes the
+/// error, and a read after a write took it sees a plain end of stream; so a second thread
+/// writing would make a reset look like a FIN to the reader.
+pub fn send_until_end(stream: &mut TcpStream, seed: u64, timeout: Duration) -> (u64, End) {
+    let later = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        )
+    };
+    let end = |e: io::Error| match e.kind() {
+        io::ErrorKind::ConnectionReset => End::Reset,
+        kind => End::Error(kind),
+    };
+    if let Err(e) = stream.set_nonblocking(true) {
+        return (0, end(e));
+    }
+    let mut source = Stream::new(seed);
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; BLOCK];
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let mut idle = true;
+        match stream.write(source.at(sent)) {
+            Ok(n) => {
+                sent += n as u64;
+                idle = false;
+            }
+            Err(e) if later(&e) => {}
+            Err(e) => return (sent, end(e)),
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return (sent, End::Eof),
+            Ok(_) => idle = false,
+            Err(e) if later(&e) => {}
+            Err(e) => return (sent, end(e)),
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    (sent, End::TimedOut)
+}

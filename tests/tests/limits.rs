@@ -1,0 +1,235 @@
+//! At the descriptor limit spliced stays usable: the metrics endpoint backs off instead of
+//! spinning when it cannot accept and serves a bounded number of scrapes at once, and
+//! connections that never finish their hello are shed, oldest first, so normal clients are
+//! still served promptly.
+//!
+//! Run as root (network namespaces) with a release build of the proxy:
+//! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test limits`.
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use spliced_tests::{
+    BACKEND_V6, Ns, PROXY_V4, World, open_files,
+    raw::{self, Behavior, End, TestBackend, expect_hello, simple_hello},
+    spliced::{Launch, Spliced},
+    wait_for,
+};
+
+const ECHO_PORT: u16 = 9330;
+const IO: Duration = Duration::from_secs(10);
+/// How many scrapes spliced serves at once (`MAX_CONNECTIONS` in `metrics.rs`).
+const METRICS_MAX: usize = 16;
+
+/// spliced limited to `nofile` descriptors, with its metrics endpoint, the copy engine (no
+/// pipes, so each forwarding connection holds exactly two descriptors) and a hello timeout
+/// long enough that it never frees anything during a test.
+fn start(world: &World, nofile: u64) -> Result<Spliced> {
+    let config = format!(
+        r#"[defaults]
+forwarding = "copy"
+client_hello_timeout = "60s"
+
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+
+[[site]]
+hostnames = ["echo.example"]
+backend = "[{BACKEND_V6}]:{ECHO_PORT}"
+"#
+    );
+    Launch::new(config)
+        .wrapped(&["prlimit".to_owned(), format!("--nofile={nofile}")])
+        .metrics()
+        .start(world, &[443])
+}
+
+/// A client whose hello was echoed: forwarding, idle.
+fn forwarding(world: &World, timeout: Duration) -> Result<TcpStream> {
+    let mut client = raw::connect(world, 443, timeout)?;
+    let hello = simple_hello("echo.example");
+    client.write_all(&hello)?;
+    expect_hello(&mut client, &hello)?;
+    Ok(client)
+}
+
+/// Hello, echo, half-close, end: a normal client served start to finish.
+fn served(world: &World) -> Result<()> {
+    let mut client = forwarding(world, IO)?;
+    client.shutdown(std::net::Shutdown::Write)?;
+    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
+    ensure!(end == End::Eof && rest.is_empty(), "{end:?}");
+    Ok(())
+}
+
+/// User plus system CPU time of `pid` in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it never do.
+    let rest = stat.rsplit_once(')').context("no ) in stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): fields 14 and 15 are at 11 and 12.
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// Connects to spliced's metrics port from its namespace (without sending anything).
+fn metrics_connection(world: &World, port: u16) -> Result<TcpStream> {
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let stream = world.within(Ns::Proxy, || TcpStream::connect_timeout(&addr, IO))??;
+    stream.set_read_timeout(Some(IO))?;
+    Ok(stream)
+}
+
+/// The metrics port spliced was started with (from its command line in `/proc`).
+fn metrics_port(pid: u32) -> Result<u16> {
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))?;
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--metrics")
+        .context("no --metrics")?;
+    let addr: SocketAddr = args.get(at + 1).context("no address")?.parse()?;
+    Ok(addr.port())
+}
+
+/// With every descriptor taken by forwarding connections and a scrape waiting to be accepted,
+/// spliced uses almost no CPU; once connections close, scrapes work again. And no more than
+/// [`METRICS_MAX`] scrapes are held open at once: one more is closed at once.
+#[test]
+fn out_of_descriptors_the_metrics_endpoint_backs_off_and_recovers() -> Result<()> {
+    const NOFILE: u64 = 96;
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, NOFILE)?;
+    let pid = spliced.pid().context("no PID")?;
+    let port = metrics_port(pid)?;
+    let open = || -> Result<u64> {
+        let files = open_files(pid)?;
+        Ok((files.other + files.pipe_ends) as u64)
+    };
+    // Forwarding connections cannot be shed; a last silent one takes an odd descriptor left.
+    let mut clients = Vec::new();
+    while open()? + 1 < NOFILE {
+        ensure!(
+            clients.len() < NOFILE as usize,
+            "{} descriptors open",
+            open()?
+        );
+        clients.push(forwarding(&world, IO)?);
+    }
+    if open()? < NOFILE {
+        clients.push(raw::connect(&world, 443, IO)?);
+        wait_for("the last descriptor to be taken", IO, || {
+            Ok(open()? >= NOFILE)
+        })?;
+    }
+    let waiting = metrics_connection(&world, port)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid)?;
+    let period = Duration::from_secs(2);
+    std::thread::sleep(period);
+    let used = cpu_ticks(pid)? - before;
+    // 100 ticks a second: spinning on accept would use about 200.
+    eprintln!("out of descriptors with a scrape waiting: {used} ticks of CPU in {period:?}");
+    ensure!(
+        used < 40,
+        "spliced used {used} ticks of CPU in {period:?} while out of descriptors"
+    );
+    drop(waiting);
+    clients.clear();
+    let m = spliced.wait_metrics("a scrape after connections closed", IO, |_| Ok(true))?;
+    ensure!(
+        m.count("spliced_open_connections", &[])? <= 1,
+        "connections still open:\n{m}"
+    );
+    served(&world)?;
+
+    // Bounded scrapes: the ones beyond the limit are closed at once.
+    let held: Vec<TcpStream> = (0..METRICS_MAX)
+        .map(|_| metrics_connection(&world, port))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = metrics_connection(&world, port)?;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    match extra.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => bail!("a scrape beyond {METRICS_MAX} open ones was not closed: {other:?}"),
+    }
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "closing the scrape beyond the limit took {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    spliced.wait_metrics("a scrape after the held ones closed", IO, |_| Ok(true))?;
+    Ok(())
+}
+
+/// Hundreds of connections that never send a hello, more than the descriptor limit allows:
+/// the oldest are shed (and counted), the newest stay, and normal clients are served
+/// promptly all along.
+#[test]
+fn at_the_descriptor_limit_silent_connections_are_shed_oldest_first() -> Result<()> {
+    const NOFILE: u64 = 256;
+    const SILENT: usize = 400;
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, NOFILE)?;
+    let addr = SocketAddr::new(PROXY_V4, 443);
+    let silent: Vec<TcpStream> = world.within(Ns::Client, || {
+        (0..SILENT)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&addr, IO)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                Ok(s)
+            })
+            .collect::<Result<_>>()
+    })??;
+    let mut shed = 0;
+    spliced.wait_metrics("every silent connection accepted", IO, |m| {
+        shed = m.count(
+            "spliced_connections_total",
+            &[("outcome", "shed_before_hello")],
+        )?;
+        Ok(shed + m.count("spliced_open_connections", &[])? >= SILENT as u64)
+    })?;
+    eprintln!("{shed} of {SILENT} silent connections shed with {NOFILE} descriptors");
+    ensure!(
+        shed >= (SILENT as u64).saturating_sub(NOFILE),
+        "only {shed} of {SILENT} silent connections were shed"
+    );
+    for i in 0..10 {
+        let started = Instant::now();
+        served(&world).with_context(|| format!("normal client {i}"))?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(2),
+            "normal client {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let ended = |mut s: &TcpStream| {
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    ensure!(
+        ended(&silent[0]),
+        "the oldest silent connection is still open"
+    );
+    ensure!(
+        !ended(&silent[SILENT - 1]),
+        "the newest silent connection was closed"
+    );
+    Ok(())
+}
