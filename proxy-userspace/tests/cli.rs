@@ -140,7 +140,13 @@ fn run_refuses_an_invalid_config_and_a_busy_port() {
         "bad.toml",
         "[[listen]]\naddress = \"nowhere\"\nprotocol = \"tls\"\n",
     );
-    let out = spliced(&["run", "--config", cfg.to_str().expect("utf-8 path")]);
+    let out = spliced(&[
+        "run",
+        "--config",
+        cfg.to_str().expect("utf-8 path"),
+        "--pin-dir",
+        "none",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("bad.toml:2:"),
@@ -155,7 +161,13 @@ fn run_refuses_an_invalid_config_and_a_busy_port() {
         "busy.toml",
         &format!("[[listen]]\naddress = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n"),
     );
-    let out = spliced(&["run", "--config", cfg.to_str().expect("utf-8 path")]);
+    let out = spliced(&[
+        "run",
+        "--config",
+        cfg.to_str().expect("utf-8 path"),
+        "--pin-dir",
+        "none",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains(&format!("127.0.0.1:{port}")),
@@ -185,8 +197,11 @@ impl Running {
     /// Starts `spliced run --config cfg` with `extra` arguments, standard output and standard
     /// error piped (for [`Running::stop`] to collect).
     fn start(cfg: &std::path::Path, extra: &[&str]) -> Running {
+        // No pins: tests run at once, and a second spliced refuses a pin directory another
+        // one holds.
         let child = Command::new(BIN)
             .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+            .args(["--pin-dir", "none"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -434,6 +449,7 @@ fn ipv4_and_ipv6_listeners_share_a_port() {
     );
     let child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+        .args(["--pin-dir", "none"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
