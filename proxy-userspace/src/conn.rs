@@ -226,7 +226,9 @@ async fn serve(
             requests: &facts.requests,
         };
         let counters = &facts.counters;
-        let forwarding = async {
+        // On the heap: inline, the header engine's state (about 2 KiB) would enlarge every
+        // connection's task, header site or not, for as long as it lives.
+        let forwarding = Box::pin(async {
             // Socket and response failures have no refusal: the client may hold a partial
             // response.
             let ended = forward::http::forward(client, &backend, counters, params)
@@ -243,7 +245,7 @@ async fn serve(
                     Err((Failure::from(error), refuse))
                 }
             }
-        };
+        });
         let result = tokio::select! {
             r = forwarding => r,
             () = idle_watch(counters, defaults.idle_timeout) => {
