@@ -93,25 +93,10 @@ fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// `net.core.wmem_max` where the process may (`SO_SNDBUFFORCE`, `CAP_NET_ADMIN`), and up to that
 /// cap otherwise. This turns off the kernel's send-buffer autotuning for the socket.
 pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
-    let set = |option| {
-        // SAFETY: both options read one int, and we pass one with its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const bytes).cast(),
-                size_of::<i32>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+    match setsockopt_int(fd, libc::SO_SNDBUFFORCE, bytes) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SO_SNDBUF, bytes)
         }
-    };
-    match set(libc::SO_SNDBUFFORCE) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => set(libc::SO_SNDBUF),
         other => other,
     }
 }
@@ -119,13 +104,18 @@ pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
 /// Sets `SO_RCVLOWAT`; setting it makes TCP re-check its queue and wake the verdict program
 /// for data that arrived before the socket was in the map.
 pub fn set_rcvlowat(fd: impl AsFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: SO_RCVLOWAT reads one int, and we pass one with its size.
+    setsockopt_int(fd.as_fd(), libc::SO_RCVLOWAT, bytes)
+}
+
+/// Sets a `SOL_SOCKET` option that takes one int.
+fn setsockopt_int(fd: BorrowedFd<'_>, option: libc::c_int, value: i32) -> io::Result<()> {
+    // SAFETY: the option reads one int, and we pass one with its size.
     let rc = unsafe {
         libc::setsockopt(
-            fd.as_fd().as_raw_fd(),
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
+            option,
+            (&raw const value).cast(),
             size_of::<i32>() as libc::socklen_t,
         )
     };
