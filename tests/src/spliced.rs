@@ -234,16 +234,28 @@ impl Spliced {
         mut ready: impl FnMut(&Metrics) -> Result<bool>,
     ) -> Result<Metrics> {
         let mut last = None;
+        let mut failed = None;
+        // A scrape that fails counts as "not yet": the endpoint may be at its cap of open
+        // scrapes for a moment (it closes the ones beyond it at once), or not listening yet.
         wait_for(what, timeout, || {
-            let m = self.metrics()?;
+            let m = match self.metrics() {
+                Ok(m) => m,
+                Err(e) => {
+                    failed = Some(e);
+                    return Ok(false);
+                }
+            };
             let done = ready(&m)?;
             last = Some(m);
             Ok(done)
         })
         .with_context(|| {
             format!(
-                "last scrape:\n{}",
-                last.as_ref().map(Metrics::to_string).unwrap_or_default()
+                "last scrape:\n{}\nlast failed scrape: {}",
+                last.as_ref().map(Metrics::to_string).unwrap_or_default(),
+                failed
+                    .as_ref()
+                    .map_or("none".to_owned(), |e| format!("{e:#}"))
             )
         })?;
         last.context("no scrape")
