@@ -562,15 +562,20 @@ pub(crate) mod tests_support {
         pub consumed: usize,
     }
 
-    /// Feeds `input` at most `read` bytes at a time; a switch request resumes at once.
-    pub(crate) fn run(input: &[u8], read: usize) -> Run {
+    /// The framer the checks run: X-Forwarded-For for an untrusted client, a 4 KiB head limit.
+    pub(crate) fn framer() -> RequestFramer {
         let forwarding = Forwarding {
             header: ForwardedHeader::XForwardedFor,
             client: SocketAddr::from(([192, 0, 2, 7], 4711)),
             port: 80,
             trusted: false,
         };
-        let mut framer = RequestFramer::new(forwarding, 4096);
+        RequestFramer::new(forwarding, 4096)
+    }
+
+    /// Feeds `input` at most `read` bytes at a time; a switch request resumes at once.
+    pub(crate) fn run(input: &[u8], read: usize) -> Run {
+        let mut framer = framer();
         let mut out = Vec::new();
         let mut heads = Vec::new();
         let mut at = 0;

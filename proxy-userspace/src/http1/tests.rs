@@ -18,13 +18,7 @@ fn run_everywhere(input: &[u8]) -> Run {
 
 /// Like [`run`] with exactly two reads.
 fn run_two(input: &[u8], at: usize) -> Run {
-    let forwarding = Forwarding {
-        header: ForwardedHeader::XForwardedFor,
-        client: SocketAddr::from(([192, 0, 2, 7], 4711)),
-        port: 80,
-        trusted: false,
-    };
-    let mut framer = RequestFramer::new(forwarding, 4096);
+    let mut framer = tests_support::framer();
     let mut out = Vec::new();
     let mut heads = Vec::new();
     let mut consumed = 0;
