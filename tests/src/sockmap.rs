@@ -116,6 +116,22 @@ pub fn start(world: &World, extra: &str) -> Result<Spliced> {
         .start(world, &[443])
 }
 
+/// Connects a client through spliced, sends `hello`, and waits until the test's backend says
+/// on `arrived` that the hello reached it: from then on the connection is spliced end to end.
+pub fn connect_after_hello(
+    world: &World,
+    hello: &[u8],
+    arrived: &mpsc::Receiver<()>,
+) -> Result<(TcpStream, SocketAddr)> {
+    let mut client = raw::connect(world, 443, IO)?;
+    let me = client.local_addr()?;
+    client.write_all(hello)?;
+    arrived
+        .recv_timeout(IO)
+        .context("waiting for the hello to reach the backend")?;
+    Ok((client, me))
+}
+
 /// The last `n` lines of `text`, for failure messages (debug logs are long).
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -224,12 +240,7 @@ pub fn stalled_backend(limit: &str) -> Result<Stall> {
         stream.shutdown(Shutdown::Write)?;
         Ok(len)
     })?;
-    let mut client = raw::connect(&world, 443, IO)?;
-    let me = client.local_addr()?;
-    client.write_all(&hello)?;
-    hello_rx
-        .recv_timeout(IO)
-        .context("waiting for the hello to reach the backend")?;
+    let (mut client, me) = connect_after_hello(&world, &hello, &hello_rx)?;
     let written = write_while_possible(&mut client, SEED_UP, STALL, 4 << 30)?;
     eprintln!(
         "sockmap_backlog_limit={limit}: the client wrote {written} bytes ({:.1} MiB) while \

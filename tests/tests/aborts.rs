@@ -7,11 +7,11 @@
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test aborts`.
 use std::{io::Write as _, sync::mpsc, time::Duration};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use spliced_tests::{
     World,
     raw::{self, End, SEED_DOWN, SEED_UP, expect_hello, result, simple_hello},
-    sockmap::{PORT, backend, config_with},
+    sockmap::{PORT, backend, config_with, connect_after_hello},
     spliced::{Launch, Spliced, field},
 };
 
@@ -95,12 +95,7 @@ fn client_resets(engine: &str, uploading: bool) -> Result<()> {
             Ok(raw::send_until_end(&mut stream, SEED_DOWN, IO))
         }
     })?;
-    let mut client = raw::connect(&world, 443, IO)?;
-    let me = client.local_addr()?;
-    client.write_all(&hello)?;
-    hello_rx
-        .recv_timeout(IO)
-        .context("waiting for the hello to reach the backend")?;
+    let (mut client, me) = connect_after_hello(&world, &hello, &hello_rx)?;
     if uploading {
         raw::send_stream(&mut client, SEED_UP, BEFORE_RESET)?;
     } else {

@@ -113,12 +113,7 @@ fn slow_readers_both_ways() -> Result<()> {
         result(&sender, LIMIT, "the backend's sender")
     })?;
     let started = Instant::now();
-    let mut client = raw::connect(&world, 443, IO)?;
-    let me = client.local_addr()?;
-    client.write_all(&hello)?;
-    hello_rx
-        .recv_timeout(IO)
-        .context("waiting for the hello to reach the backend")?;
+    let (mut client, me) = connect_after_hello(&world, &hello, &hello_rx)?;
     let mut writer = client.try_clone()?;
     let sender = spawn(move || {
         raw::send_stream(&mut writer, SEED_UP, LEN)?;

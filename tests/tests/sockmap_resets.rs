@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use spliced_tests::{
     World,
     raw::{
@@ -118,12 +118,7 @@ fn backend_reset_mid_transfer() -> Result<()> {
         raw::reset(stream)?;
         Ok(at)
     })?;
-    let mut client = raw::connect(&world, 443, IO)?;
-    let me = client.local_addr()?;
-    client.write_all(&hello)?;
-    hello_rx
-        .recv_timeout(IO)
-        .context("waiting for the hello to reach the backend")?;
+    let (mut client, me) = connect_after_hello(&world, &hello, &hello_rx)?;
     let mut writer = client.try_clone()?;
     // A write that makes no progress for this long counts as stuck.
     const STUCK_WRITE: Duration = Duration::from_secs(5);
