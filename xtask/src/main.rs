@@ -14,6 +14,7 @@ mod bench_idle;
 mod bench_stall;
 mod bench_xdp;
 mod demo;
+mod fuzz_seeds;
 mod proxies;
 mod report;
 
@@ -36,6 +37,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// (Re)write the fuzz targets' seed corpus in `fuzz/corpus/` (captured real ClientHellos
+    /// are kept once they exist).
+    FuzzSeeds,
     /// Show an IPv4 client reaching an IPv6-only nginx through spliced, in namespaces.
     Demo,
     /// Throughput and CPU per GiB of each engine next to a direct connection, then SYNs per
@@ -153,6 +157,7 @@ fn main() -> Result<()> {
                 eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg");
             }
         }
+        Task::FuzzSeeds => fuzz_seeds::write(&root().join("fuzz"))?,
         Task::Demo => {
             let bin = build_spliced()?;
             demo::run(&bin)?;
