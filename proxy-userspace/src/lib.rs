@@ -13,6 +13,8 @@ mod config;
 mod conn;
 mod ebpf;
 mod forward;
+#[cfg(test)]
+mod fuzz_replay;
 mod hello;
 mod http1;
 mod instance;

@@ -27,7 +27,7 @@ mod roundtrip;
 #[cfg(test)]
 mod tests;
 
-#[cfg(all(fuzzing, feature = "fuzz"))]
+#[cfg(any(test, all(fuzzing, feature = "fuzz")))]
 pub use roundtrip::fuzz_check_roundtrip;
 
 /// Which header a site wants.
