@@ -1,7 +1,7 @@
 //! Request-head parser: never panics, and a prefix of the input (cut where the first byte says)
 //! either needs more bytes or gives the same answer as the whole input.
 //!
-//! `cargo +nightly fuzz run hello_http`; the same checks run on stable in
+//! `cargo xtask fuzz --minutes N --target hello_http`; the same checks run on stable in
 //! `cargo test -p proxy-userspace --lib hello`.
 #![no_main]
 

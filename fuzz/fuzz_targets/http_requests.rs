@@ -1,7 +1,7 @@
 //! Request framer for header sites: never panics, and framing the input in one read or in reads
 //! cut where the first byte says gives the same requests, output and error.
 //!
-//! `cargo +nightly fuzz run http_requests`; the same checks run on stable in
+//! `cargo xtask fuzz --minutes N --target http_requests`; the same checks run on stable in
 //! `cargo test -p proxy-userspace --lib http1`.
 #![no_main]
 

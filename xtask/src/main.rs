@@ -14,6 +14,7 @@ mod bench_idle;
 mod bench_stall;
 mod bench_xdp;
 mod demo;
+mod fuzz;
 mod fuzz_seeds;
 mod proxies;
 mod report;
@@ -36,6 +37,25 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz every target in `fuzz/` (or those named) with libFuzzer on the stable toolchain
+    /// and print executions, coverage, corpus size and crashes per target.
+    Fuzz {
+        /// The campaign's total length in minutes, split evenly among the targets, which run
+        /// one after another (0 with `--merge`: only merge).
+        #[arg(long)]
+        minutes: f64,
+        /// Run only this target (repeatable).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Afterwards, add the inputs found (kept in `target/fuzz-work/`) that reach new
+        /// coverage to the committed corpus in `fuzz/corpus/`, with libFuzzer's `-merge=1`.
+        #[arg(long)]
+        merge: bool,
+        /// `address` adds AddressSanitizer (through `RUSTC_BOOTSTRAP=1`), for unsafe code in
+        /// dependencies; slower.
+        #[arg(long, value_enum, default_value = "none")]
+        sanitizer: fuzz::Sanitizer,
     },
     /// (Re)write the fuzz targets' seed corpus in `fuzz/corpus/` (captured real ClientHellos
     /// are kept once they exist).
@@ -157,6 +177,20 @@ fn main() -> Result<()> {
                 eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg");
             }
         }
+        Task::Fuzz {
+            minutes,
+            targets,
+            merge,
+            sanitizer,
+        } => fuzz::run(
+            &root(),
+            &fuzz::Options {
+                minutes,
+                targets,
+                merge,
+                sanitizer,
+            },
+        )?,
         Task::FuzzSeeds => fuzz_seeds::write(&root().join("fuzz"))?,
         Task::Demo => {
             let bin = build_spliced()?;
