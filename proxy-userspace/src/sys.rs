@@ -78,6 +78,16 @@ pub fn tcp_counts(fd: BorrowedFd<'_>, connected_here: bool) -> io::Result<TcpCou
     })
 }
 
+/// `TCP_CLOSE` in `include/net/tcp_states.h`: a socket that is no longer connected.
+pub const TCP_CLOSE: u8 = 7;
+
+/// A TCP socket's state (`tcpi_state`, numbered as in `include/net/tcp_states.h`).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    // SAFETY: tcp_info is plain data.
+    let info: libc::tcp_info = unsafe { getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 1)? };
+    Ok(info.tcpi_state)
+}
+
 /// Bytes in a socket's send queue not yet acknowledged (`SIOCOUTQ`).
 fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut outq: libc::c_int = 0;

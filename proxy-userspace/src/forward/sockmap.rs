@@ -701,9 +701,34 @@ async fn run<'s>(
                 Next::Detach => {
                     // The removal waits for any verdict run, so the redirected count is
                     // final afterwards.
-                    kernel
-                        .detach(d.cookie)
-                        .map_err(|e| d.err_src(io::Error::other(format!("pausing: {e}"))))?;
+                    match kernel.detach(d.cookie) {
+                        Ok(_) => {}
+                        // The walk did not find `src`: it is closed (a socket leaves the TCP
+                        // tables when it reaches CLOSE), after a FIN both ways or a reset, and
+                        // its end may not have been reported yet. Nothing more arrives for
+                        // the verdict, so there is nothing to stop: the end is handled as
+                        // any FIN or reset is. (Failing here reset complete transfers: the
+                        // sender had finished and closed while the reader was slow.)
+                        Err(e)
+                            if e.kind() == io::ErrorKind::NotConnected
+                                && sys::tcp_state(d.src.as_fd())
+                                    .is_ok_and(|s| s == sys::TCP_CLOSE) =>
+                        {
+                            if !d.fin {
+                                d.fin = true;
+                                d.src_error = d
+                                    .src
+                                    .take_error()
+                                    .map_err(|e| d.err_src(e))?
+                                    .map(|e| e.kind());
+                            }
+                            pending = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            return Err(d.err_src(io::Error::other(format!("pausing: {e}"))));
+                        }
+                    }
                     d.mode = Mode::Draining;
                     // Now final: what the kernel holds for the peer at most, from here on.
                     let parked = d.measure(kernel)?.backlog;
