@@ -38,6 +38,8 @@ pub struct Options {
     pub bytes: u64,
     /// Rounds; each round runs every contender once.
     pub rounds: usize,
+    /// Only the contenders whose name contains this (for profiling one of them alone).
+    pub contender: Option<String>,
 }
 
 /// A row of the table: the direct path, or one of the proxies.
@@ -78,7 +80,17 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
     let proxies = proxies::start(&world, SocketAddr::new(BACKEND_V6, BACKEND_PORT))?;
     let contenders: Vec<Contender> = std::iter::once(Contender::Direct)
         .chain(proxies.running.iter().cloned().map(Contender::Proxy))
+        .filter(|c| {
+            opts.contender
+                .as_ref()
+                .is_none_or(|f| c.name().contains(f.as_str()))
+        })
         .collect();
+    ensure!(
+        !contenders.is_empty(),
+        "no contender's name contains {:?}",
+        opts.contender
+    );
     let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     let mut failures: Vec<Vec<String>> = contenders.iter().map(|_| Vec::new()).collect();
     let gib_each_way = opts.bytes as f64 / f64::from(1u32 << 30);
@@ -158,7 +170,12 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
         |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.packets as f64 / mib_moved).collect() };
     // The medians ratios are taken against, measured in the same rounds: the direct path's,
     // and the baseline HAProxy's when it runs.
-    let direct = (median(&tput(&samples[0])), median(&system(&samples[0])));
+    let direct = contenders
+        .iter()
+        .position(|c| matches!(c, Contender::Direct))
+        .map_or((f64::NAN, f64::NAN), |i| {
+            (median(&tput(&samples[i])), median(&system(&samples[i])))
+        });
     let haproxy = contenders
         .iter()
         .position(|c| matches!(c, Contender::Proxy(p) if p.baseline))
@@ -266,7 +283,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
             .collect::<Vec<_>>()
     };
     let mut checks = Vec::new();
-    if let Some((h_tput, h_proxy, h_system)) = haproxy {
+    // The bar compares every engine with the full field; a run of some contenders checks none.
+    if let (Some((h_tput, h_proxy, h_system)), None) = (haproxy, &opts.contender) {
         use crate::report::check;
         checks.extend(check(
             "throughput >= 1.0x HAProxy",
