@@ -73,6 +73,10 @@ enum Task {
         /// Run only one part.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
+        /// With `--only throughput`: only the contenders whose name contains this text (e.g.
+        /// "engine splice", "direct"), to profile one alone; nothing is written.
+        #[arg(long, requires = "only")]
+        contender: Option<String>,
     },
 }
 
@@ -108,7 +112,11 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { args } => test(&args)?,
-        Task::Bench { quick, only } => {
+        Task::Bench {
+            quick,
+            only,
+            contender,
+        } => {
             let bin = build_spliced()?;
             // SAFETY: no other thread runs yet; the harness reads it to find the binary.
             unsafe { std::env::set_var("SPLICED_BIN", &bin) };
@@ -118,11 +126,13 @@ fn main() -> Result<()> {
                     bench::Options {
                         bytes: 256 << 20,
                         rounds: 3,
+                        contender: contender.clone(),
                     }
                 } else {
                     bench::Options {
                         bytes: 1 << 30,
                         rounds: 5,
+                        contender: contender.clone(),
                     }
                 };
                 parts.push(bench::run(&bin, &opts)?);
