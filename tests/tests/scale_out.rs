@@ -17,6 +17,9 @@
 //!   and every connection from before A's failure, carry on. Which ones break is predicted
 //!   with `ip route get` and checked.
 //!
+//! A second test asks the router's kernel what a next hop leaving or returning does with three
+//! hosts, for a multipath route (what BIRD installs) and for a resilient nexthop group.
+//!
 //! Run as root with a release build of the proxy:
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test scale_out`.
 use std::{
@@ -488,5 +491,185 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
          failure and return ({line})"
     );
     eprintln!("scale-out: whole test {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// The destination of the next-hop experiment (no traffic is sent to it).
+const PROBE_DST: &str = "192.0.2.100";
+/// The probe flows: source ports of TCP connections from the client to [`PROBE_DST`]:443.
+const PROBE_PORTS: std::ops::Range<u16> = 20000..21000;
+
+/// Runs `ip -n <router> <args>`.
+fn router_ip(world: &World, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", world.name(Ns::Router)])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The next hop the router's kernel picks for each probe flow (one `ip -batch` run).
+fn probe_next_hops(world: &World) -> Result<Vec<String>> {
+    let script: String = PROBE_PORTS
+        .map(|port| {
+            format!(
+                "route get {PROBE_DST} from {} iif eth0 ipproto tcp sport {port} dport 443\n",
+                spliced_tests::CLIENT_V4
+            )
+        })
+        .collect();
+    let path = world.dir().join("probe.batch");
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new("ip")
+        .args(["-n", world.name(Ns::Router), "-batch"])
+        .arg(&path)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ip -batch: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let hops: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(" via ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        hops.len() == PROBE_PORTS.len(),
+        "{} answers to {} route lookups",
+        hops.len(),
+        PROBE_PORTS.len()
+    );
+    Ok(hops)
+}
+
+/// How many flows moved between `before` and `after` although both of their next hops exist
+/// in both: flows of surviving hosts that a next-hop change sent to another surviving host.
+fn moved_between_survivors(before: &[String], after: &[String], present: &[&str]) -> usize {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| b != a && present.contains(&b.as_str()) && present.contains(&a.as_str()))
+        .count()
+}
+
+/// What a next hop leaving or coming back does to the flows of the others, with three next
+/// hops, asked of the router's kernel with `ip route get` (the multipath hash of forwarding)
+/// for 1,000 flows. A multipath route, as BIRD's kernel protocol installs it, is hashed by
+/// hash-threshold: each next hop owns a slice of the hash range, and the slices shift when
+/// one leaves or comes back, so flows of hosts that stayed move to other hosts that stayed
+/// (and are reset there). A resilient nexthop group (`ip nexthop ... type resilient`, which
+/// BIRD 2.0 does not install) moves only the flows of the next hop that left, and on a
+/// return only flows to the returning one.
+#[test]
+fn ecmp_next_hop_changes_and_surviving_flows() -> Result<()> {
+    let world = World::scale_out()?;
+    let gateways = ["198.51.100.18", "198.51.100.22", "198.51.100.26"];
+    for (i, gw) in gateways.iter().enumerate() {
+        let dev = format!("hop{i}");
+        let peer = format!("hop{i}p");
+        router_ip(
+            &world,
+            &["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+        )?;
+        router_ip(
+            &world,
+            &[
+                "addr",
+                "add",
+                &format!("198.51.100.{}/30", 17 + 4 * i),
+                "dev",
+                &dev,
+            ],
+        )?;
+        router_ip(&world, &["link", "set", &dev, "up"])?;
+        router_ip(&world, &["link", "set", &peer, "up"])?;
+        router_ip(
+            &world,
+            &[
+                "nexthop",
+                "add",
+                "id",
+                &(i + 1).to_string(),
+                "via",
+                gw,
+                "dev",
+                &dev,
+            ],
+        )?;
+    }
+    let route = format!("{PROBE_DST}/32");
+    let multipath = |hops: &[&str]| -> Result<()> {
+        let mut args = vec!["route", "replace", route.as_str()];
+        for gw in hops {
+            args.extend(["nexthop", "via", gw]);
+        }
+        router_ip(&world, &args)
+    };
+    let resilient = |group: &str| -> Result<()> {
+        router_ip(
+            &world,
+            &[
+                "nexthop",
+                "replace",
+                "id",
+                "10",
+                "group",
+                group,
+                "type",
+                "resilient",
+                "buckets",
+                "128",
+                "idle_timer",
+                "0",
+            ],
+        )?;
+        router_ip(&world, &["route", "replace", &route, "nhid", "10"])
+    };
+    let [_, g2, g3] = gateways;
+    let survivors = [g2, g3];
+
+    // Hash-threshold, as BIRD installs it: the first of three leaves, then comes back.
+    multipath(&gateways)?;
+    let three = probe_next_hops(&world)?;
+    multipath(&survivors)?;
+    let two = probe_next_hops(&world)?;
+    let left = moved_between_survivors(&three, &two, &survivors);
+    multipath(&gateways)?;
+    let back = moved_between_survivors(&two, &probe_next_hops(&world)?, &survivors);
+    eprintln!(
+        "ecmp: multipath route (hash-threshold), 3 next hops, 1000 flows: when the first \
+         leaves, {left} flows of the two that stay move between them; when it comes back, \
+         {back} do"
+    );
+    ensure!(
+        left > 0 && back > 0,
+        "hash-threshold should move flows between the next hops that stay"
+    );
+
+    // A resilient group: nothing moves between the hosts that stay.
+    resilient("1/2/3")?;
+    let three = probe_next_hops(&world)?;
+    resilient("2/3")?;
+    let two = probe_next_hops(&world)?;
+    let left = moved_between_survivors(&three, &two, &survivors);
+    resilient("1/2/3")?;
+    let again = probe_next_hops(&world)?;
+    let back = moved_between_survivors(&two, &again, &survivors);
+    let to_returning = two.iter().zip(&again).filter(|(b, a)| b != a).count();
+    eprintln!(
+        "ecmp: resilient nexthop group, same flows: {left} move between the next hops that \
+         stay when the first leaves, {back} when it comes back ({to_returning} go to it)"
+    );
+    ensure!(
+        left == 0 && back == 0 && to_returning > 0,
+        "a resilient group moves only the flows of the next hop that changes"
+    );
     Ok(())
 }
