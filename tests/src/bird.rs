@@ -43,8 +43,9 @@ pub fn router_config(hosts: &[(&str, Uplink)]) -> String {
          log stderr all;\n\n\
          protocol device {{\n}}\n\n\
          # Routes learnt from the hosts go to the kernel; equal ones merge into one\n\
-         # multipath route (ECMP). The kernel spreads flows over it by\n\
-         # net.ipv4.fib_multipath_hash_policy (1: the 5-tuple).\n\
+         # multipath route (ECMP). The kernel spreads flows over it by the hash that\n\
+         # net.ipv4.fib_multipath_hash_policy = 3 and fib_multipath_hash_fields = 0x37\n\
+         # make of each packet's 5-tuple.\n\
          protocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\n\n\
          template bgp spliced_host {{\n  local as {ROUTER_AS};\n{BGP_TIMERS}\
          \x20 ipv4 {{\n    # Only the service address, as a /32, from any host.\n    \

@@ -11,6 +11,8 @@
 //!   hanging, new connections succeed on B, and a long transfer through B (kernel-spliced
 //!   by `auto`) goes on with every byte checked;
 //! - spliced on A comes back: its route returns and A serves again;
+//! - host A goes silent as a whole (its processes frozen): the router's BGP hold timer drops
+//!   it within [`HOLD_BOUND`], and it is used again once it resumes;
 //! - what ECMP does to B's connections when A's next hop comes back: Linux hashes
 //!   multipath routes by hash-threshold, not resiliently, so the connections opened on B
 //!   while A was away whose hash now falls in A's share are sent to A and reset; the others,
@@ -55,6 +57,9 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// two failed checks (up to two intervals), birdc, one BGP UPDATE, the router's BIRD and
 /// kernel, with room for a loaded 2-core machine. Measured figures are printed.
 const FAILOVER_BOUND: Duration = Duration::from_secs(5);
+/// The longest accepted time for the router to drop a host that went silent: the BGP hold
+/// time (3 s) with room for a loaded machine.
+const HOLD_BOUND: Duration = Duration::from_secs(6);
 /// Bytes each way of the long transfers.
 const TRANSFER: u64 = 32 << 20;
 /// While paced, a transfer moves this much every [`PACE`] each way (about 1.6 MB/s).
@@ -316,6 +321,12 @@ fn transfer_on(world: &World, host: &Host, fast: &Arc<AtomicBool>) -> Result<Tra
     bail!("64 connections and none hashed to host {}", host.label)
 }
 
+/// Sends `sig` to the process `pid` (one this test started).
+fn signal(pid: u32, sig: Signal) -> Result<()> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    nix::sys::signal::kill(pid, sig).with_context(|| format!("{sig} to {pid}"))
+}
+
 /// An open echo connection: sends `probe` and reads it back.
 fn echo_round(client: &mut TcpStream, probe: &[u8]) -> Result<()> {
     client.write_all(probe)?;
@@ -464,7 +475,46 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
     );
     ensure!(counts[0] > 0, "host A must be used again: {counts:?}");
 
-    // B's transfer went on through A's failure and return; finish it at full speed.
+    // Host A goes silent as a whole (frozen: checker, spliced and BIRD stopped with
+    // SIGSTOP), as a host that loses power or its cable does for the router when a switch
+    // sits between them: nothing withdraws; the router's BGP hold timer must notice.
+    let frozen = [
+        a.announcer.pid(),
+        a.spliced()?.pid(),
+        a.bird.service().pid(),
+    ];
+    for pid in frozen.iter().flatten() {
+        signal(*pid, Signal::SIGSTOP)?;
+    }
+    let silent = Instant::now();
+    let held = wait_next_hops(&world, &[&b], HOLD_BOUND + Duration::from_secs(10));
+    let hold_failover = silent.elapsed();
+    for pid in frozen.iter().rev().flatten() {
+        signal(*pid, Signal::SIGCONT)?;
+    }
+    held.with_context(|| a.diagnostics())?;
+    eprintln!(
+        "scale-out: host A silent (SIGSTOP) -> its route left the router's kernel in \
+         {hold_failover:.1?} (BGP hold time 3 s)"
+    );
+    ensure!(
+        hold_failover <= HOLD_BOUND,
+        "the router took {hold_failover:?} to drop a silent host, over {HOLD_BOUND:?}"
+    );
+    let counts = spread(&world, &[&a, &b], SHORT / 4)?;
+    ensure!(
+        counts[0] == 0,
+        "no connection may reach A while it is silent: {counts:?}"
+    );
+    let resumed = Instant::now();
+    wait_next_hops(&world, &[&a, &b], Duration::from_secs(20)).with_context(|| a.diagnostics())?;
+    eprintln!(
+        "scale-out: host A resumed (SIGCONT) -> BGP session re-established and announced again \
+         in {:.1?}",
+        resumed.elapsed()
+    );
+
+    // B's transfer went on through A's failure, return and silence; finish it at full speed.
     fast.store(true, Ordering::Relaxed);
     let sent = raw::result(&on_b.up, Duration::from_secs(60), "B's transfer, upstream")?;
     let (got, end) = raw::result(
@@ -488,7 +538,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
         .log_line_for(on_b.client, Duration::from_secs(10))?;
     eprintln!(
         "scale-out: the transfer through B: {TRANSFER} bytes each way verified across A's \
-         failure and return ({line})"
+         failure, return and silence ({line})"
     );
     eprintln!("scale-out: whole test {:.1?}", started.elapsed());
     Ok(())
