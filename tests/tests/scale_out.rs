@@ -401,7 +401,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
     let failover = killed.elapsed();
     eprintln!(
         "scale-out: SIGKILL of host A's spliced -> its route left the router's kernel in \
-         {failover:.0?} (check interval {CHECK_INTERVAL:?}, fall 2)"
+         {failover:.2?} (check interval {CHECK_INTERVAL:?}, fall 2)"
     );
     ensure!(
         failover <= FAILOVER_BOUND,
@@ -437,7 +437,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
     a.start_spliced(&world)?;
     wait_next_hops(&world, &[&a, &b], Duration::from_secs(15)).with_context(|| a.diagnostics())?;
     eprintln!(
-        "scale-out: host A's spliced restarted -> announced again {:.0?} after the restart \
+        "scale-out: host A's spliced restarted -> announced again {:.2?} after the restart \
          began (rise 2)",
         restarted.elapsed()
     );
@@ -495,7 +495,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
     held.with_context(|| a.diagnostics())?;
     eprintln!(
         "scale-out: host A silent (SIGSTOP) -> its route left the router's kernel in \
-         {hold_failover:.1?} (BGP hold time 3 s)"
+         {hold_failover:.2?} (BGP hold time 3 s)"
     );
     ensure!(
         hold_failover <= HOLD_BOUND,
@@ -510,7 +510,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
     wait_next_hops(&world, &[&a, &b], Duration::from_secs(20)).with_context(|| a.diagnostics())?;
     eprintln!(
         "scale-out: host A resumed (SIGCONT) -> BGP session re-established and announced again \
-         in {:.1?}",
+         in {:.2?}",
         resumed.elapsed()
     );
 
