@@ -13,6 +13,8 @@
 //! - spliced on A comes back: its route returns and A serves again;
 //! - host A goes silent as a whole (its processes frozen): the router's BGP hold timer drops
 //!   it within [`HOLD_BOUND`], and it is used again once it resumes;
+//! - BIRD on A restarts (with the service protocol disabled, as configured): the checker
+//!   announces A again without help;
 //! - what ECMP does to B's connections when A's next hop comes back: Linux hashes
 //!   multipath routes by hash-threshold, not resiliently, so the connections opened on B
 //!   while A was away whose hash now falls in A's share are sent to A and reset; the others,
@@ -514,7 +516,20 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
         resumed.elapsed()
     );
 
-    // B's transfer went on through A's failure, return and silence; finish it at full speed.
+    // BIRD on A restarts (its configuration starts the service protocol disabled): the
+    // checker, which sends the wanted state on every check, announces again by itself.
+    a.bird.service().terminate(Duration::from_secs(5))?;
+    wait_next_hops(&world, &[&b], Duration::from_secs(10)).with_context(|| a.diagnostics())?;
+    let restarted = Instant::now();
+    a.bird = Bird::start(&world, Ns::Proxy, "bird-a", &bird::host_config(a.up))?;
+    wait_next_hops(&world, &[&a, &b], Duration::from_secs(20)).with_context(|| a.diagnostics())?;
+    eprintln!(
+        "scale-out: BIRD on host A restarted -> announced again by the checker {:.2?} after \
+         it started",
+        restarted.elapsed()
+    );
+
+    // B's transfer went on through A's failure, return, silence and BIRD restart; finish it at full speed.
     fast.store(true, Ordering::Relaxed);
     let sent = raw::result(&on_b.up, Duration::from_secs(60), "B's transfer, upstream")?;
     let (got, end) = raw::result(
@@ -538,7 +553,7 @@ fn bgp_ecmp_failover_and_return() -> Result<()> {
         .log_line_for(on_b.client, Duration::from_secs(10))?;
     eprintln!(
         "scale-out: the transfer through B: {TRANSFER} bytes each way verified across A's \
-         failure, return and silence ({line})"
+         failure, return, silence and BIRD restart ({line})"
     );
     eprintln!("scale-out: whole test {:.1?}", started.elapsed());
     Ok(())
