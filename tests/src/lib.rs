@@ -7,11 +7,13 @@
 //!  192.0.2.2, 192.0.2.3 ---- 192.0.2.1 | 2001:db8:1::1 ---------- 2001:db8:1::10
 //! ```
 //!
-//! Only documentation prefixes are used and nothing is routed anywhere else. Processes started
-//! in it ([`Service`]) are stopped by their PID when dropped.
+//! [`World::scale_out`] puts a router and a second proxy host in front of it, for BGP and ECMP
+//! ([`bird`]). Only documentation prefixes are used and nothing is routed anywhere else.
+//! Processes started in it ([`Service`]) are stopped by their PID when dropped.
 #![warn(missing_docs)]
 
 pub mod backends;
+pub mod bird;
 pub mod packets;
 mod process;
 pub mod raw;
@@ -20,7 +22,7 @@ pub mod spliced;
 mod world;
 
 pub use process::{OpenFiles, Service, open_files, wait_for};
-pub use world::{Ns, World, require_root};
+pub use world::{Ns, Uplink, World, require_root};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -36,6 +38,13 @@ pub const PROXY_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0,
 pub const PROXY_ROUTER_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
 /// The backend's IPv4 address, only after [`World::route_direct`] (benchmarks' baseline).
 pub const BACKEND_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10));
+/// The second proxy host's address on the backend link, in [`World::scale_out`].
+pub const PROXY_B_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2));
+/// The router's address on the client link, in [`World::scale_out`].
+pub const ROUTER_CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
+/// The client's address on the router link, in [`World::scale_out`] (the router reaches
+/// [`CLIENT_V4`] and [`CLIENT_V4_B`] through it).
+pub const CLIENT_LINK_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2));
 /// The backend namespace's IPv6 address (its only one unless [`World::route_direct`]).
 pub const BACKEND_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10));
 

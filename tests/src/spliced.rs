@@ -38,6 +38,7 @@ pub struct Launch {
     env: Vec<(OsString, OsString)>,
     wrapper: Vec<OsString>,
     metrics: bool,
+    metrics_port: Option<u16>,
 }
 
 impl Launch {
@@ -51,6 +52,7 @@ impl Launch {
             env: Vec::new(),
             wrapper: Vec::new(),
             metrics: false,
+            metrics_port: None,
         }
     }
 
@@ -88,11 +90,25 @@ impl Launch {
         self
     }
 
+    /// Serves `/metrics` on `127.0.0.1:port` of spliced's namespace: a fixed address, for a
+    /// health checker that outlives one run of spliced.
+    pub fn metrics_at(mut self, port: u16) -> Launch {
+        self.metrics = true;
+        self.metrics_port = Some(port);
+        self
+    }
+
     /// Writes the configuration to the world's directory and starts spliced in the proxy
     /// namespace, waiting until every port in `ports` (and the metrics port) listens. An
     /// empty `ports` does not wait at all (for runs expected to fail).
     pub fn start(&self, world: &World, ports: &[u16]) -> Result<Spliced> {
-        self.spawn(world.dir(), Some(world.name(Ns::Proxy).to_owned()), ports)
+        self.start_in(world, Ns::Proxy, ports)
+    }
+
+    /// Like [`Launch::start`], in namespace `ns` (e.g. the second host of a
+    /// [`World::scale_out`]).
+    pub fn start_in(&self, world: &World, ns: Ns, ports: &[u16]) -> Result<Spliced> {
+        self.spawn(world.dir(), Some(world.name(ns).to_owned()), ports)
     }
 
     /// Like [`Launch::start`], in the test process's own namespaces (not under `ip netns
@@ -116,9 +132,12 @@ impl Launch {
         }
         cmd.args(["run", "--config"]).arg(&config).args(&self.args);
         let metrics = if self.metrics {
-            let port = in_netns(netns.as_deref(), || {
-                raw::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
-            })??;
+            let port = match self.metrics_port {
+                Some(port) => port,
+                None => in_netns(netns.as_deref(), || {
+                    raw::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
+                })??,
+            };
             cmd.arg("--metrics").arg(format!("127.0.0.1:{port}"));
             Some(port)
         } else {

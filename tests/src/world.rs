@@ -1,6 +1,7 @@
 //! Network namespaces for one test.
 use std::{
     fs::File,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -9,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
-use crate::{BACKEND_V6, CLIENT_V4, CLIENT_V4_B, PROXY_V4, PROXY_V6};
+use crate::{
+    BACKEND_V6, CLIENT_LINK_V4, CLIENT_V4, CLIENT_V4_B, PROXY_B_V6, PROXY_V4, PROXY_V6,
+    ROUTER_CLIENT_V4,
+};
 
 /// Fails with a plain explanation unless we are root, which namespaces and eBPF need.
 pub fn require_root() -> Result<()> {
@@ -31,11 +35,61 @@ pub enum Ns {
     Proxy,
     /// IPv6-only servers.
     Backend,
+    /// The router in front of the proxy hosts; only in [`World::scale_out`].
+    Router,
+    /// The second proxy host; only in [`World::scale_out`] (there [`Ns::Proxy`] is the first).
+    ProxyB,
 }
 
-/// Three namespaces and a scratch directory, all removed on drop.
+impl Ns {
+    fn index(self) -> usize {
+        match self {
+            Ns::Client => 0,
+            Ns::Proxy => 1,
+            Ns::Backend => 2,
+            Ns::Router => 3,
+            Ns::ProxyB => 4,
+        }
+    }
+}
+
+/// A proxy host's link to the router in a [`World::scale_out`]: a /30 of 198.51.100.0/24, the
+/// host's `eth0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uplink {
+    /// The router's address on the link (the host's default gateway and BGP neighbour).
+    pub router: Ipv4Addr,
+    /// The host's address on the link.
+    pub host: Ipv4Addr,
+    /// The link's interface in the router namespace.
+    pub router_dev: &'static str,
+}
+
+impl Uplink {
+    /// The uplink of proxy host `host` ([`Ns::Proxy`] or [`Ns::ProxyB`]).
+    pub fn of(host: Ns) -> Option<Uplink> {
+        match host {
+            Ns::Proxy => Some(Uplink {
+                router: Ipv4Addr::new(198, 51, 100, 1),
+                host: Ipv4Addr::new(198, 51, 100, 2),
+                router_dev: "eth1",
+            }),
+            Ns::ProxyB => Some(Uplink {
+                router: Ipv4Addr::new(198, 51, 100, 5),
+                host: Ipv4Addr::new(198, 51, 100, 6),
+                router_dev: "eth2",
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Three namespaces (five for [`World::scale_out`]) and a scratch directory, all removed on
+/// drop.
 pub struct World {
-    names: [String; 3],
+    /// Every namespace's name, by [`Ns::index`]; only the first `made` exist.
+    names: [String; 5],
+    made: usize,
     dir: PathBuf,
 }
 
@@ -53,6 +107,40 @@ fn run(cmd: &mut Command) -> Result<()> {
 impl World {
     /// Creates the namespaces, links and addresses, and a scratch directory.
     pub fn new() -> Result<World> {
+        let world = World::empty(3)?;
+        world.build().context("building the test namespaces")?;
+        Ok(world)
+    }
+
+    /// The scale-out world: two proxy hosts behind a router, for BGP and ECMP (see
+    /// [`crate::bird`] and `docs/scale-out.md`).
+    ///
+    /// ```text
+    ///  client                 router                       proxy (host A)            backend
+    ///  203.0.113.2 ---------- 203.0.113.1                   lo 192.0.2.1/32
+    ///  192.0.2.2, .3 (/32)    198.51.100.1/30 ------------ 198.51.100.2  2001:db8:1::1 --+ br0
+    ///                         198.51.100.5/30 ------------ 198.51.100.6  2001:db8:1::2 --+ 2001:db8:1::10
+    ///                                                      proxy-b (host B)
+    ///                                                      lo 192.0.2.1/32
+    /// ```
+    ///
+    /// Both hosts carry the service address [`PROXY_V4`] on their loopback and route
+    /// everything else to the router; the router knows the client addresses and nothing
+    /// about [`PROXY_V4`] until BGP tells it. The backend's [`BACKEND_V6`] sits on a bridge
+    /// that both hosts reach. The client keeps [`CLIENT_V4`] and [`CLIENT_V4_B`] (its default
+    /// route's source is [`CLIENT_V4`]), so [`crate::raw::connect`], `curl` and the other
+    /// helpers that take a world work unchanged. The router forwards with
+    /// `fib_multipath_hash_policy=3` and `fib_multipath_hash_fields=0x37`: an ECMP route picks
+    /// its next hop from the 5-tuple in each packet's headers.
+    pub fn scale_out() -> Result<World> {
+        let world = World::empty(5)?;
+        world
+            .build_scale_out()
+            .context("building the scale-out namespaces")?;
+        Ok(world)
+    }
+
+    fn empty(made: usize) -> Result<World> {
         require_root()?;
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let id = format!(
@@ -64,6 +152,8 @@ impl World {
             format!("spl-{id}-c"),
             format!("spl-{id}-p"),
             format!("spl-{id}-b"),
+            format!("spl-{id}-r"),
+            format!("spl-{id}-q"),
         ];
         let dir = std::env::temp_dir().join(format!("spliced-test-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -75,17 +165,22 @@ impl World {
             nix::sys::stat::Mode::from_bits_truncate(0o755),
             nix::sys::stat::FchmodatFlags::FollowSymlink,
         )?;
-        let world = World { names, dir };
-        world.build().context("building the test namespaces")?;
+        let mut world = World {
+            names,
+            made: 0,
+            dir,
+        };
+        for i in 0..made {
+            let ns = &world.names[i];
+            run(Command::new("ip").args(["netns", "add", ns]))?;
+            world.made = i + 1;
+            world.ip(ns, &["link", "set", "lo", "up"])?;
+        }
         Ok(world)
     }
 
     fn build(&self) -> Result<()> {
-        let [c, p, b] = &self.names;
-        for ns in &self.names {
-            run(Command::new("ip").args(["netns", "add", ns]))?;
-            self.ip(ns, &["link", "set", "lo", "up"])?;
-        }
+        let [c, p, b, ..] = &self.names;
         run(Command::new("ip").args([
             "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns", p,
         ]))?;
@@ -134,11 +229,134 @@ impl World {
         Ok(())
     }
 
+    fn build_scale_out(&self) -> Result<()> {
+        let [c, a, b, r, q] = &self.names;
+        let link = |ns1: &str, dev1: &str, ns2: &str, dev2: &str| {
+            run(Command::new("ip").args([
+                "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns",
+                ns2,
+            ]))
+        };
+        link(c, "eth0", r, "eth0")?;
+        // The backend side first: the bridge's ports are named after the host they lead to.
+        link(a, "eth1", b, "to-a")?;
+        link(q, "eth1", b, "to-b")?;
+        self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=1")?;
+        for addr in [
+            format!("{CLIENT_LINK_V4}/24"),
+            format!("{CLIENT_V4}/32"),
+            format!("{CLIENT_V4_B}/32"),
+        ] {
+            self.ip(c, &["addr", "add", &addr, "dev", "eth0"])?;
+        }
+        self.ip(c, &["link", "set", "eth0", "up"])?;
+        self.ip(
+            c,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTER_CLIENT_V4.to_string(),
+                "src",
+                &CLIENT_V4.to_string(),
+            ],
+        )?;
+
+        self.ip(
+            r,
+            &[
+                "addr",
+                "add",
+                &format!("{ROUTER_CLIENT_V4}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        self.ip(r, &["link", "set", "eth0", "up"])?;
+        for client in [CLIENT_V4, CLIENT_V4_B] {
+            self.ip(
+                r,
+                &[
+                    "route",
+                    "add",
+                    &format!("{client}/32"),
+                    "via",
+                    &CLIENT_LINK_V4.to_string(),
+                ],
+            )?;
+        }
+        self.sysctl(r, "net.ipv4.ip_forward=1")?;
+        // L4 hashing: the next hop of an ECMP route follows the 5-tuple, so every packet of a
+        // connection goes to the same host (the default, 0, hashes the addresses only).
+        // Policy 3 with the fields source and destination address, protocol, source and
+        // destination port (0x37) hashes the headers of every packet. Policy 1 would first
+        // reuse a hash the packet already carries: here, through veth, the client socket's
+        // random `sk_txhash`, which no `ip route get` can predict and which TCP changes after
+        // a retransmission timeout, moving the connection to the other host.
+        self.sysctl(r, "net.ipv4.fib_multipath_hash_policy=3")?;
+        self.sysctl(r, "net.ipv4.fib_multipath_hash_fields=0x0037")?;
+
+        for (host, ns, v6) in [(Ns::Proxy, a, PROXY_V6), (Ns::ProxyB, q, PROXY_B_V6)] {
+            let up = Uplink::of(host).context("a proxy host has an uplink")?;
+            link(r, up.router_dev, ns, "eth0")?;
+            self.ip(
+                r,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/30", up.router),
+                    "dev",
+                    up.router_dev,
+                ],
+            )?;
+            self.ip(r, &["link", "set", up.router_dev, "up"])?;
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{}/30", up.host), "dev", "eth0"],
+            )?;
+            self.ip(ns, &["addr", "add", &format!("{PROXY_V4}/32"), "dev", "lo"])?;
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{v6}/64"), "dev", "eth1", "nodad"],
+            )?;
+            for dev in ["eth0", "eth1"] {
+                self.ip(ns, &["link", "set", dev, "up"])?;
+            }
+            self.ip(
+                ns,
+                &["route", "add", "default", "via", &up.router.to_string()],
+            )?;
+        }
+
+        // No STP: the bridge forwards as soon as its ports are up.
+        self.ip(
+            b,
+            &["link", "add", "br0", "type", "bridge", "stp_state", "0"],
+        )?;
+        for port in ["to-a", "to-b"] {
+            self.ip(b, &["link", "set", port, "master", "br0"])?;
+            self.ip(b, &["link", "set", port, "up"])?;
+        }
+        self.ip(
+            b,
+            &[
+                "addr",
+                "add",
+                &format!("{BACKEND_V6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        self.ip(b, &["link", "set", "br0", "up"])
+    }
+
     /// Lets the client reach the backend without the proxy, for benchmarks' "direct"
     /// baseline: the backend gets an IPv4 address too and the proxy namespace routes between
     /// its two links, so direct traffic crosses the same two veth hops as proxied traffic.
     pub fn route_direct(&self) -> Result<()> {
-        let [c, p, b] = &self.names;
+        let [c, p, b, ..] = &self.names;
         self.ip(
             p,
             &[
@@ -190,13 +408,10 @@ impl World {
         run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-q", "-w", setting]))
     }
 
-    /// The namespace's name as `ip netns` knows it.
+    /// The namespace's name as `ip netns` knows it. [`Ns::Router`] and [`Ns::ProxyB`] exist
+    /// only in a [`World::scale_out`]; elsewhere commands in them fail (no such namespace).
     pub fn name(&self, ns: Ns) -> &str {
-        match ns {
-            Ns::Client => &self.names[0],
-            Ns::Proxy => &self.names[1],
-            Ns::Backend => &self.names[2],
-        }
+        &self.names[ns.index()]
     }
 
     /// The scratch directory for configs, certificates and logs.
@@ -238,7 +453,7 @@ pub(crate) fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Sen
 
 impl Drop for World {
     fn drop(&mut self) {
-        for ns in &self.names {
+        for ns in &self.names[..self.made] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         if std::env::var_os("SPLICED_KEEP_TEST_DIR").is_none() {
