@@ -414,10 +414,16 @@ fn small_sndbuf(stream: &TcpStream) -> Result<()> {
 /// Writes to every socket as long as any of them takes bytes; stops once none has for
 /// [`QUIET`] or at [`FILL_LIMIT`]. Returns the bytes written in all.
 fn pump(sockets: &mut [TcpStream], stop: &AtomicBool) -> Result<u64> {
-    let chunk = Stream::prefix(7, 64 * 1024);
+    pump_cycle(sockets, &Stream::prefix(7, 64 * 1024), stop)
+}
+
+/// [`pump`] with `cycle` written over and over on each socket, whole: a write the kernel
+/// takes only part of goes on from there.
+fn pump_cycle(sockets: &mut [TcpStream], cycle: &[u8], stop: &AtomicBool) -> Result<u64> {
     for s in sockets.iter() {
         s.set_nonblocking(true)?;
     }
+    let mut offsets = vec![0usize; sockets.len()];
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut total = 0u64;
@@ -426,10 +432,11 @@ fn pump(sockets: &mut [TcpStream], stop: &AtomicBool) -> Result<u64> {
         && !stop.load(Ordering::Relaxed)
     {
         let mut progress = false;
-        for s in sockets.iter_mut() {
-            match s.write(&chunk) {
+        for (s, offset) in sockets.iter_mut().zip(&mut offsets) {
+            match s.write(&cycle[*offset..]) {
                 Ok(n) => {
                     total += n as u64;
+                    *offset = (*offset + n) % cycle.len();
                     progress = true;
                 }
                 Err(e)
@@ -909,4 +916,170 @@ fn auto_engine_memory_is_bounded_under_attack() -> Result<()> {
 #[test]
 fn header_mode_memory_is_bounded_under_attack() -> Result<()> {
     attack(Engine::Http)
+}
+
+/// Header mode keeps, for every request sent on, what its response needs to be framed, until
+/// that response ends. Clients that pipeline small requests without reading, to a backend that
+/// reads them all and answers none, must not make that grow without bound.
+#[test]
+fn header_mode_pipelined_requests_without_answers_are_bounded() -> Result<()> {
+    const N: usize = 8;
+    const FOR: Duration = Duration::from_secs(6);
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let world = World::new()?;
+    let spliced = Launch::new(config("auto"))
+        .metrics()
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .start(&world, &[80])?;
+    let pid = spliced.pid().context("spliced has no PID")?;
+    let listener = raw::listen_in(
+        &world,
+        Ns::Backend,
+        SocketAddr::new(BACKEND_V6, ATTACK_PORT),
+    )?;
+    let before = rss(pid)?;
+    let request = b"GET / HTTP/1.1\r\nHost: mem-http.example\r\n\r\n";
+    let cycle: Vec<u8> = request
+        .iter()
+        .copied()
+        .cycle()
+        .take(request.len() * 1500)
+        .collect();
+    let backends = {
+        let listener = listener.try_clone()?;
+        spawn(move || {
+            (0..N)
+                .map(|_| raw::accept_within(&listener, IO, IO))
+                .collect::<Result<Vec<_>>>()
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        // The backend is connected once a request head arrived.
+        let mut c = raw::connect(&world, 80, IO)?;
+        c.write_all(request)?;
+        clients.push(c);
+    }
+    let backends = raw::result(&backends, IO, "accepting")?;
+    let stop = AtomicBool::new(false);
+    let (sent, read, peak) = std::thread::scope(|s| -> Result<(u64, u64, u64)> {
+        let sender = s.spawn(|| pump_cycle(&mut clients, &cycle, &stop));
+        let reader = s.spawn(|| -> Result<u64> {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            for b in &backends {
+                b.set_nonblocking(true)?;
+            }
+            while !stop.load(Ordering::Relaxed) {
+                let mut any = false;
+                for mut b in &backends {
+                    if let Ok(n) = b.read(&mut buf) {
+                        total += n as u64;
+                        any |= n > 0;
+                    }
+                }
+                if !any {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Ok(total)
+        });
+        let started = Instant::now();
+        let mut peak = 0;
+        while started.elapsed() < FOR {
+            peak = peak.max(rss(pid)?);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+        let read = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+        Ok((sent, read, peak.max(rss(pid)?)))
+    })?;
+    eprintln!(
+        "memory[pipelined]: {N} clients sent {:.2} MiB of requests, the backend read {:.2} MiB \
+         of them with the header added and answered none; spliced's RSS {:.1} -> {:.1} MiB",
+        mib(sent),
+        mib(read),
+        mib(before),
+        mib(peak)
+    );
+    let bound = bound(
+        Engine::Http,
+        Sysctls {
+            rmem_max: 0,
+            wmem_max: 0,
+        },
+    )
+    .user;
+    ensure!(
+        peak.saturating_sub(before) <= N as u64 * bound + RSS_NOISE,
+        "{N} connections with unanswered pipelined requests grew spliced's resident memory by \
+         {:.1} MiB (bound {} KiB per connection plus {} MiB)",
+        mib(peak.saturating_sub(before)),
+        bound / KIB,
+        RSS_NOISE / MIB
+    );
+    Ok(())
+}
+
+/// The cap on requests waiting for an answer holds requests back, never drops them: 1,000
+/// pipelined requests in one go all get their answer, in order.
+#[test]
+fn pipelined_requests_past_the_cap_are_all_answered() -> Result<()> {
+    const REQUESTS: usize = 1000;
+    let world = World::new()?;
+    let _spliced = Launch::new(config("auto")).start(&world, &[80])?;
+    let listener = raw::listen_in(
+        &world,
+        Ns::Backend,
+        SocketAddr::new(BACKEND_V6, ATTACK_PORT),
+    )?;
+    // Answers each request head as it arrives, numbering the answers.
+    let server = spawn(move || -> Result<usize> {
+        let mut s = raw::accept_within(&listener, IO, IO)?;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut answered = 0;
+        while answered < REQUESTS {
+            let n = s.read(&mut buf)?;
+            ensure!(n > 0, "the proxy closed after {answered} requests");
+            seen.extend_from_slice(&buf[..n]);
+            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                let body = format!("{answered:06}");
+                s.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n{body}").as_bytes(),
+                )?;
+                answered += 1;
+            }
+        }
+        Ok(answered)
+    });
+    let mut client = raw::connect(&world, 80, IO)?;
+    let requests = b"GET / HTTP/1.1\r\nHost: mem-http.example\r\n\r\n".repeat(REQUESTS);
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        writer.write_all(&requests)?;
+        Ok(())
+    });
+    let one = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n000000".len();
+    let got = raw::read_exactly(&mut client, one * REQUESTS)
+        .context("reading the answers to 1,000 pipelined requests")?;
+    raw::result(&sender, IO, "sending the requests")?;
+    raw::result(&server, IO, "the backend")?;
+    let want: String = (0..REQUESTS)
+        .map(|i| format!("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n{i:06}"))
+        .collect();
+    ensure!(
+        got == want.as_bytes(),
+        "the answers differ: {}",
+        raw::difference(&got, want.as_bytes())
+    );
+    Ok(())
 }
