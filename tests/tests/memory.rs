@@ -1083,3 +1083,96 @@ fn pipelined_requests_past_the_cap_are_all_answered() -> Result<()> {
     );
     Ok(())
 }
+
+/// When only the clients of stalled connections reset, and their backends stay as they are
+/// (writing nothing more, reading nothing), spliced must still let the connections go with
+/// everything they hold: the backends would never end them.
+#[test]
+fn attackers_that_reset_are_let_go_while_the_other_side_stays() -> Result<()> {
+    const N: usize = 4;
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for engine in [
+        Engine::Copy,
+        Engine::Splice,
+        Engine::Sockmap,
+        Engine::Auto,
+        Engine::Http,
+    ] {
+        let world = World::new()?;
+        let spliced = Launch::new(config(engine.forwarding()))
+            .metrics()
+            .start(&world, &[443, 80])?;
+        set_kernel_defaults(&world)?;
+        let listener = raw::listen_in(
+            &world,
+            Ns::Backend,
+            SocketAddr::new(BACKEND_V6, ATTACK_PORT),
+        )?;
+        let http = matches!(engine, Engine::Http);
+        let backends = {
+            let listener = listener.try_clone()?;
+            spawn(move || accept_attackers(&listener, N, http))
+        };
+        let mut clients = Vec::new();
+        for _ in 0..N {
+            let mut c = raw::connect(&world, if http { 80 } else { 443 }, IO)?;
+            small_sndbuf(&c)?;
+            if http {
+                c.write_all(
+                    b"POST / HTTP/1.1\r\nHost: mem-http.example\r\nContent-Length: 1099511627776\r\n\r\n",
+                )?;
+            } else {
+                c.write_all(&simple_hello("mem.example"))?;
+            }
+            clients.push(c);
+        }
+        let mut backends = raw::result(&backends, IO, "accepting the attacking connections")?;
+        let stop = AtomicBool::new(false);
+        let (up, down) = std::thread::scope(|s| {
+            let up = s.spawn(|| pump(&mut clients, &stop));
+            let down = s.spawn(|| pump(&mut backends, &stop));
+            (up.join(), down.join())
+        });
+        let (Ok(up), Ok(down)) = (up, down) else {
+            anyhow::bail!("a pump panicked");
+        };
+        let (up, down) = (up?, down?);
+        let held = sockets(&world)?.bytes;
+        for c in clients.drain(..) {
+            raw::reset(c)?;
+        }
+        let started = Instant::now();
+        let mut open = u64::MAX;
+        let mut left = held;
+        wait_for(
+            "spliced to let go of connections whose clients reset",
+            Duration::from_secs(5),
+            || {
+                open = spliced.metrics()?.count("spliced_open_connections", &[])?;
+                left = sockets(&world)?.bytes;
+                Ok(open == 0 && left <= KERNEL_KEPT)
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{engine:?}: {open} of {N} connections still open, sockets {:.1} MiB (held \
+                 {:.1} MiB after {:.0} MiB up and {:.0} MiB down)\n{}",
+                mib(left),
+                mib(held),
+                mib(up),
+                mib(down),
+                proxy_sockets(&world)
+            )
+        })?;
+        eprintln!(
+            "memory[{engine:?}]: {N} connections holding {:.1} MiB let go {:.2?} after their \
+             clients reset",
+            mib(held),
+            started.elapsed()
+        );
+        drop(backends);
+    }
+    Ok(())
+}
