@@ -56,6 +56,9 @@ pub struct TcpCounts {
     /// Received in order from the peer, whether read yet or not, plus one for its FIN once
     /// that arrived (TCP counts the FIN's sequence number).
     pub received: u64,
+    /// The connection is gone (`TCP_CLOSE`: reset, or closed both ways): nothing more can be
+    /// sent on it.
+    pub closed: bool,
 }
 
 /// Reads a socket's [`TcpCounts`].
@@ -75,6 +78,7 @@ pub fn tcp_counts(fd: BorrowedFd<'_>, connected_here: bool) -> io::Result<TcpCou
     Ok(TcpCounts {
         handed: acked + unsent_bytes(fd)?,
         received: info.tcpi_bytes_received,
+        closed: info.tcpi_state == TCP_CLOSE,
     })
 }
 
@@ -160,7 +164,11 @@ mod tests {
         io::Read::read_exact(&mut &client, &mut buf)?;
         // Acknowledged or queued, exactly the data each side wrote was handed to TCP, and
         // the other side counts it as received.
-        let expect = |handed, received| TcpCounts { handed, received };
+        let expect = |handed, received| TcpCounts {
+            handed,
+            received,
+            closed: false,
+        };
         assert_eq!(tcp_counts(client.as_fd(), true)?, expect(5, 3));
         assert_eq!(tcp_counts(server.as_fd(), false)?, expect(3, 5));
         // The FIN counts one.
@@ -168,6 +176,24 @@ mod tests {
         assert_eq!(io::Read::read(&mut &server, &mut buf)?, 0);
         assert_eq!(tcp_counts(server.as_fd(), false)?, expect(3, 6));
         set_rcvlowat(&server, 1)?;
+        // A reset leaves the counts and says the connection is gone.
+        nix::sys::socket::setsockopt(
+            &client,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )?;
+        drop(client);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !tcp_counts(server.as_fd(), false)?.closed {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reset never arrived"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         Ok(())
     }
 }

@@ -170,6 +170,8 @@ struct Measured {
     arrived: u64,
     /// Payload the kernel delivered to `dst`'s TCP.
     delivered: u64,
+    /// `dst`'s connection is gone (reset): what is still on its way to it never arrives.
+    dst_closed: bool,
 }
 
 impl Direction<'_> {
@@ -232,6 +234,7 @@ impl Direction<'_> {
             backlog: (self.redirected + written).saturating_sub(handed),
             arrived: src.received.saturating_sub(self.consumed_base + spliced),
             delivered: handed.saturating_sub(written),
+            dst_closed: dst.closed,
         })
     }
 }
@@ -690,6 +693,13 @@ async fn run<'s>(
                 // The destination reset after its own FIN: these bytes cannot reach it.
                 return Err(d.err_dst(kind.into()));
             }
+            if d.mode == Mode::Draining && m.dst_closed && m.backlog > 0 {
+                // A draining direction waits for its reader to take what the kernel parked;
+                // a reader that reset never will, and nothing else watches a draining
+                // direction's sockets: without this, a connection whose two stalled peers both
+                // reset stayed open, holding its descriptors, map entries and parked bytes.
+                return Err(d.err_dst(io::ErrorKind::ConnectionReset.into()));
+            }
             let backlog = m.backlog;
             let decision = decide(d.mode, d.eof, d.shut, backlog, d.redirected, limit);
             if decision.shutdown {
@@ -842,6 +852,7 @@ mod tests {
             backlog: 0,
             arrived,
             delivered,
+            dst_closed: false,
         };
         assert!(
             check_accounts(&m(100, 90), 95).is_ok(),
