@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpStream, sync::Notify, time::Instant};
+use tokio::{io::Interest, net::TcpStream, sync::Notify, time::Instant};
 
 use super::{Counters, ForwardError, Side, shutdown_write, write_all};
 use crate::http1::{
@@ -243,12 +243,31 @@ async fn requests(
 
 /// Reads what `from` has into `buf`. While nothing is buffered, the connection gives its
 /// buffers back until the socket has bytes again, so an idle keep-alive connection holds none.
+///
+/// A read that leaves room in `buf` took everything the socket had: its readiness is cleared
+/// then, so the next call waits for the socket instead of asking it once more only to hear
+/// `EAGAIN` (one system call per message and direction). The readiness is the one seen before
+/// the read, so bytes that arrive after it are not missed: they bring a new readiness event,
+/// which clearing the old one does not touch.
 async fn read_more(from: &TcpStream, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> io::Result<usize> {
     loop {
         if buf.capacity() - buf.len() < BUFFER / 4 {
             buf.reserve(BUFFER);
         }
-        match from.try_read_buf(buf) {
+        let room = buf.capacity() - buf.len();
+        let mut drained = None;
+        let result = from.try_io(Interest::READABLE, || match from.try_read_buf(buf) {
+            Ok(n) if n > 0 && n < room => {
+                drained = Some(n);
+                // Clears the readiness seen before the read; the bytes are in `buf`.
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            other => other,
+        });
+        if let Some(n) = drained {
+            return Ok(n);
+        }
+        match result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if buf.is_empty() {
                     *buf = Vec::new();
