@@ -17,6 +17,7 @@ use std::{
         Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Poll, Waker},
     time::Duration,
 };
 
@@ -102,6 +103,9 @@ struct Coordination {
     /// A request was refused: this many more responses go to the client, then the responses
     /// loop stops.
     stop_after: Option<usize>,
+    /// Wakes the responses loop while it waits for the backend, when a request is refused
+    /// ([`refused_since`]). A waker kept here costs less per wait than a `Notify` registration.
+    responses_waker: Option<Waker>,
 }
 
 enum Down {
@@ -127,11 +131,9 @@ pub async fn forward(
 ) -> Result<Ended, HttpError> {
     let shared = Mutex::new(Coordination::default());
     let to_requests = Notify::new();
-    let to_responses = Notify::new();
     let link = Link {
         shared: &shared,
         to_requests: &to_requests,
-        to_responses: &to_responses,
     };
     let up = requests(client, backend, &counters.upstream, params, &link);
     let down = responses(backend, client, &counters.downstream, &link);
@@ -150,7 +152,6 @@ pub async fn forward(
 struct Link<'a> {
     shared: &'a Mutex<Coordination>,
     to_requests: &'a Notify,
-    to_responses: &'a Notify,
 }
 
 impl Link<'_> {
@@ -180,6 +181,8 @@ async fn requests(
         requests,
     } = params;
     let mut start = 0;
+    // The host of the last request that was found to be the connection's site's.
+    let mut routed: Option<Option<String>> = None;
     let mut uncounted = preface.len();
     let mut out = preface;
     loop {
@@ -197,10 +200,13 @@ async fn requests(
         };
         match step {
             RequestStep::Head(head) => {
-                if !same_site(head.host.as_deref()) {
-                    out.truncate(before);
-                    send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
-                    return Ok(refuse(link, Refusal::Misdirected, false));
+                if routed.as_ref() != Some(&head.host) {
+                    if !same_site(head.host.as_deref()) {
+                        out.truncate(before);
+                        send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
+                        return Ok(refuse(link, Refusal::Misdirected, false));
+                    }
+                    routed = Some(head.host);
                 }
                 link.with(|s| s.pending.push_back(head.pending));
                 requests.fetch_add(1, Ordering::Relaxed);
@@ -315,13 +321,40 @@ async fn send(
 
 /// Tells the responses loop to stop after the responses the client should still get.
 fn refuse(link: &Link<'_>, error: Refusal, current_sent: bool) -> Up {
-    link.with(|s| {
+    let waker = link.with(|s| {
         // A request whose head went on but whose body broke gets no response forwarded.
         let before = s.pending.len().saturating_sub(usize::from(current_sent));
         s.stop_after = Some(before);
+        s.responses_waker.take()
     });
-    link.to_responses.notify_one();
+    if let Some(waker) = waker {
+        waker.wake();
+    }
     Up::Refused(error)
+}
+
+/// Resolves once a request is refused, if none was when the responses loop read `stopping`:
+/// the loop then looks again at how many responses the client still gets. Never resolves
+/// when it already knew.
+fn refused_since<'a>(link: &'a Link<'_>, stopping: bool) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        if stopping {
+            return Poll::Pending;
+        }
+        link.with(|s| {
+            if s.stop_after.is_some() {
+                return Poll::Ready(());
+            }
+            if !s
+                .responses_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                s.responses_waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    })
 }
 
 /// Waits until the response to a protocol-switching request decides; `None` when the backend's
@@ -413,7 +446,7 @@ async fn responses(
                 let read = read_more(backend, &mut buf, None);
                 let n = tokio::select! {
                     n = read => n.map_err(|e| Side::Backend.failed(e))?,
-                    () = link.to_responses.notified() => continue,
+                    () = refused_since(link, stopping) => continue,
                     () = sleep_until(deadline) => {
                         done(link);
                         return Ok(Down::StopTimedOut);

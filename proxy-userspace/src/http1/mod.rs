@@ -158,6 +158,9 @@ pub struct RequestFramer {
     request_line: bool,
     /// Whether the request in progress asked to switch protocols.
     switch_after_body: bool,
+    /// The last request's only `Host` value (trimmed) with an origin-form target, and the host
+    /// it gave: a connection's requests nearly always name the same host.
+    last_host: Option<(Vec<u8>, Option<String>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +183,7 @@ impl RequestFramer {
             scanned: 0,
             request_line: false,
             switch_after_body: false,
+            last_host: None,
         }
     }
 
@@ -260,7 +264,7 @@ impl RequestFramer {
         else {
             return Err(RequestError::Malformed("incomplete request line"));
         };
-        let host = crate::hello::http::request_host(path, version, request.headers)?;
+        let host = self.host(path, version, request.headers)?;
         let framing = framing(request.headers, version)?;
         let pending = Pending {
             head: method == "HEAD",
@@ -284,6 +288,32 @@ impl RequestFramer {
             pending,
             ends_message,
         }))
+    }
+
+    /// The host a request names ([`crate::hello::http::request_host`]). With an origin-form
+    /// target and one `Host` line, the host depends on that line's value alone: when it is the
+    /// last request's, so is the answer.
+    fn host(
+        &mut self,
+        path: &str,
+        version: u8,
+        headers: &[httparse::Header<'_>],
+    ) -> Result<Option<String>, RequestError> {
+        let mut hosts = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"));
+        let single = match (hosts.next(), hosts.next()) {
+            (Some(only), None) if path.starts_with('/') => Some(only.value.trim_ascii()),
+            _ => None,
+        };
+        if let (Some(value), Some((last, host))) = (single, &self.last_host)
+            && value == last.as_slice()
+        {
+            return Ok(host.clone());
+        }
+        let host = crate::hello::http::request_host(path, version, headers)?;
+        self.last_host = single.map(|value| (value.to_vec(), host.clone()));
+        Ok(host)
     }
 
     /// Checks the head's line endings and bytes, line by line from where the last call
