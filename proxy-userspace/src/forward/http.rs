@@ -528,7 +528,11 @@ mod pool {
 
     /// An empty buffer, with room for a read if one was given back.
     pub(super) fn take() -> Vec<u8> {
-        FREE.with_borrow_mut(Vec::pop).unwrap_or_default()
+        // During thread teardown there is no pool: a new buffer then.
+        FREE.try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 
     /// Gives `buf` back; kept if it is of the usual size and there is room.
