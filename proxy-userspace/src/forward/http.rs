@@ -17,10 +17,11 @@ use std::{
         Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Poll, Waker},
     time::Duration,
 };
 
-use tokio::{net::TcpStream, sync::Notify, time::Instant};
+use tokio::{io::Interest, net::TcpStream, sync::Notify, time::Instant};
 
 use super::{Counters, ForwardError, Side, shutdown_write, write_all};
 use crate::http1::{
@@ -110,6 +111,9 @@ struct Coordination {
     /// A request was refused: this many more responses go to the client, then the responses
     /// loop stops.
     stop_after: Option<usize>,
+    /// Wakes the responses loop while it waits for the backend, when a request is refused
+    /// ([`refused_since`]). A waker kept here costs less per wait than a `Notify` registration.
+    responses_waker: Option<Waker>,
 }
 
 enum Down {
@@ -135,11 +139,9 @@ pub async fn forward(
 ) -> Result<Ended, HttpError> {
     let shared = Mutex::new(Coordination::default());
     let to_requests = Notify::new();
-    let to_responses = Notify::new();
     let link = Link {
         shared: &shared,
         to_requests: &to_requests,
-        to_responses: &to_responses,
     };
     let up = requests(client, backend, &counters.upstream, params, &link);
     let down = responses(backend, client, &counters.downstream, &link);
@@ -158,7 +160,6 @@ pub async fn forward(
 struct Link<'a> {
     shared: &'a Mutex<Coordination>,
     to_requests: &'a Notify,
-    to_responses: &'a Notify,
 }
 
 impl Link<'_> {
@@ -188,6 +189,8 @@ async fn requests(
         requests,
     } = params;
     let mut start = 0;
+    // The host of the last request that was found to be the connection's site's.
+    let mut routed: Option<Option<String>> = None;
     let mut uncounted = preface.len();
     let mut out = preface;
     loop {
@@ -205,10 +208,13 @@ async fn requests(
         };
         match step {
             RequestStep::Head(head) => {
-                if !same_site(head.host.as_deref()) {
-                    out.truncate(before);
-                    send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
-                    return Ok(refuse(link, Refusal::Misdirected, false));
+                if routed.as_ref() != Some(&head.host) {
+                    if !same_site(head.host.as_deref()) {
+                        out.truncate(before);
+                        send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
+                        return Ok(refuse(link, Refusal::Misdirected, false));
+                    }
+                    routed = Some(head.host);
                 }
                 if link.with(|s| s.pending.len()) >= MAX_PIPELINED {
                     // What came before this head goes on now; the head waits for an answer.
@@ -231,12 +237,15 @@ async fn requests(
                 send(backend, Side::Backend, &mut out, counter, &mut uncounted).await?;
                 buf.drain(..start);
                 start = 0;
-                let n = read_more(client, &mut buf, &mut out)
+                let n = read_more(client, &mut buf, Some(&mut out))
                     .await
                     .map_err(|e| Side::Client.failed(e))?;
                 if n == 0 {
                     shutdown_write(backend).map_err(|e| Side::Backend.failed(e))?;
                     return Ok(Up::Closed);
+                }
+                if out.capacity() == 0 {
+                    out = pool::take();
                 }
             }
             RequestStep::AwaitSwitch => {
@@ -259,17 +268,46 @@ async fn requests(
 }
 
 /// Reads what `from` has into `buf`. While nothing is buffered, the connection gives its
-/// buffers back until the socket has bytes again, so an idle keep-alive connection holds none.
-async fn read_more(from: &TcpStream, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> io::Result<usize> {
+/// buffers (`buf` and the output buffer `out`, if any) back until the socket has bytes again,
+/// so an idle keep-alive connection holds none.
+///
+/// A read that leaves room in `buf` took everything the socket had: its readiness is cleared
+/// then, so the next call waits for the socket instead of asking it once more only to hear
+/// `EAGAIN` (one system call per message and direction). The readiness is the one seen before
+/// the read, so bytes that arrive after it are not missed: they bring a new readiness event,
+/// which clearing the old one does not touch.
+async fn read_more(
+    from: &TcpStream,
+    buf: &mut Vec<u8>,
+    mut out: Option<&mut Vec<u8>>,
+) -> io::Result<usize> {
     loop {
         if buf.capacity() - buf.len() < BUFFER / 4 {
+            if buf.capacity() == 0 {
+                *buf = pool::take();
+            }
             buf.reserve(BUFFER);
         }
-        match from.try_read_buf(buf) {
+        let room = buf.capacity() - buf.len();
+        let mut drained = None;
+        let result = from.try_io(Interest::READABLE, || match from.try_read_buf(buf) {
+            Ok(n) if n > 0 && n < room => {
+                drained = Some(n);
+                // Clears the readiness seen before the read; the bytes are in `buf`.
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            other => other,
+        });
+        if let Some(n) = drained {
+            return Ok(n);
+        }
+        match result {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if buf.is_empty() {
-                    *buf = Vec::new();
-                    *out = Vec::new();
+                    pool::give(std::mem::take(buf));
+                    if let Some(out) = out.as_deref_mut() {
+                        pool::give(std::mem::take(out));
+                    }
                 }
                 from.readable().await?;
             }
@@ -320,13 +358,40 @@ async fn wait_answered(link: &Link<'_>) -> bool {
 
 /// Tells the responses loop to stop after the responses the client should still get.
 fn refuse(link: &Link<'_>, error: Refusal, current_sent: bool) -> Up {
-    link.with(|s| {
+    let waker = link.with(|s| {
         // A request whose head went on but whose body broke gets no response forwarded.
         let before = s.pending.len().saturating_sub(usize::from(current_sent));
         s.stop_after = Some(before);
+        s.responses_waker.take()
     });
-    link.to_responses.notify_one();
+    if let Some(waker) = waker {
+        waker.wake();
+    }
     Up::Refused(error)
+}
+
+/// Resolves once a request is refused, if none was when the responses loop read `stopping`:
+/// the loop then looks again at how many responses the client still gets. Never resolves
+/// when it already knew.
+fn refused_since<'a>(link: &'a Link<'_>, stopping: bool) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        if stopping {
+            return Poll::Pending;
+        }
+        link.with(|s| {
+            if s.stop_after.is_some() {
+                return Poll::Ready(());
+            }
+            if !s
+                .responses_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                s.responses_waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    })
 }
 
 /// Waits until the response to a protocol-switching request decides; `None` when the backend's
@@ -349,7 +414,9 @@ async fn wait_switch(link: &Link<'_>) -> Option<bool> {
     }
 }
 
-/// Backend to client: frames responses, pairs them with requests, sees a switch.
+/// Backend to client: frames responses, pairs them with requests, sees a switch. Responses go
+/// on unchanged, so what is framed is written straight from the read buffer: `buf[..start]`
+/// is what the client gets next.
 async fn responses(
     backend: &TcpStream,
     client: &TcpStream,
@@ -359,7 +426,6 @@ async fn responses(
     let mut framer = ResponseFramer::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut start = 0;
-    let mut out: Vec<u8> = Vec::new();
     let mut deadline: Option<Instant> = None;
     let done = |link: &Link<'_>| {
         link.with(|s| s.backend_done = true);
@@ -369,7 +435,7 @@ async fn responses(
         // Stop once the client has every response it should get before a refusal.
         let stop = link.with(|s| s.stop_after == Some(0) && !s.responding);
         if stop {
-            send(client, Side::Client, &mut out, counter, &mut 0).await?;
+            pass(client, &mut buf, &mut start, counter).await?;
             done(link);
             return Ok(Down::Stopped);
         }
@@ -377,7 +443,6 @@ async fn responses(
         let front = link.with(|s| s.pending.front().copied());
         match framer.step(input, front).map_err(HttpError::Response)? {
             ResponseStep::Head(head) => {
-                out.extend_from_slice(input.get(..head.len).unwrap_or_default());
                 start += head.len;
                 let asked_switch = front.is_some_and(|p| p.upgrade || p.connect);
                 link.with(|s| {
@@ -398,13 +463,13 @@ async fn responses(
                     link.to_requests.notify_one();
                 }
                 if head.tunnel {
-                    out.extend_from_slice(buf.get(start..).unwrap_or_default());
-                    send(client, Side::Client, &mut out, counter, &mut 0).await?;
+                    // What follows the 101 is the new protocol's: it goes on as well.
+                    start = buf.len();
+                    pass(client, &mut buf, &mut start, counter).await?;
                     return Ok(Down::Tunnel);
                 }
             }
             ResponseStep::Body { len, ends_message } => {
-                out.extend_from_slice(input.get(..len).unwrap_or_default());
                 start += len;
                 if ends_message {
                     link.with(finish_response);
@@ -412,17 +477,15 @@ async fn responses(
                 }
             }
             ResponseStep::NeedMore => {
-                send(client, Side::Client, &mut out, counter, &mut 0).await?;
-                buf.drain(..start);
-                start = 0;
+                pass(client, &mut buf, &mut start, counter).await?;
                 let stopping = link.with(|s| s.stop_after.is_some());
                 if stopping && deadline.is_none() {
                     deadline = Some(Instant::now() + DRAIN_LIMIT);
                 }
-                let read = read_more(backend, &mut buf, &mut out);
+                let read = read_more(backend, &mut buf, None);
                 let n = tokio::select! {
                     n = read => n.map_err(|e| Side::Backend.failed(e))?,
-                    () = link.to_responses.notified() => continue,
+                    () = refused_since(link, stopping) => continue,
                     () = sleep_until(deadline) => {
                         done(link);
                         return Ok(Down::StopTimedOut);
@@ -441,10 +504,31 @@ async fn responses(
                 }
             }
         }
-        if out.len() >= BUFFER {
-            send(client, Side::Client, &mut out, counter, &mut 0).await?;
+        if start >= BUFFER {
+            pass(client, &mut buf, &mut start, counter).await?;
         }
     }
+}
+
+/// Writes the framed part of the response stream, `buf[..start]`, to the client, counts it,
+/// and drops it from `buf`.
+async fn pass(
+    client: &TcpStream,
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+    counter: &AtomicU64,
+) -> Result<(), ForwardError> {
+    let framed = buf.get(..*start).unwrap_or_default();
+    if framed.is_empty() {
+        return Ok(());
+    }
+    write_all(client, framed)
+        .await
+        .map_err(|e| Side::Client.failed(e))?;
+    counter.fetch_add(framed.len() as u64, Ordering::Relaxed);
+    buf.drain(..*start);
+    *start = 0;
+    Ok(())
 }
 
 /// A final response ended: its request leaves the queue.
@@ -461,5 +545,47 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Buffers that connections gave back while they wait, for the next one that reads. A
+/// keep-alive connection gives its buffers back between messages so that an idle one holds
+/// none; without this, every request and every response would allocate 64 KiB and free it
+/// again, which costs more than the rest of the allocations per request together. Each thread
+/// keeps a few; the rest go back to the allocator.
+mod pool {
+    use std::cell::RefCell;
+
+    use super::BUFFER;
+
+    /// Buffers kept per thread (64 KiB each).
+    const KEPT: usize = 16;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer, with room for a read if one was given back.
+    pub(super) fn take() -> Vec<u8> {
+        // During thread teardown there is no pool: a new buffer then.
+        FREE.try_with(|free| free.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Gives `buf` back; kept if it is of the usual size and there is room.
+    pub(super) fn give(mut buf: Vec<u8>) {
+        if !(BUFFER..=4 * BUFFER).contains(&buf.capacity()) {
+            return;
+        }
+        buf.clear();
+        // During thread teardown the buffer is simply freed.
+        let _ = FREE.try_with(|free| {
+            let mut free = free.borrow_mut();
+            if free.len() < KEPT {
+                free.push(buf);
+            }
+        });
     }
 }

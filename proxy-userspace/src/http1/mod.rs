@@ -18,7 +18,7 @@ mod response;
 #[cfg(test)]
 mod tests;
 
-use std::{fmt, net::SocketAddr};
+use std::{fmt, io::Write as _, mem::MaybeUninit, net::SocketAddr};
 
 use chunked::{Chunk, Chunked};
 pub use response::{ResponseError, ResponseFramer, ResponseStep};
@@ -149,6 +149,8 @@ pub enum RequestStep {
 pub struct RequestFramer {
     state: State,
     forwarding: Forwarding,
+    /// The values of the lines added to each head, formatted once for the connection.
+    ours: Ours,
     limit: usize,
     /// Where the head's line not yet checked starts.
     scanned: usize,
@@ -156,6 +158,9 @@ pub struct RequestFramer {
     request_line: bool,
     /// Whether the request in progress asked to switch protocols.
     switch_after_body: bool,
+    /// The last request's only `Host` value (trimmed) with an origin-form target, and the host
+    /// it gave: a connection's requests nearly always name the same host.
+    last_host: Option<(Vec<u8>, Option<String>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -173,10 +178,12 @@ impl RequestFramer {
         RequestFramer {
             state: State::Head,
             forwarding,
+            ours: Ours::new(&forwarding),
             limit,
             scanned: 0,
             request_line: false,
             switch_after_body: false,
+            last_host: None,
         }
     }
 
@@ -242,9 +249,11 @@ impl RequestFramer {
         self.scanned = 0;
         self.request_line = false;
         let head = input.get(..len).ok_or(RequestError::HeadTooLarge)?;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(head) {
+        // Uninitialised: httparse writes each header it finds, and an initialised array would
+        // be written whole (2 KiB) for every request.
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        match request.parse_with_uninit_headers(head, &mut headers) {
             Ok(httparse::Status::Complete(n)) if n == len => {}
             Ok(_) => return Err(RequestError::Malformed("incomplete request head")),
             Err(httparse::Error::TooManyHeaders) => return Err(RequestError::HeadTooLarge),
@@ -255,7 +264,7 @@ impl RequestFramer {
         else {
             return Err(RequestError::Malformed("incomplete request line"));
         };
-        let host = crate::hello::http::request_host(path, version, request.headers)?;
+        let host = self.host(path, version, request.headers)?;
         let framing = framing(request.headers, version)?;
         let pending = Pending {
             head: method == "HEAD",
@@ -272,13 +281,39 @@ impl RequestFramer {
         if ends_message {
             self.end_message();
         }
-        rewrite(head, request.headers.len(), &self.forwarding, out);
+        rewrite(head, request.headers, &self.forwarding, &self.ours, out);
         Ok(RequestStep::Head(RequestHead {
             len,
             host,
             pending,
             ends_message,
         }))
+    }
+
+    /// The host a request names ([`crate::hello::http::request_host`]). With an origin-form
+    /// target and one `Host` line, the host depends on that line's value alone: when it is the
+    /// last request's, so is the answer.
+    fn host(
+        &mut self,
+        path: &str,
+        version: u8,
+        headers: &[httparse::Header<'_>],
+    ) -> Result<Option<String>, RequestError> {
+        let mut hosts = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"));
+        let single = match (hosts.next(), hosts.next()) {
+            (Some(only), None) if path.starts_with('/') => Some(only.value.trim_ascii()),
+            _ => None,
+        };
+        if let (Some(value), Some((last, host))) = (single, &self.last_host)
+            && value == last.as_slice()
+        {
+            return Ok(host.clone());
+        }
+        let host = crate::hello::http::request_host(path, version, headers)?;
+        self.last_host = single.map(|value| (value.to_vec(), host.clone()));
+        Ok(host)
     }
 
     /// Checks the head's line endings and bytes, line by line from where the last call
@@ -425,6 +460,73 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// What the lines added to each request say, formatted once per connection: the client's
+/// address is the same on every request.
+#[derive(Debug, Clone)]
+struct Ours {
+    /// The value of `X-Forwarded-For` (the address) or `Forwarded` (`for=...;proto=http`);
+    /// empty when neither is added.
+    value: Vec<u8>,
+    /// The `X-Forwarded-Port` value.
+    port: Vec<u8>,
+}
+
+impl Ours {
+    fn new(forwarding: &Forwarding) -> Ours {
+        let client = SocketAddr::new(
+            forwarding.client.ip().to_canonical(),
+            forwarding.client.port(),
+        );
+        let mut value = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = match forwarding.header {
+            ForwardedHeader::XForwardedFor => write!(value, "{}", client.ip()),
+            // RFC 7239 §4: a node with a port is not a token (':' is not a tchar), so it is
+            // quoted; IPv6 is bracketed as well.
+            ForwardedHeader::Forwarded => write!(value, "for=\"{client}\";proto=http"),
+            ForwardedHeader::None => Ok(()),
+        };
+        Ours {
+            value,
+            port: forwarding.port.to_string().into_bytes(),
+        }
+    }
+
+    /// Appends our lines: the forwarding header after what a trusted client already said in
+    /// it (`prior`), then the proto and port lines unless the client's were kept.
+    fn append(
+        &self,
+        header: ForwardedHeader,
+        prior: &[&[u8]],
+        kept_proto: bool,
+        kept_port: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let name: &[u8] = match header {
+            ForwardedHeader::XForwardedFor => b"X-Forwarded-For: ",
+            ForwardedHeader::Forwarded => b"Forwarded: ",
+            ForwardedHeader::None => b"",
+        };
+        if !name.is_empty() {
+            out.extend_from_slice(name);
+            for p in prior {
+                out.extend_from_slice(p);
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(&self.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if !kept_proto {
+            out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        }
+        if !kept_port {
+            out.extend_from_slice(b"X-Forwarded-Port: ");
+            out.extend_from_slice(&self.port);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
 /// The header lines a client may not set unless it is trusted.
 const FORWARDING_HEADERS: [&str; 4] = [
     "x-forwarded-for",
@@ -433,12 +535,35 @@ const FORWARDING_HEADERS: [&str; 4] = [
     "x-forwarded-port",
 ];
 
+fn is_forwarding_header(name: &[u8]) -> bool {
+    FORWARDING_HEADERS
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
 /// Appends `head` to `out` with the forwarding lines removed and ours added before the empty
-/// line. `head` is a complete, checked head: every line ends with CRLF and `header_count`
-/// header lines follow the request line.
-fn rewrite(head: &[u8], header_count: usize, forwarding: &Forwarding, out: &mut Vec<u8>) {
+/// line. `head` is a complete, checked head: every line ends with CRLF, and `headers` are its
+/// header lines as httparse read them, in order.
+fn rewrite(
+    head: &[u8],
+    headers: &[httparse::Header<'_>],
+    forwarding: &Forwarding,
+    ours: &Ours,
+    out: &mut Vec<u8>,
+) {
     out.reserve(head.len() + 128);
-    let ours = match forwarding.header {
+    if !headers
+        .iter()
+        .any(|h| is_forwarding_header(h.name.as_bytes()))
+    {
+        // Nothing to remove (the usual case): every line but the empty one that ends the head
+        // goes on as it came, in one copy.
+        out.extend_from_slice(head.get(..head.len().saturating_sub(2)).unwrap_or(head));
+        ours.append(forwarding.header, &[], false, false, out);
+        out.extend_from_slice(b"\r\n");
+        return;
+    }
+    let own = match forwarding.header {
         ForwardedHeader::XForwardedFor => Some("x-forwarded-for"),
         ForwardedHeader::Forwarded => Some("forwarded"),
         ForwardedHeader::None => None,
@@ -455,20 +580,17 @@ fn rewrite(head: &[u8], header_count: usize, forwarding: &Forwarding, out: &mut 
             break;
         }
     }
-    for line in lines.take(header_count) {
+    for line in lines.take(headers.len()) {
         let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
         let (name, rest) = line.split_at(colon);
-        let forwarding_line = FORWARDING_HEADERS
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
-        if !forwarding_line {
+        if !is_forwarding_header(name) {
             out.extend_from_slice(line);
             continue;
         }
         if !forwarding.trusted {
             continue;
         }
-        if ours.is_some_and(|o| name.eq_ignore_ascii_case(o.as_bytes())) {
+        if own.is_some_and(|o| name.eq_ignore_ascii_case(o.as_bytes())) {
             let value = rest.get(1..).unwrap_or_default().trim_ascii();
             if !value.is_empty() {
                 prior.push(value);
@@ -479,40 +601,7 @@ fn rewrite(head: &[u8], header_count: usize, forwarding: &Forwarding, out: &mut 
         kept_port |= name.eq_ignore_ascii_case(b"x-forwarded-port");
         out.extend_from_slice(line);
     }
-    let client = SocketAddr::new(
-        forwarding.client.ip().to_canonical(),
-        forwarding.client.port(),
-    );
-    let mut add = |name: &str, prior: &[&[u8]], value: fmt::Arguments<'_>| {
-        use std::io::Write as _;
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        for p in prior {
-            out.extend_from_slice(p);
-            out.extend_from_slice(b", ");
-        }
-        let _ = out.write_fmt(value);
-        out.extend_from_slice(b"\r\n");
-    };
-    match forwarding.header {
-        ForwardedHeader::XForwardedFor => {
-            add("X-Forwarded-For", &prior, format_args!("{}", client.ip()))
-        }
-        // RFC 7239 §4: a node with a port is not a token (':' is not a tchar), so it is quoted;
-        // IPv6 is bracketed as well.
-        ForwardedHeader::Forwarded => add(
-            "Forwarded",
-            &prior,
-            format_args!("for=\"{client}\";proto=http"),
-        ),
-        ForwardedHeader::None => {}
-    }
-    if !kept_proto {
-        add("X-Forwarded-Proto", &[], format_args!("http"));
-    }
-    if !kept_port {
-        add("X-Forwarded-Port", &[], format_args!("{}", forwarding.port));
-    }
+    ours.append(forwarding.header, &prior, kept_proto, kept_port, out);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -2,7 +2,7 @@
 //! each one ends, so that the next request's response is found and a switch of protocols is
 //! seen.
 
-use std::fmt;
+use std::{fmt, mem::MaybeUninit};
 
 use super::{
     Pending,
@@ -135,9 +135,16 @@ impl ResponseFramer {
 
     fn head(&mut self, input: &[u8], request: Pending) -> Result<ResponseStep, ResponseError> {
         let window = input.get(..MAX_RESPONSE_HEAD).unwrap_or(input);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        let len = match response.parse(window) {
+        // Uninitialised: httparse writes each header it finds, and an initialised array would
+        // be written whole (4 KiB) on every call.
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            window,
+            &mut headers,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if input.len() >= MAX_RESPONSE_HEAD => {
                 return Err(ResponseError("head too large"));

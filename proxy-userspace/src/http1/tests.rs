@@ -181,6 +181,33 @@ fn a_later_bad_request_stops_after_the_good_ones() {
     assert_eq!(result.end, Err(RequestError::ConflictingContentLength));
 }
 
+/// The host of a later request is remembered from an earlier one only when nothing but the
+/// same single Host value with an origin-form target could decide it.
+#[test]
+fn a_repeated_host_is_still_read_by_the_rules() {
+    let same = b"GET / HTTP/1.1\r\nHost: A.example:80\r\n\r\nGET /x HTTP/1.1\r\nHost:  A.example:80 \r\n\r\n\
+GET http://b.example/ HTTP/1.1\r\nHost: A.example:80\r\n\r\nGET / HTTP/1.1\r\nHost: A.example:80\r\n\r\n";
+    let result = run_everywhere(same);
+    let a = Some("a.example".to_string());
+    let b = Some("b.example".to_string());
+    assert_eq!(result.heads, [a.clone(), a.clone(), b, a.clone()]);
+    assert_eq!(result.end, Ok(same.len()));
+    let twice = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n";
+    let result = run_everywhere(twice);
+    assert_eq!(result.heads.len(), 1);
+    assert_eq!(
+        result.end,
+        Err(RequestError::Malformed("more than one Host header"))
+    );
+    let missing = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+    let result = run_everywhere(missing);
+    assert_eq!(result.heads.len(), 1);
+    assert_eq!(
+        result.end,
+        Err(RequestError::Malformed("HTTP/1.1 request without Host"))
+    );
+}
+
 #[test]
 fn head_limit() {
     let mut input = b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: ".to_vec();
