@@ -88,7 +88,8 @@ fn run(
     grace: Duration,
     options: &spliced::Options,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Control only: connections run on the server's workers, one runtime per CPU.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
