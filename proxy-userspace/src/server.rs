@@ -3,7 +3,15 @@
 //! Reading a configuration ([`crate::config::Config::load`]) and serving are separate: a
 //! [`Server`] is built once from a config and later given new ones with [`Server::reload`],
 //! which swaps sites and timeouts for new connections while established ones go on untouched.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use tokio::{
@@ -285,6 +293,7 @@ impl Server {
             config_path,
         };
         let workers = Workers::start(worker_count())?;
+        let placement = Placement::new(&workers.handles);
         for (listener, info) in listeners {
             tracing::info!(address = %info.address, protocol = info.protocol.as_str(), "listening");
             let listener = listener
@@ -292,10 +301,11 @@ impl Server {
                 .with_context(|| format!("handing {} to the workers", info.address))?;
             // Every worker accepts on the same socket; whichever is free takes the connection,
             // and the connection's task stays on that worker's thread.
-            for worker in &workers.handles {
+            for (me, worker) in workers.handles.iter().enumerate() {
                 let listener = listener
                     .try_clone()
                     .with_context(|| format!("handing {} to the workers", info.address))?;
+                let placement = (placement.clone(), me);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
                 let permits = Arc::clone(&permits);
@@ -303,7 +313,16 @@ impl Server {
                 tasks.push(worker.spawn(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            accept_loop(listener, info, shared, permits, signals, descriptors).await
+                            accept_loop(
+                                placement,
+                                listener,
+                                info,
+                                shared,
+                                permits,
+                                signals,
+                                descriptors,
+                            )
+                            .await
                         }
                         Err(e) => tracing::error!(address = %info.address, "accepting: {e}"),
                     }
@@ -470,7 +489,60 @@ impl ReloadCtx {
     }
 }
 
+/// Where new connections run: each on the worker with the fewest open connections, so that a
+/// burst accepted by one worker while the other slept does not leave that one with every
+/// connection (one core busy, the other idle) for their whole lives.
+#[derive(Clone)]
+struct Placement {
+    handles: Arc<[tokio::runtime::Handle]>,
+    /// Open connections per worker.
+    loads: Arc<[AtomicUsize]>,
+}
+
+impl Placement {
+    fn new(handles: &[tokio::runtime::Handle]) -> Placement {
+        Placement {
+            handles: handles.into(),
+            loads: handles.iter().map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// The worker for a connection accepted on worker `me`: `me`, unless another has fewer
+    /// connections. The connection counts there until the returned guard is dropped.
+    fn choose(&self, me: usize) -> WorkerLoad {
+        let count = |i: usize| self.loads.get(i).map_or(usize::MAX, |l| l.load(Relaxed));
+        let mut worker = me;
+        for i in 0..self.loads.len() {
+            if count(i) < count(worker) {
+                worker = i;
+            }
+        }
+        if let Some(l) = self.loads.get(worker) {
+            l.fetch_add(1, Relaxed);
+        }
+        WorkerLoad {
+            loads: Arc::clone(&self.loads),
+            worker,
+        }
+    }
+}
+
+/// One connection counted on a worker, until dropped.
+struct WorkerLoad {
+    loads: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for WorkerLoad {
+    fn drop(&mut self) {
+        if let Some(l) = self.loads.get(self.worker) {
+            l.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
 async fn accept_loop(
+    (placement, me): (Placement, usize),
     listener: TcpListener,
     info: Arc<ListenerInfo>,
     shared: Arc<Shared>,
@@ -500,11 +572,36 @@ async fn accept_loop(
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
                 let cut = cut.clone();
-                tokio::spawn(async move {
-                    let open = shared.open_connection();
-                    conn::handle(stream, peer, info, shared, cut).await;
-                    drop(open);
-                    drop(permit);
+                let load = placement.choose(me);
+                let target = load.worker;
+                if target == me {
+                    tokio::spawn(async move {
+                        let open = shared.open_connection();
+                        conn::handle(stream, peer, info, shared, cut).await;
+                        drop((open, permit, load));
+                    });
+                    continue;
+                }
+                // Another worker has fewer connections: the socket moves to its reactor.
+                let stream = match stream.into_std() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(address = %info.address, "handing a connection over: {e}");
+                        continue;
+                    }
+                };
+                placement.handles[target].spawn(async move {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            let open = shared.open_connection();
+                            conn::handle(stream, peer, info, shared, cut).await;
+                            drop(open);
+                        }
+                        Err(e) => {
+                            tracing::warn!(address = %info.address, "handing a connection over: {e}")
+                        }
+                    }
+                    drop((permit, load));
                 });
             }
             Err(e) => {
