@@ -426,6 +426,26 @@ impl World {
         cmd
     }
 
+    /// Loads an nftables script into `ns` (`nft -f`, from a file named `name` in the scratch
+    /// directory); the rules go away with the namespace.
+    pub fn nft(&self, ns: Ns, name: &str, script: &str) -> Result<()> {
+        let path = self.dir().join(name);
+        std::fs::write(&path, script)?;
+        let out = self
+            .command(ns, "nft")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .context("starting nft (is the nftables package installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has entered `ns`: sockets it creates live in that namespace
     /// and stay there after the thread ends.
     pub fn within<T: Send>(&self, ns: Ns, f: impl FnOnce() -> T + Send) -> Result<T> {

@@ -775,19 +775,7 @@ fn drop_at_random(world: &World, every: u64) -> Result<()> {
              add rule {family} chaos out tcp flags & (syn | rst) == 0 \
              numgen random mod {every} == 0 counter drop\n"
         );
-        let path = world.dir().join("chaos.nft");
-        std::fs::write(&path, script)?;
-        let out = world
-            .command(ns, "nft")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .context("starting nft (is the nftables package installed?)")?;
-        ensure!(
-            out.status.success(),
-            "nft in {ns:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        world.nft(ns, "chaos.nft", &script)?;
     }
     Ok(())
 }

@@ -92,19 +92,7 @@ fn drop_at_random(world: &World, every: u64) -> Result<()> {
              add chain {family} drops out {{ type filter hook output priority 0; }}\n\
              add rule {family} drops out {rule}\n"
         );
-        let path = world.dir().join("drops.nft");
-        std::fs::write(&path, script)?;
-        let out = world
-            .command(ns, "nft")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .context("starting nft (is the nftables package installed?)")?;
-        ensure!(
-            out.status.success(),
-            "nft in {ns:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        world.nft(ns, "drops.nft", &script)?;
     }
     Ok(())
 }
