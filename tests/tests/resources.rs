@@ -168,7 +168,16 @@ fn idle_connections_hold_two_sockets_and_no_pipes() -> Result<()> {
 fn pipes_are_reused_and_never_carry_old_bytes() -> Result<()> {
     let (world, spliced, pid) = start()?;
     let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    // The client has its echo a moment before spliced has put the connection's pipes back:
+    // each connection starts only once the previous one's log line (written after that) is
+    // there, or a pipe made for an overlap would look like one not reused.
+    let ended = |n: usize| {
+        wait_for("the connection's access-log line", IO, || {
+            Ok(spliced.stdout_text().lines().count() >= n)
+        })
+    };
     echo(&world, "echo-splice.example", b"first")?;
+    ended(1)?;
     let first = open_files(pid)?;
     ensure!(
         !first.pipes.is_empty(),
@@ -176,6 +185,7 @@ fn pipes_are_reused_and_never_carry_old_bytes() -> Result<()> {
     );
     for i in 0..100 {
         echo(&world, "echo-splice.example", &Stream::prefix(i, 4096))?;
+        ended(i as usize + 2)?;
     }
     let after = open_files(pid)?;
     ensure!(
