@@ -48,6 +48,16 @@ pub const CLIENT_LINK_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2));
 /// The backend namespace's IPv6 address (its only one unless [`World::route_direct`]).
 pub const BACKEND_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10));
 
+/// A positive number from the environment variable `name` (a test's size or count that a
+/// person may raise to make a rare failure frequent), or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(default)
+}
+
 /// The `spliced` binary under test: `$SPLICED_BIN` (set by `cargo xtask test`), else the
 /// release build in this workspace.
 pub fn spliced_bin() -> anyhow::Result<std::path::PathBuf> {

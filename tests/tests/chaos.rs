@@ -41,7 +41,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::{libc, sys::signal::Signal};
 use spliced_tests::{
-    BACKEND_V6, Ns, PROXY_V4, Service, World, open_files,
+    BACKEND_V6, Ns, PROXY_V4, Service, World, env_or, open_files,
     raw::{self, BLOCK, Stream, Verifier, XorShift, simple_hello},
     sockmap::CONNECTION_MAPS,
     spliced::Launch,
@@ -66,15 +66,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(300);
 const SETTLE: Duration = Duration::from_secs(30);
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-/// Reads a positive number from the environment, or `default`.
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(default)
-}
 
 fn config(engine: &str, extra: &str) -> String {
     format!(

@@ -156,10 +156,7 @@ impl Engine {
     }
 
     fn connections(self) -> usize {
-        let n = std::env::var("SPLICED_MEMORY_CONNS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(32usize);
+        let n = usize::try_from(spliced_tests::env_or("SPLICED_MEMORY_CONNS", 32)).unwrap_or(32);
         if self.kernel_path() {
             (n / 4).max(1)
         } else {
@@ -618,11 +615,7 @@ fn attack(engine: Engine) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let before = sample(&world, pid)?;
     let before_fds = open_files(pid)?.other;
-    let rounds = std::env::var("SPLICED_MEMORY_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3u64)
-        .max(3);
+    let rounds = spliced_tests::env_or("SPLICED_MEMORY_ROUNDS", 3).max(3);
     let mut after = Vec::new();
     for i in 1..=rounds {
         after.push(round(&setup, i, before, before_fds)?);

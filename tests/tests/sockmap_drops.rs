@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::libc;
 use spliced_tests::{
-    BACKEND_V6, Ns, PROXY_V4, World, packets,
+    BACKEND_V6, Ns, PROXY_V4, World, env_or, packets,
     raw::{self, BLOCK, Behavior, SEED_DOWN, SEED_UP, Stream, TestBackend, Verifier, simple_hello},
     spliced::{Launch, Spliced, field},
 };
@@ -41,15 +41,6 @@ const KERNEL_ONLY: &str = "sockmap_backlog_limit = \"4GiB\"\nsockmap_handoff = 0
 const MIB: u64 = 1 << 20;
 /// One transfer fails if it is not done by then.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Reads a positive number from the environment, or `default`.
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(default)
-}
 
 fn config(forwarding: &str, extra: &str) -> String {
     format!(
