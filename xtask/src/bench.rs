@@ -64,6 +64,9 @@ struct Sample {
     /// Packets the proxy namespace sent on its two links (data and acknowledgements, both
     /// directions; a TSO/GSO packet counts once, as veth carries it whole).
     packets: u64,
+    /// Segments without data (acknowledgements, window updates) the proxy's own TCP sent:
+    /// what its sockets add to the stream's packets. Zero on the direct path.
+    pure_acks: u64,
 }
 
 /// Runs the benchmark with the given `spliced` binary and prints a Markdown table.
@@ -116,10 +119,20 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 Contender::Direct => Ok(0.0),
             };
             let mark = sink.mark();
-            let before = (proxy_cpu()?, system_cpu()?, proxy_packets(&world)?);
+            let before = (
+                proxy_cpu()?,
+                system_cpu()?,
+                proxy_packets(&world)?,
+                proxy_pure_acks(&world)?,
+            );
             let done = transfer(&world, target, &hello, opts.bytes)
                 .with_context(|| format!("a transfer through {}", c.name()))?;
-            let after = (proxy_cpu()?, system_cpu()?, proxy_packets(&world)?);
+            let after = (
+                proxy_cpu()?,
+                system_cpu()?,
+                proxy_packets(&world)?,
+                proxy_pure_acks(&world)?,
+            );
             let mut problems = sink.problems_since(&mark, header);
             if done.received != opts.bytes {
                 problems.push(format!(
@@ -138,6 +151,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 proxy_cpu: after.0 - before.0,
                 system_cpu: after.1 - before.1,
                 packets: after.2.saturating_sub(before.2),
+                pure_acks: after.3.saturating_sub(before.3),
             };
             eprintln!(
                 "  round {round} {:<width$} {:>8.1} MiB/s each way, proxy {:.3} s, system {:.3} s",
@@ -168,6 +182,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
     let mib_moved = 2.0 * opts.bytes as f64 / mib;
     let packets =
         |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.packets as f64 / mib_moved).collect() };
+    let acks =
+        |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.pure_acks as f64 / mib_moved).collect() };
     // The medians ratios are taken against, measured in the same rounds: the direct path's,
     // and the baseline HAProxy's when it runs.
     let direct = contenders
@@ -196,17 +212,19 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
         "| contender | throughput each way, MiB/s (median, min-max) | vs direct | vs HAProxy \
          | proxy CPU s/GiB (median, min-max) | vs HAProxy \
          | system CPU s/GiB (median, min-max) | vs direct | vs HAProxy \
-         | packets sent by the proxy host per MiB (median, min-max) |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         | packets sent by the proxy host per MiB (median, min-max) \
+         | of which pure ACKs from the proxy's sockets |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (c, s) in contenders.iter().zip(&samples) {
-        let (tput, proxy, system, packets) = (tput(s), proxy(s), system(s), packets(s));
+        let (tput, proxy, system, packets, acks) =
+            (tput(s), proxy(s), system(s), packets(s), acks(s));
         let (proxy_cell, proxy_ratio) = match c {
             Contender::Direct => ("-".to_string(), "-".to_string()),
             Contender::Proxy(_) => (cell(&proxy, 3), ratio(median(&proxy), haproxy.map(|h| h.1))),
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.name(),
             cell(&tput, 0),
             ratio(median(&tput), Some(direct.0)),
@@ -217,6 +235,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
             ratio(median(&system), Some(direct.1)),
             ratio(median(&system), haproxy.map(|h| h.2)),
             cell(&packets, 1),
+            cell(&acks, 1),
         ));
     }
     let mut notes = String::from(
@@ -393,7 +412,6 @@ pub(crate) fn proc_stat(label: &str) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-/// Non-idle CPU seconds of the whole machine, softirq included.
 /// Packets the proxy namespace has sent on its links to the client and to the backend (the
 /// direct path is routed through the same namespace and links).
 fn proxy_packets(world: &World) -> Result<u64> {
@@ -416,6 +434,30 @@ fn proxy_packets(world: &World) -> Result<u64> {
     Ok(total)
 }
 
+/// Segments the proxy namespace's TCP sent that carried no data: all segments, less new data
+/// and retransmissions (the kernel counts a TSO packet as the segments it becomes, and a pure
+/// ACK as one).
+fn proxy_pure_acks(world: &World) -> Result<u64> {
+    let (snmp, netstat) = world.within(Ns::Proxy, || -> Result<(String, String)> {
+        // thread-self: the namespace this thread entered, not the process's.
+        Ok((
+            std::fs::read_to_string("/proc/thread-self/net/snmp")?,
+            std::fs::read_to_string("/proc/thread-self/net/netstat")?,
+        ))
+    })??;
+    let mut all = crate::bench_xdp::proc_net_counters(&snmp);
+    all.extend(crate::bench_xdp::proc_net_counters(&netstat));
+    let get = |name: &str| -> Result<u64> {
+        all.get(name)
+            .copied()
+            .with_context(|| format!("no {name} in the proxy's /proc/net counters"))
+    };
+    Ok(get("TcpOutSegs")?
+        .saturating_sub(get("TcpExtTCPOrigDataSent")?)
+        .saturating_sub(get("TcpRetransSegs")?))
+}
+
+/// Non-idle CPU seconds of the whole machine, softirq included.
 fn system_cpu() -> Result<f64> {
     let v = proc_stat("cpu")?;
     // user nice system idle iowait irq softirq steal

@@ -392,7 +392,7 @@ impl Counters {
 
 /// Parses `/proc/net/snmp` or `/proc/net/netstat`: pairs of lines `Prefix: names...` and
 /// `Prefix: values...`, into `PrefixName` -> value (the names `nstat` uses).
-fn proc_net_counters(text: &str) -> HashMap<String, u64> {
+pub(crate) fn proc_net_counters(text: &str) -> HashMap<String, u64> {
     let mut out = HashMap::new();
     let lines: Vec<&str> = text.lines().collect();
     for pair in lines.chunks(2) {
