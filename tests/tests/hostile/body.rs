@@ -410,12 +410,20 @@ fn five_hundred_concurrent_connections() -> Result<()> {
     let elapsed = started.elapsed();
     ensure!(
         failures.is_empty(),
-        "{} of {N} clients failed, e.g.:\n{}\ndiagnostics:\n{}",
+        "{} of {N} clients failed, e.g.:\n{}\naccess-log lines that are not ok:\n{}\n\
+         diagnostics:\n{}",
         failures.len(),
         failures
             .iter()
             .take(5)
             .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        spliced
+            .stdout_text()
+            .lines()
+            .filter(|l| field(l, "outcome") != Some("ok"))
+            .take(5)
             .collect::<Vec<_>>()
             .join("\n"),
         spliced.stderr_text()
@@ -507,6 +515,12 @@ fn one_client(
         end == End::Eof,
         "ended with {end:?} after {} bytes",
         got.len()
+    );
+    // A refusal is a 7-byte TLS alert and a clean close: say so, rather than a byte count
+    // that reads like a truncated echo (the access log then says why it was refused).
+    ensure!(
+        got.len() != 7 || got[0] != 0x15,
+        "refused with the TLS alert {got:02x?} before any echo"
     );
     ensure!(
         got.len() == hello.len() + data,
