@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use spliced_tests::{
-    CLIENT_V4, CLIENT_V4_B, Ns, PROXY_V4, Service, World,
+    CLIENT_V4, CLIENT_V4_B, Ns, PROXY_V4, PROXY_V6, Service, World,
     backends::{self, Cert, NginxServer},
     raw,
     spliced::{Launch, Spliced, field},
@@ -38,7 +38,10 @@ fn config() -> String {
          [[site]]\nhostnames = [\"pp.example\"]\nbackend = \"2001:db8:1::10\"\n\
          proxy_protocol = \"v2\"\n\n\
          [[site]]\nhostnames = [\"pp1.example\"]\nbackend = \"2001:db8:1::10\"\n\
-         proxy_protocol = \"v1\"\n"
+         proxy_protocol = \"v1\"\n\n\
+         [[site]]\nhostnames = [\"xff.example\"]\n\
+         backend = {{ http = \"[2001:db8:1::10]:8080\" }}\n\
+         forwarded_header = \"x-forwarded-for\"\n"
     )
 }
 
@@ -89,6 +92,13 @@ fn setup() -> Result<Setup> {
                 proxy_protocol: true,
                 real_ip_from: None,
                 body: "behind-balancer-http",
+            },
+            NginxServer {
+                port: 8080,
+                tls: None,
+                proxy_protocol: false,
+                real_ip_from: Some(PROXY_V6),
+                body: "behind-balancer-xff",
             },
         ],
     )?;
@@ -191,8 +201,20 @@ fn balancer_clients_are_seen_behind_spliced() -> Result<()> {
         ensure!(field(&line, "outcome") == Some("ok"), "{what}: {line}");
         ensure!(field(&line, "proxy") == Some(sent), "{what}: {line}");
     }
+    // A header site: X-Forwarded-For names the balancer's client too.
+    let got = curl_via_balancer(&s, false, "xff.example", 45005)?;
+    ensure!(got == "behind-balancer-xff", "xff.example: body {got:?}");
+    let log = backends::wait_log(
+        &backends::nginx_log(&s.world, 8080),
+        "\"GET / HTTP/1.1\" 200",
+    )?;
+    ensure!(
+        log.lines().any(|l| l.starts_with(&format!("{CLIENT_V4}:"))),
+        "X-Forwarded-For did not carry the balancer's client:\n{log}"
+    );
+
     // The balancer's own address never reached nginx as a client.
-    for port in [443, 80] {
+    for port in [443, 80, 8080] {
         let log = std::fs::read_to_string(backends::nginx_log(&s.world, port))?;
         ensure!(
             !log.contains(&format!("{BALANCER}:")),
