@@ -345,6 +345,23 @@ fn forged_missing_and_corrupt_headers_are_refused() -> Result<()> {
     );
     ensure!(count(&s, "proxy_header_invalid")? == 1);
 
+    // The balancer's address stopping inside the header: closed at client_hello_timeout (2 s
+    // here), which header and hello share.
+    let started = std::time::Instant::now();
+    let (me, got) = send_raw(&s, BALANCER, 443, b"PROXY TCP4 198.51.100.99 ")?;
+    let waited = started.elapsed();
+    ensure!(got.is_empty(), "a cut header answered with {got:02x?}");
+    ensure!(
+        (Duration::from_millis(1500)..Duration::from_millis(4500)).contains(&waited),
+        "closed after {waited:?}, not at the 2 s hello timeout"
+    );
+    let line = s.spliced.log_line_for(me, Duration::from_secs(5))?;
+    ensure!(
+        field(&line, "outcome") == Some("client_hello_timeout")
+            && line.contains("no complete PROXY header"),
+        "{line}"
+    );
+
     // None of the refused ones was connected to a backend.
     let log = s.spliced.stdout_text();
     for line in log.lines().filter(|l| l.contains("outcome=proxy_header_")) {
@@ -366,6 +383,26 @@ fn forged_missing_and_corrupt_headers_are_refused() -> Result<()> {
         "nginx did not answer with a handshake: {first:02x?}"
     );
     drop(stream);
+
+    // A v2 LOCAL header (what a balancer's health check sends) keeps the connection's own
+    // address: the balancer is the client, and there is no via=.
+    let mut local = raw::PROXY_V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    let mut stream = raw::connect_from(&s.world, Ns::Client, BALANCER, to, Duration::from_secs(5))?;
+    let me = stream.local_addr()?;
+    stream.write_all(&[local, hello.clone()].concat())?;
+    std::io::Read::read_exact(&mut stream, &mut first)?;
+    ensure!(
+        first[0] == 0x16,
+        "LOCAL: nginx did not answer: {first:02x?}"
+    );
+    drop(stream);
+    let line = s.spliced.log_line_for(me, Duration::from_secs(5))?;
+    ensure!(
+        field(&line, "via").is_none() && field(&line, "site") == Some("pp.example"),
+        "LOCAL: {line}"
+    );
+
     let line = s
         .spliced
         .log_line_for("198.51.100.99:4711".parse()?, Duration::from_secs(5))?;
