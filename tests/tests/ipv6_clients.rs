@@ -15,7 +15,14 @@ use spliced_tests::{
     spliced::{Launch, field},
 };
 
-fn config(engine: &str) -> String {
+/// With `xdp`, the edge filter guards the client link (eth0) and denies another IPv6 prefix:
+/// IPv6 clients outside it must pass.
+fn config(engine: &str, xdp: bool) -> String {
+    let xdp = if xdp {
+        "\n[xdp]\ninterfaces = [\"eth0\"]\ndeny = [\"2001:db8:bad::/48\", \"198.51.100.0/24\"]\n"
+    } else {
+        ""
+    };
     format!(
         "[defaults]\nforwarding = \"{engine}\"\nsockmap_handoff = 0\n\n\
          [[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
@@ -24,7 +31,7 @@ fn config(engine: &str) -> String {
          [[site]]\nhostnames = [\"v1.example\"]\nbackend = \"2001:db8:1::10\"\n\
          proxy_protocol = \"v1\"\n\n\
          [[site]]\nhostnames = [\"v2.example\"]\nbackend = \"2001:db8:1::10\"\n\
-         proxy_protocol = \"v2\"\n"
+         proxy_protocol = \"v2\"\n{xdp}"
     )
 }
 
@@ -67,12 +74,14 @@ fn record_for(conns: &[ConnRecord], client: SocketAddr) -> Result<&ConnRecord> {
         .ok_or_else(|| anyhow::anyhow!("no backend connection for {client}: {conns:#?}"))
 }
 
-fn run(engine: &str) -> Result<()> {
+fn run(engine: &str, xdp: bool) -> Result<()> {
     let world = World::new()?;
     world.client_v6()?;
     let tls = TestBackend::start(&world, 443, Behavior::Echo)?;
     let http = TestBackend::start(&world, 80, Behavior::Echo)?;
-    let spliced = Launch::new(config(engine)).start(&world, &[443, 80])?;
+    let spliced = Launch::new(config(engine, xdp))
+        .metrics()
+        .start(&world, &[443, 80])?;
     let front6 = |port| SocketAddr::new(PROXY_FRONT_V6, port);
 
     let v1 = exchange(
@@ -148,20 +157,36 @@ fn run(engine: &str) -> Result<()> {
             "{client}: {line}"
         );
     }
+    if xdp {
+        // The filter saw the IPv6 clients' SYNs on the guarded ports and passed them.
+        let metrics = spliced.metrics()?;
+        let passed = metrics.count("spliced_xdp_packets_total", &[("outcome", "passed")])?;
+        let denied = metrics.count("spliced_xdp_packets_total", &[("outcome", "dropped_deny")])?;
+        ensure!(
+            passed >= 4 && denied == 0,
+            "xdp: passed {passed}, dropped_deny {denied}"
+        );
+    }
     Ok(())
 }
 
 #[test]
 fn ipv6_clients_through_copy() -> Result<()> {
-    run("copy")
+    run("copy", false)
 }
 
 #[test]
 fn ipv6_clients_through_splice() -> Result<()> {
-    run("splice")
+    run("splice", false)
 }
 
 #[test]
 fn ipv6_clients_through_sockmap() -> Result<()> {
-    run("sockmap")
+    run("sockmap", false)
+}
+
+/// The XDP edge filter on the client link passes IPv6 clients outside its deny list.
+#[test]
+fn ipv6_clients_pass_the_xdp_filter() -> Result<()> {
+    run("splice", true)
 }
