@@ -5,7 +5,8 @@
 //! (with a CRC32C) on 443 and `send-proxy` (v1) on 80. spliced trusts only [`BALANCER`]; the
 //! other client address, [`CLIENT_V4`], is untrusted. Behind spliced, nginx reads the PROXY
 //! header spliced sends and logs the client it announces: it must be the original client,
-//! not the balancer. Forged, missing and corrupted headers are refused and counted.
+//! not the balancer. Forged, missing and corrupted headers are refused and counted. A
+//! balancer on IPv6 ([`World::client_v6`]) may announce an IPv4 client.
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
@@ -16,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use spliced_tests::{
-    CLIENT_V4, CLIENT_V4_B, Ns, PROXY_V4, PROXY_V6, Service, World,
+    CLIENT_V4, CLIENT_V4_B, CLIENT_V6, Ns, PROXY_FRONT_V6, PROXY_V4, PROXY_V6, Service, World,
     backends::{self, Cert, NginxServer},
     raw,
     spliced::{Launch, Spliced, field},
@@ -410,6 +411,43 @@ fn forged_missing_and_corrupt_headers_are_refused() -> Result<()> {
         field(&line, "site") == Some("pp.example")
             && field(&line, "backend") == Some("[2001:db8:1::10]:443")
             && field(&line, "via").is_some_and(|v| v.starts_with(&format!("{BALANCER}:"))),
+        "{line}"
+    );
+    Ok(())
+}
+
+/// A balancer on IPv6 (a prefix in `accept_proxy`) in front of the IPv6 listener announces an
+/// IPv4 client: the backend's PROXY header carries that client, as `TCP4`.
+#[test]
+fn ipv6_balancer_announces_an_ipv4_client() -> Result<()> {
+    let world = World::new()?;
+    world.client_v6()?;
+    let backend = raw::TestBackend::start(&world, 443, raw::Behavior::Echo)?;
+    let config = "[[listen]]\naddress = \"[::]:443\"\nprotocol = \"tls\"\n\
+                  accept_proxy = [\"2001:db8:c::/64\"]\n\n\
+                  [[site]]\nhostnames = [\"pp1.example\"]\nbackend = \"2001:db8:1::10\"\n\
+                  proxy_protocol = \"v1\"\n";
+    let spliced = Launch::new(config).start(&world, &[443])?;
+    let to = SocketAddr::new(PROXY_FRONT_V6, 443);
+    let mut stream = raw::connect_from(&world, Ns::Client, CLIENT_V6, to, Duration::from_secs(5))?;
+    let me = stream.local_addr()?;
+    let hello = raw::simple_hello("pp1.example");
+    let header = b"PROXY TCP4 198.51.100.99 203.0.113.1 4711 443\r\n";
+    stream.write_all(&[&header[..], &hello].concat())?;
+    // The echo backend returns exactly the hello: the received header was not passed on.
+    let echoed = raw::read_exactly(&mut stream, hello.len())?;
+    ensure!(echoed == hello, "the echo is not the hello");
+    drop(stream);
+    let conns = backend.wait_finished(1, Duration::from_secs(10))?;
+    let first = String::from_utf8_lossy(&conns[0].first).into_owned();
+    ensure!(
+        first.starts_with("PROXY TCP4 198.51.100.99 203.0.113.1 4711 443\r\n\x16"),
+        "backend got {:?}",
+        &first[..first.len().min(60)]
+    );
+    let line = spliced.log_line_for("198.51.100.99:4711".parse()?, Duration::from_secs(5))?;
+    ensure!(
+        field(&line, "via") == Some(me.to_string().as_str()),
         "{line}"
     );
     Ok(())
