@@ -417,13 +417,16 @@ fn forged_missing_and_corrupt_headers_are_refused() -> Result<()> {
 }
 
 /// A balancer on IPv6 (a prefix in `accept_proxy`) in front of the IPv6 listener announces an
-/// IPv4 client: the backend's PROXY header carries that client, as `TCP4`.
+/// IPv4 client: the backend's PROXY header carries that client, as `TCP4`. The connection is
+/// then spliced in the kernel from its first byte: the kernel's byte accounting must count the
+/// received header among what was read from the client, or it would reset the connection.
 #[test]
 fn ipv6_balancer_announces_an_ipv4_client() -> Result<()> {
     let world = World::new()?;
     world.client_v6()?;
     let backend = raw::TestBackend::start(&world, 443, raw::Behavior::Echo)?;
-    let config = "[[listen]]\naddress = \"[::]:443\"\nprotocol = \"tls\"\n\
+    let config = "[defaults]\nforwarding = \"sockmap\"\nsockmap_handoff = 0\n\n\
+                  [[listen]]\naddress = \"[::]:443\"\nprotocol = \"tls\"\n\
                   accept_proxy = [\"2001:db8:c::/64\"]\n\n\
                   [[site]]\nhostnames = [\"pp1.example\"]\nbackend = \"2001:db8:1::10\"\n\
                   proxy_protocol = \"v1\"\n";
@@ -437,7 +440,23 @@ fn ipv6_balancer_announces_an_ipv4_client() -> Result<()> {
     // The echo backend returns exactly the hello: the received header was not passed on.
     let echoed = raw::read_exactly(&mut stream, hello.len())?;
     ensure!(echoed == hello, "the echo is not the hello");
-    drop(stream);
+    let payload: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let writer = {
+        let mut stream = stream.try_clone()?;
+        let payload = payload.clone();
+        std::thread::spawn(move || stream.write_all(&payload))
+    };
+    let echoed = raw::read_exactly(&mut stream, payload.len())?;
+    ensure!(echoed == payload, "the payload came back different");
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let (rest, end) = raw::read_to_end(&mut stream, 1024);
+    ensure!(
+        rest.is_empty() && end == raw::End::Eof,
+        "after the echo: {end:?}"
+    );
     let conns = backend.wait_finished(1, Duration::from_secs(10))?;
     let first = String::from_utf8_lossy(&conns[0].first).into_owned();
     ensure!(
@@ -447,7 +466,9 @@ fn ipv6_balancer_announces_an_ipv4_client() -> Result<()> {
     );
     let line = spliced.log_line_for("198.51.100.99:4711".parse()?, Duration::from_secs(5))?;
     ensure!(
-        field(&line, "via") == Some(me.to_string().as_str()),
+        field(&line, "via") == Some(me.to_string().as_str())
+            && field(&line, "engine") == Some("sockmap")
+            && field(&line, "outcome") == Some("ok"),
         "{line}"
     );
     Ok(())
