@@ -145,8 +145,12 @@ fn write_lines(queue: &Receiver<Message>, mut out: impl Write) {
 /// Everything known about a connection when it ends.
 #[derive(Debug, Default)]
 pub struct Entry<'a> {
-    /// The client's address as the proxy saw it.
+    /// The client's address: as the proxy saw it, or as a trusted balancer's PROXY header
+    /// announced it.
     pub client: Option<SocketAddr>,
+    /// The balancer whose PROXY header announced `client` (the connection's own peer); only
+    /// on connections from an `accept_proxy` source whose header carried addresses.
+    pub via: Option<SocketAddr>,
     /// The listener's local address.
     pub listener: Option<SocketAddr>,
     /// The requested name (SNI or Host), if any.
@@ -187,6 +191,9 @@ impl Entry<'_> {
     pub fn line(&self) -> String {
         let mut s = String::with_capacity(256);
         field(&mut s, "client", Dash(self.client));
+        if let Some(via) = self.via {
+            field(&mut s, "via", via);
+        }
         field(&mut s, "listener", Dash(self.listener));
         field(&mut s, "name", Dash(self.name));
         field(&mut s, "alpn", Dash(self.alpn));
@@ -347,6 +354,24 @@ mod tests {
             "client=192.0.2.2:40000 listener=- name=a.example alpn=- site=- backend=- proxy=v2 \
              engine=- up=0 down=0 ms=0 outcome=backend_unreachable \
              detail=\"Connection refused (os error 111)\""
+        );
+    }
+
+    #[test]
+    fn via_follows_the_client_when_a_balancer_announced_it() {
+        let addr = |s: &str| s.parse().ok();
+        let e = Entry {
+            client: addr("203.0.113.7:40000"),
+            via: addr("198.51.100.2:51000"),
+            outcome: "ok",
+            proxy_protocol: "none",
+            ..Default::default()
+        };
+        assert!(
+            e.line()
+                .starts_with("client=203.0.113.7:40000 via=198.51.100.2:51000 listener=-"),
+            "{}",
+            e.line()
         );
     }
 

@@ -15,7 +15,7 @@ use tokio::{io::Interest, net::TcpStream, sync::watch, time::timeout};
 
 use crate::{
     access,
-    config::{ForwardedHeader, Forwarding, Protocol},
+    config::{Cidr, ForwardedHeader, Forwarding, Protocol},
     forward::{self, Counters, Engine},
     hello, http1,
     outcome::{Failure, Outcome},
@@ -32,11 +32,29 @@ pub struct ListenerInfo {
     pub protocol: Protocol,
     /// Engine override for this listener.
     pub forwarding: Option<Forwarding>,
+    /// Sources that must start with a PROXY header (`accept_proxy`).
+    pub accept_proxy: Vec<Cidr>,
+}
+
+/// Who a connection is for: the client and the address it connected to. From the socket, or,
+/// on a connection from an `accept_proxy` source, from the PROXY header it started with, which
+/// then stands for the socket everywhere (access log, `X-Forwarded-For`, the PROXY header sent
+/// on, and anything per client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The client.
+    pub client: SocketAddr,
+    /// What the client connected to: the header's destination, or our socket's local address.
+    pub destination: SocketAddr,
+    /// The balancer that announced `client`, when a header did.
+    pub via: Option<SocketAddr>,
 }
 
 /// What we learned along the way, for the access log.
 #[derive(Default)]
 struct Facts {
+    /// The client once a PROXY header from a trusted balancer replaced the socket's peer.
+    endpoints: Option<Endpoints>,
     name: Option<String>,
     alpn: Option<String>,
     site: Option<String>,
@@ -45,6 +63,8 @@ struct Facts {
     engine: Option<Engine>,
     hello_len: u64,
     counters: Counters,
+    /// Bytes of the PROXY header a trusted balancer sent (read, never forwarded).
+    header_len: u64,
     /// The id sent in the PROXY header, if the site asked for one.
     id: Option<preface::UniqueId>,
     /// Requests sent on by the `http` engine (the others do not count them).
@@ -94,7 +114,8 @@ pub async fn handle(
     };
     shared.count_outcome(outcome);
     let entry = access::Entry {
-        client: Some(peer),
+        client: Some(facts.endpoints.map_or(peer, |e| e.client)),
+        via: facts.endpoints.and_then(|e| e.via),
         listener: Some(listener.address),
         name: facts.name.as_deref(),
         alpn: facts.alpn.as_deref(),
@@ -125,35 +146,54 @@ async fn serve(
     let config = shared.current();
     let defaults = &config.config.defaults;
 
-    // 2. Read the hello under one deadline for the whole hello, not per read. Until it is
-    // complete, the connection may be shed to free its descriptor (see crate::shed).
+    let local = client
+        .local_addr()
+        .map_err(|e| Failure::new(Outcome::ClientError, e))?;
+
+    // 2. Read the hello under one deadline for the whole hello, not per read, PROXY header
+    // included when the source must send one. Until it is complete, the connection may be shed
+    // to free its descriptor (see crate::shed).
     let mut buf = Vec::with_capacity(2048);
+    let trusted = listener.accept_proxy.iter().any(|n| n.contains(peer.ip()));
     let ticket = shared.pre_hello().enter();
-    let name = tokio::select! {
-        read = timeout(
-            defaults.client_hello_timeout,
-            read_hello(
-                client,
-                listener.protocol,
-                defaults.max_request_head,
-                &mut buf,
-                facts,
-            ),
-        ) => match read {
+    let read = async {
+        let endpoints = if trusted {
+            read_proxy_header(client, peer, local, &mut buf, facts).await?
+        } else {
+            Endpoints {
+                client: peer,
+                destination: local,
+                via: None,
+            }
+        };
+        let name = read_hello(
+            client,
+            listener.protocol,
+            defaults.max_request_head,
+            &mut buf,
+            facts,
+        )
+        .await
+        .map_err(|failure| untrusted_header(failure, trusted, &buf))?;
+        Ok::<_, Failure>((endpoints, name))
+    };
+    let (endpoints, name) = tokio::select! {
+        read = timeout(defaults.client_hello_timeout, read) => match read {
+            Err(_) if facts.endpoints.is_none() && trusted => {
+                return Err(Failure::new(Outcome::HelloTimeout, "no complete PROXY header"));
+            }
             Err(_) => return Err(Outcome::HelloTimeout.into()),
             Ok(result) => result?,
         },
         () = ticket.shed() => return Err(Outcome::ShedBeforeHello.into()),
     };
     drop(ticket);
+    let peer = endpoints.client;
 
     // 3. Route.
     let site = config.router.route(name.as_deref())?;
     facts.site = Some(site.name.clone());
     facts.proxy_protocol = site.proxy_protocol;
-    let local = client
-        .local_addr()
-        .map_err(|e| Failure::new(Outcome::ClientError, e))?;
     let Some(backend_addr) = site.backend.for_listener(listener.protocol, local.port()) else {
         return Err(Outcome::NoBackendForProtocol.into());
     };
@@ -204,7 +244,7 @@ async fn serve(
         },
         unique_id: facts.id.as_ref().map(preface::UniqueId::as_bytes),
         crc32c: site.tlvs.crc32c,
-        ..preface::Header::new(peer, local)
+        ..preface::Header::new(endpoints.client, endpoints.destination)
     };
     preface::encode(site.proxy_protocol, &header, &mut preface_bytes)
         .map_err(|e| Failure::new(Outcome::PrefaceError, e))?;
@@ -270,7 +310,8 @@ async fn serve(
         return Err(Failure::new(Outcome::BackendError, e));
     }
     let preface_len = preface_bytes.len() as u64;
-    let client_consumed = buf.len() as u64;
+    // Everything read from the client socket: the kernel's counts include a received header.
+    let client_consumed = facts.header_len + buf.len() as u64;
     // Both buffers would otherwise stay allocated for as long as the connection lives.
     drop(preface_bytes);
     drop(buf);
@@ -364,21 +405,13 @@ async fn read_hello(
     buf: &mut Vec<u8>,
     facts: &mut Facts,
 ) -> Result<Option<String>, Failure> {
+    // Bytes that came in with a PROXY header are the hello's start: parse them before reading.
+    let mut read = buf.is_empty();
     loop {
-        // Read straight into the buffer's spare room: a 4 KiB array here would live in every
-        // connection's task for its whole life (a future is as large as its largest state).
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        let n = client
-            .async_io(Interest::READABLE, || client.try_read_buf(buf))
-            .await
-            .map_err(|e| Failure::new(Outcome::ClientError, e))?;
-        // Counted as it arrives, so a refused or abandoned hello still shows in `up=`.
-        facts.hello_len = buf.len() as u64;
-        if n == 0 {
+        if read && read_more(client, buf, facts).await? == 0 {
             return Err(Outcome::ClientClosedBeforeHello.into());
         }
+        read = true;
         // Everything read is kept and forwarded, even bytes after the hello (early data);
         // the parser refuses once the hello itself passes its limit, so this stays bounded.
         match protocol {
@@ -408,6 +441,84 @@ async fn read_hello(
             },
         }
     }
+}
+
+/// Reads what the client sent into `buf`'s spare room; returns how many bytes (0 at its end).
+async fn read_more(
+    client: &TcpStream,
+    buf: &mut Vec<u8>,
+    facts: &mut Facts,
+) -> Result<usize, Failure> {
+    // Read straight into the buffer's spare room: a 4 KiB array here would live in every
+    // connection's task for its whole life (a future is as large as its largest state).
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(4096);
+    }
+    let n = client
+        .async_io(Interest::READABLE, || client.try_read_buf(buf))
+        .await
+        .map_err(|e| Failure::new(Outcome::ClientError, e))?;
+    // Counted as it arrives, so a refused or abandoned hello still shows in `up=`.
+    facts.hello_len = buf.len() as u64;
+    Ok(n)
+}
+
+/// Reads the PROXY header a source in `accept_proxy` must start with, and leaves in `buf` only
+/// what followed it (the hello's start). Returns who the connection is for; records it in
+/// `facts` too.
+async fn read_proxy_header(
+    client: &TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    buf: &mut Vec<u8>,
+    facts: &mut Facts,
+) -> Result<Endpoints, Failure> {
+    use preface::receive::{self, Parsed};
+    loop {
+        if read_more(client, buf, facts).await? == 0 {
+            return Err(Failure::new(
+                Outcome::ClientClosedBeforeHello,
+                "closed within the PROXY header",
+            ));
+        }
+        let Parsed::Complete { header, len } = receive::parse(buf)? else {
+            continue;
+        };
+        buf.drain(..len);
+        facts.header_len = len as u64;
+        facts.hello_len = buf.len() as u64;
+        // LOCAL, UNKNOWN and AF_UNSPEC keep the connection's own addresses (the spec).
+        let endpoints = match header.addresses {
+            Some(a) => Endpoints {
+                client: a.source,
+                destination: a.destination,
+                via: Some(peer),
+            },
+            None => Endpoints {
+                client: peer,
+                destination: local,
+                via: None,
+            },
+        };
+        facts.endpoints = Some(endpoints);
+        return Ok(endpoints);
+    }
+}
+
+/// A hello refused from a source that may not send a PROXY header, which starts like one: a
+/// forged or misdirected header, counted by its own name.
+fn untrusted_header(failure: Failure, trusted: bool, buf: &[u8]) -> Failure {
+    let refused = !matches!(
+        failure.outcome,
+        Outcome::ClientClosedBeforeHello | Outcome::ClientError
+    );
+    if !trusted && refused && preface::receive::looks_like_header(buf) {
+        return Failure::new(
+            Outcome::ProxyHeaderUntrusted,
+            "a PROXY header from a source not in accept_proxy",
+        );
+    }
+    failure
 }
 
 /// Tells the client why it is refused, in its protocol, then lets the socket close; does

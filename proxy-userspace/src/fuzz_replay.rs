@@ -13,11 +13,12 @@ use std::{
 type Check = fn(&[u8]);
 
 /// Every target in `fuzz/Cargo.toml` with the check its `fuzz_target!` runs.
-const TARGETS: [(&str, Check); 4] = [
+const TARGETS: [(&str, Check); 5] = [
     ("hello_tls", crate::hello::fuzz_check_tls),
     ("hello_http", crate::hello::fuzz_check_http),
     ("http_requests", crate::http1::fuzz_check_requests),
     ("preface_roundtrip", crate::preface::fuzz_check_roundtrip),
+    ("preface_receive", crate::preface::fuzz_check_receive),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -84,6 +85,11 @@ fn http_requests_corpus() {
 #[test]
 fn preface_roundtrip_corpus() {
     replay("preface_roundtrip");
+}
+
+#[test]
+fn preface_receive_corpus() {
+    replay("preface_receive");
 }
 
 /// A target added to `fuzz/Cargo.toml` must be added to [`TARGETS`] (and get seeds), or its

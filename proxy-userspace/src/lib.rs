@@ -37,6 +37,7 @@ pub use server::{Options, Server};
 pub mod fuzz {
     pub use crate::hello::{fuzz_check_http, fuzz_check_tls};
     pub use crate::http1::fuzz_check_requests;
+    pub use crate::preface::fuzz_check_receive;
     #[cfg(feature = "fuzz")]
     pub use crate::preface::fuzz_check_roundtrip;
 }

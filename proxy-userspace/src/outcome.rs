@@ -18,6 +18,7 @@ use crate::{
     forward::{ForwardError, Side},
     hello::{HelloError, http, tls},
     http1::RequestError,
+    preface::receive::ReceiveError,
     route::RouteError,
 };
 
@@ -128,11 +129,19 @@ pub enum Outcome {
     /// Closed before its hello was complete to free descriptors for new connections: the
     /// process was near its descriptor limit and this was among the oldest waiting for a hello.
     ShedBeforeHello,
+    /// A client outside the listener's `accept_proxy` sent what starts like a PROXY header: it
+    /// is never trusted, so it was read as a hello and refused as garbage.
+    ProxyHeaderUntrusted,
+    /// A source in `accept_proxy` sent something other than a PROXY header first.
+    ProxyHeaderMissing,
+    /// A source in `accept_proxy` sent a PROXY header that breaks the spec (the detail says
+    /// how: length, grammar, family, TLVs, CRC32C).
+    ProxyHeaderInvalid,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 38] = [
+    pub const ALL: [Outcome; 41] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -171,6 +180,9 @@ impl Outcome {
         Outcome::BadResponse,
         Outcome::Shutdown,
         Outcome::ShedBeforeHello,
+        Outcome::ProxyHeaderUntrusted,
+        Outcome::ProxyHeaderMissing,
+        Outcome::ProxyHeaderInvalid,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -214,6 +226,9 @@ impl Outcome {
             Outcome::BadResponse => "bad_response",
             Outcome::Shutdown => "shutdown",
             Outcome::ShedBeforeHello => "shed_before_hello",
+            Outcome::ProxyHeaderUntrusted => "proxy_header_untrusted",
+            Outcome::ProxyHeaderMissing => "proxy_header_missing",
+            Outcome::ProxyHeaderInvalid => "proxy_header_invalid",
         }
     }
 
@@ -244,7 +259,10 @@ impl Outcome {
             | Outcome::BareLineEnding
             | Outcome::InvalidChunk
             | Outcome::NulInHead
-            | Outcome::MisdirectedRequest => Some(Source::Client),
+            | Outcome::MisdirectedRequest
+            | Outcome::ProxyHeaderUntrusted
+            | Outcome::ProxyHeaderMissing
+            | Outcome::ProxyHeaderInvalid => Some(Source::Client),
             Outcome::BackendConnectTimeout
             | Outcome::BackendUnreachable
             | Outcome::BackendError
@@ -295,7 +313,8 @@ impl Outcome {
             | Outcome::ObsFold
             | Outcome::BareLineEnding
             | Outcome::InvalidChunk
-            | Outcome::NulInHead => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_400()),
+            | Outcome::NulInHead
+            | Outcome::ProxyHeaderUntrusted => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_400()),
             Outcome::Ok
             | Outcome::HelloTimeout
             | Outcome::ClientClosedBeforeHello
@@ -312,7 +331,11 @@ impl Outcome {
             | Outcome::KernelAccounting
             | Outcome::BadResponse
             | Outcome::Shutdown
-            | Outcome::ShedBeforeHello => return None,
+            | Outcome::ShedBeforeHello
+            // A balancer that breaks the protocol gets no answer, as HAProxy gives none: our
+            // bytes would reach its client as if the site had sent them.
+            | Outcome::ProxyHeaderMissing
+            | Outcome::ProxyHeaderInvalid => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,
@@ -338,6 +361,21 @@ impl From<&HelloError> for Outcome {
             HelloError::HeadTooLarge => Outcome::HeadTooLarge,
             HelloError::BadRequest(_) => Outcome::BadRequest,
         }
+    }
+}
+
+impl From<&ReceiveError> for Outcome {
+    fn from(error: &ReceiveError) -> Outcome {
+        match error {
+            ReceiveError::NoHeader => Outcome::ProxyHeaderMissing,
+            _ => Outcome::ProxyHeaderInvalid,
+        }
+    }
+}
+
+impl From<ReceiveError> for Failure {
+    fn from(error: ReceiveError) -> Failure {
+        Failure::new(Outcome::from(&error), error)
     }
 }
 
@@ -501,6 +539,9 @@ mod tests {
             "invalid_chunk",
             "nul_in_head",
             "misdirected_request",
+            "proxy_header_untrusted",
+            "proxy_header_missing",
+            "proxy_header_invalid",
         ] {
             assert!(names.contains(&published), "{published}");
         }

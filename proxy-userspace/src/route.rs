@@ -139,6 +139,7 @@ mod tests {
                 address: SocketAddr::from(([0, 0, 0, 0], 443)),
                 protocol: Protocol::Tls,
                 forwarding: None,
+                accept_proxy: Vec::new(),
             }],
             sites,
             default_site,

@@ -189,6 +189,7 @@ impl Server {
                     address: l.address,
                     protocol: l.protocol,
                     forwarding: l.forwarding,
+                    accept_proxy: l.accept_proxy.clone(),
                 }),
             ));
         }
@@ -219,16 +220,17 @@ impl Server {
             .config
             .listeners
             .iter()
-            .map(|l| (l.address, l.protocol))
+            .map(|l| (l.address, l.protocol, &l.accept_proxy))
             .collect();
         let new_listeners: Vec<_> = config
             .listeners
             .iter()
-            .map(|l| (l.address, l.protocol))
+            .map(|l| (l.address, l.protocol, &l.accept_proxy))
             .collect();
         if old_listeners != new_listeners {
             tracing::warn!(
-                "listener changes take effect only after a restart; sites and timeouts were reloaded"
+                "listener changes (accept_proxy included) take effect only after a restart; \
+                 sites and timeouts were reloaded"
             );
         }
         match (&old.config.xdp, &config.xdp, shared.kernel()) {

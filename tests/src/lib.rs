@@ -7,6 +7,9 @@
 //!  192.0.2.2, 192.0.2.3 ---- 192.0.2.1 | 2001:db8:1::1 ---------- 2001:db8:1::10
 //! ```
 //!
+//! [`World::client_v6`] gives the client IPv6 too ([`CLIENT_V6`] and the proxy's
+//! [`PROXY_FRONT_V6`] on the client link), for IPv6 clients.
+//!
 //! [`World::scale_out`] puts a router and a second proxy host in front of it, for BGP and ECMP
 //! ([`bird`]). Only documentation prefixes are used and nothing is routed anywhere else.
 //! Processes started in it ([`Service`]) are stopped by their PID when dropped.
@@ -45,6 +48,11 @@ pub const ROUTER_CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
 /// The client's address on the router link, in [`World::scale_out`] (the router reaches
 /// [`CLIENT_V4`] and [`CLIENT_V4_B`] through it).
 pub const CLIENT_LINK_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2));
+/// The client namespace's IPv6 address, only after [`World::client_v6`].
+pub const CLIENT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0x10));
+/// The proxy's IPv6 address on the client side, only after [`World::client_v6`]: what IPv6
+/// clients connect to.
+pub const PROXY_FRONT_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 1));
 /// The backend namespace's IPv6 address (its only one unless [`World::route_direct`]).
 pub const BACKEND_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10));
 

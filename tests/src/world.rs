@@ -11,8 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
 use crate::{
-    BACKEND_V6, CLIENT_LINK_V4, CLIENT_V4, CLIENT_V4_B, PROXY_B_V6, PROXY_V4, PROXY_V6,
-    ROUTER_CLIENT_V4,
+    BACKEND_V6, CLIENT_LINK_V4, CLIENT_V4, CLIENT_V4_B, CLIENT_V6, PROXY_B_V6, PROXY_FRONT_V6,
+    PROXY_V4, PROXY_V6, ROUTER_CLIENT_V4,
 };
 
 /// Fails with a plain explanation unless we are root, which namespaces and eBPF need.
@@ -350,6 +350,23 @@ impl World {
             ],
         )?;
         self.ip(b, &["link", "set", "br0", "up"])
+    }
+
+    /// Gives the client namespace IPv6, for IPv6 clients: [`CLIENT_V6`] on its link to the
+    /// proxy and [`PROXY_FRONT_V6`] on the proxy's side of it, one /64 of 2001:db8::/32, so
+    /// the link's own route is the only one needed (the client still has no route to the
+    /// backend's network). Worlds without it keep an IPv4-only client.
+    pub fn client_v6(&self) -> Result<()> {
+        let [c, p, ..] = &self.names;
+        self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=0")?;
+        self.sysctl(c, "net.ipv6.conf.eth0.disable_ipv6=0")?;
+        for (ns, addr) in [(c, CLIENT_V6), (p, PROXY_FRONT_V6)] {
+            self.ip(
+                ns,
+                &["addr", "add", &format!("{addr}/64"), "dev", "eth0", "nodad"],
+            )?;
+        }
+        Ok(())
     }
 
     /// Lets the client reach the backend without the proxy, for benchmarks' "direct"

@@ -14,7 +14,10 @@
 //!   chunked, obs-fold, bare LF, NUL, oversized heads);
 //! - `preface_roundtrip`: header descriptions in the layout `header_from_bytes` reads (flags,
 //!   addresses, then authority and unique id), for every address kind and TLV, at and past the
-//!   limits.
+//!   limits;
+//! - `preface_receive`: PROXY headers as a balancer sends them in front of a hello (v1 TCP4,
+//!   TCP6, UNKNOWN, the longest line; v2 PROXY and LOCAL, every family, TLVs, a right and a
+//!   wrong CRC32C) and the broken ones the receiver must refuse.
 //!
 //! The first byte of a `hello_*` or `http_requests` input is not parsed: it says where the
 //! check cuts the input (a prefix, or the read size), so each seed picks one.
@@ -40,6 +43,7 @@ pub fn write(fuzz_dir: &Path) -> Result<()> {
         ("hello_http", http_head_seeds()),
         ("http_requests", request_stream_seeds()),
         ("preface_roundtrip", preface_seeds()),
+        ("preface_receive", receive_seeds()),
     ] {
         let dir = corpus.join(target);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -528,6 +532,109 @@ fn preface_seeds() -> Seeds {
     seeds.push(("real-v1-line", PROXY_V1.to_vec()));
     seeds.push(("real-v2-header", proxy_v2()));
     seeds
+}
+
+/// A v2 header: signature, `ver_cmd`, family, then `block` with its length.
+fn v2_header(ver_cmd: u8, family: u8, block: &[u8]) -> Vec<u8> {
+    let mut out = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    out.extend_from_slice(&[ver_cmd, family]);
+    out.extend(vec16(block));
+    out
+}
+
+/// Headers in front of a hello, as the receiver meets them (the whole input is parsed).
+fn receive_seeds() -> Seeds {
+    const HELLO: &[u8] = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00";
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: site1.example\r\n\r\n";
+    let v4 = [192, 0, 2, 7, 198, 51, 100, 1, 0x12, 0x67, 0x01, 0xbb];
+    let mut v6 = vec![
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ];
+    v6.extend_from_slice(&[
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    ]);
+    v6.extend_from_slice(&[0x12, 0x67, 0x01, 0xbb]);
+    let tlvs = [
+        &[0x02][..],
+        &vec16(b"site1.example"),
+        &[0x05],
+        &vec16(b"0123456789abcdef"),
+        &[0x20],
+        &vec16(&[0x01, 0, 0, 0, 0]),
+        &[0x04],
+        &vec16(&[0; 7]),
+    ]
+    .concat();
+    // CRC32C over the header with its value zeroed, as the spec defines it.
+    let with_crc = |good: bool| {
+        let mut header = v2_header(0x21, 0x11, &[&v4[..], &[0x03, 0, 4, 0, 0, 0, 0]].concat());
+        let crc = crc32c_bitwise(&header) ^ u32::from(!good);
+        let at = header.len() - 4;
+        header[at..].copy_from_slice(&crc.to_be_bytes());
+        header
+    };
+    let then = |header: &[u8], rest: &[u8]| [header, rest].concat();
+    let mut longest = b"PROXY UNKNOWN ".to_vec();
+    longest.resize(105, b'f');
+    longest.extend_from_slice(b"\r\n");
+    let long = [&longest[..104], b"ff\r\n"].concat();
+    vec![
+        ("v1-tcp4", then(PROXY_V1, HELLO)),
+        (
+            "v1-tcp6",
+            then(b"PROXY TCP6 2001:db8:c::10 2001:db8:c::1 4711 443\r\n", GET),
+        ),
+        ("v1-unknown", then(b"PROXY UNKNOWN\r\n", HELLO)),
+        ("v1-longest", then(&longest, HELLO)),
+        ("v1-too-long", long),
+        (
+            "v1-bare-lf",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 4711 443\n".to_vec(),
+        ),
+        (
+            "v1-leading-zero-port",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 04711 443\r\n".to_vec(),
+        ),
+        ("v2-tcp4", then(&v2_header(0x21, 0x11, &v4), HELLO)),
+        ("v2-tcp6", then(&v2_header(0x21, 0x21, &v6), GET)),
+        (
+            "v2-tlvs",
+            then(&v2_header(0x21, 0x11, &[&v4[..], &tlvs].concat()), HELLO),
+        ),
+        ("v2-local", then(&v2_header(0x20, 0x00, &[]), HELLO)),
+        ("v2-local-with-block", v2_header(0x20, 0x11, &v4)),
+        ("v2-unspec", v2_header(0x21, 0x00, &[])),
+        ("v2-udp4", v2_header(0x21, 0x12, &v4)),
+        ("v2-unix", v2_header(0x21, 0x31, &[0; 216])),
+        ("v2-short-addresses", v2_header(0x21, 0x21, &v4)),
+        (
+            "v2-truncated-tlv",
+            v2_header(0x21, 0x11, &[&v4[..], &[0x04, 0, 9]].concat()),
+        ),
+        ("v2-crc32c", then(&with_crc(true), HELLO)),
+        ("v2-crc32c-wrong", with_crc(false)),
+        ("v2-bad-version", v2_header(0x11, 0x11, &v4)),
+        ("v2-too-long", v2_header(0x21, 0x11, &[0; 5000])),
+        ("no-header-tls", HELLO.to_vec()),
+        ("no-header-http", GET.to_vec()),
+    ]
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: the seeds need a right
+/// checksum and xtask does not otherwise depend on a CRC crate.
+fn crc32c_bitwise(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// Captures the ClientHello that `openssl s_client` and `curl` on this machine send, for

@@ -543,10 +543,19 @@ fn build_listeners(
                 slot.insert(src.origin(span));
             }
         }
+        let mut accept_proxy = Vec::new();
+        for entry in entry
+            .accept_proxy
+            .map(Spanned::into_inner)
+            .unwrap_or_default()
+        {
+            accept_proxy.push(network(src, &entry, &format!("{context}: accept_proxy"))?);
+        }
         listeners.push(Listener {
             address,
             protocol,
             forwarding,
+            accept_proxy,
         });
     }
     Ok(listeners)

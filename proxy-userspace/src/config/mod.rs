@@ -195,6 +195,10 @@ pub struct Listener {
     pub protocol: Protocol,
     /// Overrides [`Defaults::forwarding`] for connections on this listener.
     pub forwarding: Option<Forwarding>,
+    /// Balancers in front of us: connections from these sources must start with a PROXY
+    /// header, whose client address then stands for the connection's. Nobody else's header is
+    /// read (`crate::preface::receive`).
+    pub accept_proxy: Vec<Cidr>,
 }
 
 /// A `[[site]]`, or the `[default]` site.
@@ -470,11 +474,16 @@ impl Config {
                 Some(f) => f.to_string(),
                 None => format!("{} (default)", d.forwarding),
             };
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "  {} {} forwarding {}",
                 l.address, l.protocol, forwarding
             );
+            if !l.accept_proxy.is_empty() {
+                let from: Vec<String> = l.accept_proxy.iter().map(Cidr::to_string).collect();
+                let _ = write!(out, " accept_proxy {}", from.join(","));
+            }
+            let _ = writeln!(out);
         }
         let wildcards = self
             .sites

@@ -53,6 +53,7 @@ pub(super) struct RawListener {
     pub address: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
     pub forwarding: Option<Spanned<String>>,
+    pub accept_proxy: Option<SpannedStrings>,
 }
 
 /// `[[site]]` and `[default]`; `hostnames` and `backend` are optional here so that a missing one

@@ -125,12 +125,14 @@ backend = "2001:db8:1::12"
             Listener {
                 address: sock("0.0.0.0:443"),
                 protocol: Protocol::Tls,
-                forwarding: None
+                forwarding: None,
+                accept_proxy: Vec::new(),
             },
             Listener {
                 address: sock("0.0.0.0:80"),
                 protocol: Protocol::Http,
-                forwarding: None
+                forwarding: None,
+                accept_proxy: Vec::new(),
             },
         ]
     );
@@ -1500,6 +1502,55 @@ fn forwarded_header_errors() {
         &format!("[defaults]\nmax_request_head = \"100B\"\n{LISTEN}"),
         "max_request_head",
         "max_request_head must be between 1KiB and 1MiB",
+    );
+}
+
+#[test]
+fn accept_proxy_per_listener() {
+    let config = parse(
+        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
+         accept_proxy = [\"198.51.100.0/24\", \"2001:db8:9::/48\", \"192.0.2.9/32\"]\n\
+         [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n",
+    )
+    .expect("valid");
+    let cidr = |addr: &str, prefix| Cidr {
+        addr: ip(addr),
+        prefix,
+    };
+    assert_eq!(
+        config.listeners[0].accept_proxy,
+        vec![
+            cidr("198.51.100.0", 24),
+            cidr("2001:db8:9::", 48),
+            cidr("192.0.2.9", 32)
+        ]
+    );
+    assert!(config.listeners[1].accept_proxy.is_empty());
+    assert!(
+        config
+            .summary()
+            .contains("accept_proxy 198.51.100.0/24,2001:db8:9::/48,192.0.2.9/32"),
+        "{}",
+        config.summary()
+    );
+    let err = refused(
+        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
+         accept_proxy = [\"198.51.100.0/24\", \"198.51.100.1/24\"]\n",
+        "\"198.51.100.1/24\"",
+        "listen 0.0.0.0:443: accept_proxy \"198.51.100.1/24\" has bits set after the prefix",
+    );
+    assert_eq!(err.line, Some(4));
+    refused(
+        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
+         accept_proxy = [\"lb.example\"]\n",
+        "lb.example",
+        "accept_proxy \"lb.example\" is not valid",
+    );
+    refused(
+        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
+         accept_proxy = \"198.51.100.0/24\"\n",
+        "accept_proxy",
+        "invalid type",
     );
 }
 

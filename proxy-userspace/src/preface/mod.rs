@@ -1,4 +1,5 @@
-//! What the backend receives first: PROXY protocol v1/v2 headers.
+//! What the backend receives first: PROXY protocol v1/v2 headers; and, in [`receive`], the
+//! header a trusted balancer in front of us sends first.
 //!
 //! Encoders for HAProxy's PROXY protocol (`proxy-protocol.txt`), version 1 (one text line) and
 //! version 2 (binary, with TLVs). Sans-IO: every function appends bytes to a caller-owned
@@ -22,11 +23,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 // The round-trip check reads our headers back with `ppp`, a dev-dependency, or an optional one
 // that the fuzz crate turns on with the `fuzz` feature.
+pub mod receive;
 #[cfg(any(test, all(fuzzing, feature = "fuzz")))]
 mod roundtrip;
 #[cfg(test)]
 mod tests;
 
+#[cfg(any(test, fuzzing))]
+pub use receive::fuzz_check_receive;
 #[cfg(any(test, all(fuzzing, feature = "fuzz")))]
 pub use roundtrip::fuzz_check_roundtrip;
 

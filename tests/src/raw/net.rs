@@ -27,6 +27,42 @@ pub fn connect(world: &World, port: u16, timeout: Duration) -> Result<TcpStream>
     Ok(stream)
 }
 
+/// Connects from `source` (an address of namespace `ns`, any port) to `to`, with
+/// `TCP_NODELAY` and read and write timeouts of `timeout`: a client whose address matters, such
+/// as a trusted balancer's or an IPv6 client's.
+pub fn connect_from(
+    world: &World,
+    ns: Ns,
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    let stream = world
+        .within(ns, move || -> Result<TcpStream> {
+            let family = if source.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(SocketAddr::new(source, 0)),
+            )?;
+            nix::sys::socket::connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(to),
+            )?;
+            Ok(TcpStream::from(fd))
+        })?
+        .with_context(|| format!("connecting from {source} to {to} in {ns:?}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
 /// How a read-to-the-end ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
