@@ -54,7 +54,8 @@ impl Systemd {
         if !enabled {
             return systemd;
         }
-        if let Some(timeout) = sd_notify::watchdog_enabled() {
+        // A zero timeout would make a zero ping interval; systemd never sets one.
+        if let Some(timeout) = sd_notify::watchdog_enabled().filter(|t| !t.is_zero()) {
             tracing::info!(?timeout, "systemd watchdog enabled; pinging at half of it");
             let workers = workers.to_vec();
             systemd

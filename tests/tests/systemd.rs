@@ -29,7 +29,7 @@ use spliced_tests::{
 const ECHO_PORT: u16 = 9330;
 const IO: Duration = Duration::from_secs(10);
 /// The watchdog timeout the test announces; spliced should ping every half of it.
-const WATCHDOG: Duration = Duration::from_millis(400);
+const WATCHDOG: Duration = Duration::from_secs(1);
 
 fn config(hostnames: &[&str]) -> String {
     let backend = SocketAddr::new(BACKEND_V6, ECHO_PORT);
