@@ -10,7 +10,8 @@
 //! at the test's own hard limit where the test lacks CAP_SYS_RESOURCE to raise it, as in the CI
 //! sandbox), in the proxy's network namespace, with `NOTIFY_SOCKET` and `WATCHDOG_USEC` (from
 //! `WatchdogSec=`) pointing at a socket the test reads. The sandboxing options (`Protect*=`,
-//! `Private*=`, `Restrict*=`) are checked only by `systemd-analyze verify`.
+//! `Private*=`, `Restrict*=`) are checked here only by `systemd-analyze verify`; a real
+//! systemd runs them in `contrib/systemd/nspawn-check`, by hand (see the README).
 //!
 //! The package comes from `$SPLICED_DEB`, which `cargo xtask test` sets after packing it once
 //! (so this test does not rebuild anything); without it, from `target/debian/`, as
