@@ -355,7 +355,9 @@ fn build_deb(bin: &Path) -> Result<PathBuf> {
     }
     run(Command::new(bin)
         .args(["generate-docs", "--out-dir"])
-        .arg(&docs))?;
+        .arg(&docs)
+        // It lists the files it wrote; only the package's path is this task's output.
+        .stdout(std::process::Stdio::null()))?;
     // Debian ships man pages compressed; cargo-deb compresses only the files it did not build.
     let man = docs.join("man8");
     for page in std::fs::read_dir(&man).with_context(|| format!("reading {}", man.display()))? {
