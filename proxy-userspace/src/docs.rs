@@ -98,3 +98,51 @@ fn public(cmd: &clap::Command) -> clap::Command {
     }
     public
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pages and completions a user gets: every visible subcommand, the extra sections,
+    /// and nothing of the hidden subcommand or of `help`.
+    #[test]
+    fn writes_pages_and_completions_without_hidden_commands() {
+        let cmd = clap::Command::new("spliced")
+            .about("an edge proxy")
+            .subcommand(clap::Command::new("run").about("Run it"))
+            .subcommand(clap::Command::new("check").about("Check it"))
+            .subcommand(clap::Command::new("generate-docs").hide(true));
+        let out = std::env::temp_dir().join(format!("spliced-docs-{}", std::process::id()));
+        let files = write(&cmd, &out).expect("writes");
+        let names: Vec<String> = files
+            .iter()
+            .filter_map(|f| Some(f.file_name()?.to_str()?.to_owned()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "spliced.8",
+                "spliced-run.8",
+                "spliced-check.8",
+                "spliced.bash",
+                "_spliced",
+                "spliced.fish"
+            ]
+        );
+        let top = std::fs::read_to_string(out.join("man8/spliced.8")).expect("page");
+        assert!(
+            top.contains("spliced\\-run(8)") && top.contains(".SH SIGNALS"),
+            "{top}"
+        );
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("file");
+            // Roff escapes the hyphen.
+            assert!(
+                !text.contains("generate-docs") && !text.contains("generate\\-docs"),
+                "{}",
+                file.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
