@@ -21,6 +21,7 @@ mod instance;
 mod listen;
 mod metrics;
 mod name;
+mod notify;
 mod outcome;
 mod preface;
 mod route;

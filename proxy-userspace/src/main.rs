@@ -1,8 +1,10 @@
 //! The `spliced` command: `run`, `check`, `--version`.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use spliced::{Config, Server};
+
+mod docs;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +34,14 @@ enum Cli {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write the man pages and the bash, zsh and fish completions into a directory (for
+    /// packaging: `cargo xtask deb` runs it).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where `man8/` and `completions/` go.
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +61,18 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Cli::GenerateDocs { out_dir } => match docs::write(&Cli::command(), &out_dir) {
+            Ok(files) => {
+                for file in files {
+                    println!("{}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spliced: {e:#}");
                 ExitCode::from(1)
             }
         },

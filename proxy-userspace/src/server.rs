@@ -331,14 +331,23 @@ impl Server {
                 }));
             }
         }
+        // Every listener is bound and the eBPF side attached (both in `bind`), and the workers
+        // accept: now systemd may send traffic our way.
+        let systemd = crate::notify::Systemd::start(&shared, &workers.handles);
+        systemd.ready();
         let [mut term, mut int, mut hup] = signals;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => this.reload_from_file(),
+                _ = hup.recv() => {
+                    systemd.reloading();
+                    this.reload_from_file();
+                    systemd.ready();
+                }
             }
         }
+        systemd.stopping();
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
         let _ = stop_tx.send(true);
         for task in tasks {
@@ -380,7 +389,7 @@ impl Server {
         let log = Arc::clone(&shared);
         let _ =
             tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
-        drop(pin_lock);
+        drop((pin_lock, systemd));
         workers.stop();
         Ok(())
     }

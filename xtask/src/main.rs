@@ -32,6 +32,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the release binary and pack it as a Debian package (with cargo-deb): the unit,
+    /// an example configuration, man pages and completions. Prints the package's path.
+    Deb,
     /// Lint and run every test: fmt, clippy, unit tests, end-to-end tests (root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -110,6 +113,10 @@ fn main() -> Result<()> {
             let bin = build_spliced()?;
             let status = Command::new(&bin).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Deb => {
+            let bin = build_spliced()?;
+            println!("{}", build_deb(&bin)?.display());
         }
         Task::Test { args } => test(&args)?,
         Task::Bench {
@@ -322,6 +329,64 @@ fn build_spliced() -> Result<PathBuf> {
     Ok(root().join("target/release/spliced"))
 }
 
+/// The cargo-deb that `./x` installs; another version may lay the package out differently.
+const CARGO_DEB: &str = "cargo-deb 3.8.0";
+
+/// Packs `bin` (the release build) as a Debian package with cargo-deb, as
+/// `[package.metadata.deb]` in `proxy-userspace/Cargo.toml` describes it, and returns the
+/// package's path. The man pages and completions come from `bin` itself
+/// (`spliced generate-docs`), so they match the binary in the package.
+fn build_deb(bin: &Path) -> Result<PathBuf> {
+    let version = cargo()
+        .args(["deb", "--version"])
+        .output()
+        .context("running cargo deb")?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    if version.trim() != CARGO_DEB {
+        bail!(
+            "cargo xtask deb needs {CARGO_DEB} (found {:?}); `./x` installs it",
+            version.trim()
+        );
+    }
+    // cargo-deb finds assets named target/release/... in the real target directory.
+    let docs = root().join("target/release/deb-docs");
+    if docs.exists() {
+        std::fs::remove_dir_all(&docs).with_context(|| format!("emptying {}", docs.display()))?;
+    }
+    run(Command::new(bin)
+        .args(["generate-docs", "--out-dir"])
+        .arg(&docs)
+        // It lists the files it wrote; only the package's path is this task's output.
+        .stdout(std::process::Stdio::null()))?;
+    // Debian ships man pages compressed; cargo-deb compresses only the files it did not build.
+    let man = docs.join("man8");
+    for page in std::fs::read_dir(&man).with_context(|| format!("reading {}", man.display()))? {
+        run(Command::new("gzip").args(["-9nf"]).arg(page?.path()))?;
+    }
+    let out = cargo()
+        .args([
+            "deb",
+            "--package",
+            "proxy-userspace",
+            "--no-build",
+            "--strip",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo deb")?;
+    if !out.status.success() {
+        bail!("cargo deb failed: {}", out.status);
+    }
+    // cargo-deb prints the package's path last.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .with_context(|| format!("cargo deb did not say where the package is: {stdout}"))?;
+    Ok(PathBuf::from(deb.trim()))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
@@ -349,9 +414,12 @@ fn test(extra: &[String]) -> Result<()> {
         .arg(root().join("target/bpf-clippy"))
         .args(["--", "-D", "warnings"]))?;
     let bin = build_spliced()?;
+    // tests/deb.rs installs this package instead of building its own.
+    let deb = build_deb(&bin)?;
     // The end-to-end tests run this binary; release, because they move gigabytes.
     let mut cmd = cargo();
     cmd.env("SPLICED_BIN", &bin)
+        .env("SPLICED_DEB", &deb)
         .args([
             "test",
             "--workspace",
