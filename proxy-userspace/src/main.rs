@@ -25,6 +25,14 @@ enum Cli {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Unix socket from which a new spliced (--upgrade-from) takes the listening sockets
+        /// over; "none" for no socket (then upgrades refuse connections).
+        #[arg(long, default_value = "/run/spliced/spliced.sock", value_name = "PATH")]
+        control_socket: String,
+        /// Take the listening sockets over from the spliced serving this control socket: it
+        /// stops accepting once this one is ready, drains its connections and exits.
+        #[arg(long, value_name = "PATH")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
     Check {
@@ -59,10 +67,14 @@ fn main() -> ExitCode {
             grace,
             pin_dir,
             metrics,
+            control_socket,
+            upgrade_from,
         } => {
             let options = spliced::Options {
                 pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
                 metrics,
+                control_socket: (control_socket != "none").then(|| PathBuf::from(control_socket)),
+                upgrade_from,
             };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
