@@ -13,7 +13,9 @@
 //! `cargo xtask build && SPLICED_BIN=$PWD/target/release/spliced cargo test --release -p spliced-tests --test upgrade`.
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -200,7 +202,7 @@ fn an_upgrade_under_load_fails_no_connection_and_finishes_open_transfers() -> Re
         field(&line, "engine").unwrap_or("-"),
     );
     eprintln!("{summary}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("upgrade.summary"), format!("{summary}\n"));
     ensure!(counts.failed == 0, "{summary}");
@@ -284,5 +286,142 @@ fn a_failed_upgrade_leaves_the_old_process_serving() -> Result<()> {
         Duration::from_secs(30),
     )?;
     roundtrip(&world, "a.example")?;
+    Ok(())
+}
+
+/// The id of the map pinned at `path`, from bpftool.
+fn pinned_id(path: &Path) -> Result<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map show pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    info["id"].as_u64().context("no id in bpftool's answer")
+}
+
+/// Removes the test's pin directory, whatever is left in it.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The pin directory passes from the old process to the new one: the pins name the new
+/// process's maps, the old one's kernel-spliced connection goes on in its own (now unpinned)
+/// maps, and the old process's exit leaves the new pins alone. Run in this mount namespace,
+/// on loopback, where both processes see the same bpffs (under `ip netns exec` each would
+/// mount its own).
+#[test]
+fn the_pins_pass_to_the_new_process() -> Result<()> {
+    let world = World::new()?; // for its scratch directory
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/spliced-upgrade-{}-{stamp}",
+        std::process::id()
+    )));
+    let echo = TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0))?;
+    let backend = echo.local_addr()?;
+    let echoed = spawn(move || {
+        // Bounded: the long connection, then one through the new process.
+        for _ in 0..2 {
+            let stream = raw::accept_within(&echo, Duration::from_secs(60), IO)?;
+            std::thread::spawn(move || raw::echo(stream));
+        }
+        Ok(())
+    });
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let port = raw::free_port(loopback)?;
+    let config = format!(
+        "[defaults]\nforwarding = \"sockmap\"\n\n[[listen]]\naddress = \"127.0.0.1:{port}\"\n\
+         protocol = \"tls\"\n\n[[site]]\nhostnames = [\"echo.example\"]\nbackend = \"{backend}\"\n"
+    );
+    let control = world.dir().join("control.sock");
+    let launch = |name: &str| {
+        Launch::new(config.as_str())
+            .named(name)
+            .arg("--pin-dir")
+            .arg(&dir.0)
+            .arg("--control-socket")
+            .arg(&control)
+    };
+    let mut old = launch("old").start_here(world.dir(), &[port])?;
+    let peers = dir.0.join("SPLICED_PEERS");
+    let old_map = pinned_id(&peers)?;
+
+    let len = 8u64 << 20;
+    let half = len / 2;
+    let seed = 0x0915_5eed;
+    let mut long = TcpStream::connect_timeout(&SocketAddr::new(loopback, port), IO)?;
+    long.set_read_timeout(Some(IO))?;
+    let hello = simple_hello("echo.example");
+    long.write_all(&hello)?;
+    expect_hello(&mut long, &hello)?;
+    let mut reader = long.try_clone()?;
+    let received = spawn(move || {
+        let mut verifier = Verifier::new(seed, len);
+        receive_stream(&mut reader, &mut verifier)?;
+        verifier.finish()?;
+        Ok(())
+    });
+    send_stream_range(&mut long, seed, 0, half)?;
+
+    let new = launch("new")
+        .arg("--upgrade-from")
+        .arg(&control)
+        .start_here(world.dir(), &[])?;
+    wait_logged(
+        &new,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    let new_map = pinned_id(&peers)?;
+    ensure!(
+        new_map != old_map,
+        "the pin still names the old process's map {old_map}"
+    );
+    ensure!(
+        !new.stderr_text().contains("ERROR"),
+        "the new process logged an error: {}",
+        new.stderr_text()
+    );
+    let staging = format!("{}-upgrade-{}", dir.0.display(), new.pid().unwrap_or(0));
+    ensure!(
+        !Path::new(&staging).exists(),
+        "the staging directory {staging} was left behind"
+    );
+
+    send_stream_range(&mut long, seed, half, len)?;
+    long.shutdown(Shutdown::Write)?;
+    raw::result(
+        &received,
+        Duration::from_secs(60),
+        "the old process's connection",
+    )?;
+    let how = exited(&mut old, Duration::from_secs(30))?;
+    ensure!(how.contains("exit status: 0"), "{how}");
+    ensure!(
+        pinned_id(&peers)? == new_map,
+        "the old process's exit changed the pins"
+    );
+    let mut client = TcpStream::connect_timeout(&SocketAddr::new(loopback, port), IO)?;
+    client.set_read_timeout(Some(IO))?;
+    client.write_all(&hello)?;
+    expect_hello(&mut client, &hello)?;
+    drop(client);
+    raw::result(&echoed, IO, "the loopback echo server")?;
+    drop(new);
     Ok(())
 }
