@@ -103,7 +103,9 @@ impl ControlSocket {
             match connect(path) {
                 Ok(_) => bail!(
                     "another spliced answers on the control socket {}; refusing to start a \
-                     second instance (take over from it with --upgrade-from {0}, or stop it)",
+                     second instance (take over from it with --upgrade-from {0}, or stop it; \
+                     an instance in another network namespace needs its own \
+                     --control-socket)",
                     path.display()
                 ),
                 Err(_) => {
