@@ -360,14 +360,13 @@ impl Server {
             control,
             descriptors,
         } = self;
-        let mut offer = Vec::new();
         tracing::debug!(
             limit = descriptors.limit,
             reserve = descriptors.reserve,
             "descriptors"
         );
-        // Ends with the process, not with the listeners: metrics stay readable while open
-        // connections finish.
+        // What a new process gets on an upgrade: a second descriptor for each socket.
+        let mut offer = Vec::new();
         if let Some(listener) = &metrics {
             let address = listener.local_addr()?;
             offer.push((
@@ -375,6 +374,8 @@ impl Server {
                 std::os::fd::OwnedFd::from(listener.try_clone()?),
             ));
         }
+        // Ends with the process (or an upgrade), not with the listeners: metrics stay
+        // readable while open connections finish.
         let metrics_task = metrics.map(|listener| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {

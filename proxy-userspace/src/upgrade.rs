@@ -466,6 +466,44 @@ mod tests {
         assert!(Passed::parse("").is_err());
     }
 
+    /// A listening socket with `SO_REUSEPORT` on `port` (0: any) of 127.0.0.1.
+    fn reuseport_listener(port: u16) -> std::net::TcpListener {
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).expect("SO_REUSEPORT");
+        let addr = socket::SockaddrIn::new(127, 0, 0, 1, port);
+        socket::bind(fd.as_raw_fd(), &addr).expect("bind");
+        socket::listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+        std::net::TcpListener::from(fd)
+    }
+
+    /// Why the sockets are passed: a new socket joining the reuseport group does not get
+    /// what waits in the old one's accept queue, and closing the old one resets it.
+    #[test]
+    fn a_fresh_reuseport_socket_does_not_get_the_old_queue() {
+        let old = reuseport_listener(0);
+        let address = old.local_addr().expect("address");
+        let mut queued = std::net::TcpStream::connect(address).expect("connect");
+        let new = reuseport_listener(address.port());
+        drop(old);
+        queued
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        let read = std::io::Read::read(&mut queued, &mut buf);
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the queued connection should be reset with the old socket: {read:?}"
+        );
+        new.set_nonblocking(true).expect("nonblocking");
+        assert!(new.accept().is_err(), "the new socket got the old queue");
+    }
+
     #[test]
     fn a_listener_is_handed_over_with_its_queue() {
         let dir = std::env::temp_dir().join(format!("spliced-upgrade-{}", std::process::id()));

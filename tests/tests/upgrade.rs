@@ -151,7 +151,7 @@ fn an_upgrade_under_load_fails_no_connection_and_finishes_open_transfers() -> Re
         &world,
         443,
         &["a.example", "b.example"],
-        2,
+        4,
         100_000,
         Duration::from_secs(90),
     )?;
