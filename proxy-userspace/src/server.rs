@@ -454,28 +454,26 @@ impl Server {
                 }
             }
         }
-        if let Some(t) = &takeover {
-            tracing::info!(
-                pid = t.pid.unwrap_or(0),
-                "upgrade: the new process is ready; this one stops accepting and drains"
-            );
-            // It serves /metrics on the same socket now.
-            if let Some(task) = &metrics_task {
-                task.abort();
-            }
-            if let Some(kernel) = shared.kernel() {
-                kernel.detach_xdp();
-            }
-        }
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;
         }
-        match takeover {
+        // A new process that became ready while we were stopping anyway takes over too.
+        match takeover.or_else(|| takeovers.try_recv().ok()) {
             Some(t) => {
-                // Our kernel-spliced connections go on in our maps, unpinned.
+                tracing::info!(
+                    pid = t.pid.unwrap_or(0),
+                    "upgrade: the new process is ready; this one has stopped accepting and \
+                     drains"
+                );
+                // It serves /metrics on the same socket now.
+                if let Some(task) = &metrics_task {
+                    task.abort();
+                }
                 if let Some(kernel) = shared.kernel() {
+                    kernel.detach_xdp();
+                    // Our kernel-spliced connections go on in our maps, unpinned.
                     kernel.unpin();
                 }
                 drop(pin_lock.take());

@@ -262,7 +262,7 @@ fn a_failed_upgrade_leaves_the_old_process_serving() -> Result<()> {
     );
     wait_logged(&old, "upgrade abandoned", IO)?;
     ensure!(
-        !old.stderr_text().contains("stops accepting"),
+        !old.stderr_text().contains("the new process is ready"),
         "the old process stopped accepting: {}",
         old.stderr_text()
     );
