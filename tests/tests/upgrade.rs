@@ -97,7 +97,12 @@ fn exited(spliced: &mut Spliced, timeout: Duration) -> Result<String> {
 
 /// A hello for `name` and its echo, then a clean end.
 fn roundtrip(world: &World, name: &str) -> Result<()> {
-    let mut stream = raw::connect(world, 443, IO)?;
+    roundtrip_on(world, 443, name)
+}
+
+/// Like [`roundtrip`], on `port`.
+fn roundtrip_on(world: &World, port: u16, name: &str) -> Result<()> {
+    let mut stream = raw::connect(world, port, IO)?;
     let hello = simple_hello(name);
     stream.write_all(&hello)?;
     expect_hello(&mut stream, &hello).with_context(|| format!("a connection to {name}"))?;
@@ -270,8 +275,9 @@ fn a_failed_upgrade_leaves_the_old_process_serving() -> Result<()> {
         roundtrip(&world, "a.example")?;
     }
 
-    // And a good one still goes through after those; then another from it, through the
-    // control socket it took over.
+    // And a good one still goes through after those; then more from it, through the control
+    // socket it took over: one that adds a listener (bound fresh), one that removes it again
+    // (closed once the process before it is gone).
     let new = successor(&old, "new", config(None))?.start(&world, &[])?;
     wait_logged(
         &new,
@@ -279,13 +285,33 @@ fn a_failed_upgrade_leaves_the_old_process_serving() -> Result<()> {
         Duration::from_secs(30),
     )?;
     roundtrip(&world, "b.example")?;
-    let newer = successor(&new, "newer", config(None))?.start(&world, &[])?;
+    let added = "0.0.0.0:8444";
+    let mut newer = successor(&new, "newer", config(Some(added)))?.start(&world, &[])?;
     wait_logged(
         &newer,
         "upgrade: the old process stopped accepting",
         Duration::from_secs(30),
     )?;
     roundtrip(&world, "a.example")?;
+    roundtrip_on(&world, 8444, "a.example")?;
+    let newest = successor(&newer, "newest", config(None))?.start(&world, &[])?;
+    wait_logged(
+        &newest,
+        "upgrade: closing listener 0.0.0.0:8444",
+        Duration::from_secs(30),
+    )?;
+    wait_logged(
+        &newest,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    let how = exited(&mut newer, IO)?;
+    ensure!(how.contains("exit status: 0"), "{how}");
+    roundtrip(&world, "b.example")?;
+    ensure!(
+        raw::connect(&world, 8444, IO).is_err(),
+        "the listener the last file removed still accepts"
+    );
     Ok(())
 }
 
