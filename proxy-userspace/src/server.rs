@@ -108,6 +108,9 @@ pub struct Options {
     /// The unix socket a new spliced takes the listening sockets over from; `None` serves
     /// none (and then this instance cannot be upgraded without refused connections).
     pub control_socket: Option<PathBuf>,
+    /// Whether a control socket that cannot be made (other than because another spliced
+    /// answers there) is only logged: true for the default path.
+    pub control_socket_optional: bool,
     /// Take the listening sockets over from the spliced serving this control socket, which
     /// then stops accepting, drains and exits (see [`crate::upgrade`]).
     pub upgrade_from: Option<PathBuf>,
@@ -151,13 +154,14 @@ impl Server {
             .chain(options.metrics.filter(|_| taken_metrics.is_none()))
             .collect();
         crate::instance::check_addresses_free(&addresses)?;
+        let optional = options.control_socket_optional;
         let control = match (&options.control_socket, &mut inherited) {
             (None, _) => None,
             (Some(path), Some(inherited)) => match inherited.control(path) {
                 Some(control) => Some(control),
-                None => Some(crate::upgrade::ControlSocket::bind(path)?),
+                None => crate::upgrade::ControlSocket::bind(path, optional)?,
             },
-            (Some(path), None) => Some(crate::upgrade::ControlSocket::bind(path)?),
+            (Some(path), None) => crate::upgrade::ControlSocket::bind(path, optional)?,
         };
         let explicit = wants_sockmap(&config);
         let loads_kernel = may_use_sockmap(&config) || config.xdp.is_some();

@@ -98,7 +98,10 @@ impl ControlSocket {
     /// Listens at `path` (its directory is made if missing; the socket is for root, or the
     /// user spliced runs as, alone: it hands out the listening sockets). Refuses when another
     /// process answers there; a socket nobody answers on is left from a crash and replaced.
-    pub(crate) fn bind(path: &Path) -> Result<ControlSocket> {
+    /// When `optional` (the default path, which a user without root may not be able to
+    /// make), a socket that cannot be made is logged and left out: spliced then runs as
+    /// before, only without upgrades.
+    pub(crate) fn bind(path: &Path, optional: bool) -> Result<Option<ControlSocket>> {
         if path.exists() {
             match connect(path) {
                 Ok(_) => bail!(
@@ -115,6 +118,20 @@ impl ControlSocket {
                 }
             }
         }
+        match Self::make(path) {
+            Ok(control) => Ok(Some(control)),
+            Err(e) if optional => {
+                tracing::warn!(
+                    "no control socket, so no upgrade without refused connections from this \
+                     process (--control-socket names another path): {e:#}"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn make(path: &Path) -> Result<ControlSocket> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -508,10 +525,12 @@ mod tests {
     fn a_listener_is_handed_over_with_its_queue() {
         let dir = std::env::temp_dir().join(format!("spliced-upgrade-{}", std::process::id()));
         let path = dir.join("control.sock");
-        let control = ControlSocket::bind(&path).expect("bind");
+        let control = ControlSocket::bind(&path, false)
+            .expect("bind")
+            .expect("made");
         assert!(
-            ControlSocket::bind(&path).is_err(),
-            "a live socket is refused"
+            ControlSocket::bind(&path, true).is_err(),
+            "a live socket is refused, even where the socket is optional"
         );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
         let address = listener.local_addr().expect("address");
