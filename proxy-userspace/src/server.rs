@@ -467,7 +467,7 @@ impl Server {
         match takeover.or_else(|| takeovers.try_recv().ok()) {
             Some(t) => {
                 tracing::info!(
-                    pid = t.pid.unwrap_or(0),
+                    pid = t.pid,
                     "upgrade: the new process is ready; this one has stopped accepting and \
                      drains"
                 );

@@ -242,8 +242,8 @@ pub(crate) struct Offer {
 /// A new process is ready: the main loop stops accepting, releases the pins, and then sends
 /// on `released` so that the new process is told to go ahead.
 pub(crate) struct Takeover {
-    /// The new process, as far as the socket's credentials tell.
-    pub(crate) pid: Option<i32>,
+    /// The new process, as the socket's credentials tell.
+    pub(crate) pid: i32,
     /// Answered once this process no longer accepts and holds no pins.
     pub(crate) released: tokio::sync::oneshot::Sender<()>,
 }
@@ -271,8 +271,7 @@ pub(crate) fn serve(
                     }
                 };
                 match handover(&conn, &offer, &takeovers) {
-                    Ok(true) => return,
-                    Ok(false) => {}
+                    Ok(()) => return,
                     Err(e) => tracing::warn!(
                         "upgrade abandoned, still serving with the running process: {e:#}"
                     ),
@@ -283,12 +282,13 @@ pub(crate) fn serve(
     Ok(())
 }
 
-/// One control connection. `Ok(true)` once the listeners are handed over for good.
+/// One control connection: `Ok` once the listeners are handed over for good, an error if
+/// this process goes on serving them.
 fn handover(
     conn: &OwnedFd,
     offer: &Offer,
     takeovers: &tokio::sync::mpsc::Sender<Takeover>,
-) -> Result<bool> {
+) -> Result<()> {
     let creds = socket::getsockopt(conn, sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     ensure!(
@@ -333,7 +333,7 @@ fn handover(
     let (released, done) = tokio::sync::oneshot::channel();
     takeovers
         .blocking_send(Takeover {
-            pid: Some(creds.pid()),
+            pid: creds.pid(),
             released,
         })
         .context("the main loop is gone")?;
@@ -341,7 +341,7 @@ fn handover(
     if done.blocking_recv().is_ok() {
         send(conn, DONE, &[])?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The new side: the sockets received from the running process, until they are matched.
