@@ -29,6 +29,7 @@ mod server;
 mod shared;
 mod shed;
 mod sys;
+mod upgrade;
 
 pub use config::{Config, ConfigError};
 pub use server::{Options, Server};

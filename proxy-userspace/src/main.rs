@@ -27,6 +27,15 @@ enum Cli {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Unix socket from which a new spliced (--upgrade-from) takes the listening sockets
+        /// over; "none" for no socket (then upgrades refuse connections). Default:
+        /// /run/spliced/spliced.sock, left out with a warning if it cannot be made.
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<String>,
+        /// Take the listening sockets over from the spliced serving this control socket: it
+        /// stops accepting once this one is ready, drains its connections and exits.
+        #[arg(long, value_name = "PATH")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
     Check {
@@ -43,6 +52,9 @@ enum Cli {
         out_dir: PathBuf,
     },
 }
+
+/// Where the running instance serves its control socket unless told otherwise.
+const DEFAULT_CONTROL_SOCKET: &str = "/run/spliced/spliced.sock";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -81,10 +93,19 @@ fn main() -> ExitCode {
             grace,
             pin_dir,
             metrics,
+            control_socket,
+            upgrade_from,
         } => {
             let options = spliced::Options {
                 pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
                 metrics,
+                control_socket: match control_socket.as_deref() {
+                    None => Some(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+                    Some("none") => None,
+                    Some(path) => Some(PathBuf::from(path)),
+                },
+                control_socket_optional: control_socket.is_none(),
+                upgrade_from,
             };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,

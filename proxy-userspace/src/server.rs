@@ -41,6 +41,8 @@ pub struct Server {
     metrics: Option<std::net::TcpListener>,
     /// Held while serving: another spliced cannot take over the pins meanwhile.
     pin_lock: Option<crate::instance::PinLock>,
+    /// Where a new spliced asks for the listening sockets (see [`crate::upgrade`]).
+    control: Option<crate::upgrade::ControlSocket>,
     /// The descriptor limit and how many of them to keep free (see [`crate::shed`]).
     descriptors: Descriptors,
 }
@@ -103,6 +105,15 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The unix socket a new spliced takes the listening sockets over from; `None` serves
+    /// none (and then this instance cannot be upgraded without refused connections).
+    pub control_socket: Option<PathBuf>,
+    /// Whether a control socket that cannot be made (other than because another spliced
+    /// answers there) is only logged: true for the default path.
+    pub control_socket_optional: bool,
+    /// Take the listening sockets over from the spliced serving this control socket, which
+    /// then stops accepting, drains and exits (see [`crate::upgrade`]).
+    pub upgrade_from: Option<PathBuf>,
 }
 
 impl Server {
@@ -113,25 +124,67 @@ impl Server {
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         ];
+        // On an upgrade, the running process's sockets for our addresses: the same sockets,
+        // with their accept queues, so nothing is refused while the processes change.
+        let mut inherited = options
+            .upgrade_from
+            .as_deref()
+            .map(crate::upgrade::Inherited::request)
+            .transpose()
+            .context("taking over from the running spliced (--upgrade-from)")?;
+        let mut taken = std::collections::HashMap::new();
+        let mut taken_metrics = None;
+        if let Some(inherited) = &mut inherited {
+            for l in &config.listeners {
+                if let Some(socket) = inherited.listener(l.address)? {
+                    taken.insert(l.address, socket);
+                }
+            }
+            if let Some(address) = options.metrics {
+                taken_metrics = inherited.metrics(address)?;
+            }
+        }
         // A second instance would share the ports (SO_REUSEPORT) and take the first one's pins:
         // refuse before touching anything.
         let addresses: Vec<SocketAddr> = config
             .listeners
             .iter()
             .map(|l| l.address)
-            .chain(options.metrics)
+            .filter(|a| !taken.contains_key(a))
+            .chain(options.metrics.filter(|_| taken_metrics.is_none()))
             .collect();
         crate::instance::check_addresses_free(&addresses)?;
+        let optional = options.control_socket_optional;
+        let control = match (&options.control_socket, &mut inherited) {
+            (None, _) => None,
+            (Some(path), Some(inherited)) => match inherited.control(path) {
+                Some(control) => Some(control),
+                None => crate::upgrade::ControlSocket::bind(path, optional)?,
+            },
+            (Some(path), None) => crate::upgrade::ControlSocket::bind(path, optional)?,
+        };
         let explicit = wants_sockmap(&config);
         let loads_kernel = may_use_sockmap(&config) || config.xdp.is_some();
+        // On an upgrade the old process holds the pin directory until it has stopped
+        // accepting: ours are made aside and moved in then.
+        let staging = match (&options.pin_dir, &inherited) {
+            (Some(dir), Some(_)) => {
+                // bpffs refuses names with a dot.
+                let mut name = dir.as_os_str().to_owned();
+                name.push(format!("-upgrade-{}", std::process::id()));
+                Some(PathBuf::from(name))
+            }
+            _ => None,
+        };
         let mut pin_lock = match &options.pin_dir {
-            Some(dir) if loads_kernel => crate::instance::lock_pin_dir(dir)?,
+            Some(dir) if loads_kernel && inherited.is_none() => crate::instance::lock_pin_dir(dir)?,
             _ => None,
         };
         let kernel = if loads_kernel {
-            match crate::ebpf::Kernel::load(options.pin_dir.as_deref()) {
+            match crate::ebpf::Kernel::load(staging.as_deref().or(options.pin_dir.as_deref())) {
                 Ok(kernel) => {
-                    if let Some(xdp) = &config.xdp {
+                    // On an upgrade, once the old process has detached its own.
+                    if let (Some(xdp), None) = (&config.xdp, &inherited) {
                         kernel
                             .attach_xdp(xdp)
                             .context("starting the XDP edge filter ([xdp] in the config)")?;
@@ -164,7 +217,8 @@ impl Server {
         } else {
             None
         };
-        if let (Some(dir), Some(_), None) = (&options.pin_dir, &kernel, &pin_lock) {
+        if let (Some(dir), Some(_), None, None) = (&options.pin_dir, &kernel, &pin_lock, &inherited)
+        {
             // The directory did not exist before loading: lock the one the pins are in now.
             pin_lock = crate::instance::lock_pin_dir(dir)?;
         }
@@ -173,8 +227,11 @@ impl Server {
         let metrics = options
             .metrics
             .map(|address| {
-                let listener = std::net::TcpListener::bind(address)
-                    .with_context(|| format!("binding the metrics endpoint {address}"))?;
+                let listener = match taken_metrics.take() {
+                    Some(listener) => listener,
+                    None => std::net::TcpListener::bind(address)
+                        .with_context(|| format!("binding the metrics endpoint {address}"))?,
+                };
                 listener.set_nonblocking(true)?;
                 anyhow::Ok(listener)
             })
@@ -182,7 +239,14 @@ impl Server {
         // Listening last: once the ports accept, the eBPF side (and the edge filter) is ready.
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = crate::listen::bind(l.address)?;
+            let socket = match taken.remove(&l.address) {
+                Some(socket) => {
+                    socket.set_nonblocking(true)?;
+                    TcpListener::from_std(socket)
+                        .with_context(|| format!("taking over {}", l.address))?
+                }
+                None => crate::listen::bind(l.address)?,
+            };
             listeners.push((
                 socket,
                 Arc::new(ListenerInfo {
@@ -194,14 +258,43 @@ impl Server {
             ));
         }
         let max_connections = config.defaults.max_connections;
+        let xdp = config.xdp.clone();
+        let shared = Arc::new(Shared::new(config, kernel)?);
+        if let Some(inherited) = inherited {
+            let from = inherited.from().unwrap_or(0);
+            // From here on the old process stops accepting: whatever fails now is logged and
+            // served through, since nobody else would accept.
+            match inherited.ready() {
+                Ok(()) => tracing::info!(
+                    from,
+                    "upgrade: the old process stopped accepting; serving its listeners"
+                ),
+                Err(e) => tracing::error!(from, "upgrade: the old process did not confirm: {e:#}"),
+            }
+            if let (Some(dir), Some(kernel)) = (&options.pin_dir, shared.kernel()) {
+                if let Err(e) = kernel.move_pins(dir) {
+                    tracing::error!("upgrade: pinning the maps in {}: {e:#}", dir.display());
+                }
+                match crate::instance::lock_pin_dir(dir) {
+                    Ok(lock) => pin_lock = lock,
+                    Err(e) => tracing::error!("upgrade: {e:#}"),
+                }
+            }
+            if let (Some(xdp), Some(kernel)) = (&xdp, shared.kernel())
+                && let Err(e) = kernel.attach_xdp(xdp)
+            {
+                tracing::error!("upgrade: starting the XDP edge filter: {e:#}");
+            }
+        }
         Ok(Server {
             signals,
             listeners,
-            shared: Arc::new(Shared::new(config, kernel)?),
+            shared,
             max_connections,
             config_path,
             metrics,
             pin_lock,
+            control,
             descriptors: Descriptors::current(),
         })
     }
@@ -269,7 +362,8 @@ impl Server {
             max_connections: _,
             config_path,
             metrics,
-            pin_lock,
+            mut pin_lock,
+            control,
             descriptors,
         } = self;
         tracing::debug!(
@@ -277,8 +371,17 @@ impl Server {
             reserve = descriptors.reserve,
             "descriptors"
         );
-        // Ends with the process, not with the listeners: metrics stay readable while open
-        // connections finish.
+        // What a new process gets on an upgrade: a second descriptor for each socket.
+        let mut offer = Vec::new();
+        if let Some(listener) = &metrics {
+            let address = listener.local_addr()?;
+            offer.push((
+                crate::upgrade::Passed::Metrics(address),
+                std::os::fd::OwnedFd::from(listener.try_clone()?),
+            ));
+        }
+        // Ends with the process (or an upgrade), not with the listeners: metrics stay
+        // readable while open connections finish.
         let metrics_task = metrics.map(|listener| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
@@ -301,6 +404,10 @@ impl Server {
             let listener = listener
                 .into_std()
                 .with_context(|| format!("handing {} to the workers", info.address))?;
+            offer.push((
+                crate::upgrade::Passed::Listener(info.address),
+                std::os::fd::OwnedFd::from(listener.try_clone()?),
+            ));
             // Every worker accepts on the same socket; whichever is free takes the connection,
             // and the connection's task stays on that worker's thread.
             for (me, worker) in workers.handles.iter().enumerate() {
@@ -335,7 +442,17 @@ impl Server {
         // accept: now systemd may send traffic our way.
         let systemd = crate::notify::Systemd::start(&shared, &workers.handles);
         systemd.ready();
+        let (takeover_tx, mut takeovers) = tokio::sync::mpsc::channel(1);
+        let control_path = control.as_ref().map(|c| c.path().to_owned());
+        if let Some(control) = control {
+            offer.push((
+                crate::upgrade::Passed::Control(control.path().to_owned()),
+                control.try_clone_fd()?,
+            ));
+            crate::upgrade::serve(control, crate::upgrade::Offer { items: offer }, takeover_tx)?;
+        }
         let [mut term, mut int, mut hup] = signals;
+        let mut takeover = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -345,6 +462,10 @@ impl Server {
                     this.reload_from_file();
                     systemd.ready();
                 }
+                Some(t) = takeovers.recv() => {
+                    takeover = Some(t);
+                    break;
+                }
             }
         }
         systemd.stopping();
@@ -352,6 +473,32 @@ impl Server {
         let _ = stop_tx.send(true);
         for task in tasks {
             let _ = task.await;
+        }
+        // A new process that became ready while we were stopping anyway takes over too.
+        match takeover.or_else(|| takeovers.try_recv().ok()) {
+            Some(t) => {
+                tracing::info!(
+                    pid = t.pid,
+                    "upgrade: the new process is ready; this one has stopped accepting and \
+                     drains"
+                );
+                // It serves /metrics on the same socket now.
+                if let Some(task) = &metrics_task {
+                    task.abort();
+                }
+                if let Some(kernel) = shared.kernel() {
+                    kernel.detach_xdp();
+                    // Our kernel-spliced connections go on in our maps, unpinned.
+                    kernel.unpin();
+                }
+                drop(pin_lock.take());
+                let _ = t.released.send(());
+            }
+            None => {
+                if let Some(path) = &control_path {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
         let deadline = tokio::time::Instant::now() + grace;
         while permits.available_permits() < max && tokio::time::Instant::now() < deadline {

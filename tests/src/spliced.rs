@@ -131,6 +131,15 @@ impl Launch {
             cmd.args(&self.wrapper[1..]).arg(&bin);
         }
         cmd.args(["run", "--config"]).arg(&config).args(&self.args);
+        // Each its own control socket, unless the test names one: tests run side by side.
+        let control = match self.args.iter().position(|a| a == "--control-socket") {
+            Some(i) => self.args.get(i + 1).map(PathBuf::from),
+            None => {
+                let path = dir.join(format!("{}.sock", self.name));
+                cmd.arg("--control-socket").arg(&path);
+                Some(path)
+            }
+        };
         let metrics = if self.metrics {
             let port = match self.metrics_port {
                 Some(port) => port,
@@ -151,6 +160,7 @@ impl Launch {
             config,
             netns,
             metrics,
+            control,
         };
         if !ports.is_empty() {
             for &port in ports.iter().chain(&metrics) {
@@ -181,6 +191,7 @@ pub struct Spliced {
     /// The network namespace it runs in, by `ip netns` name; `None` for this process's.
     netns: Option<String>,
     metrics: Option<u16>,
+    control: Option<PathBuf>,
 }
 
 impl Deref for Spliced {
@@ -205,6 +216,11 @@ impl Spliced {
     /// The configuration file it was started with (rewrite it and send SIGHUP to reload).
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// Its control socket, where a new spliced takes its listeners over (`--upgrade-from`).
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_deref()
     }
 
     /// Waits until something listens on TCP `port` in spliced's namespace (checked with `ss`,

@@ -547,3 +547,61 @@ fn attach_errors_name_the_interface_and_generic_mode_works() -> Result<()> {
     );
     Ok(())
 }
+
+/// On an upgrade the old process detaches its filter and the new one attaches its own (an
+/// interface takes one XDP link): the deny list holds before and after, an established
+/// connection of the old process goes on, and the old process exits once it has ended.
+#[test]
+fn an_upgrade_hands_the_filter_to_the_new_process() -> Result<()> {
+    let (world, _echo, mut old) = setup(r#"deny = ["192.0.2.3/32"]"#)?;
+    let before = attached_id(&old)?;
+    let mut open = connect_from(&world, Ns::Client, CLIENT_V4, proxy4(443))?;
+    let hello = simple_hello("xdp.example");
+    open.write_all(&hello)?;
+    ensure!(raw::read_exactly(&mut open, hello.len())? == hello, "echo");
+    blocked(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
+
+    let control = old.control_socket().context("no control socket")?;
+    let new = Launch::new(config(r#"deny = ["192.0.2.3/32"]"#))
+        .named("new")
+        .arg("--upgrade-from")
+        .arg(control)
+        .arg("--control-socket")
+        .arg(control)
+        .start(&world, &[])?;
+    wait_for("the upgrade", IO, || {
+        Ok(new
+            .stderr_text()
+            .contains("upgrade: the old process stopped accepting"))
+    })
+    .with_context(|| new.stderr_text())?;
+    let after = attached_id(&new)?;
+    ensure!(
+        after != before,
+        "the XDP program on eth0 is still the old process's ({before})"
+    );
+    ensure!(
+        !new.stderr_text().contains("ERROR"),
+        "the new process logged an error: {}",
+        new.stderr_text()
+    );
+    blocked(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
+    served(&world, Ns::Client, CLIENT_V4, proxy4(443))?;
+    open.write_all(b"still here")?;
+    ensure!(
+        raw::read_exactly(&mut open, 10)? == b"still here",
+        "the old process's connection after the upgrade"
+    );
+    open.shutdown(Shutdown::Write)?;
+    let (rest, end) = raw::read_to_end(&mut open, 1 << 16);
+    ensure!(rest.is_empty() && end == raw::End::Eof, "{end:?}");
+    wait_for("the old process to exit", IO, || {
+        Ok(old.check_running().is_err())
+    })?;
+    ensure!(
+        attached_id(&new)? == after,
+        "the filter changed when the old process exited"
+    );
+    blocked(&world, Ns::Client, CLIENT_V4_B, proxy4(443))?;
+    Ok(())
+}

@@ -88,6 +88,7 @@ impl Kernel {
             counters: take(&mut ebpf, MAP_XDP_COUNTERS)?.try_into()?,
             _buckets: take(&mut ebpf, MAP_XDP_BUCKETS)?.try_into()?,
             attached: Vec::new(),
+            links: Vec::new(),
         };
         // The verdict trims bytes it already forwarded (see `btf`); without the offsets it
         // would forward them twice, so the engine is not offered at all.
@@ -132,7 +133,7 @@ impl Kernel {
             logger: Mutex::new(logger),
             watchers: Mutex::new(StdHashMap::new()),
             xdp: Mutex::new(xdp),
-            pins,
+            pins: Mutex::new(pins),
         })
     }
 
@@ -171,14 +172,51 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Removes this process's pins and forgets them: on an upgrade, the new process pins its
+    /// own maps there. The maps live on while this process holds them, so its kernel-spliced
+    /// connections go on (bpftool still finds the maps by id).
+    pub fn unpin(&self) {
+        let pins = std::mem::take(&mut *lock(&self.pins));
+        remove_pins(&pins);
+    }
+
+    /// Moves this process's pins into `dir` (made if missing), keeping their names: on an
+    /// upgrade they are made in a staging directory while the old process still holds `dir`.
+    /// bpffs renames atomically.
+    pub fn move_pins(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut pins = lock(&self.pins);
+        let staging = pins.first().and_then(|p| p.parent()).map(Path::to_path_buf);
+        for pin in pins.iter_mut() {
+            let Some(name) = pin.file_name() else {
+                continue;
+            };
+            let to = dir.join(name);
+            std::fs::rename(&*pin, &to)
+                .with_context(|| format!("moving {} to {}", pin.display(), to.display()))?;
+            *pin = to;
+        }
+        if let Some(staging) = staging {
+            let _ = std::fs::remove_dir(staging);
+        }
+        Ok(())
+    }
+}
+
+/// Removes `pins` and then their directory, if that is left empty.
+fn remove_pins(pins: &[std::path::PathBuf]) {
+    for pin in pins {
+        let _ = std::fs::remove_file(pin);
+    }
+    if let Some(dir) = pins.first().and_then(|p| p.parent()) {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 impl Drop for Kernel {
     fn drop(&mut self) {
-        for pin in &self.pins {
-            let _ = std::fs::remove_file(pin);
-        }
-        if let Some(dir) = self.pins.first().and_then(|p| p.parent()) {
-            let _ = std::fs::remove_dir(dir);
-        }
+        remove_pins(&lock(&self.pins));
     }
 }
 

@@ -38,7 +38,9 @@ pub struct Kernel {
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     watchers: Mutex<StdHashMap<u64, Arc<Notify>>>,
     xdp: Mutex<xdp::XdpMaps>,
-    pins: Vec<PathBuf>,
+    /// The pins this process made and removes when dropped (an upgrade moves or releases
+    /// them first).
+    pins: Mutex<Vec<PathBuf>>,
 }
 
 /// Locks `m`, taking the data of a poisoned lock as it is: every critical section here is a

@@ -3,7 +3,10 @@
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{Xdp, xdp::XdpMode as AttachMode},
+    programs::{
+        Xdp,
+        xdp::{XdpLinkId, XdpMode as AttachMode},
+    },
 };
 use proxy_common::{PROG_XDP, SynBucket, SynLimit, XdpCounter};
 
@@ -24,6 +27,8 @@ pub(super) struct XdpMaps {
     pub(super) _buckets: HashMap<MapData, [u8; 16], SynBucket>,
     /// Interfaces the program is attached to, and how.
     pub(super) attached: Vec<Attachment>,
+    /// The attachments' links, to detach them on an upgrade.
+    pub(super) links: Vec<XdpLinkId>,
 }
 
 impl Kernel {
@@ -40,32 +45,36 @@ impl Kernel {
         prog.load()
             .context("the verifier rejected the XDP program")?;
         let mut attached = Vec::new();
+        let mut links = Vec::new();
         for name in &cfg.interfaces {
             let c_name = std::ffi::CString::new(name.as_str())
                 .with_context(|| format!("interface name {name:?}"))?;
             let c_name = c_name.as_c_str();
             let how = match cfg.mode {
                 XdpMode::Native => {
-                    prog.attach(c_name, AttachMode::Driver).with_context(|| {
+                    links.push(prog.attach(c_name, AttachMode::Driver).with_context(|| {
                         format!("attaching XDP to interface {name} in native mode")
-                    })?;
+                    })?);
                     "native"
                 }
                 XdpMode::Generic => {
-                    prog.attach(c_name, AttachMode::Skb).with_context(|| {
+                    links.push(prog.attach(c_name, AttachMode::Skb).with_context(|| {
                         format!("attaching XDP to interface {name} in generic mode")
-                    })?;
+                    })?);
                     "generic"
                 }
                 XdpMode::Auto => match prog.attach(c_name, AttachMode::Driver) {
-                    Ok(_) => "native",
+                    Ok(link) => {
+                        links.push(link);
+                        "native"
+                    }
                     Err(native) => {
-                        prog.attach(c_name, AttachMode::Skb).with_context(|| {
+                        links.push(prog.attach(c_name, AttachMode::Skb).with_context(|| {
                             format!(
                                 "attaching XDP to interface {name} (native mode failed too: \
                                  {native})"
                             )
-                        })?;
+                        })?);
                         tracing::warn!(
                             interface = %name,
                             "native XDP is not available ({native}); using generic mode"
@@ -77,8 +86,33 @@ impl Kernel {
             tracing::info!(interface = %name, mode = how, "XDP edge filter attached");
             attached.push((name.clone(), how));
         }
-        lock(&self.xdp).attached = attached;
+        let mut x = lock(&self.xdp);
+        x.attached = attached;
+        x.links = links;
         Ok(())
+    }
+
+    /// Detaches the edge filter from every interface (on an upgrade, so that the new process
+    /// can attach its own: an interface takes one XDP link).
+    pub fn detach_xdp(&self) {
+        let links = std::mem::take(&mut lock(&self.xdp).links);
+        if links.is_empty() {
+            return;
+        }
+        let mut ebpf = lock(&self.ebpf);
+        let Some(prog) = ebpf
+            .program_mut(PROG_XDP)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+        else {
+            return;
+        };
+        for link in links {
+            if let Err(e) = prog.detach(link) {
+                tracing::warn!("detaching the XDP edge filter: {e}");
+            }
+        }
+        lock(&self.xdp).attached.clear();
+        tracing::info!("XDP edge filter detached for the new process");
     }
 
     /// Makes the edge filter's deny lists, guarded ports and SYN limit match `cfg`, without

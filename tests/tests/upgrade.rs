@@ -1,0 +1,453 @@
+//! Upgrades without refused connections: a new spliced takes the listening sockets over from
+//! the running one (`--upgrade-from` its control socket), which stops accepting, drains and
+//! exits.
+//!
+//! - clients connecting without pause through an upgrade: not one fails (the counts are
+//!   printed on standard error and written to `target/tmp/upgrade.summary`); a 256 MiB
+//!   transfer begun before, which the old process splices in the kernel, ends byte-exact on
+//!   the old process, which then exits 0; the new process serves, `/metrics` included;
+//! - failed upgrades (an invalid file; a new listener whose address is taken) leave the old
+//!   process serving, and the new one exits 1 saying why.
+//!
+//! Run as root with a release build of the proxy:
+//! `cargo xtask build && SPLICED_BIN=$PWD/target/release/spliced cargo test --release -p spliced-tests --test upgrade`.
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use spliced_tests::{
+    BACKEND_V6, Ns, World, env_or,
+    load::ClientLoop,
+    raw::{
+        self, Behavior, End, TestBackend, Verifier, expect_hello, receive_stream,
+        send_stream_range, simple_hello, spawn,
+    },
+    spliced::{Launch, Spliced, field},
+    wait_for,
+};
+
+const ECHO_PORT: u16 = 9340;
+const METRICS_PORT: u16 = 9464;
+const IO: Duration = Duration::from_secs(10);
+
+fn config(extra_listener: Option<&str>) -> String {
+    let extra = extra_listener.map_or(String::new(), |a| {
+        format!("\n[[listen]]\naddress = \"{a}\"\nprotocol = \"tls\"\n")
+    });
+    format!(
+        r#"[defaults]
+client_hello_timeout = "2s"
+connect_timeout = "2s"
+
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+{extra}
+[[site]]
+hostnames = ["a.example"]
+backend = "[{BACKEND_V6}]:{ECHO_PORT}"
+
+[[site]]
+hostnames = ["b.example"]
+backend = "[{BACKEND_V6}]:{ECHO_PORT}"
+"#
+    )
+}
+
+/// A new spliced taking over from `old`, and serving the same control socket after it (as
+/// both would with the default path).
+fn successor(old: &Spliced, name: &str, config: String) -> Result<Launch> {
+    let from = old.control_socket().context("no control socket")?;
+    Ok(Launch::new(config)
+        .named(name)
+        .arg("--upgrade-from")
+        .arg(from)
+        .arg("--control-socket")
+        .arg(from))
+}
+
+/// Waits until `spliced` has logged `what`.
+fn wait_logged(spliced: &Spliced, what: &str, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{what:?} in the log"), timeout, || {
+        Ok(spliced.stderr_text().contains(what))
+    })
+    .with_context(|| spliced.stderr_text())
+}
+
+/// Waits for `spliced` to exit and returns how (`exit status: N`) and what it printed.
+fn exited(spliced: &mut Spliced, timeout: Duration) -> Result<String> {
+    let mut how = String::new();
+    wait_for("the process to exit", timeout, || {
+        match spliced.check_running() {
+            Ok(()) => Ok(false),
+            Err(e) => {
+                how = format!("{e:#}");
+                Ok(true)
+            }
+        }
+    })
+    .with_context(|| format!("it kept running: {}", spliced.stderr_text()))?;
+    Ok(how)
+}
+
+/// A hello for `name` and its echo, then a clean end.
+fn roundtrip(world: &World, name: &str) -> Result<()> {
+    roundtrip_on(world, 443, name)
+}
+
+/// Like [`roundtrip`], on `port`.
+fn roundtrip_on(world: &World, port: u16, name: &str) -> Result<()> {
+    let mut stream = raw::connect(world, port, IO)?;
+    let hello = simple_hello(name);
+    stream.write_all(&hello)?;
+    expect_hello(&mut stream, &hello).with_context(|| format!("a connection to {name}"))?;
+    stream.shutdown(Shutdown::Write)?;
+    let (rest, end) = raw::read_to_end(&mut stream, 1 << 16);
+    ensure!(end == End::Eof && rest.is_empty(), "{name}: {end:?}");
+    Ok(())
+}
+
+/// How many access-log lines say `outcome=ok`.
+fn served(spliced: &Spliced) -> usize {
+    spliced
+        .stdout_text()
+        .lines()
+        .filter(|l| field(l, "outcome") == Some("ok"))
+        .count()
+}
+
+#[test]
+fn an_upgrade_under_load_fails_no_connection_and_finishes_open_transfers() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let mut old = Launch::new(config(None))
+        .named("old")
+        .arg("--grace")
+        .arg("120")
+        .metrics_at(METRICS_PORT)
+        .start(&world, &[443])?;
+    let old_pid = old.pid().context("no PID")?;
+
+    // The long transfer: its first part goes through before the upgrade (past the 256 KiB
+    // after which `auto` hands a direction to the kernel), the rest after.
+    let total = env_or("SPLICED_TEST_UPGRADE_BYTES", 256 << 20);
+    let first = 16 << 20;
+    let seed = 0x0b1d_5eed;
+    let mut long = raw::connect(&world, 443, Duration::from_secs(60))?;
+    let long_client = long.local_addr()?;
+    let hello = simple_hello("a.example");
+    long.write_all(&hello)?;
+    expect_hello(&mut long, &hello)?;
+    let mut reader = long.try_clone()?;
+    let received = spawn(move || {
+        let mut verifier = Verifier::new(seed, total);
+        receive_stream(&mut reader, &mut verifier)?;
+        verifier.finish()?;
+        Ok(verifier.received())
+    });
+    send_stream_range(&mut long, seed, 0, first).context("the first part")?;
+
+    let clients = ClientLoop::start(
+        &world,
+        443,
+        &["a.example", "b.example"],
+        4,
+        100_000,
+        Duration::from_secs(90),
+    )?;
+    wait_for("the clients' first connections", IO, || {
+        Ok(clients.attempted() >= 50)
+    })?;
+    let before = clients.attempted();
+    let started = Instant::now();
+    let new = successor(&old, "new", config(None))?
+        .metrics_at(METRICS_PORT)
+        .start(&world, &[])?;
+    let new_pid = new.pid().context("no PID")?;
+    wait_logged(
+        &new,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    let took = started.elapsed();
+    wait_logged(&old, "the new process is ready", IO)?;
+    let after = clients.attempted() + 100;
+    wait_for("connections after the upgrade", IO, || {
+        Ok(clients.attempted() >= after)
+    })?;
+
+    send_stream_range(&mut long, seed, first, total).context("the rest of the transfer")?;
+    long.shutdown(Shutdown::Write)?;
+    let got = raw::result(&received, Duration::from_secs(120), "the long transfer")?;
+    ensure!(got == total, "{got} of {total} bytes came back");
+    let line = old.log_line_for(long_client, IO)?;
+    ensure!(
+        field(&line, "outcome") == Some("ok"),
+        "the long transfer's line in the old process's log: {line}"
+    );
+    let how = exited(&mut old, Duration::from_secs(30))?;
+    ensure!(
+        how.contains("exit status: 0"),
+        "the old process should exit 0 after draining: {how}"
+    );
+
+    let counts = clients.stop();
+    let summary = format!(
+        "upgrade under load: PID {old_pid} -> {new_pid} in {:.2} s ({before} connections \
+         before it began); connections: {counts}; served by the old process: {}, by the new: \
+         {}; long transfer: {total} bytes, engine {}",
+        took.as_secs_f64(),
+        served(&old),
+        served(&new),
+        field(&line, "engine").unwrap_or("-"),
+    );
+    eprintln!("{summary}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("upgrade.summary"), format!("{summary}\n"));
+    ensure!(counts.failed == 0, "{summary}");
+    ensure!(
+        served(&new) > 0 && served(&old) > 1,
+        "both processes should have served: {summary}"
+    );
+
+    // The new one serves alone now, /metrics included.
+    roundtrip(&world, "b.example")?;
+    let m = new.metrics()?;
+    ensure!(!m.samples.is_empty(), "the new process's /metrics is empty");
+    Ok(())
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let old = Launch::new(config(None))
+        .named("old")
+        .start(&world, &[443])?;
+
+    // An invalid file: refused before anything is asked of the old process.
+    let broken = config(None).replace(
+        &format!("\"[{BACKEND_V6}]:{ECHO_PORT}\""),
+        "\"not an address\"",
+    );
+    let line = broken
+        .lines()
+        .position(|l| l.contains("not an address"))
+        .context("the broken line")?
+        + 1;
+    let mut bad = successor(&old, "broken", broken)?.start(&world, &[])?;
+    let how = exited(&mut bad, IO)?;
+    ensure!(how.contains("exit status: 1"), "{how}");
+    let place = format!("broken.toml:{line}:");
+    ensure!(
+        bad.stderr_text().contains(&place),
+        "the error should name {place}: {}",
+        bad.stderr_text()
+    );
+    roundtrip(&world, "a.example")?;
+
+    // A valid file with a new listener whose address is taken: the new process gets the
+    // sockets, fails before it is ready, and the old one goes on accepting.
+    let taken = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8443);
+    let _squatter = raw::listen_in(&world, Ns::Proxy, taken)?;
+    let mut blocked =
+        successor(&old, "blocked", config(Some(&taken.to_string())))?.start(&world, &[])?;
+    let how = exited(&mut blocked, IO)?;
+    ensure!(how.contains("exit status: 1"), "{how}");
+    ensure!(
+        blocked.stderr_text().contains("0.0.0.0:8443"),
+        "the error should name the address: {}",
+        blocked.stderr_text()
+    );
+    wait_logged(&old, "upgrade abandoned", IO)?;
+    ensure!(
+        !old.stderr_text().contains("the new process is ready"),
+        "the old process stopped accepting: {}",
+        old.stderr_text()
+    );
+    for _ in 0..20 {
+        roundtrip(&world, "a.example")?;
+    }
+
+    // And a good one still goes through after those; then more from it, through the control
+    // socket it took over: one that adds a listener (bound fresh), one that removes it again
+    // (closed once the process before it is gone).
+    let new = successor(&old, "new", config(None))?.start(&world, &[])?;
+    wait_logged(
+        &new,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    roundtrip(&world, "b.example")?;
+    let added = "0.0.0.0:8444";
+    let mut newer = successor(&new, "newer", config(Some(added)))?.start(&world, &[])?;
+    wait_logged(
+        &newer,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    roundtrip(&world, "a.example")?;
+    roundtrip_on(&world, 8444, "a.example")?;
+    let newest = successor(&newer, "newest", config(None))?.start(&world, &[])?;
+    wait_logged(
+        &newest,
+        "upgrade: closing listener 0.0.0.0:8444",
+        Duration::from_secs(30),
+    )?;
+    wait_logged(
+        &newest,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    let how = exited(&mut newer, IO)?;
+    ensure!(how.contains("exit status: 0"), "{how}");
+    roundtrip(&world, "b.example")?;
+    ensure!(
+        raw::connect(&world, 8444, IO).is_err(),
+        "the listener the last file removed still accepts"
+    );
+    Ok(())
+}
+
+/// The id of the map pinned at `path`, from bpftool.
+fn pinned_id(path: &Path) -> Result<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map show pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    info["id"].as_u64().context("no id in bpftool's answer")
+}
+
+/// Removes the test's pin directory, whatever is left in it.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The pin directory passes from the old process to the new one: the pins name the new
+/// process's maps, the old one's kernel-spliced connection goes on in its own (now unpinned)
+/// maps, and the old process's exit leaves the new pins alone. Run in this mount namespace,
+/// on loopback, where both processes see the same bpffs (under `ip netns exec` each would
+/// mount its own).
+#[test]
+fn the_pins_pass_to_the_new_process() -> Result<()> {
+    let world = World::new()?; // for its scratch directory
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/spliced-upgrade-{}-{stamp}",
+        std::process::id()
+    )));
+    let echo = TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0))?;
+    let backend = echo.local_addr()?;
+    let echoed = spawn(move || {
+        // Bounded: the long connection, then one through the new process.
+        for _ in 0..2 {
+            let stream = raw::accept_within(&echo, Duration::from_secs(60), IO)?;
+            std::thread::spawn(move || raw::echo(stream));
+        }
+        Ok(())
+    });
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let port = raw::free_port(loopback)?;
+    let config = format!(
+        "[defaults]\nforwarding = \"sockmap\"\n\n[[listen]]\naddress = \"127.0.0.1:{port}\"\n\
+         protocol = \"tls\"\n\n[[site]]\nhostnames = [\"echo.example\"]\nbackend = \"{backend}\"\n"
+    );
+    let control = world.dir().join("control.sock");
+    let launch = |name: &str| {
+        Launch::new(config.as_str())
+            .named(name)
+            .arg("--pin-dir")
+            .arg(&dir.0)
+            .arg("--control-socket")
+            .arg(&control)
+    };
+    let mut old = launch("old").start_here(world.dir(), &[port])?;
+    let peers = dir.0.join("SPLICED_PEERS");
+    let old_map = pinned_id(&peers)?;
+
+    let len = 8u64 << 20;
+    let half = len / 2;
+    let seed = 0x0915_5eed;
+    let mut long = TcpStream::connect_timeout(&SocketAddr::new(loopback, port), IO)?;
+    long.set_read_timeout(Some(IO))?;
+    let hello = simple_hello("echo.example");
+    long.write_all(&hello)?;
+    expect_hello(&mut long, &hello)?;
+    let mut reader = long.try_clone()?;
+    let received = spawn(move || {
+        let mut verifier = Verifier::new(seed, len);
+        receive_stream(&mut reader, &mut verifier)?;
+        verifier.finish()?;
+        Ok(())
+    });
+    send_stream_range(&mut long, seed, 0, half)?;
+
+    let new = launch("new")
+        .arg("--upgrade-from")
+        .arg(&control)
+        .start_here(world.dir(), &[])?;
+    wait_logged(
+        &new,
+        "upgrade: the old process stopped accepting",
+        Duration::from_secs(30),
+    )?;
+    let new_map = pinned_id(&peers)?;
+    ensure!(
+        new_map != old_map,
+        "the pin still names the old process's map {old_map}"
+    );
+    ensure!(
+        !new.stderr_text().contains("ERROR"),
+        "the new process logged an error: {}",
+        new.stderr_text()
+    );
+    let staging = format!("{}-upgrade-{}", dir.0.display(), new.pid().unwrap_or(0));
+    ensure!(
+        !Path::new(&staging).exists(),
+        "the staging directory {staging} was left behind"
+    );
+
+    send_stream_range(&mut long, seed, half, len)?;
+    long.shutdown(Shutdown::Write)?;
+    raw::result(
+        &received,
+        Duration::from_secs(60),
+        "the old process's connection",
+    )?;
+    let how = exited(&mut old, Duration::from_secs(30))?;
+    ensure!(how.contains("exit status: 0"), "{how}");
+    ensure!(
+        pinned_id(&peers)? == new_map,
+        "the old process's exit changed the pins"
+    );
+    let mut client = TcpStream::connect_timeout(&SocketAddr::new(loopback, port), IO)?;
+    client.set_read_timeout(Some(IO))?;
+    client.write_all(&hello)?;
+    expect_hello(&mut client, &hello)?;
+    drop(client);
+    raw::result(&echoed, IO, "the loopback echo server")?;
+    drop(new);
+    Ok(())
+}
