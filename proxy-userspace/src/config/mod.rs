@@ -63,8 +63,13 @@ pub struct Defaults {
     pub connect_timeout: Duration,
     /// Close a connection idle in both directions for this long; `None` (or `"0"`) never does.
     pub idle_timeout: Option<Duration>,
-    /// The most client connections open at once; further ones wait in the accept queue.
+    /// The most client connections open at once; further ones are accepted and closed at once
+    /// (`outcome=over_max_connections`). Read at start: a reload does not change it.
     pub max_connections: usize,
+    /// The most connections open at once from one source (an IPv4 address, or an IPv6 /64);
+    /// further ones from it are accepted and closed at once
+    /// (`outcome=over_max_connections_per_source`). `None` limits nothing. Reloadable.
+    pub max_connections_per_source: Option<usize>,
     /// Bytes a sockmap-spliced peer may have queued before its sender is paused (DESIGN.md,
     /// sockmap fact 7).
     pub sockmap_backlog_limit: u64,
@@ -91,6 +96,7 @@ impl Default for Defaults {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: None,
             max_connections: 10_000,
+            max_connections_per_source: None,
             sockmap_backlog_limit: 4 << 20,
             sockmap_handoff: 256 << 10,
             forwarded_header: ForwardedHeader::None,
@@ -450,14 +456,16 @@ impl Config {
         let _ = writeln!(
             out,
             "defaults: forwarding {}, client_hello_timeout {}, connect_timeout {}, idle_timeout {}, \
-             max_connections {}, sockmap_backlog_limit {}, sockmap_handoff {}, \
-             forwarded_header {}, max_request_head {}, trusted_proxies {}",
+             max_connections {}, max_connections_per_source {}, sockmap_backlog_limit {}, \
+             sockmap_handoff {}, forwarded_header {}, max_request_head {}, trusted_proxies {}",
             d.forwarding,
             parse::format_duration(d.client_hello_timeout),
             parse::format_duration(d.connect_timeout),
             d.idle_timeout
                 .map_or("none".to_string(), parse::format_duration),
             d.max_connections,
+            d.max_connections_per_source
+                .map_or("none".to_string(), |n| n.to_string()),
             parse::format_size(d.sockmap_backlog_limit),
             parse::format_size(d.sockmap_handoff),
             d.forwarded_header,
