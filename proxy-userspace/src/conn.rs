@@ -65,6 +65,18 @@ pub async fn handle(
     mut cut: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    // Counted from the address the connection carries (see crate::limits).
+    let limit = shared.current().config.defaults.max_connections_per_source;
+    let Some(_source) = shared.per_source().enter(peer.ip(), limit) else {
+        close_at_once(
+            &client,
+            peer,
+            &listener,
+            &shared,
+            Outcome::OverMaxConnectionsPerSource,
+        );
+        return;
+    };
     let mut facts = Facts::default();
     let mut inner_cut = cut.clone();
     let result = tokio::select! {
@@ -112,6 +124,43 @@ pub async fn handle(
             .then(|| facts.requests.load(Ordering::Relaxed)),
     };
     shared.access_log(&entry);
+}
+
+/// Ends a connection refused by a limit before anything was read from it: what the client
+/// already sent is read and discarded (so that the close sends a FIN, not the reset that
+/// closing with unread data makes), the socket is closed, and the outcome is counted and
+/// logged. Never waits: it is called on the accepting task.
+///
+/// A FIN rather than a reset, as HAProxy closes: a TLS client sees the server close the
+/// connection (and may retry later) rather than a network failure, and nothing in the
+/// handshake is faked, since no TLS alert can be sent before the hello is read.
+pub fn close_at_once(
+    client: &TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    outcome: Outcome,
+) {
+    let started = Instant::now();
+    let mut drained = 0u64;
+    let mut sink = [0u8; 2048];
+    // Bounded: a client streaming faster than we read gets its reset after 64 KiB.
+    while drained < 64 * 1024 {
+        match client.try_read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n as u64,
+        }
+    }
+    shared.count_outcome(outcome);
+    shared.access_log(&access::Entry {
+        client: Some(peer),
+        listener: Some(listener.address),
+        proxy_protocol: "none",
+        bytes_up: drained,
+        duration: started.elapsed(),
+        outcome: outcome.name(),
+        ..access::Entry::default()
+    });
 }
 
 async fn serve(

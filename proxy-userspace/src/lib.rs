@@ -18,6 +18,7 @@ mod fuzz_replay;
 mod hello;
 mod http1;
 mod instance;
+mod limits;
 mod listen;
 mod metrics;
 mod name;

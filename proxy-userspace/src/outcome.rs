@@ -128,11 +128,15 @@ pub enum Outcome {
     /// Closed before its hello was complete to free descriptors for new connections: the
     /// process was near its descriptor limit and this was among the oldest waiting for a hello.
     ShedBeforeHello,
+    /// Accepted over `max_connections` and closed at once.
+    OverMaxConnections,
+    /// Accepted over its source's `max_connections_per_source` and closed at once.
+    OverMaxConnectionsPerSource,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 38] = [
+    pub const ALL: [Outcome; 40] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -171,6 +175,8 @@ impl Outcome {
         Outcome::BadResponse,
         Outcome::Shutdown,
         Outcome::ShedBeforeHello,
+        Outcome::OverMaxConnections,
+        Outcome::OverMaxConnectionsPerSource,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -214,6 +220,8 @@ impl Outcome {
             Outcome::BadResponse => "bad_response",
             Outcome::Shutdown => "shutdown",
             Outcome::ShedBeforeHello => "shed_before_hello",
+            Outcome::OverMaxConnections => "over_max_connections",
+            Outcome::OverMaxConnectionsPerSource => "over_max_connections_per_source",
         }
     }
 
@@ -244,7 +252,9 @@ impl Outcome {
             | Outcome::BareLineEnding
             | Outcome::InvalidChunk
             | Outcome::NulInHead
-            | Outcome::MisdirectedRequest => Some(Source::Client),
+            | Outcome::MisdirectedRequest
+            // One source wanted more than its share.
+            | Outcome::OverMaxConnectionsPerSource => Some(Source::Client),
             Outcome::BackendConnectTimeout
             | Outcome::BackendUnreachable
             | Outcome::BackendError
@@ -259,7 +269,8 @@ impl Outcome {
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
             | Outcome::Shutdown
-            | Outcome::ShedBeforeHello => Some(Source::Proxy),
+            | Outcome::ShedBeforeHello
+            | Outcome::OverMaxConnections => Some(Source::Proxy),
         }
     }
 
@@ -312,7 +323,10 @@ impl Outcome {
             | Outcome::KernelAccounting
             | Outcome::BadResponse
             | Outcome::Shutdown
-            | Outcome::ShedBeforeHello => return None,
+            | Outcome::ShedBeforeHello
+            // Closed before anything is read: see crate::limits for why a close.
+            | Outcome::OverMaxConnections
+            | Outcome::OverMaxConnectionsPerSource => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,

@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     config::{Config, Forwarding},
     conn::{self, ListenerInfo},
+    outcome::Outcome,
     shared::{Routing, Shared},
 };
 
@@ -193,6 +194,7 @@ impl Server {
             ));
         }
         let max_connections = config.defaults.max_connections;
+        raise_descriptor_limit(max_connections);
         Ok(Server {
             signals,
             listeners,
@@ -384,6 +386,33 @@ impl Server {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to what `max_connections` connections need (up to the hard
+/// limit) and logs what was asked and what was obtained.
+fn raise_descriptor_limit(max_connections: usize) {
+    let asked = crate::limits::descriptors_needed(max_connections);
+    match crate::limits::raise_nofile(asked) {
+        Ok(n) if n.obtained >= asked => tracing::info!(
+            asked,
+            obtained = n.obtained,
+            before = n.before,
+            hard = n.hard,
+            max_connections,
+            "descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Ok(n) => tracing::warn!(
+            asked,
+            obtained = n.obtained,
+            before = n.before,
+            hard = n.hard,
+            max_connections,
+            "descriptor limit (RLIMIT_NOFILE) is below what max_connections needs (raise the \
+             hard limit, e.g. systemd's LimitNOFILE): near it, connections without a hello are \
+             shed and accepting backs off"
+        ),
+        Err(e) => tracing::warn!(asked, "descriptor limit (RLIMIT_NOFILE) not raised: {e}"),
+    }
+}
+
 /// How many connection workers to run: one per CPU the process may use.
 fn worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
@@ -552,11 +581,6 @@ async fn accept_loop(
 ) {
     let batch = crate::shed::batch_for(descriptors.reserve);
     loop {
-        // At the connection limit we stop accepting; new clients wait in the listen backlog.
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
@@ -568,6 +592,12 @@ async fn accept_loop(
                     // before the table is full, so served clients find their backend socket.
                     shared.pre_hello().shed_oldest(batch);
                 }
+                // Over the limit the connection is closed at once rather than left in the
+                // accept queue: the client learns it now, and the queue stays for the rest.
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    conn::close_at_once(&stream, peer, &info, &shared, Outcome::OverMaxConnections);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);

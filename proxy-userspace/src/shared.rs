@@ -15,7 +15,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router, shed::PreHello,
+    access, config::Config, ebpf::Kernel, limits::PerSource, outcome::Outcome, route::Router,
+    shed::PreHello,
 };
 
 /// Routing state swapped as a whole on reload.
@@ -46,6 +47,7 @@ pub struct Shared {
     fallbacks: AtomicU64,
     access_log: access::Log,
     pre_hello: PreHello,
+    per_source: Arc<PerSource>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             fallbacks: AtomicU64::new(0),
             access_log,
             pre_hello: PreHello::default(),
+            per_source: Arc::default(),
         })
     }
 
@@ -117,6 +120,11 @@ impl Shared {
     /// The connections waiting for their hello, which are shed first under descriptor pressure.
     pub fn pre_hello(&self) -> &PreHello {
         &self.pre_hello
+    }
+
+    /// Open connections per source, for `max_connections_per_source`.
+    pub fn per_source(&self) -> &Arc<PerSource> {
+        &self.per_source
     }
 
     /// Counts a connection the sockmap engine could not take (it used another engine).
