@@ -27,6 +27,49 @@ pub fn connect(world: &World, port: u16, timeout: Duration) -> Result<TcpStream>
     Ok(stream)
 }
 
+/// Like [`connect`], from the client namespace's address `source` (e.g. [`crate::CLIENT_V4_B`]),
+/// so that a test can be two clients to the proxy.
+pub fn connect_from(
+    world: &World,
+    source: std::net::IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect as connect_fd, socket,
+    };
+    let std::net::IpAddr::V4(source) = source else {
+        bail!("the client namespace has IPv4 only, not {source}");
+    };
+    let std::net::IpAddr::V4(proxy) = PROXY_V4 else {
+        bail!("the proxy's client-side address is IPv4");
+    };
+    let stream = world
+        .within(Ns::Client, move || -> Result<TcpStream> {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            bind(
+                raw,
+                &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+            )?;
+            connect_fd(
+                raw,
+                &SockaddrIn::from(std::net::SocketAddrV4::new(proxy, port)),
+            )?;
+            Ok(TcpStream::from(fd))
+        })?
+        .with_context(|| format!("connecting to {PROXY_V4}:{port} from {source}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
 /// How a read-to-the-end ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
