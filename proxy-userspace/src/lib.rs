@@ -30,6 +30,7 @@ mod shared;
 mod shed;
 mod sys;
 
+pub use access::Format as LogFormat;
 pub use config::{Config, ConfigError};
 pub use server::{Options, Server};
 

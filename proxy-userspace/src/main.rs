@@ -25,6 +25,14 @@ enum Cli {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Append the access log to FILE instead of standard output; SIGUSR1 reopens it (for
+        /// logrotate).
+        #[arg(long, value_name = "FILE")]
+        access_log: Option<PathBuf>,
+        /// How the access log and the diagnostics on standard error are written: text, or one
+        /// JSON object per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
     Check {
@@ -34,16 +42,39 @@ enum Cli {
     },
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `key=value` access-log lines; human-readable diagnostics.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Diagnostics on standard error, in `format`, filtered by `RUST_LOG` (default `info`).
+fn init_diagnostics(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse() {
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per event: the message and its fields under "fields", plus "timestamp",
+        // "level" and "target".
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_diagnostics(match &cli {
+        Cli::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    });
+    match cli {
         Cli::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("{}: OK\n{}", config.display(), cfg.summary());
@@ -59,10 +90,17 @@ fn main() -> ExitCode {
             grace,
             pin_dir,
             metrics,
+            access_log,
+            log_format,
         } => {
             let options = spliced::Options {
                 pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
                 metrics,
+                access_log,
+                log_format: match log_format {
+                    LogFormat::Text => spliced::LogFormat::Text,
+                    LogFormat::Json => spliced::LogFormat::Json,
+                },
             };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,

@@ -32,9 +32,9 @@ const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running proxy.
 pub struct Server {
-    /// SIGTERM, SIGINT and SIGHUP, registered before anything else so that a signal sent as
-    /// soon as the ports listen is handled instead of killing the process.
-    signals: [tokio::signal::unix::Signal; 3],
+    /// SIGTERM, SIGINT, SIGHUP and SIGUSR1, registered before anything else so that a signal
+    /// sent as soon as the ports listen is handled instead of killing the process.
+    signals: [tokio::signal::unix::Signal; 4],
     listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
     shared: Arc<Shared>,
     max_connections: usize,
@@ -104,6 +104,10 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The access log's file, reopened on SIGUSR1; `None` writes it to standard output.
+    pub access_log: Option<PathBuf>,
+    /// How access-log lines are written.
+    pub log_format: crate::access::Format,
 }
 
 impl Server {
@@ -113,6 +117,7 @@ impl Server {
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
         ];
         // A second instance would share the ports (SO_REUSEPORT) and take the first one's pins:
         // refuse before touching anything.
@@ -195,10 +200,16 @@ impl Server {
         }
         let max_connections = config.defaults.max_connections;
         raise_descriptor_limit(max_connections);
+        let access_log = match &options.access_log {
+            Some(path) => crate::access::Log::file(path, options.log_format)
+                .with_context(|| format!("opening the access log {}", path.display()))?,
+            None => crate::access::Log::stdout(options.log_format)
+                .context("starting the access-log writer")?,
+        };
         Ok(Server {
             signals,
             listeners,
-            shared: Arc::new(Shared::new(config, kernel)?),
+            shared: Arc::new(Shared::with_log(config, kernel, access_log)?),
             max_connections,
             config_path,
             metrics,
@@ -331,12 +342,17 @@ impl Server {
                 }));
             }
         }
-        let [mut term, mut int, mut hup] = signals;
+        let [mut term, mut int, mut hup, mut usr1] = signals;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => this.reload_from_file(),
+                _ = usr1.recv() => {
+                    // May wait for room in a full queue: not on the control thread.
+                    let log = Arc::clone(&shared);
+                    tokio::task::spawn_blocking(move || log.reopen_access_log());
+                }
             }
         }
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");

@@ -52,14 +52,8 @@ pub struct Shared {
 
 impl Shared {
     /// State for serving `config`, with the eBPF side if it was loaded, writing the access log
-    /// to standard output. Fails if the OS has no randomness for the connection ids or the
-    /// access-log writer thread cannot start.
-    pub fn new(config: Config, kernel: Option<Arc<Kernel>>) -> Result<Shared> {
-        let access_log = access::Log::stdout().context("starting the access-log writer")?;
-        Shared::with_log(config, kernel, access_log)
-    }
-
-    fn with_log(
+    /// to `access_log`. Fails if the OS has no randomness for the connection ids.
+    pub fn with_log(
         config: Config,
         kernel: Option<Arc<Kernel>>,
         access_log: access::Log,
@@ -150,6 +144,12 @@ impl Shared {
     /// Queues one access-log line; never blocks (see [`access::Log`]).
     pub fn access_log(&self, entry: &access::Entry<'_>) {
         self.access_log.write(entry);
+    }
+
+    /// Has the access log's file opened anew (SIGUSR1, for logrotate). Blocks while its queue
+    /// is full: call it from a thread that may block.
+    pub fn reopen_access_log(&self) {
+        self.access_log.reopen();
     }
 
     /// Access-log lines dropped because the writer could not keep up.
