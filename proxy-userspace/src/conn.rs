@@ -105,6 +105,9 @@ pub async fn handle(
         preface::Version::V2 => "v2",
     };
     shared.count_outcome(outcome);
+    if let Some(engine) = facts.engine {
+        shared.count_engine(engine);
+    }
     let entry = access::Entry {
         client: Some(peer),
         listener: Some(listener.address),

@@ -15,7 +15,13 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    access, config::Config, ebpf::Kernel, limits::PerSource, outcome::Outcome, route::Router,
+    access,
+    config::{Config, Protocol},
+    ebpf::Kernel,
+    forward::Engine,
+    limits::PerSource,
+    outcome::Outcome,
+    route::Router,
     shed::PreHello,
 };
 
@@ -48,6 +54,10 @@ pub struct Shared {
     access_log: access::Log,
     pre_hello: PreHello,
     per_source: Arc<PerSource>,
+    /// Connections ended, by the engine that carried them last, indexed as [`Engine::ALL`].
+    engines: [AtomicU64; Engine::ALL.len()],
+    /// The listeners bound at start (a reload does not change them).
+    listeners: Vec<(std::net::SocketAddr, Protocol)>,
 }
 
 impl Shared {
@@ -58,7 +68,14 @@ impl Shared {
         kernel: Option<Arc<Kernel>>,
         access_log: access::Log,
     ) -> Result<Shared> {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| (l.address, l.protocol))
+            .collect();
         Ok(Shared {
+            listeners,
+            engines: std::array::from_fn(|_| AtomicU64::new(0)),
             routing: RwLock::new(Arc::new(Routing::new(config))),
             kernel,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
@@ -129,6 +146,26 @@ impl Shared {
     /// Connections the sockmap engine handed to another engine so far.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// The listeners bound at start, with their protocol.
+    pub fn listeners(&self) -> &[(std::net::SocketAddr, Protocol)] {
+        &self.listeners
+    }
+
+    /// Counts a connection that ended on `engine`.
+    pub fn count_engine(&self, engine: Engine) {
+        if let Some(i) = Engine::ALL.iter().position(|&e| e == engine) {
+            self.engines[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connections ended on `engine` so far.
+    pub fn engine_count(&self, engine: Engine) -> u64 {
+        Engine::ALL
+            .iter()
+            .position(|&e| e == engine)
+            .map_or(0, |i| self.engines[i].load(Ordering::Relaxed))
     }
 
     /// Counts a connection's outcome.

@@ -22,6 +22,7 @@
 //! Sites are collected depth-first: a file's own `[[site]]` entries, then its includes in the
 //! order listed.
 
+mod diff;
 mod load;
 mod parse;
 mod raw;
@@ -34,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::preface::Version;
+
+pub use diff::Table;
 
 /// A validated configuration: what the proxy listens on and where each name goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
