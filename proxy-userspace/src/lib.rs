@@ -28,10 +28,11 @@ mod route;
 mod server;
 mod shared;
 mod shed;
+pub mod status;
 mod sys;
 
 pub use access::Format as LogFormat;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Table as ConfigTable};
 pub use server::{Options, Server};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.

@@ -2,7 +2,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use spliced::{Config, Server};
+use spliced::{Config, ConfigTable, Server};
 
 #[derive(Parser)]
 #[command(
@@ -35,10 +35,26 @@ enum Cli {
         log_format: LogFormat,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
+    /// With --against or --previous, also print what a reload would change.
     Check {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Compare with the configuration a running spliced serves (at /config on its
+        /// --metrics address, e.g. 127.0.0.1:9464): the sites added, removed and changed.
+        #[arg(long, value_name = "ADDR", conflicts_with = "previous")]
+        against: Option<std::net::SocketAddr>,
+        /// Compare with another configuration file (e.g. the one before an edit).
+        #[arg(long, value_name = "FILE")]
+        previous: Option<PathBuf>,
+    },
+    /// Print a running spliced's state from its metrics endpoint: listeners, sites,
+    /// connections by engine, outcomes, kernel and XDP counters. Exits non-zero if nothing
+    /// answers.
+    Status {
+        /// The --metrics address of the running spliced.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        metrics: std::net::SocketAddr,
     },
 }
 
@@ -75,13 +91,52 @@ fn main() -> ExitCode {
         _ => LogFormat::Text,
     });
     match cli {
-        Cli::Check { config } => match Config::load(&config) {
+        Cli::Check {
+            config,
+            against,
+            previous,
+        } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("{}: OK\n{}", config.display(), cfg.summary());
-                ExitCode::SUCCESS
+                let running = match (against, previous) {
+                    (Some(addr), _) => spliced::status::fetch(addr, "/config")
+                        .and_then(|text| {
+                            ConfigTable::from_text(&text).ok_or_else(|| {
+                                anyhow::anyhow!("http://{addr}/config is not a configuration table")
+                            })
+                        })
+                        .map(|t| (t, format!("the running spliced at {addr}"))),
+                    (None, Some(path)) => Config::load(&path)
+                        .map(|c| (ConfigTable::of(&c), path.display().to_string()))
+                        .map_err(anyhow::Error::from),
+                    (None, None) => return ExitCode::SUCCESS,
+                };
+                match running {
+                    Ok((before, what)) => {
+                        println!(
+                            "changes from {what}:\n{}",
+                            before.diff(&ConfigTable::of(&cfg))
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("spliced check: cannot compare: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Cli::Status { metrics } => match spliced::status::fetch(metrics, "/metrics") {
+            Ok(text) => {
+                print!("{}", spliced::status::Scrape::parse(&text).report(metrics));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spliced status: {e:#}");
                 ExitCode::from(1)
             }
         },
