@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -26,6 +26,9 @@ use crate::{
     outcome::Outcome,
     shared::{Routing, Shared},
 };
+
+/// At most one warning per listener and worker this often while accepting fails.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// How long stopping waits for queued access-log lines to be written.
 const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
@@ -596,6 +599,8 @@ async fn accept_loop(
     descriptors: Descriptors,
 ) {
     let batch = crate::shed::batch_for(descriptors.reserve);
+    // Accept failures since the last warning, and when that was.
+    let (mut failures, mut last_warned) = (0u64, None);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -654,7 +659,19 @@ async fn accept_loop(
                 // EMFILE and friends: shed connections still without a hello and retry soon;
                 // with none to shed, back off instead of spinning on a full descriptor table.
                 let shed = shared.pre_hello().shed_oldest(batch);
-                tracing::warn!(address = %info.address, shed, "accept failed: {e}");
+                // Once a second at most: backing off at the limit retries ten times a second
+                // on every worker, which would otherwise flood the log while it lasts.
+                failures += 1;
+                if last_warned.is_none_or(|at: Instant| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    tracing::warn!(
+                        address = %info.address,
+                        shed,
+                        failures,
+                        "accept failed: {e}"
+                    );
+                    last_warned = Some(Instant::now());
+                    failures = 0;
+                }
                 let pause = if shed > 0 { 10 } else { 100 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
