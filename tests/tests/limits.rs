@@ -393,3 +393,82 @@ fn the_descriptor_limit_is_raised_for_max_connections_and_logged() -> Result<()>
     }
     Ok(())
 }
+
+/// Every descriptor is taken by forwarding connections (none can be shed) and a client waits
+/// in the accept queue: spliced backs off accepting instead of spinning, warns about it about
+/// once a second rather than at every retry, and serves the waiting client as soon as
+/// connections close.
+#[test]
+fn out_of_descriptors_the_listeners_back_off_and_recover() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    // Forwarding connections hold two descriptors each: of two limits of opposite parity,
+    // one leaves none free.
+    let mut full = None;
+    for nofile in [64u64, 65] {
+        let spliced = launch("")
+            .named(&format!("spliced-{nofile}"))
+            .wrapped(&["prlimit".to_owned(), format!("--nofile={nofile}")])
+            .start(&world, &[443])?;
+        let pid = spliced.pid().context("no PID")?;
+        // Descriptor numbers below the limit in use: the limit is on numbers, and one
+        // inherited from the test harness may sit above it.
+        let open = || -> Result<u64> {
+            let mut n = 0;
+            for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+                let name = entry?.file_name();
+                if name.to_str().and_then(|n| n.parse::<u64>().ok()) < Some(nofile) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        };
+        let mut clients = Vec::new();
+        while open()? + 2 <= nofile {
+            ensure!(clients.len() < nofile as usize, "{} open", open()?);
+            clients.push(forwarding(&world, IO)?);
+        }
+        if open()? == nofile {
+            full = Some((spliced, clients, pid));
+            break;
+        }
+    }
+    let (spliced, clients, pid) = full.context("neither limit was filled exactly")?;
+    let hello = simple_hello("echo.example");
+    let mut waiting = raw::connect(&world, 443, IO)?;
+    waiting.write_all(&hello)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let warnings = |text: &str| text.matches("accept failed").count();
+    let warned_before = warnings(&spliced.stderr_text());
+    let before = cpu_ticks(pid)?;
+    let period = Duration::from_secs(2);
+    std::thread::sleep(period);
+    let used = cpu_ticks(pid)? - before;
+    let warned = warnings(&spliced.stderr_text()) - warned_before;
+    eprintln!("out of descriptors with a client waiting: {used} ticks, {warned} warnings");
+    ensure!(
+        used < 40,
+        "spliced used {used} ticks of CPU in {period:?} while out of descriptors"
+    );
+    ensure!(
+        warned > 0,
+        "no accept failure logged:\n{}",
+        spliced.stderr_text()
+    );
+    // About one a second for each of the two workers.
+    ensure!(
+        warned <= 8,
+        "{warned} accept warnings in {period:?}:\n{}",
+        spliced.stderr_text()
+    );
+    let released = Instant::now();
+    drop(clients);
+    expect_hello(&mut waiting, &hello).context("the waiting client, once descriptors freed")?;
+    ensure!(
+        released.elapsed() < Duration::from_secs(2),
+        "the waiting client was served {:?} after connections closed",
+        released.elapsed()
+    );
+    raw::shut_and_expect_eof(&mut waiting, "the waiting client")?;
+    served(&world)
+}
