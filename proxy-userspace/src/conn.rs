@@ -147,9 +147,12 @@ pub fn close_at_once(
     let started = Instant::now();
     let mut drained = 0u64;
     let mut sink = [0u8; 2048];
-    // Bounded: a client streaming faster than we read gets its reset after 64 KiB.
+    // Straight from the socket, not through tokio's readiness, which a socket accepted a
+    // moment ago may not have yet. Bounded: a client streaming faster than we read gets its
+    // reset after 64 KiB.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
     while drained < 64 * 1024 {
-        match client.try_read(&mut sink) {
+        match nix::sys::socket::recv(fd, &mut sink, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n as u64,
         }
@@ -502,4 +505,78 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) -> u64
     })
     .await;
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        sync::Mutex,
+    };
+
+    use super::*;
+
+    /// Keeps what the access log writes.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("kept").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client whose bytes arrived before the accept is closed with a FIN, not the reset that
+    /// closing with unread data makes; its bytes are counted in the line, and the outcome.
+    #[tokio::test]
+    async fn a_connection_closed_at_once_gets_a_fin_and_its_bytes_are_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let sent = b"a hello that arrived before the accept";
+        client.write_all(sent).expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let kept = Kept::default();
+        let log = access::Log::new(16, kept.clone()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let info = ListenerInfo {
+            address: addr,
+            protocol: Protocol::Tls,
+            forwarding: None,
+        };
+        close_at_once(
+            &stream,
+            peer,
+            &info,
+            &shared,
+            Outcome::OverMaxConnectionsPerSource,
+        );
+        drop(stream);
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf);
+        assert!(matches!(read, Ok(0)), "expected a FIN: {read:?}");
+        shared.flush_access_log(Duration::from_secs(5));
+        let line = String::from_utf8(kept.0.lock().expect("kept").clone()).expect("utf-8");
+        assert!(
+            line.contains(&format!(
+                " up={} down=0 ms=0 outcome=over_max_connections_per_source\n",
+                sent.len()
+            )),
+            "{line}"
+        );
+        assert_eq!(
+            shared.outcome_count(Outcome::OverMaxConnectionsPerSource),
+            1
+        );
+    }
 }
