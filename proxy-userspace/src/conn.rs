@@ -267,6 +267,7 @@ async fn serve(
         // The header engine sends the preface with the first rewritten request.
         facts.hello_len = 0;
         facts.engine = Some(Engine::Http);
+        let _open = shared.open_on(Engine::Http);
         let router = &config.router;
         let same_site = |host: Option<&str>| {
             router
@@ -345,6 +346,7 @@ async fn serve(
         (Forwarding::Auto | Forwarding::Sockmap, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
+    let _open = shared.open_on(engine);
     let counters = &facts.counters;
     let engine_slot = &mut facts.engine;
     let forwarding = async {

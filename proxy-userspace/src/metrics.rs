@@ -51,6 +51,19 @@ pub fn render(shared: &Shared) -> String {
         u8::from(config.default_site.is_some())
     );
     out.push_str(
+        "# HELP spliced_open_connections_by_engine Connections forwarding now, by the engine \
+         chosen for them (sockmap includes those still on splice before the hand-off).\n",
+    );
+    out.push_str("# TYPE spliced_open_connections_by_engine gauge\n");
+    for engine in Engine::ALL {
+        let _ = writeln!(
+            out,
+            "spliced_open_connections_by_engine{{engine=\"{}\"}} {}",
+            engine.as_str(),
+            shared.open_on_engine(engine)
+        );
+    }
+    out.push_str(
         "# HELP spliced_connections_by_engine_total Connections ended, by the engine that \
          carried them last.\n",
     );

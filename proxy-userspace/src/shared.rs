@@ -56,6 +56,8 @@ pub struct Shared {
     per_source: Arc<PerSource>,
     /// Connections ended, by the engine that carried them last, indexed as [`Engine::ALL`].
     engines: [AtomicU64; Engine::ALL.len()],
+    /// Connections forwarding now, by the engine chosen for them, indexed as [`Engine::ALL`].
+    open_engines: [AtomicU64; Engine::ALL.len()],
     /// The listeners bound at start (a reload does not change them).
     listeners: Vec<(std::net::SocketAddr, Protocol)>,
 }
@@ -76,6 +78,7 @@ impl Shared {
         Ok(Shared {
             listeners,
             engines: std::array::from_fn(|_| AtomicU64::new(0)),
+            open_engines: std::array::from_fn(|_| AtomicU64::new(0)),
             routing: RwLock::new(Arc::new(Routing::new(config))),
             kernel,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
@@ -160,6 +163,27 @@ impl Shared {
         }
     }
 
+    /// Counts a connection as forwarding on `engine` until the returned guard is dropped.
+    pub fn open_on(&self, engine: Engine) -> OpenOn<'_> {
+        let index = Engine::ALL.iter().position(|&e| e == engine);
+        if let Some(i) = index {
+            self.open_engines[i].fetch_add(1, Ordering::Relaxed);
+        }
+        OpenOn {
+            shared: self,
+            index,
+        }
+    }
+
+    /// Connections forwarding on `engine` now (by the engine chosen for them: `sockmap`
+    /// includes connections still on splice before their hand-off).
+    pub fn open_on_engine(&self, engine: Engine) -> u64 {
+        Engine::ALL
+            .iter()
+            .position(|&e| e == engine)
+            .map_or(0, |i| self.open_engines[i].load(Ordering::Relaxed))
+    }
+
     /// Connections ended on `engine` so far.
     pub fn engine_count(&self, engine: Engine) -> u64 {
         Engine::ALL
@@ -198,6 +222,20 @@ impl Shared {
     /// the calling thread: call it from a thread that may block.
     pub fn flush_access_log(&self, limit: Duration) {
         self.access_log.flush(limit);
+    }
+}
+
+/// A connection counted in [`Shared::open_on_engine`] while this lives.
+pub struct OpenOn<'a> {
+    shared: &'a Shared,
+    index: Option<usize>,
+}
+
+impl Drop for OpenOn<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.index {
+            self.shared.open_engines[i].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

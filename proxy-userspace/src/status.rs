@@ -153,10 +153,16 @@ impl Scrape {
             .iter()
             .map(|(e, n)| format!("{e} {n}"))
             .collect();
+        let open: Vec<String> = self
+            .by("spliced_open_connections_by_engine", "engine")
+            .iter()
+            .map(|(e, n)| format!("{e} {n}"))
+            .collect();
         let _ = writeln!(
             out,
-            "connections: {} open; ended, by engine: {}",
+            "connections: {} open; forwarding, by engine: {}; ended, by engine: {}",
             show(self.value("spliced_open_connections")),
+            list_or(&open, "?"),
             list_or(&engines, "?")
         );
         let outcomes: Vec<String> = self
@@ -223,7 +229,8 @@ mod tests {
                 "spliced {version}, metrics at http://127.0.0.1:9464/metrics\n\
                  listeners: 127.0.0.1:443 (tls)\n\
                  sites: 0 (0 hostnames); default site: none (unknown names are refused)\n\
-                 connections: 0 open; ended, by engine: sockmap 0, splice 1, copy 0, http 0\n\
+                 connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http \
+                 0; ended, by engine: sockmap 0, splice 1, copy 0, http 0\n\
                  outcomes: unknown_name 1\n\
                  kernel (sockmap): not loaded\n\
                  xdp: not attached\n"

@@ -71,6 +71,15 @@ interfaces = ["eth0"]
     let payload = vec![7u8; 64 * 1024];
     client.write_all(&payload)?;
     ensure!(raw::read_exactly(&mut client, payload.len())? == payload);
+    let out = status(&world, &metrics)?;
+    let forwarding = String::from_utf8(out.stdout)?;
+    ensure!(
+        forwarding.contains(
+            "connections: 1 open; forwarding, by engine: sockmap 1, splice 0, copy 0, http 0; \
+             ended, by engine: sockmap 0,"
+        ),
+        "while forwarding:\n{forwarding}"
+    );
     raw::shut_and_expect_eof(&mut client, "the client")?;
     let mut report = String::new();
     wait_for("the connection in the status", IO, || {
@@ -87,7 +96,8 @@ interfaces = ["eth0"]
     for line in [
         "listeners: 0.0.0.0:443 (tls)\n",
         "sites: 1 (2 hostnames); default site: none (unknown names are refused)\n",
-        "connections: 0 open; ended, by engine: sockmap 1, splice 0, copy 0, http 0\n",
+        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0; \
+         ended, by engine: sockmap 1, splice 0, copy 0, http 0\n",
         "  socket-map entries: verdict 0, hold 0, peers 0\n",
     ] {
         ensure!(report.contains(line), "{line:?} not in:\n{report}");
