@@ -222,7 +222,7 @@ impl Server {
     }
 
     /// Swaps in a new configuration for connections accepted from now on.
-    pub(crate) fn reload(shared: &Shared, config: Config) -> Result<()> {
+    pub(crate) fn reload(shared: &Shared, mut config: Config) -> Result<()> {
         if wants_sockmap(&config) && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
@@ -242,6 +242,16 @@ impl Server {
             .iter()
             .map(|l| (l.address, l.protocol))
             .collect();
+        if old.config.defaults.max_connections != config.defaults.max_connections {
+            tracing::warn!(
+                running = old.config.defaults.max_connections,
+                file = config.defaults.max_connections,
+                "max_connections changes take effect only after a restart (it sizes the \
+                 descriptor limit); max_connections_per_source was reloaded"
+            );
+            // What runs, for /config and spliced check --against.
+            config.defaults.max_connections = old.config.defaults.max_connections;
+        }
         if old_listeners != new_listeners {
             tracing::warn!(
                 "listener changes take effect only after a restart; sites and timeouts were reloaded"
@@ -676,5 +686,26 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload takes the new per-source limit, but the global one stays what the process
+    /// started with (its descriptor limit was sized for it), and the running configuration
+    /// says so.
+    #[test]
+    fn reload_keeps_max_connections_and_takes_the_per_source_limit() {
+        let log = crate::access::Log::new(4, std::io::sink()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let text = "[defaults]\nmax_connections = 5\nmax_connections_per_source = 3\n\
+                    [[listen]]\naddress = \"127.0.0.1:443\"\nprotocol = \"tls\"\n";
+        let config = Config::from_str(text, std::path::Path::new("new.toml")).expect("config");
+        Server::reload(&shared, config).expect("reload");
+        let running = &shared.current().config.defaults;
+        assert_eq!(running.max_connections, 10_000);
+        assert_eq!(running.max_connections_per_source, Some(3));
     }
 }
