@@ -1,15 +1,19 @@
-//! The access log: one line per connection, `key=value` pairs, on standard output.
+//! The access log: one line per connection, `key=value` pairs (or one JSON object with the same
+//! keys), on standard output or in a file that SIGUSR1 reopens (for logrotate).
 //!
 //! The outcome names are the ones the metrics use ([`crate::outcome`]), so a line can be matched
 //! to a counter.
 //!
-//! Connection tasks never write to standard output themselves: a slow reader of the pipe would
+//! Connection tasks never write to the output themselves: a slow reader of the pipe would
 //! then stall every connection on the runtime's threads. They queue each line ([`Log::write`]);
-//! one writer thread drains the queue, and a full queue drops the line and counts it.
+//! one writer thread drains the queue, and a full queue drops the line and counts it. With one
+//! writer, lines never interleave, whatever the number of worker threads.
 use std::{
     fmt::Write as _,
+    fs::File,
     io::{self, Write},
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
@@ -35,12 +39,71 @@ const GATHER: Duration = Duration::from_millis(2);
 /// How long dropping a [`Log`] waits for its queued lines to be written.
 const DROP_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
+/// How each line is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// `key=value` pairs separated by spaces ([`Entry::line`]).
+    #[default]
+    Text,
+    /// One JSON object per line, with the same keys ([`Entry::json`]).
+    Json,
+}
+
 /// What the writer thread is handed.
 enum Message {
     /// One line, newline included.
     Line(String),
     /// Answer on this channel once every line queued before it is written.
     Flush(SyncSender<()>),
+    /// Write what came before to the current file, then open the file's path anew.
+    Reopen,
+}
+
+/// Where the writer writes.
+enum Target {
+    /// Standard output, or any writer (tests): reopening does nothing.
+    Writer(Box<dyn Write + Send>),
+    /// A file opened for appending, reopened by path on [`Log::reopen`].
+    File { path: PathBuf, file: File },
+}
+
+impl Target {
+    fn out(&mut self) -> &mut dyn Write {
+        match self {
+            Target::Writer(w) => w,
+            Target::File { file, .. } => file,
+        }
+    }
+
+    /// Opens the file's path again (logrotate moved the old one away); on failure, keeps
+    /// writing to the file it had, so no line is lost.
+    fn reopen(&mut self) {
+        let Target::File { path, file } = self else {
+            tracing::info!("SIGUSR1: the access log goes to standard output; nothing to reopen");
+            return;
+        };
+        match open_append(path) {
+            Ok(new) => {
+                *file = new;
+                tracing::info!(path = %path.display(), "access log reopened");
+            }
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                "reopening the access log failed; still writing to the file open before: {e}"
+            ),
+        }
+    }
+}
+
+/// Opens `path` for appending, creating it readable by its owner and group only (client
+/// addresses are personal data).
+fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
 }
 
 /// A non-blocking access-log sink: a bounded queue drained by one writer thread.
@@ -51,33 +114,61 @@ enum Message {
 pub struct Log {
     queue: SyncSender<Message>,
     dropped: AtomicU64,
+    format: Format,
 }
 
 impl Log {
     /// A log to standard output.
-    pub fn stdout() -> io::Result<Log> {
-        Log::new(QUEUE_LINES, io::stdout())
+    pub fn stdout(format: Format) -> io::Result<Log> {
+        Log::with_target(QUEUE_LINES, Target::Writer(Box::new(io::stdout())), format)
     }
 
-    /// A log to `out` that holds at most `capacity` lines waiting for the writer.
+    /// A log appended to the file at `path` (created if missing), which [`Log::reopen`] opens
+    /// anew.
+    pub fn file(path: &Path, format: Format) -> io::Result<Log> {
+        let file = open_append(path)?;
+        let target = Target::File {
+            path: path.to_path_buf(),
+            file,
+        };
+        Log::with_target(QUEUE_LINES, target, format)
+    }
+
+    /// A text log to `out` that holds at most `capacity` lines waiting for the writer.
+    #[cfg(test)]
     pub fn new(capacity: usize, out: impl Write + Send + 'static) -> io::Result<Log> {
+        Log::with_target(capacity, Target::Writer(Box::new(out)), Format::Text)
+    }
+
+    fn with_target(capacity: usize, target: Target, format: Format) -> io::Result<Log> {
         let (queue, lines) = sync_channel(capacity);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(&lines, out))?;
+            .spawn(move || write_lines(&lines, target))?;
         Ok(Log {
             queue,
             dropped: AtomicU64::new(0),
+            format,
         })
     }
 
     /// Queues `entry`'s line; if the queue is full, drops it and counts it instead of waiting.
     pub fn write(&self, entry: &Entry<'_>) {
-        let mut line = entry.line();
+        let mut line = match self.format {
+            Format::Text => entry.line(),
+            Format::Json => entry.json(),
+        };
         line.push('\n');
         if self.queue.try_send(Message::Line(line)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Has the writer open the log file's path anew once the lines queued before are written
+    /// (to the old file): after logrotate's `mv`, later lines go to the new file and none to
+    /// the old one. Blocks while the queue is full. The writer logs when it is done.
+    pub fn reopen(&self) {
+        let _ = self.queue.send(Message::Reopen);
     }
 
     /// Lines dropped so far because the queue was full.
@@ -114,8 +205,18 @@ impl Drop for Log {
     }
 }
 
+/// Writes `batch` whole and empties it. Nothing to do about a failed write but to go on: a
+/// connection's outcome is still counted in the metrics.
+fn write_batch(target: &mut Target, batch: &mut Vec<u8>) {
+    if !batch.is_empty() {
+        let out = target.out();
+        let _ = out.write_all(batch).and_then(|()| out.flush());
+        batch.clear();
+    }
+}
+
 /// The writer thread: writes queued lines in batches until every sender is gone.
-fn write_lines(queue: &Receiver<Message>, mut out: impl Write) {
+fn write_lines(queue: &Receiver<Message>, mut target: Target) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut flushes = Vec::new();
     while let Ok(first) = queue.recv() {
@@ -124,6 +225,11 @@ fn write_lines(queue: &Receiver<Message>, mut out: impl Write) {
             match message {
                 Message::Line(line) => batch.extend_from_slice(line.as_bytes()),
                 Message::Flush(done) => flushes.push(done),
+                Message::Reopen => {
+                    // The lines queued before the signal belong to the old file.
+                    write_batch(&mut target, &mut batch);
+                    target.reopen();
+                }
             }
             next = if batch.len() < BATCH_BYTES {
                 queue.try_recv().ok()
@@ -131,10 +237,7 @@ fn write_lines(queue: &Receiver<Message>, mut out: impl Write) {
                 None
             };
         }
-        // Nothing to do about a failed write to standard output but to go on: a connection's
-        // outcome is still counted in the metrics.
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
-        batch.clear();
+        write_batch(&mut target, &mut batch);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
@@ -217,6 +320,56 @@ impl Entry<'_> {
         s.pop();
         s
     }
+}
+
+impl Entry<'_> {
+    /// Formats the line as one JSON object (without a newline), with the keys of
+    /// [`Entry::line`]: absent values are `null`, byte counts, `ms` and `requests` numbers,
+    /// everything else strings.
+    pub fn json(&self) -> String {
+        let mut s = String::with_capacity(320);
+        s.push('{');
+        json_field(&mut s, "client", self.client);
+        json_field(&mut s, "listener", self.listener);
+        json_field(&mut s, "name", self.name);
+        json_field(&mut s, "alpn", self.alpn);
+        json_field(&mut s, "site", self.site);
+        json_field(&mut s, "backend", self.backend);
+        json_field(&mut s, "proxy", Some(self.proxy_protocol));
+        json_field(&mut s, "engine", self.engine);
+        let _ = write!(
+            s,
+            "\"up\":{},\"down\":{},\"ms\":{},",
+            self.bytes_up,
+            self.bytes_down,
+            self.duration.as_millis()
+        );
+        if let Some(requests) = self.requests {
+            let _ = write!(s, "\"requests\":{requests},");
+        }
+        json_field(&mut s, "outcome", Some(self.outcome));
+        if let Some(id) = self.id {
+            json_field(&mut s, "id", Some(id));
+        }
+        if let Some(detail) = self.detail {
+            json_field(&mut s, "detail", Some(detail));
+        }
+        s.pop();
+        s.push('}');
+        s
+    }
+}
+
+/// Appends `"key":value,` to `line`: the value as a JSON string, or `null` when absent.
+fn json_field(line: &mut String, key: &str, value: Option<impl std::fmt::Display>) {
+    let _ = write!(line, "\"{key}\":");
+    match value {
+        // serde_json escapes what a client may have put in a name (quotes, controls).
+        Some(v) => line
+            .push_str(&serde_json::to_string(&v.to_string()).unwrap_or_else(|_| "null".to_owned())),
+        None => line.push_str("null"),
+    }
+    line.push(',');
 }
 
 /// An optional value, written as `-` when absent.
@@ -322,6 +475,77 @@ mod tests {
             .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("name=")))
             .collect();
         assert_eq!(names, ["first.example", "second.example", "third.example"]);
+    }
+
+    fn names(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("name=")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// logrotate's way: the file is moved away, lines still go to it (the same inode) until
+    /// the reopen, and every line after the reopen goes to a new file at the path.
+    #[test]
+    fn reopen_moves_later_lines_to_a_new_file_and_loses_none() {
+        let dir = std::env::temp_dir().join(format!("spliced-access-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("access.log");
+        let rotated = dir.join("access.log.1");
+        let log = Log::file(&path, Format::Text).expect("log file");
+        log.write(&entry("before.example"));
+        assert!(log.flush(Duration::from_secs(5)));
+        std::fs::rename(&path, &rotated).expect("mv");
+        log.write(&entry("moved.example"));
+        log.reopen();
+        log.write(&entry("after.example"));
+        assert!(log.flush(Duration::from_secs(5)));
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        assert_eq!(names(&read(&rotated)), ["before.example", "moved.example"]);
+        assert_eq!(names(&read(&path)), ["after.example"]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A JSON line has the text line's keys, in the same order, with nulls for absent values
+    /// and numbers for counts; what a client sent is escaped.
+    #[test]
+    fn json_has_the_text_keys_and_escapes_client_values() {
+        let e = Entry {
+            client: Some("192.0.2.2:40000".parse().unwrap_or_else(|_| unreachable!())),
+            name: Some("a\"b\n\u{1}.example"),
+            outcome: "ok",
+            proxy_protocol: "v2",
+            bytes_up: 517,
+            requests: Some(3),
+            detail: Some("x"),
+            ..Default::default()
+        };
+        let json = e.json();
+        assert!(!json.contains('\n'), "{json}");
+        let value: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        let object = value.as_object().expect("an object");
+        let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        let text = e.line();
+        let text_keys: Vec<&str> = text
+            .split(' ')
+            .filter_map(|f| f.split_once('=').map(|(k, _)| k))
+            .filter(|k| !k.starts_with('"') && !k.is_empty())
+            .collect();
+        let mut sorted = text_keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted, "serde_json sorts keys: {json}");
+        assert_eq!(object["client"], "192.0.2.2:40000");
+        assert_eq!(object["name"], "a\"b\n\u{1}.example");
+        assert_eq!(object["site"], serde_json::Value::Null);
+        assert_eq!(object["up"], 517);
+        assert_eq!(object["requests"], 3);
+        assert_eq!(object["proxy"], "v2");
+        assert!(
+            json.starts_with("{\"client\":\"192.0.2.2:40000\",\"listener\":null,"),
+            "{json}"
+        );
     }
 
     #[test]

@@ -85,6 +85,26 @@ pub async fn handle(
     mut cut: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    // Counted from the address the connection carries (see crate::limits): here the peer's,
+    // unless the peer is a balancer that announces its client in a PROXY header, whose
+    // client `serve` counts once the header is read.
+    let limit = shared.current().config.defaults.max_connections_per_source;
+    let balancer = listener.accept_proxy.iter().any(|n| n.contains(peer.ip()));
+    let _source = if balancer {
+        None
+    } else {
+        let Some(slot) = shared.per_source().enter(peer.ip(), limit) else {
+            close_at_once(
+                &client,
+                peer,
+                &listener,
+                &shared,
+                Outcome::OverMaxConnectionsPerSource,
+            );
+            return;
+        };
+        Some(slot)
+    };
     let mut facts = Facts::default();
     let mut inner_cut = cut.clone();
     let result = tokio::select! {
@@ -113,6 +133,9 @@ pub async fn handle(
         preface::Version::V2 => "v2",
     };
     shared.count_outcome(outcome);
+    if let Some(engine) = facts.engine {
+        shared.count_engine(engine);
+    }
     let entry = access::Entry {
         client: Some(facts.endpoints.map_or(peer, |e| e.client)),
         via: facts.endpoints.and_then(|e| e.via),
@@ -133,6 +156,46 @@ pub async fn handle(
             .then(|| facts.requests.load(Ordering::Relaxed)),
     };
     shared.access_log(&entry);
+}
+
+/// Ends a connection refused by a limit before anything was read from it: what the client
+/// already sent is read and discarded (so that the close sends a FIN, not the reset that
+/// closing with unread data makes), the socket is closed, and the outcome is counted and
+/// logged. Never waits: it is called on the accepting task.
+///
+/// A FIN rather than a reset, as HAProxy closes: a TLS client sees the server close the
+/// connection (and may retry later) rather than a network failure, and nothing in the
+/// handshake is faked, since no TLS alert can be sent before the hello is read.
+pub fn close_at_once(
+    client: &TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    outcome: Outcome,
+) {
+    let started = Instant::now();
+    let mut drained = 0u64;
+    let mut sink = [0u8; 2048];
+    // Straight from the socket, not through tokio's readiness, which a socket accepted a
+    // moment ago may not have yet. Bounded: a client streaming faster than we read gets its
+    // reset after 64 KiB.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(client);
+    while drained < 64 * 1024 {
+        match nix::sys::socket::recv(fd, &mut sink, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n as u64,
+        }
+    }
+    shared.count_outcome(outcome);
+    shared.access_log(&access::Entry {
+        client: Some(peer),
+        listener: Some(listener.address),
+        proxy_protocol: "none",
+        bytes_up: drained,
+        duration: started.elapsed(),
+        outcome: outcome.name(),
+        ..access::Entry::default()
+    });
 }
 
 async fn serve(
@@ -189,6 +252,19 @@ async fn serve(
     };
     drop(ticket);
     let peer = endpoints.client;
+    // A balancer's client is counted against its own per-source limit, as if it had come
+    // directly; the balancer's address is not limited (it carries everyone).
+    let _source = if trusted {
+        let limit = defaults.max_connections_per_source;
+        Some(
+            shared
+                .per_source()
+                .enter(peer.ip(), limit)
+                .ok_or(Outcome::OverMaxConnectionsPerSource)?,
+        )
+    } else {
+        None
+    };
 
     // 3. Route.
     let site = config.router.route(name.as_deref())?;
@@ -252,6 +328,7 @@ async fn serve(
         // The header engine sends the preface with the first rewritten request.
         facts.hello_len = 0;
         facts.engine = Some(Engine::Http);
+        let _open = shared.open_on(Engine::Http);
         let router = &config.router;
         let same_site = |host: Option<&str>| {
             router
@@ -331,6 +408,7 @@ async fn serve(
         (Forwarding::Auto | Forwarding::Sockmap, None) => Engine::Splice,
     };
     facts.engine = Some(engine);
+    let _open = shared.open_on(engine);
     let counters = &facts.counters;
     let engine_slot = &mut facts.engine;
     let forwarding = async {
@@ -561,4 +639,79 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) -> u64
     })
     .await;
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        sync::Mutex,
+    };
+
+    use super::*;
+
+    /// Keeps what the access log writes.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("kept").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client whose bytes arrived before the accept is closed with a FIN, not the reset that
+    /// closing with unread data makes; its bytes are counted in the line, and the outcome.
+    #[tokio::test]
+    async fn a_connection_closed_at_once_gets_a_fin_and_its_bytes_are_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let sent = b"a hello that arrived before the accept";
+        client.write_all(sent).expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let kept = Kept::default();
+        let log = access::Log::new(16, kept.clone()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let info = ListenerInfo {
+            address: addr,
+            protocol: Protocol::Tls,
+            forwarding: None,
+            accept_proxy: Vec::new(),
+        };
+        close_at_once(
+            &stream,
+            peer,
+            &info,
+            &shared,
+            Outcome::OverMaxConnectionsPerSource,
+        );
+        drop(stream);
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf);
+        assert!(matches!(read, Ok(0)), "expected a FIN: {read:?}");
+        shared.flush_access_log(Duration::from_secs(5));
+        let line = String::from_utf8(kept.0.lock().expect("kept").clone()).expect("utf-8");
+        assert!(
+            line.contains(&format!(
+                " up={} down=0 ms=0 outcome=over_max_connections_per_source\n",
+                sent.len()
+            )),
+            "{line}"
+        );
+        assert_eq!(
+            shared.outcome_count(Outcome::OverMaxConnectionsPerSource),
+            1
+        );
+    }
 }

@@ -18,6 +18,7 @@ mod fuzz_replay;
 mod hello;
 mod http1;
 mod instance;
+mod limits;
 mod listen;
 mod metrics;
 mod name;
@@ -28,10 +29,12 @@ mod route;
 mod server;
 mod shared;
 mod shed;
+pub mod status;
 mod sys;
 mod upgrade;
 
-pub use config::{Config, ConfigError};
+pub use access::Format as LogFormat;
+pub use config::{Config, ConfigError, Table as ConfigTable};
 pub use server::{Options, Server};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.

@@ -2,7 +2,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory as _, Parser};
-use spliced::{Config, Server};
+use spliced::{Config, ConfigTable, Server};
 
 mod docs;
 
@@ -36,12 +36,36 @@ enum Cli {
         /// stops accepting once this one is ready, drains its connections and exits.
         #[arg(long, value_name = "PATH")]
         upgrade_from: Option<PathBuf>,
+        /// Append the access log to FILE instead of standard output; SIGUSR1 reopens it (for
+        /// logrotate).
+        #[arg(long, value_name = "FILE")]
+        access_log: Option<PathBuf>,
+        /// How the access log and the diagnostics on standard error are written: text, or one
+        /// JSON object per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a configuration file and print a summary; exits non-zero if it is invalid.
+    /// With --against or --previous, also print what a reload would change.
     Check {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Compare with the configuration a running spliced serves (at /config on its
+        /// --metrics address, e.g. 127.0.0.1:9464): the sites added, removed and changed.
+        #[arg(long, value_name = "ADDR", conflicts_with = "previous")]
+        against: Option<std::net::SocketAddr>,
+        /// Compare with another configuration file (e.g. the one before an edit).
+        #[arg(long, value_name = "FILE")]
+        previous: Option<PathBuf>,
+    },
+    /// Print a running spliced's state from its metrics endpoint: listeners, sites,
+    /// connections by engine, outcomes, kernel and XDP counters. Exits non-zero if nothing
+    /// answers.
+    Status {
+        /// The --metrics address of the running spliced.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        metrics: std::net::SocketAddr,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (for
     /// packaging: `cargo xtask deb` runs it).
@@ -56,20 +80,72 @@ enum Cli {
 /// Where the running instance serves its control socket unless told otherwise.
 const DEFAULT_CONTROL_SOCKET: &str = "/run/spliced/spliced.sock";
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `key=value` access-log lines; human-readable diagnostics.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Diagnostics on standard error, in `format`, filtered by `RUST_LOG` (default `info`).
+fn init_diagnostics(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse() {
-        Cli::Check { config } => match Config::load(&config) {
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per event: the message and its fields under "fields", plus "timestamp",
+        // "level" and "target".
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_diagnostics(match &cli {
+        Cli::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    });
+    match cli {
+        Cli::Check {
+            config,
+            against,
+            previous,
+        } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("{}: OK\n{}", config.display(), cfg.summary());
-                ExitCode::SUCCESS
+                let running = match (against, previous) {
+                    (Some(addr), _) => spliced::status::fetch(addr, "/config")
+                        .and_then(|text| {
+                            ConfigTable::from_text(&text).ok_or_else(|| {
+                                anyhow::anyhow!("http://{addr}/config is not a configuration table")
+                            })
+                        })
+                        .map(|t| (t, format!("the running spliced at {addr}"))),
+                    (None, Some(path)) => Config::load(&path)
+                        .map(|c| (ConfigTable::of(&c), path.display().to_string()))
+                        .map_err(anyhow::Error::from),
+                    (None, None) => return ExitCode::SUCCESS,
+                };
+                match running {
+                    Ok((before, what)) => {
+                        println!(
+                            "changes from {what}:\n{}",
+                            before.diff(&ConfigTable::of(&cfg))
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("spliced check: cannot compare: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -88,6 +164,16 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cli::Status { metrics } => match spliced::status::fetch(metrics, "/metrics") {
+            Ok(text) => {
+                print!("{}", spliced::status::Scrape::parse(&text).report(metrics));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spliced status: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cli::Run {
             config,
             grace,
@@ -95,6 +181,8 @@ fn main() -> ExitCode {
             metrics,
             control_socket,
             upgrade_from,
+            access_log,
+            log_format,
         } => {
             let options = spliced::Options {
                 pin_dir: (pin_dir != "none").then(|| PathBuf::from(pin_dir)),
@@ -106,6 +194,11 @@ fn main() -> ExitCode {
                 },
                 control_socket_optional: control_socket.is_none(),
                 upgrade_from,
+                access_log,
+                log_format: match log_format {
+                    LogFormat::Text => spliced::LogFormat::Text,
+                    LogFormat::Json => spliced::LogFormat::Json,
+                },
             };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,

@@ -13,7 +13,8 @@ use tokio::{
 };
 
 use crate::{
-    forward::sockmap,
+    config::Table,
+    forward::{Engine, sockmap},
     outcome::{Outcome, Source},
     shared::Shared,
 };
@@ -21,6 +22,60 @@ use crate::{
 /// Renders every metric in the text exposition format.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP spliced_info The running spliced.\n# TYPE spliced_info gauge\n\
+         spliced_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    out.push_str("# HELP spliced_listener_info The listeners bound at start.\n");
+    out.push_str("# TYPE spliced_listener_info gauge\n");
+    for (address, protocol) in shared.listeners() {
+        let _ = writeln!(
+            out,
+            "spliced_listener_info{{address=\"{address}\",protocol=\"{protocol}\"}} 1"
+        );
+    }
+    let routing = shared.current();
+    let config = &routing.config;
+    let hostnames: usize = config.sites.iter().map(|s| s.hostnames.len()).sum();
+    let _ = writeln!(
+        out,
+        "# HELP spliced_sites Sites in the running configuration ([[site]] entries).\n\
+         # TYPE spliced_sites gauge\nspliced_sites {}\n\
+         # HELP spliced_hostnames Hostnames of those sites.\n\
+         # TYPE spliced_hostnames gauge\nspliced_hostnames {hostnames}\n\
+         # HELP spliced_default_site Whether unknown names go to a default site (1) or are \
+         refused (0).\n# TYPE spliced_default_site gauge\nspliced_default_site {}",
+        config.sites.len(),
+        u8::from(config.default_site.is_some())
+    );
+    out.push_str(
+        "# HELP spliced_open_connections_by_engine Connections forwarding now, by the engine \
+         chosen for them (sockmap includes those still on splice before the hand-off).\n",
+    );
+    out.push_str("# TYPE spliced_open_connections_by_engine gauge\n");
+    for engine in Engine::ALL {
+        let _ = writeln!(
+            out,
+            "spliced_open_connections_by_engine{{engine=\"{}\"}} {}",
+            engine.as_str(),
+            shared.open_on_engine(engine)
+        );
+    }
+    out.push_str(
+        "# HELP spliced_connections_by_engine_total Connections ended, by the engine that \
+         carried them last.\n",
+    );
+    out.push_str("# TYPE spliced_connections_by_engine_total counter\n");
+    for engine in Engine::ALL {
+        let _ = writeln!(
+            out,
+            "spliced_connections_by_engine_total{{engine=\"{}\"}} {}",
+            engine.as_str(),
+            shared.engine_count(engine)
+        );
+    }
     out.push_str("# HELP spliced_connections_total Connections by how they ended.\n");
     out.push_str("# TYPE spliced_connections_total counter\n");
     // Every outcome from zero, so a rate or an alert works before the first one happens.
@@ -111,7 +166,8 @@ pub fn render(shared: &Shared) -> String {
 /// How many scrapes may be served at once; more are closed at once. A scraper needs one.
 const MAX_CONNECTIONS: usize = 16;
 
-/// Serves `GET /metrics` on `listener` (bound, non-blocking) until the task is dropped.
+/// Serves `GET /metrics` and `GET /config` (the running configuration as a
+/// [`Table`], for `spliced check --against`) on `listener` (bound, non-blocking) until the task is dropped.
 pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<()> {
     let address = listener.local_addr()?;
     let listener = TcpListener::from_std(listener).context("registering the metrics endpoint")?;
@@ -156,6 +212,13 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) -> Resu
                      Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
+            } else if head.starts_with(b"GET /config ") {
+                let body = Table::of(&shared.current().config).to_text();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
             };
@@ -195,5 +258,10 @@ mod tests {
         assert!(text.contains("spliced_failures_total{source=\"client\"} 1\n"));
         assert!(text.contains("spliced_failures_total{source=\"backend\"} 1\n"));
         assert!(text.contains("spliced_failures_total{source=\"proxy\"} 0\n"));
+        assert!(
+            text.contains("spliced_listener_info{address=\"127.0.0.1:443\",protocol=\"tls\"} 1\n")
+        );
+        assert!(text.contains("spliced_sites 0\n"), "{text}");
+        assert!(text.contains("spliced_connections_by_engine_total{engine=\"splice\"} 0\n"));
     }
 }

@@ -137,11 +137,15 @@ pub enum Outcome {
     /// A source in `accept_proxy` sent a PROXY header that breaks the spec (the detail says
     /// how: length, grammar, family, TLVs, CRC32C).
     ProxyHeaderInvalid,
+    /// Accepted over `max_connections` and closed at once.
+    OverMaxConnections,
+    /// Accepted over its source's `max_connections_per_source` and closed at once.
+    OverMaxConnectionsPerSource,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 41] = [
+    pub const ALL: [Outcome; 43] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -183,6 +187,8 @@ impl Outcome {
         Outcome::ProxyHeaderUntrusted,
         Outcome::ProxyHeaderMissing,
         Outcome::ProxyHeaderInvalid,
+        Outcome::OverMaxConnections,
+        Outcome::OverMaxConnectionsPerSource,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -229,6 +235,8 @@ impl Outcome {
             Outcome::ProxyHeaderUntrusted => "proxy_header_untrusted",
             Outcome::ProxyHeaderMissing => "proxy_header_missing",
             Outcome::ProxyHeaderInvalid => "proxy_header_invalid",
+            Outcome::OverMaxConnections => "over_max_connections",
+            Outcome::OverMaxConnectionsPerSource => "over_max_connections_per_source",
         }
     }
 
@@ -262,7 +270,9 @@ impl Outcome {
             | Outcome::MisdirectedRequest
             | Outcome::ProxyHeaderUntrusted
             | Outcome::ProxyHeaderMissing
-            | Outcome::ProxyHeaderInvalid => Some(Source::Client),
+            | Outcome::ProxyHeaderInvalid
+            // One source wanted more than its share.
+            | Outcome::OverMaxConnectionsPerSource => Some(Source::Client),
             Outcome::BackendConnectTimeout
             | Outcome::BackendUnreachable
             | Outcome::BackendError
@@ -277,7 +287,8 @@ impl Outcome {
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
             | Outcome::Shutdown
-            | Outcome::ShedBeforeHello => Some(Source::Proxy),
+            | Outcome::ShedBeforeHello
+            | Outcome::OverMaxConnections => Some(Source::Proxy),
         }
     }
 
@@ -335,7 +346,10 @@ impl Outcome {
             // A balancer that breaks the protocol gets no answer, as HAProxy gives none: our
             // bytes would reach its client as if the site had sent them.
             | Outcome::ProxyHeaderMissing
-            | Outcome::ProxyHeaderInvalid => return None,
+            | Outcome::ProxyHeaderInvalid
+            // Closed before anything is read: see crate::limits for why a close.
+            | Outcome::OverMaxConnections
+            | Outcome::OverMaxConnectionsPerSource => return None,
         };
         Some(match protocol {
             Protocol::Tls => alert,

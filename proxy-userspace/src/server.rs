@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -23,17 +23,21 @@ use tokio::{
 use crate::{
     config::{Config, Forwarding},
     conn::{self, ListenerInfo},
+    outcome::Outcome,
     shared::{Routing, Shared},
 };
+
+/// At most one warning per listener and worker this often while accepting fails.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// How long stopping waits for queued access-log lines to be written.
 const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running proxy.
 pub struct Server {
-    /// SIGTERM, SIGINT and SIGHUP, registered before anything else so that a signal sent as
-    /// soon as the ports listen is handled instead of killing the process.
-    signals: [tokio::signal::unix::Signal; 3],
+    /// SIGTERM, SIGINT, SIGHUP and SIGUSR1, registered before anything else so that a signal
+    /// sent as soon as the ports listen is handled instead of killing the process.
+    signals: [tokio::signal::unix::Signal; 4],
     listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
     shared: Arc<Shared>,
     max_connections: usize,
@@ -114,6 +118,10 @@ pub struct Options {
     /// Take the listening sockets over from the spliced serving this control socket, which
     /// then stops accepting, drains and exits (see [`crate::upgrade`]).
     pub upgrade_from: Option<PathBuf>,
+    /// The access log's file, reopened on SIGUSR1; `None` writes it to standard output.
+    pub access_log: Option<PathBuf>,
+    /// How access-log lines are written.
+    pub log_format: crate::access::Format,
 }
 
 impl Server {
@@ -123,6 +131,7 @@ impl Server {
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
         ];
         // On an upgrade, the running process's sockets for our addresses: the same sockets,
         // with their accept queues, so nothing is refused while the processes change.
@@ -259,7 +268,14 @@ impl Server {
         }
         let max_connections = config.defaults.max_connections;
         let xdp = config.xdp.clone();
-        let shared = Arc::new(Shared::new(config, kernel)?);
+        raise_descriptor_limit(max_connections);
+        let access_log = match &options.access_log {
+            Some(path) => crate::access::Log::file(path, options.log_format)
+                .with_context(|| format!("opening the access log {}", path.display()))?,
+            None => crate::access::Log::stdout(options.log_format)
+                .context("starting the access-log writer")?,
+        };
+        let shared = Arc::new(Shared::with_log(config, kernel, access_log)?);
         if let Some(inherited) = inherited {
             let from = inherited.from().unwrap_or(0);
             // From here on the old process stops accepting: whatever fails now is logged and
@@ -300,7 +316,7 @@ impl Server {
     }
 
     /// Swaps in a new configuration for connections accepted from now on.
-    pub(crate) fn reload(shared: &Shared, config: Config) -> Result<()> {
+    pub(crate) fn reload(shared: &Shared, mut config: Config) -> Result<()> {
         if wants_sockmap(&config) && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
@@ -320,6 +336,16 @@ impl Server {
             .iter()
             .map(|l| (l.address, l.protocol, &l.accept_proxy))
             .collect();
+        if old.config.defaults.max_connections != config.defaults.max_connections {
+            tracing::warn!(
+                running = old.config.defaults.max_connections,
+                file = config.defaults.max_connections,
+                "max_connections changes take effect only after a restart (it sizes the \
+                 descriptor limit); max_connections_per_source was reloaded"
+            );
+            // What runs, for /config and spliced check --against.
+            config.defaults.max_connections = old.config.defaults.max_connections;
+        }
         if old_listeners != new_listeners {
             tracing::warn!(
                 "listener changes (accept_proxy included) take effect only after a restart; \
@@ -451,7 +477,7 @@ impl Server {
             ));
             crate::upgrade::serve(control, crate::upgrade::Offer { items: offer }, takeover_tx)?;
         }
-        let [mut term, mut int, mut hup] = signals;
+        let [mut term, mut int, mut hup, mut usr1] = signals;
         let mut takeover = None;
         loop {
             tokio::select! {
@@ -465,6 +491,11 @@ impl Server {
                 Some(t) = takeovers.recv() => {
                     takeover = Some(t);
                     break;
+                }
+                _ = usr1.recv() => {
+                    // May wait for room in a full queue: not on the control thread.
+                    let log = Arc::clone(&shared);
+                    tokio::task::spawn_blocking(move || log.reopen_access_log());
                 }
             }
         }
@@ -539,6 +570,33 @@ impl Server {
         drop((pin_lock, systemd));
         workers.stop();
         Ok(())
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to what `max_connections` connections need (up to the hard
+/// limit) and logs what was asked and what was obtained.
+fn raise_descriptor_limit(max_connections: usize) {
+    let asked = crate::limits::descriptors_needed(max_connections);
+    match crate::limits::raise_nofile(asked) {
+        Ok(n) if n.obtained >= asked => tracing::info!(
+            asked,
+            obtained = n.obtained,
+            before = n.before,
+            hard = n.hard,
+            max_connections,
+            "descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Ok(n) => tracing::warn!(
+            asked,
+            obtained = n.obtained,
+            before = n.before,
+            hard = n.hard,
+            max_connections,
+            "descriptor limit (RLIMIT_NOFILE) is below what max_connections needs (raise the \
+             hard limit, e.g. systemd's LimitNOFILE): near it, connections without a hello are \
+             shed and accepting backs off"
+        ),
+        Err(e) => tracing::warn!(asked, "descriptor limit (RLIMIT_NOFILE) not raised: {e}"),
     }
 }
 
@@ -709,12 +767,9 @@ async fn accept_loop(
     descriptors: Descriptors,
 ) {
     let batch = crate::shed::batch_for(descriptors.reserve);
+    // Accept failures since the last warning, and when that was.
+    let (mut failures, mut last_warned) = (0u64, None);
     loop {
-        // At the connection limit we stop accepting; new clients wait in the listen backlog.
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
@@ -726,6 +781,12 @@ async fn accept_loop(
                     // before the table is full, so served clients find their backend socket.
                     shared.pre_hello().shed_oldest(batch);
                 }
+                // Over the limit the connection is closed at once rather than left in the
+                // accept queue: the client learns it now, and the queue stays for the rest.
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    conn::close_at_once(&stream, peer, &info, &shared, Outcome::OverMaxConnections);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let info = Arc::clone(&info);
                 let shared = Arc::clone(&shared);
@@ -766,10 +827,43 @@ async fn accept_loop(
                 // EMFILE and friends: shed connections still without a hello and retry soon;
                 // with none to shed, back off instead of spinning on a full descriptor table.
                 let shed = shared.pre_hello().shed_oldest(batch);
-                tracing::warn!(address = %info.address, shed, "accept failed: {e}");
+                // Once a second at most: backing off at the limit retries ten times a second
+                // on every worker, which would otherwise flood the log while it lasts.
+                failures += 1;
+                if last_warned.is_none_or(|at: Instant| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    tracing::warn!(
+                        address = %info.address,
+                        shed,
+                        failures,
+                        "accept failed: {e}"
+                    );
+                    last_warned = Some(Instant::now());
+                    failures = 0;
+                }
                 let pause = if shed > 0 { 10 } else { 100 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload takes the new per-source limit, but the global one stays what the process
+    /// started with (its descriptor limit was sized for it), and the running configuration
+    /// says so.
+    #[test]
+    fn reload_keeps_max_connections_and_takes_the_per_source_limit() {
+        let log = crate::access::Log::new(4, std::io::sink()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let text = "[defaults]\nmax_connections = 5\nmax_connections_per_source = 3\n\
+                    [[listen]]\naddress = \"127.0.0.1:443\"\nprotocol = \"tls\"\n";
+        let config = Config::from_str(text, std::path::Path::new("new.toml")).expect("config");
+        Server::reload(&shared, config).expect("reload");
+        let running = &shared.current().config.defaults;
+        assert_eq!(running.max_connections, 10_000);
+        assert_eq!(running.max_connections_per_source, Some(3));
     }
 }

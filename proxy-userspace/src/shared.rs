@@ -15,7 +15,14 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router, shed::PreHello,
+    access,
+    config::{Config, Protocol},
+    ebpf::Kernel,
+    forward::Engine,
+    limits::PerSource,
+    outcome::Outcome,
+    route::Router,
+    shed::PreHello,
 };
 
 /// Routing state swapped as a whole on reload.
@@ -46,23 +53,32 @@ pub struct Shared {
     fallbacks: AtomicU64,
     access_log: access::Log,
     pre_hello: PreHello,
+    per_source: Arc<PerSource>,
+    /// Connections ended, by the engine that carried them last, indexed as [`Engine::ALL`].
+    engines: [AtomicU64; Engine::ALL.len()],
+    /// Connections forwarding now, by the engine chosen for them, indexed as [`Engine::ALL`].
+    open_engines: [AtomicU64; Engine::ALL.len()],
+    /// The listeners bound at start (a reload does not change them).
+    listeners: Vec<(std::net::SocketAddr, Protocol)>,
 }
 
 impl Shared {
     /// State for serving `config`, with the eBPF side if it was loaded, writing the access log
-    /// to standard output. Fails if the OS has no randomness for the connection ids or the
-    /// access-log writer thread cannot start.
-    pub fn new(config: Config, kernel: Option<Arc<Kernel>>) -> Result<Shared> {
-        let access_log = access::Log::stdout().context("starting the access-log writer")?;
-        Shared::with_log(config, kernel, access_log)
-    }
-
-    fn with_log(
+    /// to `access_log`. Fails if the OS has no randomness for the connection ids.
+    pub fn with_log(
         config: Config,
         kernel: Option<Arc<Kernel>>,
         access_log: access::Log,
     ) -> Result<Shared> {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| (l.address, l.protocol))
+            .collect();
         Ok(Shared {
+            listeners,
+            engines: std::array::from_fn(|_| AtomicU64::new(0)),
+            open_engines: std::array::from_fn(|_| AtomicU64::new(0)),
             routing: RwLock::new(Arc::new(Routing::new(config))),
             kernel,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
@@ -72,6 +88,7 @@ impl Shared {
             fallbacks: AtomicU64::new(0),
             access_log,
             pre_hello: PreHello::default(),
+            per_source: Arc::default(),
         })
     }
 
@@ -119,6 +136,11 @@ impl Shared {
         &self.pre_hello
     }
 
+    /// Open connections per source, for `max_connections_per_source`.
+    pub fn per_source(&self) -> &Arc<PerSource> {
+        &self.per_source
+    }
+
     /// Counts a connection the sockmap engine could not take (it used another engine).
     pub fn count_fallback(&self) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -127,6 +149,47 @@ impl Shared {
     /// Connections the sockmap engine handed to another engine so far.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// The listeners bound at start, with their protocol.
+    pub fn listeners(&self) -> &[(std::net::SocketAddr, Protocol)] {
+        &self.listeners
+    }
+
+    /// Counts a connection that ended on `engine`.
+    pub fn count_engine(&self, engine: Engine) {
+        if let Some(i) = Engine::ALL.iter().position(|&e| e == engine) {
+            self.engines[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a connection as forwarding on `engine` until the returned guard is dropped.
+    pub fn open_on(&self, engine: Engine) -> OpenOn<'_> {
+        let index = Engine::ALL.iter().position(|&e| e == engine);
+        if let Some(i) = index {
+            self.open_engines[i].fetch_add(1, Ordering::Relaxed);
+        }
+        OpenOn {
+            shared: self,
+            index,
+        }
+    }
+
+    /// Connections forwarding on `engine` now (by the engine chosen for them: `sockmap`
+    /// includes connections still on splice before their hand-off).
+    pub fn open_on_engine(&self, engine: Engine) -> u64 {
+        Engine::ALL
+            .iter()
+            .position(|&e| e == engine)
+            .map_or(0, |i| self.open_engines[i].load(Ordering::Relaxed))
+    }
+
+    /// Connections ended on `engine` so far.
+    pub fn engine_count(&self, engine: Engine) -> u64 {
+        Engine::ALL
+            .iter()
+            .position(|&e| e == engine)
+            .map_or(0, |i| self.engines[i].load(Ordering::Relaxed))
     }
 
     /// Counts a connection's outcome.
@@ -144,6 +207,12 @@ impl Shared {
         self.access_log.write(entry);
     }
 
+    /// Has the access log's file opened anew (SIGUSR1, for logrotate). Blocks while its queue
+    /// is full: call it from a thread that may block.
+    pub fn reopen_access_log(&self) {
+        self.access_log.reopen();
+    }
+
     /// Access-log lines dropped because the writer could not keep up.
     pub fn access_log_dropped(&self) -> u64 {
         self.access_log.dropped()
@@ -153,6 +222,20 @@ impl Shared {
     /// the calling thread: call it from a thread that may block.
     pub fn flush_access_log(&self, limit: Duration) {
         self.access_log.flush(limit);
+    }
+}
+
+/// A connection counted in [`Shared::open_on_engine`] while this lives.
+pub struct OpenOn<'a> {
+    shared: &'a Shared,
+    index: Option<usize>,
+}
+
+impl Drop for OpenOn<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.index {
+            self.shared.open_engines[i].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

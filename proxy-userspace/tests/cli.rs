@@ -554,3 +554,172 @@ fn metrics_count_outcomes_and_kernel_bytes() {
         assert!(bytes.is_some_and(|b| b > 0), "no spliced bytes in:\n{text}");
     }
 }
+
+/// Runs `spliced ARGS` as an unprivileged user when this test runs as root (the status of a
+/// running instance needs no privilege), else as ourselves.
+fn spliced_unprivileged(args: &[&str]) -> Output {
+    let root = nix::unistd::Uid::effective().is_root();
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    cmd.args(args).output().expect("run spliced")
+}
+
+/// A spliced serving `cfg` (splice engine: nothing to load) with metrics on a free port;
+/// returns it and the metrics address.
+fn run_with_metrics(cfg: &std::path::Path) -> (Running, SocketAddr) {
+    let metrics_port = free_port();
+    let running = Running::start(cfg, &["--metrics", &format!("127.0.0.1:{metrics_port}")]);
+    let metrics: SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    drop(wait_connect(metrics));
+    (running, metrics)
+}
+
+/// `spliced status` against a running instance, as an unprivileged user, prints its listeners,
+/// sites, connections by engine, outcomes and kernel and XDP state; with nothing running it
+/// says so on standard error and exits non-zero.
+#[test]
+fn status_prints_a_running_instance_and_fails_when_none_answers() {
+    let dir = Scratch::new("status");
+    let port = free_port();
+    let cfg = dir.write(
+        "spliced.toml",
+        &format!(
+            "[defaults]\nforwarding = \"splice\"\n{}",
+            config(port, 9, true)
+        ),
+    );
+    let (mut running, metrics) = run_with_metrics(&cfg);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(request(addr, "nobody.example").starts_with("HTTP/1.1 421"));
+    let metrics_arg = metrics.to_string();
+    let args = ["status", "--metrics", metrics_arg.as_str()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = spliced_unprivileged(&args);
+        if text(&out.stdout).contains("unknown_name 1") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    let version = env!("CARGO_PKG_VERSION");
+    for line in [
+        format!("spliced {version}, metrics at http://{metrics}/metrics\n"),
+        format!("listeners: 127.0.0.1:{port} (http)\n"),
+        "sites: 1 (1 hostnames); default site: none (unknown names are refused)\n".to_owned(),
+        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0; \
+         ended, by engine: sockmap 0, splice 0, copy 0, http 0\n"
+            .to_owned(),
+        "outcomes: unknown_name 1\n".to_owned(),
+        "kernel (sockmap): not loaded\n".to_owned(),
+        "xdp: not attached\n".to_owned(),
+    ] {
+        assert!(report.contains(&line), "{line:?} not in:\n{report}");
+    }
+    let stopped = running.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let out = spliced_unprivileged(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    let error = text(&out.stderr);
+    assert!(
+        error.starts_with(&format!(
+            "spliced status: nothing answers at http://{metrics}/metrics (is spliced running \
+             with --metrics {metrics}?): "
+        )),
+        "{error}"
+    );
+}
+
+/// `spliced check --against ADDR` prints what reloading the file would change compared with
+/// what the running instance serves (a site removed, one added, one's backend changed), the
+/// same as `--previous` with the running file; after the reload there is nothing left to
+/// change. With nothing running, it says it cannot compare and exits non-zero.
+#[test]
+fn check_against_a_running_instance_prints_what_a_reload_would_change() {
+    let dir = Scratch::new("check-against");
+    let port = free_port();
+    let listen = format!(
+        "[defaults]\nforwarding = \"splice\"\n[[listen]]\naddress = \"127.0.0.1:{port}\"\n\
+         protocol = \"http\"\n"
+    );
+    let site = |name: &str, backend: &str| {
+        format!("[[site]]\nhostnames = [\"{name}\"]\nbackend = \"{backend}\"\n")
+    };
+    let old = format!(
+        "{listen}{}{}",
+        site("a.example", "[::1]:8080"),
+        site("b.example", "[::1]:8081")
+    );
+    let new = format!(
+        "{listen}{}{}",
+        site("a.example", "[::1]:9090"),
+        site("c.example", "[::1]:8082")
+    );
+    let cfg = dir.write("spliced.toml", &old);
+    let previous = dir.write("previous.toml", &old);
+    let (running, metrics) = run_with_metrics(&cfg);
+    let next = dir.write("next.toml", &new);
+    let next_arg = next.to_str().expect("utf-8 path");
+    let metrics_arg = metrics.to_string();
+    let against = spliced(&["check", "--config", next_arg, "--against", &metrics_arg]);
+    assert!(against.status.success(), "{}", text(&against.stderr));
+    let expected = "~ site a.example:\n    backend: [::1]:8080 -> [::1]:9090\n\
+                    - site b.example: hostnames=b.example backend=[::1]:8081 proxy_protocol=none \
+                    proxy_protocol_tlvs= forwarding=- forwarded_header=none\n\
+                    + site c.example: hostnames=c.example backend=[::1]:8082 proxy_protocol=none \
+                    proxy_protocol_tlvs= forwarding=- forwarded_header=none\n\
+                    1 added, 1 removed, 1 changed; sites: 2 -> 2\n";
+    let report = text(&against.stdout);
+    assert!(
+        report.contains(&format!(
+            "changes from the running spliced at {metrics}:\n{expected}"
+        )),
+        "{report}"
+    );
+    let from_file = spliced(&[
+        "check",
+        "--config",
+        next_arg,
+        "--previous",
+        previous.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        text(&from_file.stdout)
+            .contains(&format!("changes from {}:\n{expected}", previous.display())),
+        "{}",
+        text(&from_file.stdout)
+    );
+    // Reloaded: the running configuration is the new one.
+    std::fs::write(&cfg, &new).expect("rewrite the config");
+    signal(&running.0, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = spliced(&["check", "--config", next_arg, "--against", &metrics_arg]);
+        if text(&out.stdout).ends_with("\nno changes\n\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still changes after the reload:\n{}",
+            text(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(running);
+    let nothing = spliced(&["check", "--config", next_arg, "--against", &metrics_arg]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        text(&nothing.stderr).contains(&format!(
+            "spliced check: cannot compare: nothing answers at http://{metrics}/config"
+        )),
+        "{}",
+        text(&nothing.stderr)
+    );
+}

@@ -213,6 +213,13 @@ impl Spliced {
         self.service
     }
 
+    /// The address of its metrics endpoint, in its namespace (started with
+    /// [`Launch::metrics`]).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    }
+
     /// The configuration file it was started with (rewrite it and send SIGHUP to reload).
     pub fn config_path(&self) -> &Path {
         &self.config

@@ -1,7 +1,9 @@
-//! At the descriptor limit spliced stays usable: the metrics endpoint backs off instead of
-//! spinning when it cannot accept and serves a bounded number of scrapes at once, and
-//! connections that never finish their hello are shed, oldest first, so normal clients are
-//! still served promptly.
+//! At the descriptor limit spliced stays usable: the metrics endpoint and the listeners back
+//! off instead of spinning when they cannot accept, the metrics endpoint serves a bounded
+//! number of scrapes at once, and connections that never finish their hello are shed, oldest
+//! first, so normal clients are still served promptly. Over `max_connections` or
+//! `max_connections_per_source`, a connection is closed at once and counted, and the others are
+//! served; the descriptor limit is raised for `max_connections` and the result logged.
 //!
 //! Run as root (network namespaces) with a release build of the proxy:
 //! `cargo build --release -p proxy-userspace && cargo test --release -p spliced-tests --test limits`.
@@ -13,9 +15,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, PROXY_V4, World, open_files,
+    BACKEND_V6, CLIENT_V4, CLIENT_V4_B, Ns, PROXY_V4, World, open_files,
     raw::{self, Behavior, End, TestBackend, expect_hello, simple_hello},
-    spliced::{Launch, Spliced},
+    spliced::{Launch, Spliced, field},
     wait_for,
 };
 
@@ -28,10 +30,19 @@ const METRICS_MAX: usize = 16;
 /// pipes, so each forwarding connection holds exactly two descriptors) and a hello timeout
 /// long enough that it never frees anything during a test.
 fn start(world: &World, nofile: u64) -> Result<Spliced> {
+    launch("")
+        .wrapped(&["prlimit".to_owned(), format!("--nofile={nofile}")])
+        .metrics()
+        .start(world, &[443])
+}
+
+/// The configuration of [`start`], with `extra` lines in `[defaults]`.
+fn launch(extra: &str) -> Launch {
     let config = format!(
         r#"[defaults]
 forwarding = "copy"
 client_hello_timeout = "60s"
+{extra}
 
 [[listen]]
 address = "0.0.0.0:443"
@@ -43,9 +54,6 @@ backend = "[{BACKEND_V6}]:{ECHO_PORT}"
 "#
     );
     Launch::new(config)
-        .wrapped(&["prlimit".to_owned(), format!("--nofile={nofile}")])
-        .metrics()
-        .start(world, &[443])
 }
 
 /// A client whose hello was echoed: forwarding, idle.
@@ -232,4 +240,265 @@ fn at_the_descriptor_limit_silent_connections_are_shed_oldest_first() -> Result<
         "the newest silent connection was closed"
     );
     Ok(())
+}
+
+/// Expects `client` (which sent nothing) to be closed by spliced at once with a clean end of
+/// stream and no byte, and returns its access-log line.
+fn closed_at_once(spliced: &Spliced, mut client: TcpStream) -> Result<String> {
+    let me = client.local_addr()?;
+    let started = Instant::now();
+    let (got, end) = raw::read_to_end(&mut client, 1 << 16);
+    ensure!(
+        got.is_empty() && end == End::Eof,
+        "expected a clean close and no byte: {} bytes, {end:?}",
+        got.len()
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "closing took {:?}",
+        started.elapsed()
+    );
+    spliced.log_line_for(me, IO)
+}
+
+/// Like [`served`], from `source`.
+fn served_from(world: &World, source: IpAddr) -> Result<()> {
+    let mut client = raw::connect_from(
+        world,
+        Ns::Client,
+        source,
+        SocketAddr::new(PROXY_V4, 443),
+        IO,
+    )?;
+    let hello = simple_hello("echo.example");
+    client.write_all(&hello)?;
+    expect_hello(&mut client, &hello)?;
+    raw::shut_and_expect_eof(&mut client, "a served client")
+}
+
+/// Three connections from one source are served; its fourth is closed at once (a FIN, not a
+/// reset), logged and counted as `over_max_connections_per_source`; another source is still
+/// served meanwhile, and the first source again once one of its connections ended.
+#[test]
+fn over_the_per_source_limit_a_connection_is_closed_at_once_and_counted() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = launch("max_connections_per_source = 3")
+        .metrics()
+        .start(&world, &[443])?;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut client = raw::connect_from(
+            &world,
+            Ns::Client,
+            CLIENT_V4,
+            SocketAddr::new(PROXY_V4, 443),
+            IO,
+        )?;
+        let hello = simple_hello("echo.example");
+        client.write_all(&hello)?;
+        expect_hello(&mut client, &hello)?;
+        open.push(client);
+    }
+    let fourth = raw::connect_from(
+        &world,
+        Ns::Client,
+        CLIENT_V4,
+        SocketAddr::new(PROXY_V4, 443),
+        IO,
+    )?;
+    let line = closed_at_once(&spliced, fourth).context("the fourth from 192.0.2.2")?;
+    ensure!(
+        field(&line, "outcome") == Some("over_max_connections_per_source"),
+        "{line}"
+    );
+    served_from(&world, CLIENT_V4_B).context("another source while the first is full")?;
+    spliced.wait_metrics("the refusal counted", IO, |m| {
+        Ok(m.count(
+            "spliced_connections_total",
+            &[("outcome", "over_max_connections_per_source")],
+        )? == 1
+            && m.count("spliced_connections_total", &[("outcome", "ok")])? == 1)
+    })?;
+    // One of the three ends: the source has room again.
+    raw::shut_and_expect_eof(&mut open[0], "the first connection")?;
+    wait_for("room for 192.0.2.2 again", IO, || {
+        Ok(served_from(&world, CLIENT_V4).is_ok())
+    })?;
+    Ok(())
+}
+
+/// With `max_connections = 3`, a fourth connection from any source is closed at once, logged
+/// and counted as `over_max_connections`; once one of the three ends, new ones are served.
+#[test]
+fn over_max_connections_a_connection_is_closed_at_once_and_counted() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = launch("max_connections = 3")
+        .metrics()
+        .start(&world, &[443])?;
+    let mut open = Vec::new();
+    for source in [CLIENT_V4, CLIENT_V4_B, CLIENT_V4] {
+        let mut client = raw::connect_from(
+            &world,
+            Ns::Client,
+            source,
+            SocketAddr::new(PROXY_V4, 443),
+            IO,
+        )?;
+        let hello = simple_hello("echo.example");
+        client.write_all(&hello)?;
+        expect_hello(&mut client, &hello)?;
+        open.push(client);
+    }
+    for source in [CLIENT_V4_B, CLIENT_V4] {
+        let client = raw::connect_from(
+            &world,
+            Ns::Client,
+            source,
+            SocketAddr::new(PROXY_V4, 443),
+            IO,
+        )?;
+        let line = closed_at_once(&spliced, client).with_context(|| format!("from {source}"))?;
+        ensure!(
+            field(&line, "outcome") == Some("over_max_connections"),
+            "{line}"
+        );
+    }
+    spliced.wait_metrics("the refusals counted", IO, |m| {
+        Ok(m.count(
+            "spliced_connections_total",
+            &[("outcome", "over_max_connections")],
+        )? == 2)
+    })?;
+    // The three still forward.
+    for client in &mut open {
+        client.write_all(b"still here")?;
+        ensure!(raw::read_exactly(client, 10)? == b"still here");
+    }
+    raw::shut_and_expect_eof(&mut open[0], "the first connection")?;
+    wait_for("room again", IO, || {
+        Ok(served_from(&world, CLIENT_V4_B).is_ok())
+    })?;
+    Ok(())
+}
+
+/// spliced raises its soft descriptor limit to what `max_connections` needs (100 connections:
+/// 963 descriptors), up to the hard limit, and says in its log what it asked and obtained.
+#[test]
+fn the_descriptor_limit_is_raised_for_max_connections_and_logged() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    for (hard, obtained, level) in [(4096, 963, "INFO"), (500, 500, "WARN")] {
+        let spliced = launch("max_connections = 100")
+            .named(&format!("spliced-{hard}"))
+            .wrapped(&["prlimit".to_owned(), format!("--nofile=256:{hard}")])
+            .start(&world, &[443])?;
+        let pid = spliced.pid().context("no PID")?;
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+        let files = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .context("no Max open files in /proc/PID/limits")?;
+        let soft: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+        ensure!(
+            soft == [obtained.to_string(), hard.to_string()],
+            "under a hard limit of {hard}: {files}"
+        );
+        let log = spliced.stderr_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("descriptor limit (RLIMIT_NOFILE)"))
+            .with_context(|| format!("no descriptor limit line in:\n{log}"))?;
+        for part in [
+            level.to_owned(),
+            "asked=963".to_owned(),
+            format!("obtained={obtained}"),
+            "before=256".to_owned(),
+            format!("hard={hard}"),
+        ] {
+            ensure!(line.contains(&part), "{part} not in {line:?}");
+        }
+        served(&world)?;
+    }
+    Ok(())
+}
+
+/// Every descriptor is taken by forwarding connections (none can be shed) and a client waits
+/// in the accept queue: spliced backs off accepting instead of spinning, warns about it about
+/// once a second rather than at every retry, and serves the waiting client as soon as
+/// connections close.
+#[test]
+fn out_of_descriptors_the_listeners_back_off_and_recover() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    // Forwarding connections hold two descriptors each: of two limits of opposite parity,
+    // one leaves none free.
+    let mut full = None;
+    for nofile in [64u64, 65] {
+        let spliced = launch("")
+            .named(&format!("spliced-{nofile}"))
+            .wrapped(&["prlimit".to_owned(), format!("--nofile={nofile}")])
+            .start(&world, &[443])?;
+        let pid = spliced.pid().context("no PID")?;
+        // Descriptor numbers below the limit in use: the limit is on numbers, and one
+        // inherited from the test harness may sit above it.
+        let open = || -> Result<u64> {
+            let mut n = 0;
+            for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+                let name = entry?.file_name();
+                if name.to_str().and_then(|n| n.parse::<u64>().ok()) < Some(nofile) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        };
+        let mut clients = Vec::new();
+        while open()? + 2 <= nofile {
+            ensure!(clients.len() < nofile as usize, "{} open", open()?);
+            clients.push(forwarding(&world, IO)?);
+        }
+        if open()? == nofile {
+            full = Some((spliced, clients, pid));
+            break;
+        }
+    }
+    let (spliced, clients, pid) = full.context("neither limit was filled exactly")?;
+    let hello = simple_hello("echo.example");
+    let mut waiting = raw::connect(&world, 443, IO)?;
+    waiting.write_all(&hello)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let warnings = |text: &str| text.matches("accept failed").count();
+    let warned_before = warnings(&spliced.stderr_text());
+    let before = cpu_ticks(pid)?;
+    let period = Duration::from_secs(2);
+    std::thread::sleep(period);
+    let used = cpu_ticks(pid)? - before;
+    let warned = warnings(&spliced.stderr_text()) - warned_before;
+    eprintln!("out of descriptors with a client waiting: {used} ticks, {warned} warnings");
+    ensure!(
+        used < 40,
+        "spliced used {used} ticks of CPU in {period:?} while out of descriptors"
+    );
+    ensure!(
+        warned > 0,
+        "no accept failure logged:\n{}",
+        spliced.stderr_text()
+    );
+    // About one a second for each of the two workers.
+    ensure!(
+        warned <= 8,
+        "{warned} accept warnings in {period:?}:\n{}",
+        spliced.stderr_text()
+    );
+    let released = Instant::now();
+    drop(clients);
+    expect_hello(&mut waiting, &hello).context("the waiting client, once descriptors freed")?;
+    ensure!(
+        released.elapsed() < Duration::from_secs(2),
+        "the waiting client was served {:?} after connections closed",
+        released.elapsed()
+    );
+    raw::shut_and_expect_eof(&mut waiting, "the waiting client")?;
+    served(&world)
 }

@@ -351,6 +351,30 @@ fn build_defaults(
             )
         })?;
     }
+    if let Some(value) = raw.max_connections_per_source {
+        let n = *value.get_ref();
+        let per_source = usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+            src.error(
+                value.span(),
+                format!(
+                    "defaults: max_connections_per_source must be at least 1, not {n} (leave \
+                     it out for no limit)"
+                ),
+            )
+        })?;
+        // Above the global limit it could never act: most likely a slip of a digit.
+        if per_source > defaults.max_connections {
+            return Err(src.error(
+                value.span(),
+                format!(
+                    "defaults: max_connections_per_source ({per_source}) is more than \
+                     max_connections ({}), so it would never apply",
+                    defaults.max_connections
+                ),
+            ));
+        }
+        defaults.max_connections_per_source = Some(per_source);
+    }
     if let Some(value) = &raw.sockmap_backlog_limit {
         let bytes = size_value(src, value, "sockmap_backlog_limit")?;
         if bytes == 0 {

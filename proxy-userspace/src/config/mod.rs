@@ -22,6 +22,7 @@
 //! Sites are collected depth-first: a file's own `[[site]]` entries, then its includes in the
 //! order listed.
 
+mod diff;
 mod load;
 mod parse;
 mod raw;
@@ -34,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::preface::Version;
+
+pub use diff::Table;
 
 /// A validated configuration: what the proxy listens on and where each name goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +66,13 @@ pub struct Defaults {
     pub connect_timeout: Duration,
     /// Close a connection idle in both directions for this long; `None` (or `"0"`) never does.
     pub idle_timeout: Option<Duration>,
-    /// The most client connections open at once; further ones wait in the accept queue.
+    /// The most client connections open at once; further ones are accepted and closed at once
+    /// (`outcome=over_max_connections`). Read at start: a reload does not change it.
     pub max_connections: usize,
+    /// The most connections open at once from one source (an IPv4 address, or an IPv6 /64);
+    /// further ones from it are accepted and closed at once
+    /// (`outcome=over_max_connections_per_source`). `None` limits nothing. Reloadable.
+    pub max_connections_per_source: Option<usize>,
     /// Bytes a sockmap-spliced peer may have queued before its sender is paused (DESIGN.md,
     /// sockmap fact 7).
     pub sockmap_backlog_limit: u64,
@@ -91,6 +99,7 @@ impl Default for Defaults {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: None,
             max_connections: 10_000,
+            max_connections_per_source: None,
             sockmap_backlog_limit: 4 << 20,
             sockmap_handoff: 256 << 10,
             forwarded_header: ForwardedHeader::None,
@@ -454,14 +463,16 @@ impl Config {
         let _ = writeln!(
             out,
             "defaults: forwarding {}, client_hello_timeout {}, connect_timeout {}, idle_timeout {}, \
-             max_connections {}, sockmap_backlog_limit {}, sockmap_handoff {}, \
-             forwarded_header {}, max_request_head {}, trusted_proxies {}",
+             max_connections {}, max_connections_per_source {}, sockmap_backlog_limit {}, \
+             sockmap_handoff {}, forwarded_header {}, max_request_head {}, trusted_proxies {}",
             d.forwarding,
             parse::format_duration(d.client_hello_timeout),
             parse::format_duration(d.connect_timeout),
             d.idle_timeout
                 .map_or("none".to_string(), parse::format_duration),
             d.max_connections,
+            d.max_connections_per_source
+                .map_or("none".to_string(), |n| n.to_string()),
             parse::format_size(d.sockmap_backlog_limit),
             parse::format_size(d.sockmap_handoff),
             d.forwarded_header,

@@ -39,6 +39,7 @@ pub(super) struct RawDefaults {
     pub connect_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_source: Option<Spanned<i64>>,
     pub sockmap_backlog_limit: Option<Spanned<RawSize>>,
     pub sockmap_handoff: Option<Spanned<RawSize>>,
     pub forwarded_header: Option<Spanned<String>>,

@@ -208,6 +208,7 @@ client_hello_timeout = "250ms"
 connect_timeout = "1m"
 idle_timeout = "1h"
 max_connections = 500
+max_connections_per_source = 20
 sockmap_backlog_limit = "512KiB"
 sockmap_handoff = 0
 
@@ -242,6 +243,7 @@ forwarding = "auto"
             connect_timeout: Duration::from_secs(60),
             idle_timeout: Some(Duration::from_secs(3600)),
             max_connections: 500,
+            max_connections_per_source: Some(20),
             sockmap_backlog_limit: 512 * 1024,
             sockmap_handoff: 0,
             ..Defaults::default()
@@ -696,6 +698,21 @@ fn duration_and_size_errors() {
             "max_connections must be at least 1, not -5",
         ),
         ("max_connections = \"10\"", "invalid type"),
+        (
+            "max_connections_per_source = 0",
+            "defaults: max_connections_per_source must be at least 1, not 0 (leave it out for \
+             no limit)",
+        ),
+        (
+            "max_connections_per_source = -1",
+            "max_connections_per_source must be at least 1, not -1",
+        ),
+        (
+            "max_connections_per_source = 20000",
+            "defaults: max_connections_per_source (20000) is more than max_connections \
+             (10000), so it would never apply",
+        ),
+        ("max_connections_per_source = \"5\"", "invalid type"),
         (
             "forwarding = \"kernel\"",
             "defaults: forwarding must be one of",
@@ -1569,4 +1586,34 @@ fn cidr_contains() {
     assert!(net("2001:db8::", 32).contains(ip("2001:db8:1::1")));
     assert!(!net("2001:db8::", 32).contains(ip("192.0.2.1")));
     assert!(net("::", 0).contains(ip("2001:db8::1")));
+}
+
+/// The per-source limit is compared with the global one wherever either is written, and both
+/// show in the summary.
+#[test]
+fn per_source_limit_against_the_global_one() {
+    let text =
+        format!("[defaults]\nmax_connections_per_source = 50\nmax_connections = 40\n{LISTEN}");
+    refused(
+        &text,
+        "max_connections_per_source",
+        "max_connections_per_source (50) is more than max_connections (40)",
+    );
+    let text =
+        format!("[defaults]\nmax_connections_per_source = 40\nmax_connections = 40\n{LISTEN}");
+    let config = parse(&text).expect("valid");
+    assert_eq!(config.defaults.max_connections_per_source, Some(40));
+    assert!(
+        config
+            .summary()
+            .contains("max_connections 40, max_connections_per_source 40,"),
+        "{}",
+        config.summary()
+    );
+    assert!(
+        parse(LISTEN)
+            .expect("valid")
+            .summary()
+            .contains("max_connections_per_source none,")
+    );
 }

@@ -31,6 +31,9 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// Every engine, in the order metrics list them.
+    pub const ALL: [Engine; 4] = [Engine::Sockmap, Engine::Splice, Engine::Copy, Engine::Http];
+
     /// The engine's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
