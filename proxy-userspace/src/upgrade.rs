@@ -261,6 +261,21 @@ pub(crate) fn serve(
         .spawn(move || {
             // Bounded by the process: the thread ends with a takeover or when spliced exits.
             loop {
+                // Wait with poll, then accept: a thread blocked in accept(2) holds a descriptor
+                // number from the start (the kernel reserves it before waiting), invisible in
+                // /proc/self/fd, and near the descriptor limit that one is missed.
+                let mut ready = [nix::poll::PollFd::new(
+                    control.fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut ready, nix::poll::PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::error!("control socket: waiting: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
                 let conn = match socket::accept(control.fd.as_fd()) {
                     Ok(conn) => conn,
                     Err(nix::errno::Errno::EINTR) => continue,
