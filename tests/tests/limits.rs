@@ -502,3 +502,65 @@ fn out_of_descriptors_the_listeners_back_off_and_recover() -> Result<()> {
     raw::shut_and_expect_eof(&mut waiting, "the waiting client")?;
     served(&world)
 }
+
+/// Behind a balancer in `accept_proxy`, the per-source limit counts each client its PROXY
+/// header announces, not the balancer: with a limit of one, a second connection for the same
+/// announced client is closed at once and logged under that client, while another client
+/// through the same balancer is served.
+#[test]
+fn behind_a_balancer_the_per_source_limit_counts_the_announced_clients() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let config = format!(
+        "[defaults]\nforwarding = \"copy\"\nmax_connections_per_source = 1\n\n\
+         [[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\
+         accept_proxy = [\"{CLIENT_V4_B}/32\"]\n\n\
+         [[site]]\nhostnames = [\"echo.example\"]\nbackend = \"[{BACKEND_V6}]:{ECHO_PORT}\"\n"
+    );
+    let spliced = Launch::new(config).metrics().start(&world, &[443])?;
+    let hello = simple_hello("echo.example");
+    let via_balancer = |client: &str| -> Result<TcpStream> {
+        let mut stream = raw::connect_from(
+            &world,
+            Ns::Client,
+            CLIENT_V4_B,
+            SocketAddr::new(PROXY_V4, 443),
+            IO,
+        )?;
+        let header = format!("PROXY TCP4 {client} {PROXY_V4} 40000 443\r\n");
+        stream.write_all(&[header.as_bytes(), &hello].concat())?;
+        Ok(stream)
+    };
+    let mut first = via_balancer("198.51.100.7")?;
+    expect_hello(&mut first, &hello)?;
+    // The same announced client again: over its limit of one.
+    let mut second = via_balancer("198.51.100.7")?;
+    let me = second.local_addr()?;
+    let (got, end) = raw::read_to_end(&mut second, 1 << 16);
+    ensure!(
+        got.is_empty() && end == End::Eof,
+        "the second connection for one client: {} bytes, {end:?}",
+        got.len()
+    );
+    // Logged under the announced client and the balancer it came through.
+    let logged = |l: &str| {
+        field(l, "outcome") == Some("over_max_connections_per_source")
+            && field(l, "client") == Some("198.51.100.7:40000")
+            && field(l, "via") == Some(me.to_string().as_str())
+    };
+    let deadline = Instant::now() + IO;
+    while !spliced.stdout_text().lines().any(logged) {
+        ensure!(
+            Instant::now() < deadline,
+            "no over_max_connections_per_source line for 198.51.100.7 via {me}:\n{}",
+            spliced.stdout_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another client through the same balancer, while the first is still open: served.
+    let mut other = via_balancer("198.51.100.8")?;
+    expect_hello(&mut other, &hello)?;
+    raw::shut_and_expect_eof(&mut other, "another client via the balancer")?;
+    raw::shut_and_expect_eof(&mut first, "the first client via the balancer")?;
+    Ok(())
+}
