@@ -28,6 +28,20 @@ pub(super) struct RawFile {
     pub site: Vec<Spanned<RawSite>>,
     pub default: Option<Spanned<RawSite>>,
     pub xdp: Option<Spanned<RawXdp>>,
+    pub dns: Option<Spanned<RawDns>>,
+}
+
+/// `[dns]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    pub allowed_backends: Option<SpannedStrings>,
+    pub servers: Option<SpannedStrings>,
+    pub timeout: Option<Spanned<String>>,
+    pub ttl_floor: Option<Spanned<String>>,
+    pub ttl_ceiling: Option<Spanned<String>>,
+    pub negative_ttl: Option<Spanned<String>>,
+    pub proxy_protocol: Option<Spanned<String>>,
 }
 
 /// `[defaults]`.
@@ -44,6 +58,7 @@ pub(super) struct RawDefaults {
     pub forwarded_header: Option<Spanned<String>>,
     pub trusted_proxies: Option<SpannedStrings>,
     pub max_request_head: Option<Spanned<RawSize>>,
+    pub backend: Option<Spanned<String>>,
 }
 
 /// `[[listen]]`; required keys are optional here for the same reason as in [`RawSite`].
@@ -54,6 +69,7 @@ pub(super) struct RawListener {
     pub protocol: Option<Spanned<String>>,
     pub forwarding: Option<Spanned<String>>,
     pub accept_proxy: Option<SpannedStrings>,
+    pub backend: Option<Spanned<String>>,
 }
 
 /// `[[site]]` and `[default]`; `hostnames` and `backend` are optional here so that a missing one
