@@ -11,16 +11,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::watch, time::timeout};
+use tokio::{
+    io::Interest,
+    net::TcpStream,
+    sync::watch,
+    time::{timeout, timeout_at},
+};
 
 use crate::{
     access,
+    config::Site,
     config::{Cidr, ForwardedHeader, Forwarding, Protocol},
     forward::{self, Counters, Engine},
     hello, http1,
     outcome::{Failure, Outcome},
     preface,
-    shared::Shared,
+    shared::{Routing, Shared},
 };
 
 /// What the listener that accepted a connection contributes to it.
@@ -190,13 +196,12 @@ async fn serve(
     drop(ticket);
     let peer = endpoints.client;
 
-    // 3. Route.
-    let site = config.router.route(name.as_deref())?;
+    // 3. Route: a site's backend, or one from DNS. The lookup counts against connect_timeout.
+    let connect_deadline = tokio::time::Instant::now() + defaults.connect_timeout;
+    let (site, backend_addr, dns_name) =
+        route(&config, listener, name.as_deref(), local.port()).await?;
     facts.site = Some(site.name.clone());
     facts.proxy_protocol = site.proxy_protocol;
-    let Some(backend_addr) = site.backend.for_listener(listener.protocol, local.port()) else {
-        return Err(Outcome::NoBackendForProtocol.into());
-    };
     facts.backend = Some(backend_addr);
 
     // A header site's requests are framed; the first one is checked before the backend is
@@ -223,7 +228,7 @@ async fn serve(
     }
 
     // 4. Connect.
-    let backend = match timeout(defaults.connect_timeout, TcpStream::connect(backend_addr)).await {
+    let backend = match timeout_at(connect_deadline, TcpStream::connect(backend_addr)).await {
         Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
         Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
         Ok(Ok(stream)) => stream,
@@ -253,10 +258,14 @@ async fn serve(
         facts.hello_len = 0;
         facts.engine = Some(Engine::Http);
         let router = &config.router;
-        let same_site = |host: Option<&str>| {
-            router
+        let same_site = |host: Option<&str>| match &dns_name {
+            // A DNS backend serves the one name it was looked up for.
+            Some(looked_up) => host
+                .and_then(crate::name::normalize_cow)
+                .is_some_and(|host| host == looked_up.as_str()),
+            None => router
                 .route(host)
-                .is_ok_and(|other| std::ptr::eq(other, site))
+                .is_ok_and(|other| std::ptr::eq(other, site)),
         };
         let params = forward::http::Params {
             framer,
@@ -379,6 +388,49 @@ async fn serve(
         forward::reset_on_close(&backend);
     }
     result
+}
+
+/// Finds where a connection for `name` goes: the site that claims it, else (on a listener with
+/// `backend = "dns"`) the address DNS gives for it, else the default site. Returns the site (the
+/// `[dns]` one for a DNS backend), the backend's address, and the name looked up, if any.
+async fn route<'a>(
+    routing: &'a Routing,
+    listener: &ListenerInfo,
+    name: Option<&str>,
+    port: u16,
+) -> Result<(&'a Site, SocketAddr, Option<String>), Failure> {
+    let uses_dns = routing
+        .config
+        .listeners
+        .iter()
+        .any(|l| l.address == listener.address && l.dns);
+    if uses_dns
+        && let (Some(resolver), Some(dns_site), Some(settings)) =
+            (&routing.dns, &routing.dns_site, &routing.config.dns)
+        && let Some(name) = name.and_then(crate::name::normalize_cow)
+        && routing.router.find(&name).is_none()
+    {
+        let limit = settings
+            .timeout
+            .min(routing.config.defaults.connect_timeout);
+        let ip = match timeout(limit, resolver.resolve(&name)).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    Outcome::DnsTimeout,
+                    format!("no answer within {limit:?}"),
+                ));
+            }
+            Ok(Err(failure)) => return Err(Failure::new(failure.kind.into(), failure.detail)),
+            Ok(Ok(ip)) => ip,
+        };
+        let backend = SocketAddr::new(ip.into(), port);
+        return Ok((dns_site, backend, Some(name.into_owned())));
+    }
+    let site = routing.router.route(name)?;
+    let Some(backend) = site.backend.for_listener(listener.protocol, port) else {
+        return Err(Outcome::NoBackendForProtocol.into());
+    };
+    Ok((site, backend, None))
 }
 
 /// Resolves once no byte moved in either direction for `idle`; never without an idle limit.

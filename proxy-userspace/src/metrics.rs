@@ -46,6 +46,16 @@ pub fn render(shared: &Shared) -> String {
             source.name()
         );
     }
+    if let Some(dns) = &shared.current().dns {
+        // Since the last reload (each configuration has its own resolver and cache).
+        let _ = writeln!(
+            out,
+            "# HELP spliced_dns_queries_total DNS queries sent for [dns] backends since the last \
+             reload; cache hits and lookups that joined one in flight send none.\n\
+             # TYPE spliced_dns_queries_total counter\nspliced_dns_queries_total {}",
+            dns.queries()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP spliced_open_connections Connections being served now.\n\

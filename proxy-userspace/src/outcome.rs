@@ -137,11 +137,21 @@ pub enum Outcome {
     /// A source in `accept_proxy` sent a PROXY header that breaks the spec (the detail says
     /// how: length, grammar, family, TLVs, CRC32C).
     ProxyHeaderInvalid,
+    /// A name for a `[dns]` backend does not exist (NXDOMAIN) or has no AAAA record (also what
+    /// a CNAME loop ends in); refused like an unknown name.
+    DnsNotFound,
+    /// A name for a `[dns]` backend has addresses, but none inside `allowed_backends` that may
+    /// be used (the detail lists each with its reason).
+    DnsNotAllowed,
+    /// The lookup for a `[dns]` backend took longer than `[dns] timeout`.
+    DnsTimeout,
+    /// The name servers failed (SERVFAIL, REFUSED, unreachable).
+    DnsError,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 41] = [
+    pub const ALL: [Outcome; 45] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -183,6 +193,10 @@ impl Outcome {
         Outcome::ProxyHeaderUntrusted,
         Outcome::ProxyHeaderMissing,
         Outcome::ProxyHeaderInvalid,
+        Outcome::DnsNotFound,
+        Outcome::DnsNotAllowed,
+        Outcome::DnsTimeout,
+        Outcome::DnsError,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -229,6 +243,10 @@ impl Outcome {
             Outcome::ProxyHeaderUntrusted => "proxy_header_untrusted",
             Outcome::ProxyHeaderMissing => "proxy_header_missing",
             Outcome::ProxyHeaderInvalid => "proxy_header_invalid",
+            Outcome::DnsNotFound => "dns_not_found",
+            Outcome::DnsNotAllowed => "dns_not_allowed",
+            Outcome::DnsTimeout => "dns_timeout",
+            Outcome::DnsError => "dns_error",
         }
     }
 
@@ -262,7 +280,8 @@ impl Outcome {
             | Outcome::MisdirectedRequest
             | Outcome::ProxyHeaderUntrusted
             | Outcome::ProxyHeaderMissing
-            | Outcome::ProxyHeaderInvalid => Some(Source::Client),
+            | Outcome::ProxyHeaderInvalid
+            | Outcome::DnsNotFound => Some(Source::Client),
             Outcome::BackendConnectTimeout
             | Outcome::BackendUnreachable
             | Outcome::BackendError
@@ -277,7 +296,11 @@ impl Outcome {
             | Outcome::IdleTimeout
             | Outcome::KernelAccounting
             | Outcome::Shutdown
-            | Outcome::ShedBeforeHello => Some(Source::Proxy),
+            | Outcome::ShedBeforeHello
+            // The fence refused what DNS said, or the name servers failed us.
+            | Outcome::DnsNotAllowed
+            | Outcome::DnsTimeout
+            | Outcome::DnsError => Some(Source::Proxy),
         }
     }
 
@@ -294,7 +317,12 @@ impl Outcome {
             Outcome::MissingName
             | Outcome::UnknownName
             | Outcome::NoBackendForProtocol
-            | Outcome::MisdirectedRequest => (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421()),
+            | Outcome::MisdirectedRequest
+            // A DNS backend that cannot be used is, to the client, a name nobody serves.
+            | Outcome::DnsNotFound
+            | Outcome::DnsNotAllowed
+            | Outcome::DnsTimeout
+            | Outcome::DnsError => (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421()),
             Outcome::BackendUnreachable => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_502()),
             Outcome::BackendConnectTimeout => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_504()),
             Outcome::HeadTooLarge => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_431()),
@@ -384,6 +412,18 @@ impl From<RouteError> for Outcome {
         match error {
             RouteError::MissingName => Outcome::MissingName,
             RouteError::UnknownName => Outcome::UnknownName,
+        }
+    }
+}
+
+impl From<crate::dns::FailureKind> for Outcome {
+    fn from(kind: crate::dns::FailureKind) -> Outcome {
+        use crate::dns::FailureKind;
+        match kind {
+            FailureKind::NotFound => Outcome::DnsNotFound,
+            FailureKind::NotAllowed => Outcome::DnsNotAllowed,
+            FailureKind::Timeout => Outcome::DnsTimeout,
+            FailureKind::Error => Outcome::DnsError,
         }
     }
 }
@@ -542,6 +582,10 @@ mod tests {
             "proxy_header_untrusted",
             "proxy_header_missing",
             "proxy_header_invalid",
+            "dns_not_found",
+            "dns_not_allowed",
+            "dns_timeout",
+            "dns_error",
         ] {
             assert!(names.contains(&published), "{published}");
         }

@@ -5,6 +5,7 @@
 //! owns the tasks) and [`crate::conn`] (which serves one connection with it), so neither imports
 //! the other for it; [`crate::metrics`] reads it too.
 use std::{
+    net::Ipv6Addr,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -15,7 +16,14 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    access, config::Config, ebpf::Kernel, outcome::Outcome, route::Router, shed::PreHello,
+    access,
+    config::{Backend, Config, Site, Tlvs},
+    dns,
+    ebpf::Kernel,
+    outcome::Outcome,
+    preface::Version,
+    route::Router,
+    shed::PreHello,
 };
 
 /// Routing state swapped as a whole on reload.
@@ -24,13 +32,50 @@ pub struct Routing {
     pub config: Config,
     /// Its routing table.
     pub router: Router,
+    /// The resolver for `[dns]` backends, with its cache (a reload starts an empty one).
+    pub dns: Option<dns::Resolver>,
+    /// What connections to DNS backends are served as (`site=dns` in the log): `[dns]`'s PROXY
+    /// setting, `[defaults]`' header.
+    pub dns_site: Option<Site>,
 }
 
 impl Routing {
-    /// Builds the routing table for `config`.
-    pub fn new(config: Config) -> Routing {
+    /// Builds the routing table for `config`, and its DNS resolver when `[dns]` is set (which
+    /// fails when `resolv.conf` is needed and unreadable, or its thread cannot start).
+    pub fn new(config: Config) -> Result<Routing> {
         let router = Router::new(&config);
-        Routing { config, router }
+        let dns = match &config.dns {
+            Some(settings) => {
+                // Listeners on a specific address are ours even if no interface shows it
+                // (a service address being moved, for example).
+                let listeners: Vec<_> = config.listeners.iter().map(|l| l.address.ip()).collect();
+                Some(dns::Resolver::new(settings, &listeners).context("starting [dns]")?)
+            }
+            None => None,
+        };
+        let dns_site = config.dns.as_ref().map(|settings| Site {
+            name: "dns".into(),
+            hostnames: Vec::new(),
+            // Never used: the address comes from the lookup.
+            backend: Backend::Addr {
+                ip: Ipv6Addr::UNSPECIFIED.into(),
+                port: None,
+            },
+            proxy_protocol: settings.proxy_protocol,
+            tlvs: Tlvs {
+                authority: settings.proxy_protocol == Version::V2,
+                ..Tlvs::default()
+            },
+            forwarding: None,
+            forwarded_header: config.defaults.forwarded_header,
+            origin: settings.origin.clone(),
+        });
+        Ok(Routing {
+            config,
+            router,
+            dns,
+            dns_site,
+        })
     }
 }
 
@@ -63,7 +108,7 @@ impl Shared {
         access_log: access::Log,
     ) -> Result<Shared> {
         Ok(Shared {
-            routing: RwLock::new(Arc::new(Routing::new(config))),
+            routing: RwLock::new(Arc::new(Routing::new(config)?)),
             kernel,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
             next_id: AtomicU64::new(0),
