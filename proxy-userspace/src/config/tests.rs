@@ -1597,15 +1597,13 @@ fn dns_backends_with_defaults() {
 
 #[test]
 fn dns_backends_explicit() {
-    let text = format!(
-        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\nbackend = \"dns\"\n\
+    let text = "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\nbackend = \"dns\"\n\
          [defaults]\nconnect_timeout = \"2s\"\n\
          [dns]\nallowed_backends = [\"2001:db8:1::/48\"]\n\
          servers = [\"2001:db8:53::53\", \"[2001:db8:53::54]:5353\"]\n\
          timeout = \"500ms\"\nttl_floor = \"1s\"\nttl_ceiling = \"1m\"\nnegative_ttl = \"2s\"\n\
-         proxy_protocol = \"v2\"\n"
-    );
-    let config = parse(&text).expect("valid");
+         proxy_protocol = \"v2\"\n";
+    let config = parse(text).expect("valid");
     assert!(config.listeners[0].dns);
     assert!(
         config
