@@ -3,7 +3,7 @@
 //! Each connection is its own task with its own deadlines, so a slow or silent client only ever
 //! waits on its own timer.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -20,8 +20,8 @@ use tokio::{
 
 use crate::{
     access,
-    config::Site,
     config::{Cidr, ForwardedHeader, Forwarding, Protocol},
+    config::{Site, SourceAddress},
     forward::{self, Counters, Engine},
     hello, http1,
     outcome::{Failure, Outcome},
@@ -227,8 +227,14 @@ async fn serve(
             .map_err(|e| Failure::from(forward::http::Refusal::Request(e)))?;
     }
 
-    // 4. Connect.
-    let backend = match timeout_at(connect_deadline, TcpStream::connect(backend_addr)).await {
+    // 4. Connect, from the client's IPv4 address inside source_prefix if the site says so.
+    let source = match (site.source, defaults.source_prefix) {
+        (SourceAddress::Embed, Some(prefix)) if backend_addr.is_ipv6() => {
+            embed(prefix, endpoints.client.ip())
+        }
+        _ => None,
+    };
+    let backend = match timeout_at(connect_deadline, connect(backend_addr, source)).await {
         Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
         Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
         Ok(Ok(stream)) => stream,
@@ -388,6 +394,37 @@ async fn serve(
         forward::reset_on_close(&backend);
     }
     result
+}
+
+/// The NAT46 source for `client`: `prefix` (a /96) with the IPv4 address in its last 32 bits;
+/// `None` for an IPv6 client, which has no IPv4 address to embed (an IPv4-mapped one does).
+fn embed(prefix: Cidr, client: IpAddr) -> Option<Ipv6Addr> {
+    let (IpAddr::V6(prefix), IpAddr::V4(client)) = (prefix.addr, client.to_canonical()) else {
+        return None;
+    };
+    Some(Ipv6Addr::from(
+        u128::from(prefix) | u128::from(u32::from(client)),
+    ))
+}
+
+/// Connects to `backend`, from `source` when given. That address is on no interface: the
+/// socket gets `IP_TRANSPARENT` (or `IP_FREEBIND` where that is refused, which needs no
+/// privilege) so that it may be bound, and the port is chosen at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`). Replies reach the socket only if the prefix is routed locally
+/// (`ip -6 route add local <prefix> dev lo`) and the backend network routes it to us.
+async fn connect(backend: SocketAddr, source: Option<Ipv6Addr>) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let Some(source) = source else {
+        return TcpStream::connect(backend).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    if setsockopt(&socket, sockopt::IpTransparent, &true).is_err() {
+        setsockopt(&socket, sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+    }
+    // Best effort: without it, bind picks a port unique to the source address alone.
+    let _ = setsockopt(&socket, sockopt::IpBindAddressNoPort, &true);
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    socket.connect(backend).await
 }
 
 /// Finds where a connection for `name` goes: the site that claims it, else (on a listener with
@@ -613,4 +650,23 @@ async fn refuse(client: &TcpStream, protocol: Protocol, outcome: Outcome) -> u64
     })
     .await;
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeds_ipv4_clients_only() {
+        let prefix = Cidr {
+            addr: "2001:db8:4646::".parse().expect("address"),
+            prefix: 96,
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        let want: Ipv6Addr = "2001:db8:4646::c000:20a".parse().expect("address");
+        assert_eq!(embed(prefix, ip("192.0.2.10")), Some(want));
+        assert_eq!(embed(prefix, ip("::ffff:192.0.2.10")), Some(want));
+        assert_eq!(embed(prefix, ip("2001:db8:c::10")), None);
+        assert_eq!(want.to_string(), "2001:db8:4646::c000:20a");
+    }
 }

@@ -117,7 +117,9 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, Defaults, ForwardedHeader, Listener, Origin, Protocol, Tlvs};
+    use crate::config::{
+        Backend, Defaults, ForwardedHeader, Listener, Origin, Protocol, SourceAddress, Tlvs,
+    };
     use crate::preface::Version;
     use std::net::{Ipv6Addr, SocketAddr};
     use std::path::PathBuf;
@@ -134,6 +136,7 @@ mod tests {
             tlvs: Tlvs::default(),
             forwarding: None,
             forwarded_header: ForwardedHeader::None,
+            source: SourceAddress::Proxy,
             origin: Origin {
                 file: PathBuf::from("test.toml"),
                 line: 1,

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     access,
-    config::{Backend, Config, Site, Tlvs},
+    config::{Backend, Config, Site, SourceAddress, Tlvs},
     dns,
     ebpf::Kernel,
     outcome::Outcome,
@@ -68,6 +68,7 @@ impl Routing {
             },
             forwarding: None,
             forwarded_header: config.defaults.forwarded_header,
+            source: SourceAddress::Proxy,
             origin: settings.origin.clone(),
         });
         Ok(Routing {

@@ -18,7 +18,7 @@ use super::{
     Backend, Config, ConfigError, Defaults, Dns, ForwardedHeader, Forwarding, Listener, Origin,
     Site, Tlvs,
 };
-use super::{Cidr, Protocol, SynLimit, Xdp, XdpMode, parse};
+use super::{Cidr, Protocol, SourceAddress, SynLimit, Xdp, XdpMode, parse};
 use crate::preface::Version;
 
 /// A file's name and text, to turn byte spans into lines and columns.
@@ -102,6 +102,8 @@ struct Loader {
 struct SiteRules {
     default_header: ForwardedHeader,
     http_listener: bool,
+    /// Whether `[defaults]` has a `source_prefix` for `source = "embed"`.
+    source_prefix: bool,
 }
 
 /// Builds a [`Config`] from the main file's text, reading includes relative to `path`.
@@ -154,6 +156,7 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
     let rules = SiteRules {
         default_header: defaults.forwarded_header,
         http_listener,
+        source_prefix: defaults.source_prefix.is_some(),
     };
     let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut loader = Loader {
@@ -619,6 +622,20 @@ fn build_defaults(
             ));
         }
         defaults.max_request_head = usize::try_from(bytes).unwrap_or(1 << 20);
+    }
+    if let Some(value) = raw.source_prefix {
+        let cidr = network(src, &value, "defaults: source_prefix")?;
+        if !cidr.addr.is_ipv6() || cidr.prefix != 96 {
+            return Err(src.error(
+                value.span(),
+                format!(
+                    "defaults: source_prefix {:?} must be an IPv6 /96, such as \
+                     \"2001:db8:4646::/96\": the client's 32-bit IPv4 address fills the rest",
+                    value.get_ref()
+                ),
+            ));
+        }
+        defaults.source_prefix = Some(cidr);
     }
     Ok(defaults)
 }
@@ -1113,6 +1130,29 @@ fn build_site(
         }
     };
 
+    let source = match &raw.source {
+        None => SourceAddress::Proxy,
+        Some(value) => match value.get_ref().as_str() {
+            "proxy" => SourceAddress::Proxy,
+            "embed" if rules.source_prefix => SourceAddress::Embed,
+            "embed" => {
+                return Err(src.error(
+                    value.span(),
+                    format!(
+                        "{context}: source = \"embed\" needs source_prefix in [defaults], e.g. \
+                         source_prefix = \"2001:db8:4646::/96\""
+                    ),
+                ));
+            }
+            other => {
+                return Err(src.error(
+                    value.span(),
+                    format!("{context}: source must be \"proxy\" or \"embed\", not {other:?}"),
+                ));
+            }
+        },
+    };
+
     let site = Site {
         name: hostnames
             .first()
@@ -1124,6 +1164,7 @@ fn build_site(
         tlvs,
         forwarding,
         forwarded_header,
+        source,
         origin: src.origin(span),
     };
     Ok((site, spans))

@@ -109,6 +109,9 @@ pub struct Defaults {
     /// The longest HTTP request head (request line, header lines, blank line) read on `http`
     /// listeners: the first request's, and every later one on a header site's connection.
     pub max_request_head: usize,
+    /// The /96 that `source = "embed"` sites put the client's IPv4 address in, to form the
+    /// source address of the backend connection (NAT46 source); `None` when no site embeds.
+    pub source_prefix: Option<Cidr>,
 }
 
 impl Default for Defaults {
@@ -125,6 +128,7 @@ impl Default for Defaults {
             forwarded_header: ForwardedHeader::None,
             trusted_proxies: Vec::new(),
             max_request_head: 16 << 10,
+            source_prefix: None,
         }
     }
 }
@@ -252,8 +256,22 @@ pub struct Site {
     /// The header added to each request on `http` listeners: the site's own setting, else
     /// `[defaults]`'. Connections on `tls` listeners never get one.
     pub forwarded_header: ForwardedHeader,
+    /// The source address of connections to the backend.
+    pub source: SourceAddress,
     /// Where the site was declared, for messages.
     pub origin: Origin,
+}
+
+/// The source address of a site's backend connections (`source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceAddress {
+    /// The proxy's own address toward the backend (the default).
+    #[default]
+    Proxy,
+    /// `[defaults] source_prefix` plus the client's IPv4 address, so an unmodified backend
+    /// logs the client: `2001:db8:4646::/96` and 192.0.2.10 give `2001:db8:4646::c000:20a`.
+    /// IPv6 clients (and IPv4 backends) keep the proxy's own address.
+    Embed,
 }
 
 /// PROXY protocol v2 TLVs a site asks for (`proxy_protocol_tlvs`).

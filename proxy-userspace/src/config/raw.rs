@@ -59,6 +59,7 @@ pub(super) struct RawDefaults {
     pub trusted_proxies: Option<SpannedStrings>,
     pub max_request_head: Option<Spanned<RawSize>>,
     pub backend: Option<Spanned<String>>,
+    pub source_prefix: Option<Spanned<String>>,
 }
 
 /// `[[listen]]`; required keys are optional here for the same reason as in [`RawSite`].
@@ -83,6 +84,7 @@ pub(super) struct RawSite {
     pub proxy_protocol_tlvs: Option<SpannedStrings>,
     pub forwarding: Option<Spanned<String>>,
     pub forwarded_header: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
 }
 
 /// `[xdp]`; `interfaces` is optional here so that a missing one gets a message saying what to

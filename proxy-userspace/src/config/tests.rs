@@ -156,6 +156,7 @@ backend = "2001:db8:1::12"
                 },
                 forwarding: None,
                 forwarded_header: ForwardedHeader::None,
+                source: SourceAddress::Proxy,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: line_of(text, "[[site]]\nhostnames = [\"site1")
@@ -172,6 +173,7 @@ backend = "2001:db8:1::12"
                 tlvs: Tlvs::default(),
                 forwarding: None,
                 forwarded_header: ForwardedHeader::None,
+                source: SourceAddress::Proxy,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: 20
@@ -192,6 +194,7 @@ backend = "2001:db8:1::12"
             tlvs: Tlvs::default(),
             forwarding: None,
             forwarded_header: ForwardedHeader::None,
+            source: SourceAddress::Proxy,
             origin: Origin {
                 file: "main.toml".into(),
                 line: 25
@@ -1688,5 +1691,54 @@ fn dns_backends_refused() {
         &with(&format!("{fenced}proxy_protocol = \"v3\"\n")),
         "proxy_protocol",
         "dns: proxy_protocol must be one of none, v1, v2",
+    );
+}
+
+#[test]
+fn source_embed() {
+    let text = format!(
+        "{LISTEN}[defaults]\nsource_prefix = \"2001:db8:4646::/96\"\n\
+         [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8:1::10\"\nsource = \"embed\"\n\
+         [[site]]\nhostnames = [\"b.example\"]\nbackend = \"2001:db8:1::10\"\n"
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(
+        config.defaults.source_prefix,
+        Some(Cidr {
+            addr: ip("2001:db8:4646::"),
+            prefix: 96
+        })
+    );
+    assert_eq!(config.sites[0].source, SourceAddress::Embed);
+    assert_eq!(config.sites[1].source, SourceAddress::Proxy);
+
+    let site = "[[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8:1::10\"\n";
+    refused(
+        &format!("{LISTEN}{site}source = \"embed\"\n"),
+        "source = ",
+        "source = \"embed\" needs source_prefix in [defaults]",
+    );
+    let with_prefix = |prefix: &str, source: &str| {
+        format!("{LISTEN}[defaults]\nsource_prefix = \"{prefix}\"\n{site}source = \"{source}\"\n")
+    };
+    refused(
+        &with_prefix("2001:db8:4646::/64", "embed"),
+        "source_prefix",
+        "must be an IPv6 /96",
+    );
+    refused(
+        &with_prefix("192.0.2.0/24", "embed"),
+        "source_prefix",
+        "must be an IPv6 /96",
+    );
+    refused(
+        &with_prefix("2001:db8:4646::1/96", "embed"),
+        "source_prefix",
+        "bits set after the prefix",
+    );
+    refused(
+        &with_prefix("2001:db8:4646::/96", "client"),
+        "source = ",
+        "source must be \"proxy\" or \"embed\"",
     );
 }
