@@ -99,7 +99,7 @@ enum Slot {
 /// Settings a query needs, shared with the resolver thread.
 struct Rules {
     allowed: Vec<Cidr>,
-    own: Vec<IpAddr>,
+    own: Own,
     timeout: Duration,
     ttl_floor: Duration,
     ttl_ceiling: Duration,
@@ -120,10 +120,19 @@ pub struct Resolver {
 impl Resolver {
     /// Builds the resolver for `config`: its name servers (or `/etc/resolv.conf`'s), and the
     /// proxy's own addresses, which are never a backend. `extra_own` adds addresses that are
-    /// ours without being on an interface (listeners on specific addresses already are).
-    pub fn new(config: &DnsConfig, extra_own: &[IpAddr]) -> Result<Resolver> {
-        let mut own = own_addresses().context("reading the proxy's own addresses")?;
-        own.extend_from_slice(extra_own);
+    /// ours without being on an interface (listeners on specific addresses), `own_networks`
+    /// networks routed to this host as local (the NAT46 `source_prefix`).
+    pub fn new(
+        config: &DnsConfig,
+        extra_own: &[IpAddr],
+        own_networks: &[Cidr],
+    ) -> Result<Resolver> {
+        let mut addresses = own_addresses().context("reading the proxy's own addresses")?;
+        addresses.extend_from_slice(extra_own);
+        let own = Own {
+            addresses,
+            networks: own_networks.to_vec(),
+        };
         let rules = Arc::new(Rules {
             allowed: config.allowed_backends.clone(),
             own,
@@ -354,9 +363,19 @@ fn classify(error: &NetError) -> (FailureKind, String) {
     }
 }
 
+/// What is ours: addresses on interfaces (and listeners'), and networks routed to us as local.
+#[derive(Debug, Clone, Default)]
+pub struct Own {
+    /// Single addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Whole networks, such as the NAT46 `source_prefix`, which is routed locally: a
+    /// connection to any address in it would reach this host.
+    pub networks: Vec<Cidr>,
+}
+
 /// Whether `ip` may be a backend: inside one of `allowed`, and none of the addresses that
 /// would make the proxy reach itself, its host or anything but one unicast backend.
-pub fn judge(ip: Ipv6Addr, allowed: &[Cidr], own: &[IpAddr]) -> Result<(), &'static str> {
+pub fn judge(ip: Ipv6Addr, allowed: &[Cidr], own: &Own) -> Result<(), &'static str> {
     let segments = ip.segments();
     if ip.is_unspecified() {
         return Err("unspecified");
@@ -377,8 +396,15 @@ pub fn judge(ip: Ipv6Addr, allowed: &[Cidr], own: &[IpAddr]) -> Result<(), &'sta
     if segments[..6] == [0; 6] {
         return Err("IPv4-compatible");
     }
-    if own.iter().any(|o| o.to_canonical() == IpAddr::V6(ip)) {
+    if own
+        .addresses
+        .iter()
+        .any(|o| o.to_canonical() == IpAddr::V6(ip))
+    {
         return Err("the proxy's own address");
+    }
+    if own.networks.iter().any(|net| net.contains(IpAddr::V6(ip))) {
+        return Err("the proxy's source_prefix");
     }
     if !allowed.iter().any(|net| net.contains(IpAddr::V6(ip))) {
         return Err("outside allowed_backends");
@@ -421,7 +447,10 @@ mod tests {
     #[test]
     fn only_allowed_unicast_backends() {
         let allowed = [net("2001:db8:1::/48"), net("::/0")];
-        let own = [IpAddr::V6(ip("2001:db8:1::1"))];
+        let own = Own {
+            addresses: vec![IpAddr::V6(ip("2001:db8:1::1"))],
+            networks: vec![net("2001:db8:1:4646::/96")],
+        };
         let only = [net("2001:db8:1::/48")];
         assert_eq!(judge(ip("2001:db8:1::20"), &only, &own), Ok(()));
         assert_eq!(
@@ -438,6 +467,7 @@ mod tests {
             ("::ffff:192.0.2.1", "IPv4-mapped"),
             ("::192.0.2.1", "IPv4-compatible"),
             ("2001:db8:1::1", "the proxy's own address"),
+            ("2001:db8:1:4646::c000:202", "the proxy's source_prefix"),
         ] {
             assert_eq!(judge(ip(bad), &allowed, &own), Err(why), "{bad}");
         }
@@ -446,7 +476,10 @@ mod tests {
     #[test]
     fn own_ipv4_mapped_counts_as_own() {
         let allowed = [net("::/0")];
-        let own = [IpAddr::V6(ip("::ffff:192.0.2.1"))];
+        let own = Own {
+            addresses: vec![IpAddr::V6(ip("::ffff:192.0.2.1"))],
+            networks: Vec::new(),
+        };
         // A mapped own address compares as its IPv4 form; the IPv6 check above catches it first.
         assert_eq!(
             judge(ip("::ffff:192.0.2.1"), &allowed, &own),

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     access,
-    config::{Backend, Config, Site, SourceAddress, Tlvs},
+    config::{Backend, Config, Site, Tlvs},
     dns,
     ebpf::Kernel,
     outcome::Outcome,
@@ -49,7 +49,11 @@ impl Routing {
                 // Listeners on a specific address are ours even if no interface shows it
                 // (a service address being moved, for example).
                 let listeners: Vec<_> = config.listeners.iter().map(|l| l.address.ip()).collect();
-                Some(dns::Resolver::new(settings, &listeners).context("starting [dns]")?)
+                let networks: Vec<_> = config.defaults.source_prefix.into_iter().collect();
+                Some(
+                    dns::Resolver::new(settings, &listeners, &networks)
+                        .context("starting [dns]")?,
+                )
             }
             None => None,
         };
@@ -68,7 +72,7 @@ impl Routing {
             },
             forwarding: None,
             forwarded_header: config.defaults.forwarded_header,
-            source: SourceAddress::Proxy,
+            source: settings.source,
             origin: settings.origin.clone(),
         });
         Ok(Routing {

@@ -188,6 +188,31 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// A site's or `[dns]`' `source`: `"proxy"` or `"embed"`, which needs `[defaults]
+/// source_prefix`.
+fn source_address(
+    src: &Source,
+    value: &Spanned<String>,
+    context: &str,
+    have_prefix: bool,
+) -> Result<SourceAddress, ConfigError> {
+    match value.get_ref().as_str() {
+        "proxy" => Ok(SourceAddress::Proxy),
+        "embed" if have_prefix => Ok(SourceAddress::Embed),
+        "embed" => Err(src.error(
+            value.span(),
+            format!(
+                "{context}: source = \"embed\" needs source_prefix in [defaults], e.g. \
+                 source_prefix = \"2001:db8:4646::/96\""
+            ),
+        )),
+        other => Err(src.error(
+            value.span(),
+            format!("{context}: source must be \"proxy\" or \"embed\", not {other:?}"),
+        )),
+    }
+}
+
 /// A listener's or `[defaults]`' `backend`: `"dns"` (look up names no site claims) or
 /// `"none"` (refuse them, the default). `"dns"` needs a `[dns]` section.
 fn dns_backend(
@@ -369,6 +394,10 @@ fn build_dns(
             )
         })?,
     };
+    let source = match &raw.source {
+        None => SourceAddress::Proxy,
+        Some(value) => source_address(src, value, "dns", defaults.source_prefix.is_some())?,
+    };
     Ok(SpannedDns {
         dns: Dns {
             allowed_backends,
@@ -378,6 +407,7 @@ fn build_dns(
             ttl_ceiling,
             negative_ttl,
             proxy_protocol,
+            source,
             origin: src.origin(span.clone()),
         },
         span,
@@ -1132,25 +1162,7 @@ fn build_site(
 
     let source = match &raw.source {
         None => SourceAddress::Proxy,
-        Some(value) => match value.get_ref().as_str() {
-            "proxy" => SourceAddress::Proxy,
-            "embed" if rules.source_prefix => SourceAddress::Embed,
-            "embed" => {
-                return Err(src.error(
-                    value.span(),
-                    format!(
-                        "{context}: source = \"embed\" needs source_prefix in [defaults], e.g. \
-                         source_prefix = \"2001:db8:4646::/96\""
-                    ),
-                ));
-            }
-            other => {
-                return Err(src.error(
-                    value.span(),
-                    format!("{context}: source must be \"proxy\" or \"embed\", not {other:?}"),
-                ));
-            }
-        },
+        Some(value) => source_address(src, value, &context, rules.source_prefix)?,
     };
 
     let site = Site {

@@ -77,6 +77,8 @@ pub struct Dns {
     /// The PROXY header sent to every DNS backend (default none); the v2 header carries the
     /// name (`PP2_TYPE_AUTHORITY`).
     pub proxy_protocol: Version,
+    /// The source address of connections to DNS backends, as a site's `source`.
+    pub source: SourceAddress,
     /// Where `[dns]` was declared.
     pub origin: Origin,
 }

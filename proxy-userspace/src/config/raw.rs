@@ -42,6 +42,7 @@ pub(super) struct RawDns {
     pub ttl_ceiling: Option<Spanned<String>>,
     pub negative_ttl: Option<Spanned<String>>,
     pub proxy_protocol: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
 }
 
 /// `[defaults]`.

@@ -1688,6 +1688,11 @@ fn dns_backends_refused() {
         "shorter than ttl_floor",
     );
     refused(
+        &with(&format!("{fenced}source = \"embed\"\n")),
+        "source = ",
+        "dns: source = \"embed\" needs source_prefix",
+    );
+    refused(
         &with(&format!("{fenced}proxy_protocol = \"v3\"\n")),
         "proxy_protocol",
         "dns: proxy_protocol must be one of none, v1, v2",
