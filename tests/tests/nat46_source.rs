@@ -1,12 +1,13 @@
 //! The client's IPv4 address in the IPv6 source (issue 17, `source = "embed"`): nginx and
 //! Apache with neither PROXY nor a real-IP module log `<source_prefix>::<client IPv4>` as the
 //! peer, through every engine (copy, splice, sockmap, auto, and the `http` header engine),
-//! while a site without `source` still shows the proxy's own address.
+//! while a site without `source`, and an IPv6 client (no IPv4 address to embed), still show
+//! the proxy's own address.
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
-    CLIENT_V4, PROXY_V6, World,
+    CLIENT_V4, CLIENT_V6, Ns, PROXY_FRONT_V6, PROXY_V6, World,
     backends::{self, NginxServer, RemoteIp},
     spliced::{Launch, field},
 };
@@ -20,7 +21,8 @@ const ENGINES: [&str; 4] = ["copy", "splice", "sockmap", "auto"];
 fn config() -> String {
     let mut config = format!(
         "[defaults]\nsource_prefix = \"{PREFIX}\"\nsockmap_handoff = 0\n\n\
-         [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\n"
+         [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\n\
+         [[listen]]\naddress = \"[::]:80\"\nprotocol = \"http\"\n\n"
     );
     for (server, port) in [("nginx", 8080), ("apache", 8081)] {
         for engine in ENGINES {
@@ -46,6 +48,7 @@ fn nat46_source_in_nginx_and_apache_logs() -> Result<()> {
     spliced_tests::require_root()?;
     let world = World::new()?;
     world.nat46(PREFIX)?;
+    world.client_v6()?;
     let _nginx = backends::nginx(
         &world,
         &[NginxServer {
@@ -107,5 +110,38 @@ fn nat46_source_in_nginx_and_apache_logs() -> Result<()> {
             );
         }
     }
+
+    // An IPv6 client has no IPv4 address to embed: the backend sees the proxy's own address.
+    let out = world
+        .command(Ns::Client, "curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--interface",
+            &CLIENT_V6.to_string(),
+        ])
+        .args([
+            "--resolve",
+            &format!("copy.nginx.example:80:[{PROXY_FRONT_V6}]"),
+        ])
+        .arg("http://copy.nginx.example/?v6")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "IPv6 client: curl {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = "\"GET /?v6 HTTP/1.1\" 200";
+    let text = backends::wait_log(&backends::nginx_log(&world, 8080), request)?;
+    let line = text
+        .lines()
+        .find(|l| l.contains(request))
+        .context("the IPv6 request's line")?;
+    ensure!(
+        line.starts_with(&format!("{PROXY_V6}:")),
+        "IPv6 client: nginx logged {line:?}, want the proxy's {PROXY_V6}"
+    );
     Ok(())
 }
