@@ -113,7 +113,7 @@ pub struct Resolver {
     runtime: tokio::runtime::Handle,
     rules: Arc<Rules>,
     cache: Arc<Mutex<HashMap<String, Slot>>>,
-    queries: Arc<AtomicU64>,
+    lookups: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -201,14 +201,14 @@ impl Resolver {
             runtime,
             rules,
             cache: Arc::new(Mutex::new(HashMap::new())),
-            queries: Arc::new(AtomicU64::new(0)),
+            lookups: Arc::new(AtomicU64::new(0)),
             _stop: stop_tx,
         })
     }
 
-    /// Queries sent to the name servers so far (cache hits and coalesced waiters send none).
-    pub fn queries(&self) -> u64 {
-        self.queries.load(Ordering::Relaxed)
+    /// Lookups started so far (cache hits and coalesced waiters start none).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     /// The backend for `name` (normalized: lowercase, no trailing dot), from the cache, from a
@@ -231,7 +231,7 @@ impl Resolver {
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     cache.insert(name.to_string(), Slot::Pending(rx.clone()));
-                    self.queries.fetch_add(1, Ordering::Relaxed);
+                    self.lookups.fetch_add(1, Ordering::Relaxed);
                     let resolver = self.resolver.clone();
                     let rules = Arc::clone(&self.rules);
                     let cache = Arc::clone(&self.cache);

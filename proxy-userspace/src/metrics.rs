@@ -50,10 +50,11 @@ pub fn render(shared: &Shared) -> String {
         // Since the last reload (each configuration has its own resolver and cache).
         let _ = writeln!(
             out,
-            "# HELP spliced_dns_queries_total DNS queries sent for [dns] backends since the last \
-             reload; cache hits and lookups that joined one in flight send none.\n\
-             # TYPE spliced_dns_queries_total counter\nspliced_dns_queries_total {}",
-            dns.queries()
+            "# HELP spliced_dns_lookups_total Lookups started for [dns] backends since the last \
+             reload (a CNAME chain may take several queries); cache hits and connections that \
+             joined a lookup in flight start none.\n\
+             # TYPE spliced_dns_lookups_total counter\nspliced_dns_lookups_total {}",
+            dns.lookups()
         );
     }
     let _ = writeln!(

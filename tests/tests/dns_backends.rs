@@ -290,8 +290,8 @@ fn dns_backends_cache_and_coalescing() -> Result<()> {
     // The server's count alone would not catch spliced starting a lookup per connection:
     // hickory merges identical queries in flight on its own. spliced's count of lookups does.
     let metrics = s.spliced.metrics()?;
-    let sent = metrics.count("spliced_dns_queries_total", &[])?;
+    let sent = metrics.count("spliced_dns_lookups_total", &[])?;
     // cached, gone, herd.
-    ensure!(sent == 3, "spliced_dns_queries_total is {sent}, want 3");
+    ensure!(sent == 3, "spliced_dns_lookups_total is {sent}, want 3");
     Ok(())
 }
