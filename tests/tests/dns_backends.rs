@@ -2,7 +2,9 @@
 //! authoritative server, Knot, in the backend namespace, and the connection goes to the first
 //! address inside `allowed_backends`; everything else is refused like an unknown name, with its
 //! own outcome. A relay in front of Knot holds the queries for `herd` for a while (so lookups
-//! overlap) and never answers those for `silent` (a server that does not answer).
+//! overlap) and never answers those for `silent` (a server that does not answer). DNS
+//! backends embed the client's IPv4 address in their source (`[dns] source = "embed"`), with
+//! a `source_prefix` inside `allowed_backends` that the fence must still refuse.
 use std::{
     io::Write as _,
     net::{Shutdown, SocketAddr},
@@ -16,6 +18,9 @@ use spliced_tests::{
     raw::{self, ALERT_UNRECOGNIZED_NAME, Behavior, End, TestBackend},
     spliced::{Launch, Spliced, field},
 };
+
+/// DNS backends see the client's IPv4 address in this prefix (`[dns] source = "embed"`).
+const SOURCE_PREFIX: &str = "2001:db8:1:4646::/96";
 
 /// How long the relay holds `herd`'s query: long enough for concurrent connections to overlap.
 const DELAY: Duration = Duration::from_millis(300);
@@ -37,6 +42,7 @@ forbidden AAAA fe80::1\n\
 forbidden AAAA ::ffff:127.0.0.1\n\
 forbidden AAAA 2001:db8:1::1\n\
 forbidden AAAA ff02::1\n\
+forbidden AAAA 2001:db8:1:4646::1\n\
 loop-a   CNAME loop-b\n\
 loop-b   CNAME loop-a\n\
 silent   AAAA 2001:db8:1::10\n";
@@ -52,6 +58,8 @@ struct Setup {
 
 fn setup() -> Result<Setup> {
     let world = World::new()?;
+    // Inside allowed_backends on purpose: the fence must still refuse it.
+    world.nat46(SOURCE_PREFIX)?;
     let knot = Knot::start(&world, SocketAddr::new(BACKEND_V6, 53), "dns.test.", ZONE)?;
     let relay = Relay::start(
         &world,
@@ -63,12 +71,14 @@ fn setup() -> Result<Setup> {
     let tls = TestBackend::start(&world, 443, Behavior::Echo)?;
     let http = TestBackend::start(&world, 80, Behavior::Echo)?;
     let config = format!(
-        "[defaults]\nbackend = \"dns\"\nconnect_timeout = \"3s\"\n\n\
+        "[defaults]\nbackend = \"dns\"\nconnect_timeout = \"3s\"\n\
+         source_prefix = \"{SOURCE_PREFIX}\"\n\n\
          [[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\n\n\
          [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\n\
          [[site]]\nhostnames = [\"site.example\"]\nbackend = \"2001:db8:1::10\"\n\n\
          [dns]\nallowed_backends = [\"2001:db8:1::/48\"]\nservers = [\"{}\"]\n\
-         timeout = \"1s\"\nttl_floor = \"10s\"\nnegative_ttl = \"10s\"\n",
+         timeout = \"1s\"\nttl_floor = \"10s\"\nnegative_ttl = \"10s\"\n\
+         source = \"embed\"\n",
         relay.addr
     );
     let spliced = Launch::new(config).metrics().start(&world, &[443, 80])?;
@@ -152,9 +162,16 @@ fn dns_backends_answers_and_refusals() -> Result<()> {
         "{line}"
     );
     let conns = s.tls.wait_finished(1, Duration::from_secs(10))?;
+    let conn = conns
+        .iter()
+        .find(|c| c.first.starts_with(&hello))
+        .with_context(|| format!("the test backend never got the ok.dns.test hello: {conns:#?}"))?;
+    // [dns] source = "embed": the client's 192.0.2.2 in the prefix's last 32 bits.
+    let embedded: std::net::IpAddr = "2001:db8:1:4646::c000:202".parse()?;
     ensure!(
-        conns.iter().any(|c| c.first.starts_with(&hello)),
-        "the test backend never got the ok.dns.test hello: {conns:#?}"
+        conn.peer.map(|p| p.ip()) == Some(embedded),
+        "the DNS backend saw {:?}, want {embedded}",
+        conn.peer
     );
 
     // The Host of a plain HTTP request, through a CNAME.
@@ -192,6 +209,7 @@ fn dns_backends_answers_and_refusals() -> Result<()> {
             "::ffff:127.0.0.1 (IPv4-mapped)",
             "2001:db8:1::1 (the proxy's own address)",
             "ff02::1 (multicast)",
+            "2001:db8:1:4646::1 (the proxy's source_prefix)",
         ],
     )?;
 
