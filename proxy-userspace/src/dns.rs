@@ -221,6 +221,15 @@ impl Resolver {
                 detail: "an IP literal is not looked up".into(),
             });
         }
+        // Only host names (letters, digits, hyphens, dots; labels of 1-63, 253 in all) are
+        // looked up: anything else cannot have an AAAA a customer wrote, and must not take a
+        // cache entry.
+        if !is_host_name(name) {
+            return Err(Failure {
+                kind: FailureKind::NotFound,
+                detail: "not a host name".into(),
+            });
+        }
         let mut waiting = {
             let mut cache = lock(&self.cache);
             match cache.get(name) {
@@ -279,6 +288,21 @@ impl Resolver {
             }),
         }
     }
+}
+
+/// Whether `name` (lowercase, no trailing dot) is a host name DNS can hold: labels of 1 to
+/// 63 letters, digits, hyphens or underscores, not starting or ending with a hyphen, and 253
+/// bytes in all.
+fn is_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -471,6 +495,26 @@ mod tests {
         ] {
             assert_eq!(judge(ip(bad), &allowed, &own), Err(why), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_host_names_are_looked_up() {
+        assert!(is_host_name("ok.dns.test"));
+        assert!(is_host_name("xn--bcher-kva.example"));
+        assert!(is_host_name("_spliced.a-b.example"));
+        for bad in [
+            "",
+            "a..b",
+            "-a.example",
+            "a-.example",
+            "a b.example",
+            "a/b",
+            "*.example",
+        ] {
+            assert!(!is_host_name(bad), "{bad}");
+        }
+        assert!(!is_host_name(&"a".repeat(64)));
+        assert!(!is_host_name(&["a"; 128].join(".")));
     }
 
     #[test]
