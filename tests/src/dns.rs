@@ -31,8 +31,7 @@ pub struct Knot {
 
 impl Knot {
     /// Starts `knotd` on `listen` (an address of the backend namespace) serving `zone` (the
-    /// zone file's text) as `origin` (e.g. `dns.test.`). Waits until it answers its control
-    /// socket.
+    /// zone file's text) as `origin` (e.g. `dns.test.`). Waits until the zone is loaded.
     pub fn start(world: &World, listen: SocketAddr, origin: &str, zone: &str) -> Result<Knot> {
         let dir = world.dir().join("knot");
         std::fs::create_dir_all(&dir)?;
@@ -59,10 +58,15 @@ impl Knot {
         cmd.arg("-c").arg(&config_path);
         let mut service = Service::start("knotd", cmd, world.dir())
             .context("starting knotd (is Debian's knot package installed? ./x installs it)")?;
-        let knot_control = control.clone();
-        wait_for("knotd's control socket", Duration::from_secs(10), || {
+        // Loaded means a serial in the zone's status (`[dns.test.] role: master | serial: 1`).
+        let status = format!("zone-status {origin}");
+        wait_for("knotd to load the zone", Duration::from_secs(10), || {
             service.check_running()?;
-            Ok(knotc(&knot_control, "stats").is_ok())
+            Ok(knotc(&control, &status).is_ok_and(|out| {
+                out.split("serial: ")
+                    .nth(1)
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+            }))
         })?;
         Ok(Knot {
             _service: service,
@@ -90,7 +94,7 @@ fn knotc(control: &Path, command: &str) -> Result<String> {
     let out = Command::new("knotc")
         .arg("-s")
         .arg(control)
-        .arg(command)
+        .args(command.split_whitespace())
         .output()
         .context("starting knotc")?;
     if !out.status.success() {
