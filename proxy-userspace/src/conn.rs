@@ -3,7 +3,7 @@
 //! Each connection is its own task with its own deadlines, so a slow or silent client only ever
 //! waits on its own timer.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -11,16 +11,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::watch, time::timeout};
+use tokio::{
+    io::Interest,
+    net::TcpStream,
+    sync::watch,
+    time::{timeout, timeout_at},
+};
 
 use crate::{
     access,
     config::{Cidr, ForwardedHeader, Forwarding, Protocol},
+    config::{Site, SourceAddress},
     forward::{self, Counters, Engine},
     hello, http1,
     outcome::{Failure, Outcome},
     preface,
-    shared::Shared,
+    shared::{Routing, Shared},
 };
 
 /// What the listener that accepted a connection contributes to it.
@@ -266,13 +272,12 @@ async fn serve(
         None
     };
 
-    // 3. Route.
-    let site = config.router.route(name.as_deref())?;
+    // 3. Route: a site's backend, or one from DNS. The lookup counts against connect_timeout.
+    let connect_deadline = tokio::time::Instant::now() + defaults.connect_timeout;
+    let (site, backend_addr, dns_name) =
+        route(&config, listener, name.as_deref(), local.port()).await?;
     facts.site = Some(site.name.clone());
     facts.proxy_protocol = site.proxy_protocol;
-    let Some(backend_addr) = site.backend.for_listener(listener.protocol, local.port()) else {
-        return Err(Outcome::NoBackendForProtocol.into());
-    };
     facts.backend = Some(backend_addr);
 
     // A header site's requests are framed; the first one is checked before the backend is
@@ -298,8 +303,14 @@ async fn serve(
             .map_err(|e| Failure::from(forward::http::Refusal::Request(e)))?;
     }
 
-    // 4. Connect.
-    let backend = match timeout(defaults.connect_timeout, TcpStream::connect(backend_addr)).await {
+    // 4. Connect, from the client's IPv4 address inside source_prefix if the site says so.
+    let source = match (site.source, defaults.source_prefix) {
+        (SourceAddress::Embed, Some(prefix)) if backend_addr.is_ipv6() => {
+            embed(prefix, endpoints.client.ip())
+        }
+        _ => None,
+    };
+    let backend = match timeout_at(connect_deadline, connect(backend_addr, source)).await {
         Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
         Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
         Ok(Ok(stream)) => stream,
@@ -330,10 +341,14 @@ async fn serve(
         facts.engine = Some(Engine::Http);
         let _open = shared.open_on(Engine::Http);
         let router = &config.router;
-        let same_site = |host: Option<&str>| {
-            router
+        let same_site = |host: Option<&str>| match &dns_name {
+            // A DNS backend serves the one name it was looked up for.
+            Some(looked_up) => host
+                .and_then(crate::name::normalize_cow)
+                .is_some_and(|host| host == looked_up.as_str()),
+            None => router
                 .route(host)
-                .is_ok_and(|other| std::ptr::eq(other, site))
+                .is_ok_and(|other| std::ptr::eq(other, site)),
         };
         let params = forward::http::Params {
             framer,
@@ -457,6 +472,80 @@ async fn serve(
         forward::reset_on_close(&backend);
     }
     result
+}
+
+/// The NAT46 source for `client`: `prefix` (a /96) with the IPv4 address in its last 32 bits;
+/// `None` for an IPv6 client, which has no IPv4 address to embed (an IPv4-mapped one does).
+fn embed(prefix: Cidr, client: IpAddr) -> Option<Ipv6Addr> {
+    let (IpAddr::V6(prefix), IpAddr::V4(client)) = (prefix.addr, client.to_canonical()) else {
+        return None;
+    };
+    Some(Ipv6Addr::from(
+        u128::from(prefix) | u128::from(u32::from(client)),
+    ))
+}
+
+/// Connects to `backend`, from `source` when given. That address is on no interface: the
+/// socket gets `IP_TRANSPARENT` (or `IP_FREEBIND` where that is refused, which needs no
+/// privilege) so that it may be bound, and the port is chosen at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`). Replies reach the socket only if the prefix is routed locally
+/// (`ip -6 route add local <prefix> dev lo`) and the backend network routes it to us.
+async fn connect(backend: SocketAddr, source: Option<Ipv6Addr>) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let Some(source) = source else {
+        return TcpStream::connect(backend).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    if setsockopt(&socket, sockopt::IpTransparent, &true).is_err() {
+        setsockopt(&socket, sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+    }
+    // Best effort: without it, bind picks a port unique to the source address alone.
+    let _ = setsockopt(&socket, sockopt::IpBindAddressNoPort, &true);
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    socket.connect(backend).await
+}
+
+/// Finds where a connection for `name` goes: the site that claims it, else (on a listener with
+/// `backend = "dns"`) the address DNS gives for it, else the default site. Returns the site (the
+/// `[dns]` one for a DNS backend), the backend's address, and the name looked up, if any.
+async fn route<'a>(
+    routing: &'a Routing,
+    listener: &ListenerInfo,
+    name: Option<&str>,
+    port: u16,
+) -> Result<(&'a Site, SocketAddr, Option<String>), Failure> {
+    let uses_dns = routing
+        .config
+        .listeners
+        .iter()
+        .any(|l| l.address == listener.address && l.dns);
+    if uses_dns
+        && let (Some(resolver), Some(dns_site), Some(settings)) =
+            (&routing.dns, &routing.dns_site, &routing.config.dns)
+        && let Some(name) = name.and_then(crate::name::normalize_cow)
+        && routing.router.find(&name).is_none()
+    {
+        let limit = settings
+            .timeout
+            .min(routing.config.defaults.connect_timeout);
+        let ip = match timeout(limit, resolver.resolve(&name)).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    Outcome::DnsTimeout,
+                    format!("no answer within {limit:?}"),
+                ));
+            }
+            Ok(Err(failure)) => return Err(Failure::new(failure.kind.into(), failure.detail)),
+            Ok(Ok(ip)) => ip,
+        };
+        let backend = SocketAddr::new(ip.into(), port);
+        return Ok((dns_site, backend, Some(name.into_owned())));
+    }
+    let site = routing.router.route(name)?;
+    let Some(backend) = site.backend.for_listener(listener.protocol, port) else {
+        return Err(Outcome::NoBackendForProtocol.into());
+    };
+    Ok((site, backend, None))
 }
 
 /// Resolves once no byte moved in either direction for `idle`; never without an idle limit.
@@ -713,5 +802,19 @@ mod tests {
             shared.outcome_count(Outcome::OverMaxConnectionsPerSource),
             1
         );
+    }
+
+    #[test]
+    fn embeds_ipv4_clients_only() {
+        let prefix = Cidr {
+            addr: "2001:db8:4646::".parse().expect("address"),
+            prefix: 96,
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        let want: Ipv6Addr = "2001:db8:4646::c000:20a".parse().expect("address");
+        assert_eq!(embed(prefix, ip("192.0.2.10")), Some(want));
+        assert_eq!(embed(prefix, ip("::ffff:192.0.2.10")), Some(want));
+        assert_eq!(embed(prefix, ip("2001:db8:c::10")), None);
+        assert_eq!(want.to_string(), "2001:db8:4646::c000:20a");
     }
 }

@@ -11,6 +11,7 @@
 mod access;
 mod config;
 mod conn;
+mod dns;
 mod ebpf;
 mod forward;
 #[cfg(test)]

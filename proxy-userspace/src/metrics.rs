@@ -101,6 +101,17 @@ pub fn render(shared: &Shared) -> String {
             source.name()
         );
     }
+    if let Some(dns) = &shared.current().dns {
+        // Since the last reload (each configuration has its own resolver and cache).
+        let _ = writeln!(
+            out,
+            "# HELP spliced_dns_lookups_total Lookups started for [dns] backends since the last \
+             reload (a CNAME chain may take several queries); cache hits and connections that \
+             joined a lookup in flight start none.\n\
+             # TYPE spliced_dns_lookups_total counter\nspliced_dns_lookups_total {}",
+            dns.lookups()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP spliced_open_connections Connections being served now.\n\

@@ -141,11 +141,21 @@ pub enum Outcome {
     OverMaxConnections,
     /// Accepted over its source's `max_connections_per_source` and closed at once.
     OverMaxConnectionsPerSource,
+    /// A name for a `[dns]` backend does not exist (NXDOMAIN) or has no AAAA record (also what
+    /// a CNAME loop ends in); refused like an unknown name.
+    DnsNotFound,
+    /// A name for a `[dns]` backend has addresses, but none inside `allowed_backends` that may
+    /// be used (the detail lists each with its reason).
+    DnsNotAllowed,
+    /// The lookup for a `[dns]` backend took longer than `[dns] timeout`.
+    DnsTimeout,
+    /// The name servers failed (SERVFAIL, REFUSED, unreachable).
+    DnsError,
 }
 
 impl Outcome {
     /// Every outcome, so metrics can show each one from zero before it first happens.
-    pub const ALL: [Outcome; 43] = [
+    pub const ALL: [Outcome; 47] = [
         Outcome::Ok,
         Outcome::HelloTimeout,
         Outcome::ClientClosedBeforeHello,
@@ -189,6 +199,10 @@ impl Outcome {
         Outcome::ProxyHeaderInvalid,
         Outcome::OverMaxConnections,
         Outcome::OverMaxConnectionsPerSource,
+        Outcome::DnsNotFound,
+        Outcome::DnsNotAllowed,
+        Outcome::DnsTimeout,
+        Outcome::DnsError,
     ];
 
     /// The stable snake_case name in the access log and the metrics.
@@ -237,6 +251,10 @@ impl Outcome {
             Outcome::ProxyHeaderInvalid => "proxy_header_invalid",
             Outcome::OverMaxConnections => "over_max_connections",
             Outcome::OverMaxConnectionsPerSource => "over_max_connections_per_source",
+            Outcome::DnsNotFound => "dns_not_found",
+            Outcome::DnsNotAllowed => "dns_not_allowed",
+            Outcome::DnsTimeout => "dns_timeout",
+            Outcome::DnsError => "dns_error",
         }
     }
 
@@ -271,6 +289,7 @@ impl Outcome {
             | Outcome::ProxyHeaderUntrusted
             | Outcome::ProxyHeaderMissing
             | Outcome::ProxyHeaderInvalid
+            | Outcome::DnsNotFound
             // One source wanted more than its share.
             | Outcome::OverMaxConnectionsPerSource => Some(Source::Client),
             Outcome::BackendConnectTimeout
@@ -288,7 +307,11 @@ impl Outcome {
             | Outcome::KernelAccounting
             | Outcome::Shutdown
             | Outcome::ShedBeforeHello
-            | Outcome::OverMaxConnections => Some(Source::Proxy),
+            | Outcome::OverMaxConnections
+            // The fence refused what DNS said, or the name servers failed us.
+            | Outcome::DnsNotAllowed
+            | Outcome::DnsTimeout
+            | Outcome::DnsError => Some(Source::Proxy),
         }
     }
 
@@ -305,7 +328,12 @@ impl Outcome {
             Outcome::MissingName
             | Outcome::UnknownName
             | Outcome::NoBackendForProtocol
-            | Outcome::MisdirectedRequest => (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421()),
+            | Outcome::MisdirectedRequest
+            // A DNS backend that cannot be used is, to the client, a name nobody serves.
+            | Outcome::DnsNotFound
+            | Outcome::DnsNotAllowed
+            | Outcome::DnsTimeout
+            | Outcome::DnsError => (&tls::UNRECOGNIZED_NAME_ALERT, http::response_421()),
             Outcome::BackendUnreachable => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_502()),
             Outcome::BackendConnectTimeout => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_504()),
             Outcome::HeadTooLarge => (&tls::HANDSHAKE_FAILURE_ALERT, http::response_431()),
@@ -398,6 +426,18 @@ impl From<RouteError> for Outcome {
         match error {
             RouteError::MissingName => Outcome::MissingName,
             RouteError::UnknownName => Outcome::UnknownName,
+        }
+    }
+}
+
+impl From<crate::dns::FailureKind> for Outcome {
+    fn from(kind: crate::dns::FailureKind) -> Outcome {
+        use crate::dns::FailureKind;
+        match kind {
+            FailureKind::NotFound => Outcome::DnsNotFound,
+            FailureKind::NotAllowed => Outcome::DnsNotAllowed,
+            FailureKind::Timeout => Outcome::DnsTimeout,
+            FailureKind::Error => Outcome::DnsError,
         }
     }
 }
@@ -556,6 +596,10 @@ mod tests {
             "proxy_header_untrusted",
             "proxy_header_missing",
             "proxy_header_invalid",
+            "dns_not_found",
+            "dns_not_allowed",
+            "dns_timeout",
+            "dns_error",
         ] {
             assert!(names.contains(&published), "{published}");
         }

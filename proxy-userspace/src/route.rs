@@ -81,8 +81,17 @@ impl Router {
         let Some(name) = name.and_then(normalize_cow) else {
             return self.fallback(RouteError::MissingName);
         };
-        if let Some(&index) = self.exact.get(name.as_ref()) {
-            return Ok(self.site(index));
+        match self.find(&name) {
+            Some(site) => Ok(site),
+            None => self.fallback(RouteError::UnknownName),
+        }
+    }
+
+    /// The site that claims `name` (already normalized) by an exact or wildcard hostname; the
+    /// default site is not consulted.
+    pub fn find(&self, name: &str) -> Option<&Site> {
+        if let Some(&index) = self.exact.get(name) {
+            return Some(self.site(index));
         }
         if let Some((label, parent)) = name.split_once('.')
             && !label.is_empty()
@@ -90,9 +99,9 @@ impl Router {
             && name.parse::<IpAddr>().is_err()
             && let Some(&index) = self.wildcard.get(parent)
         {
-            return Ok(self.site(index));
+            return Some(self.site(index));
         }
-        self.fallback(RouteError::UnknownName)
+        None
     }
 
     fn site(&self, index: usize) -> &Site {
@@ -108,7 +117,9 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, Defaults, ForwardedHeader, Listener, Origin, Protocol, Tlvs};
+    use crate::config::{
+        Backend, Defaults, ForwardedHeader, Listener, Origin, Protocol, SourceAddress, Tlvs,
+    };
     use crate::preface::Version;
     use std::net::{Ipv6Addr, SocketAddr};
     use std::path::PathBuf;
@@ -125,6 +136,7 @@ mod tests {
             tlvs: Tlvs::default(),
             forwarding: None,
             forwarded_header: ForwardedHeader::None,
+            source: SourceAddress::Proxy,
             origin: Origin {
                 file: PathBuf::from("test.toml"),
                 line: 1,
@@ -140,11 +152,13 @@ mod tests {
                 protocol: Protocol::Tls,
                 forwarding: None,
                 accept_proxy: Vec::new(),
+                dns: false,
             }],
             sites,
             default_site,
             files: vec![PathBuf::from("test.toml")],
             xdp: None,
+            dns: None,
         }
     }
 

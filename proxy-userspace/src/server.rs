@@ -368,7 +368,7 @@ impl Server {
             (None, None, _) => {}
             _ => tracing::warn!("adding or removing [xdp] takes effect only after a restart"),
         }
-        shared.replace_routing(Routing::new(config));
+        shared.replace_routing(Routing::new(config)?);
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! owns the tasks) and [`crate::conn`] (which serves one connection with it), so neither imports
 //! the other for it; [`crate::metrics`] reads it too.
 use std::{
+    net::Ipv6Addr,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -16,11 +17,13 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     access,
-    config::{Config, Protocol},
+    config::{Backend, Config, Protocol, Site, Tlvs},
+    dns,
     ebpf::Kernel,
     forward::Engine,
     limits::PerSource,
     outcome::Outcome,
+    preface::Version,
     route::Router,
     shed::PreHello,
 };
@@ -31,13 +34,55 @@ pub struct Routing {
     pub config: Config,
     /// Its routing table.
     pub router: Router,
+    /// The resolver for `[dns]` backends, with its cache (a reload starts an empty one).
+    pub dns: Option<dns::Resolver>,
+    /// What connections to DNS backends are served as (`site=dns` in the log): `[dns]`'s PROXY
+    /// setting, `[defaults]`' header.
+    pub dns_site: Option<Site>,
 }
 
 impl Routing {
-    /// Builds the routing table for `config`.
-    pub fn new(config: Config) -> Routing {
+    /// Builds the routing table for `config`, and its DNS resolver when `[dns]` is set (which
+    /// fails when `resolv.conf` is needed and unreadable, or its thread cannot start).
+    pub fn new(config: Config) -> Result<Routing> {
         let router = Router::new(&config);
-        Routing { config, router }
+        let dns = match &config.dns {
+            Some(settings) => {
+                // Listeners on a specific address are ours even if no interface shows it
+                // (a service address being moved, for example).
+                let listeners: Vec<_> = config.listeners.iter().map(|l| l.address.ip()).collect();
+                let networks: Vec<_> = config.defaults.source_prefix.into_iter().collect();
+                Some(
+                    dns::Resolver::new(settings, &listeners, &networks)
+                        .context("starting [dns]")?,
+                )
+            }
+            None => None,
+        };
+        let dns_site = config.dns.as_ref().map(|settings| Site {
+            name: "dns".into(),
+            hostnames: Vec::new(),
+            // Never used: the address comes from the lookup.
+            backend: Backend::Addr {
+                ip: Ipv6Addr::UNSPECIFIED.into(),
+                port: None,
+            },
+            proxy_protocol: settings.proxy_protocol,
+            tlvs: Tlvs {
+                authority: settings.proxy_protocol == Version::V2,
+                ..Tlvs::default()
+            },
+            forwarding: None,
+            forwarded_header: config.defaults.forwarded_header,
+            source: settings.source,
+            origin: settings.origin.clone(),
+        });
+        Ok(Routing {
+            config,
+            router,
+            dns,
+            dns_site,
+        })
     }
 }
 
@@ -79,7 +124,7 @@ impl Shared {
             listeners,
             engines: std::array::from_fn(|_| AtomicU64::new(0)),
             open_engines: std::array::from_fn(|_| AtomicU64::new(0)),
-            routing: RwLock::new(Arc::new(Routing::new(config))),
+            routing: RwLock::new(Arc::new(Routing::new(config)?)),
             kernel,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
             next_id: AtomicU64::new(0),

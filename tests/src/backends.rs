@@ -168,6 +168,8 @@ pub enum RemoteIp {
     ProxyProtocol,
     /// `RemoteIPHeader X-Forwarded-For` with `RemoteIPInternalProxy` set to this address.
     ForwardedFor(IpAddr),
+    /// No mod_remoteip at all: `%a` is the TCP peer.
+    Off,
 }
 
 /// Starts Apache with mod_remoteip `RemoteIPProxyProtocol On` on `port` of the backend's
@@ -195,7 +197,7 @@ pub fn apache_with(
          LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
          LoadModule authz_core_module {modules}/mod_authz_core.so\n\
          LoadModule dir_module {modules}/mod_dir.so\n\
-         LoadModule remoteip_module {modules}/mod_remoteip.so\n\
+         {}\
          User www-data\nGroup www-data\n\
          Listen [{BACKEND_V6}]:{port}\nErrorLog {dir}/apache-error.log\nLogLevel info\n\
          LogFormat \"%a:%{{remote}}p \\\"%r\\\" %>s\" spliced\n\
@@ -203,6 +205,11 @@ pub fn apache_with(
          {}\nDocumentRoot {}\nDirectoryIndex index.html\n\
          <Directory {}>\n  Require all granted\n</Directory>\n",
         match remote_ip {
+            RemoteIp::Off => String::new(),
+            _ => format!("LoadModule remoteip_module {modules}/mod_remoteip.so\n"),
+        },
+        match remote_ip {
+            RemoteIp::Off => String::new(),
             RemoteIp::ProxyProtocol => "RemoteIPProxyProtocol On".to_string(),
             RemoteIp::ForwardedFor(proxy) => {
                 format!("RemoteIPHeader X-Forwarded-For\nRemoteIPInternalProxy {proxy}")

@@ -17,6 +17,7 @@
 
 pub mod backends;
 pub mod bird;
+pub mod dns;
 pub mod load;
 pub mod packets;
 mod process;

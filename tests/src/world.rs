@@ -369,6 +369,28 @@ impl World {
         Ok(())
     }
 
+    /// Routes a NAT46 source prefix (`source = "embed"`, e.g. `2001:db8:4646::/96`): the
+    /// backend sends it to the proxy (`ip -6 route add <prefix> via 2001:db8:1::1`), and the
+    /// proxy takes every address in it as its own (`ip -6 route add local <prefix> dev lo`),
+    /// so replies to the embedded sources reach spliced's sockets.
+    pub fn nat46(&self, prefix: &str) -> Result<()> {
+        let [_, p, b, ..] = &self.names;
+        self.ip(p, &["-6", "route", "add", "local", prefix, "dev", "lo"])?;
+        self.ip(
+            b,
+            &[
+                "-6",
+                "route",
+                "add",
+                prefix,
+                "via",
+                &PROXY_V6.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )
+    }
+
     /// Lets the client reach the backend without the proxy, for benchmarks' "direct"
     /// baseline: the backend gets an IPv4 address too and the proxy namespace routes between
     /// its two links, so direct traffic crosses the same two veth hops as proxied traffic.

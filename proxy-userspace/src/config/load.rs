@@ -12,13 +12,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{
-    RawBackend, RawDefaults, RawFile, RawListener, RawSite, RawSize, RawXdp, SpannedStrings,
+    RawBackend, RawDefaults, RawDns, RawFile, RawListener, RawSite, RawSize, RawXdp, SpannedStrings,
 };
 use super::{
-    Backend, Config, ConfigError, Defaults, ForwardedHeader, Forwarding, Listener, Origin, Site,
-    Tlvs,
+    Backend, Config, ConfigError, Defaults, Dns, ForwardedHeader, Forwarding, Listener, Origin,
+    Site, Tlvs,
 };
-use super::{Cidr, Protocol, SynLimit, Xdp, XdpMode, parse};
+use super::{Cidr, Protocol, SourceAddress, SynLimit, Xdp, XdpMode, parse};
 use crate::preface::Version;
 
 /// A file's name and text, to turn byte spans into lines and columns.
@@ -102,6 +102,8 @@ struct Loader {
 struct SiteRules {
     default_header: ForwardedHeader,
     http_listener: bool,
+    /// Whether `[defaults]` has a `source_prefix` for `source = "embed"`.
+    source_prefix: bool,
 }
 
 /// Builds a [`Config`] from the main file's text, reading includes relative to `path`.
@@ -110,14 +112,51 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         text,
     };
-    let raw = main.parse()?;
+    let mut raw = main.parse()?;
+    // `backend = "dns"` on listeners and in [defaults], with their spans, before the tables
+    // are consumed: whether a listener uses DNS depends on both, and on [dns].
+    let listener_backends: Vec<Option<Spanned<String>>> = raw
+        .listen
+        .iter_mut()
+        .map(|l| l.get_mut().backend.take())
+        .collect();
+    let default_backend = raw
+        .defaults
+        .as_mut()
+        .and_then(|d| d.get_mut().backend.take());
     // A main file given only as text (tests) may not exist; its name then stands for itself.
-    let listeners = build_listeners(&main, raw.listen)?;
+    let mut listeners = build_listeners(&main, raw.listen)?;
     let http_listener = listeners.iter().any(|l| l.protocol == Protocol::Http);
     let defaults = build_defaults(&main, raw.defaults, http_listener)?;
+    let dns = raw
+        .dns
+        .map(|dns| build_dns(&main, dns, &defaults))
+        .transpose()?;
+    let default_dns = default_backend
+        .map(|value| dns_backend(&main, &value, "defaults", dns.is_some()))
+        .transpose()?
+        .unwrap_or(false);
+    for (listener, backend) in listeners.iter_mut().zip(listener_backends) {
+        let context = format!("listen {}", listener.address);
+        listener.dns = match backend {
+            Some(value) => dns_backend(&main, &value, &context, dns.is_some())?,
+            None => default_dns,
+        };
+    }
+    if let Some(dns) = &dns
+        && !listeners.iter().any(|l| l.dns)
+    {
+        return Err(main.error(
+            dns.span.clone(),
+            "[dns] is set but no listener uses it; add backend = \"dns\" to [defaults] or to a \
+             [[listen]]",
+        ));
+    }
+    let dns = dns.map(|d| d.dns);
     let rules = SiteRules {
         default_header: defaults.forwarded_header,
         http_listener,
+        source_prefix: defaults.source_prefix.is_some(),
     };
     let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut loader = Loader {
@@ -145,6 +184,233 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         default_site,
         files: loader.files,
         xdp,
+        dns,
+    })
+}
+
+/// A site's or `[dns]`' `source`: `"proxy"` or `"embed"`, which needs `[defaults]
+/// source_prefix`.
+fn source_address(
+    src: &Source,
+    value: &Spanned<String>,
+    context: &str,
+    have_prefix: bool,
+) -> Result<SourceAddress, ConfigError> {
+    match value.get_ref().as_str() {
+        "proxy" => Ok(SourceAddress::Proxy),
+        "embed" if have_prefix => Ok(SourceAddress::Embed),
+        "embed" => Err(src.error(
+            value.span(),
+            format!(
+                "{context}: source = \"embed\" needs source_prefix in [defaults], e.g. \
+                 source_prefix = \"2001:db8:4646::/96\""
+            ),
+        )),
+        other => Err(src.error(
+            value.span(),
+            format!("{context}: source must be \"proxy\" or \"embed\", not {other:?}"),
+        )),
+    }
+}
+
+/// A listener's or `[defaults]`' `backend`: `"dns"` (look up names no site claims) or
+/// `"none"` (refuse them, the default). `"dns"` needs a `[dns]` section.
+fn dns_backend(
+    src: &Source,
+    value: &Spanned<String>,
+    context: &str,
+    have_dns: bool,
+) -> Result<bool, ConfigError> {
+    match value.get_ref().as_str() {
+        "none" => Ok(false),
+        "dns" if have_dns => Ok(true),
+        "dns" => Err(src.error(
+            value.span(),
+            format!(
+                "{context}: backend = \"dns\" needs a [dns] section with allowed_backends, \
+                 e.g. [dns] allowed_backends = [\"2001:db8:1::/48\"]"
+            ),
+        )),
+        other => Err(src.error(
+            value.span(),
+            format!(
+                "{context}: backend must be \"dns\" or \"none\", not {other:?} (site \
+                 backends are set in [[site]])"
+            ),
+        )),
+    }
+}
+
+/// A validated `[dns]` with its span, to point at it when no listener uses it.
+struct SpannedDns {
+    dns: Dns,
+    span: Range<usize>,
+}
+
+/// Validates `[dns]`: the fence (`allowed_backends`, IPv6 networks only), the servers, and the
+/// timings, of which the lookup timeout must fit in `connect_timeout`.
+fn build_dns(
+    src: &Source,
+    raw: Spanned<RawDns>,
+    defaults: &Defaults,
+) -> Result<SpannedDns, ConfigError> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let Some(list) = raw.allowed_backends else {
+        return Err(src.error(
+            span.clone(),
+            "[dns] has no allowed_backends; resolved backends must be fenced in, e.g. \
+             allowed_backends = [\"2001:db8:1::/48\"]",
+        ));
+    };
+    if list.get_ref().is_empty() {
+        return Err(src.error(
+            list.span(),
+            "dns: allowed_backends is empty; no resolved backend could ever be used",
+        ));
+    }
+    let mut allowed_backends = Vec::new();
+    for entry in list.into_inner() {
+        let cidr = network(src, &entry, "dns: allowed_backends")?;
+        if cidr.addr.is_ipv4() {
+            return Err(src.error(
+                entry.span(),
+                format!(
+                    "dns: allowed_backends {:?} is an IPv4 network; DNS backends are IPv6 \
+                     (AAAA records)",
+                    entry.get_ref()
+                ),
+            ));
+        }
+        if cidr.prefix < 16 {
+            return Err(src.error(
+                entry.span(),
+                format!(
+                    "dns: allowed_backends {:?} is wider than a /16; list the backend networks \
+                     themselves, or anyone's DNS name could send connections anywhere",
+                    entry.get_ref()
+                ),
+            ));
+        }
+        allowed_backends.push(cidr);
+    }
+    let servers = match raw.servers {
+        None => None,
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(src.error(
+                    list.span(),
+                    "dns: servers is empty; leave it out to use /etc/resolv.conf",
+                ));
+            }
+            let mut servers = Vec::new();
+            for entry in list.into_inner() {
+                let text = entry.get_ref();
+                let server = match parse::backend_addr(text) {
+                    Ok((ip, port)) => SocketAddr::new(ip, port.unwrap_or(53)),
+                    Err(reason) => {
+                        return Err(src.error(
+                            entry.span(),
+                            format!("dns: server {text:?} is not valid: {reason}"),
+                        ));
+                    }
+                };
+                servers.push(server);
+            }
+            Some(servers)
+        }
+    };
+    let dns_duration = |value: &Spanned<String>, key: &str| {
+        let text = value.get_ref();
+        let d = parse::duration(text).map_err(|reason| {
+            src.error(
+                value.span(),
+                format!(
+                    "dns: {key} must be a duration like \"1s\", \"250ms\" or \"5m\", not \
+                     {text:?}: {reason}"
+                ),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(src.error(
+                value.span(),
+                format!("dns: {key} must be greater than zero"),
+            ));
+        }
+        Ok(d)
+    };
+    let timeout = match &raw.timeout {
+        None => Duration::from_secs(1).min(defaults.connect_timeout),
+        Some(value) => {
+            let d = dns_duration(value, "timeout")?;
+            if d > defaults.connect_timeout {
+                return Err(src.error(
+                    value.span(),
+                    format!(
+                        "dns: timeout {} is longer than connect_timeout {}; the lookup is part \
+                         of connecting",
+                        parse::format_duration(d),
+                        parse::format_duration(defaults.connect_timeout)
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    let ttl_floor = match &raw.ttl_floor {
+        None => Duration::from_secs(5),
+        Some(value) => dns_duration(value, "ttl_floor")?,
+    };
+    let ttl_ceiling = match &raw.ttl_ceiling {
+        None => Duration::from_secs(300).max(ttl_floor),
+        Some(value) => {
+            let d = dns_duration(value, "ttl_ceiling")?;
+            if d < ttl_floor {
+                return Err(src.error(
+                    value.span(),
+                    format!(
+                        "dns: ttl_ceiling {} is shorter than ttl_floor {}",
+                        parse::format_duration(d),
+                        parse::format_duration(ttl_floor)
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    let negative_ttl = match &raw.negative_ttl {
+        None => Duration::from_secs(5),
+        Some(value) => dns_duration(value, "negative_ttl")?,
+    };
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => Version::None,
+        Some(value) => parse::proxy_version(value.get_ref()).ok_or_else(|| {
+            src.error(
+                value.span(),
+                format!(
+                    "dns: proxy_protocol must be one of none, v1, v2, not {:?}",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
+    let source = match &raw.source {
+        None => SourceAddress::Proxy,
+        Some(value) => source_address(src, value, "dns", defaults.source_prefix.is_some())?,
+    };
+    Ok(SpannedDns {
+        dns: Dns {
+            allowed_backends,
+            servers,
+            timeout,
+            ttl_floor,
+            ttl_ceiling,
+            negative_ttl,
+            proxy_protocol,
+            source,
+            origin: src.origin(span.clone()),
+        },
+        span,
     })
 }
 
@@ -251,6 +517,9 @@ impl Loader {
         }
         if let Some(xdp) = &raw.xdp {
             return Err(child.error(xdp.span(), format!("[xdp] {main_only}")));
+        }
+        if let Some(dns) = &raw.dns {
+            return Err(child.error(dns.span(), format!("[dns] {main_only}")));
         }
         self.files.push(path.clone());
         self.stack.push((identity, path));
@@ -407,6 +676,20 @@ fn build_defaults(
             ));
         }
         defaults.max_request_head = usize::try_from(bytes).unwrap_or(1 << 20);
+    }
+    if let Some(value) = raw.source_prefix {
+        let cidr = network(src, &value, "defaults: source_prefix")?;
+        if !cidr.addr.is_ipv6() || cidr.prefix != 96 {
+            return Err(src.error(
+                value.span(),
+                format!(
+                    "defaults: source_prefix {:?} must be an IPv6 /96, such as \
+                     \"2001:db8:4646::/96\": the client's 32-bit IPv4 address fills the rest",
+                    value.get_ref()
+                ),
+            ));
+        }
+        defaults.source_prefix = Some(cidr);
     }
     Ok(defaults)
 }
@@ -580,6 +863,8 @@ fn build_listeners(
             protocol,
             forwarding,
             accept_proxy,
+            // Set by `load`, which knows [defaults] and [dns].
+            dns: false,
         });
     }
     Ok(listeners)
@@ -899,6 +1184,11 @@ fn build_site(
         }
     };
 
+    let source = match &raw.source {
+        None => SourceAddress::Proxy,
+        Some(value) => source_address(src, value, &context, rules.source_prefix)?,
+    };
+
     let site = Site {
         name: hostnames
             .first()
@@ -910,6 +1200,7 @@ fn build_site(
         tlvs,
         forwarding,
         forwarded_header,
+        source,
         origin: src.origin(span),
     };
     Ok((site, spans))

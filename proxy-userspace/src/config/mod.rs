@@ -53,6 +53,37 @@ pub struct Config {
     pub(crate) files: Vec<PathBuf>,
     /// The `[xdp]` edge filter; `None` attaches nothing.
     pub(crate) xdp: Option<Xdp>,
+    /// `[dns]`: backends for names no site claims, on listeners with `backend = "dns"`.
+    pub(crate) dns: Option<Dns>,
+}
+
+/// `[dns]`: where names that no site claims are looked up (AAAA), and the fence their answers
+/// must lie in. Used by listeners whose backend is `"dns"` (their own `backend` key, or
+/// `[defaults]`'s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// IPv6 networks a resolved backend must lie in; at least one. Whatever the networks,
+    /// loopback, link-local, multicast, unspecified, IPv4-mapped or -compatible addresses and
+    /// the proxy's own addresses are never used.
+    pub allowed_backends: Vec<Cidr>,
+    /// Name servers to ask (port 53 unless given); `None` reads `/etc/resolv.conf`.
+    pub servers: Option<Vec<SocketAddr>>,
+    /// How long one lookup may take, at most `connect_timeout` (default 1s, or
+    /// `connect_timeout` when that is shorter).
+    pub timeout: Duration,
+    /// The shortest time an answer is kept, whatever its TTL (default 5s).
+    pub ttl_floor: Duration,
+    /// The longest time an answer is kept, whatever its TTL (default 5m).
+    pub ttl_ceiling: Duration,
+    /// How long a failure (no such name, no allowed address, a timeout) is kept (default 5s).
+    pub negative_ttl: Duration,
+    /// The PROXY header sent to every DNS backend (default none); the v2 header carries the
+    /// name (`PP2_TYPE_AUTHORITY`).
+    pub proxy_protocol: Version,
+    /// The source address of connections to DNS backends, as a site's `source`.
+    pub source: SourceAddress,
+    /// Where `[dns]` was declared.
+    pub origin: Origin,
 }
 
 /// `[defaults]`.
@@ -88,6 +119,9 @@ pub struct Defaults {
     /// The longest HTTP request head (request line, header lines, blank line) read on `http`
     /// listeners: the first request's, and every later one on a header site's connection.
     pub max_request_head: usize,
+    /// The /96 that `source = "embed"` sites put the client's IPv4 address in, to form the
+    /// source address of the backend connection (NAT46 source); `None` when no site embeds.
+    pub source_prefix: Option<Cidr>,
 }
 
 impl Default for Defaults {
@@ -105,6 +139,7 @@ impl Default for Defaults {
             forwarded_header: ForwardedHeader::None,
             trusted_proxies: Vec::new(),
             max_request_head: 16 << 10,
+            source_prefix: None,
         }
     }
 }
@@ -208,6 +243,9 @@ pub struct Listener {
     /// header, whose client address then stands for the connection's. Nobody else's header is
     /// read (`crate::preface::receive`).
     pub accept_proxy: Vec<Cidr>,
+    /// Names no site claims are looked up in DNS (`backend = "dns"` here or in `[defaults]`);
+    /// the `[default]` site then only receives connections that sent no name.
+    pub dns: bool,
 }
 
 /// A `[[site]]`, or the `[default]` site.
@@ -229,8 +267,22 @@ pub struct Site {
     /// The header added to each request on `http` listeners: the site's own setting, else
     /// `[defaults]`'. Connections on `tls` listeners never get one.
     pub forwarded_header: ForwardedHeader,
+    /// The source address of connections to the backend.
+    pub source: SourceAddress,
     /// Where the site was declared, for messages.
     pub origin: Origin,
+}
+
+/// The source address of a site's backend connections (`source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceAddress {
+    /// The proxy's own address toward the backend (the default).
+    #[default]
+    Proxy,
+    /// `[defaults] source_prefix` plus the client's IPv4 address, so an unmodified backend
+    /// logs the client: `2001:db8:4646::/96` and 192.0.2.10 give `2001:db8:4646::c000:20a`.
+    /// IPv6 clients (and IPv4 backends) keep the proxy's own address.
+    Embed,
 }
 
 /// PROXY protocol v2 TLVs a site asks for (`proxy_protocol_tlvs`).
@@ -569,6 +621,40 @@ impl Config {
             headers(ForwardedHeader::XForwardedFor),
             headers(ForwardedHeader::Forwarded)
         );
+        match &self.dns {
+            Some(dns) => {
+                let nets: Vec<String> = dns.allowed_backends.iter().map(Cidr::to_string).collect();
+                let servers = match &dns.servers {
+                    Some(list) => list
+                        .iter()
+                        .map(SocketAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => "/etc/resolv.conf".to_string(),
+                };
+                let users: Vec<String> = self
+                    .listeners
+                    .iter()
+                    .filter(|l| l.dns)
+                    .map(|l| l.address.to_string())
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "dns: allowed_backends {}; servers {servers}; timeout {}, ttl {}..{}, \
+                     negative_ttl {}, proxy_protocol {}; used on {}",
+                    nets.join(", "),
+                    parse::format_duration(dns.timeout),
+                    parse::format_duration(dns.ttl_floor),
+                    parse::format_duration(dns.ttl_ceiling),
+                    parse::format_duration(dns.negative_ttl),
+                    version_str(dns.proxy_protocol),
+                    users.join(", ")
+                );
+            }
+            None => {
+                let _ = writeln!(out, "dns: none (unknown names are not looked up)");
+            }
+        }
         match &self.xdp {
             Some(xdp) => {
                 let _ = writeln!(

@@ -28,6 +28,21 @@ pub(super) struct RawFile {
     pub site: Vec<Spanned<RawSite>>,
     pub default: Option<Spanned<RawSite>>,
     pub xdp: Option<Spanned<RawXdp>>,
+    pub dns: Option<Spanned<RawDns>>,
+}
+
+/// `[dns]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    pub allowed_backends: Option<SpannedStrings>,
+    pub servers: Option<SpannedStrings>,
+    pub timeout: Option<Spanned<String>>,
+    pub ttl_floor: Option<Spanned<String>>,
+    pub ttl_ceiling: Option<Spanned<String>>,
+    pub negative_ttl: Option<Spanned<String>>,
+    pub proxy_protocol: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
 }
 
 /// `[defaults]`.
@@ -45,6 +60,8 @@ pub(super) struct RawDefaults {
     pub forwarded_header: Option<Spanned<String>>,
     pub trusted_proxies: Option<SpannedStrings>,
     pub max_request_head: Option<Spanned<RawSize>>,
+    pub backend: Option<Spanned<String>>,
+    pub source_prefix: Option<Spanned<String>>,
 }
 
 /// `[[listen]]`; required keys are optional here for the same reason as in [`RawSite`].
@@ -55,6 +72,7 @@ pub(super) struct RawListener {
     pub protocol: Option<Spanned<String>>,
     pub forwarding: Option<Spanned<String>>,
     pub accept_proxy: Option<SpannedStrings>,
+    pub backend: Option<Spanned<String>>,
 }
 
 /// `[[site]]` and `[default]`; `hostnames` and `backend` are optional here so that a missing one
@@ -68,6 +86,7 @@ pub(super) struct RawSite {
     pub proxy_protocol_tlvs: Option<SpannedStrings>,
     pub forwarding: Option<Spanned<String>>,
     pub forwarded_header: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
 }
 
 /// `[xdp]`; `interfaces` is optional here so that a missing one gets a message saying what to

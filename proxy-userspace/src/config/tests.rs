@@ -127,12 +127,14 @@ backend = "2001:db8:1::12"
                 protocol: Protocol::Tls,
                 forwarding: None,
                 accept_proxy: Vec::new(),
+                dns: false,
             },
             Listener {
                 address: sock("0.0.0.0:80"),
                 protocol: Protocol::Http,
                 forwarding: None,
                 accept_proxy: Vec::new(),
+                dns: false,
             },
         ]
     );
@@ -154,6 +156,7 @@ backend = "2001:db8:1::12"
                 },
                 forwarding: None,
                 forwarded_header: ForwardedHeader::None,
+                source: SourceAddress::Proxy,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: line_of(text, "[[site]]\nhostnames = [\"site1")
@@ -170,6 +173,7 @@ backend = "2001:db8:1::12"
                 tlvs: Tlvs::default(),
                 forwarding: None,
                 forwarded_header: ForwardedHeader::None,
+                source: SourceAddress::Proxy,
                 origin: Origin {
                     file: "main.toml".into(),
                     line: 20
@@ -190,6 +194,7 @@ backend = "2001:db8:1::12"
             tlvs: Tlvs::default(),
             forwarding: None,
             forwarded_header: ForwardedHeader::None,
+            source: SourceAddress::Proxy,
             origin: Origin {
                 file: "main.toml".into(),
                 line: 25
@@ -1615,5 +1620,177 @@ fn per_source_limit_against_the_global_one() {
             .expect("valid")
             .summary()
             .contains("max_connections_per_source none,")
+    );
+}
+
+#[test]
+fn dns_backends_with_defaults() {
+    let text = format!(
+        "{LISTEN}[[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\nbackend = \"none\"\n\
+         [defaults]\nbackend = \"dns\"\n\
+         [dns]\nallowed_backends = [\"2001:db8:1::/48\", \"2001:db8:2::/64\"]\n"
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(
+        config.listeners.iter().map(|l| l.dns).collect::<Vec<_>>(),
+        [true, false]
+    );
+    let dns = config.dns.expect("[dns]");
+    assert_eq!(dns.allowed_backends.len(), 2);
+    assert_eq!(dns.servers, None);
+    assert_eq!(dns.timeout, Duration::from_secs(1));
+    assert_eq!(dns.ttl_floor, Duration::from_secs(5));
+    assert_eq!(dns.ttl_ceiling, Duration::from_secs(300));
+    assert_eq!(dns.negative_ttl, Duration::from_secs(5));
+    assert_eq!(dns.proxy_protocol, Version::None);
+}
+
+#[test]
+fn dns_backends_explicit() {
+    let text = "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\nbackend = \"dns\"\n\
+         [defaults]\nconnect_timeout = \"2s\"\n\
+         [dns]\nallowed_backends = [\"2001:db8:1::/48\"]\n\
+         servers = [\"2001:db8:53::53\", \"[2001:db8:53::54]:5353\"]\n\
+         timeout = \"500ms\"\nttl_floor = \"1s\"\nttl_ceiling = \"1m\"\nnegative_ttl = \"2s\"\n\
+         proxy_protocol = \"v2\"\n";
+    let config = parse(text).expect("valid");
+    assert!(config.listeners[0].dns);
+    assert!(
+        config
+            .summary()
+            .contains("dns: allowed_backends 2001:db8:1::/48")
+    );
+    let dns = config.dns.expect("[dns]");
+    assert_eq!(
+        dns.servers,
+        Some(vec![
+            sock("[2001:db8:53::53]:53"),
+            sock("[2001:db8:53::54]:5353")
+        ])
+    );
+    assert_eq!(dns.timeout, Duration::from_millis(500));
+    assert_eq!(dns.ttl_ceiling, Duration::from_secs(60));
+    assert_eq!(dns.proxy_protocol, Version::V2);
+}
+
+#[test]
+fn dns_backends_refused() {
+    let dns = "[dns]\nallowed_backends = [\"2001:db8:1::/48\"]\n";
+    // backend = "dns" without [dns].
+    let text = format!("{LISTEN}[defaults]\nbackend = \"dns\"\n");
+    refused(&text, "backend = ", "needs a [dns] section");
+    let text =
+        "[[listen]]\naddress = \"0.0.0.0:443\"\nprotocol = \"tls\"\nbackend = \"2001:db8::1\"\n";
+    refused(text, "backend = ", "backend must be \"dns\" or \"none\"");
+    // [dns] that nothing uses.
+    let text = format!("{LISTEN}{dns}");
+    refused(&text, "[dns]", "no listener uses it");
+    let with = |body: &str| format!("{LISTEN}[defaults]\nbackend = \"dns\"\n[dns]\n{body}");
+    refused(
+        &with("timeout = \"1s\"\n"),
+        "[dns]",
+        "has no allowed_backends",
+    );
+    refused(
+        &with("allowed_backends = []\n"),
+        "allowed_backends",
+        "is empty",
+    );
+    refused(
+        &with("allowed_backends = [\"192.0.2.0/24\"]\n"),
+        "allowed_backends",
+        "IPv4 network",
+    );
+    refused(
+        &with("allowed_backends = [\"::/0\"]\n"),
+        "allowed_backends",
+        "wider than a /16",
+    );
+    refused(
+        &with("allowed_backends = [\"2001:db8:1::1/48\"]\n"),
+        "allowed_backends",
+        "bits set after the prefix",
+    );
+    let fenced = "allowed_backends = [\"2001:db8:1::/48\"]\n";
+    refused(
+        &with(&format!("{fenced}servers = [\"ns.example\"]\n")),
+        "servers",
+        "dns: server \"ns.example\" is not valid",
+    );
+    refused(
+        &with(&format!("{fenced}timeout = \"4s\"\n")),
+        "timeout",
+        "longer than connect_timeout 3s",
+    );
+    refused(
+        &with(&format!("{fenced}timeout = \"0s\"\n")),
+        "timeout",
+        "greater than zero",
+    );
+    refused(
+        &with(&format!(
+            "{fenced}ttl_floor = \"1m\"\nttl_ceiling = \"10s\"\n"
+        )),
+        "ttl_ceiling",
+        "shorter than ttl_floor",
+    );
+    refused(
+        &with(&format!("{fenced}source = \"embed\"\n")),
+        "source = ",
+        "dns: source = \"embed\" needs source_prefix",
+    );
+    refused(
+        &with(&format!("{fenced}proxy_protocol = \"v3\"\n")),
+        "proxy_protocol",
+        "dns: proxy_protocol must be one of none, v1, v2",
+    );
+}
+
+#[test]
+fn source_embed() {
+    let text = format!(
+        "{LISTEN}[defaults]\nsource_prefix = \"2001:db8:4646::/96\"\n\
+         [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8:1::10\"\nsource = \"embed\"\n\
+         [[site]]\nhostnames = [\"b.example\"]\nbackend = \"2001:db8:1::10\"\n"
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(
+        config.defaults.source_prefix,
+        Some(Cidr {
+            addr: ip("2001:db8:4646::"),
+            prefix: 96
+        })
+    );
+    assert_eq!(config.sites[0].source, SourceAddress::Embed);
+    assert_eq!(config.sites[1].source, SourceAddress::Proxy);
+
+    let site = "[[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8:1::10\"\n";
+    refused(
+        &format!("{LISTEN}{site}source = \"embed\"\n"),
+        "source = ",
+        "source = \"embed\" needs source_prefix in [defaults]",
+    );
+    let with_prefix = |prefix: &str, source: &str| {
+        format!("{LISTEN}[defaults]\nsource_prefix = \"{prefix}\"\n{site}source = \"{source}\"\n")
+    };
+    refused(
+        &with_prefix("2001:db8:4646::/64", "embed"),
+        "source_prefix",
+        "must be an IPv6 /96",
+    );
+    refused(
+        &with_prefix("192.0.2.0/24", "embed"),
+        "source_prefix",
+        "must be an IPv6 /96",
+    );
+    refused(
+        &with_prefix("2001:db8:4646::1/96", "embed"),
+        "source_prefix",
+        "bits set after the prefix",
+    );
+    refused(
+        &with_prefix("2001:db8:4646::/96", "client"),
+        "source = ",
+        "source must be \"proxy\" or \"embed\"",
     );
 }
