@@ -146,6 +146,8 @@ fn run_refuses_an_invalid_config_and_a_busy_port() {
         cfg.to_str().expect("utf-8 path"),
         "--pin-dir",
         "none",
+        "--control-socket",
+        "none",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -166,6 +168,8 @@ fn run_refuses_an_invalid_config_and_a_busy_port() {
         "--config",
         cfg.to_str().expect("utf-8 path"),
         "--pin-dir",
+        "none",
+        "--control-socket",
         "none",
     ]);
     assert_eq!(out.status.code(), Some(1));
@@ -197,11 +201,11 @@ impl Running {
     /// Starts `spliced run --config cfg` with `extra` arguments, standard output and standard
     /// error piped (for [`Running::stop`] to collect).
     fn start(cfg: &std::path::Path, extra: &[&str]) -> Running {
-        // No pins: tests run at once, and a second spliced refuses a pin directory another
-        // one holds.
+        // No pins and no control socket: tests run at once, and a second spliced refuses a pin
+        // directory or a control socket another one holds.
         let child = Command::new(BIN)
             .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
-            .args(["--pin-dir", "none"])
+            .args(["--pin-dir", "none", "--control-socket", "none"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -449,7 +453,7 @@ fn ipv4_and_ipv6_listeners_share_a_port() {
     );
     let child = Command::new(BIN)
         .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
-        .args(["--pin-dir", "none"])
+        .args(["--pin-dir", "none", "--control-socket", "none"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

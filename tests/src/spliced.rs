@@ -133,7 +133,11 @@ impl Launch {
         cmd.args(["run", "--config"]).arg(&config).args(&self.args);
         // Each its own control socket, unless the test names one: tests run side by side.
         let control = match self.args.iter().position(|a| a == "--control-socket") {
-            Some(i) => self.args.get(i + 1).map(PathBuf::from),
+            Some(i) => self
+                .args
+                .get(i + 1)
+                .filter(|path| *path != "none")
+                .map(PathBuf::from),
             None => {
                 let path = dir.join(format!("{}.sock", self.name));
                 cmd.arg("--control-socket").arg(&path);

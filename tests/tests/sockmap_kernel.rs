@@ -541,6 +541,8 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() -> Result<()> {
 
     let mut refused = Launch::new(cfg("sockmap"))
         .named("spliced-nobody-sockmap")
+        .arg("--control-socket")
+        .arg("none")
         .wrapped(&setpriv)
         .start(&world, &[])?;
     wait_for("spliced to give up", Duration::from_secs(10), || {
@@ -555,6 +557,8 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() -> Result<()> {
 
     let auto = Launch::new(cfg("auto"))
         .named("spliced-nobody-auto")
+        .arg("--control-socket")
+        .arg("none")
         .wrapped(&setpriv)
         .start(&world, &[HIGH_PORT])?;
     let pid = auto.pid().context("no pid")?;
