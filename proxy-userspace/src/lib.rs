@@ -33,6 +33,7 @@ mod upgrade;
 
 pub use config::{Config, ConfigError};
 pub use server::{Options, Server};
+pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.
 #[cfg(fuzzing)]

@@ -19,7 +19,15 @@
 //!    its pins and pin lock. The new one then moves its pins in, locks the directory,
 //!    attaches XDP and accepts. The old one drains its connections for its grace period and
 //!    exits.
+//!
+//! The same socket takes a second request, [`SPAWN`] (`spliced upgrade`, or SIGUSR2 from
+//! inside the process): the running process starts the successor itself, from the path and
+//! with the arguments it was started with plus `--upgrade-from` this socket, and answers
+//! `ok PID` once that process has taken over, or `failed: WHY`. Under systemd this is the
+//! only way that keeps the new process inside the service's cgroup: a process started from a
+//! shell is outside it, and a takeover request from outside the cgroup is refused there.
 use std::{
+    ffi::OsString,
     io::{IoSlice, IoSliceMut},
     net::SocketAddr,
     os::{
@@ -45,6 +53,8 @@ pub(crate) const REQUEST: &[u8] = b"spliced-upgrade 1 listeners";
 pub(crate) const READY: &[u8] = b"ready";
 /// The old process has stopped accepting and released its pins.
 pub(crate) const DONE: &[u8] = b"done";
+/// Asks the running process to start its successor itself (see [`ask_to_upgrade`]).
+pub(crate) const SPAWN: &[u8] = b"spliced-upgrade 1 spawn";
 /// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
 const MAX_FDS: usize = 253;
 /// The longest message of the exchange.
@@ -249,12 +259,15 @@ pub(crate) struct Takeover {
 }
 
 /// Serves the control socket on its own thread until a takeover completes: each connection
-/// may ask for the listeners; a new process that gets them and says it is ready is passed to
-/// the main loop on `takeovers`.
+/// may ask for the listeners, or ([`SPAWN`]) for this process to start its successor. A new
+/// process that gets the listeners and says it is ready is passed to the main loop on
+/// `takeovers`; a spawn request is passed on `spawns` with its connection, which the main
+/// loop answers once the upgrade is over.
 pub(crate) fn serve(
     control: ControlSocket,
     offer: Offer,
     takeovers: tokio::sync::mpsc::Sender<Takeover>,
+    spawns: tokio::sync::mpsc::Sender<OwnedFd>,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("spliced-control".to_owned())
@@ -270,11 +283,19 @@ pub(crate) fn serve(
                         continue;
                     }
                 };
-                match handover(&conn, &offer, &takeovers) {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(
-                        "upgrade abandoned, still serving with the running process: {e:#}"
-                    ),
+                match request(&conn) {
+                    Ok(Request::Listeners(pid)) => match handover(&conn, pid, &offer, &takeovers) {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(
+                            "upgrade abandoned, still serving with the running process: {e:#}"
+                        ),
+                    },
+                    Ok(Request::Spawn) => {
+                        if spawns.blocking_send(conn).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("control socket: {e:#}"),
                 }
             }
         })
@@ -282,31 +303,73 @@ pub(crate) fn serve(
     Ok(())
 }
 
-/// One control connection: `Ok` once the listeners are handed over for good, an error if
-/// this process goes on serving them.
-fn handover(
-    conn: &OwnedFd,
-    offer: &Offer,
-    takeovers: &tokio::sync::mpsc::Sender<Takeover>,
-) -> Result<()> {
+/// What a control connection asks for.
+enum Request {
+    /// The listening sockets, by the process with this PID.
+    Listeners(i32),
+    /// That this process starts its successor.
+    Spawn,
+}
+
+/// Reads a control connection's request, after checking who asks.
+fn request(conn: &OwnedFd) -> Result<Request> {
     let creds = socket::getsockopt(conn, sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     ensure!(
         creds.uid() == 0 || creds.uid() == me,
-        "control socket: refusing process {} of user {}",
+        "refusing process {} of user {}",
         creds.pid(),
         creds.uid()
     );
     set_timeout(conn, ANSWER_TIMEOUT)?;
     let (request, _) = receive(conn)?;
+    if request == SPAWN {
+        return Ok(Request::Spawn);
+    }
     if request != REQUEST {
         let _ = send(conn, b"error: unknown request", &[]);
         bail!(
-            "control socket: unknown request {:?} from process {}",
+            "unknown request {:?} from process {}",
             String::from_utf8_lossy(&request),
             creds.pid()
         );
     }
+    if let Err(e) = same_service(creds.pid()) {
+        let _ = send(conn, format!("error: {e:#}").as_bytes(), &[]);
+        return Err(e);
+    }
+    Ok(Request::Listeners(creds.pid()))
+}
+
+/// Under systemd (`NOTIFY_SOCKET` set), whether process `pid` runs in this process's cgroup,
+/// that is, in the same service: a new process outside it would serve unsupervised once this
+/// one exits, while systemd counts the service as stopped. Elsewhere anything goes.
+fn same_service(pid: i32) -> Result<()> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let ours = std::fs::read_to_string("/proc/self/cgroup").context("reading our cgroup")?;
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("reading the cgroup of process {pid}"))?;
+    ensure!(
+        ours == theirs,
+        "process {pid} runs outside this service's cgroup ({}, not {}): under systemd, start \
+         upgrades with `spliced upgrade` or `systemctl kill --kill-whom=main -s USR2 spliced`, \
+         so that the running process starts the new one inside the service",
+        theirs.trim(),
+        ours.trim()
+    );
+    Ok(())
+}
+
+/// One control connection that asked for the listeners: `Ok` once they are handed over for
+/// good, an error if this process goes on serving them.
+fn handover(
+    conn: &OwnedFd,
+    pid: i32,
+    offer: &Offer,
+    takeovers: &tokio::sync::mpsc::Sender<Takeover>,
+) -> Result<()> {
     let lines: Vec<String> = std::iter::once(format!("pid {}", std::process::id()))
         .chain(offer.items.iter().map(|(p, _)| p.line()))
         .collect();
@@ -314,7 +377,7 @@ fn handover(
     ensure!(fds.len() <= MAX_FDS, "more than {MAX_FDS} sockets to pass");
     send(conn, lines.join("\n").as_bytes(), &fds)?;
     tracing::info!(
-        pid = creds.pid(),
+        pid,
         sockets = fds.len(),
         "upgrade: passed the listening sockets to a new process; waiting for it to be ready"
     );
@@ -322,8 +385,7 @@ fn handover(
     let (answer, _) = receive(conn).context("waiting for the new process")?;
     ensure!(
         answer == READY,
-        "the new process (PID {}) ended before it was ready{}",
-        creds.pid(),
+        "the new process (PID {pid}) ended before it was ready{}",
         if answer.is_empty() {
             String::new()
         } else {
@@ -332,16 +394,90 @@ fn handover(
     );
     let (released, done) = tokio::sync::oneshot::channel();
     takeovers
-        .blocking_send(Takeover {
-            pid: creds.pid(),
-            released,
-        })
+        .blocking_send(Takeover { pid, released })
         .context("the main loop is gone")?;
     // The main loop always answers (or is gone, and then so is the process).
     if done.blocking_recv().is_ok() {
         send(conn, DONE, &[])?;
     }
     Ok(())
+}
+
+/// Starts the successor of this process: `argv` (the program as this one was started, not
+/// `/proc/self/exe`, which after a package upgrade is the replaced file, and this process's
+/// arguments) with `--upgrade-from control`. It inherits the environment but `WATCHDOG_PID`:
+/// that names this process, and would make the new one think the watchdog is not its own
+/// (without it, `WATCHDOG_USEC` applies to whoever reads it).
+pub(crate) fn spawn_successor(argv: &[OsString], control: &Path) -> Result<std::process::Child> {
+    let (program, args) = argv
+        .split_first()
+        .context("no command line to start again")?;
+    std::process::Command::new(program)
+        .args(args)
+        .arg("--upgrade-from")
+        .arg(control)
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", Path::new(program).display()))
+}
+
+/// The arguments of a `spliced run` command line without its `--upgrade-from` (either form):
+/// what a successor is started with, before its own `--upgrade-from` is added.
+pub fn without_upgrade_from(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--upgrade-from" {
+            args.next();
+        } else if !arg.as_encoded_bytes().starts_with(b"--upgrade-from=") {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// What the running process answered to [`ask_to_upgrade`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upgraded {
+    /// The new process (this PID) took over; the old one drains and exits.
+    Done(u32),
+    /// The upgrade failed (the reason); the running process serves on.
+    Failed(String),
+    /// The running process does not know the request (a version before it) or refused it.
+    Refused(String),
+}
+
+/// `spliced upgrade`: asks the spliced serving the control socket at `path` to start its
+/// successor, and waits up to `timeout` for the outcome.
+pub fn ask_to_upgrade(path: &Path, timeout: Duration) -> Result<Upgraded> {
+    let conn = connect(path)
+        .with_context(|| format!("connecting to the control socket {}", path.display()))?;
+    set_timeout(&conn, ANSWER_TIMEOUT)?;
+    send(&conn, SPAWN, &[])?;
+    set_timeout(&conn, timeout)?;
+    let (answer, _) = receive(&conn).context("waiting for the upgrade's outcome")?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    Ok(if let Some(pid) = answer.strip_prefix("ok ") {
+        Upgraded::Done(pid.trim().parse().context("an unreadable PID")?)
+    } else if let Some(why) = answer.strip_prefix("failed: ") {
+        Upgraded::Failed(why.to_owned())
+    } else if answer.is_empty() {
+        Upgraded::Refused("the running process closed the connection".to_owned())
+    } else {
+        Upgraded::Refused(answer.strip_prefix("error: ").unwrap_or(&answer).to_owned())
+    })
+}
+
+/// Answers a [`SPAWN`] request's connection: `ok PID` or `failed: WHY`.
+pub(crate) fn answer_spawn(conn: &OwnedFd, outcome: &std::result::Result<u32, String>) {
+    let text = match outcome {
+        Ok(pid) => format!("ok {pid}"),
+        Err(why) => format!("failed: {why}"),
+    };
+    if let Err(e) = send(conn, text.as_bytes(), &[]) {
+        tracing::warn!("answering `spliced upgrade`: {e:#}");
+    }
 }
 
 /// The new side: the sockets received from the running process, until they are matched.
@@ -364,6 +500,9 @@ impl Inherited {
         send(&conn, REQUEST, &[])?;
         let (text, fds) = receive(&conn).context("receiving the listening sockets")?;
         let text = String::from_utf8(text).context("the descriptor list is not text")?;
+        if let Some(why) = text.strip_prefix("error: ") {
+            bail!("the running spliced refused: {why}");
+        }
         let mut lines = text.lines();
         // Its own word: the socket's credentials name whoever made the listening socket,
         // which after one upgrade is an older process.
@@ -483,6 +622,34 @@ mod tests {
         assert!(Passed::parse("").is_err());
     }
 
+    /// A successor gets the old command line with its own `--upgrade-from` only: an older
+    /// one (either form) is left out, so that upgrades chain.
+    #[test]
+    fn a_successor_drops_the_old_upgrade_from() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            without_upgrade_from(args(&[
+                "/usr/bin/spliced",
+                "run",
+                "--config",
+                "/etc/spliced/spliced.toml",
+                "--upgrade-from",
+                "/run/spliced/spliced.sock",
+                "--grace",
+                "30",
+                "--upgrade-from=/tmp/x.sock",
+            ])),
+            args(&[
+                "/usr/bin/spliced",
+                "run",
+                "--config",
+                "/etc/spliced/spliced.toml",
+                "--grace",
+                "30"
+            ])
+        );
+    }
+
     /// A listening socket with `SO_REUSEPORT` on `port` (0: any) of 127.0.0.1.
     fn reuseport_listener(port: u16) -> std::net::TcpListener {
         let fd = socket::socket(
@@ -543,7 +710,8 @@ mod tests {
             )],
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        serve(control, offer, tx).expect("serve");
+        let (spawn_tx, _spawns) = tokio::sync::mpsc::channel(1);
+        serve(control, offer, tx, spawn_tx).expect("serve");
         let mut inherited = Inherited::request(&path).expect("request");
         let other: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         assert!(inherited.listener(other).expect("no error").is_none());
