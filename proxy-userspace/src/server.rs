@@ -627,26 +627,25 @@ impl Upgrading {
             (Some(argv), Some(control)) => crate::upgrade::spawn_successor(argv, control),
         };
         match started {
-            Ok(mut child) => {
-                let pid = child.id();
+            Ok((pid, pidfd)) => {
                 tracing::info!(
                     pid,
                     "upgrade: started a new process; it takes over once ready"
                 );
                 self.pending = Some(pid);
                 let exits = self.exits.clone();
-                // Reaps it: after a takeover it outlives this process, and the thread with it.
+                // Not our child (see `spawn_successor`): its pidfd says when it is gone.
                 let waiter = std::thread::Builder::new()
                     .name("spliced-upgrade".to_owned())
                     .spawn(move || {
-                        let how = match child.wait() {
-                            Ok(status) => status.to_string(),
-                            Err(e) => format!("an unknown status ({e})"),
+                        let how = match crate::upgrade::wait_exit(&pidfd) {
+                            Ok(()) => "it exited".to_owned(),
+                            Err(e) => format!("watching it failed: {e:#}"),
                         };
                         let _ = exits.send((pid, how));
                     });
                 if let Err(e) = waiter {
-                    tracing::warn!(pid, "upgrade: not waiting for the new process: {e}");
+                    tracing::warn!(pid, "upgrade: not watching the new process: {e}");
                 }
             }
             Err(e) => {
@@ -663,11 +662,11 @@ impl Upgrading {
         }
         tracing::error!(
             pid,
-            "upgrade failed: the new process exited ({how}) before it took over (its error is \
+            "upgrade failed: the new process ended before it took over ({how}; its error is \
              logged above); still serving with this process"
         );
         self.answer(&Err(format!(
-            "the new process (PID {pid}) exited ({how}) before it took over; the running \
+            "the new process (PID {pid}) exited before it took over ({how}); the running \
              process serves on (see its log for why)"
         )));
     }

@@ -408,18 +408,85 @@ fn handover(
 /// arguments) with `--upgrade-from control`. It inherits the environment but `WATCHDOG_PID`:
 /// that names this process, and would make the new one think the watchdog is not its own
 /// (without it, `WATCHDOG_USEC` applies to whoever reads it).
-pub(crate) fn spawn_successor(argv: &[OsString], control: &Path) -> Result<std::process::Child> {
+///
+/// The new process is started through an intermediate that forks it and exits at once, so it
+/// is not our child but, like us, the service manager's (the nearest child subreaper: systemd).
+/// systemd 252 marks a `MAINPID=` that is not its child as "alien": it then neither learns its
+/// exit status nor waits for it on `systemctl stop`, and sends SIGKILL at once (seen under a
+/// real systemd, `contrib/systemd/nspawn-check`). Returns the new process's PID and a pidfd
+/// that turns readable when it exits.
+pub(crate) fn spawn_successor(argv: &[OsString], control: &Path) -> Result<(u32, OwnedFd)> {
+    use std::os::unix::process::CommandExt as _;
     let (program, args) = argv
         .split_first()
         .context("no command line to start again")?;
-    std::process::Command::new(program)
-        .args(args)
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("a pipe for the new process's PID")?;
+    let write_fd = write.as_raw_fd();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
         .arg("--upgrade-from")
         .arg(control)
         .env_remove("WATCHDOG_PID")
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls: fork, write, _exit.
+    unsafe {
+        cmd.pre_exec(move || match nix::libc::fork() {
+            -1 => Err(std::io::Error::last_os_error()),
+            // The new process: std goes on to exec it.
+            0 => Ok(()),
+            pid => {
+                let bytes = pid.to_ne_bytes();
+                nix::libc::write(write_fd, bytes.as_ptr().cast(), bytes.len());
+                nix::libc::_exit(0)
+            }
+        });
+    }
+    // Returns once the new process has exec'd (or failed to, with the error).
+    let mut intermediate = cmd
         .spawn()
-        .with_context(|| format!("starting {}", Path::new(program).display()))
+        .with_context(|| format!("starting {}", Path::new(program).display()))?;
+    drop(write);
+    let status = intermediate.wait()?;
+    let mut bytes = [0u8; 4];
+    let read = std::fs::File::from(read);
+    std::io::Read::read_exact(&mut &read, &mut bytes).with_context(|| {
+        format!(
+            "starting {}: no PID from the intermediate process ({status})",
+            Path::new(program).display()
+        )
+    })?;
+    let pid = i32::from_ne_bytes(bytes);
+    // SAFETY: a plain system call; the descriptor it returns is ours alone.
+    let pidfd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    ensure!(
+        pidfd >= 0,
+        "watching the new process {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just made this descriptor for us (a pidfd is CLOEXEC).
+    let pidfd = unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd)?) };
+    Ok((u32::try_from(pid)?, pidfd))
+}
+
+/// Waits until the process of `pidfd` has exited.
+pub(crate) fn wait_exit(pidfd: &OwnedFd) -> Result<()> {
+    let mut poll = nix::libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: nix::libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, for the length given.
+        let ready = unsafe { nix::libc::poll(&mut poll, 1, -1) };
+        if ready > 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if ready < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
 }
 
 /// The arguments of a `spliced run` command line without its `--upgrade-from` (either form):

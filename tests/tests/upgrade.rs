@@ -7,7 +7,11 @@
 //!   transfer begun before, which the old process splices in the kernel, ends byte-exact on
 //!   the old process, which then exits 0; the new process serves, `/metrics` included;
 //! - failed upgrades (an invalid file; a new listener whose address is taken) leave the old
-//!   process serving, and the new one exits 1 saying why.
+//!   process serving, and the new one exits 1 saying why;
+//! - under systemd's notify protocol (a `NOTIFY_SOCKET` the test reads, with each sender's
+//!   PID), upgrades that the running process starts itself (`spliced upgrade`, SIGUSR2): the
+//!   new process says `MAINPID=` and `READY=1`, the old one no `STOPPING=1`; a failed one
+//!   tells systemd nothing.
 //!
 //! Run as root with a release build of the proxy:
 //! `cargo xtask build && SPLICED_BIN=$PWD/target/release/spliced cargo test --release -p spliced-tests --test upgrade`.
@@ -587,8 +591,9 @@ fn spliced_upgrade(control: &Path) -> Result<(Option<i32>, String)> {
 }
 
 /// A process that a spliced under test started itself (the new one of an upgrade). The test
-/// process is a child subreaper, so the process comes to it once its parent exits: the test
-/// reaps it, and stops it (by PID) if the test ends first.
+/// process is a child subreaper, as systemd is for its services, so the process is the test's
+/// child as soon as the intermediate that spliced forks it from exits: the test reaps it, and
+/// stops it (by PID) if the test ends first.
 struct Adopted {
     pid: Pid,
     reaped: bool,
@@ -602,8 +607,7 @@ impl Adopted {
         })
     }
 
-    /// Waits up to `timeout` for it to exit (its parent, if still alive, must have exited
-    /// first, so that it is the test's to reap); returns how.
+    /// Waits up to `timeout` for it to exit; returns how.
     fn exited(&mut self, timeout: Duration) -> Result<WaitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -673,7 +677,7 @@ fn wait_main_pid(notify: &mut Notify, timeout: Duration) -> Result<u32> {
 }
 
 /// Under systemd, `spliced upgrade` makes the running process start the new one itself, in
-/// its cgroup: the new one says `MAINPID=` itself and `READY=1`, the old one sends no
+/// its cgroup and as the service manager's child: the new one says `MAINPID=` itself and `READY=1`, the old one sends no
 /// `STOPPING=1`, only a draining status, and goes quiet (no more watchdog pings), drains and
 /// exits 0, while clients connecting without pause all succeed and a long transfer begun
 /// before ends byte-exact; the new process pings the watchdog (its `WATCHDOG_PID` is not the
@@ -742,9 +746,14 @@ fn under_systemd_the_running_process_starts_its_successor_and_hands_the_service_
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no PID in {said:?}"))?;
     let mut new = Adopted::new(new_pid)?;
+    // Not the old process's child, but the service manager's (the subreaper, here the test):
+    // systemd 252 does not wait on stop for a main process that is not its child.
     ensure!(
-        parent_of(new_pid)? == old_pid && cgroup_of(new_pid)? == cgroup_of(old_pid)?,
-        "the new process should be the old one's child, in its cgroup"
+        parent_of(new_pid)? == std::process::id() && cgroup_of(new_pid)? == cgroup_of(old_pid)?,
+        "the new process should be the service manager's child, in the old one's cgroup \
+         (parent {}, not {})",
+        parent_of(new_pid)?,
+        std::process::id()
     );
     ensure!(
         wait_main_pid(&mut notify, IO)? == new_pid,
