@@ -36,7 +36,7 @@ use nix::{
     unistd::Pid,
 };
 use spliced_tests::{
-    BACKEND_V6, Ns, World, env_or,
+    BACKEND_V6, Ns, Service, World, env_or,
     load::ClientLoop,
     raw::{
         self, Behavior, End, TestBackend, Verifier, expect_hello, receive_stream,
@@ -95,7 +95,7 @@ fn wait_logged(spliced: &Spliced, what: &str, timeout: Duration) -> Result<()> {
 }
 
 /// Waits for `spliced` to exit and returns how (`exit status: N`) and what it printed.
-fn exited(spliced: &mut Spliced, timeout: Duration) -> Result<String> {
+fn exited(spliced: &mut Service, timeout: Duration) -> Result<String> {
     let mut how = String::new();
     wait_for("the process to exit", timeout, || {
         match spliced.check_running() {
@@ -927,5 +927,93 @@ fn under_systemd_a_failed_upgrade_leaves_the_service_as_it_was() -> Result<()> {
         wait_main_pid(&mut notify, Duration::from_secs(30)).with_context(|| old.stderr_text())?;
     let _new = Adopted::new(new_pid)?;
     roundtrip(&world, "b.example")?;
+    Ok(())
+}
+
+/// A cgroup of the v1 `pids` hierarchy, removed when dropped (once empty).
+struct Cgroup(PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Under systemd, `spliced run --upgrade-from` started from a shell, outside the service's
+/// cgroup, is refused: once the old process exited it would serve unsupervised while systemd
+/// counts the service as stopped. The new process exits 1 saying so; the old one serves on,
+/// and systemd hears nothing new.
+#[test]
+fn under_systemd_a_takeover_from_outside_the_service_is_refused() -> Result<()> {
+    let world = World::new()?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let mut notify = Notify::bind(&world)?;
+    let old = under_systemd(&notify, config(None)).start(&world, &[443])?;
+    let old_pid = old.pid().context("no PID")?;
+    notify
+        .wait("READY=1", IO, |_, m| has(m, "READY=1"))
+        .with_context(|| old.stderr_text())?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let cgroup = Cgroup(PathBuf::from(format!(
+        "/sys/fs/cgroup/pids/spliced-test-{}-{stamp}",
+        std::process::id()
+    )));
+    std::fs::create_dir(&cgroup.0)
+        .with_context(|| format!("making the cgroup {}", cgroup.0.display()))?;
+    // Entered before `ip netns exec`, which mounts a /sys without cgroups.
+    let enter = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$@\"",
+        cgroup.0.display()
+    );
+    let control = old.control_socket().context("no control socket")?;
+    let file = world.dir().join("outsider.toml");
+    std::fs::write(&file, config(None))?;
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &enter,
+        "sh",
+        "ip",
+        "netns",
+        "exec",
+        world.name(Ns::Proxy),
+    ])
+    .arg(spliced_bin()?)
+    .args(["run", "--config"])
+    .arg(&file)
+    .arg("--upgrade-from")
+    .arg(control)
+    .arg("--control-socket")
+    .arg(control);
+    let mut outsider = Service::start("outsider", cmd, world.dir())?;
+    let how = exited(&mut outsider, IO)?;
+    ensure!(how.contains("exit status: 1"), "{how}");
+    ensure!(
+        outsider
+            .stderr_text()
+            .contains("outside this service's cgroup"),
+        "the refusal should say why: {}",
+        outsider.stderr_text()
+    );
+    for _ in 0..5 {
+        roundtrip(&world, "a.example")?;
+    }
+    notify.drain()?;
+    let changed: Vec<_> = notify
+        .messages
+        .iter()
+        .filter(|(p, m)| *p != old_pid || value(m, "MAINPID").is_some() || has(m, "STOPPING=1"))
+        .collect();
+    ensure!(
+        changed.is_empty(),
+        "a refused takeover told systemd something: {changed:#?}"
+    );
+    ensure!(
+        !old.stderr_text().contains("the new process is ready"),
+        "the old process stopped accepting: {}",
+        old.stderr_text()
+    );
     Ok(())
 }
