@@ -20,12 +20,13 @@
 //!    attaches XDP and accepts. The old one drains its connections for its grace period and
 //!    exits.
 //!
-//! The same socket takes a second request, [`SPAWN`] (`spliced upgrade`, or SIGUSR2 from
-//! inside the process): the running process starts the successor itself, from the path and
-//! with the arguments it was started with plus `--upgrade-from` this socket, and answers
-//! `ok PID` once that process has taken over, or `failed: WHY`. Under systemd this is the
-//! only way that keeps the new process inside the service's cgroup: a process started from a
-//! shell is outside it, and a takeover request from outside the cgroup is refused there.
+//! The same socket takes a second request, [`SPAWN`], from `spliced upgrade` (SIGUSR2 does
+//! the same without anyone waiting for the answer): the running process starts the successor
+//! itself, from the path and with the arguments it was started with plus `--upgrade-from`
+//! this socket (see [`spawn_successor`]), and answers `ok PID` once that process has taken
+//! over, or `failed: WHY`. Under systemd this is the only way that keeps the new process
+//! inside the service's cgroup: a process started from a shell is outside it, and a takeover
+//! request from outside the cgroup is refused there.
 use std::{
     ffi::OsString,
     io::{IoSlice, IoSliceMut},
@@ -715,6 +716,56 @@ mod tests {
                 "30"
             ])
         );
+    }
+
+    /// `spliced upgrade`'s request reaches the main loop with its connection, and the answer
+    /// reaches the command; a running spliced that does not know the request (as one before
+    /// it) is a refusal, which the postinst turns into a restart.
+    #[test]
+    fn an_upgrade_request_is_answered_with_the_outcome() {
+        let dir = std::env::temp_dir().join(format!("spliced-spawn-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let control = ControlSocket::bind(&path, false)
+            .expect("bind")
+            .expect("made");
+        let (tx, _takeovers) = tokio::sync::mpsc::channel(1);
+        let (spawn_tx, mut spawns) = tokio::sync::mpsc::channel(1);
+        serve(control, Offer { items: Vec::new() }, tx, spawn_tx).expect("serve");
+        let main_loop = std::thread::spawn(move || {
+            let conn = spawns.blocking_recv().expect("a request");
+            answer_spawn(&conn, &Ok(4242));
+            let conn = spawns.blocking_recv().expect("a second request");
+            answer_spawn(&conn, &Err("the new process exited".to_owned()));
+        });
+        let timeout = Duration::from_secs(10);
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Done(4242)
+        );
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Failed("the new process exited".to_owned())
+        );
+        main_loop.join().expect("joined");
+        let _ = std::fs::remove_file(&path);
+
+        // An older spliced: it answers anything but its one request with an error.
+        let old = ControlSocket::bind(&path, false)
+            .expect("bind")
+            .expect("made");
+        let older = std::thread::spawn(move || {
+            let conn = socket::accept(old.fd.as_fd()).expect("accept");
+            let (request, _) = receive(&conn).expect("request");
+            assert_eq!(request, SPAWN);
+            send(&conn, b"error: unknown request", &[]).expect("answer");
+        });
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Refused("unknown request".to_owned())
+        );
+        older.join().expect("joined");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
     }
 
     /// A listening socket with `SO_REUSEPORT` on `port` (0: any) of 127.0.0.1.
