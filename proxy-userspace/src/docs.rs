@@ -23,11 +23,21 @@ refused and the running configuration kept.
 \fBSIGTERM\fR, \fBSIGINT\fR
 Stop accepting, let open connections finish for the grace period (\fB\-\-grace\fR), then reset
 the rest.
+.TP
+\fBSIGUSR2\fR
+Upgrade in place, as \fBspliced upgrade\fR does: start the binary again from the path it was
+started with, with the same arguments and \fB\-\-upgrade\-from\fR the control socket; once that
+process is ready it takes the listening sockets over, and this one drains and exits 0. If it
+fails, this one logs why and serves on.
 .SH SYSTEMD
 Under a unit with \fBType=notify\fR, spliced sends \fBREADY=1\fR once every listener is bound and
 the eBPF side is attached, \fBRELOADING=1\fR and \fBREADY=1\fR around a reload, \fBSTOPPING=1\fR,
 a \fBSTATUS=\fR line with the open connections and the forwarding engine, and \fBWATCHDOG=1\fR
-at half of \fBWatchdogSec=\fR. Without \fBNOTIFY_SOCKET\fR it sends nothing.
+at half of \fBWatchdogSec=\fR. Without \fBNOTIFY_SOCKET\fR it sends nothing. In an upgrade
+(\fBspliced upgrade\fR or SIGUSR2) the new process sends \fBMAINPID=\fR with its own PID and
+\fBREADY=1\fR (the unit has \fBNotifyAccess=all\fR), and the old one sends no \fBSTOPPING=1\fR,
+only a last status. Under systemd a takeover by a process outside the service's cgroup
+(\fBspliced run \-\-upgrade\-from\fR started from a shell) is refused.
 .SH FILES
 .TP
 \fI/etc/spliced/spliced.toml\fR

@@ -37,6 +37,7 @@ mod upgrade;
 pub use access::Format as LogFormat;
 pub use config::{Config, ConfigError, Table as ConfigTable};
 pub use server::{Options, Server};
+pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.
 #[cfg(fuzzing)]

@@ -1,4 +1,4 @@
-//! The `spliced` command: `run`, `check`, `--version`.
+//! The `spliced` command: `run`, `check`, `upgrade`, `--version`.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory as _, Parser};
@@ -66,6 +66,20 @@ enum Cli {
         /// The --metrics address of the running spliced.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
         metrics: std::net::SocketAddr,
+    },
+    /// Upgrade without refused connections: the running spliced starts its own binary again
+    /// (the installed one, from the path it was started with) with its own arguments, and
+    /// hands its listening sockets over once that process is ready; then it drains and exits.
+    /// Under systemd the new process stays in the service and becomes its main process. Exits
+    /// 0 once the new process serves; 1 if the upgrade failed (the running process serves on);
+    /// 3 if nothing was tried (no spliced answers, or it is a version without this request).
+    Upgrade {
+        /// The running spliced's control socket.
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "90", value_name = "SECONDS")]
+        timeout: u64,
     },
     /// Write the man pages and the bash, zsh and fish completions into a directory (for
     /// packaging: `cargo xtask deb` runs it).
@@ -152,6 +166,29 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cli::Upgrade {
+            control_socket,
+            timeout,
+        } => match spliced::ask_to_upgrade(&control_socket, Duration::from_secs(timeout)) {
+            Ok(spliced::Upgraded::Done(pid)) => {
+                println!("upgraded: PID {pid} serves; the old process drains its connections");
+                ExitCode::SUCCESS
+            }
+            Ok(spliced::Upgraded::Failed(why)) => {
+                eprintln!("spliced: upgrade failed: {why}");
+                ExitCode::from(1)
+            }
+            Ok(spliced::Upgraded::Refused(why)) => {
+                eprintln!("spliced: the running spliced did not start an upgrade: {why}");
+                ExitCode::from(3)
+            }
+            Err(e) => {
+                eprintln!("spliced: {e:#}");
+                // Nothing was asked if we could not connect; otherwise the outcome is unknown.
+                let connected = !format!("{e:#}").starts_with("connecting to the control socket");
+                ExitCode::from(if connected { 1 } else { 3 })
+            }
+        },
         Cli::GenerateDocs { out_dir } => match docs::write(&Cli::command(), &out_dir) {
             Ok(files) => {
                 for file in files {
@@ -199,6 +236,9 @@ fn main() -> ExitCode {
                     LogFormat::Text => spliced::LogFormat::Text,
                     LogFormat::Json => spliced::LogFormat::Json,
                 },
+                // The path as started (argv[0]), not /proc/self/exe: after a package upgrade
+                // that is the replaced file, and the new binary is at the path.
+                respawn: Some(spliced::without_upgrade_from(std::env::args_os())),
             };
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,

@@ -87,6 +87,40 @@ impl Systemd {
         }
     }
 
+    /// `MAINPID=` this process and `READY=1`, for a process that took the listeners over from
+    /// the service's main process (see [`crate::upgrade`]): from now on systemd follows this
+    /// one, and the old one's exit is no longer the service's. systemd hears it only with
+    /// `NotifyAccess=all`, since this process is not the main one until the message is read,
+    /// and only from a process in the service's cgroup (the old process started this one).
+    pub(crate) fn ready_after_takeover(&self) {
+        if self.enabled {
+            update_status(
+                &self.shared,
+                &self.state,
+                Some(Phase::Serving),
+                &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+            );
+        }
+    }
+
+    /// A new process has taken the listeners over: not `STOPPING=1` (the service goes on, in
+    /// the new process), only a last status line; then nothing more, so that neither this
+    /// process's status nor its watchdog pings stand for the new one's.
+    pub(crate) fn handing_over(&mut self, to: i32) {
+        if !self.enabled {
+            return;
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let line = format!(
+            "draining after upgrade: {} connections open here; PID {to} serves",
+            self.shared.open_connections()
+        );
+        send(&[NotifyState::Status(&line)]);
+        self.enabled = false;
+    }
+
     /// `RELOADING=1` with `MONOTONIC_USEC=`, before re-reading the configuration; follow it
     /// with [`Systemd::ready`] whatever the reload's result.
     pub(crate) fn reloading(&self) {

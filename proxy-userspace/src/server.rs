@@ -35,9 +35,9 @@ const ACCESS_LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running proxy.
 pub struct Server {
-    /// SIGTERM, SIGINT, SIGHUP and SIGUSR1, registered before anything else so that a signal
+    /// SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2, registered before anything else so that a signal
     /// sent as soon as the ports listen is handled instead of killing the process.
-    signals: [tokio::signal::unix::Signal; 4],
+    signals: [tokio::signal::unix::Signal; 5],
     listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
     shared: Arc<Shared>,
     max_connections: usize,
@@ -49,6 +49,10 @@ pub struct Server {
     control: Option<crate::upgrade::ControlSocket>,
     /// The descriptor limit and how many of them to keep free (see [`crate::shed`]).
     descriptors: Descriptors,
+    /// Whether this process took its listeners over from another (`--upgrade-from`).
+    took_over: bool,
+    /// How to start this process again, for an upgrade it starts itself.
+    respawn: Option<Vec<std::ffi::OsString>>,
 }
 
 /// The process's descriptor limit, and the reserve kept below it.
@@ -122,6 +126,10 @@ pub struct Options {
     pub access_log: Option<PathBuf>,
     /// How access-log lines are written.
     pub log_format: crate::access::Format,
+    /// The program and arguments this process was started with, without `--upgrade-from`:
+    /// on SIGUSR2 or `spliced upgrade` it starts them again with `--upgrade-from` its control
+    /// socket. `None`: this process cannot start its successor.
+    pub respawn: Option<Vec<std::ffi::OsString>>,
 }
 
 impl Server {
@@ -132,6 +140,7 @@ impl Server {
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
             signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
+            signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         ];
         // On an upgrade, the running process's sockets for our addresses: the same sockets,
         // with their accept queues, so nothing is refused while the processes change.
@@ -276,6 +285,7 @@ impl Server {
                 .context("starting the access-log writer")?,
         };
         let shared = Arc::new(Shared::with_log(config, kernel, access_log)?);
+        let took_over = inherited.is_some();
         if let Some(inherited) = inherited {
             let from = inherited.from().unwrap_or(0);
             // From here on the old process stops accepting: whatever fails now is logged and
@@ -312,6 +322,8 @@ impl Server {
             pin_lock,
             control,
             descriptors: Descriptors::current(),
+            took_over,
+            respawn: options.respawn.clone(),
         })
     }
 
@@ -391,6 +403,8 @@ impl Server {
             mut pin_lock,
             control,
             descriptors,
+            took_over,
+            respawn,
         } = self;
         tracing::debug!(
             limit = descriptors.limit,
@@ -466,18 +480,29 @@ impl Server {
         }
         // Every listener is bound and the eBPF side attached (both in `bind`), and the workers
         // accept: now systemd may send traffic our way.
-        let systemd = crate::notify::Systemd::start(&shared, &workers.handles);
-        systemd.ready();
+        let mut systemd = crate::notify::Systemd::start(&shared, &workers.handles);
+        if took_over {
+            systemd.ready_after_takeover();
+        } else {
+            systemd.ready();
+        }
         let (takeover_tx, mut takeovers) = tokio::sync::mpsc::channel(1);
+        let (spawn_tx, mut spawn_requests) = tokio::sync::mpsc::channel(4);
         let control_path = control.as_ref().map(|c| c.path().to_owned());
         if let Some(control) = control {
             offer.push((
                 crate::upgrade::Passed::Control(control.path().to_owned()),
                 control.try_clone_fd()?,
             ));
-            crate::upgrade::serve(control, crate::upgrade::Offer { items: offer }, takeover_tx)?;
+            crate::upgrade::serve(
+                control,
+                crate::upgrade::Offer { items: offer },
+                takeover_tx,
+                spawn_tx,
+            )?;
         }
-        let [mut term, mut int, mut hup, mut usr1] = signals;
+        let (mut upgrading, mut exited) = Upgrading::new(respawn, control_path.clone());
+        let [mut term, mut int, mut hup, mut usr1, mut usr2] = signals;
         let mut takeover = None;
         loop {
             tokio::select! {
@@ -488,6 +513,9 @@ impl Server {
                     this.reload_from_file();
                     systemd.ready();
                 }
+                _ = usr2.recv() => upgrading.start(None),
+                Some(conn) = spawn_requests.recv() => upgrading.start(Some(conn)),
+                Some((pid, how)) = exited.recv() => upgrading.exited(pid, &how),
                 Some(t) = takeovers.recv() => {
                     takeover = Some(t);
                     break;
@@ -499,7 +527,11 @@ impl Server {
                 }
             }
         }
-        systemd.stopping();
+        match &takeover {
+            // The service goes on in the new process: no STOPPING=1.
+            Some(t) => systemd.handing_over(t.pid),
+            None => systemd.stopping(),
+        }
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
         let _ = stop_tx.send(true);
         for task in tasks {
@@ -524,8 +556,10 @@ impl Server {
                 }
                 drop(pin_lock.take());
                 let _ = t.released.send(());
+                upgrading.answer(&Ok(u32::try_from(t.pid).unwrap_or_default()));
             }
             None => {
+                upgrading.answer(&Err("spliced is stopping (SIGTERM or SIGINT)".to_owned()));
                 if let Some(path) = &control_path {
                     let _ = std::fs::remove_file(path);
                 }
@@ -597,6 +631,110 @@ fn raise_descriptor_limit(max_connections: usize) {
              shed and accepting backs off"
         ),
         Err(e) => tracing::warn!(asked, "descriptor limit (RLIMIT_NOFILE) not raised: {e}"),
+    }
+}
+
+/// Upgrades this process starts itself (SIGUSR2, `spliced upgrade`): at most one at a time,
+/// and the `spliced upgrade` connections waiting for its outcome.
+struct Upgrading {
+    respawn: Option<Vec<std::ffi::OsString>>,
+    control: Option<PathBuf>,
+    /// The new process, while it starts.
+    pending: Option<u32>,
+    waiting: Vec<std::os::fd::OwnedFd>,
+    /// Where a started process's PID and how it exited are sent.
+    exits: tokio::sync::mpsc::UnboundedSender<(u32, String)>,
+}
+
+impl Upgrading {
+    /// Also returns where the started processes' exits arrive, for [`Upgrading::exited`].
+    fn new(
+        respawn: Option<Vec<std::ffi::OsString>>,
+        control: Option<PathBuf>,
+    ) -> (
+        Upgrading,
+        tokio::sync::mpsc::UnboundedReceiver<(u32, String)>,
+    ) {
+        let (exits, exited) = tokio::sync::mpsc::unbounded_channel();
+        let upgrading = Upgrading {
+            respawn,
+            control,
+            pending: None,
+            waiting: Vec::new(),
+            exits,
+        };
+        (upgrading, exited)
+    }
+
+    /// Starts the successor, unless one is starting already (then `reply` waits for that
+    /// one's outcome too).
+    fn start(&mut self, reply: Option<std::os::fd::OwnedFd>) {
+        self.waiting.extend(reply);
+        if let Some(pid) = self.pending {
+            tracing::info!(pid, "upgrade: already under way");
+            return;
+        }
+        let started = match (&self.respawn, &self.control) {
+            (_, None) => Err(anyhow::anyhow!(
+                "this process serves no control socket for the new one to take the listeners \
+                 from (--control-socket)"
+            )),
+            (None, _) => Err(anyhow::anyhow!(
+                "no command line to start the new process with"
+            )),
+            (Some(argv), Some(control)) => crate::upgrade::spawn_successor(argv, control),
+        };
+        match started {
+            Ok((pid, pidfd)) => {
+                tracing::info!(
+                    pid,
+                    "upgrade: started a new process; it takes over once ready"
+                );
+                self.pending = Some(pid);
+                let exits = self.exits.clone();
+                // Not our child (see `spawn_successor`): its pidfd says when it is gone.
+                let waiter = std::thread::Builder::new()
+                    .name("spliced-upgrade".to_owned())
+                    .spawn(move || {
+                        let how = match crate::upgrade::wait_exit(&pidfd) {
+                            Ok(()) => "it exited".to_owned(),
+                            Err(e) => format!("watching it failed: {e:#}"),
+                        };
+                        let _ = exits.send((pid, how));
+                    });
+                if let Err(e) = waiter {
+                    tracing::warn!(pid, "upgrade: not watching the new process: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("upgrade failed, still serving with this process: {e:#}");
+                self.answer(&Err(format!("{e:#}")));
+            }
+        }
+    }
+
+    /// A process this one started has exited: before it took over, the upgrade failed.
+    fn exited(&mut self, pid: u32, how: &str) {
+        if self.pending != Some(pid) {
+            return;
+        }
+        tracing::error!(
+            pid,
+            "upgrade failed: the new process ended before it took over ({how}; its error is \
+             logged above); still serving with this process"
+        );
+        self.answer(&Err(format!(
+            "the new process (PID {pid}) exited before it took over ({how}); the running \
+             process serves on (see its log for why)"
+        )));
+    }
+
+    /// Answers every waiting `spliced upgrade` with the outcome, and ends the upgrade.
+    fn answer(&mut self, outcome: &std::result::Result<u32, String>) {
+        self.pending = None;
+        for conn in self.waiting.drain(..) {
+            crate::upgrade::answer_spawn(&conn, outcome);
+        }
     }
 }
 

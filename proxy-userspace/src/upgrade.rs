@@ -19,7 +19,16 @@
 //!    its pins and pin lock. The new one then moves its pins in, locks the directory,
 //!    attaches XDP and accepts. The old one drains its connections for its grace period and
 //!    exits.
+//!
+//! The same socket takes a second request, [`SPAWN`], from `spliced upgrade` (SIGUSR2 does
+//! the same without anyone waiting for the answer): the running process starts the successor
+//! itself, from the path and with the arguments it was started with plus `--upgrade-from`
+//! this socket (see [`spawn_successor`]), and answers `ok PID` once that process has taken
+//! over, or `failed: WHY`. Under systemd this is the only way that keeps the new process
+//! inside the service's cgroup: a process started from a shell is outside it, and a takeover
+//! request from outside the cgroup is refused there.
 use std::{
+    ffi::OsString,
     io::{IoSlice, IoSliceMut},
     net::SocketAddr,
     os::{
@@ -45,6 +54,8 @@ pub(crate) const REQUEST: &[u8] = b"spliced-upgrade 1 listeners";
 pub(crate) const READY: &[u8] = b"ready";
 /// The old process has stopped accepting and released its pins.
 pub(crate) const DONE: &[u8] = b"done";
+/// Asks the running process to start its successor itself (see [`ask_to_upgrade`]).
+pub(crate) const SPAWN: &[u8] = b"spliced-upgrade 1 spawn";
 /// The most descriptors one message carries (the kernel's `SCM_MAX_FD`).
 const MAX_FDS: usize = 253;
 /// The longest message of the exchange.
@@ -249,12 +260,15 @@ pub(crate) struct Takeover {
 }
 
 /// Serves the control socket on its own thread until a takeover completes: each connection
-/// may ask for the listeners; a new process that gets them and says it is ready is passed to
-/// the main loop on `takeovers`.
+/// may ask for the listeners, or ([`SPAWN`]) for this process to start its successor. A new
+/// process that gets the listeners and says it is ready is passed to the main loop on
+/// `takeovers`; a spawn request is passed on `spawns` with its connection, which the main
+/// loop answers once the upgrade is over.
 pub(crate) fn serve(
     control: ControlSocket,
     offer: Offer,
     takeovers: tokio::sync::mpsc::Sender<Takeover>,
+    spawns: tokio::sync::mpsc::Sender<OwnedFd>,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("spliced-control".to_owned())
@@ -285,11 +299,19 @@ pub(crate) fn serve(
                         continue;
                     }
                 };
-                match handover(&conn, &offer, &takeovers) {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(
-                        "upgrade abandoned, still serving with the running process: {e:#}"
-                    ),
+                match request(&conn) {
+                    Ok(Request::Listeners(pid)) => match handover(&conn, pid, &offer, &takeovers) {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(
+                            "upgrade abandoned, still serving with the running process: {e:#}"
+                        ),
+                    },
+                    Ok(Request::Spawn) => {
+                        if spawns.blocking_send(conn).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("control socket: {e:#}"),
                 }
             }
         })
@@ -297,31 +319,73 @@ pub(crate) fn serve(
     Ok(())
 }
 
-/// One control connection: `Ok` once the listeners are handed over for good, an error if
-/// this process goes on serving them.
-fn handover(
-    conn: &OwnedFd,
-    offer: &Offer,
-    takeovers: &tokio::sync::mpsc::Sender<Takeover>,
-) -> Result<()> {
+/// What a control connection asks for.
+enum Request {
+    /// The listening sockets, by the process with this PID.
+    Listeners(i32),
+    /// That this process starts its successor.
+    Spawn,
+}
+
+/// Reads a control connection's request, after checking who asks.
+fn request(conn: &OwnedFd) -> Result<Request> {
     let creds = socket::getsockopt(conn, sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     ensure!(
         creds.uid() == 0 || creds.uid() == me,
-        "control socket: refusing process {} of user {}",
+        "refusing process {} of user {}",
         creds.pid(),
         creds.uid()
     );
     set_timeout(conn, ANSWER_TIMEOUT)?;
     let (request, _) = receive(conn)?;
+    if request == SPAWN {
+        return Ok(Request::Spawn);
+    }
     if request != REQUEST {
         let _ = send(conn, b"error: unknown request", &[]);
         bail!(
-            "control socket: unknown request {:?} from process {}",
+            "unknown request {:?} from process {}",
             String::from_utf8_lossy(&request),
             creds.pid()
         );
     }
+    if let Err(e) = same_service(creds.pid()) {
+        let _ = send(conn, format!("error: {e:#}").as_bytes(), &[]);
+        return Err(e);
+    }
+    Ok(Request::Listeners(creds.pid()))
+}
+
+/// Under systemd (`NOTIFY_SOCKET` set), whether process `pid` runs in this process's cgroup,
+/// that is, in the same service: a new process outside it would serve unsupervised once this
+/// one exits, while systemd counts the service as stopped. Elsewhere anything goes.
+fn same_service(pid: i32) -> Result<()> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let ours = std::fs::read_to_string("/proc/self/cgroup").context("reading our cgroup")?;
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("reading the cgroup of process {pid}"))?;
+    ensure!(
+        ours == theirs,
+        "process {pid} runs outside this service's cgroup ({}, not {}): under systemd, start \
+         upgrades with `spliced upgrade` or `systemctl kill --kill-whom=main -s USR2 spliced`, \
+         so that the running process starts the new one inside the service",
+        theirs.trim(),
+        ours.trim()
+    );
+    Ok(())
+}
+
+/// One control connection that asked for the listeners: `Ok` once they are handed over for
+/// good, an error if this process goes on serving them.
+fn handover(
+    conn: &OwnedFd,
+    pid: i32,
+    offer: &Offer,
+    takeovers: &tokio::sync::mpsc::Sender<Takeover>,
+) -> Result<()> {
     let lines: Vec<String> = std::iter::once(format!("pid {}", std::process::id()))
         .chain(offer.items.iter().map(|(p, _)| p.line()))
         .collect();
@@ -329,7 +393,7 @@ fn handover(
     ensure!(fds.len() <= MAX_FDS, "more than {MAX_FDS} sockets to pass");
     send(conn, lines.join("\n").as_bytes(), &fds)?;
     tracing::info!(
-        pid = creds.pid(),
+        pid,
         sockets = fds.len(),
         "upgrade: passed the listening sockets to a new process; waiting for it to be ready"
     );
@@ -337,8 +401,7 @@ fn handover(
     let (answer, _) = receive(conn).context("waiting for the new process")?;
     ensure!(
         answer == READY,
-        "the new process (PID {}) ended before it was ready{}",
-        creds.pid(),
+        "the new process (PID {pid}) ended before it was ready{}",
         if answer.is_empty() {
             String::new()
         } else {
@@ -347,16 +410,157 @@ fn handover(
     );
     let (released, done) = tokio::sync::oneshot::channel();
     takeovers
-        .blocking_send(Takeover {
-            pid: creds.pid(),
-            released,
-        })
+        .blocking_send(Takeover { pid, released })
         .context("the main loop is gone")?;
     // The main loop always answers (or is gone, and then so is the process).
     if done.blocking_recv().is_ok() {
         send(conn, DONE, &[])?;
     }
     Ok(())
+}
+
+/// Starts the successor of this process: `argv` (the program as this one was started, not
+/// `/proc/self/exe`, which after a package upgrade is the replaced file, and this process's
+/// arguments) with `--upgrade-from control`. It inherits the environment but `WATCHDOG_PID`:
+/// that names this process, and would make the new one think the watchdog is not its own
+/// (without it, `WATCHDOG_USEC` applies to whoever reads it).
+///
+/// The new process is started through an intermediate that forks it and exits at once, so it
+/// is not our child but, like us, the service manager's (the nearest child subreaper: systemd).
+/// systemd 252 marks a `MAINPID=` that is not its child as "alien": it then neither learns its
+/// exit status nor waits for it on `systemctl stop`, and sends SIGKILL at once (seen under a
+/// real systemd, `contrib/systemd/nspawn-check`). Returns the new process's PID and a pidfd
+/// that turns readable when it exits.
+pub(crate) fn spawn_successor(argv: &[OsString], control: &Path) -> Result<(u32, OwnedFd)> {
+    use std::os::unix::process::CommandExt as _;
+    let (program, args) = argv
+        .split_first()
+        .context("no command line to start again")?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("a pipe for the new process's PID")?;
+    let write_fd = write.as_raw_fd();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .arg("--upgrade-from")
+        .arg(control)
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls: fork, write, _exit.
+    unsafe {
+        cmd.pre_exec(move || match nix::libc::fork() {
+            -1 => Err(std::io::Error::last_os_error()),
+            // The new process: std goes on to exec it.
+            0 => Ok(()),
+            pid => {
+                let bytes = pid.to_ne_bytes();
+                nix::libc::write(write_fd, bytes.as_ptr().cast(), bytes.len());
+                nix::libc::_exit(0)
+            }
+        });
+    }
+    // Returns once the new process has exec'd (or failed to, with the error).
+    let mut intermediate = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", Path::new(program).display()))?;
+    drop(write);
+    let status = intermediate.wait()?;
+    let mut bytes = [0u8; 4];
+    let read = std::fs::File::from(read);
+    std::io::Read::read_exact(&mut &read, &mut bytes).with_context(|| {
+        format!(
+            "starting {}: no PID from the intermediate process ({status})",
+            Path::new(program).display()
+        )
+    })?;
+    let pid = i32::from_ne_bytes(bytes);
+    // SAFETY: a plain system call; the descriptor it returns is ours alone.
+    let pidfd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    ensure!(
+        pidfd >= 0,
+        "watching the new process {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just made this descriptor for us (a pidfd is CLOEXEC).
+    let pidfd = unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd)?) };
+    Ok((u32::try_from(pid)?, pidfd))
+}
+
+/// Waits until the process of `pidfd` has exited.
+pub(crate) fn wait_exit(pidfd: &OwnedFd) -> Result<()> {
+    let mut poll = nix::libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: nix::libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, for the length given.
+        let ready = unsafe { nix::libc::poll(&mut poll, 1, -1) };
+        if ready > 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if ready < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+}
+
+/// The arguments of a `spliced run` command line without its `--upgrade-from` (either form):
+/// what a successor is started with, before its own `--upgrade-from` is added.
+pub fn without_upgrade_from(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--upgrade-from" {
+            args.next();
+        } else if !arg.as_encoded_bytes().starts_with(b"--upgrade-from=") {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// What the running process answered to [`ask_to_upgrade`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upgraded {
+    /// The new process (this PID) took over; the old one drains and exits.
+    Done(u32),
+    /// The upgrade failed (the reason); the running process serves on.
+    Failed(String),
+    /// The running process does not know the request (a version before it) or refused it.
+    Refused(String),
+}
+
+/// `spliced upgrade`: asks the spliced serving the control socket at `path` to start its
+/// successor, and waits up to `timeout` for the outcome.
+pub fn ask_to_upgrade(path: &Path, timeout: Duration) -> Result<Upgraded> {
+    let conn = connect(path)
+        .with_context(|| format!("connecting to the control socket {}", path.display()))?;
+    set_timeout(&conn, ANSWER_TIMEOUT)?;
+    send(&conn, SPAWN, &[])?;
+    set_timeout(&conn, timeout)?;
+    let (answer, _) = receive(&conn).context("waiting for the upgrade's outcome")?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    Ok(if let Some(pid) = answer.strip_prefix("ok ") {
+        Upgraded::Done(pid.trim().parse().context("an unreadable PID")?)
+    } else if let Some(why) = answer.strip_prefix("failed: ") {
+        Upgraded::Failed(why.to_owned())
+    } else if answer.is_empty() {
+        Upgraded::Refused("the running process closed the connection".to_owned())
+    } else {
+        Upgraded::Refused(answer.strip_prefix("error: ").unwrap_or(&answer).to_owned())
+    })
+}
+
+/// Answers a [`SPAWN`] request's connection: `ok PID` or `failed: WHY`.
+pub(crate) fn answer_spawn(conn: &OwnedFd, outcome: &std::result::Result<u32, String>) {
+    let text = match outcome {
+        Ok(pid) => format!("ok {pid}"),
+        Err(why) => format!("failed: {why}"),
+    };
+    if let Err(e) = send(conn, text.as_bytes(), &[]) {
+        tracing::warn!("answering `spliced upgrade`: {e:#}");
+    }
 }
 
 /// The new side: the sockets received from the running process, until they are matched.
@@ -379,6 +583,9 @@ impl Inherited {
         send(&conn, REQUEST, &[])?;
         let (text, fds) = receive(&conn).context("receiving the listening sockets")?;
         let text = String::from_utf8(text).context("the descriptor list is not text")?;
+        if let Some(why) = text.strip_prefix("error: ") {
+            bail!("the running spliced refused: {why}");
+        }
         let mut lines = text.lines();
         // Its own word: the socket's credentials name whoever made the listening socket,
         // which after one upgrade is an older process.
@@ -498,6 +705,84 @@ mod tests {
         assert!(Passed::parse("").is_err());
     }
 
+    /// A successor gets the old command line with its own `--upgrade-from` only: an older
+    /// one (either form) is left out, so that upgrades chain.
+    #[test]
+    fn a_successor_drops_the_old_upgrade_from() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            without_upgrade_from(args(&[
+                "/usr/bin/spliced",
+                "run",
+                "--config",
+                "/etc/spliced/spliced.toml",
+                "--upgrade-from",
+                "/run/spliced/spliced.sock",
+                "--grace",
+                "30",
+                "--upgrade-from=/tmp/x.sock",
+            ])),
+            args(&[
+                "/usr/bin/spliced",
+                "run",
+                "--config",
+                "/etc/spliced/spliced.toml",
+                "--grace",
+                "30"
+            ])
+        );
+    }
+
+    /// `spliced upgrade`'s request reaches the main loop with its connection, and the answer
+    /// reaches the command; a running spliced that does not know the request (as one before
+    /// it) is a refusal, which the postinst turns into a restart.
+    #[test]
+    fn an_upgrade_request_is_answered_with_the_outcome() {
+        let dir = std::env::temp_dir().join(format!("spliced-spawn-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let control = ControlSocket::bind(&path, false)
+            .expect("bind")
+            .expect("made");
+        let (tx, _takeovers) = tokio::sync::mpsc::channel(1);
+        let (spawn_tx, mut spawns) = tokio::sync::mpsc::channel(1);
+        serve(control, Offer { items: Vec::new() }, tx, spawn_tx).expect("serve");
+        let main_loop = std::thread::spawn(move || {
+            let conn = spawns.blocking_recv().expect("a request");
+            answer_spawn(&conn, &Ok(4242));
+            let conn = spawns.blocking_recv().expect("a second request");
+            answer_spawn(&conn, &Err("the new process exited".to_owned()));
+        });
+        let timeout = Duration::from_secs(10);
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Done(4242)
+        );
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Failed("the new process exited".to_owned())
+        );
+        main_loop.join().expect("joined");
+        let _ = std::fs::remove_file(&path);
+
+        // An older spliced: it answers anything but its one request with an error.
+        let old = ControlSocket::bind(&path, false)
+            .expect("bind")
+            .expect("made");
+        let older = std::thread::spawn(move || {
+            let conn = socket::accept(old.fd.as_fd()).expect("accept");
+            let (request, _) = receive(&conn).expect("request");
+            assert_eq!(request, SPAWN);
+            send(&conn, b"error: unknown request", &[]).expect("answer");
+        });
+        assert_eq!(
+            ask_to_upgrade(&path, timeout).expect("answered"),
+            Upgraded::Refused("unknown request".to_owned())
+        );
+        older.join().expect("joined");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     /// A listening socket with `SO_REUSEPORT` on `port` (0: any) of 127.0.0.1.
     fn reuseport_listener(port: u16) -> std::net::TcpListener {
         let fd = socket::socket(
@@ -558,7 +843,8 @@ mod tests {
             )],
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        serve(control, offer, tx).expect("serve");
+        let (spawn_tx, _spawns) = tokio::sync::mpsc::channel(1);
+        serve(control, offer, tx, spawn_tx).expect("serve");
         let mut inherited = Inherited::request(&path).expect("request");
         let other: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         assert!(inherited.listener(other).expect("no error").is_none());

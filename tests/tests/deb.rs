@@ -59,6 +59,7 @@ const FILES: &[&str] = &[
     "/usr/share/man/man8/spliced.8.gz",
     "/usr/share/man/man8/spliced-run.8.gz",
     "/usr/share/man/man8/spliced-check.8.gz",
+    "/usr/share/man/man8/spliced-upgrade.8.gz",
     "/usr/share/bash-completion/completions/spliced",
     "/usr/share/zsh/vendor-completions/_spliced",
     "/usr/share/fish/vendor_completions.d/spliced.fish",
