@@ -263,3 +263,27 @@ impl XdpCounter {
         }
     }
 }
+
+/// Name of the `sock_ops` program of the packet engine that records every new connection's
+/// initial sequence numbers in [`MAP_PACKET_ISN`] (`docs/packet-engine.md`, section 1).
+pub const PROG_PACKET_ISN: &str = "spliced_packet_isn";
+/// Name of the LRU hash from a socket's cookie to its [`IsnPair`].
+pub const MAP_PACKET_ISN: &str = "SPLICED_PACKET_ISN";
+/// Sockets whose ISNs [`MAP_PACKET_ISN`] remembers at once (least recently used ones are
+/// forgotten: a connection whose entry is gone is refused the packet engine, `no_isn`).
+pub const PACKET_ISN_ENTRIES: u32 = 65_536;
+
+/// A connection's initial sequence numbers, as one of its sockets saw them when it became
+/// established: constants, from which the packet engine's sequence offsets follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IsnPair {
+    /// The ISN this socket chose (its SYN's or SYN-ACK's sequence number).
+    pub local_isn: u32,
+    /// The ISN the peer chose.
+    pub peer_isn: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, two `u32`s, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for IsnPair {}

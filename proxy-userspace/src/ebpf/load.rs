@@ -20,9 +20,10 @@ use super::{Kernel, lock, sockmap::Maps, sum_per_cpu, xdp::XdpMaps};
 
 /// The eBPF object built by `build.rs` from the `proxy-ebpf` crate.
 #[cfg(not(spliced_no_ebpf))]
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 #[cfg(spliced_no_ebpf)]
-static OBJECT: &[u8] = &[];
+pub(super) static OBJECT: &[u8] = &[];
 
 /// Diagnostic only: when set in spliced's environment, the verdict is loaded without the
 /// offsets it trims already-forwarded bytes with, which reproduces the kernel defect described

@@ -1,0 +1,513 @@
+//! Kernel behaviour the packet engine rests on (`docs/packet-engine.md`, section 11), checked
+//! on the running kernel so that a kernel change that breaks an assumption fails here first.
+//!
+//! - the `sock_ops` program records both ISNs at the ESTABLISHED callbacks (fact 1);
+//! - `TCP_MAXSEG` on a listener reaches the SYN-ACK's MSS option, and on a connecting socket
+//!   caps what the peer sends (fact 4);
+//! - a socket in `TCP_REPAIR` with empty queues sends nothing, idle or closed (fact 6).
+//!
+//! Run as root with a release build: `cargo test --release -p spliced-tests --test
+//! packet_facts`. Fact 1 moves this test process into a cgroup (v2) of its own for the
+//! length of the test and back out again.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::libc;
+use spliced::IsnRecorder;
+use spliced_tests::{BACKEND_V6, Ns, PROXY_V4, World};
+
+/// Read and write timeout of every socket: a hang fails instead of blocking the suite.
+const IO: Duration = Duration::from_secs(10);
+/// How long a socket must stay silent.
+const QUIET: Duration = Duration::from_millis(1500);
+
+/// Only one test at a time may move the process between cgroups.
+static CGROUP: Mutex<()> = Mutex::new(());
+
+// `linux/tcp.h`.
+const TCP_REPAIR: i32 = 19;
+const TCP_REPAIR_QUEUE: i32 = 20;
+const TCP_QUEUE_SEQ: i32 = 21;
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+/// `TCP_ESTABLISHED` in `include/net/tcp_states.h`.
+const TCP_ESTABLISHED: u8 = 1;
+
+fn set_int(fd: i32, level: i32, option: i32, value: i32) -> Result<()> {
+    // SAFETY: the option reads one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setsockopt({level}, {option}, {value}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Reads a plain-data socket option, failing unless the kernel wrote all of `T`.
+fn get<T: Copy>(fd: i32, level: i32, option: i32) -> Result<T> {
+    // SAFETY: only used with plain-data `T` (integers, `tcp_info`).
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`.
+    let rc = unsafe { libc::getsockopt(fd, level, option, (&raw mut value).cast(), &raw mut len) };
+    ensure!(
+        rc == 0,
+        "getsockopt({level}, {option}): {}",
+        std::io::Error::last_os_error()
+    );
+    ensure!(
+        len as usize == size_of::<T>(),
+        "getsockopt({level}, {option}) wrote {len} bytes, expected {}",
+        size_of::<T>()
+    );
+    Ok(value)
+}
+
+fn cookie(s: &TcpStream) -> Result<u64> {
+    get(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+fn tcp_info(s: &TcpStream) -> Result<libc::tcp_info> {
+    get(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Puts the socket in repair mode (for good: leaving it sends a window probe) and reads the
+/// next sequence number it would send (`write_seq`) and the next it expects (`rcv_nxt`).
+fn repair_seqs(s: &TcpStream) -> Result<(u32, u32)> {
+    let fd = s.as_raw_fd();
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).context("entering TCP repair mode")?;
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    let snd = get::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    let rcv = get::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;
+    Ok((snd, rcv))
+}
+
+/// A TCP socket of `addr`'s family, with `TCP_MAXSEG` set to `mss` if given.
+fn tcp_socket(addr: SocketAddr, mss: Option<i32>) -> Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket creation; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(mss) = mss {
+        set_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_MAXSEG, mss)?;
+    }
+    Ok(fd)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// A listener on `addr` with `TCP_MAXSEG` = `mss` set before `listen()`, if given.
+fn listener(addr: SocketAddr, mss: Option<i32>) -> Result<TcpListener> {
+    let fd = tcp_socket(addr, mss)?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` holds a valid address of `len` bytes.
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len) };
+    ensure!(rc == 0, "bind {addr}: {}", std::io::Error::last_os_error());
+    // SAFETY: a bound socket.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 16) };
+    ensure!(
+        rc == 0,
+        "listen {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(TcpListener::from(fd))
+}
+
+/// A socket connected to `addr`, with `TCP_MAXSEG` = `mss` set before `connect()`, if given.
+fn connect(addr: SocketAddr, mss: Option<i32>) -> Result<TcpStream> {
+    let fd = tcp_socket(addr, mss)?;
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` holds a valid address of `len` bytes.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), len) };
+    ensure!(
+        rc == 0,
+        "connect {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(IO))?;
+    s.set_write_timeout(Some(IO))?;
+    Ok(s)
+}
+
+/// One connection from namespace `from` to a listener on `addr` in namespace `to`: the
+/// connecting socket and the accepted one. `listen_mss` and `connect_mss` set `TCP_MAXSEG`.
+fn connection(
+    world: &World,
+    (from, connect_mss): (Ns, Option<i32>),
+    (to, listen_mss): (Ns, Option<i32>),
+    addr: SocketAddr,
+) -> Result<(TcpStream, TcpStream)> {
+    let l = world.within(to, || listener(addr, listen_mss))??;
+    let active = world.within(from, || connect(addr, connect_mss))??;
+    let (passive, _) = l.accept()?;
+    passive.set_read_timeout(Some(IO))?;
+    passive.set_write_timeout(Some(IO))?;
+    Ok((active, passive))
+}
+
+/// Sends `n` bytes from `a` to `b` and reads them there.
+fn exchange(a: &mut TcpStream, b: &mut TcpStream, n: usize) -> Result<()> {
+    let data = vec![0x5a; n];
+    std::thread::scope(|s| -> Result<()> {
+        let writer = s.spawn(|| a.write_all(&data));
+        let mut got = vec![0; n];
+        b.read_exact(&mut got)?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        ensure!(got == data, "bytes changed in transit");
+        Ok(())
+    })
+}
+
+/// TCP segments the namespace received and sent (`Tcp: InSegs`, `OutSegs` of `/proc/net/snmp`).
+fn segments(world: &World, ns: Ns) -> Result<(u64, u64)> {
+    let out = world.command(ns, "cat").arg("/proc/net/snmp").output()?;
+    ensure!(out.status.success(), "reading /proc/net/snmp in {ns:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        bail!("no Tcp lines in /proc/net/snmp: {text}");
+    };
+    let field = |name: &str| -> Result<u64> {
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .with_context(|| format!("no {name} in {names}"))?;
+        values
+            .split_whitespace()
+            .nth(i)
+            .with_context(|| format!("no value {i} in {values}"))?
+            .parse()
+            .with_context(|| format!("{name} in {values}"))
+    };
+    Ok((field("InSegs")?, field("OutSegs")?))
+}
+
+/// The cgroup v2 hierarchy's mount point (here `/sys/fs/cgroup/unified` beside the v1
+/// controllers; `/sys/fs/cgroup` on a pure v2 host).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context("no cgroup2 hierarchy is mounted: the packet engine's sock_ops program needs one")
+}
+
+/// A cgroup (v2) made for this test, holding this whole process while it lives; dropping it
+/// moves the process back where it was and removes the cgroup.
+struct TestCgroup {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl TestCgroup {
+    fn enter() -> Result<TestCgroup> {
+        let root = cgroup2_root()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("this process has no cgroup v2 entry in /proc/self/cgroup")?;
+        let home = root.join(rel.trim_start_matches('/'));
+        let dir = root.join(format!("spliced-packet-facts-{}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cg = TestCgroup { dir, home };
+        std::fs::write(cg.dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("moving this process into {}", cg.dir.display()))?;
+        Ok(cg)
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Fact 1: at `BPF_SOCK_OPS_{ACTIVE,PASSIVE}_ESTABLISHED_CB`, `snd_una - 1` and `rcv_nxt - 1`
+/// are the socket's own ISN and its peer's, for IPv4 and IPv6, connecting and accepted
+/// sockets alike. Checked three ways: each side's record mirrors the other's, and after a
+/// known number of bytes each way `TCP_QUEUE_SEQ` in repair mode reads ISN + 1 + bytes.
+#[test]
+fn sock_ops_records_both_isns_when_established() -> Result<()> {
+    let _one = CGROUP
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let world = World::new()?;
+    let cgroup = TestCgroup::enter()?;
+    let recorder = IsnRecorder::attach(cgroup.path())?;
+    // The client's side of a connection (IPv4, spliced's L accepted) and the backend's side
+    // (IPv6, spliced's L' connecting), as in the engine.
+    let cases = [
+        (Ns::Client, Ns::Proxy, SocketAddr::new(PROXY_V4, 9301)),
+        (Ns::Proxy, Ns::Backend, SocketAddr::new(BACKEND_V6, 9302)),
+    ];
+    for (n, (from, to, addr)) in cases.into_iter().enumerate() {
+        let (mut active, mut passive) = connection(&world, (from, None), (to, None), addr)?;
+        let a = recorder
+            .get(cookie(&active)?)?
+            .with_context(|| format!("no ISNs recorded for the connecting socket to {addr}"))?;
+        let p = recorder
+            .get(cookie(&passive)?)?
+            .with_context(|| format!("no ISNs recorded for the accepted socket on {addr}"))?;
+        ensure!(
+            a.local_isn == p.peer_isn && a.peer_isn == p.local_isn,
+            "the two ends of {addr} disagree: connecting {a:?}, accepted {p:?}"
+        );
+        // Different amounts each way, so a swapped pair cannot pass.
+        let (up, down) = (1000 + n, 3000 + n);
+        exchange(&mut active, &mut passive, up)?;
+        exchange(&mut passive, &mut active, down)?;
+        for (name, s, isn, sent, received) in [
+            ("connecting", &active, a, up, down),
+            ("accepted", &passive, p, down, up),
+        ] {
+            let (write_seq, rcv_nxt) = repair_seqs(s)?;
+            let want = (
+                isn.local_isn.wrapping_add(1).wrapping_add(sent as u32),
+                isn.peer_isn.wrapping_add(1).wrapping_add(received as u32),
+            );
+            ensure!(
+                (write_seq, rcv_nxt) == want,
+                "{name} socket of {addr}: repair mode reads write_seq {write_seq}, rcv_nxt \
+                 {rcv_nxt}; the recorded ISNs {isn:?} predict {want:?}"
+            );
+        }
+        eprintln!("{addr}: connecting {a:?}, accepted {p:?}; repair mode agrees");
+        // Both sockets close in repair mode: silently.
+    }
+    drop(recorder);
+    drop(cgroup);
+    Ok(())
+}
+
+/// Fact 4: `TCP_MAXSEG` set on a listener before `listen()` is the MSS its SYN-ACKs announce
+/// (seen by an nftables rule matching the option in the client's namespace, and in the
+/// client's `tcpi_snd_mss`), and set on a socket before `connect()` it caps the segments the
+/// peer sends.
+#[test]
+fn maxseg_reaches_the_syn_ack_and_caps_the_peer() -> Result<()> {
+    let world = World::new()?;
+    world.nft(
+        Ns::Client,
+        "mss.nft",
+        "table inet facts {
+           counter synack_1440 { }
+           counter synack_any { }
+           chain input {
+             type filter hook input priority 0;
+             tcp flags & (syn | ack) == syn | ack counter name synack_any
+             tcp flags & (syn | ack) == syn | ack tcp option maxseg size 1440 counter name synack_1440
+           }
+         }",
+    )?;
+    let synacks = |name: &str| -> Result<u64> {
+        let out = world
+            .command(Ns::Client, "nft")
+            .args(["-j", "list", "counter", "inet", "facts", name])
+            .output()?;
+        ensure!(out.status.success(), "nft list counter {name}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v["nftables"]
+            .as_array()
+            .and_then(|a| a.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+            .with_context(|| format!("no packet count for {name} in {v}"))
+    };
+
+    // Without the option, for comparison: the MSS follows the 1500-byte MTU.
+    let addr = SocketAddr::new(PROXY_V4, 9303);
+    let (plain, _plain_peer) = connection(&world, (Ns::Client, None), (Ns::Proxy, None), addr)?;
+    let plain_mss = tcp_info(&plain)?.tcpi_snd_mss;
+    ensure!(
+        synacks("synack_any")? == 1 && synacks("synack_1440")? == 0,
+        "a listener without TCP_MAXSEG announced 1440"
+    );
+    let addr = SocketAddr::new(PROXY_V4, 9304);
+    let (clamped, _clamped_peer) =
+        connection(&world, (Ns::Client, None), (Ns::Proxy, Some(1440)), addr)?;
+    let clamped_mss = tcp_info(&clamped)?.tcpi_snd_mss;
+    ensure!(
+        synacks("synack_any")? == 2 && synacks("synack_1440")? == 1,
+        "the SYN-ACK of a listener with TCP_MAXSEG 1440 did not carry MSS 1440"
+    );
+    // 1460 without the clamp, less any option bytes (timestamps: 12) on both.
+    ensure!(
+        i64::from(plain_mss) - i64::from(clamped_mss) == 20,
+        "the client's send MSS is {clamped_mss} with the clamp and {plain_mss} without; \
+         expected 20 less"
+    );
+
+    eprintln!("client send MSS: {plain_mss} without the clamp, {clamped_mss} with 1440");
+    // The backend side: L' sets TCP_MAXSEG before connect(); Y must never send more.
+    let addr = SocketAddr::new(BACKEND_V6, 9305);
+    let (mut l2, mut y) = connection(&world, (Ns::Proxy, Some(1300)), (Ns::Backend, None), addr)?;
+    let y_mss = tcp_info(&y)?.tcpi_snd_mss;
+    ensure!(
+        (1260..=1300).contains(&y_mss),
+        "the backend's send MSS is {y_mss}, expected at most 1300 (and no less than 1260)"
+    );
+    exchange(&mut y, &mut l2, 1 << 20)?;
+    let rcv_mss = tcp_info(&l2)?.tcpi_rcv_mss;
+    eprintln!("backend send MSS {y_mss}, L' receive MSS {rcv_mss}, L' TCP_MAXSEG 1300");
+    ensure!(
+        rcv_mss <= 1300,
+        "L' saw segments of {rcv_mss} bytes from the backend, above its TCP_MAXSEG of 1300"
+    );
+    Ok(())
+}
+
+/// Fact 6: a socket put in `TCP_REPAIR` with empty queues sends nothing while it lives and
+/// nothing when closed (no FIN, no RST): the peer's namespace receives no segment and the
+/// peer stays established with nothing to read. A socket closed normally, for comparison,
+/// makes the peer's segment count move. For L (IPv4, accepted) and L' (IPv6, connecting).
+#[test]
+fn a_socket_closed_in_repair_mode_sends_nothing() -> Result<()> {
+    let world = World::new()?;
+    let cases = [
+        // (repaired socket is the accepted one, its peer's namespace)
+        (
+            Ns::Client,
+            Ns::Proxy,
+            SocketAddr::new(PROXY_V4, 9306),
+            true,
+            Ns::Client,
+        ),
+        (
+            Ns::Proxy,
+            Ns::Backend,
+            SocketAddr::new(BACKEND_V6, 9307),
+            false,
+            Ns::Backend,
+        ),
+    ];
+    for (from, to, addr, repair_accepted, peer_ns) in cases {
+        let (mut active, mut passive) = connection(&world, (from, None), (to, None), addr)?;
+        // Data both ways first, so the socket has had delayed ACKs and retransmission timers.
+        exchange(&mut active, &mut passive, 5000)?;
+        exchange(&mut passive, &mut active, 7000)?;
+        let (local, peer) = if repair_accepted {
+            (passive, active)
+        } else {
+            (active, passive)
+        };
+        // Let the last ACKs land; then both queues are empty.
+        std::thread::sleep(Duration::from_millis(300));
+        let before = segments(&world, peer_ns)?;
+        set_int(local.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
+        std::thread::sleep(QUIET);
+        let idle = segments(&world, peer_ns)?;
+        drop(local);
+        std::thread::sleep(QUIET);
+        let closed = segments(&world, peer_ns)?;
+        ensure!(
+            before.0 == idle.0 && idle.0 == closed.0,
+            "{addr}: the peer's namespace received segments from a socket in repair mode: \
+             InSegs {} before, {} while idle, {} after close",
+            before.0,
+            idle.0,
+            closed.0
+        );
+        let info = tcp_info(&peer)?;
+        ensure!(
+            info.tcpi_state == TCP_ESTABLISHED,
+            "{addr}: the peer left ESTABLISHED (state {})",
+            info.tcpi_state
+        );
+        peer.set_nonblocking(true)?;
+        let mut byte = [0u8; 1];
+        match (&peer).read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => bail!("{addr}: the peer read {other:?}; expected nothing (no FIN, no RST)"),
+        }
+
+        // The comparison: a normal close is seen, so the count above could have moved.
+        let port = addr.port() + 10;
+        let addr = SocketAddr::new(addr.ip(), port);
+        let (active, passive) = connection(&world, (from, None), (to, None), addr)?;
+        let local = if repair_accepted { passive } else { active };
+        let before = segments(&world, peer_ns)?;
+        drop(local);
+        std::thread::sleep(Duration::from_millis(300));
+        let after = segments(&world, peer_ns)?;
+        eprintln!(
+            "{addr}: peer InSegs {} -> {} (repair, idle) -> {} (closed); normal close {} -> {}",
+            idle.0, idle.0, closed.0, before.0, after.0
+        );
+        ensure!(
+            after.0 > before.0,
+            "{addr}: a normal close sent the peer nothing either; the counter proves nothing"
+        );
+    }
+    Ok(())
+}
