@@ -511,3 +511,142 @@ fn a_socket_closed_in_repair_mode_sends_nothing() -> Result<()> {
     }
     Ok(())
 }
+
+/// Fact 2, the part a test can see: `membarrier(MEMBARRIER_CMD_GLOBAL)` is offered here (it
+/// is not on `nohz_full` kernels) and returns. What it waits for (`synchronize_rcu()` when
+/// more than one CPU is online) is read in `kernel/sched/membarrier.c`.
+#[test]
+fn membarrier_global_is_available() -> Result<()> {
+    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes three integers and touches no memory of ours.
+    let mask = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0) };
+    ensure!(
+        mask >= 0 && mask & MEMBARRIER_CMD_GLOBAL != 0,
+        "membarrier(QUERY) = {mask} ({}): MEMBARRIER_CMD_GLOBAL is not offered",
+        std::io::Error::last_os_error()
+    );
+    let start = std::time::Instant::now();
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    ensure!(
+        rc == 0,
+        "membarrier(GLOBAL): {}",
+        std::io::Error::last_os_error()
+    );
+    eprintln!("membarrier(GLOBAL) took {:?}", start.elapsed());
+    Ok(())
+}
+
+/// An ICMPv4 "fragmentation needed" (type 3, code 4) with next-hop MTU `mtu`, quoting a TCP
+/// segment `from -> to` with sequence number `seq` (IPv4 header with DF, then 8 bytes of TCP).
+fn frag_needed(from: SocketAddr, to: SocketAddr, seq: u32, mtu: u16) -> Result<Vec<u8>> {
+    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+        bail!("frag-needed quotes IPv4 segments");
+    };
+    let mut quoted = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    quoted.extend_from_slice(&from.ip().octets());
+    quoted.extend_from_slice(&to.ip().octets());
+    let check = spliced_tests::packets::internet_checksum(&[&quoted]);
+    quoted[10..12].copy_from_slice(&check.to_be_bytes());
+    quoted.extend_from_slice(&from.port().to_be_bytes());
+    quoted.extend_from_slice(&to.port().to_be_bytes());
+    quoted.extend_from_slice(&seq.to_be_bytes());
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&quoted);
+    let check = spliced_tests::packets::internet_checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    Ok(icmp)
+}
+
+/// Sends an ICMPv4 message (type, code, checksum and body as given) to `to` from a raw socket
+/// in namespace `ns`.
+fn send_icmp4(world: &World, ns: Ns, to: std::net::IpAddr, icmp: &[u8]) -> Result<()> {
+    let to = SocketAddr::new(to, 0);
+    world.within(ns, || -> Result<()> {
+        // SAFETY: plain socket creation; the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (sa, len) = sockaddr(to);
+        // SAFETY: `icmp` and `sa` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                icmp.as_ptr().cast(),
+                icmp.len(),
+                0,
+                (&raw const sa).cast(),
+                len,
+            )
+        };
+        ensure!(
+            sent == icmp.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    })?
+}
+
+/// Fact 8: the client's TCP takes an ICMPv4 "fragmentation needed" for its connection only
+/// when the quoted sequence number lies between its `snd_una` and `snd_nxt`; then it lowers
+/// its path MTU and MSS on the live connection, and a transfer after it completes. This is what
+/// spliced's translated Packet Too Big relies on (section 7).
+#[test]
+fn frag_needed_lowers_the_mss_of_a_live_connection() -> Result<()> {
+    let world = World::new()?;
+    let addr = SocketAddr::new(PROXY_V4, 9308);
+    let (mut x, mut l) = connection(&world, (Ns::Client, None), (Ns::Proxy, None), addr)?;
+    exchange(&mut x, &mut l, 100_000)?;
+    std::thread::sleep(Duration::from_millis(200));
+    // X is idle with everything acknowledged: snd_una = snd_nxt = write_seq.
+    let (write_seq, _) = repair_seqs(&x)?;
+    // Leave repair mode without the window probe.
+    set_int(x.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, -1)?;
+    let x_addr = x.local_addr()?;
+    let before = tcp_info(&x)?;
+
+    // Outside snd_una..snd_nxt: ignored.
+    let icmp = frag_needed(x_addr, addr, write_seq.wrapping_add(100_000), 1300)?;
+    send_icmp4(&world, Ns::Proxy, x_addr.ip(), &icmp)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let ignored = tcp_info(&x)?;
+    ensure!(
+        ignored.tcpi_pmtu == before.tcpi_pmtu && ignored.tcpi_snd_mss == before.tcpi_snd_mss,
+        "a frag-needed quoting a sequence number outside the window changed the path MTU \
+         ({} -> {}) or MSS ({} -> {})",
+        before.tcpi_pmtu,
+        ignored.tcpi_pmtu,
+        before.tcpi_snd_mss,
+        ignored.tcpi_snd_mss
+    );
+
+    // At snd_una (= snd_nxt): taken.
+    let icmp = frag_needed(x_addr, addr, write_seq, 1300)?;
+    send_icmp4(&world, Ns::Proxy, x_addr.ip(), &icmp)?;
+    let mut after = tcp_info(&x)?;
+    spliced_tests::wait_for("the client to lower its path MTU", IO, || {
+        after = tcp_info(&x)?;
+        Ok(after.tcpi_pmtu == 1300)
+    })?;
+    eprintln!(
+        "client path MTU {} -> {}, send MSS {} -> {}",
+        before.tcpi_pmtu, after.tcpi_pmtu, before.tcpi_snd_mss, after.tcpi_snd_mss
+    );
+    ensure!(
+        after.tcpi_snd_mss <= 1300 - 40,
+        "the client's send MSS is {} after a frag-needed for 1300",
+        after.tcpi_snd_mss
+    );
+    // The connection carries on with the smaller segments.
+    exchange(&mut x, &mut l, 1 << 20)?;
+    let rcv_mss = tcp_info(&l)?.tcpi_rcv_mss;
+    ensure!(
+        rcv_mss <= 1300 - 40,
+        "the proxy still receives segments of {rcv_mss} bytes"
+    );
+    Ok(())
+}
