@@ -14,6 +14,7 @@
 
 pub mod backends;
 pub mod bird;
+pub mod packet;
 pub mod packets;
 mod process;
 pub mod raw;
