@@ -287,3 +287,210 @@ pub struct IsnPair {
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, two `u32`s, no padding, valid for any bit pattern.
 unsafe impl aya::Pod for IsnPair {}
+
+/// Name of the TC ingress program of the packet engine that translates the segments of
+/// handed-off connections (`docs/packet-engine.md`, section 2).
+pub const PROG_PACKET_IN: &str = "spliced_packet_in";
+/// Name of the hash map from a [`FlowKey`] (a segment's tuple as it arrives) to its [`Flow`].
+pub const MAP_PACKET_FLOWS: &str = "SPLICED_PACKET_FLOWS";
+/// Name of the per-CPU array of the packet engine's counters, indexed by [`PacketCounter`].
+pub const MAP_PACKET_COUNTERS: &str = "SPLICED_PACKET_COUNTERS";
+/// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
+pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
+
+/// [`FlowKey::family`] of an IPv4 segment.
+pub const FAMILY_V4: u8 = 4;
+/// [`FlowKey::family`] of an IPv6 segment.
+pub const FAMILY_V6: u8 = 6;
+
+/// The tuple of a TCP segment as it arrives, the key of [`MAP_PACKET_FLOWS`]. IPv4 addresses
+/// are written as `::ffff:a.b.c.d`; ports are in network order, as in the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+
+/// [`Flow::state`]: the entry is installed but translates nothing yet (the handoff's drain,
+/// not implemented yet): segments pass to the local socket.
+pub const FLOW_DRAIN: u8 = 0;
+/// [`Flow::state`]: every segment of the tuple is translated.
+pub const FLOW_ACTIVE: u8 = 1;
+/// [`Flow::dir`]: the entry translates the client's segments towards the backend.
+pub const FLOW_UP: u8 = 0;
+/// [`Flow::dir`]: the entry translates the backend's segments towards the client.
+pub const FLOW_DOWN: u8 = 1;
+
+/// How the segments of one [`FlowKey`] are translated into segments of the other connection.
+/// The first part is written by spliced before the entry is visible and is constant; the
+/// counters at the end are written by the program (per entry, approximate: racy increments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// [`FLOW_DRAIN`] or [`FLOW_ACTIVE`].
+    pub state: u8,
+    /// [`FLOW_UP`] (IPv4 in, IPv6 out) or [`FLOW_DOWN`] (IPv6 in, IPv4 out).
+    pub dir: u8,
+    /// Option handling flags; none are defined yet (timestamps and SACK are not translated).
+    pub flags: u16,
+    /// The interface the translated segment leaves by (`bpf_redirect_neigh`).
+    pub out_ifindex: u32,
+    /// The translated segment's source address (IPv4 as `::ffff:a.b.c.d`).
+    pub new_saddr: [u8; 16],
+    /// The translated segment's destination address (IPv4 as `::ffff:a.b.c.d`).
+    pub new_daddr: [u8; 16],
+    /// The translated segment's source port, network order.
+    pub new_sport: u16,
+    /// The translated segment's destination port, network order.
+    pub new_dport: u16,
+    /// The IPv6 flow label of translated segments (low 20 bits; up only).
+    pub flow_label: u32,
+    /// Added to the sequence number.
+    pub seq_delta: u32,
+    /// Subtracted from the acknowledgement number (the other direction's `seq_delta`).
+    pub ack_delta: u32,
+    /// In the sender's space, the first byte the local socket did not take before the handoff.
+    pub seq_floor: u32,
+    /// In the space of the sender's ACKs, the end of what the facing local socket had sent:
+    /// a translated ACK is never lower, and a pure ACK below it is dropped.
+    pub ack_floor: u32,
+    /// The window scale the sender uses (its window field is shifted left by it).
+    pub ws_in: u8,
+    /// The window scale the receiver applies to the translated window field.
+    pub ws_out: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// The sender's ISN + 1, for byte counts in the access log.
+    pub stream_start: u32,
+    /// Segments translated (GSO aggregates count once).
+    pub segments: u64,
+    /// Payload bytes translated.
+    pub bytes: u64,
+    /// When a segment was last translated (`bpf_ktime_get_ns`).
+    pub last_seen_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above (no implicit padding: every field sits at a multiple of its alignment).
+unsafe impl aya::Pod for Flow {}
+
+/// The packet engine's counters, the index into [`MAP_PACKET_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketCounter {
+    /// Client segments translated towards the backend.
+    TranslatedUp = 0,
+    /// Backend segments translated towards the client.
+    TranslatedDown = 1,
+    /// Payload bytes translated towards the backend.
+    TranslatedBytesUp = 2,
+    /// Payload bytes translated towards the client.
+    TranslatedBytesDown = 3,
+    /// Segments of an entry that is not `ACTIVE`, passed to the local stack.
+    PassedLocal = 4,
+    /// SYNs on a tuple with an entry, dropped.
+    SynOnEntry = 5,
+    /// Pure ACKs below the entry's `ack_floor`, dropped (old, reordered).
+    OldAckDropped = 6,
+    /// Segments that arrived with a TTL or hop limit of 1 or less, dropped.
+    TtlExpired = 7,
+    /// IPv4 fragments of a tuple with an entry, dropped.
+    FragDropped = 8,
+    /// IPv4 segments with options on a tuple with an entry, dropped (stripping them is not
+    /// implemented yet).
+    IpOptionsDropped = 9,
+    /// A helper failed half-way through a translation; the segment was dropped.
+    TranslateFailed = 10,
+    /// `bpf_redirect_neigh` refused the translated segment.
+    RedirectFailed = 11,
+}
+
+impl PacketCounter {
+    /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
+    pub const COUNT: u32 = 12;
+
+    /// Every counter, in index order.
+    pub const ALL: [PacketCounter; Self::COUNT as usize] = [
+        PacketCounter::TranslatedUp,
+        PacketCounter::TranslatedDown,
+        PacketCounter::TranslatedBytesUp,
+        PacketCounter::TranslatedBytesDown,
+        PacketCounter::PassedLocal,
+        PacketCounter::SynOnEntry,
+        PacketCounter::OldAckDropped,
+        PacketCounter::TtlExpired,
+        PacketCounter::FragDropped,
+        PacketCounter::IpOptionsDropped,
+        PacketCounter::TranslateFailed,
+        PacketCounter::RedirectFailed,
+    ];
+
+    /// The counter's name as it appears in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PacketCounter::TranslatedUp => "translated_up",
+            PacketCounter::TranslatedDown => "translated_down",
+            PacketCounter::TranslatedBytesUp => "translated_bytes_up",
+            PacketCounter::TranslatedBytesDown => "translated_bytes_down",
+            PacketCounter::PassedLocal => "passed_local",
+            PacketCounter::SynOnEntry => "syn_on_entry",
+            PacketCounter::OldAckDropped => "old_ack_dropped",
+            PacketCounter::TtlExpired => "ttl_expired",
+            PacketCounter::FragDropped => "frag_dropped",
+            PacketCounter::IpOptionsDropped => "ip_options_dropped",
+            PacketCounter::TranslateFailed => "translate_failed",
+            PacketCounter::RedirectFailed => "redirect_failed",
+        }
+    }
+}
+
+/// The window field to send when the sender's field `win` is scaled by `ws_in` and the
+/// receiver scales the field it gets by `ws_out`: never more than the sender offered, at
+/// most 65535.
+pub const fn rescale_window(win: u16, ws_in: u8, ws_out: u8) -> u16 {
+    // Scales are at most 14; anything larger is treated as 14, as TCP does.
+    let ws_in = if ws_in > 14 { 14 } else { ws_in };
+    let ws_out = if ws_out > 14 { 14 } else { ws_out };
+    let bytes = (win as u64) << ws_in;
+    let field = bytes >> ws_out;
+    if field > 0xffff { 0xffff } else { field as u16 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_rescaling_never_promises_more() {
+        assert_eq!(rescale_window(1000, 7, 7), 1000);
+        assert_eq!(rescale_window(1000, 7, 5), 4000);
+        // 1000 << 5 = 32000 bytes; in units of 128 that is 250.
+        assert_eq!(rescale_window(1000, 5, 7), 250);
+        // Rounded down: 3 << 0 = 3 bytes is 0 units of 4.
+        assert_eq!(rescale_window(3, 0, 2), 0);
+        assert_eq!(rescale_window(0xffff, 7, 0), 0xffff);
+        assert_eq!(rescale_window(0xffff, 14, 14), 0xffff);
+        assert_eq!(rescale_window(1, 200, 0), 1 << 14);
+    }
+
+    #[test]
+    fn map_types_have_the_designed_layout() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 96);
+        assert_eq!(core::mem::offset_of!(Flow, segments), 72);
+    }
+}

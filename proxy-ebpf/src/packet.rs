@@ -4,15 +4,24 @@
 //! connection of one of spliced's sockets becomes established it records the two initial
 //! sequence numbers, keyed by the socket's cookie: the sequence offsets of a handed-off
 //! connection are built from them, and they never change afterwards.
+//!
+//! `spliced_packet_in` is a TC ingress program: it translates each segment of a handed-off
+//! connection into a segment of the other connection (section 2 of the design).
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
-    btf_maps::LruHashMap,
-    helpers::bpf_get_socket_cookie,
-    macros::{btf_map, sock_ops},
-    programs::SockOpsContext,
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{btf_map, classifier, sock_ops},
+    programs::{SockOpsContext, TcContext},
 };
-use proxy_common::{IsnPair, PACKET_ISN_ENTRIES};
+use proxy_common::{
+    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_UP, Flow, FlowKey, IsnPair, PACKET_ISN_ENTRIES,
+    PACKET_MAX_CONNECTIONS, PacketCounter, rescale_window,
+};
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
 
@@ -45,4 +54,414 @@ pub fn spliced_packet_isn(ctx: SockOpsContext) -> u32 {
     }
     // `sock_ops` programs return 1; the value is ignored for these callbacks.
     1
+}
+
+/// The translation table: a segment's tuple as it arrives to how it is rewritten. A plain
+/// hash, never LRU: evicting a live entry would turn its connection into resets.
+#[btf_map]
+static SPLICED_PACKET_FLOWS: HashMap<FlowKey, Flow, FLOW_ENTRIES> = HashMap::new();
+
+/// Per-CPU counters (the bpf target has no atomic read-modify-write).
+#[btf_map]
+static SPLICED_PACKET_COUNTERS: PerCpuArray<u64, { PacketCounter::COUNT as usize }> =
+    PerCpuArray::new();
+
+const FLOW_ENTRIES: usize = 2 * PACKET_MAX_CONNECTIONS as usize;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+// TCP header fields, from the start of the header.
+const TCP_SEQ: usize = 4;
+const TCP_ACK: usize = 8;
+const TCP_FLAGS: usize = 13;
+const TCP_WINDOW: usize = 14;
+const TCP_CSUM: usize = 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK_FLAG: u8 = 0x10;
+
+#[inline(always)]
+fn count(counter: PacketCounter, by: u64) {
+    if let Some(slot) = SPLICED_PACKET_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+        unsafe { *slot += by };
+    }
+}
+
+/// Sequence comparison modulo 2^32, as the kernel's `before()`.
+#[inline(always)]
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// What the parser found in a segment that may belong to an entry.
+struct Segment {
+    key: FlowKey,
+    /// Where the TCP header starts.
+    l4: usize,
+    /// TCP payload length, from the IP header (not the skb: a NIC may pad short frames).
+    payload: u32,
+    /// TTL or hop limit.
+    ttl: u8,
+    /// TOS or traffic class.
+    tos: u8,
+    /// IPv4 header length in bytes (20 without options); 40 for IPv6.
+    ip_hlen: usize,
+    /// IPv4 fragment bits (MF or an offset) set.
+    fragment: bool,
+}
+
+/// `spliced_packet_in`: translates the segments of handed-off connections into segments of
+/// the other connection and sends them out of the interface their entry names.
+///
+/// Everything that matches no entry, and everything the parser cannot read to the TCP ports
+/// (ARP, neighbour discovery, non-TCP, truncated headers, IPv6 with extension headers, VLAN
+/// tags), leaves unchanged with `TC_ACT_OK`: one hash lookup per TCP segment is the cost to
+/// other traffic. Only `ACTIVE` entries translate; the handoff's `DRAIN` state is not
+/// implemented yet and passes everything to the local stack.
+#[classifier]
+pub fn spliced_packet_in(ctx: TcContext) -> i32 {
+    let Some(seg) = parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let Some(flow) = SPLICED_PACKET_FLOWS.get_ptr_mut(&seg.key) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: the entry stays valid while this program runs; spliced wrote its constant part
+    // before inserting it.
+    let f = unsafe { *flow };
+    if f.state != FLOW_ACTIVE {
+        count(PacketCounter::PassedLocal, 1);
+        return TC_ACT_OK;
+    }
+    match translate(&ctx, &seg, &f) {
+        Ok(Verdict::Redirect) => {
+            // SAFETY: as above; only this direction's program writes these counters, and a
+            // lost increment between CPUs only makes them approximate.
+            unsafe {
+                (*flow).segments += 1;
+                (*flow).bytes += u64::from(seg.payload);
+                (*flow).last_seen_ns = bpf_ktime_get_ns();
+            }
+            let (segments, bytes) = if f.dir == FLOW_UP {
+                (
+                    PacketCounter::TranslatedUp,
+                    PacketCounter::TranslatedBytesUp,
+                )
+            } else {
+                (
+                    PacketCounter::TranslatedDown,
+                    PacketCounter::TranslatedBytesDown,
+                )
+            };
+            count(segments, 1);
+            count(bytes, u64::from(seg.payload));
+            // SAFETY: no parameters: the kernel looks the route and neighbour up itself.
+            let rc = unsafe { bpf_redirect_neigh(f.out_ifindex, core::ptr::null_mut(), 0, 0) };
+            if rc as i32 != TC_ACT_REDIRECT {
+                count(PacketCounter::RedirectFailed, 1);
+                return TC_ACT_SHOT;
+            }
+            TC_ACT_REDIRECT
+        }
+        Ok(Verdict::Drop(counter)) => {
+            count(counter, 1);
+            TC_ACT_SHOT
+        }
+        Err(_) => {
+            // A helper failed after the segment may have been changed: it cannot go anywhere.
+            count(PacketCounter::TranslateFailed, 1);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+enum Verdict {
+    Redirect,
+    Drop(PacketCounter),
+}
+
+/// Reads the headers up to the TCP ports; `None` for anything that is not a TCP segment this
+/// program can read.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Segment> {
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut key = FlowKey::default();
+    let (l4, payload, ttl, tos, ip_hlen, fragment) = if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        if vihl >> 4 != 4 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < IPV4_HLEN {
+            return None;
+        }
+        let tos: u8 = ctx.load(ETH_HLEN + 1).ok()?;
+        let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x3fff;
+        if frag & 0x1fff != 0 {
+            // A non-first fragment has no TCP header.
+            return None;
+        }
+        let ttl: u8 = ctx.load(ETH_HLEN + 8).ok()?;
+        let addrs: [u8; 8] = ctx.load(ETH_HLEN + 12).ok()?;
+        key.saddr[10] = 0xff;
+        key.saddr[11] = 0xff;
+        key.daddr[10] = 0xff;
+        key.daddr[11] = 0xff;
+        key.saddr[12..16].copy_from_slice(&addrs[0..4]);
+        key.daddr[12..16].copy_from_slice(&addrs[4..8]);
+        key.family = FAMILY_V4;
+        let l4 = ETH_HLEN + ihl;
+        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let payload = usize::from(tot_len).saturating_sub(ihl + doff);
+        (l4, payload, ttl, tos, ihl, frag != 0)
+    } else if proto == ETH_P_IPV6 {
+        let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+        if head[0] >> 4 != 6 || head[6] != IPPROTO_TCP {
+            return None;
+        }
+        let tos = (head[0] << 4) | (head[1] >> 4);
+        let payload_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
+        key.saddr = ctx.load(ETH_HLEN + 8).ok()?;
+        key.daddr = ctx.load(ETH_HLEN + 24).ok()?;
+        key.family = FAMILY_V6;
+        let l4 = ETH_HLEN + IPV6_HLEN;
+        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let payload = payload_len.saturating_sub(doff);
+        (l4, payload, head[7], tos, IPV6_HLEN, false)
+    } else {
+        return None;
+    };
+    let ports: [u16; 2] = ctx.load(l4).ok()?;
+    key.sport = ports[0];
+    key.dport = ports[1];
+    Some(Segment {
+        key,
+        l4,
+        payload: payload as u32,
+        ttl,
+        tos,
+        ip_hlen,
+        fragment,
+    })
+}
+
+/// Rewrites the segment in place into one of the other connection (ports, sequence and
+/// acknowledgement numbers, window, then the IP header and the checksum's pseudo-header).
+#[inline(always)]
+fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
+    let v4_in = seg.key.family == FAMILY_V4;
+    if seg.fragment {
+        return Ok(Verdict::Drop(PacketCounter::FragDropped));
+    }
+    if v4_in && seg.ip_hlen != IPV4_HLEN {
+        return Ok(Verdict::Drop(PacketCounter::IpOptionsDropped));
+    }
+    if seg.ttl <= 1 {
+        return Ok(Verdict::Drop(PacketCounter::TtlExpired));
+    }
+    let l4 = seg.l4;
+    let csum = l4 + TCP_CSUM;
+    let flags: u8 = ctx.load(l4 + TCP_FLAGS)?;
+    if flags & TCP_SYN != 0 {
+        return Ok(Verdict::Drop(PacketCounter::SynOnEntry));
+    }
+
+    // Ports: values stay in network order, as the checksum helpers want them.
+    let ports = [f.new_sport, f.new_dport];
+    let old: [u16; 2] = ctx.load(l4)?;
+    ctx.l4_csum_replace(csum, u64::from(old[0]), u64::from(ports[0]), 2)?;
+    ctx.l4_csum_replace(csum, u64::from(old[1]), u64::from(ports[1]), 2)?;
+    ctx.store(l4, &ports, 0)?;
+
+    let seq_raw: u32 = ctx.load(l4 + TCP_SEQ)?;
+    let seq = u32::from_be(seq_raw).wrapping_add(f.seq_delta).to_be();
+    ctx.l4_csum_replace(csum, u64::from(seq_raw), u64::from(seq), 4)?;
+    ctx.store(l4 + TCP_SEQ, &seq, 0)?;
+
+    if flags & TCP_ACK_FLAG != 0 {
+        let ack_raw: u32 = ctx.load(l4 + TCP_ACK)?;
+        let mut ack = u32::from_be(ack_raw);
+        if before(ack, f.ack_floor) {
+            // Below what the local socket already had acknowledged to the receiver: an old,
+            // reordered pure ACK says nothing; a segment with data or a FIN keeps its content
+            // and acknowledges the floor (the receiver would drop an ACK that far behind).
+            if seg.payload == 0 && flags & (TCP_FIN | TCP_RST) == 0 {
+                return Ok(Verdict::Drop(PacketCounter::OldAckDropped));
+            }
+            ack = f.ack_floor;
+        }
+        let ack = ack.wrapping_sub(f.ack_delta).to_be();
+        ctx.l4_csum_replace(csum, u64::from(ack_raw), u64::from(ack), 4)?;
+        ctx.store(l4 + TCP_ACK, &ack, 0)?;
+    }
+
+    let win_raw: u16 = ctx.load(l4 + TCP_WINDOW)?;
+    let win = rescale_window(u16::from_be(win_raw), f.ws_in, f.ws_out).to_be();
+    if win != win_raw {
+        ctx.l4_csum_replace(csum, u64::from(win_raw), u64::from(win), 2)?;
+        ctx.store(l4 + TCP_WINDOW, &win, 0)?;
+    }
+
+    if v4_in {
+        to_v6(ctx, seg, f)?;
+    } else {
+        to_v4(ctx, seg, f)?;
+    }
+    Ok(Verdict::Redirect)
+}
+
+/// The pseudo-header part of the TCP checksum, from the old addresses to the new ones. The
+/// protocol and length words are the same in the IPv4 and IPv6 pseudo-headers. No
+/// `BPF_F_IPV6`: the new IP header is stored with `BPF_F_RECOMPUTE_CSUM`, so only the
+/// checksum field's own change is missing from `skb->csum`, and only the IPv4 semantics of
+/// the helper take it out (`docs/packet-engine.md`, 2.2 step 5).
+#[inline(always)]
+fn pseudo_header(
+    ctx: &TcContext,
+    csum: usize,
+    old: &mut [u32],
+    new: &mut [u32],
+) -> Result<(), i64> {
+    // SAFETY: both buffers are on this stack and their sizes are passed with them.
+    let diff = unsafe {
+        bpf_csum_diff(
+            old.as_mut_ptr(),
+            (old.len() * 4) as u32,
+            new.as_mut_ptr(),
+            (new.len() * 4) as u32,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(diff);
+    }
+    ctx.l4_csum_replace(csum, 0, diff as u32 as u64, u64::from(BPF_F_PSEUDO_HDR))?;
+    Ok(())
+}
+
+/// Client to backend: the 20-byte IPv4 header becomes a 40-byte IPv6 header.
+#[inline(always)]
+fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
+    let mut old = [0u32; 2];
+    let mut new = [0u32; 8];
+    old[0] = u32::from_ne_bytes([
+        seg.key.saddr[12],
+        seg.key.saddr[13],
+        seg.key.saddr[14],
+        seg.key.saddr[15],
+    ]);
+    old[1] = u32::from_ne_bytes([
+        seg.key.daddr[12],
+        seg.key.daddr[13],
+        seg.key.daddr[14],
+        seg.key.daddr[15],
+    ]);
+    for i in 0..4 {
+        let j = i * 4;
+        new[i] = u32::from_ne_bytes([
+            f.new_saddr[j],
+            f.new_saddr[j + 1],
+            f.new_saddr[j + 2],
+            f.new_saddr[j + 3],
+        ]);
+        new[4 + i] = u32::from_ne_bytes([
+            f.new_daddr[j],
+            f.new_daddr[j + 1],
+            f.new_daddr[j + 2],
+            f.new_daddr[j + 3],
+        ]);
+    }
+    pseudo_header(ctx, seg.l4 + TCP_CSUM, &mut old, &mut new)?;
+    let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?);
+    ctx.change_proto(ETH_P_IPV6.to_be(), 0)?;
+    let mut h = [0u8; IPV6_HLEN];
+    let label = f.flow_label & 0x000f_ffff;
+    h[0] = 0x60 | (seg.tos >> 4);
+    h[1] = (seg.tos << 4) | (label >> 16) as u8;
+    h[2] = (label >> 8) as u8;
+    h[3] = label as u8;
+    let payload_len = tot_len.saturating_sub(IPV4_HLEN as u16).to_be_bytes();
+    h[4] = payload_len[0];
+    h[5] = payload_len[1];
+    h[6] = IPPROTO_TCP;
+    h[7] = seg.ttl - 1;
+    h[8..24].copy_from_slice(&f.new_saddr);
+    h[24..40].copy_from_slice(&f.new_daddr);
+    ctx.store(ETH_HLEN, &h, u64::from(BPF_F_RECOMPUTE_CSUM))?;
+    ctx.store(12, &ETH_P_IPV6.to_be(), 0)?;
+    Ok(())
+}
+
+/// Backend to client: the 40-byte IPv6 header becomes a 20-byte IPv4 header.
+#[inline(always)]
+fn to_v4(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
+    let mut old = [0u32; 8];
+    let mut new = [0u32; 2];
+    for i in 0..4 {
+        let j = i * 4;
+        old[i] = u32::from_ne_bytes([
+            seg.key.saddr[j],
+            seg.key.saddr[j + 1],
+            seg.key.saddr[j + 2],
+            seg.key.saddr[j + 3],
+        ]);
+        old[4 + i] = u32::from_ne_bytes([
+            seg.key.daddr[j],
+            seg.key.daddr[j + 1],
+            seg.key.daddr[j + 2],
+            seg.key.daddr[j + 3],
+        ]);
+    }
+    new[0] = u32::from_ne_bytes([
+        f.new_saddr[12],
+        f.new_saddr[13],
+        f.new_saddr[14],
+        f.new_saddr[15],
+    ]);
+    new[1] = u32::from_ne_bytes([
+        f.new_daddr[12],
+        f.new_daddr[13],
+        f.new_daddr[14],
+        f.new_daddr[15],
+    ]);
+    pseudo_header(ctx, seg.l4 + TCP_CSUM, &mut old, &mut new)?;
+    let payload_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?);
+    ctx.change_proto(ETH_P_IP.to_be(), 0)?;
+    let mut h = [0u8; IPV4_HLEN];
+    h[0] = 0x45;
+    h[1] = seg.tos;
+    let tot_len = payload_len.saturating_add(IPV4_HLEN as u16).to_be_bytes();
+    h[2] = tot_len[0];
+    h[3] = tot_len[1];
+    // ID 0, DF.
+    h[6] = 0x40;
+    h[8] = seg.ttl - 1;
+    h[9] = IPPROTO_TCP;
+    h[12..16].copy_from_slice(&f.new_saddr[12..16]);
+    h[16..20].copy_from_slice(&f.new_daddr[12..16]);
+    let check = ipv4_checksum(&h).to_be_bytes();
+    h[10] = check[0];
+    h[11] = check[1];
+    ctx.store(ETH_HLEN, &h, u64::from(BPF_F_RECOMPUTE_CSUM))?;
+    ctx.store(12, &ETH_P_IP.to_be(), 0)?;
+    Ok(())
+}
+
+/// The IPv4 header checksum of a header whose checksum field is zero.
+#[inline(always)]
+fn ipv4_checksum(h: &[u8; IPV4_HLEN]) -> u16 {
+    let mut sum = 0u32;
+    for i in 0..IPV4_HLEN / 2 {
+        sum += u32::from(u16::from_be_bytes([h[2 * i], h[2 * i + 1]]));
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }

@@ -32,7 +32,7 @@ mod sys;
 pub use config::{Config, ConfigError};
 /// The packet engine's kernel programs, which the end-to-end tests drive directly while the
 /// engine is being built (`docs/packet-engine.md`).
-pub use ebpf::IsnRecorder;
+pub use ebpf::{Handoff, IsnRecorder, PacketTables, Wscale};
 pub use server::{Options, Server};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.

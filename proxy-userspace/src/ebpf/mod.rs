@@ -28,7 +28,7 @@ mod packet;
 mod sockmap;
 mod xdp;
 
-pub use packet::IsnRecorder;
+pub use packet::{Handoff, IsnRecorder, PacketTables, Wscale};
 pub(crate) use sockmap::SplicedPair;
 
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the

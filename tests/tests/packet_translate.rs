@@ -1,0 +1,246 @@
+//! The packet engine's stateless translation (step 2 of `docs/packet-engine.md`'s order of
+//! work), with entries installed by hand: a client connects to a listener in the proxy
+//! namespace and the proxy namespace connects to a backend, as spliced would; then both local
+//! sockets go silent (`TCP_REPAIR`), the two `ACTIVE` entries are built from the ISNs the
+//! `sock_ops` program recorded, and client and backend talk straight through the TC program:
+//! IPv4 to IPv6 and back, ports, sequence and acknowledgement numbers, windows, checksums.
+//!
+//! Timestamps and SACK are off in every namespace: the program does not translate TCP options
+//! yet. Run as root with a release build: `cargo test --release -p spliced-tests --test
+//! packet_translate`. Like `packet_facts`, it moves this test process into a cgroup (v2) of
+//! its own while it runs.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::libc;
+use proxy_common::FLOW_ACTIVE;
+use spliced::{Handoff, IsnRecorder, PacketTables, Wscale};
+use spliced_tests::{BACKEND_V6, Ns, PROXY_V4, World, packet::*};
+
+/// Bytes each way: enough for GSO aggregates, window updates and many ACKs each way.
+const BYTES: usize = 16 << 20;
+/// The client's MSS (the listener's clamp) and the backend's (L''s clamp): a translated
+/// segment grows by 20 bytes and must still fit the 1500-byte MTU.
+const MSS: i32 = 1440;
+
+/// A stream that shows reordering, loss and duplication: byte `i` of stream `seed`.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed ^ (i >> 13) as u8)
+        .collect()
+}
+
+fn sysctl(world: &World, ns: Ns, setting: &str) -> Result<()> {
+    let out = world
+        .command(ns, "sysctl")
+        .args(["-q", "-w", setting])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "sysctl {setting} in {ns:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn tx_off(world: &World, ns: Ns, dev: &str) -> Result<()> {
+    let out = world
+        .command(ns, "ethtool")
+        .args(["-K", dev, "tx", "off"])
+        .output()
+        .context("running ethtool")?;
+    ensure!(
+        out.status.success(),
+        "ethtool -K {dev} tx off in {ns:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn wscale(info: &libc::tcp_info) -> Wscale {
+    // `__u8 tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;`
+    Wscale {
+        snd: info.tcpi_snd_rcv_wscale & 0x0f,
+        rcv: info.tcpi_snd_rcv_wscale >> 4,
+    }
+}
+
+fn ifindex(world: &World, ns: Ns, dev: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(dev)?;
+    // SAFETY: a valid C string.
+    let index = world.within(ns, || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+    ensure!(index != 0, "no interface {dev} in {ns:?}");
+    Ok(index)
+}
+
+/// Writes `data` to `s`, then half-closes it.
+fn send_all(mut s: &TcpStream, data: &[u8]) -> Result<()> {
+    s.write_all(data)?;
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// Reads `s` to its end.
+fn receive_all(mut s: &TcpStream) -> Result<Vec<u8>> {
+    let mut got = Vec::with_capacity(BYTES);
+    s.read_to_end(&mut got)?;
+    Ok(got)
+}
+
+/// Makes the connection pair, hands it to the program and moves [`BYTES`] each way at once,
+/// then both half-closes. `software_checksums` turns checksum offload off on the client's
+/// veth and both of the proxy's, so segments are checksummed (and GSO aggregates cut) in
+/// software, as a NIC would receive them, and a wrong checksum shows as `InCsumErrors`.
+fn translate(software_checksums: bool) -> Result<()> {
+    let _one = CGROUP
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let world = World::new()?;
+    for ns in [Ns::Client, Ns::Proxy, Ns::Backend] {
+        sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
+        sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
+    }
+    if software_checksums {
+        tx_off(&world, Ns::Client, "eth0")?;
+        tx_off(&world, Ns::Proxy, "eth0")?;
+        tx_off(&world, Ns::Proxy, "eth1")?;
+    }
+    let cgroup = TestCgroup::enter()?;
+    let recorder = IsnRecorder::attach(cgroup.path())?;
+    let mut tables = PacketTables::load()?;
+    world.within(Ns::Proxy, || -> Result<()> {
+        tables.attach("eth0")?;
+        tables.attach("eth1")
+    })??;
+
+    // X -> L (IPv4, the listener clamps the MSS) and L' -> Y (IPv6, L' clamps it too).
+    let front = SocketAddr::new(PROXY_V4, 9410);
+    let (x, l) = connection(&world, (Ns::Client, None), (Ns::Proxy, Some(MSS)), front)?;
+    let back = SocketAddr::new(BACKEND_V6, 9411);
+    let (l2, y) = connection(&world, (Ns::Proxy, Some(MSS)), (Ns::Backend, None), back)?;
+    let client_isns = recorder
+        .get(cookie(&l)?)?
+        .context("no ISNs recorded for L")?;
+    let backend_isns = recorder
+        .get(cookie(&l2)?)?
+        .context("no ISNs recorded for L'")?;
+    let (SocketAddr::V4(client), SocketAddr::V4(front)) = (l.peer_addr()?, l.local_addr()?) else {
+        bail!("L is not IPv4");
+    };
+    let (SocketAddr::V6(back), SocketAddr::V6(backend)) = (l2.local_addr()?, l2.peer_addr()?)
+    else {
+        bail!("L' is not IPv6");
+    };
+    let handoff = Handoff {
+        client,
+        front,
+        back,
+        backend,
+        client_isns,
+        backend_isns,
+        preface_len: 0,
+        from_client: 0,
+        from_backend: 0,
+        client_wscale: wscale(&tcp_info(&l)?),
+        backend_wscale: wscale(&tcp_info(&l2)?),
+        client_ifindex: ifindex(&world, Ns::Proxy, "eth0")?,
+        backend_ifindex: ifindex(&world, Ns::Proxy, "eth1")?,
+        flow_label: 0x5_1ced,
+    };
+    // Both local sockets go silent for good, then the entries take over.
+    set_int(l.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
+    set_int(l2.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
+    tables.insert(&handoff, FLOW_ACTIVE)?;
+
+    let up = pattern(0x55, BYTES);
+    let down = pattern(0xaa, BYTES);
+    let (got_up, got_down) = std::thread::scope(|s| -> Result<(Vec<u8>, Vec<u8>)> {
+        let writers = [
+            s.spawn(|| send_all(&x, &up)),
+            s.spawn(|| send_all(&y, &down)),
+        ];
+        let at_y = s.spawn(|| receive_all(&y));
+        let at_x = receive_all(&x);
+        for w in writers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+        }
+        let at_y = at_y
+            .join()
+            .map_err(|_| anyhow::anyhow!("the backend's reader panicked"))??;
+        Ok((at_y, at_x?))
+    })?;
+    let counters = tables.counters();
+    let entries = tables.entries(&handoff)?;
+    eprintln!("counters: {counters:?}");
+    eprintln!("entries (up, down): {entries:?}");
+    ensure!(
+        got_up.len() == up.len() && got_up == up,
+        "the backend received {} bytes, {} expected, or different ones",
+        got_up.len(),
+        up.len()
+    );
+    ensure!(
+        got_down.len() == down.len() && got_down == down,
+        "the client received {} bytes, {} expected, or different ones",
+        got_down.len(),
+        down.len()
+    );
+    // Nothing reached the local sockets: the translation carried every byte.
+    for (name, s) in [("L", &l), ("L'", &l2)] {
+        let received = tcp_info(s)?.tcpi_bytes_received;
+        ensure!(
+            received == 0,
+            "{name} received {received} bytes: the stack, not the translation, got segments"
+        );
+    }
+    let counter = |name: &str| {
+        counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    ensure!(
+        counter("translated_up") > 0 && counter("translated_down") > 0,
+        "no segments translated: {counters:?}"
+    );
+    ensure!(
+        counter("translated_bytes_up") >= BYTES as u64
+            && counter("translated_bytes_down") >= BYTES as u64,
+        "fewer bytes translated than delivered: {counters:?}"
+    );
+    for name in ["translate_failed", "redirect_failed", "ttl_expired"] {
+        ensure!(counter(name) == 0, "{name} is {}", counter(name));
+    }
+    for ns in [Ns::Client, Ns::Backend] {
+        let errors = tcp_stat(&world, ns, "InCsumErrors")?;
+        ensure!(errors == 0, "{errors} TCP checksum errors in {ns:?}");
+    }
+    tables.remove(&handoff)?;
+    drop(tables);
+    // L and L' close in repair mode: silently.
+    drop((l, l2));
+    drop(recorder);
+    drop(cgroup);
+    Ok(())
+}
+
+/// Both directions at once through the translation, on veths that checksum and segment in
+/// hardware (`CHECKSUM_PARTIAL` all the way).
+#[test]
+fn a_handed_off_connection_moves_bytes_exactly_both_ways() -> Result<()> {
+    translate(false)
+}
+
+/// The same with checksum offload off on the client's and the proxy's veths: GSO aggregates
+/// are cut and every segment checksummed in software after the translation, and the
+/// receivers check every checksum (`InCsumErrors` stays 0). Client segments arrive at the
+/// program `CHECKSUM_NONE` (section 11 item 3 of the design).
+#[test]
+fn a_handed_off_connection_keeps_checksums_right_in_software() -> Result<()> {
+    translate(true)
+}
