@@ -417,11 +417,13 @@ pub enum PacketCounter {
     TranslateFailed = 10,
     /// `bpf_redirect_neigh` refused the translated segment.
     RedirectFailed = 11,
+    /// SACK blocks translated.
+    SackBlocks = 12,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -437,6 +439,7 @@ impl PacketCounter {
         PacketCounter::IpOptionsDropped,
         PacketCounter::TranslateFailed,
         PacketCounter::RedirectFailed,
+        PacketCounter::SackBlocks,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -454,6 +457,7 @@ impl PacketCounter {
             PacketCounter::IpOptionsDropped => "ip_options_dropped",
             PacketCounter::TranslateFailed => "translate_failed",
             PacketCounter::RedirectFailed => "redirect_failed",
+            PacketCounter::SackBlocks => "sack_blocks",
         }
     }
 }
@@ -470,9 +474,74 @@ pub const fn rescale_window(win: u16, ws_in: u8, ws_out: u8) -> u16 {
     if field > 0xffff { 0xffff } else { field as u16 }
 }
 
+/// The value to give a checksum helper for a 4-byte field `raw` (as it lies in memory, read
+/// as a little-endian `u32`) that starts `offset` bytes into the checksummed data.
+///
+/// The Internet checksum adds 16-bit words counted from the start. A field at an even offset
+/// contributes its two halves as they are; at an odd offset its bytes straddle three words,
+/// and it contributes what the same field rotated by one byte would at an even offset. TCP
+/// options need not be aligned, so SACK blocks may start at odd offsets.
+pub const fn csum_word(raw: u32, offset: usize) -> u32 {
+    if offset.is_multiple_of(2) {
+        raw
+    } else {
+        raw.rotate_right(8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 1071 over `data`.
+    fn checksum(data: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for pair in data.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |&b| u32::from(b));
+            sum += hi | lo;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// RFC 1624 incremental update as the kernel's `inet_proto_csum_replace4` does it (on a
+    /// checksum that is complete): HC' = ~(~HC + ~m + m'), in 16-bit halves.
+    fn replace4(check: u16, from: u32, to: u32) -> u16 {
+        let halves = |v: u32| {
+            let b = v.to_le_bytes();
+            u32::from(u16::from_be_bytes([b[0], b[1]]))
+                + u32::from(u16::from_be_bytes([b[2], b[3]]))
+        };
+        let mut sum = u32::from(!check) + (0x1fffe - halves(from)) + halves(to);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn replacing_a_field_at_any_offset_keeps_the_checksum_right() {
+        let mut data = [0u8; 41];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37) ^ 0x5a;
+        }
+        for offset in [2usize, 3, 4, 5, 22, 23, 36] {
+            let check = checksum(&data);
+            let old = u32::from_le_bytes([
+                data[offset],
+                data[offset + 1],
+                data[offset + 2],
+                data[offset + 3],
+            ]);
+            let new_value = u32::from_be(old).wrapping_sub(0x8765_4321).to_be();
+            data[offset..offset + 4].copy_from_slice(&new_value.to_le_bytes());
+            let patched = replace4(check, csum_word(old, offset), csum_word(new_value, offset));
+            assert_eq!(patched, checksum(&data), "field at offset {offset}");
+        }
+    }
 
     #[test]
     fn window_rescaling_never_promises_more() {

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_UP, Flow, FlowKey, IsnPair, PACKET_ISN_ENTRIES,
-    PACKET_MAX_CONNECTIONS, PacketCounter, rescale_window,
+    PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -80,6 +80,12 @@ const TCP_ACK: usize = 8;
 const TCP_FLAGS: usize = 13;
 const TCP_WINDOW: usize = 14;
 const TCP_CSUM: usize = 16;
+const TCP_HLEN: usize = 20;
+const TCP_MAX_OPTION_BYTES: usize = 40;
+const TCP_MAX_SACK_BLOCKS: usize = 4;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_SACK: u8 = 5;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -309,12 +315,83 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
         ctx.store(l4 + TCP_WINDOW, &win, 0)?;
     }
 
+    if flags & TCP_ACK_FLAG != 0 {
+        translate_options(ctx, l4, f)?;
+    }
+
     if v4_in {
         to_v6(ctx, seg, f)?;
     } else {
         to_v4(ctx, seg, f)?;
     }
     Ok(Verdict::Redirect)
+}
+
+/// Walks the TCP options (at most 40 bytes) and translates SACK blocks into the receiver's
+/// sequence space (`- ack_delta`: they acknowledge data like the ACK field). Everything else
+/// is left alone: MSS and window scale only occur on SYNs, which are never translated, and
+/// timestamps are not translated yet (the engine is not offered when they are on).
+#[inline(always)]
+fn translate_options(ctx: &TcContext, l4: usize, f: &Flow) -> Result<(), i64> {
+    let Some((off, blocks)) = find_sack(ctx, l4)? else {
+        return Ok(());
+    };
+    // Blocks and edges unrolled, apart from the walk: nested loops make the verifier explore
+    // every combination of paths.
+    for b in 0..TCP_MAX_SACK_BLOCKS {
+        if b >= blocks {
+            break;
+        }
+        let at = off + 2 + 8 * b;
+        translate_sack_edge(ctx, l4, at, f.ack_delta)?;
+        translate_sack_edge(ctx, l4, at + 4, f.ack_delta)?;
+        count(PacketCounter::SackBlocks, 1);
+    }
+    Ok(())
+}
+
+/// Where the SACK option starts in the TCP header and how many blocks it holds, if there is
+/// one; the walk stops at the end of the options, at EOL, or at a malformed length.
+#[inline(always)]
+fn find_sack(ctx: &TcContext, l4: usize) -> Result<Option<(usize, usize)>, i64> {
+    let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
+    let mut off = TCP_HLEN;
+    for _ in 0..TCP_MAX_OPTION_BYTES {
+        if off + 1 >= doff {
+            return Ok(None);
+        }
+        let kind_len: [u8; 2] = ctx.load(l4 + off)?;
+        match kind_len[0] {
+            TCPOPT_EOL => return Ok(None),
+            TCPOPT_NOP => off += 1,
+            kind => {
+                let len = usize::from(kind_len[1]);
+                if len < 2 || off + len > doff {
+                    return Ok(None);
+                }
+                if kind == TCPOPT_SACK {
+                    return Ok(Some((off, (len - 2) / 8)));
+                }
+                off += len;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Moves one SACK edge at `at` (from the TCP header's start) back by `delta`.
+#[inline(always)]
+fn translate_sack_edge(ctx: &TcContext, l4: usize, at: usize, delta: u32) -> Result<(), i64> {
+    let raw: u32 = ctx.load(l4 + at)?;
+    let new = u32::from_be(raw).wrapping_sub(delta).to_be();
+    ctx.l4_csum_replace(
+        l4 + TCP_CSUM,
+        u64::from(csum_word(raw, at)),
+        u64::from(csum_word(new, at)),
+        4,
+    )?;
+    ctx.store(l4 + at, &new, 0)?;
+    Ok(())
 }
 
 /// The pseudo-header part of the TCP checksum, from the old addresses to the new ones. The

@@ -223,12 +223,24 @@ pub fn segments(world: &World, ns: Ns) -> Result<(u64, u64)> {
 
 /// One `Tcp:` counter of the namespace's `/proc/net/snmp` (`InSegs`, `InCsumErrors`...).
 pub fn tcp_stat(world: &World, ns: Ns, name: &str) -> Result<u64> {
-    let out = world.command(ns, "cat").arg("/proc/net/snmp").output()?;
-    ensure!(out.status.success(), "reading /proc/net/snmp in {ns:?}");
+    proc_net_stat(world, ns, "snmp", "Tcp:", name)
+}
+
+/// One `TcpExt:` counter of the namespace's `/proc/net/netstat` (`TCPSACKDiscard`...).
+pub fn tcp_ext_stat(world: &World, ns: Ns, name: &str) -> Result<u64> {
+    proc_net_stat(world, ns, "netstat", "TcpExt:", name)
+}
+
+/// Counter `name` of the `prefix` lines (a line of names, then one of values) of
+/// `/proc/net/FILE` in the namespace.
+fn proc_net_stat(world: &World, ns: Ns, file: &str, prefix: &str, name: &str) -> Result<u64> {
+    let path = format!("/proc/net/{file}");
+    let out = world.command(ns, "cat").arg(&path).output()?;
+    ensure!(out.status.success(), "reading {path} in {ns:?}");
     let text = String::from_utf8(out.stdout)?;
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let mut tcp = text.lines().filter(|l| l.starts_with(prefix));
     let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-        bail!("no Tcp lines in /proc/net/snmp: {text}");
+        bail!("no {prefix} lines in {path}: {text}");
     };
     let i = names
         .split_whitespace()

@@ -5,8 +5,8 @@
 //! `sock_ops` program recorded, and client and backend talk straight through the TC program:
 //! IPv4 to IPv6 and back, ports, sequence and acknowledgement numbers, windows, checksums.
 //!
-//! Timestamps and SACK are off in every namespace: the program does not translate TCP options
-//! yet. Run as root with a release build: `cargo test --release -p spliced-tests --test
+//! Timestamps are off in every namespace: the program does not translate them yet. SACK is off
+//! too, except in the run with losses, which needs it. Run as root with a release build: `cargo test --release -p spliced-tests --test
 //! packet_translate`. Like `packet_facts`, it moves this test process into a cgroup (v2) of
 //! its own while it runs.
 use std::{
@@ -91,20 +91,35 @@ fn receive_all(mut s: &TcpStream) -> Result<Vec<u8>> {
     Ok(got)
 }
 
+/// How a run differs from the plain one.
+#[derive(Clone, Copy, Default)]
+struct Setup {
+    /// Checksum offload off on the client's veth and both of the proxy's, so segments are
+    /// checksummed (and GSO aggregates cut) in software, as a NIC would receive them, and a
+    /// wrong checksum shows as `InCsumErrors`.
+    software_checksums: bool,
+    /// SACK on everywhere, and 1 in `LOSS` of the segments arriving at the client and at the
+    /// backend dropped, so both recover through the translation, with SACK blocks.
+    sack_with_losses: bool,
+}
+
+/// One segment in this many is dropped in a [`Setup::sack_with_losses`] run.
+const LOSS: u32 = 100;
+
 /// Makes the connection pair, hands it to the program and moves [`BYTES`] each way at once,
-/// then both half-closes. `software_checksums` turns checksum offload off on the client's
-/// veth and both of the proxy's, so segments are checksummed (and GSO aggregates cut) in
-/// software, as a NIC would receive them, and a wrong checksum shows as `InCsumErrors`.
-fn translate(software_checksums: bool) -> Result<()> {
+/// then both half-close.
+fn translate(setup: Setup) -> Result<()> {
     let _one = CGROUP
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let world = World::new()?;
     for ns in [Ns::Client, Ns::Proxy, Ns::Backend] {
         sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
-        sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
+        if !setup.sack_with_losses {
+            sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
+        }
     }
-    if software_checksums {
+    if setup.software_checksums {
         tx_off(&world, Ns::Client, "eth0")?;
         tx_off(&world, Ns::Proxy, "eth0")?;
         tx_off(&world, Ns::Proxy, "eth1")?;
@@ -155,6 +170,24 @@ fn translate(software_checksums: bool) -> Result<()> {
     set_int(l.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     set_int(l2.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     tables.insert(&handoff, FLOW_ACTIVE)?;
+    if setup.sack_with_losses {
+        // Dropped as they arrive at the peers, after the translation: the sender's TCP sees
+        // a loss (a drop in its own output hook only delays the send, it is not a loss).
+        for ns in [Ns::Client, Ns::Backend] {
+            world.nft(
+                ns,
+                "loss.nft",
+                &format!(
+                    "table inet loss {{
+                       chain arrive {{
+                         type filter hook prerouting priority 0;
+                         meta l4proto tcp numgen random mod {LOSS} == 0 counter drop
+                       }}
+                     }}"
+                ),
+            )?;
+        }
+    }
 
     let up = pattern(0x55, BYTES);
     let down = pattern(0xaa, BYTES);
@@ -220,6 +253,34 @@ fn translate(software_checksums: bool) -> Result<()> {
         let errors = tcp_stat(&world, ns, "InCsumErrors")?;
         ensure!(errors == 0, "{errors} TCP checksum errors in {ns:?}");
     }
+    if setup.sack_with_losses {
+        let retransmitted = [
+            tcp_stat(&world, Ns::Client, "RetransSegs")?,
+            tcp_stat(&world, Ns::Backend, "RetransSegs")?,
+        ];
+        eprintln!("retransmitted segments (client, backend): {retransmitted:?}");
+        ensure!(
+            retransmitted.iter().all(|&r| r > 0),
+            "no retransmissions on one side ({retransmitted:?}): the losses did not happen"
+        );
+        ensure!(
+            counter("sack_blocks") > 0,
+            "no SACK blocks translated: {counters:?}"
+        );
+        // A block left in the wrong sequence space is discarded by the receiver as invalid;
+        // recovery would still finish (slower), so only these counters show it.
+        let mut recoveries = 0;
+        for ns in [Ns::Client, Ns::Backend] {
+            let discarded = tcp_ext_stat(&world, ns, "TCPSACKDiscard")?;
+            ensure!(
+                discarded == 0,
+                "{ns:?} discarded {discarded} SACK blocks as invalid"
+            );
+            recoveries += tcp_ext_stat(&world, ns, "TCPSackRecovery")?;
+        }
+        eprintln!("SACK recoveries (both sides): {recoveries}");
+        ensure!(recoveries > 0, "no SACK-based recovery happened");
+    }
     tables.remove(&handoff)?;
     drop(tables);
     // L and L' close in repair mode: silently.
@@ -233,7 +294,7 @@ fn translate(software_checksums: bool) -> Result<()> {
 /// hardware (`CHECKSUM_PARTIAL` all the way).
 #[test]
 fn a_handed_off_connection_moves_bytes_exactly_both_ways() -> Result<()> {
-    translate(false)
+    translate(Setup::default())
 }
 
 /// The same with checksum offload off on the client's and the proxy's veths: GSO aggregates
@@ -242,5 +303,19 @@ fn a_handed_off_connection_moves_bytes_exactly_both_ways() -> Result<()> {
 /// program `CHECKSUM_NONE` (section 11 item 3 of the design).
 #[test]
 fn a_handed_off_connection_keeps_checksums_right_in_software() -> Result<()> {
-    translate(true)
+    translate(Setup {
+        software_checksums: true,
+        ..Setup::default()
+    })
+}
+
+/// With 1% of each peer's segments lost, both recover end to end through the translation:
+/// retransmissions, duplicate ACKs and SACK blocks (translated into the other sequence space)
+/// cross it, and the bytes still arrive exactly.
+#[test]
+fn a_handed_off_connection_recovers_losses_with_sack() -> Result<()> {
+    translate(Setup {
+        software_checksums: true,
+        sack_with_losses: true,
+    })
 }
