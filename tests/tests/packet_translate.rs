@@ -101,6 +101,9 @@ struct Setup {
     /// SACK on everywhere, and 1 in `LOSS` of the segments arriving at the client and at the
     /// backend dropped, so both recover through the translation, with SACK blocks.
     sack_with_losses: bool,
+    /// Small receive buffers in the client's and the backend's namespaces, so they scale
+    /// their windows by less than the proxy's sockets do, and every window field is rescaled.
+    small_peer_windows: bool,
 }
 
 /// One segment in this many is dropped in a [`Setup::sack_with_losses`] run.
@@ -117,6 +120,11 @@ fn translate(setup: Setup) -> Result<()> {
         sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
         if !setup.sack_with_losses {
             sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
+        }
+    }
+    if setup.small_peer_windows {
+        for ns in [Ns::Client, Ns::Backend] {
+            sysctl(&world, ns, "net.ipv4.tcp_rmem=4096 16384 65536")?;
         }
     }
     if setup.software_checksums {
@@ -166,6 +174,18 @@ fn translate(setup: Setup) -> Result<()> {
         backend_ifindex: ifindex(&world, Ns::Proxy, "eth1")?,
         flow_label: 0x5_1ced,
     };
+    if setup.small_peer_windows {
+        let (c, b) = (handoff.client_wscale, handoff.backend_wscale);
+        eprintln!("window scales: client side {c:?}, backend side {b:?}");
+        ensure!(
+            c.snd < b.rcv && b.snd < c.rcv,
+            "the peers' scales ({}, {}) are not below the proxy's ({}, {}): nothing to rescale",
+            c.snd,
+            b.snd,
+            b.rcv,
+            c.rcv
+        );
+    }
     // Both local sockets go silent for good, then the entries take over.
     set_int(l.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     set_int(l2.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
@@ -223,6 +243,22 @@ fn translate(setup: Setup) -> Result<()> {
         got_down.len(),
         down.len()
     );
+    if setup.small_peer_windows {
+        // What each peer last advertised, in bytes, is what the other now believes, rounded
+        // down to the other's unit, never more.
+        for (name, receiver, sender, unit) in [
+            ("client", &x, &y, 1u32 << handoff.backend_wscale.rcv),
+            ("backend", &y, &x, 1u32 << handoff.client_wscale.rcv),
+        ] {
+            let advertised = tcp_info(receiver)?.tcpi_rcv_wnd;
+            let believed = tcp_info(sender)?.tcpi_snd_wnd;
+            eprintln!("{name} advertised {advertised}, its peer believes {believed}");
+            ensure!(
+                believed <= advertised && advertised - believed < unit,
+                "the {name} advertised a window of {advertised} bytes, its peer believes                  {believed}"
+            );
+        }
+    }
     // Nothing reached the local sockets: the translation carried every byte.
     for (name, s) in [("L", &l), ("L'", &l2)] {
         let received = tcp_info(s)?.tcpi_bytes_received;
@@ -317,5 +353,17 @@ fn a_handed_off_connection_recovers_losses_with_sack() -> Result<()> {
     translate(Setup {
         software_checksums: true,
         sack_with_losses: true,
+        ..Setup::default()
+    })
+}
+
+/// The peers scale their windows by less than the proxy's sockets, so every window field is
+/// rescaled both ways (rounded down, never promising more than the sender offered); the
+/// transfer still completes exactly.
+#[test]
+fn a_handed_off_connection_rescales_windows() -> Result<()> {
+    translate(Setup {
+        small_peer_windows: true,
+        ..Setup::default()
     })
 }
