@@ -10,8 +10,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
@@ -57,9 +58,12 @@ pub fn spliced_packet_isn(ctx: SockOpsContext) -> u32 {
 }
 
 /// The translation table: a segment's tuple as it arrives to how it is rewritten. A plain
-/// hash, never LRU: evicting a live entry would turn its connection into resets.
+/// hash, never LRU: evicting a live entry would turn its connection into resets. Not
+/// preallocated: entries are allocated as connections are handed off, so an idle table costs
+/// nothing.
 #[btf_map]
-static SPLICED_PACKET_FLOWS: HashMap<FlowKey, Flow, FLOW_ENTRIES> = HashMap::new();
+static SPLICED_PACKET_FLOWS: HashMap<FlowKey, Flow, FLOW_ENTRIES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// Per-CPU counters (the bpf target has no atomic read-modify-write).
 #[btf_map]
