@@ -327,6 +327,10 @@ pub struct FlowKey {
 pub const FLOW_DRAIN: u8 = 0;
 /// [`Flow::state`]: every segment of the tuple is translated.
 pub const FLOW_ACTIVE: u8 = 1;
+/// [`Flow::flags`]: only one of the two connections negotiated ECN; the ECN field of the IP
+/// header and the ECE and CWR flags are cleared, so routers drop instead of marking packets
+/// whose receiver would ignore the mark.
+pub const FLOW_ECN_CLEAR: u16 = 1 << 3;
 /// [`Flow::dir`]: the entry translates the client's segments towards the backend.
 pub const FLOW_UP: u8 = 0;
 /// [`Flow::dir`]: the entry translates the backend's segments towards the client.
@@ -342,7 +346,8 @@ pub struct Flow {
     pub state: u8,
     /// [`FLOW_UP`] (IPv4 in, IPv6 out) or [`FLOW_DOWN`] (IPv6 in, IPv4 out).
     pub dir: u8,
-    /// Option handling flags; none are defined yet (timestamps and SACK are not translated).
+    /// How options and marks are handled: [`FLOW_ECN_CLEAR`] (timestamps and SACK stripping
+    /// are not implemented yet).
     pub flags: u16,
     /// The interface the translated segment leaves by (`bpf_redirect_neigh`).
     pub out_ifindex: u32,

@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::{SockOpsContext, TcContext},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_UP, Flow, FlowKey, IsnPair, PACKET_ISN_ENTRIES,
-    PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
+    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_ECN_CLEAR, FLOW_UP, Flow, FlowKey, IsnPair,
+    PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -94,6 +94,10 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK_FLAG: u8 = 0x10;
+const TCP_ECE: u8 = 0x40;
+const TCP_CWR: u8 = 0x80;
+/// The ECN field: the low two bits of the TOS byte or traffic class.
+const IP_ECN_MASK: u8 = 0x03;
 
 #[inline(always)]
 fn count(counter: PacketCounter, by: u64) {
@@ -282,6 +286,18 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
     if flags & TCP_SYN != 0 {
         return Ok(Verdict::Drop(PacketCounter::SynOnEntry));
     }
+    if f.flags & FLOW_ECN_CLEAR != 0 && flags & (TCP_ECE | TCP_CWR) != 0 {
+        // The flags share a 16-bit word with the data offset.
+        let word: [u8; 2] = ctx.load(l4 + TCP_FLAGS - 1)?;
+        let new = [word[0], word[1] & !(TCP_ECE | TCP_CWR)];
+        ctx.l4_csum_replace(
+            csum,
+            u64::from(u16::from_ne_bytes(word)),
+            u64::from(u16::from_ne_bytes(new)),
+            2,
+        )?;
+        ctx.store(l4 + TCP_FLAGS - 1, &new, 0)?;
+    }
 
     // Ports: values stay in network order, as the checksum helpers want them.
     let ports = [f.new_sport, f.new_dport];
@@ -464,8 +480,9 @@ fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     ctx.change_proto(ETH_P_IPV6.to_be(), 0)?;
     let mut h = [0u8; IPV6_HLEN];
     let label = f.flow_label & 0x000f_ffff;
-    h[0] = 0x60 | (seg.tos >> 4);
-    h[1] = (seg.tos << 4) | (label >> 16) as u8;
+    let tos = outgoing_tos(seg.tos, f);
+    h[0] = 0x60 | (tos >> 4);
+    h[1] = (tos << 4) | (label >> 16) as u8;
     h[2] = (label >> 8) as u8;
     h[3] = label as u8;
     let payload_len = tot_len.saturating_sub(IPV4_HLEN as u16).to_be_bytes();
@@ -517,7 +534,7 @@ fn to_v4(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     ctx.change_proto(ETH_P_IP.to_be(), 0)?;
     let mut h = [0u8; IPV4_HLEN];
     h[0] = 0x45;
-    h[1] = seg.tos;
+    h[1] = outgoing_tos(seg.tos, f);
     let tot_len = payload_len.saturating_add(IPV4_HLEN as u16).to_be_bytes();
     h[2] = tot_len[0];
     h[3] = tot_len[1];
@@ -533,6 +550,17 @@ fn to_v4(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     ctx.store(ETH_HLEN, &h, u64::from(BPF_F_RECOMPUTE_CSUM))?;
     ctx.store(12, &ETH_P_IP.to_be(), 0)?;
     Ok(())
+}
+
+/// The TOS or traffic class of the translated segment: the sender's, without the ECN field
+/// when only one side negotiated ECN.
+#[inline(always)]
+fn outgoing_tos(tos: u8, f: &Flow) -> u8 {
+    if f.flags & FLOW_ECN_CLEAR != 0 {
+        tos & !IP_ECN_MASK
+    } else {
+        tos
+    }
 }
 
 /// The IPv4 header checksum of a header whose checksum field is zero.

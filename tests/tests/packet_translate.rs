@@ -104,6 +104,27 @@ struct Setup {
     /// Small receive buffers in the client's and the backend's namespaces, so they scale
     /// their windows by less than the proxy's sockets do, and every window field is rescaled.
     small_peer_windows: bool,
+    /// The client asks for ECN (the proxy's sockets accept it, as Linux does by default, but
+    /// do not ask the backend): only the client's connection has ECN, so the program clears
+    /// the ECN field and ECE/CWR of what it translates.
+    ecn_client_only: bool,
+}
+
+/// `TCPI_OPT_ECN` in `tcpi_options`.
+const TCPI_OPT_ECN: u8 = 8;
+
+/// Packets counted by the nftables counter `name` of table `inet marks` in `ns`.
+fn nft_counter(world: &World, ns: Ns, name: &str) -> Result<u64> {
+    let out = world
+        .command(ns, "nft")
+        .args(["-j", "list", "counter", "inet", "marks", name])
+        .output()?;
+    ensure!(out.status.success(), "nft list counter {name} in {ns:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["nftables"]
+        .as_array()
+        .and_then(|a| a.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+        .with_context(|| format!("no packet count for {name} in {v}"))
 }
 
 /// One segment in this many is dropped in a [`Setup::sack_with_losses`] run.
@@ -126,6 +147,33 @@ fn translate(setup: Setup) -> Result<()> {
         for ns in [Ns::Client, Ns::Backend] {
             sysctl(&world, ns, "net.ipv4.tcp_rmem=4096 16384 65536")?;
         }
+    }
+    if setup.ecn_client_only {
+        sysctl(&world, Ns::Client, "net.ipv4.tcp_ecn=1")?;
+        world.nft(
+            Ns::Client,
+            "ecn.nft",
+            "table inet marks {
+               counter ect_sent { }
+               chain out {
+                 type filter hook output priority 0;
+                 meta l4proto tcp ip ecn != not-ect counter name ect_sent
+               }
+             }",
+        )?;
+        world.nft(
+            Ns::Backend,
+            "ecn.nft",
+            "table inet marks {
+               counter ect_arrived { }
+               counter ece_cwr_arrived { }
+               chain arrive {
+                 type filter hook input priority 0;
+                 meta l4proto tcp ip6 ecn != not-ect counter name ect_arrived
+                 tcp flags & (ecn | cwr) != 0 counter name ece_cwr_arrived
+               }
+             }",
+        )?;
     }
     if setup.software_checksums {
         tx_off(&world, Ns::Client, "eth0")?;
@@ -176,7 +224,15 @@ fn translate(setup: Setup) -> Result<()> {
         client_ifindex: ifindex(&world, Ns::Proxy, "eth0")?,
         backend_ifindex: ifindex(&world, Ns::Proxy, "eth1")?,
         flow_label: 0x5_1ced,
+        client_ecn: tcp_info(&l)?.tcpi_options & TCPI_OPT_ECN != 0,
+        backend_ecn: tcp_info(&l2)?.tcpi_options & TCPI_OPT_ECN != 0,
     };
+    ensure!(
+        (handoff.client_ecn, handoff.backend_ecn) == (setup.ecn_client_only, false),
+        "ECN negotiated: client side {}, backend side {}",
+        handoff.client_ecn,
+        handoff.backend_ecn
+    );
     if setup.small_peer_windows {
         let (c, b) = (handoff.client_wscale, handoff.backend_wscale);
         eprintln!("window scales: client side {c:?}, backend side {b:?}");
@@ -261,6 +317,21 @@ fn translate(setup: Setup) -> Result<()> {
                 "the {name} advertised a window of {advertised} bytes, its peer believes                  {believed}"
             );
         }
+    }
+    if setup.ecn_client_only {
+        let sent = nft_counter(&world, Ns::Client, "ect_sent")?;
+        let arrived = nft_counter(&world, Ns::Backend, "ect_arrived")?;
+        let flags = nft_counter(&world, Ns::Backend, "ece_cwr_arrived")?;
+        eprintln!("ECN: {sent} ECT packets sent, {arrived} arrived, {flags} with ECE/CWR");
+        ensure!(
+            sent > 0,
+            "the client sent no ECN-capable packets: nothing was tested"
+        );
+        ensure!(
+            arrived == 0 && flags == 0,
+            "{arrived} packets arrived at the backend with an ECN field, {flags} with ECE or \
+             CWR, on a connection without ECN"
+        );
     }
     // The same client to the same listener from another port is none of the entries'
     // business: it reaches the local stack, and the program translates nothing of it.
@@ -382,6 +453,16 @@ fn a_handed_off_connection_recovers_losses_with_sack() -> Result<()> {
     translate(Setup {
         software_checksums: true,
         sack_with_losses: true,
+        ..Setup::default()
+    })
+}
+
+/// ECN on the client's connection only: the backend's connection never negotiated it, so
+/// nothing the client marks may reach the backend with an ECN field or ECE/CWR.
+#[test]
+fn a_handed_off_connection_clears_ecn_the_backend_did_not_negotiate() -> Result<()> {
+    translate(Setup {
+        ecn_client_only: true,
         ..Setup::default()
     })
 }

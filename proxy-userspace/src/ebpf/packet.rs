@@ -17,8 +17,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_UP, Flow, FlowKey, IsnPair, MAP_PACKET_COUNTERS,
-    MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PacketCounter,
+    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_UP, Flow, FlowKey, IsnPair,
+    MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN,
+    PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -109,6 +110,10 @@ pub struct Handoff {
     pub backend_ifindex: u32,
     /// The IPv6 flow label of the client's translated segments.
     pub flow_label: u32,
+    /// L negotiated classic ECN with X (`TCPI_OPT_ECN` in L's `tcpi_options`).
+    pub client_ecn: bool,
+    /// L' negotiated classic ECN with Y.
+    pub backend_ecn: bool,
 }
 
 /// A socket's two window scales, as `TCP_INFO` reports them.
@@ -135,6 +140,13 @@ impl Handoff {
         let (ip, ic) = (self.client_isns.local_isn, self.client_isns.peer_isn);
         let (jp, jb) = (self.backend_isns.local_isn, self.backend_isns.peer_isn);
         let p = self.preface_len;
+        // ECN on one side only: clear it both ways (towards the side without it is what
+        // matters; the other way carries no ECN marks anyway).
+        let flags = if self.client_ecn == self.backend_ecn {
+            0
+        } else {
+            FLOW_ECN_CLEAR
+        };
         let delta_up = jp.wrapping_add(p).wrapping_sub(ic);
         let delta_down = ip.wrapping_sub(jb);
         let up_key = FlowKey {
@@ -148,6 +160,7 @@ impl Handoff {
         let up = Flow {
             state,
             dir: FLOW_UP,
+            flags,
             out_ifindex: self.backend_ifindex,
             new_saddr: self.back.ip().octets(),
             new_daddr: self.backend.ip().octets(),
@@ -174,6 +187,7 @@ impl Handoff {
         let down = Flow {
             state,
             dir: FLOW_DOWN,
+            flags,
             out_ifindex: self.client_ifindex,
             new_saddr: mapped(*self.front.ip()),
             new_daddr: mapped(*self.client.ip()),
@@ -323,6 +337,8 @@ mod tests {
             client_ifindex: 2,
             backend_ifindex: 3,
             flow_label: 0x12345,
+            client_ecn: true,
+            backend_ecn: false,
         }
     }
 
@@ -357,5 +373,12 @@ mod tests {
         assert_eq!(down_key.dport, 50000u16.to_be());
         assert_eq!(&down.new_daddr[10..], &[0xff, 0xff, 192, 0, 2, 2]);
         assert_eq!((up.out_ifindex, down.out_ifindex), (3, 2));
+        assert_eq!((up.flags, down.flags), (FLOW_ECN_CLEAR, FLOW_ECN_CLEAR));
+        let same = Handoff {
+            backend_ecn: true,
+            ..h
+        };
+        let [(_, up), (_, down)] = same.entries(proxy_common::FLOW_ACTIVE);
+        assert_eq!((up.flags, down.flags), (0, 0));
     }
 }
