@@ -415,8 +415,8 @@ pub enum PacketCounter {
     TtlExpired = 7,
     /// IPv4 fragments of a tuple with an entry, dropped.
     FragDropped = 8,
-    /// IPv4 segments with options on a tuple with an entry, dropped (stripping them is not
-    /// implemented yet).
+    /// IPv4 segments with a source route (or malformed options) on a tuple with an entry,
+    /// dropped.
     IpOptionsDropped = 9,
     /// A helper failed half-way through a translation; the segment was dropped.
     TranslateFailed = 10,
@@ -424,11 +424,13 @@ pub enum PacketCounter {
     RedirectFailed = 11,
     /// SACK blocks translated.
     SackBlocks = 12,
+    /// IPv4 segments whose options were cut out before translation.
+    IpOptionsStripped = 13,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -445,6 +447,7 @@ impl PacketCounter {
         PacketCounter::TranslateFailed,
         PacketCounter::RedirectFailed,
         PacketCounter::SackBlocks,
+        PacketCounter::IpOptionsStripped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -463,6 +466,7 @@ impl PacketCounter {
             PacketCounter::TranslateFailed => "translate_failed",
             PacketCounter::RedirectFailed => "redirect_failed",
             PacketCounter::SackBlocks => "sack_blocks",
+            PacketCounter::IpOptionsStripped => "ip_options_stripped",
         }
     }
 }

@@ -10,7 +10,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
@@ -78,6 +78,13 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const IPV4_MAX_OPTION_BYTES: usize = 40;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+/// `BPF_ADJ_ROOM_NET`: room is made or removed right after the network header.
+const BPF_ADJ_ROOM_NET: u32 = 0;
 // TCP header fields, from the start of the header.
 const TCP_SEQ: usize = 4;
 const TCP_ACK: usize = 8;
@@ -274,18 +281,31 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
     if seg.fragment {
         return Ok(Verdict::Drop(PacketCounter::FragDropped));
     }
-    if v4_in && seg.ip_hlen != IPV4_HLEN {
-        return Ok(Verdict::Drop(PacketCounter::IpOptionsDropped));
-    }
     if seg.ttl <= 1 {
         return Ok(Verdict::Drop(PacketCounter::TtlExpired));
     }
-    let l4 = seg.l4;
-    let csum = l4 + TCP_CSUM;
-    let flags: u8 = ctx.load(l4 + TCP_FLAGS)?;
+    let flags: u8 = ctx.load(seg.l4 + TCP_FLAGS)?;
     if flags & TCP_SYN != 0 {
         return Ok(Verdict::Drop(PacketCounter::SynOnEntry));
     }
+    let mut l4 = seg.l4;
+    if v4_in && seg.ip_hlen != IPV4_HLEN {
+        // IPv4 options are not translated (RFC 7915 drops them too): they are cut out, right
+        // after the 20-byte header, keeping the GSO size. A source route is not ours to drop
+        // silently from the path, so such a segment is dropped whole.
+        if source_routed(ctx, seg.ip_hlen)? {
+            return Ok(Verdict::Drop(PacketCounter::IpOptionsDropped));
+        }
+        let options = (seg.ip_hlen - IPV4_HLEN) as i32;
+        ctx.adjust_room(
+            -options,
+            BPF_ADJ_ROOM_NET,
+            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        )?;
+        count(PacketCounter::IpOptionsStripped, 1);
+        l4 = ETH_HLEN + IPV4_HLEN;
+    }
+    let csum = l4 + TCP_CSUM;
     if f.flags & FLOW_ECN_CLEAR != 0 && flags & (TCP_ECE | TCP_CWR) != 0 {
         // The flags share a 16-bit word with the data offset.
         let word: [u8; 2] = ctx.load(l4 + TCP_FLAGS - 1)?;
@@ -340,11 +360,38 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
     }
 
     if v4_in {
-        to_v6(ctx, seg, f)?;
+        to_v6(ctx, seg, f, l4)?;
     } else {
         to_v4(ctx, seg, f)?;
     }
     Ok(Verdict::Redirect)
+}
+
+/// Whether the IPv4 options (the `ihl` bytes of header less 20) hold a loose or strict source
+/// route.
+#[inline(always)]
+fn source_routed(ctx: &TcContext, ihl: usize) -> Result<bool, i64> {
+    let mut off = IPV4_HLEN;
+    for _ in 0..IPV4_MAX_OPTION_BYTES {
+        if off >= ihl {
+            return Ok(false);
+        }
+        let kind: u8 = ctx.load(ETH_HLEN + off)?;
+        match kind {
+            IPOPT_END => return Ok(false),
+            IPOPT_NOOP => off += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return Ok(true),
+            _ => {
+                let len = usize::from(ctx.load::<u8>(ETH_HLEN + off + 1)?);
+                if len < 2 {
+                    // Malformed: the stack would refuse it, and so do we.
+                    return Ok(true);
+                }
+                off += len;
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Walks the TCP options (at most 40 bytes) and translates SACK blocks into the receiver's
@@ -443,9 +490,11 @@ fn pseudo_header(
     Ok(())
 }
 
-/// Client to backend: the 20-byte IPv4 header becomes a 40-byte IPv6 header.
+/// Client to backend: the 20-byte IPv4 header becomes a 40-byte IPv6 header. `l4` is where
+/// the TCP header is now (after any options were cut out); the IPv4 header's length fields
+/// still count the options.
 #[inline(always)]
-fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
+fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow, l4: usize) -> Result<(), i64> {
     let mut old = [0u32; 2];
     let mut new = [0u32; 8];
     old[0] = u32::from_ne_bytes([
@@ -475,7 +524,7 @@ fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
             f.new_daddr[j + 3],
         ]);
     }
-    pseudo_header(ctx, seg.l4 + TCP_CSUM, &mut old, &mut new)?;
+    pseudo_header(ctx, l4 + TCP_CSUM, &mut old, &mut new)?;
     let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?);
     ctx.change_proto(ETH_P_IPV6.to_be(), 0)?;
     let mut h = [0u8; IPV6_HLEN];
@@ -485,7 +534,7 @@ fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     h[1] = (tos << 4) | (label >> 16) as u8;
     h[2] = (label >> 8) as u8;
     h[3] = label as u8;
-    let payload_len = tot_len.saturating_sub(IPV4_HLEN as u16).to_be_bytes();
+    let payload_len = tot_len.saturating_sub(seg.ip_hlen as u16).to_be_bytes();
     h[4] = payload_len[0];
     h[5] = payload_len[1];
     h[6] = IPPROTO_TCP;

@@ -108,6 +108,9 @@ struct Setup {
     /// do not ask the backend): only the client's connection has ECN, so the program clears
     /// the ECN field and ECE/CWR of what it translates.
     ecn_client_only: bool,
+    /// The client adds IPv4 options (four bytes: three NOPs and an end) to every segment
+    /// after the handoff; the program cuts them out before translating.
+    client_ip_options: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -249,6 +252,24 @@ fn translate(setup: Setup) -> Result<()> {
     set_int(l.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     set_int(l2.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     tables.insert(&handoff, FLOW_ACTIVE)?;
+    if setup.client_ip_options {
+        let options = [1u8, 1, 1, 0];
+        // SAFETY: the option reads `options.len()` bytes from a live buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                x.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "IP_OPTIONS on the client: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     if setup.sack_with_losses {
         // Dropped as they arrive at the peers, after the translation: the sender's TCP sees
         // a loss (a drop in its own output hook only delays the send, it is not a loss).
@@ -372,6 +393,12 @@ fn translate(setup: Setup) -> Result<()> {
     for name in ["translate_failed", "redirect_failed", "ttl_expired"] {
         ensure!(counter(name) == 0, "{name} is {}", counter(name));
     }
+    if setup.client_ip_options {
+        ensure!(
+            counter("ip_options_stripped") > 0 && counter("ip_options_dropped") == 0,
+            "the client's IPv4 options were not cut out: {counters:?}"
+        );
+    }
     for ns in [Ns::Client, Ns::Backend] {
         let errors = tcp_stat(&world, ns, "InCsumErrors")?;
         ensure!(errors == 0, "{errors} TCP checksum errors in {ns:?}");
@@ -463,6 +490,17 @@ fn a_handed_off_connection_recovers_losses_with_sack() -> Result<()> {
 fn a_handed_off_connection_clears_ecn_the_backend_did_not_negotiate() -> Result<()> {
     translate(Setup {
         ecn_client_only: true,
+        ..Setup::default()
+    })
+}
+
+/// The client's segments carry IPv4 options after the handoff; they are cut out (IPv6 has no
+/// place for them), and the bytes still arrive exactly, in software-checksummed segments.
+#[test]
+fn a_handed_off_connection_strips_client_ip_options() -> Result<()> {
+    translate(Setup {
+        client_ip_options: true,
+        software_checksums: true,
         ..Setup::default()
     })
 }
