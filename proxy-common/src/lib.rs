@@ -426,11 +426,14 @@ pub enum PacketCounter {
     SackBlocks = 12,
     /// IPv4 segments whose options were cut out before translation.
     IpOptionsStripped = 13,
+    /// Window fields capped at 65535 because the receiver's scale is smaller than the
+    /// sender's and the offered window does not fit.
+    WindowSaturated = 14,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -448,6 +451,7 @@ impl PacketCounter {
         PacketCounter::RedirectFailed,
         PacketCounter::SackBlocks,
         PacketCounter::IpOptionsStripped,
+        PacketCounter::WindowSaturated,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -467,6 +471,7 @@ impl PacketCounter {
             PacketCounter::RedirectFailed => "redirect_failed",
             PacketCounter::SackBlocks => "sack_blocks",
             PacketCounter::IpOptionsStripped => "ip_options_stripped",
+            PacketCounter::WindowSaturated => "window_saturated",
         }
     }
 }
@@ -475,12 +480,22 @@ impl PacketCounter {
 /// receiver scales the field it gets by `ws_out`: never more than the sender offered, at
 /// most 65535.
 pub const fn rescale_window(win: u16, ws_in: u8, ws_out: u8) -> u16 {
+    let field = scaled_field(win, ws_in, ws_out);
+    if field > 0xffff { 0xffff } else { field as u16 }
+}
+
+/// Whether [`rescale_window`] had to cap the window: the sender offered more than the
+/// receiver's scale can express (counted as `window_saturated`; it caps the sender's peer's
+/// rate at `65535 << ws_out` bytes per round trip).
+pub const fn window_saturates(win: u16, ws_in: u8, ws_out: u8) -> bool {
+    scaled_field(win, ws_in, ws_out) > 0xffff
+}
+
+const fn scaled_field(win: u16, ws_in: u8, ws_out: u8) -> u64 {
     // Scales are at most 14; anything larger is treated as 14, as TCP does.
     let ws_in = if ws_in > 14 { 14 } else { ws_in };
     let ws_out = if ws_out > 14 { 14 } else { ws_out };
-    let bytes = (win as u64) << ws_in;
-    let field = bytes >> ws_out;
-    if field > 0xffff { 0xffff } else { field as u16 }
+    ((win as u64) << ws_in) >> ws_out
 }
 
 /// The value to give a checksum helper for a 4-byte field `raw` (as it lies in memory, read
@@ -563,6 +578,9 @@ mod tests {
         assert_eq!(rescale_window(0xffff, 7, 0), 0xffff);
         assert_eq!(rescale_window(0xffff, 14, 14), 0xffff);
         assert_eq!(rescale_window(1, 200, 0), 1 << 14);
+        assert!(window_saturates(0x8000, 7, 6));
+        assert!(!window_saturates(0x7fff, 7, 6));
+        assert!(!window_saturates(0xffff, 7, 7));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use aya_ebpf::{
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_ECN_CLEAR, FLOW_UP, Flow, FlowKey, IsnPair,
     PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
+    window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -350,6 +351,9 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
 
     let win_raw: u16 = ctx.load(l4 + TCP_WINDOW)?;
     let win = rescale_window(u16::from_be(win_raw), f.ws_in, f.ws_out).to_be();
+    if window_saturates(u16::from_be(win_raw), f.ws_in, f.ws_out) {
+        count(PacketCounter::WindowSaturated, 1);
+    }
     if win != win_raw {
         ctx.l4_csum_replace(csum, u64::from(win_raw), u64::from(win), 2)?;
         ctx.store(l4 + TCP_WINDOW, &win, 0)?;

@@ -104,6 +104,9 @@ struct Setup {
     /// Small receive buffers in the client's and the backend's namespaces, so they scale
     /// their windows by less than the proxy's sockets do, and every window field is rescaled.
     small_peer_windows: bool,
+    /// Small receive buffers in the proxy's namespace instead: the proxy's sockets scale by
+    /// less than the peers, so large windows saturate at 65535 units of the smaller scale.
+    small_proxy_windows: bool,
     /// The client asks for ECN (the proxy's sockets accept it, as Linux does by default, but
     /// do not ask the backend): only the client's connection has ECN, so the program clears
     /// the ECN field and ECE/CWR of what it translates.
@@ -150,6 +153,9 @@ fn translate(setup: Setup) -> Result<()> {
         for ns in [Ns::Client, Ns::Backend] {
             sysctl(&world, ns, "net.ipv4.tcp_rmem=4096 16384 65536")?;
         }
+    }
+    if setup.small_proxy_windows {
+        sysctl(&world, Ns::Proxy, "net.ipv4.tcp_rmem=4096 16384 65536")?;
     }
     if setup.ecn_client_only {
         sysctl(&world, Ns::Client, "net.ipv4.tcp_ecn=1")?;
@@ -393,6 +399,22 @@ fn translate(setup: Setup) -> Result<()> {
     for name in ["translate_failed", "redirect_failed", "ttl_expired"] {
         ensure!(counter(name) == 0, "{name} is {}", counter(name));
     }
+    if setup.small_proxy_windows {
+        let (c, b) = (handoff.client_wscale, handoff.backend_wscale);
+        eprintln!("window scales: client side {c:?}, backend side {b:?}");
+        ensure!(
+            c.snd > b.rcv && b.snd > c.rcv,
+            "the peers' scales ({}, {}) are not above the proxy's ({}, {})",
+            c.snd,
+            b.snd,
+            b.rcv,
+            c.rcv
+        );
+        ensure!(
+            counter("window_saturated") > 0,
+            "no window was capped: {counters:?}"
+        );
+    }
     if setup.client_ip_options {
         ensure!(
             counter("ip_options_stripped") > 0 && counter("ip_options_dropped") == 0,
@@ -490,6 +512,16 @@ fn a_handed_off_connection_recovers_losses_with_sack() -> Result<()> {
 fn a_handed_off_connection_clears_ecn_the_backend_did_not_negotiate() -> Result<()> {
     translate(Setup {
         ecn_client_only: true,
+        ..Setup::default()
+    })
+}
+
+/// The proxy's sockets scale their windows by less than the peers, so the peers' large
+/// windows are capped at what the smaller scale can say (counted); the transfer completes.
+#[test]
+fn a_handed_off_connection_caps_windows_the_other_side_cannot_express() -> Result<()> {
+    translate(Setup {
+        small_proxy_windows: true,
         ..Setup::default()
     })
 }
