@@ -429,11 +429,14 @@ pub enum PacketCounter {
     /// Window fields capped at 65535 because the receiver's scale is smaller than the
     /// sender's and the offered window does not fit.
     WindowSaturated = 14,
+    /// IPv6 segments with extension headers on a tuple with an entry, dropped (not
+    /// translated, and the local socket must not see them either).
+    Ipv6ExtDropped = 15,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -452,6 +455,7 @@ impl PacketCounter {
         PacketCounter::SackBlocks,
         PacketCounter::IpOptionsStripped,
         PacketCounter::WindowSaturated,
+        PacketCounter::Ipv6ExtDropped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -472,6 +476,7 @@ impl PacketCounter {
             PacketCounter::SackBlocks => "sack_blocks",
             PacketCounter::IpOptionsStripped => "ip_options_stripped",
             PacketCounter::WindowSaturated => "window_saturated",
+            PacketCounter::Ipv6ExtDropped => "ipv6_ext_dropped",
         }
     }
 }

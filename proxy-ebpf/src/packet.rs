@@ -80,6 +80,8 @@ const IPPROTO_TCP: u8 = 6;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const IPV4_MAX_OPTION_BYTES: usize = 40;
+/// IPv6 extension headers followed before giving up (as the XDP filter).
+const MAX_EXT_HEADERS: usize = 6;
 const IPOPT_END: u8 = 0;
 const IPOPT_NOOP: u8 = 1;
 const IPOPT_LSRR: u8 = 0x83;
@@ -132,18 +134,20 @@ struct Segment {
     ttl: u8,
     /// TOS or traffic class.
     tos: u8,
-    /// IPv4 header length in bytes (20 without options); 40 for IPv6.
+    /// IP header length in bytes: 20 for IPv4 without options, 40 for IPv6.
     ip_hlen: usize,
     /// IPv4 fragment bits (MF or an offset) set.
     fragment: bool,
+    /// IPv6 with extension headers before TCP: only `key` is meaningful.
+    ipv6_ext: bool,
 }
 
 /// `spliced_packet_in`: translates the segments of handed-off connections into segments of
 /// the other connection and sends them out of the interface their entry names.
 ///
 /// Everything that matches no entry, and everything the parser cannot read to the TCP ports
-/// (ARP, neighbour discovery, non-TCP, truncated headers, IPv6 with extension headers, VLAN
-/// tags), leaves unchanged with `TC_ACT_OK`: one hash lookup per TCP segment is the cost to
+/// (ARP, neighbour discovery, non-TCP, truncated headers, more than 6 IPv6 extension headers,
+/// VLAN tags), leaves unchanged with `TC_ACT_OK`: one hash lookup per TCP segment is the cost to
 /// other traffic. Only `ACTIVE` entries translate; the handoff's `DRAIN` state is not
 /// implemented yet and passes everything to the local stack.
 #[classifier]
@@ -160,6 +164,12 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     if f.state != FLOW_ACTIVE {
         count(PacketCounter::PassedLocal, 1);
         return TC_ACT_OK;
+    }
+    if seg.ipv6_ext {
+        // Extension headers on a translated tuple: not translated (rare from a backend), and
+        // the segment must not reach the silent local socket either.
+        count(PacketCounter::Ipv6ExtDropped, 1);
+        return TC_ACT_SHOT;
     }
     match translate(&ctx, &seg, &f) {
         Ok(Verdict::Redirect) => {
@@ -245,7 +255,7 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
         (l4, payload, ttl, tos, ihl, frag != 0)
     } else if proto == ETH_P_IPV6 {
         let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
-        if head[0] >> 4 != 6 || head[6] != IPPROTO_TCP {
+        if head[0] >> 4 != 6 {
             return None;
         }
         let tos = (head[0] << 4) | (head[1] >> 4);
@@ -253,6 +263,25 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
         key.saddr = ctx.load(ETH_HLEN + 8).ok()?;
         key.daddr = ctx.load(ETH_HLEN + 24).ok()?;
         key.family = FAMILY_V6;
+        if head[6] != IPPROTO_TCP {
+            // Extension headers: only the tuple is read, so a matched segment can be dropped;
+            // nothing else of it is used (and the verifier explores the translation only
+            // with the fixed offset below).
+            let l4 = ipv6_tcp_offset(ctx, head[6])?;
+            let ports: [u16; 2] = ctx.load(l4).ok()?;
+            key.sport = ports[0];
+            key.dport = ports[1];
+            return Some(Segment {
+                key,
+                l4: ETH_HLEN + IPV6_HLEN,
+                payload: 0,
+                ttl: head[7],
+                tos,
+                ip_hlen: IPV6_HLEN,
+                fragment: false,
+                ipv6_ext: true,
+            });
+        }
         let l4 = ETH_HLEN + IPV6_HLEN;
         let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
         let payload = payload_len.saturating_sub(doff);
@@ -271,7 +300,44 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
         tos,
         ip_hlen,
         fragment,
+        ipv6_ext: false,
     })
+}
+
+/// Where the TCP header starts in an IPv6 packet whose first next-header is `next`, following
+/// up to [`MAX_EXT_HEADERS`] extension headers as the XDP filter does; `None` for anything
+/// else, non-first fragments included.
+#[inline(always)]
+fn ipv6_tcp_offset(ctx: &TcContext, mut next: u8) -> Option<usize> {
+    let mut at = ETH_HLEN + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => return Some(at),
+            // Hop-by-hop, routing, destination options: length in 8-octet units after the first.
+            0 | 43 | 60 => {
+                let e: [u8; 2] = ctx.load(at).ok()?;
+                next = e[0];
+                at += (usize::from(e[1]) + 1) * 8;
+            }
+            // Fragment: only the first fragment has the TCP header.
+            44 => {
+                let e: [u8; 4] = ctx.load(at).ok()?;
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    return None;
+                }
+                next = e[0];
+                at += 8;
+            }
+            // Authentication header: length in 4-octet units minus 2.
+            51 => {
+                let e: [u8; 2] = ctx.load(at).ok()?;
+                next = e[0];
+                at += (usize::from(e[1]) + 2) * 4;
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Rewrites the segment in place into one of the other connection (ports, sequence and

@@ -114,6 +114,10 @@ struct Setup {
     /// The client adds IPv4 options (four bytes: three NOPs and an end) to every segment
     /// after the handoff; the program cuts them out before translating.
     client_ip_options: bool,
+    /// The backend adds a destination-options extension header to every segment after the
+    /// handoff; the program drops them (not translated), so nothing of the backend's arrives
+    /// and the silent local socket sees nothing either. Only this is checked in such a run.
+    backend_ext_headers: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -295,6 +299,9 @@ fn translate(setup: Setup) -> Result<()> {
         }
     }
 
+    if setup.backend_ext_headers {
+        return backend_ext_headers_are_dropped(&tables, (&x, &l2, &y));
+    }
     let up = pattern(0x55, BYTES);
     let down = pattern(0xaa, BYTES);
     let (got_up, got_down) = std::thread::scope(|s| -> Result<(Vec<u8>, Vec<u8>)> {
@@ -475,6 +482,57 @@ fn translate(setup: Setup) -> Result<()> {
     Ok(())
 }
 
+/// The backend's segments carry an IPv6 destination-options header from now on: the program
+/// must drop them (counted), so the client gets nothing and L' receives nothing.
+fn backend_ext_headers_are_dropped(
+    tables: &PacketTables,
+    (x, l2, y): (&TcpStream, &TcpStream, &TcpStream),
+) -> Result<()> {
+    // Next header (filled in by the kernel), length 0 (8 bytes), one PadN option of 4 bytes.
+    let dstopts = [0u8, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: the option reads `dstopts.len()` bytes from a live buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            y.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            dstopts.as_ptr().cast(),
+            dstopts.len() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "IPV6_DSTOPTS on the backend: {}",
+        std::io::Error::last_os_error()
+    );
+    // Small writes: with the 8 extra bytes a full-sized segment (the MSS clamp leaves room
+    // for exactly the translation's 20) would no longer fit the backend's own MTU.
+    let mut y_w = y;
+    for _ in 0..4 {
+        y_w.write_all(&pattern(0x33, 500))?;
+    }
+    x.set_read_timeout(Some(std::time::Duration::from_millis(1500)))?;
+    let mut buf = [0u8; 1];
+    match (&*x).read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => bail!("the client read {other:?}: a segment with extension headers crossed"),
+    }
+    let counters = tables.counters();
+    let dropped = counters
+        .iter()
+        .find(|(n, _)| *n == "ipv6_ext_dropped")
+        .map_or(0, |(_, v)| *v);
+    eprintln!("counters: {counters:?}");
+    ensure!(dropped > 0, "no segment counted as dropped: {counters:?}");
+    let received = tcp_info(l2)?.tcpi_bytes_received;
+    ensure!(received == 0, "L' received {received} bytes");
+    Ok(())
+}
+
 /// Both directions at once through the translation, on veths that checksum and segment in
 /// hardware (`CHECKSUM_PARTIAL` all the way).
 #[test]
@@ -522,6 +580,17 @@ fn a_handed_off_connection_clears_ecn_the_backend_did_not_negotiate() -> Result<
 fn a_handed_off_connection_caps_windows_the_other_side_cannot_express() -> Result<()> {
     translate(Setup {
         small_proxy_windows: true,
+        ..Setup::default()
+    })
+}
+
+/// Segments from the backend with IPv6 extension headers on a handed-off tuple are dropped
+/// and counted, not passed to the silent local socket (design 2.1; a backend that always
+/// sends them would stall, which is documented).
+#[test]
+fn a_handed_off_connection_drops_backend_extension_headers() -> Result<()> {
+    translate(Setup {
+        backend_ext_headers: true,
         ..Setup::default()
     })
 }
