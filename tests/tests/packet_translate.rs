@@ -118,6 +118,10 @@ struct Setup {
     /// handoff; the program drops them (not translated), so nothing of the backend's arrives
     /// and the silent local socket sees nothing either. Only this is checked in such a run.
     backend_ext_headers: bool,
+    /// Timestamps off on the client's side only (a Windows client): the backend's connection
+    /// has them, the client's does not. Nothing is stripped yet: this measures what the two
+    /// Linux peers do with what they get (design 4.3).
+    client_without_timestamps: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -148,7 +152,9 @@ fn translate(setup: Setup) -> Result<()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let world = World::new()?;
     for ns in [Ns::Client, Ns::Proxy, Ns::Backend] {
-        sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
+        if !setup.client_without_timestamps || ns == Ns::Client {
+            sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
+        }
         if !setup.sack_with_losses {
             sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
         }
@@ -240,6 +246,15 @@ fn translate(setup: Setup) -> Result<()> {
         client_ecn: tcp_info(&l)?.tcpi_options & TCPI_OPT_ECN != 0,
         backend_ecn: tcp_info(&l2)?.tcpi_options & TCPI_OPT_ECN != 0,
     };
+    const TCPI_OPT_TIMESTAMPS: u8 = 1;
+    let timestamps = (
+        tcp_info(&l)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        tcp_info(&l2)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+    );
+    ensure!(
+        timestamps == (false, setup.client_without_timestamps),
+        "timestamps negotiated (client side, backend side): {timestamps:?}"
+    );
     ensure!(
         (handoff.client_ecn, handoff.backend_ecn) == (setup.ecn_client_only, false),
         "ECN negotiated: client side {}, backend side {}",
@@ -591,6 +606,18 @@ fn a_handed_off_connection_caps_windows_the_other_side_cannot_express() -> Resul
 fn a_handed_off_connection_drops_backend_extension_headers() -> Result<()> {
     translate(Setup {
         backend_ext_headers: true,
+        ..Setup::default()
+    })
+}
+
+/// Timestamps on the backend's connection only: the backend (Linux) must take the client's
+/// segments without the option it negotiated, and the client (Linux) ignores the backend's
+/// option it did not negotiate. Both directions arrive exactly (design 4.3, "strip" row:
+/// the stripping itself is not implemented; this shows Linux peers need none).
+#[test]
+fn a_handed_off_connection_carries_timestamps_only_one_side_negotiated() -> Result<()> {
+    translate(Setup {
+        client_without_timestamps: true,
         ..Setup::default()
     })
 }
