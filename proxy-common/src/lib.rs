@@ -331,6 +331,9 @@ pub const FLOW_ACTIVE: u8 = 1;
 /// header and the ECE and CWR flags are cleared, so routers drop instead of marking packets
 /// whose receiver would ignore the mark.
 pub const FLOW_ECN_CLEAR: u16 = 1 << 3;
+/// [`Flow::flags`]: the sender negotiated timestamps but the receiver did not; the option
+/// becomes NOPs (design 4.3: only the backend's connection has them).
+pub const FLOW_TS_STRIP: u16 = 1 << 1;
 /// [`Flow::dir`]: the entry translates the client's segments towards the backend.
 pub const FLOW_UP: u8 = 0;
 /// [`Flow::dir`]: the entry translates the backend's segments towards the client.
@@ -346,8 +349,8 @@ pub struct Flow {
     pub state: u8,
     /// [`FLOW_UP`] (IPv4 in, IPv6 out) or [`FLOW_DOWN`] (IPv6 in, IPv4 out).
     pub dir: u8,
-    /// How options and marks are handled: [`FLOW_ECN_CLEAR`] (timestamps and SACK stripping
-    /// are not implemented yet).
+    /// How options and marks are handled: [`FLOW_ECN_CLEAR`], [`FLOW_TS_STRIP`] (timestamp
+    /// translation and SACK stripping are not implemented yet).
     pub flags: u16,
     /// The interface the translated segment leaves by (`bpf_redirect_neigh`).
     pub out_ifindex: u32,
@@ -432,11 +435,13 @@ pub enum PacketCounter {
     /// IPv6 segments with extension headers on a tuple with an entry, dropped (not
     /// translated, and the local socket must not see them either).
     Ipv6ExtDropped = 15,
+    /// Timestamp options turned into NOPs (towards a side that did not negotiate them).
+    TimestampsStripped = 16,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -456,6 +461,7 @@ impl PacketCounter {
         PacketCounter::IpOptionsStripped,
         PacketCounter::WindowSaturated,
         PacketCounter::Ipv6ExtDropped,
+        PacketCounter::TimestampsStripped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -477,6 +483,7 @@ impl PacketCounter {
             PacketCounter::IpOptionsStripped => "ip_options_stripped",
             PacketCounter::WindowSaturated => "window_saturated",
             PacketCounter::Ipv6ExtDropped => "ipv6_ext_dropped",
+            PacketCounter::TimestampsStripped => "timestamps_stripped",
         }
     }
 }

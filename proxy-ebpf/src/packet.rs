@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::{SockOpsContext, TcContext},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_ECN_CLEAR, FLOW_UP, Flow, FlowKey, IsnPair,
-    PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
+    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_ECN_CLEAR, FLOW_TS_STRIP, FLOW_UP, Flow, FlowKey,
+    IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
     window_saturates,
 };
 
@@ -100,6 +100,9 @@ const TCP_MAX_SACK_BLOCKS: usize = 4;
 const TCPOPT_EOL: u8 = 0;
 const TCPOPT_NOP: u8 = 1;
 const TCPOPT_SACK: u8 = 5;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOLEN_TIMESTAMP: u8 = 10;
+const TCPOLEN_TIMESTAMP_ALIGNED: usize = 12;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -470,9 +473,13 @@ fn source_routed(ctx: &TcContext, ihl: usize) -> Result<bool, i64> {
 /// timestamps are not translated yet (the engine is not offered when they are on).
 #[inline(always)]
 fn translate_options(ctx: &TcContext, l4: usize, f: &Flow) -> Result<(), i64> {
-    let Some((off, blocks)) = find_sack(ctx, l4)? else {
+    if f.flags & FLOW_TS_STRIP != 0 {
+        strip_timestamp(ctx, l4)?;
+    }
+    let Some((off, len)) = find_sack(ctx, l4)? else {
         return Ok(());
     };
+    let blocks = (len - 2) / 8;
     // Blocks and edges unrolled, apart from the walk: nested loops make the verifier explore
     // every combination of paths.
     for b in 0..TCP_MAX_SACK_BLOCKS {
@@ -487,8 +494,8 @@ fn translate_options(ctx: &TcContext, l4: usize, f: &Flow) -> Result<(), i64> {
     Ok(())
 }
 
-/// Where the SACK option starts in the TCP header and how many blocks it holds, if there is
-/// one; the walk stops at the end of the options, at EOL, or at a malformed length.
+/// Where the SACK option starts in the TCP header and its length, if there is one; the walk
+/// stops at the end of the options, at EOL, or at a malformed length.
 #[inline(always)]
 fn find_sack(ctx: &TcContext, l4: usize) -> Result<Option<(usize, usize)>, i64> {
     let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
@@ -507,13 +514,38 @@ fn find_sack(ctx: &TcContext, l4: usize) -> Result<Option<(usize, usize)>, i64> 
                     return Ok(None);
                 }
                 if kind == TCPOPT_SACK {
-                    return Ok(Some((off, (len - 2) / 8)));
+                    return Ok(Some((off, len)));
                 }
                 off += len;
             }
         }
     }
     Ok(None)
+}
+
+/// Turns the timestamp option into NOPs when it opens the options in the layout RFC 7323
+/// (appendix A) recommends and Linux, the BSDs and Windows send: NOP, NOP, then the option,
+/// so the 12 bytes are three aligned words. Only that fixed place is looked at (a walk and a
+/// per-byte rewrite made the verifier give up); a timestamp option anywhere else is left.
+#[inline(always)]
+fn strip_timestamp(ctx: &TcContext, l4: usize) -> Result<(), i64> {
+    let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
+    if doff < TCP_HLEN + TCPOLEN_TIMESTAMP_ALIGNED {
+        return Ok(());
+    }
+    let head: [u8; 4] = ctx.load(l4 + TCP_HLEN)?;
+    if head != [TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP] {
+        return Ok(());
+    }
+    let nops = u32::from_ne_bytes([TCPOPT_NOP; 4]);
+    for w in 0..3 {
+        let at = l4 + TCP_HLEN + 4 * w;
+        let raw: u32 = ctx.load(at)?;
+        ctx.l4_csum_replace(l4 + TCP_CSUM, u64::from(raw), u64::from(nops), 4)?;
+        ctx.store(at, &nops, 0)?;
+    }
+    count(PacketCounter::TimestampsStripped, 1);
+    Ok(())
 }
 
 /// Moves one SACK edge at `at` (from the TCP header's start) back by `delta`.

@@ -119,13 +119,15 @@ struct Setup {
     /// and the silent local socket sees nothing either. Only this is checked in such a run.
     backend_ext_headers: bool,
     /// Timestamps off on the client's side only (a Windows client): the backend's connection
-    /// has them, the client's does not. Nothing is stripped yet: this measures what the two
-    /// Linux peers do with what they get (design 4.3).
+    /// has them, the client's does not, so the backend's option is turned into NOPs towards
+    /// the client and the backend gets the client's segments without one (design 4.3).
     client_without_timestamps: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
 const TCPI_OPT_ECN: u8 = 8;
+/// `TCPI_OPT_TIMESTAMPS` in `tcpi_options`.
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
 
 /// Packets counted by the nftables counter `name` of table `inet marks` in `ns`.
 fn nft_counter(world: &World, ns: Ns, name: &str) -> Result<u64> {
@@ -166,6 +168,19 @@ fn translate(setup: Setup) -> Result<()> {
     }
     if setup.small_proxy_windows {
         sysctl(&world, Ns::Proxy, "net.ipv4.tcp_rmem=4096 16384 65536")?;
+    }
+    if setup.client_without_timestamps {
+        world.nft(
+            Ns::Client,
+            "ts.nft",
+            "table inet marks {
+               counter ts_arrived { }
+               chain arrive {
+                 type filter hook input priority 0;
+                 tcp option timestamp exists counter name ts_arrived
+               }
+             }",
+        )?;
     }
     if setup.ecn_client_only {
         sysctl(&world, Ns::Client, "net.ipv4.tcp_ecn=1")?;
@@ -245,15 +260,20 @@ fn translate(setup: Setup) -> Result<()> {
         flow_label: 0x5_1ced,
         client_ecn: tcp_info(&l)?.tcpi_options & TCPI_OPT_ECN != 0,
         backend_ecn: tcp_info(&l2)?.tcpi_options & TCPI_OPT_ECN != 0,
+        client_timestamps: tcp_info(&l)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        backend_timestamps: tcp_info(&l2)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
     };
-    const TCPI_OPT_TIMESTAMPS: u8 = 1;
-    let timestamps = (
-        tcp_info(&l)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
-        tcp_info(&l2)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+    ensure!(
+        (handoff.client_timestamps, handoff.backend_timestamps)
+            == (false, setup.client_without_timestamps),
+        "timestamps negotiated: client side {}, backend side {}",
+        handoff.client_timestamps,
+        handoff.backend_timestamps
     );
     ensure!(
-        timestamps == (false, setup.client_without_timestamps),
-        "timestamps negotiated (client side, backend side): {timestamps:?}"
+        handoff.unsupported().is_none(),
+        "the handoff is refused: {:?}",
+        handoff.unsupported()
     );
     ensure!(
         (handoff.client_ecn, handoff.backend_ecn) == (setup.ecn_client_only, false),
@@ -437,6 +457,13 @@ fn translate(setup: Setup) -> Result<()> {
             "no window was capped: {counters:?}"
         );
     }
+    if setup.client_without_timestamps {
+        let arrived = nft_counter(&world, Ns::Client, "ts_arrived")?;
+        ensure!(
+            arrived == 0 && counter("timestamps_stripped") > 0,
+            "{arrived} segments reached the client with a timestamp option: {counters:?}"
+        );
+    }
     if setup.client_ip_options {
         ensure!(
             counter("ip_options_stripped") > 0 && counter("ip_options_dropped") == 0,
@@ -611,9 +638,9 @@ fn a_handed_off_connection_drops_backend_extension_headers() -> Result<()> {
 }
 
 /// Timestamps on the backend's connection only: the backend (Linux) must take the client's
-/// segments without the option it negotiated, and the client (Linux) ignores the backend's
-/// option it did not negotiate. Both directions arrive exactly (design 4.3, "strip" row:
-/// the stripping itself is not implemented; this shows Linux peers need none).
+/// segments without the option it negotiated, and the backend's option is turned into NOPs
+/// before it reaches the client, which never negotiated it (design 4.3, "strip" row). Both
+/// directions arrive exactly.
 #[test]
 fn a_handed_off_connection_carries_timestamps_only_one_side_negotiated() -> Result<()> {
     translate(Setup {

@@ -17,9 +17,9 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_UP, Flow, FlowKey, IsnPair,
-    MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN,
-    PacketCounter,
+    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_TS_STRIP, FLOW_UP, Flow, FlowKey,
+    IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN,
+    PROG_PACKET_ISN, PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -114,6 +114,10 @@ pub struct Handoff {
     pub client_ecn: bool,
     /// L' negotiated classic ECN with Y.
     pub backend_ecn: bool,
+    /// L negotiated timestamps with X (`TCPI_OPT_TIMESTAMPS`).
+    pub client_timestamps: bool,
+    /// L' negotiated timestamps with Y.
+    pub backend_timestamps: bool,
 }
 
 /// A socket's two window scales, as `TCP_INFO` reports them.
@@ -130,6 +134,17 @@ fn mapped(ip: std::net::Ipv4Addr) -> [u8; 16] {
 }
 
 impl Handoff {
+    /// Why this connection cannot be handed to the translation as it stands, as a reason of
+    /// the design's section 9, or `None`.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match (self.client_timestamps, self.backend_timestamps) {
+            (true, false) => Some("ts_client_only"),
+            // Translating both fields is not implemented yet.
+            (true, true) => Some("ts_not_translated"),
+            _ => None,
+        }
+    }
+
     /// The key and entry for the client's segments (`E_up`) and for the backend's (`E_down`),
     /// both in state `state`.
     ///
@@ -146,6 +161,12 @@ impl Handoff {
             0
         } else {
             FLOW_ECN_CLEAR
+        };
+        // Timestamps on the backend's connection only: Y's option becomes NOPs towards X.
+        let down_ts = if self.backend_timestamps && !self.client_timestamps {
+            FLOW_TS_STRIP
+        } else {
+            0
         };
         let delta_up = jp.wrapping_add(p).wrapping_sub(ic);
         let delta_down = ip.wrapping_sub(jb);
@@ -187,7 +208,7 @@ impl Handoff {
         let down = Flow {
             state,
             dir: FLOW_DOWN,
-            flags,
+            flags: flags | down_ts,
             out_ifindex: self.client_ifindex,
             new_saddr: mapped(*self.front.ip()),
             new_daddr: mapped(*self.client.ip()),
@@ -339,6 +360,8 @@ mod tests {
             flow_label: 0x12345,
             client_ecn: true,
             backend_ecn: false,
+            client_timestamps: false,
+            backend_timestamps: true,
         }
     }
 
@@ -373,9 +396,20 @@ mod tests {
         assert_eq!(down_key.dport, 50000u16.to_be());
         assert_eq!(&down.new_daddr[10..], &[0xff, 0xff, 192, 0, 2, 2]);
         assert_eq!((up.out_ifindex, down.out_ifindex), (3, 2));
-        assert_eq!((up.flags, down.flags), (FLOW_ECN_CLEAR, FLOW_ECN_CLEAR));
+        assert_eq!(
+            (up.flags, down.flags),
+            (FLOW_ECN_CLEAR, FLOW_ECN_CLEAR | FLOW_TS_STRIP)
+        );
+        assert_eq!(h.unsupported(), None);
+        let client_only = Handoff {
+            client_timestamps: true,
+            backend_timestamps: false,
+            ..h
+        };
+        assert_eq!(client_only.unsupported(), Some("ts_client_only"));
         let same = Handoff {
             backend_ecn: true,
+            backend_timestamps: false,
             ..h
         };
         let [(_, up), (_, down)] = same.entries(proxy_common::FLOW_ACTIVE);
