@@ -378,13 +378,26 @@ fn translate(setup: Setup) -> Result<()> {
             ("client", &x, &y, 1u32 << handoff.backend_wscale.rcv),
             ("backend", &y, &x, 1u32 << handoff.client_wscale.rcv),
         ] {
-            let advertised = tcp_info(receiver)?.tcpi_rcv_wnd;
-            let believed = tcp_info(sender)?.tcpi_snd_wnd;
-            eprintln!("{name} advertised {advertised}, its peer believes {believed}");
-            ensure!(
-                believed <= advertised && advertised - believed < unit,
-                "the {name} advertised a window of {advertised} bytes, its peer believes                  {believed}"
+            // The last window update may still be on its way: give it a moment.
+            let mut last = (0, 0);
+            let agree = spliced_tests::wait_for(
+                "the windows to agree",
+                std::time::Duration::from_secs(2),
+                || {
+                    let advertised = tcp_info(receiver)?.tcpi_rcv_wnd;
+                    let believed = tcp_info(sender)?.tcpi_snd_wnd;
+                    last = (advertised, believed);
+                    Ok(believed <= advertised && advertised - believed < unit)
+                },
             );
+            let (advertised, believed) = last;
+            eprintln!("{name} advertised {advertised}, its peer believes {believed}");
+            agree.with_context(|| {
+                format!(
+                    "the {name} advertised a window of {advertised} bytes, its peer believes \
+                     {believed}"
+                )
+            })?;
         }
     }
     if setup.ecn_client_only {
