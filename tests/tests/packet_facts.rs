@@ -379,3 +379,73 @@ fn frag_needed_lowers_the_mss_of_a_live_connection() -> Result<()> {
     );
     Ok(())
 }
+
+/// Fact 5, the stack's own resets: an RST that IPv4 sends for a segment with no socket
+/// leaves with `skb->sk` set (the per-CPU control socket), one that IPv6 sends leaves without
+/// a socket. The egress guard of the packet engine must therefore look at RSTs without a
+/// socket too. Seen with bpftrace on `net:net_dev_queue` (in `__dev_queue_xmit`, after the
+/// egress hook, same skb), filtered to this test's namespaces.
+#[test]
+fn stack_resets_carry_a_socket_on_ipv4_only() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let world = World::new()?;
+    let inum = |ns: Ns| -> Result<u64> {
+        let path = std::path::Path::new("/var/run/netns").join(world.name(ns));
+        Ok(std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .ino())
+    };
+    let (proxy, backend) = (inum(Ns::Proxy)?, inum(Ns::Backend)?);
+    let script = format!(
+        "tracepoint:net:net_dev_queue {{
+           $s = (struct sk_buff *)args->skbaddr;
+           $ns = $s->dev->nd_net.net->ns.inum;
+           if ($ns == {proxy} || $ns == {backend}) {{
+             $nh = $s->head + $s->network_header;
+             $th = (struct tcphdr *)($s->head + $s->transport_header);
+             if ($s->protocol == 0x0008 && *(uint8 *)($nh + 9) == 6 && $th->rst) {{
+               printf(\"rst4 %d\\n\", $s->sk != 0);
+             }}
+             if ($s->protocol == 0xdd86 && *(uint8 *)($nh + 6) == 6 && $th->rst) {{
+               printf(\"rst6 %d\\n\", $s->sk != 0);
+             }}
+           }}
+         }}"
+    );
+    let mut cmd = std::process::Command::new("bpftrace");
+    cmd.args(["-e", &script]);
+    let mut trace = spliced_tests::Service::start("bpftrace", cmd, world.dir())
+        .context("starting bpftrace (Debian package bpftrace)")?;
+    spliced_tests::wait_for("bpftrace to attach", Duration::from_secs(30), || {
+        trace.check_running()?;
+        Ok(trace.stdout_text().contains("Attaching"))
+    })?;
+    // Closed ports: the proxy's IPv4 stack and the backend's IPv6 stack answer with RSTs.
+    for (from, to) in [
+        (Ns::Client, SocketAddr::new(PROXY_V4, 9399)),
+        (Ns::Proxy, SocketAddr::new(BACKEND_V6, 9399)),
+    ] {
+        let refused = world.within(from, || connect(to, None))?;
+        ensure!(refused.is_err(), "{to} accepted a connection");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    trace.stop(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5))?;
+    let out = trace.stdout_text();
+    let resets = |family: &str| -> Vec<bool> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix(family))
+            .map(|v| v.trim() == "1")
+            .collect()
+    };
+    let (v4, v6) = (resets("rst4 "), resets("rst6 "));
+    eprintln!("RSTs with a socket: IPv4 {v4:?}, IPv6 {v6:?}");
+    ensure!(
+        !v4.is_empty() && v4.iter().all(|&sk| sk),
+        "IPv4 RSTs from the stack (with a socket?): {v4:?}\n{out}"
+    );
+    ensure!(
+        !v6.is_empty() && v6.iter().all(|&sk| !sk),
+        "IPv6 RSTs from the stack (with a socket?): {v6:?}\n{out}"
+    );
+    Ok(())
+}
