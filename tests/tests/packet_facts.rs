@@ -2,13 +2,17 @@
 //! on the running kernel so that a kernel change that breaks an assumption fails here first.
 //!
 //! - the `sock_ops` program records both ISNs at the ESTABLISHED callbacks (fact 1);
+//! - `membarrier(MEMBARRIER_CMD_GLOBAL)` is offered (fact 2);
 //! - `TCP_MAXSEG` on a listener reaches the SYN-ACK's MSS option, and on a connecting socket
 //!   caps what the peer sends (fact 4);
-//! - a socket in `TCP_REPAIR` with empty queues sends nothing, idle or closed (fact 6).
+//! - the stack's IPv4 resets carry a socket, its IPv6 resets none (fact 5, with bpftrace);
+//! - a socket in `TCP_REPAIR` with empty queues sends nothing, idle or closed (fact 6);
+//! - a frag-needed quoting a sequence number in the window lowers a live connection's MSS
+//!   (fact 8).
 //!
 //! Run as root with a release build: `cargo test --release -p spliced-tests --test
-//! packet_facts`. Fact 1 moves this test process into a cgroup (v2) of its own for the
-//! length of the test and back out again.
+//! packet_facts` (fact 5 needs `bpftrace`). Fact 1 moves this test process into a cgroup
+//! (v2) of its own for the length of the test and back out again.
 use std::{
     io::Read as _,
     net::SocketAddr,
