@@ -263,3 +263,342 @@ impl XdpCounter {
         }
     }
 }
+
+/// Name of the `sock_ops` program of the packet engine that records every new connection's
+/// initial sequence numbers in [`MAP_PACKET_ISN`] (`docs/packet-engine.md`, section 1).
+pub const PROG_PACKET_ISN: &str = "spliced_packet_isn";
+/// Name of the LRU hash from a socket's cookie to its [`IsnPair`].
+pub const MAP_PACKET_ISN: &str = "SPLICED_PACKET_ISN";
+/// Sockets whose ISNs [`MAP_PACKET_ISN`] remembers at once (least recently used ones are
+/// forgotten: a connection whose entry is gone is refused the packet engine, `no_isn`).
+pub const PACKET_ISN_ENTRIES: u32 = 65_536;
+
+/// A connection's initial sequence numbers, as one of its sockets saw them when it became
+/// established: constants, from which the packet engine's sequence offsets follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IsnPair {
+    /// The ISN this socket chose (its SYN's or SYN-ACK's sequence number).
+    pub local_isn: u32,
+    /// The ISN the peer chose.
+    pub peer_isn: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, two `u32`s, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for IsnPair {}
+
+/// Name of the TC ingress program of the packet engine that translates the segments of
+/// handed-off connections (`docs/packet-engine.md`, section 2).
+pub const PROG_PACKET_IN: &str = "spliced_packet_in";
+/// Name of the hash map from a [`FlowKey`] (a segment's tuple as it arrives) to its [`Flow`].
+pub const MAP_PACKET_FLOWS: &str = "SPLICED_PACKET_FLOWS";
+/// Name of the per-CPU array of the packet engine's counters, indexed by [`PacketCounter`].
+pub const MAP_PACKET_COUNTERS: &str = "SPLICED_PACKET_COUNTERS";
+/// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
+pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
+
+/// [`FlowKey::family`] of an IPv4 segment.
+pub const FAMILY_V4: u8 = 4;
+/// [`FlowKey::family`] of an IPv6 segment.
+pub const FAMILY_V6: u8 = 6;
+
+/// The tuple of a TCP segment as it arrives, the key of [`MAP_PACKET_FLOWS`]. IPv4 addresses
+/// are written as `::ffff:a.b.c.d`; ports are in network order, as in the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub saddr: [u8; 16],
+    /// Destination address.
+    pub daddr: [u8; 16],
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+
+/// [`Flow::state`]: the entry is installed but translates nothing yet (the handoff's drain,
+/// not implemented yet): segments pass to the local socket.
+pub const FLOW_DRAIN: u8 = 0;
+/// [`Flow::state`]: every segment of the tuple is translated.
+pub const FLOW_ACTIVE: u8 = 1;
+/// [`Flow::flags`]: only one of the two connections negotiated ECN; the ECN field of the IP
+/// header and the ECE and CWR flags are cleared, so routers drop instead of marking packets
+/// whose receiver would ignore the mark.
+pub const FLOW_ECN_CLEAR: u16 = 1 << 3;
+/// [`Flow::flags`]: the sender negotiated timestamps but the receiver did not; the option
+/// becomes NOPs (design 4.3: only the backend's connection has them).
+pub const FLOW_TS_STRIP: u16 = 1 << 1;
+/// [`Flow::dir`]: the entry translates the client's segments towards the backend.
+pub const FLOW_UP: u8 = 0;
+/// [`Flow::dir`]: the entry translates the backend's segments towards the client.
+pub const FLOW_DOWN: u8 = 1;
+
+/// How the segments of one [`FlowKey`] are translated into segments of the other connection.
+/// The first part is written by spliced before the entry is visible and is constant; the
+/// counters at the end are written by the program (per entry, approximate: racy increments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// [`FLOW_DRAIN`] or [`FLOW_ACTIVE`].
+    pub state: u8,
+    /// [`FLOW_UP`] (IPv4 in, IPv6 out) or [`FLOW_DOWN`] (IPv6 in, IPv4 out).
+    pub dir: u8,
+    /// How options and marks are handled: [`FLOW_ECN_CLEAR`], [`FLOW_TS_STRIP`] (timestamp
+    /// translation and SACK stripping are not implemented yet).
+    pub flags: u16,
+    /// The interface the translated segment leaves by (`bpf_redirect_neigh`).
+    pub out_ifindex: u32,
+    /// The translated segment's source address (IPv4 as `::ffff:a.b.c.d`).
+    pub new_saddr: [u8; 16],
+    /// The translated segment's destination address (IPv4 as `::ffff:a.b.c.d`).
+    pub new_daddr: [u8; 16],
+    /// The translated segment's source port, network order.
+    pub new_sport: u16,
+    /// The translated segment's destination port, network order.
+    pub new_dport: u16,
+    /// The IPv6 flow label of translated segments (low 20 bits; up only).
+    pub flow_label: u32,
+    /// Added to the sequence number.
+    pub seq_delta: u32,
+    /// Subtracted from the acknowledgement number (the other direction's `seq_delta`).
+    pub ack_delta: u32,
+    /// In the sender's space, the first byte the local socket did not take before the handoff.
+    pub seq_floor: u32,
+    /// In the space of the sender's ACKs, the end of what the facing local socket had sent:
+    /// a translated ACK is never lower, and a pure ACK below it is dropped.
+    pub ack_floor: u32,
+    /// The window scale the sender uses (its window field is shifted left by it).
+    pub ws_in: u8,
+    /// The window scale the receiver applies to the translated window field.
+    pub ws_out: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// The sender's ISN + 1, for byte counts in the access log.
+    pub stream_start: u32,
+    /// Segments translated (GSO aggregates count once).
+    pub segments: u64,
+    /// Payload bytes translated.
+    pub bytes: u64,
+    /// When a segment was last translated (`bpf_ktime_get_ns`).
+    pub last_seen_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for FlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above (no implicit padding: every field sits at a multiple of its alignment).
+unsafe impl aya::Pod for Flow {}
+
+/// The packet engine's counters, the index into [`MAP_PACKET_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketCounter {
+    /// Client segments translated towards the backend.
+    TranslatedUp = 0,
+    /// Backend segments translated towards the client.
+    TranslatedDown = 1,
+    /// Payload bytes translated towards the backend.
+    TranslatedBytesUp = 2,
+    /// Payload bytes translated towards the client.
+    TranslatedBytesDown = 3,
+    /// Segments of an entry that is not `ACTIVE`, passed to the local stack.
+    PassedLocal = 4,
+    /// SYNs on a tuple with an entry, dropped.
+    SynOnEntry = 5,
+    /// Pure ACKs below the entry's `ack_floor`, dropped (old, reordered).
+    OldAckDropped = 6,
+    /// Segments that arrived with a TTL or hop limit of 1 or less, dropped.
+    TtlExpired = 7,
+    /// IPv4 fragments of a tuple with an entry, dropped.
+    FragDropped = 8,
+    /// IPv4 segments with a source route (or malformed options) on a tuple with an entry,
+    /// dropped.
+    IpOptionsDropped = 9,
+    /// A helper failed half-way through a translation; the segment was dropped.
+    TranslateFailed = 10,
+    /// `bpf_redirect_neigh` refused the translated segment.
+    RedirectFailed = 11,
+    /// SACK blocks translated.
+    SackBlocks = 12,
+    /// IPv4 segments whose options were cut out before translation.
+    IpOptionsStripped = 13,
+    /// Window fields capped at 65535 because the receiver's scale is smaller than the
+    /// sender's and the offered window does not fit.
+    WindowSaturated = 14,
+    /// IPv6 segments with extension headers on a tuple with an entry, dropped (not
+    /// translated, and the local socket must not see them either).
+    Ipv6ExtDropped = 15,
+    /// Timestamp options turned into NOPs (towards a side that did not negotiate them).
+    TimestampsStripped = 16,
+}
+
+impl PacketCounter {
+    /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
+    pub const COUNT: u32 = 17;
+
+    /// Every counter, in index order.
+    pub const ALL: [PacketCounter; Self::COUNT as usize] = [
+        PacketCounter::TranslatedUp,
+        PacketCounter::TranslatedDown,
+        PacketCounter::TranslatedBytesUp,
+        PacketCounter::TranslatedBytesDown,
+        PacketCounter::PassedLocal,
+        PacketCounter::SynOnEntry,
+        PacketCounter::OldAckDropped,
+        PacketCounter::TtlExpired,
+        PacketCounter::FragDropped,
+        PacketCounter::IpOptionsDropped,
+        PacketCounter::TranslateFailed,
+        PacketCounter::RedirectFailed,
+        PacketCounter::SackBlocks,
+        PacketCounter::IpOptionsStripped,
+        PacketCounter::WindowSaturated,
+        PacketCounter::Ipv6ExtDropped,
+        PacketCounter::TimestampsStripped,
+    ];
+
+    /// The counter's name as it appears in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PacketCounter::TranslatedUp => "translated_up",
+            PacketCounter::TranslatedDown => "translated_down",
+            PacketCounter::TranslatedBytesUp => "translated_bytes_up",
+            PacketCounter::TranslatedBytesDown => "translated_bytes_down",
+            PacketCounter::PassedLocal => "passed_local",
+            PacketCounter::SynOnEntry => "syn_on_entry",
+            PacketCounter::OldAckDropped => "old_ack_dropped",
+            PacketCounter::TtlExpired => "ttl_expired",
+            PacketCounter::FragDropped => "frag_dropped",
+            PacketCounter::IpOptionsDropped => "ip_options_dropped",
+            PacketCounter::TranslateFailed => "translate_failed",
+            PacketCounter::RedirectFailed => "redirect_failed",
+            PacketCounter::SackBlocks => "sack_blocks",
+            PacketCounter::IpOptionsStripped => "ip_options_stripped",
+            PacketCounter::WindowSaturated => "window_saturated",
+            PacketCounter::Ipv6ExtDropped => "ipv6_ext_dropped",
+            PacketCounter::TimestampsStripped => "timestamps_stripped",
+        }
+    }
+}
+
+/// The window field to send when the sender's field `win` is scaled by `ws_in` and the
+/// receiver scales the field it gets by `ws_out`: never more than the sender offered, at
+/// most 65535.
+pub const fn rescale_window(win: u16, ws_in: u8, ws_out: u8) -> u16 {
+    let field = scaled_field(win, ws_in, ws_out);
+    if field > 0xffff { 0xffff } else { field as u16 }
+}
+
+/// Whether [`rescale_window`] had to cap the window: the sender offered more than the
+/// receiver's scale can express (counted as `window_saturated`; it caps the sender's peer's
+/// rate at `65535 << ws_out` bytes per round trip).
+pub const fn window_saturates(win: u16, ws_in: u8, ws_out: u8) -> bool {
+    scaled_field(win, ws_in, ws_out) > 0xffff
+}
+
+const fn scaled_field(win: u16, ws_in: u8, ws_out: u8) -> u64 {
+    // Scales are at most 14; anything larger is treated as 14, as TCP does.
+    let ws_in = if ws_in > 14 { 14 } else { ws_in };
+    let ws_out = if ws_out > 14 { 14 } else { ws_out };
+    ((win as u64) << ws_in) >> ws_out
+}
+
+/// The value to give a checksum helper for a 4-byte field `raw` (as it lies in memory, read
+/// as a little-endian `u32`) that starts `offset` bytes into the checksummed data.
+///
+/// The Internet checksum adds 16-bit words counted from the start. A field at an even offset
+/// contributes its two halves as they are; at an odd offset its bytes straddle three words,
+/// and it contributes what the same field rotated by one byte would at an even offset. TCP
+/// options need not be aligned, so SACK blocks may start at odd offsets.
+pub const fn csum_word(raw: u32, offset: usize) -> u32 {
+    if offset.is_multiple_of(2) {
+        raw
+    } else {
+        raw.rotate_right(8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 1071 over `data`.
+    fn checksum(data: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for pair in data.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |&b| u32::from(b));
+            sum += hi | lo;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// RFC 1624 incremental update as the kernel's `inet_proto_csum_replace4` does it (on a
+    /// checksum that is complete): HC' = ~(~HC + ~m + m'), in 16-bit halves.
+    fn replace4(check: u16, from: u32, to: u32) -> u16 {
+        let halves = |v: u32| {
+            let b = v.to_le_bytes();
+            u32::from(u16::from_be_bytes([b[0], b[1]]))
+                + u32::from(u16::from_be_bytes([b[2], b[3]]))
+        };
+        let mut sum = u32::from(!check) + (0x1fffe - halves(from)) + halves(to);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn replacing_a_field_at_any_offset_keeps_the_checksum_right() {
+        let mut data = [0u8; 41];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37) ^ 0x5a;
+        }
+        for offset in [2usize, 3, 4, 5, 22, 23, 36] {
+            let check = checksum(&data);
+            let old = u32::from_le_bytes([
+                data[offset],
+                data[offset + 1],
+                data[offset + 2],
+                data[offset + 3],
+            ]);
+            let new_value = u32::from_be(old).wrapping_sub(0x8765_4321).to_be();
+            data[offset..offset + 4].copy_from_slice(&new_value.to_le_bytes());
+            let patched = replace4(check, csum_word(old, offset), csum_word(new_value, offset));
+            assert_eq!(patched, checksum(&data), "field at offset {offset}");
+        }
+    }
+
+    #[test]
+    fn window_rescaling_never_promises_more() {
+        assert_eq!(rescale_window(1000, 7, 7), 1000);
+        assert_eq!(rescale_window(1000, 7, 5), 4000);
+        // 1000 << 5 = 32000 bytes; in units of 128 that is 250.
+        assert_eq!(rescale_window(1000, 5, 7), 250);
+        // Rounded down: 3 << 0 = 3 bytes is 0 units of 4.
+        assert_eq!(rescale_window(3, 0, 2), 0);
+        assert_eq!(rescale_window(0xffff, 7, 0), 0xffff);
+        assert_eq!(rescale_window(0xffff, 14, 14), 0xffff);
+        assert_eq!(rescale_window(1, 200, 0), 1 << 14);
+        assert!(window_saturates(0x8000, 7, 6));
+        assert!(!window_saturates(0x7fff, 7, 6));
+        assert!(!window_saturates(0xffff, 7, 7));
+    }
+
+    #[test]
+    fn map_types_have_the_designed_layout() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 96);
+        assert_eq!(core::mem::offset_of!(Flow, segments), 72);
+    }
+}

@@ -5,6 +5,7 @@
 //! peer's cookie and redirects the skb to the peer's egress queue, so the payload never reaches
 //! user space. The maps carry BTF, so `bpftool map dump` shows their keys and values by name.
 //! `spliced_xdp` (module `xdp`) is the edge filter attached to network interfaces.
+//! Module `packet` holds the packet engine's programs (`docs/packet-engine.md`).
 #![no_std]
 #![no_main]
 // The program macros generate a `pub fn` entry point that receives the kernel's raw context
@@ -22,6 +23,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use core::ffi::c_void;
 
+mod packet;
 mod xdp;
 use proxy_common::{
     Counter, DETACH_ABSENT, DETACH_DONE, MAX_SOCKETS, Pair, SkbOffsets, TRIM_MAX_STEPS, TRIM_STEP,

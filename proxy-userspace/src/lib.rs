@@ -4,8 +4,9 @@
 //!
 //! Modules follow a connection's path: `config` and `route` decide where it goes, `hello` reads
 //! the name, `preface` builds what the backend sees first, then `forward` moves the bytes and
-//! `outcome` names how it ended. The public surface is only what the `spliced` binary and the
-//! fuzz targets use, so the compiler reports everything else that nothing calls.
+//! `outcome` names how it ended. The public surface is only what the `spliced` binary, the
+//! fuzz targets and (for the packet engine's kernel programs, until the engine is wired in)
+//! the end-to-end tests use, so the compiler reports everything else that nothing calls.
 #![warn(missing_docs)]
 
 mod access;
@@ -36,6 +37,9 @@ mod upgrade;
 
 pub use access::Format as LogFormat;
 pub use config::{Config, ConfigError, Table as ConfigTable};
+/// The packet engine's kernel programs, which the end-to-end tests drive directly while the
+/// engine is being built (`docs/packet-engine.md`).
+pub use ebpf::{Handoff, IsnRecorder, PacketTables, Wscale};
 pub use server::{Options, Server};
 pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 

@@ -19,6 +19,7 @@ pub mod backends;
 pub mod bird;
 pub mod dns;
 pub mod load;
+pub mod packet;
 pub mod packets;
 mod process;
 pub mod raw;

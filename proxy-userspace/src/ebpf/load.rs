@@ -10,9 +10,10 @@ use aya::{
     programs::{Iter, SkSkb},
 };
 use proxy_common::{
-    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PEERS, MAP_SOCKETS,
-    MAP_WAKE, MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT,
-    MAP_XDP_PORTS, PROG_DETACH, PROG_STREAM_VERDICT, SkbOffsets,
+    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PACKET_FLOWS,
+    MAP_PACKET_ISN, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, MAP_XDP_BUCKETS, MAP_XDP_COUNTERS,
+    MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS, PROG_DETACH, PROG_STREAM_VERDICT,
+    SkbOffsets,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -20,9 +21,10 @@ use super::{Kernel, lock, sockmap::Maps, sum_per_cpu, xdp::XdpMaps};
 
 /// The eBPF object built by `build.rs` from the `proxy-ebpf` crate.
 #[cfg(not(spliced_no_ebpf))]
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 #[cfg(spliced_no_ebpf)]
-static OBJECT: &[u8] = &[];
+pub(super) static OBJECT: &[u8] = &[];
 
 /// Diagnostic only: when set in spliced's environment, the verdict is loaded without the
 /// offsets it trims already-forwarded bytes with, which reproduces the kernel defect described
@@ -40,7 +42,13 @@ impl Kernel {
             !OBJECT.is_empty(),
             "this binary was built without its eBPF object"
         );
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
+        // The packet engine's maps are not used by this kernel side yet: one entry each, so
+        // they cost no memory (the LRU map is preallocated in full).
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(MAP_PACKET_FLOWS, 1)
+            .map_max_entries(MAP_PACKET_ISN, 1)
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
         // The programs' aya-log records reach our log (debug level, target `proxy_ebpf`).
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),

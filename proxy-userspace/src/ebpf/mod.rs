@@ -6,6 +6,8 @@
 //!   sockets in, in the order the verdict needs, and takes them out when dropped; the progress
 //!   events that wake a connection.
 //! - [`xdp`]: the edge filter's maps and attachments.
+//! - [`packet`]: the packet engine's programs, driven by the end-to-end tests until the engine
+//!   exists.
 //!
 //! Socket options the engine reads (`SO_COOKIE`, `TCP_INFO`...) are in [`crate::sys`].
 use std::{
@@ -22,9 +24,11 @@ use tokio::sync::Notify;
 
 mod btf;
 mod load;
+mod packet;
 mod sockmap;
 mod xdp;
 
+pub use packet::{Handoff, IsnRecorder, PacketTables, Wscale};
 pub(crate) use sockmap::SplicedPair;
 
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the

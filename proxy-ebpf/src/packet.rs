@@ -1,0 +1,727 @@
+//! The packet engine's kernel side (`docs/packet-engine.md`).
+//!
+//! `spliced_packet_isn` is a `sock_ops` program attached to spliced's cgroup (v2). When a
+//! connection of one of spliced's sockets becomes established it records the two initial
+//! sequence numbers, keyed by the socket's cookie: the sequence offsets of a handed-off
+//! connection are built from them, and they never change afterwards.
+//!
+//! `spliced_packet_in` is a TC ingress program: it translates each segment of a handed-off
+//! connection into a segment of the other connection (section 2 of the design).
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{btf_map, classifier, sock_ops},
+    programs::{SockOpsContext, TcContext},
+};
+use proxy_common::{
+    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_ECN_CLEAR, FLOW_TS_STRIP, FLOW_UP, Flow, FlowKey,
+    IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word, rescale_window,
+    window_saturates,
+};
+
+const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
+
+/// Socket cookie to the connection's ISNs, written once when the socket becomes established.
+#[btf_map]
+static SPLICED_PACKET_ISN: LruHashMap<u64, IsnPair, ISN_ENTRIES> = LruHashMap::new();
+
+/// Records the ISNs of every socket of the cgroup that becomes established, actively
+/// (`connect`) or passively (`accept`).
+///
+/// `tcp_init_transfer` runs both callbacks right after the handshake, before any data can have
+/// been acknowledged or consumed: there `snd_una` is the socket's own ISN plus one (its SYN was
+/// just acknowledged) and `rcv_nxt` the peer's plus one (checked against `TCP_REPAIR` +
+/// `TCP_QUEUE_SEQ` by `tests/tests/packet_facts.rs`). No callback flag is needed for them.
+#[sock_ops]
+pub fn spliced_packet_isn(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // SAFETY: the context is the kernel's `struct bpf_sock_ops`; the verifier checks the
+        // field reads.
+        let (snd_una, rcv_nxt) = unsafe { ((*ctx.ops).snd_una, (*ctx.ops).rcv_nxt) };
+        // SAFETY: the helper only reads the socket of this context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let isn = IsnPair {
+            local_isn: snd_una.wrapping_sub(1),
+            peer_isn: rcv_nxt.wrapping_sub(1),
+        };
+        // A failed insert leaves no entry: that connection is refused the engine (`no_isn`).
+        let _ = SPLICED_PACKET_ISN.insert(&cookie, &isn, 0);
+    }
+    // `sock_ops` programs return 1; the value is ignored for these callbacks.
+    1
+}
+
+/// The translation table: a segment's tuple as it arrives to how it is rewritten. A plain
+/// hash, never LRU: evicting a live entry would turn its connection into resets. Not
+/// preallocated: entries are allocated as connections are handed off, so an idle table costs
+/// nothing.
+#[btf_map]
+static SPLICED_PACKET_FLOWS: HashMap<FlowKey, Flow, FLOW_ENTRIES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// Per-CPU counters (the bpf target has no atomic read-modify-write).
+#[btf_map]
+static SPLICED_PACKET_COUNTERS: PerCpuArray<u64, { PacketCounter::COUNT as usize }> =
+    PerCpuArray::new();
+
+const FLOW_ENTRIES: usize = 2 * PACKET_MAX_CONNECTIONS as usize;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPV4_MAX_OPTION_BYTES: usize = 40;
+/// IPv6 extension headers followed before giving up (as the XDP filter).
+const MAX_EXT_HEADERS: usize = 6;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+/// `BPF_ADJ_ROOM_NET`: room is made or removed right after the network header.
+const BPF_ADJ_ROOM_NET: u32 = 0;
+// TCP header fields, from the start of the header.
+const TCP_SEQ: usize = 4;
+const TCP_ACK: usize = 8;
+const TCP_FLAGS: usize = 13;
+const TCP_WINDOW: usize = 14;
+const TCP_CSUM: usize = 16;
+const TCP_HLEN: usize = 20;
+const TCP_MAX_OPTION_BYTES: usize = 40;
+const TCP_MAX_SACK_BLOCKS: usize = 4;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_SACK: u8 = 5;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOLEN_TIMESTAMP: u8 = 10;
+const TCPOLEN_TIMESTAMP_ALIGNED: usize = 12;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK_FLAG: u8 = 0x10;
+const TCP_ECE: u8 = 0x40;
+const TCP_CWR: u8 = 0x80;
+/// The ECN field: the low two bits of the TOS byte or traffic class.
+const IP_ECN_MASK: u8 = 0x03;
+
+#[inline(always)]
+fn count(counter: PacketCounter, by: u64) {
+    if let Some(slot) = SPLICED_PACKET_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+        unsafe { *slot += by };
+    }
+}
+
+/// Sequence comparison modulo 2^32, as the kernel's `before()`.
+#[inline(always)]
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// What the parser found in a segment that may belong to an entry.
+struct Segment {
+    key: FlowKey,
+    /// Where the TCP header starts.
+    l4: usize,
+    /// TCP payload length, from the IP header (not the skb: a NIC may pad short frames).
+    payload: u32,
+    /// TTL or hop limit.
+    ttl: u8,
+    /// TOS or traffic class.
+    tos: u8,
+    /// IP header length in bytes: 20 for IPv4 without options, 40 for IPv6.
+    ip_hlen: usize,
+    /// IPv4 fragment bits (MF or an offset) set.
+    fragment: bool,
+    /// IPv6 with extension headers before TCP: only `key` is meaningful.
+    ipv6_ext: bool,
+}
+
+/// `spliced_packet_in`: translates the segments of handed-off connections into segments of
+/// the other connection and sends them out of the interface their entry names.
+///
+/// Everything that matches no entry, and everything the parser cannot read to the TCP ports
+/// (ARP, neighbour discovery, non-TCP, truncated headers, more than 6 IPv6 extension headers,
+/// VLAN tags), leaves unchanged with `TC_ACT_OK`: one hash lookup per TCP segment is the cost to
+/// other traffic. Only `ACTIVE` entries translate; the handoff's `DRAIN` state is not
+/// implemented yet and passes everything to the local stack.
+#[classifier]
+pub fn spliced_packet_in(ctx: TcContext) -> i32 {
+    let Some(seg) = parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let Some(flow) = SPLICED_PACKET_FLOWS.get_ptr_mut(&seg.key) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: the entry stays valid while this program runs; spliced wrote its constant part
+    // before inserting it.
+    let f = unsafe { *flow };
+    if f.state != FLOW_ACTIVE {
+        count(PacketCounter::PassedLocal, 1);
+        return TC_ACT_OK;
+    }
+    if seg.ipv6_ext {
+        // Extension headers on a translated tuple: not translated (rare from a backend), and
+        // the segment must not reach the silent local socket either.
+        count(PacketCounter::Ipv6ExtDropped, 1);
+        return TC_ACT_SHOT;
+    }
+    match translate(&ctx, &seg, &f) {
+        Ok(Verdict::Redirect) => {
+            // SAFETY: as above; only this direction's program writes these counters, and a
+            // lost increment between CPUs only makes them approximate.
+            unsafe {
+                (*flow).segments += 1;
+                (*flow).bytes += u64::from(seg.payload);
+                (*flow).last_seen_ns = bpf_ktime_get_ns();
+            }
+            let (segments, bytes) = if f.dir == FLOW_UP {
+                (
+                    PacketCounter::TranslatedUp,
+                    PacketCounter::TranslatedBytesUp,
+                )
+            } else {
+                (
+                    PacketCounter::TranslatedDown,
+                    PacketCounter::TranslatedBytesDown,
+                )
+            };
+            count(segments, 1);
+            count(bytes, u64::from(seg.payload));
+            // SAFETY: no parameters: the kernel looks the route and neighbour up itself.
+            let rc = unsafe { bpf_redirect_neigh(f.out_ifindex, core::ptr::null_mut(), 0, 0) };
+            if rc as i32 != TC_ACT_REDIRECT {
+                count(PacketCounter::RedirectFailed, 1);
+                return TC_ACT_SHOT;
+            }
+            TC_ACT_REDIRECT
+        }
+        Ok(Verdict::Drop(counter)) => {
+            count(counter, 1);
+            TC_ACT_SHOT
+        }
+        Err(_) => {
+            // A helper failed after the segment may have been changed: it cannot go anywhere.
+            count(PacketCounter::TranslateFailed, 1);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+enum Verdict {
+    Redirect,
+    Drop(PacketCounter),
+}
+
+/// Reads the headers up to the TCP ports; `None` for anything that is not a TCP segment this
+/// program can read.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Segment> {
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut key = FlowKey::default();
+    let (l4, payload, ttl, tos, ip_hlen, fragment) = if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        if vihl >> 4 != 4 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < IPV4_HLEN {
+            return None;
+        }
+        let tos: u8 = ctx.load(ETH_HLEN + 1).ok()?;
+        let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).ok()?);
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x3fff;
+        if frag & 0x1fff != 0 {
+            // A non-first fragment has no TCP header.
+            return None;
+        }
+        let ttl: u8 = ctx.load(ETH_HLEN + 8).ok()?;
+        let addrs: [u8; 8] = ctx.load(ETH_HLEN + 12).ok()?;
+        key.saddr[10] = 0xff;
+        key.saddr[11] = 0xff;
+        key.daddr[10] = 0xff;
+        key.daddr[11] = 0xff;
+        key.saddr[12..16].copy_from_slice(&addrs[0..4]);
+        key.daddr[12..16].copy_from_slice(&addrs[4..8]);
+        key.family = FAMILY_V4;
+        let l4 = ETH_HLEN + ihl;
+        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let payload = usize::from(tot_len).saturating_sub(ihl + doff);
+        (l4, payload, ttl, tos, ihl, frag != 0)
+    } else if proto == ETH_P_IPV6 {
+        let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+        if head[0] >> 4 != 6 {
+            return None;
+        }
+        let tos = (head[0] << 4) | (head[1] >> 4);
+        let payload_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
+        key.saddr = ctx.load(ETH_HLEN + 8).ok()?;
+        key.daddr = ctx.load(ETH_HLEN + 24).ok()?;
+        key.family = FAMILY_V6;
+        if head[6] != IPPROTO_TCP {
+            // Extension headers: only the tuple is read, so a matched segment can be dropped;
+            // nothing else of it is used (and the verifier explores the translation only
+            // with the fixed offset below).
+            let l4 = ipv6_tcp_offset(ctx, head[6])?;
+            let ports: [u16; 2] = ctx.load(l4).ok()?;
+            key.sport = ports[0];
+            key.dport = ports[1];
+            return Some(Segment {
+                key,
+                l4: ETH_HLEN + IPV6_HLEN,
+                payload: 0,
+                ttl: head[7],
+                tos,
+                ip_hlen: IPV6_HLEN,
+                fragment: false,
+                ipv6_ext: true,
+            });
+        }
+        let l4 = ETH_HLEN + IPV6_HLEN;
+        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let payload = payload_len.saturating_sub(doff);
+        (l4, payload, head[7], tos, IPV6_HLEN, false)
+    } else {
+        return None;
+    };
+    let ports: [u16; 2] = ctx.load(l4).ok()?;
+    key.sport = ports[0];
+    key.dport = ports[1];
+    Some(Segment {
+        key,
+        l4,
+        payload: payload as u32,
+        ttl,
+        tos,
+        ip_hlen,
+        fragment,
+        ipv6_ext: false,
+    })
+}
+
+/// Where the TCP header starts in an IPv6 packet whose first next-header is `next`, following
+/// up to [`MAX_EXT_HEADERS`] extension headers as the XDP filter does; `None` for anything
+/// else, non-first fragments included.
+#[inline(always)]
+fn ipv6_tcp_offset(ctx: &TcContext, mut next: u8) -> Option<usize> {
+    let mut at = ETH_HLEN + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => return Some(at),
+            // Hop-by-hop, routing, destination options: length in 8-octet units after the first.
+            0 | 43 | 60 => {
+                let e: [u8; 2] = ctx.load(at).ok()?;
+                next = e[0];
+                at += (usize::from(e[1]) + 1) * 8;
+            }
+            // Fragment: only the first fragment has the TCP header.
+            44 => {
+                let e: [u8; 4] = ctx.load(at).ok()?;
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    return None;
+                }
+                next = e[0];
+                at += 8;
+            }
+            // Authentication header: length in 4-octet units minus 2.
+            51 => {
+                let e: [u8; 2] = ctx.load(at).ok()?;
+                next = e[0];
+                at += (usize::from(e[1]) + 2) * 4;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Rewrites the segment in place into one of the other connection (ports, sequence and
+/// acknowledgement numbers, window, then the IP header and the checksum's pseudo-header).
+#[inline(always)]
+fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
+    let v4_in = seg.key.family == FAMILY_V4;
+    if seg.fragment {
+        return Ok(Verdict::Drop(PacketCounter::FragDropped));
+    }
+    if seg.ttl <= 1 {
+        return Ok(Verdict::Drop(PacketCounter::TtlExpired));
+    }
+    let flags: u8 = ctx.load(seg.l4 + TCP_FLAGS)?;
+    if flags & TCP_SYN != 0 {
+        return Ok(Verdict::Drop(PacketCounter::SynOnEntry));
+    }
+    let mut l4 = seg.l4;
+    if v4_in && seg.ip_hlen != IPV4_HLEN {
+        // IPv4 options are not translated (RFC 7915 drops them too): they are cut out, right
+        // after the 20-byte header, keeping the GSO size. A source route is not ours to drop
+        // silently from the path, so such a segment is dropped whole.
+        if source_routed(ctx, seg.ip_hlen)? {
+            return Ok(Verdict::Drop(PacketCounter::IpOptionsDropped));
+        }
+        let options = (seg.ip_hlen - IPV4_HLEN) as i32;
+        ctx.adjust_room(
+            -options,
+            BPF_ADJ_ROOM_NET,
+            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        )?;
+        count(PacketCounter::IpOptionsStripped, 1);
+        l4 = ETH_HLEN + IPV4_HLEN;
+    }
+    let csum = l4 + TCP_CSUM;
+    if f.flags & FLOW_ECN_CLEAR != 0 && flags & (TCP_ECE | TCP_CWR) != 0 {
+        // The flags share a 16-bit word with the data offset.
+        let word: [u8; 2] = ctx.load(l4 + TCP_FLAGS - 1)?;
+        let new = [word[0], word[1] & !(TCP_ECE | TCP_CWR)];
+        ctx.l4_csum_replace(
+            csum,
+            u64::from(u16::from_ne_bytes(word)),
+            u64::from(u16::from_ne_bytes(new)),
+            2,
+        )?;
+        ctx.store(l4 + TCP_FLAGS - 1, &new, 0)?;
+    }
+
+    // Ports: values stay in network order, as the checksum helpers want them.
+    let ports = [f.new_sport, f.new_dport];
+    let old: [u16; 2] = ctx.load(l4)?;
+    ctx.l4_csum_replace(csum, u64::from(old[0]), u64::from(ports[0]), 2)?;
+    ctx.l4_csum_replace(csum, u64::from(old[1]), u64::from(ports[1]), 2)?;
+    ctx.store(l4, &ports, 0)?;
+
+    let seq_raw: u32 = ctx.load(l4 + TCP_SEQ)?;
+    let seq = u32::from_be(seq_raw).wrapping_add(f.seq_delta).to_be();
+    ctx.l4_csum_replace(csum, u64::from(seq_raw), u64::from(seq), 4)?;
+    ctx.store(l4 + TCP_SEQ, &seq, 0)?;
+
+    if flags & TCP_ACK_FLAG != 0 {
+        let ack_raw: u32 = ctx.load(l4 + TCP_ACK)?;
+        let mut ack = u32::from_be(ack_raw);
+        if before(ack, f.ack_floor) {
+            // Below what the local socket already had acknowledged to the receiver: an old,
+            // reordered pure ACK says nothing; a segment with data or a FIN keeps its content
+            // and acknowledges the floor (the receiver would drop an ACK that far behind).
+            if seg.payload == 0 && flags & (TCP_FIN | TCP_RST) == 0 {
+                return Ok(Verdict::Drop(PacketCounter::OldAckDropped));
+            }
+            ack = f.ack_floor;
+        }
+        let ack = ack.wrapping_sub(f.ack_delta).to_be();
+        ctx.l4_csum_replace(csum, u64::from(ack_raw), u64::from(ack), 4)?;
+        ctx.store(l4 + TCP_ACK, &ack, 0)?;
+    }
+
+    let win_raw: u16 = ctx.load(l4 + TCP_WINDOW)?;
+    let win = rescale_window(u16::from_be(win_raw), f.ws_in, f.ws_out).to_be();
+    if window_saturates(u16::from_be(win_raw), f.ws_in, f.ws_out) {
+        count(PacketCounter::WindowSaturated, 1);
+    }
+    if win != win_raw {
+        ctx.l4_csum_replace(csum, u64::from(win_raw), u64::from(win), 2)?;
+        ctx.store(l4 + TCP_WINDOW, &win, 0)?;
+    }
+
+    if flags & TCP_ACK_FLAG != 0 {
+        translate_options(ctx, l4, f)?;
+    }
+
+    if v4_in {
+        to_v6(ctx, seg, f, l4)?;
+    } else {
+        to_v4(ctx, seg, f)?;
+    }
+    Ok(Verdict::Redirect)
+}
+
+/// Whether the IPv4 options (the `ihl` bytes of header less 20) hold a loose or strict source
+/// route.
+#[inline(always)]
+fn source_routed(ctx: &TcContext, ihl: usize) -> Result<bool, i64> {
+    let mut off = IPV4_HLEN;
+    for _ in 0..IPV4_MAX_OPTION_BYTES {
+        if off >= ihl {
+            return Ok(false);
+        }
+        let kind: u8 = ctx.load(ETH_HLEN + off)?;
+        match kind {
+            IPOPT_END => return Ok(false),
+            IPOPT_NOOP => off += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return Ok(true),
+            _ => {
+                let len = usize::from(ctx.load::<u8>(ETH_HLEN + off + 1)?);
+                if len < 2 {
+                    // Malformed: the stack would refuse it, and so do we.
+                    return Ok(true);
+                }
+                off += len;
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Walks the TCP options (at most 40 bytes) and translates SACK blocks into the receiver's
+/// sequence space (`- ack_delta`: they acknowledge data like the ACK field). Everything else
+/// is left alone: MSS and window scale only occur on SYNs, which are never translated, and
+/// timestamps are not translated yet (the engine is not offered when they are on).
+#[inline(always)]
+fn translate_options(ctx: &TcContext, l4: usize, f: &Flow) -> Result<(), i64> {
+    if f.flags & FLOW_TS_STRIP != 0 {
+        strip_timestamp(ctx, l4)?;
+    }
+    let Some((off, len)) = find_sack(ctx, l4)? else {
+        return Ok(());
+    };
+    let blocks = (len - 2) / 8;
+    // Blocks and edges unrolled, apart from the walk: nested loops make the verifier explore
+    // every combination of paths.
+    for b in 0..TCP_MAX_SACK_BLOCKS {
+        if b >= blocks {
+            break;
+        }
+        let at = off + 2 + 8 * b;
+        translate_sack_edge(ctx, l4, at, f.ack_delta)?;
+        translate_sack_edge(ctx, l4, at + 4, f.ack_delta)?;
+        count(PacketCounter::SackBlocks, 1);
+    }
+    Ok(())
+}
+
+/// Where the SACK option starts in the TCP header and its length, if there is one; the walk
+/// stops at the end of the options, at EOL, or at a malformed length.
+#[inline(always)]
+fn find_sack(ctx: &TcContext, l4: usize) -> Result<Option<(usize, usize)>, i64> {
+    let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
+    let mut off = TCP_HLEN;
+    for _ in 0..TCP_MAX_OPTION_BYTES {
+        if off + 1 >= doff {
+            return Ok(None);
+        }
+        let kind_len: [u8; 2] = ctx.load(l4 + off)?;
+        match kind_len[0] {
+            TCPOPT_EOL => return Ok(None),
+            TCPOPT_NOP => off += 1,
+            kind => {
+                let len = usize::from(kind_len[1]);
+                if len < 2 || off + len > doff {
+                    return Ok(None);
+                }
+                if kind == TCPOPT_SACK {
+                    return Ok(Some((off, len)));
+                }
+                off += len;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Turns the timestamp option into NOPs when it opens the options in the layout RFC 7323
+/// (appendix A) recommends and Linux, the BSDs and Windows send: NOP, NOP, then the option,
+/// so the 12 bytes are three aligned words. Only that fixed place is looked at (a walk and a
+/// per-byte rewrite made the verifier give up); a timestamp option anywhere else is left.
+#[inline(always)]
+fn strip_timestamp(ctx: &TcContext, l4: usize) -> Result<(), i64> {
+    let doff = usize::from(ctx.load::<u8>(l4 + 12)? >> 4) * 4;
+    if doff < TCP_HLEN + TCPOLEN_TIMESTAMP_ALIGNED {
+        return Ok(());
+    }
+    let head: [u8; 4] = ctx.load(l4 + TCP_HLEN)?;
+    if head != [TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP] {
+        return Ok(());
+    }
+    let nops = u32::from_ne_bytes([TCPOPT_NOP; 4]);
+    for w in 0..3 {
+        let at = l4 + TCP_HLEN + 4 * w;
+        let raw: u32 = ctx.load(at)?;
+        ctx.l4_csum_replace(l4 + TCP_CSUM, u64::from(raw), u64::from(nops), 4)?;
+        ctx.store(at, &nops, 0)?;
+    }
+    count(PacketCounter::TimestampsStripped, 1);
+    Ok(())
+}
+
+/// Moves one SACK edge at `at` (from the TCP header's start) back by `delta`.
+#[inline(always)]
+fn translate_sack_edge(ctx: &TcContext, l4: usize, at: usize, delta: u32) -> Result<(), i64> {
+    let raw: u32 = ctx.load(l4 + at)?;
+    let new = u32::from_be(raw).wrapping_sub(delta).to_be();
+    ctx.l4_csum_replace(
+        l4 + TCP_CSUM,
+        u64::from(csum_word(raw, at)),
+        u64::from(csum_word(new, at)),
+        4,
+    )?;
+    ctx.store(l4 + at, &new, 0)?;
+    Ok(())
+}
+
+/// The pseudo-header part of the TCP checksum, from the old addresses to the new ones. The
+/// protocol and length words are the same in the IPv4 and IPv6 pseudo-headers. No
+/// `BPF_F_IPV6`: the new IP header is stored with `BPF_F_RECOMPUTE_CSUM`, so only the
+/// checksum field's own change is missing from `skb->csum`, and only the IPv4 semantics of
+/// the helper take it out (`docs/packet-engine.md`, 2.2 step 5).
+#[inline(always)]
+fn pseudo_header(
+    ctx: &TcContext,
+    csum: usize,
+    old: &mut [u32],
+    new: &mut [u32],
+) -> Result<(), i64> {
+    // SAFETY: both buffers are on this stack and their sizes are passed with them.
+    let diff = unsafe {
+        bpf_csum_diff(
+            old.as_mut_ptr(),
+            (old.len() * 4) as u32,
+            new.as_mut_ptr(),
+            (new.len() * 4) as u32,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(diff);
+    }
+    ctx.l4_csum_replace(csum, 0, diff as u32 as u64, u64::from(BPF_F_PSEUDO_HDR))?;
+    Ok(())
+}
+
+/// Client to backend: the 20-byte IPv4 header becomes a 40-byte IPv6 header. `l4` is where
+/// the TCP header is now (after any options were cut out); the IPv4 header's length fields
+/// still count the options.
+#[inline(always)]
+fn to_v6(ctx: &TcContext, seg: &Segment, f: &Flow, l4: usize) -> Result<(), i64> {
+    let mut old = [0u32; 2];
+    let mut new = [0u32; 8];
+    old[0] = u32::from_ne_bytes([
+        seg.key.saddr[12],
+        seg.key.saddr[13],
+        seg.key.saddr[14],
+        seg.key.saddr[15],
+    ]);
+    old[1] = u32::from_ne_bytes([
+        seg.key.daddr[12],
+        seg.key.daddr[13],
+        seg.key.daddr[14],
+        seg.key.daddr[15],
+    ]);
+    for i in 0..4 {
+        let j = i * 4;
+        new[i] = u32::from_ne_bytes([
+            f.new_saddr[j],
+            f.new_saddr[j + 1],
+            f.new_saddr[j + 2],
+            f.new_saddr[j + 3],
+        ]);
+        new[4 + i] = u32::from_ne_bytes([
+            f.new_daddr[j],
+            f.new_daddr[j + 1],
+            f.new_daddr[j + 2],
+            f.new_daddr[j + 3],
+        ]);
+    }
+    pseudo_header(ctx, l4 + TCP_CSUM, &mut old, &mut new)?;
+    let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?);
+    ctx.change_proto(ETH_P_IPV6.to_be(), 0)?;
+    let mut h = [0u8; IPV6_HLEN];
+    let label = f.flow_label & 0x000f_ffff;
+    let tos = outgoing_tos(seg.tos, f);
+    h[0] = 0x60 | (tos >> 4);
+    h[1] = (tos << 4) | (label >> 16) as u8;
+    h[2] = (label >> 8) as u8;
+    h[3] = label as u8;
+    let payload_len = tot_len.saturating_sub(seg.ip_hlen as u16).to_be_bytes();
+    h[4] = payload_len[0];
+    h[5] = payload_len[1];
+    h[6] = IPPROTO_TCP;
+    h[7] = seg.ttl - 1;
+    h[8..24].copy_from_slice(&f.new_saddr);
+    h[24..40].copy_from_slice(&f.new_daddr);
+    ctx.store(ETH_HLEN, &h, u64::from(BPF_F_RECOMPUTE_CSUM))?;
+    ctx.store(12, &ETH_P_IPV6.to_be(), 0)?;
+    Ok(())
+}
+
+/// Backend to client: the 40-byte IPv6 header becomes a 20-byte IPv4 header.
+#[inline(always)]
+fn to_v4(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
+    let mut old = [0u32; 8];
+    let mut new = [0u32; 2];
+    for i in 0..4 {
+        let j = i * 4;
+        old[i] = u32::from_ne_bytes([
+            seg.key.saddr[j],
+            seg.key.saddr[j + 1],
+            seg.key.saddr[j + 2],
+            seg.key.saddr[j + 3],
+        ]);
+        old[4 + i] = u32::from_ne_bytes([
+            seg.key.daddr[j],
+            seg.key.daddr[j + 1],
+            seg.key.daddr[j + 2],
+            seg.key.daddr[j + 3],
+        ]);
+    }
+    new[0] = u32::from_ne_bytes([
+        f.new_saddr[12],
+        f.new_saddr[13],
+        f.new_saddr[14],
+        f.new_saddr[15],
+    ]);
+    new[1] = u32::from_ne_bytes([
+        f.new_daddr[12],
+        f.new_daddr[13],
+        f.new_daddr[14],
+        f.new_daddr[15],
+    ]);
+    pseudo_header(ctx, seg.l4 + TCP_CSUM, &mut old, &mut new)?;
+    let payload_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?);
+    ctx.change_proto(ETH_P_IP.to_be(), 0)?;
+    let mut h = [0u8; IPV4_HLEN];
+    h[0] = 0x45;
+    h[1] = outgoing_tos(seg.tos, f);
+    let tot_len = payload_len.saturating_add(IPV4_HLEN as u16).to_be_bytes();
+    h[2] = tot_len[0];
+    h[3] = tot_len[1];
+    // ID 0, DF.
+    h[6] = 0x40;
+    h[8] = seg.ttl - 1;
+    h[9] = IPPROTO_TCP;
+    h[12..16].copy_from_slice(&f.new_saddr[12..16]);
+    h[16..20].copy_from_slice(&f.new_daddr[12..16]);
+    let check = ipv4_checksum(&h).to_be_bytes();
+    h[10] = check[0];
+    h[11] = check[1];
+    ctx.store(ETH_HLEN, &h, u64::from(BPF_F_RECOMPUTE_CSUM))?;
+    ctx.store(12, &ETH_P_IP.to_be(), 0)?;
+    Ok(())
+}
+
+/// The TOS or traffic class of the translated segment: the sender's, without the ECN field
+/// when only one side negotiated ECN.
+#[inline(always)]
+fn outgoing_tos(tos: u8, f: &Flow) -> u8 {
+    if f.flags & FLOW_ECN_CLEAR != 0 {
+        tos & !IP_ECN_MASK
+    } else {
+        tos
+    }
+}
+
+/// The IPv4 header checksum of a header whose checksum field is zero.
+#[inline(always)]
+fn ipv4_checksum(h: &[u8; IPV4_HLEN]) -> u16 {
+    let mut sum = 0u32;
+    for i in 0..IPV4_HLEN / 2 {
+        sum += u32::from(u16::from_be_bytes([h[2 * i], h[2 * i + 1]]));
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,418 @@
+//! The packet engine's kernel side, as far as it exists (`docs/packet-engine.md`, "Order of
+//! work"): the `sock_ops` program that records every connection's ISNs, and the TC program
+//! that translates the segments of connections whose entries are `ACTIVE`, with its table.
+//!
+//! Each loads its own copy of the object, apart from [`super::Kernel`], because nothing in the
+//! proxy uses it yet: the end-to-end tests drive it directly to check the kernel facts the
+//! engine rests on. The handoff will move it into the [`super::Kernel`].
+use std::{
+    net::{SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
+};
+use proxy_common::{
+    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_TS_STRIP, FLOW_UP, Flow, FlowKey,
+    IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN,
+    PROG_PACKET_ISN, PacketCounter,
+};
+
+use super::load::OBJECT;
+
+/// `spliced_packet_isn` attached to one cgroup (v2), and its map of ISNs by socket cookie.
+/// Dropping it detaches the program and frees the map.
+pub struct IsnRecorder {
+    /// Owns the program and its link to the cgroup.
+    _ebpf: Ebpf,
+    isn: HashMap<MapData, u64, IsnPair>,
+}
+
+impl IsnRecorder {
+    /// Loads the object and attaches the `sock_ops` program to the cgroup v2 directory
+    /// `cgroup`: every TCP socket created by a process of that cgroup (or of one below it)
+    /// has its ISNs recorded when it becomes established.
+    pub fn attach(cgroup: &Path) -> Result<Self> {
+        anyhow::ensure!(
+            !OBJECT.is_empty(),
+            "this binary was built without its eBPF object"
+        );
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
+        let isn = ebpf
+            .take_map(MAP_PACKET_ISN)
+            .with_context(|| format!("map {MAP_PACKET_ISN} missing from the object"))?
+            .try_into()?;
+        let prog: &mut SockOps = ebpf
+            .program_mut(PROG_PACKET_ISN)
+            .with_context(|| format!("program {PROG_PACKET_ISN} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .context("the verifier rejected the sock_ops program")?;
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {PROG_PACKET_ISN} to {}", cgroup.display()))?;
+        Ok(IsnRecorder { _ebpf: ebpf, isn })
+    }
+
+    /// The ISNs recorded for the socket with this cookie, if any.
+    pub fn get(&self, cookie: u64) -> Result<Option<IsnPair>> {
+        match self.isn.get(&cookie, 0) {
+            Ok(pair) => Ok(Some(pair)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the ISN map"),
+        }
+    }
+
+    /// Forgets the socket with this cookie (the engine reads an entry once, at handoff).
+    pub fn forget(&mut self, cookie: u64) -> Result<()> {
+        match self.isn.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("deleting from the ISN map"),
+        }
+    }
+}
+
+/// What spliced knows about a connection when it hands it to the kernel, from which the two
+/// translation entries follow (`docs/packet-engine.md`, sections 1 and 3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handoff {
+    /// The client X, as L sees it.
+    pub client: SocketAddrV4,
+    /// L's own address (the listener's, `p4:443`).
+    pub front: SocketAddrV4,
+    /// L''s own address (`p6:ep`).
+    pub back: SocketAddrV6,
+    /// The backend Y.
+    pub backend: SocketAddrV6,
+    /// The ISNs recorded for L: its own (`Ip`) and X's (`Ic`).
+    pub client_isns: IsnPair,
+    /// The ISNs recorded for L': its own (`Jp`) and Y's (`Jb`).
+    pub backend_isns: IsnPair,
+    /// Bytes spliced wrote to L' before any client byte (the PROXY header, `P`).
+    pub preface_len: u32,
+    /// Client bytes spliced read from L and wrote to L' before the handoff.
+    pub from_client: u32,
+    /// Backend bytes spliced read from L' and wrote to L before the handoff.
+    pub from_backend: u32,
+    /// L's window scales: the one X applies to what it sends (`snd_wscale`) and the one X
+    /// applies to the windows it receives (`rcv_wscale`).
+    pub client_wscale: Wscale,
+    /// L''s window scales, likewise for Y.
+    pub backend_wscale: Wscale,
+    /// The interface X is reached by.
+    pub client_ifindex: u32,
+    /// The interface Y is reached by.
+    pub backend_ifindex: u32,
+    /// The IPv6 flow label of the client's translated segments.
+    pub flow_label: u32,
+    /// L negotiated classic ECN with X (`TCPI_OPT_ECN` in L's `tcpi_options`).
+    pub client_ecn: bool,
+    /// L' negotiated classic ECN with Y.
+    pub backend_ecn: bool,
+    /// L negotiated timestamps with X (`TCPI_OPT_TIMESTAMPS`).
+    pub client_timestamps: bool,
+    /// L' negotiated timestamps with Y.
+    pub backend_timestamps: bool,
+}
+
+/// A socket's two window scales, as `TCP_INFO` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wscale {
+    /// The scale of the windows the peer sends (`tcpi_snd_wscale`).
+    pub snd: u8,
+    /// The scale of the windows this socket sends (`tcpi_rcv_wscale`).
+    pub rcv: u8,
+}
+
+fn mapped(ip: std::net::Ipv4Addr) -> [u8; 16] {
+    ip.to_ipv6_mapped().octets()
+}
+
+impl Handoff {
+    /// Why this connection cannot be handed to the translation as it stands, as a reason of
+    /// the design's section 9, or `None`.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match (self.client_timestamps, self.backend_timestamps) {
+            (true, false) => Some("ts_client_only"),
+            // Translating both fields is not implemented yet.
+            (true, true) => Some("ts_not_translated"),
+            _ => None,
+        }
+    }
+
+    /// The key and entry for the client's segments (`E_up`) and for the backend's (`E_down`),
+    /// both in state `state`.
+    ///
+    /// Byte `k` of the client's stream (sequence `Ic + 1 + k`) is byte `P + k` of what L'
+    /// sends (`Jp + 1 + P + k`); byte `k` of the backend's (`Jb + 1 + k`) is byte `k` of what
+    /// L sends (`Ip + 1 + k`). The offsets are constant for the life of the connection.
+    pub fn entries(&self, state: u8) -> [(FlowKey, Flow); 2] {
+        let (ip, ic) = (self.client_isns.local_isn, self.client_isns.peer_isn);
+        let (jp, jb) = (self.backend_isns.local_isn, self.backend_isns.peer_isn);
+        let p = self.preface_len;
+        // ECN on one side only: clear it both ways (towards the side without it is what
+        // matters; the other way carries no ECN marks anyway).
+        let flags = if self.client_ecn == self.backend_ecn {
+            0
+        } else {
+            FLOW_ECN_CLEAR
+        };
+        // Timestamps on the backend's connection only: Y's option becomes NOPs towards X.
+        let down_ts = if self.backend_timestamps && !self.client_timestamps {
+            FLOW_TS_STRIP
+        } else {
+            0
+        };
+        let delta_up = jp.wrapping_add(p).wrapping_sub(ic);
+        let delta_down = ip.wrapping_sub(jb);
+        let up_key = FlowKey {
+            saddr: mapped(*self.client.ip()),
+            daddr: mapped(*self.front.ip()),
+            sport: self.client.port().to_be(),
+            dport: self.front.port().to_be(),
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        let up = Flow {
+            state,
+            dir: FLOW_UP,
+            flags,
+            out_ifindex: self.backend_ifindex,
+            new_saddr: self.back.ip().octets(),
+            new_daddr: self.backend.ip().octets(),
+            new_sport: self.back.port().to_be(),
+            new_dport: self.backend.port().to_be(),
+            flow_label: self.flow_label,
+            seq_delta: delta_up,
+            ack_delta: delta_down,
+            seq_floor: ic.wrapping_add(1).wrapping_add(self.from_client),
+            ack_floor: ip.wrapping_add(1).wrapping_add(self.from_backend),
+            ws_in: self.client_wscale.snd,
+            ws_out: self.backend_wscale.rcv,
+            stream_start: ic.wrapping_add(1),
+            ..Flow::default()
+        };
+        let down_key = FlowKey {
+            saddr: self.backend.ip().octets(),
+            daddr: self.back.ip().octets(),
+            sport: self.backend.port().to_be(),
+            dport: self.back.port().to_be(),
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        };
+        let down = Flow {
+            state,
+            dir: FLOW_DOWN,
+            flags: flags | down_ts,
+            out_ifindex: self.client_ifindex,
+            new_saddr: mapped(*self.front.ip()),
+            new_daddr: mapped(*self.client.ip()),
+            new_sport: self.front.port().to_be(),
+            new_dport: self.client.port().to_be(),
+            seq_delta: delta_down,
+            ack_delta: delta_up,
+            seq_floor: jb.wrapping_add(1).wrapping_add(self.from_backend),
+            ack_floor: jp
+                .wrapping_add(1)
+                .wrapping_add(p)
+                .wrapping_add(self.from_client),
+            ws_in: self.backend_wscale.snd,
+            ws_out: self.client_wscale.rcv,
+            stream_start: jb.wrapping_add(1),
+            ..Flow::default()
+        };
+        [(up_key, up), (down_key, down)]
+    }
+}
+
+/// `spliced_packet_in` and its translation table. Dropping it detaches the program from every
+/// interface (tcx links) and frees the maps.
+pub struct PacketTables {
+    ebpf: Ebpf,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl PacketTables {
+    /// Loads the object and the translation program; nothing is attached yet.
+    pub fn load() -> Result<Self> {
+        anyhow::ensure!(
+            !OBJECT.is_empty(),
+            "this binary was built without its eBPF object"
+        );
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
+        let flows = ebpf
+            .take_map(MAP_PACKET_FLOWS)
+            .with_context(|| format!("map {MAP_PACKET_FLOWS} missing from the object"))?
+            .try_into()?;
+        let counters = ebpf
+            .take_map(MAP_PACKET_COUNTERS)
+            .with_context(|| format!("map {MAP_PACKET_COUNTERS} missing from the object"))?
+            .try_into()?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_PACKET_IN)
+            .with_context(|| format!("program {PROG_PACKET_IN} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .context("the verifier rejected the packet translation program")?;
+        Ok(PacketTables {
+            ebpf,
+            flows,
+            counters,
+        })
+    }
+
+    /// Attaches the translation program to the ingress of `interface`, a name in the calling
+    /// thread's network namespace (tcx, so no qdisc is added and nothing stays behind when
+    /// this is dropped).
+    pub fn attach(&mut self, interface: &str) -> Result<()> {
+        let name = std::ffi::CString::new(interface)
+            .with_context(|| format!("interface name {interface:?}"))?;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_PACKET_IN)
+            .with_context(|| format!("program {PROG_PACKET_IN} missing from the object"))?
+            .try_into()?;
+        prog.attach(name.as_c_str(), TcAttachType::Ingress)
+            .with_context(|| format!("attaching {PROG_PACKET_IN} to the ingress of {interface}"))?;
+        Ok(())
+    }
+
+    /// Installs both entries of a connection, the backend's first (a translated client segment
+    /// may provoke the backend's answer at once). If the second insert fails the first is
+    /// removed again.
+    pub fn insert(&mut self, handoff: &Handoff, state: u8) -> Result<()> {
+        let [(up_key, up), (down_key, down)] = handoff.entries(state);
+        self.flows
+            .insert(&down_key, &down, 0)
+            .context("inserting the backend's entry")?;
+        if let Err(e) = self.flows.insert(&up_key, &up, 0) {
+            let _ = self.flows.remove(&down_key);
+            return Err(e).context("inserting the client's entry");
+        }
+        Ok(())
+    }
+
+    /// Removes both entries of a connection (client's first, so no new backend answer is
+    /// provoked that would find no entry).
+    pub fn remove(&mut self, handoff: &Handoff) -> Result<()> {
+        let [(up_key, _), (down_key, _)] = handoff.entries(0);
+        for key in [up_key, down_key] {
+            match self.flows.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a packet engine entry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The current entries of a connection (client's, backend's), as the program left them.
+    pub fn entries(&self, handoff: &Handoff) -> Result<[Option<Flow>; 2]> {
+        let [(up_key, _), (down_key, _)] = handoff.entries(0);
+        let get = |key: &FlowKey| match self.flows.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a packet engine entry"),
+        };
+        Ok([get(&up_key)?, get(&down_key)?])
+    }
+
+    /// The program's counters summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        PacketCounter::ALL
+            .iter()
+            .map(|&c| (c.name(), super::sum_per_cpu(&self.counters, c as u32)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handoff() -> Handoff {
+        Handoff {
+            client: "192.0.2.2:40000".parse().expect("address"),
+            front: "192.0.2.1:443".parse().expect("address"),
+            back: "[2001:db8:1::1]:50000".parse().expect("address"),
+            backend: "[2001:db8:1::10]:443".parse().expect("address"),
+            // Near the wrap, so the offsets' arithmetic must wrap too.
+            client_isns: IsnPair {
+                local_isn: 0xffff_fff0,
+                peer_isn: 1000,
+            },
+            backend_isns: IsnPair {
+                local_isn: 5000,
+                peer_isn: 0xffff_ff00,
+            },
+            preface_len: 28,
+            from_client: 517,
+            from_backend: 0,
+            client_wscale: Wscale { snd: 7, rcv: 9 },
+            backend_wscale: Wscale { snd: 8, rcv: 6 },
+            client_ifindex: 2,
+            backend_ifindex: 3,
+            flow_label: 0x12345,
+            client_ecn: true,
+            backend_ecn: false,
+            client_timestamps: false,
+            backend_timestamps: true,
+        }
+    }
+
+    #[test]
+    fn a_byte_lands_where_spliced_would_have_put_it() {
+        let h = handoff();
+        let [(up_key, up), (down_key, down)] = h.entries(proxy_common::FLOW_ACTIVE);
+        // Client byte k = 517 (the first after the hello) is byte P + 517 of what L' sent.
+        let client_seq = 1000u32 + 1 + 517;
+        assert_eq!(client_seq.wrapping_add(up.seq_delta), 5000 + 1 + 28 + 517);
+        assert_eq!(up.seq_floor, client_seq);
+        // Backend byte 0 is byte 0 of what L sends to the client.
+        let backend_seq = 0xffff_ff00u32.wrapping_add(1);
+        assert_eq!(
+            backend_seq.wrapping_add(down.seq_delta),
+            0xffff_fff0u32.wrapping_add(1)
+        );
+        // An ACK from the client for L's first byte is an ACK for Y's first byte, and an ACK
+        // from Y for the whole preface is an ACK for the hello.
+        assert_eq!(
+            0xffff_fff0u32.wrapping_add(1).wrapping_sub(up.ack_delta),
+            backend_seq
+        );
+        assert_eq!(
+            down.ack_floor.wrapping_sub(down.ack_delta),
+            client_seq,
+            "Y acknowledging the preface and the hello acknowledges the hello to X"
+        );
+        assert_eq!((up.ws_in, up.ws_out, down.ws_in, down.ws_out), (7, 6, 8, 9));
+        assert_eq!(up_key.sport, 40000u16.to_be());
+        assert_eq!(up.new_daddr, h.backend.ip().octets());
+        assert_eq!(down_key.dport, 50000u16.to_be());
+        assert_eq!(&down.new_daddr[10..], &[0xff, 0xff, 192, 0, 2, 2]);
+        assert_eq!((up.out_ifindex, down.out_ifindex), (3, 2));
+        assert_eq!(
+            (up.flags, down.flags),
+            (FLOW_ECN_CLEAR, FLOW_ECN_CLEAR | FLOW_TS_STRIP)
+        );
+        assert_eq!(h.unsupported(), None);
+        let client_only = Handoff {
+            client_timestamps: true,
+            backend_timestamps: false,
+            ..h
+        };
+        assert_eq!(client_only.unsupported(), Some("ts_client_only"));
+        let same = Handoff {
+            backend_ecn: true,
+            backend_timestamps: false,
+            ..h
+        };
+        let [(_, up), (_, down)] = same.entries(proxy_common::FLOW_ACTIVE);
+        assert_eq!((up.flags, down.flags), (0, 0));
+    }
+}
