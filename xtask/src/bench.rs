@@ -67,6 +67,8 @@ struct Sample {
     /// Segments without data (acknowledgements, window updates) the proxy's own TCP sent:
     /// what its sockets add to the stream's packets. Zero on the direct path.
     pure_acks: u64,
+    /// Segments the proxy's own TCP sent again.
+    retransmitted: u64,
 }
 
 /// Runs the benchmark with the given `spliced` binary and prints a Markdown table.
@@ -123,7 +125,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 proxy_cpu()?,
                 system_cpu()?,
                 proxy_packets(&world)?,
-                proxy_pure_acks(&world)?,
+                proxy_tcp_segments(&world)?,
             );
             let done = transfer(&world, target, &hello, opts.bytes)
                 .with_context(|| format!("a transfer through {}", c.name()))?;
@@ -131,7 +133,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 proxy_cpu()?,
                 system_cpu()?,
                 proxy_packets(&world)?,
-                proxy_pure_acks(&world)?,
+                proxy_tcp_segments(&world)?,
             );
             let mut problems = sink.problems_since(&mark, header);
             if done.received != opts.bytes {
@@ -151,7 +153,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 proxy_cpu: after.0 - before.0,
                 system_cpu: after.1 - before.1,
                 packets: after.2.saturating_sub(before.2),
-                pure_acks: after.3.saturating_sub(before.3),
+                pure_acks: after.3.0.saturating_sub(before.3.0),
+                retransmitted: after.3.1.saturating_sub(before.3.1),
             };
             eprintln!(
                 "  round {round} {:<width$} {:>8.1} MiB/s each way, proxy {:.3} s, system {:.3} s",
@@ -184,6 +187,11 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
         |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.packets as f64 / mib_moved).collect() };
     let acks =
         |s: &[Sample]| -> Vec<f64> { s.iter().map(|s| s.pure_acks as f64 / mib_moved).collect() };
+    let again = |s: &[Sample]| -> Vec<f64> {
+        s.iter()
+            .map(|s| s.retransmitted as f64 / mib_moved)
+            .collect()
+    };
     // The medians ratios are taken against, measured in the same rounds: the direct path's,
     // and the baseline HAProxy's when it runs.
     let direct = contenders
@@ -213,18 +221,18 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
          | proxy CPU s/GiB (median, min-max) | vs HAProxy \
          | system CPU s/GiB (median, min-max) | vs direct | vs HAProxy \
          | packets sent by the proxy host per MiB (median, min-max) \
-         | of which pure ACKs from the proxy's sockets |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | pure ACKs from the proxy's sockets per MiB | segments they retransmitted per MiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (c, s) in contenders.iter().zip(&samples) {
-        let (tput, proxy, system, packets, acks) =
-            (tput(s), proxy(s), system(s), packets(s), acks(s));
+        let (tput, proxy, system, packets, acks, again) =
+            (tput(s), proxy(s), system(s), packets(s), acks(s), again(s));
         let (proxy_cell, proxy_ratio) = match c {
             Contender::Direct => ("-".to_string(), "-".to_string()),
             Contender::Proxy(_) => (cell(&proxy, 3), ratio(median(&proxy), haproxy.map(|h| h.1))),
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.name(),
             cell(&tput, 0),
             ratio(median(&tput), Some(direct.0)),
@@ -236,6 +244,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
             ratio(median(&system), haproxy.map(|h| h.2)),
             cell(&packets, 1),
             cell(&acks, 1),
+            cell(&again, 1),
         ));
     }
     let mut notes = String::from(
@@ -434,10 +443,12 @@ fn proxy_packets(world: &World) -> Result<u64> {
     Ok(total)
 }
 
-/// Segments the proxy namespace's TCP sent that carried no data: all segments, less new data
-/// and retransmissions (the kernel counts a TSO packet as the segments it becomes, and a pure
-/// ACK as one).
-fn proxy_pure_acks(world: &World) -> Result<u64> {
+/// The proxy namespace's own TCP: segments sent without data (acknowledgements, window updates)
+/// and segments retransmitted, counted in segments (a TSO packet as the segments it becomes).
+/// `OutSegs` counts new data and dataless segments only, never a retransmission
+/// (`__tcp_transmit_skb` in `net/ipv4/tcp_output.c`), so the dataless ones are `OutSegs` less
+/// `TCPOrigDataSent`.
+fn proxy_tcp_segments(world: &World) -> Result<(u64, u64)> {
     let (snmp, netstat) = world.within(Ns::Proxy, || -> Result<(String, String)> {
         // thread-self: the namespace this thread entered, not the process's.
         Ok((
@@ -452,9 +463,10 @@ fn proxy_pure_acks(world: &World) -> Result<u64> {
             .copied()
             .with_context(|| format!("no {name} in the proxy's /proc/net counters"))
     };
-    Ok(get("TcpOutSegs")?
-        .saturating_sub(get("TcpExtTCPOrigDataSent")?)
-        .saturating_sub(get("TcpRetransSegs")?))
+    Ok((
+        get("TcpOutSegs")?.saturating_sub(get("TcpExtTCPOrigDataSent")?),
+        get("TcpRetransSegs")?,
+    ))
 }
 
 /// Non-idle CPU seconds of the whole machine, softirq included.
