@@ -42,6 +42,14 @@ pub struct ListenerInfo {
     pub accept_proxy: Vec<Cidr>,
 }
 
+impl ListenerInfo {
+    /// Whether `peer` is in `accept_proxy`: a balancer whose connections must start with a
+    /// PROXY header announcing the real client.
+    pub fn trusts(&self, peer: SocketAddr) -> bool {
+        self.accept_proxy.iter().any(|n| n.contains(peer.ip()))
+    }
+}
+
 /// Who a connection is for: the client and the address it connected to. From the socket, or,
 /// on a connection from an `accept_proxy` source, from the PROXY header it started with, which
 /// then stands for the socket everywhere (access log, `X-Forwarded-For`, the PROXY header sent
@@ -95,7 +103,7 @@ pub async fn handle(
     // unless the peer is a balancer that announces its client in a PROXY header, whose
     // client `serve` counts once the header is read.
     let limit = shared.current().config.defaults.max_connections_per_source;
-    let balancer = listener.accept_proxy.iter().any(|n| n.contains(peer.ip()));
+    let balancer = listener.trusts(peer);
     let _source = if balancer {
         None
     } else {
@@ -116,7 +124,7 @@ pub async fn handle(
     let result = tokio::select! {
         // Biased: while forwarding, `serve` sees the cut itself and resets the backend too.
         biased;
-        r = serve(&client, peer, &listener, &shared, &mut facts, &mut inner_cut) => r,
+        r = serve(&client, (peer, balancer), &listener, &shared, &mut facts, &mut inner_cut) => r,
         _ = cut.wait_for(|&c| c) => {
             forward::reset_on_close(&client);
             Err(Outcome::Shutdown.into())
@@ -204,9 +212,10 @@ pub fn close_at_once(
     });
 }
 
+/// `peer` comes with whether it is a balancer the listener trusts to announce its client.
 async fn serve(
     client: &TcpStream,
-    peer: SocketAddr,
+    (peer, trusted): (SocketAddr, bool),
     listener: &ListenerInfo,
     shared: &Shared,
     facts: &mut Facts,
@@ -223,7 +232,6 @@ async fn serve(
     // included when the source must send one. Until it is complete, the connection may be shed
     // to free its descriptor (see crate::shed).
     let mut buf = Vec::with_capacity(2048);
-    let trusted = listener.accept_proxy.iter().any(|n| n.contains(peer.ip()));
     let ticket = shared.pre_hello().enter();
     let read = async {
         let endpoints = if trusted {
