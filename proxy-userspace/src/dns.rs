@@ -170,32 +170,13 @@ impl Resolver {
                 .build()
                 .context("building the DNS resolver")?;
 
-        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("spliced-dns".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = handle_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = handle_tx.send(Ok(runtime.handle().clone()));
-                runtime.block_on(async {
-                    let _ = stop_rx.await;
-                });
-                runtime.shutdown_timeout(Duration::from_millis(100));
-            })
+        // Its thread ends when the resolver is dropped (with `_stop`); nothing joins it.
+        let crate::runtime_thread::RuntimeThread {
+            handle: runtime,
+            stop: stop_tx,
+            ..
+        } = crate::runtime_thread::start("spliced-dns".into(), Duration::from_millis(100))
             .context("starting the DNS thread")?;
-        let runtime = handle_rx
-            .recv()
-            .context("the DNS thread ended before starting")?
-            .context("starting the DNS runtime")?;
         Ok(Resolver {
             resolver,
             runtime,

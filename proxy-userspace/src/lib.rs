@@ -28,6 +28,7 @@ mod notify;
 mod outcome;
 mod preface;
 mod route;
+mod runtime_thread;
 mod server;
 mod shared;
 mod shed;

@@ -763,38 +763,14 @@ impl Workers {
             threads: Vec::with_capacity(count),
         };
         for i in 0..count {
-            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let thread = std::thread::Builder::new()
-                .name(format!("spliced-w{i}"))
-                .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(runtime) => runtime,
-                        Err(e) => {
-                            let _ = handle_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = handle_tx.send(Ok(runtime.handle().clone()));
-                    // The runtime runs its tasks while this waits.
-                    runtime.block_on(async {
-                        let _ = stop_rx.await;
-                    });
-                    // Connections are over by now (or were cut); do not wait for a blocking
-                    // task that a peer holds up.
-                    runtime.shutdown_timeout(Duration::from_secs(1));
-                })
-                .context("starting a connection worker")?;
-            let handle = handle_rx
-                .recv()
-                .context("a connection worker ended while starting")?
-                .context("starting a connection worker's runtime")?;
-            workers.handles.push(handle);
-            workers.stops.push(stop_tx);
-            workers.threads.push(thread);
+            // Connections are over when a worker stops (or were cut); it does not wait for a
+            // blocking task that a peer holds up.
+            let worker =
+                crate::runtime_thread::start(format!("spliced-w{i}"), Duration::from_secs(1))
+                    .context("starting a connection worker")?;
+            workers.handles.push(worker.handle);
+            workers.stops.push(worker.stop);
+            workers.threads.push(worker.thread);
         }
         Ok(workers)
     }
