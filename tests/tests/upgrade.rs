@@ -127,6 +127,62 @@ fn roundtrip_on(world: &World, port: u16, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A long position-checked transfer through spliced on 443 (site `a.example`), started before
+/// an upgrade: its first 16 MiB go through at once (past the 256 KiB after which `auto` hands
+/// a direction to the kernel), the rest in [`LongTransfer::finish`].
+struct LongTransfer {
+    stream: TcpStream,
+    seed: u64,
+    total: u64,
+    received: std::sync::mpsc::Receiver<Result<u64>>,
+}
+
+impl LongTransfer {
+    const FIRST: u64 = 16 << 20;
+
+    fn start(world: &World, seed: u64, total: u64) -> Result<LongTransfer> {
+        let mut stream = raw::connect(world, 443, Duration::from_secs(60))?;
+        let hello = simple_hello("a.example");
+        stream.write_all(&hello)?;
+        expect_hello(&mut stream, &hello)?;
+        let mut reader = stream.try_clone()?;
+        let received = spawn(move || {
+            let mut verifier = Verifier::new(seed, total);
+            receive_stream(&mut reader, &mut verifier)?;
+            verifier.finish()?;
+            Ok(verifier.received())
+        });
+        send_stream_range(&mut stream, seed, 0, Self::FIRST).context("the first part")?;
+        Ok(LongTransfer {
+            stream,
+            seed,
+            total,
+            received,
+        })
+    }
+
+    /// Sends the rest, and checks that every byte came back in order and that `old`, the
+    /// process that accepted it, logged it as `ok`; returns that log line.
+    fn finish(mut self, old: &Spliced) -> Result<String> {
+        let client = self.stream.local_addr()?;
+        send_stream_range(&mut self.stream, self.seed, Self::FIRST, self.total)
+            .context("the rest of the transfer")?;
+        self.stream.shutdown(Shutdown::Write)?;
+        let got = raw::result(
+            &self.received,
+            Duration::from_secs(120),
+            "the long transfer",
+        )?;
+        ensure!(got == self.total, "{got} of {} bytes came back", self.total);
+        let line = old.log_line_for(client, IO)?;
+        ensure!(
+            field(&line, "outcome") == Some("ok"),
+            "the long transfer's line in the old process's log: {line}"
+        );
+        Ok(line)
+    }
+}
+
 /// How many access-log lines say `outcome=ok`.
 fn served(spliced: &Spliced) -> usize {
     spliced
@@ -148,24 +204,9 @@ fn an_upgrade_under_load_fails_no_connection_and_finishes_open_transfers() -> Re
         .start(&world, &[443])?;
     let old_pid = old.pid().context("no PID")?;
 
-    // The long transfer: its first part goes through before the upgrade (past the 256 KiB
-    // after which `auto` hands a direction to the kernel), the rest after.
+    // The long transfer: its first part goes through before the upgrade, the rest after.
     let total = env_or("SPLICED_TEST_UPGRADE_BYTES", 256 << 20);
-    let first = 16 << 20;
-    let seed = 0x0b1d_5eed;
-    let mut long = raw::connect(&world, 443, Duration::from_secs(60))?;
-    let long_client = long.local_addr()?;
-    let hello = simple_hello("a.example");
-    long.write_all(&hello)?;
-    expect_hello(&mut long, &hello)?;
-    let mut reader = long.try_clone()?;
-    let received = spawn(move || {
-        let mut verifier = Verifier::new(seed, total);
-        receive_stream(&mut reader, &mut verifier)?;
-        verifier.finish()?;
-        Ok(verifier.received())
-    });
-    send_stream_range(&mut long, seed, 0, first).context("the first part")?;
+    let long = LongTransfer::start(&world, 0x0b1d_5eed, total)?;
 
     let clients = ClientLoop::start(
         &world,
@@ -196,15 +237,7 @@ fn an_upgrade_under_load_fails_no_connection_and_finishes_open_transfers() -> Re
         Ok(clients.attempted() >= after)
     })?;
 
-    send_stream_range(&mut long, seed, first, total).context("the rest of the transfer")?;
-    long.shutdown(Shutdown::Write)?;
-    let got = raw::result(&received, Duration::from_secs(120), "the long transfer")?;
-    ensure!(got == total, "{got} of {total} bytes came back");
-    let line = old.log_line_for(long_client, IO)?;
-    ensure!(
-        field(&line, "outcome") == Some("ok"),
-        "the long transfer's line in the old process's log: {line}"
-    );
+    let line = long.finish(&old)?;
     let how = exited(&mut old, Duration::from_secs(30))?;
     ensure!(
         how.contains("exit status: 0"),
@@ -707,21 +740,7 @@ fn under_systemd_the_running_process_starts_its_successor_and_hands_the_service_
     })?;
 
     let total = env_or("SPLICED_TEST_SYSTEMD_UPGRADE_BYTES", 64 << 20);
-    let first = 16 << 20;
-    let seed = 0x5d_5eed;
-    let mut long = raw::connect(&world, 443, Duration::from_secs(60))?;
-    let long_client = long.local_addr()?;
-    let hello = simple_hello("a.example");
-    long.write_all(&hello)?;
-    expect_hello(&mut long, &hello)?;
-    let mut reader = long.try_clone()?;
-    let received = spawn(move || {
-        let mut verifier = Verifier::new(seed, total);
-        receive_stream(&mut reader, &mut verifier)?;
-        verifier.finish()?;
-        Ok(verifier.received())
-    });
-    send_stream_range(&mut long, seed, 0, first).context("the first part")?;
+    let long = LongTransfer::start(&world, 0x5d_5eed, total)?;
     let clients = ClientLoop::start(
         &world,
         443,
@@ -776,15 +795,7 @@ fn under_systemd_the_running_process_starts_its_successor_and_hands_the_service_
         Ok(clients.attempted() >= after)
     })?;
 
-    send_stream_range(&mut long, seed, first, total).context("the rest of the transfer")?;
-    long.shutdown(Shutdown::Write)?;
-    let got = raw::result(&received, Duration::from_secs(120), "the long transfer")?;
-    ensure!(got == total, "{got} of {total} bytes came back");
-    let line = old.log_line_for(long_client, IO)?;
-    ensure!(
-        field(&line, "outcome") == Some("ok"),
-        "the long transfer's line: {line}"
-    );
+    long.finish(&old)?;
     let how = exited(&mut old, Duration::from_secs(30))?;
     ensure!(
         how.contains("exit status: 0"),
