@@ -7,7 +7,7 @@
 //! a `source_prefix` inside `allowed_backends` that the fence must still refuse.
 use std::{
     io::Write as _,
-    net::{Shutdown, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -98,21 +98,7 @@ fn exchange(world: &World, port: u16, hello: &[u8]) -> Result<SocketAddr> {
     let to = SocketAddr::new(PROXY_V4, port);
     let mut stream = raw::connect_from(world, Ns::Client, CLIENT_V4, to, Duration::from_secs(10))?;
     let me = stream.local_addr()?;
-    stream.write_all(hello)?;
-    let echoed = raw::read_exactly(&mut stream, hello.len())
-        .with_context(|| format!("{me}: reading the echoed hello"))?;
-    ensure!(echoed == hello, "{me}: the hello came back different");
-    let payload: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
-    stream.write_all(&payload)?;
-    let echoed = raw::read_exactly(&mut stream, payload.len())?;
-    ensure!(echoed == payload, "{me}: the payload came back different");
-    stream.shutdown(Shutdown::Write)?;
-    let (rest, end) = raw::read_to_end(&mut stream, 1024);
-    ensure!(
-        rest.is_empty() && end == End::Eof,
-        "{me}: after the echo: {} bytes, {end:?}",
-        rest.len()
-    );
+    raw::echo_round_trip(&mut stream, hello, 16 * 1024)?;
     Ok(me)
 }
 

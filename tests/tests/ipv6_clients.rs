@@ -3,15 +3,14 @@
 //! the client's IPv6 address as `TCP6` (v1) or `AF_INET6` (v2), while an IPv4 client on the
 //! IPv4 listener still gets `TCP4`.
 use std::{
-    io::Write as _,
-    net::{IpAddr, Shutdown, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use anyhow::{Result, bail, ensure};
 use spliced_tests::{
     CLIENT_V4, CLIENT_V6, Ns, PROXY_FRONT_V6, PROXY_V4, World,
-    raw::{self, Behavior, ConnRecord, End, TestBackend},
+    raw::{self, Behavior, ConnRecord, TestBackend},
     spliced::{Launch, field},
 };
 
@@ -40,20 +39,7 @@ fn config(engine: &str, xdp: bool) -> String {
 fn exchange(world: &World, source: IpAddr, to: SocketAddr, hello: &[u8]) -> Result<SocketAddr> {
     let mut stream = raw::connect_from(world, Ns::Client, source, to, Duration::from_secs(10))?;
     let me = stream.local_addr()?;
-    stream.write_all(hello)?;
-    let echoed = raw::read_exactly(&mut stream, hello.len())?;
-    ensure!(echoed == hello, "{me}: the hello came back different");
-    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
-    stream.write_all(&payload)?;
-    let echoed = raw::read_exactly(&mut stream, payload.len())?;
-    ensure!(echoed == payload, "{me}: the payload came back different");
-    stream.shutdown(Shutdown::Write)?;
-    let (rest, end) = raw::read_to_end(&mut stream, 1024);
-    ensure!(
-        rest.is_empty() && end == End::Eof,
-        "{me}: after the echo: {} bytes, {end:?}",
-        rest.len()
-    );
+    raw::echo_round_trip(&mut stream, hello, 64 * 1024)?;
     Ok(me)
 }
 

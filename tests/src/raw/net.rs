@@ -123,6 +123,22 @@ pub fn shut_and_expect_eof(stream: &mut TcpStream, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Against an echo backend: sends `hello`, then `len` patterned bytes, expects each echoed
+/// byte for byte, half-closes and expects a clean end with nothing more.
+pub fn echo_round_trip(stream: &mut TcpStream, hello: &[u8], len: u32) -> Result<()> {
+    let me = stream.local_addr()?;
+    stream.write_all(hello)?;
+    let echoed =
+        read_exactly(stream, hello.len()).with_context(|| format!("{me}: the echoed hello"))?;
+    anyhow::ensure!(echoed == hello, "{me}: the hello came back different");
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&payload)?;
+    let echoed =
+        read_exactly(stream, payload.len()).with_context(|| format!("{me}: the echoed payload"))?;
+    anyhow::ensure!(echoed == payload, "{me}: the payload came back different");
+    shut_and_expect_eof(stream, &format!("{me}: after the echo"))
+}
+
 /// A TCP port on `ip` that nothing in this namespace listens on right now (the kernel picks
 /// it; it may be taken again before it is used, which is unlikely among high ports).
 pub fn free_port(ip: std::net::IpAddr) -> Result<u16> {
