@@ -322,35 +322,59 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// [`Flow::state`]: the entry is installed but translates nothing yet (the handoff's drain,
-/// not implemented yet): segments pass to the local socket.
+/// [`Flow::state`]: the handoff's drain (`docs/packet-engine.md`, 3.2): new data and ACKs at
+/// or past the local end are translated; old data, and pure ACKs short of the local end, reach
+/// the local socket, whose own segments the egress program reconciles with the translation.
 pub const FLOW_DRAIN: u8 = 0;
-/// [`Flow::state`]: every segment of the tuple is translated.
+/// [`Flow::state`]: every segment of the tuple is translated; the local socket sees nothing
+/// and sends nothing.
 pub const FLOW_ACTIVE: u8 = 1;
+/// [`Flow::state`]: an RST crossed this entry (set by the program); later segments of the
+/// tuple are dropped until spliced removes the pair.
+pub const FLOW_RESET: u8 = 2;
+/// [`Flow::flags`]: both connections negotiated timestamps; `TSval` and `TSecr` are
+/// translated (design 4.3).
+pub const FLOW_TS_TRANSLATE: u16 = 1 << 0;
+/// [`Flow::flags`]: the sender negotiated timestamps but the receiver did not; the option
+/// becomes NOPs (design 4.3: only the backend's connection has them).
+pub const FLOW_TS_STRIP: u16 = 1 << 1;
+/// [`Flow::flags`]: the sender negotiated SACK but the receiver did not; SACK options become
+/// NOPs (design 4.4).
+pub const FLOW_SACK_STRIP: u16 = 1 << 2;
 /// [`Flow::flags`]: only one of the two connections negotiated ECN; the ECN field of the IP
 /// header and the ECE and CWR flags are cleared, so routers drop instead of marking packets
 /// whose receiver would ignore the mark.
 pub const FLOW_ECN_CLEAR: u16 = 1 << 3;
-/// [`Flow::flags`]: the sender negotiated timestamps but the receiver did not; the option
-/// becomes NOPs (design 4.3: only the backend's connection has them).
-pub const FLOW_TS_STRIP: u16 = 1 << 1;
+/// [`Flow::flags`]: spliced itself sent a FIN on the local socket this entry's segments reach
+/// (rule F during the drain); the egress program lets that FIN pass (design 3.3).
+pub const FLOW_LOCAL_FIN: u16 = 1 << 4;
+/// [`Flow::ts_ready`]: [`Flow::tsval_delta`] is set.
+pub const FLOW_TSVAL_READY: u8 = 1 << 0;
+/// [`Flow::ts_ready`]: [`Flow::tsecr_delta`] is set (copied from the other entry's
+/// `tsval_delta`).
+pub const FLOW_TSECR_READY: u8 = 1 << 1;
 /// [`Flow::dir`]: the entry translates the client's segments towards the backend.
 pub const FLOW_UP: u8 = 0;
 /// [`Flow::dir`]: the entry translates the backend's segments towards the client.
 pub const FLOW_DOWN: u8 = 1;
 
-/// How the segments of one [`FlowKey`] are translated into segments of the other connection.
-/// The first part is written by spliced before the entry is visible and is constant; the
-/// counters at the end are written by the program (per entry, approximate: racy increments).
+/// How the segments of one [`FlowKey`] are translated into segments of the other connection
+/// (`docs/packet-engine.md`, section 5).
+///
+/// The first part, up to [`Flow::started_ns`], is written by spliced before the entry is
+/// visible and is constant (but for `state`, which spliced moves from [`FLOW_DRAIN`] to
+/// [`FLOW_ACTIVE`] and the program to [`FLOW_RESET`], and [`FLOW_LOCAL_FIN`]). The rest is
+/// written by the program that translates this entry's segments (racy between CPUs:
+/// approximate where it counts, monotonic `max` updates where it tracks positions).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// [`FLOW_DRAIN`] or [`FLOW_ACTIVE`].
+    /// [`FLOW_DRAIN`], [`FLOW_ACTIVE`] or [`FLOW_RESET`].
     pub state: u8,
     /// [`FLOW_UP`] (IPv4 in, IPv6 out) or [`FLOW_DOWN`] (IPv6 in, IPv4 out).
     pub dir: u8,
-    /// How options and marks are handled: [`FLOW_ECN_CLEAR`], [`FLOW_TS_STRIP`] (timestamp
-    /// translation and SACK stripping are not implemented yet).
+    /// How options and marks are handled: [`FLOW_TS_TRANSLATE`], [`FLOW_TS_STRIP`],
+    /// [`FLOW_SACK_STRIP`], [`FLOW_ECN_CLEAR`], [`FLOW_LOCAL_FIN`].
     pub flags: u16,
     /// The interface the translated segment leaves by (`bpf_redirect_neigh`).
     pub out_ifindex: u32,
@@ -381,11 +405,53 @@ pub struct Flow {
     pub _pad: [u8; 2],
     /// The sender's ISN + 1, for byte counts in the access log.
     pub stream_start: u32,
+    /// `tsoffset` of the local socket on the output side (L' for up, L for down): its
+    /// timestamp clock is `CLOCK_MONOTONIC` in milliseconds plus this. Translated `TSval`s
+    /// continue that clock (design 4.3).
+    pub out_tsoffset: u32,
+    /// Zero.
+    pub _pad1: u32,
+    /// Socket cookie of the local socket this entry's sender talks to (L for up, L' for
+    /// down): the egress program tells that socket's segments from translated ones by it.
+    pub local_cookie: u64,
+    /// When spliced accepted the connection (`CLOCK_BOOTTIME` nanoseconds), for the access log
+    /// after a restart.
+    pub started_ns: u64,
+    /// Added to the sender's `TSval` (set by the program on the first segment it sees with
+    /// a timestamp; [`FLOW_TSVAL_READY`]).
+    pub tsval_delta: u32,
+    /// Subtracted from the sender's `TSecr`: the other entry's `tsval_delta`, copied once it
+    /// is set ([`FLOW_TSECR_READY`]); until then a translated `TSecr` is 0.
+    pub tsecr_delta: u32,
+    /// [`FLOW_TSVAL_READY`] and [`FLOW_TSECR_READY`].
+    pub ts_ready: u8,
+    /// 1 once the sender's FIN was seen ([`Flow::fin_seq`] is set).
+    pub fin_seen: u8,
+    /// Zero.
+    pub _pad2: [u8; 2],
+    /// Sequence number of the sender's FIN, in the sender's space.
+    pub fin_seq: u32,
+    /// Highest `seq + len` seen from the sender, in the sender's space.
+    pub high_end: u32,
+    /// Highest ACK seen from the sender, in the sender's ACK space (the local socket's
+    /// sequence space): what the sender holds of everything sent to it.
+    pub peer_acked: u32,
+    /// The last ACK number emitted by translation towards the receiver (its own space).
+    pub last_ack_out: u32,
+    /// The last `TSval` emitted by translation towards the receiver.
+    pub last_tsval_out: u32,
+    /// The last window field emitted by translation towards the receiver.
+    pub last_win_out: u16,
+    /// Zero.
+    pub _pad3: [u8; 6],
+    /// Bytes of the sender's stream past `stream_start` that the program saw: the sum of the
+    /// advances of `high_end` (exact across sequence wraps).
+    pub stream_bytes: u64,
     /// Segments translated (GSO aggregates count once).
     pub segments: u64,
-    /// Payload bytes translated.
+    /// Payload bytes translated (retransmissions included).
     pub bytes: u64,
-    /// When a segment was last translated (`bpf_ktime_get_ns`).
+    /// When a segment of the tuple was last seen (`bpf_ktime_get_ns`).
     pub last_seen_ns: u64,
 }
 
@@ -598,7 +664,10 @@ mod tests {
     #[test]
     fn map_types_have_the_designed_layout() {
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 96);
-        assert_eq!(core::mem::offset_of!(Flow, segments), 72);
+        assert_eq!(size_of::<Flow>(), 168);
+        assert_eq!(core::mem::offset_of!(Flow, local_cookie), 80);
+        assert_eq!(core::mem::offset_of!(Flow, tsval_delta), 96);
+        assert_eq!(core::mem::offset_of!(Flow, stream_bytes), 136);
+        assert_eq!(core::mem::offset_of!(Flow, last_seen_ns), 160);
     }
 }

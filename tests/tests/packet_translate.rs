@@ -128,6 +128,8 @@ struct Setup {
 const TCPI_OPT_ECN: u8 = 8;
 /// `TCPI_OPT_TIMESTAMPS` in `tcpi_options`.
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
+/// `TCPI_OPT_SACK` in `tcpi_options`.
+const TCPI_OPT_SACK: u8 = 2;
 
 /// Packets counted by the nftables counter `name` of table `inet marks` in `ns`.
 fn nft_counter(world: &World, ns: Ns, name: &str) -> Result<u64> {
@@ -262,6 +264,15 @@ fn translate(setup: Setup) -> Result<()> {
         backend_ecn: tcp_info(&l2)?.tcpi_options & TCPI_OPT_ECN != 0,
         client_timestamps: tcp_info(&l)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
         backend_timestamps: tcp_info(&l2)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        client_sack: tcp_info(&l)?.tcpi_options & TCPI_OPT_SACK != 0,
+        backend_sack: tcp_info(&l2)?.tcpi_options & TCPI_OPT_SACK != 0,
+        // Timestamps are off on the client's side in every setup here, so the clocks are not
+        // needed.
+        client_tsoffset: 0,
+        backend_tsoffset: 0,
+        client_cookie: cookie(&l)?,
+        backend_cookie: cookie(&l2)?,
+        started_ns: 0,
     };
     ensure!(
         (handoff.client_timestamps, handoff.backend_timestamps)

@@ -17,7 +17,8 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_TS_STRIP, FLOW_UP, Flow, FlowKey,
+    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_SACK_STRIP, FLOW_TS_STRIP,
+    FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey,
     IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN,
     PROG_PACKET_ISN, PacketCounter,
 };
@@ -118,6 +119,21 @@ pub struct Handoff {
     pub client_timestamps: bool,
     /// L' negotiated timestamps with Y.
     pub backend_timestamps: bool,
+    /// L negotiated SACK with X (`TCPI_OPT_SACK`).
+    pub client_sack: bool,
+    /// L' negotiated SACK with Y.
+    pub backend_sack: bool,
+    /// L's `tsoffset`: its timestamp clock is `CLOCK_MONOTONIC` in milliseconds plus this
+    /// (`getsockopt(TCP_TIMESTAMP)` less the clock).
+    pub client_tsoffset: u32,
+    /// L''s `tsoffset`, likewise.
+    pub backend_tsoffset: u32,
+    /// L's socket cookie (`SO_COOKIE`).
+    pub client_cookie: u64,
+    /// L''s socket cookie.
+    pub backend_cookie: u64,
+    /// When the connection was accepted (`CLOCK_BOOTTIME` nanoseconds).
+    pub started_ns: u64,
 }
 
 /// A socket's two window scales, as `TCP_INFO` reports them.
@@ -139,8 +155,6 @@ impl Handoff {
     pub fn unsupported(&self) -> Option<&'static str> {
         match (self.client_timestamps, self.backend_timestamps) {
             (true, false) => Some("ts_client_only"),
-            // Translating both fields is not implemented yet.
-            (true, true) => Some("ts_not_translated"),
             _ => None,
         }
     }
@@ -162,9 +176,25 @@ impl Handoff {
         } else {
             FLOW_ECN_CLEAR
         };
-        // Timestamps on the backend's connection only: Y's option becomes NOPs towards X.
+        // Timestamps on both connections are translated; on the backend's connection only,
+        // Y's option becomes NOPs towards X.
+        let ts = match (self.client_timestamps, self.backend_timestamps) {
+            (true, true) => FLOW_TS_TRANSLATE,
+            _ => 0,
+        };
         let down_ts = if self.backend_timestamps && !self.client_timestamps {
             FLOW_TS_STRIP
+        } else {
+            0
+        };
+        // SACK towards a side that did not negotiate it becomes NOPs.
+        let up_sack = if self.client_sack && !self.backend_sack {
+            FLOW_SACK_STRIP
+        } else {
+            0
+        };
+        let down_sack = if self.backend_sack && !self.client_sack {
+            FLOW_SACK_STRIP
         } else {
             0
         };
@@ -181,7 +211,7 @@ impl Handoff {
         let up = Flow {
             state,
             dir: FLOW_UP,
-            flags,
+            flags: flags | ts | up_sack,
             out_ifindex: self.backend_ifindex,
             new_saddr: self.back.ip().octets(),
             new_daddr: self.backend.ip().octets(),
@@ -195,6 +225,9 @@ impl Handoff {
             ws_in: self.client_wscale.snd,
             ws_out: self.backend_wscale.rcv,
             stream_start: ic.wrapping_add(1),
+            out_tsoffset: self.backend_tsoffset,
+            local_cookie: self.client_cookie,
+            started_ns: self.started_ns,
             ..Flow::default()
         };
         let down_key = FlowKey {
@@ -208,7 +241,7 @@ impl Handoff {
         let down = Flow {
             state,
             dir: FLOW_DOWN,
-            flags: flags | down_ts,
+            flags: flags | ts | down_ts | down_sack,
             out_ifindex: self.client_ifindex,
             new_saddr: mapped(*self.front.ip()),
             new_daddr: mapped(*self.client.ip()),
@@ -224,6 +257,9 @@ impl Handoff {
             ws_in: self.backend_wscale.snd,
             ws_out: self.client_wscale.rcv,
             stream_start: jb.wrapping_add(1),
+            out_tsoffset: self.client_tsoffset,
+            local_cookie: self.backend_cookie,
+            started_ns: self.started_ns,
             ..Flow::default()
         };
         [(up_key, up), (down_key, down)]
@@ -362,6 +398,13 @@ mod tests {
             backend_ecn: false,
             client_timestamps: false,
             backend_timestamps: true,
+            client_sack: true,
+            backend_sack: false,
+            client_tsoffset: 111,
+            backend_tsoffset: 222,
+            client_cookie: 7,
+            backend_cookie: 8,
+            started_ns: 99,
         }
     }
 
@@ -398,8 +441,12 @@ mod tests {
         assert_eq!((up.out_ifindex, down.out_ifindex), (3, 2));
         assert_eq!(
             (up.flags, down.flags),
-            (FLOW_ECN_CLEAR, FLOW_ECN_CLEAR | FLOW_TS_STRIP)
+            (FLOW_ECN_CLEAR | FLOW_SACK_STRIP, FLOW_ECN_CLEAR | FLOW_TS_STRIP)
         );
+        // Each entry continues the clock of the local socket on its output side, and names
+        // the local socket its sender talks to.
+        assert_eq!((up.out_tsoffset, down.out_tsoffset), (222, 111));
+        assert_eq!((up.local_cookie, down.local_cookie), (7, 8));
         assert_eq!(h.unsupported(), None);
         let client_only = Handoff {
             client_timestamps: true,
@@ -410,9 +457,18 @@ mod tests {
         let same = Handoff {
             backend_ecn: true,
             backend_timestamps: false,
+            backend_sack: true,
             ..h
         };
         let [(_, up), (_, down)] = same.entries(proxy_common::FLOW_ACTIVE);
         assert_eq!((up.flags, down.flags), (0, 0));
+        let both_ts = Handoff {
+            client_timestamps: true,
+            backend_timestamps: true,
+            ..same
+        };
+        assert_eq!(both_ts.unsupported(), None);
+        let [(_, up), (_, down)] = both_ts.entries(proxy_common::FLOW_ACTIVE);
+        assert_eq!((up.flags, down.flags), (FLOW_TS_TRANSLATE, FLOW_TS_TRANSLATE));
     }
 }
