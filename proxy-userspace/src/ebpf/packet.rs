@@ -18,9 +18,8 @@ use aya::{
 };
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_SACK_STRIP, FLOW_TS_STRIP,
-    FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey,
-    IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN,
-    PROG_PACKET_ISN, PacketCounter,
+    FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey, IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS,
+    MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -441,7 +440,10 @@ mod tests {
         assert_eq!((up.out_ifindex, down.out_ifindex), (3, 2));
         assert_eq!(
             (up.flags, down.flags),
-            (FLOW_ECN_CLEAR | FLOW_SACK_STRIP, FLOW_ECN_CLEAR | FLOW_TS_STRIP)
+            (
+                FLOW_ECN_CLEAR | FLOW_SACK_STRIP,
+                FLOW_ECN_CLEAR | FLOW_TS_STRIP
+            )
         );
         // Each entry continues the clock of the local socket on its output side, and names
         // the local socket its sender talks to.
@@ -469,6 +471,9 @@ mod tests {
         };
         assert_eq!(both_ts.unsupported(), None);
         let [(_, up), (_, down)] = both_ts.entries(proxy_common::FLOW_ACTIVE);
-        assert_eq!((up.flags, down.flags), (FLOW_TS_TRANSLATE, FLOW_TS_TRANSLATE));
+        assert_eq!(
+            (up.flags, down.flags),
+            (FLOW_TS_TRANSLATE, FLOW_TS_TRANSLATE)
+        );
     }
 }
