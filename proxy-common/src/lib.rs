@@ -431,12 +431,15 @@ pub struct Flow {
     pub _pad2: [u8; 2],
     /// Sequence number of the sender's FIN, in the sender's space.
     pub fin_seq: u32,
-    /// Highest `seq + len` seen from the sender, in the sender's space.
+    /// Highest `seq + len` seen from the sender (a FIN counts one), in the sender's space;
+    /// spliced starts it at `seq_floor`.
     pub high_end: u32,
     /// Highest ACK seen from the sender, in the sender's ACK space (the local socket's
-    /// sequence space): what the sender holds of everything sent to it.
+    /// sequence space): what the sender holds of everything sent to it. spliced starts it at
+    /// the local socket's ISN + 1.
     pub peer_acked: u32,
-    /// The last ACK number emitted by translation towards the receiver (its own space).
+    /// The last ACK number emitted by translation towards the receiver (its own space);
+    /// spliced starts it at the receiver's ISN + 1.
     pub last_ack_out: u32,
     /// The last `TSval` emitted by translation towards the receiver.
     pub last_tsval_out: u32,
@@ -444,8 +447,9 @@ pub struct Flow {
     pub last_win_out: u16,
     /// Zero.
     pub _pad3: [u8; 6],
-    /// Bytes of the sender's stream past `stream_start` that the program saw: the sum of the
-    /// advances of `high_end` (exact across sequence wraps).
+    /// Bytes of the sender's stream past `seq_floor` that the program saw (a FIN counts one):
+    /// the sum of the advances of `high_end`, exact across sequence wraps. With spliced's own
+    /// count before the handoff, the access log's bytes.
     pub stream_bytes: u64,
     /// Segments translated (GSO aggregates count once).
     pub segments: u64,

@@ -93,12 +93,19 @@ pub struct Handoff {
     pub client_isns: IsnPair,
     /// The ISNs recorded for L': its own (`Jp`) and Y's (`Jb`).
     pub backend_isns: IsnPair,
-    /// Bytes spliced wrote to L' before any client byte (the PROXY header, `P`).
-    pub preface_len: u32,
-    /// Client bytes spliced read from L and wrote to L' before the handoff.
-    pub from_client: u32,
-    /// Backend bytes spliced read from L' and wrote to L before the handoff.
-    pub from_backend: u32,
+    /// Bytes spliced read from L (the client) before the handoff: the hello, any PROXY header
+    /// a balancer sent, and everything forwarded since.
+    pub read_from_client: u32,
+    /// Bytes spliced wrote to L' (the backend) before the handoff: the PROXY header it sent,
+    /// the hello, and everything forwarded since. Only the difference to `read_from_client`
+    /// matters; it is constant once the preface is written (the header spliced inserts less
+    /// the header it received). Counts are taken modulo 2^32, as sequence numbers are.
+    pub written_to_backend: u32,
+    /// Bytes spliced read from L' before the handoff.
+    pub read_from_backend: u32,
+    /// Bytes spliced wrote to L before the handoff (equal to `read_from_backend`: nothing is
+    /// inserted that way).
+    pub written_to_client: u32,
     /// L's window scales: the one X applies to what it sends (`snd_wscale`) and the one X
     /// applies to the windows it receives (`rcv_wscale`).
     pub client_wscale: Wscale,
@@ -163,11 +170,12 @@ impl Handoff {
     ///
     /// Byte `k` of the client's stream (sequence `Ic + 1 + k`) is byte `P + k` of what L'
     /// sends (`Jp + 1 + P + k`); byte `k` of the backend's (`Jb + 1 + k`) is byte `k` of what
-    /// L sends (`Ip + 1 + k`). The offsets are constant for the life of the connection.
+    /// L sends (`Ip + 1 + k`). The offsets are constant for the life of the connection, so
+    /// they follow from where each stream stood at the handoff: the next byte read from a
+    /// socket and the next byte written to the other are the same byte.
     pub fn entries(&self, state: u8) -> [(FlowKey, Flow); 2] {
         let (ip, ic) = (self.client_isns.local_isn, self.client_isns.peer_isn);
         let (jp, jb) = (self.backend_isns.local_isn, self.backend_isns.peer_isn);
-        let p = self.preface_len;
         // ECN on one side only: clear it both ways (towards the side without it is what
         // matters; the other way carries no ECN marks anyway).
         let flags = if self.client_ecn == self.backend_ecn {
@@ -197,8 +205,13 @@ impl Handoff {
         } else {
             0
         };
-        let delta_up = jp.wrapping_add(p).wrapping_sub(ic);
-        let delta_down = ip.wrapping_sub(jb);
+        // Next sequence number of each stream at the handoff, on each side.
+        let client_next = ic.wrapping_add(1).wrapping_add(self.read_from_client);
+        let to_backend_next = jp.wrapping_add(1).wrapping_add(self.written_to_backend);
+        let backend_next = jb.wrapping_add(1).wrapping_add(self.read_from_backend);
+        let to_client_next = ip.wrapping_add(1).wrapping_add(self.written_to_client);
+        let delta_up = to_backend_next.wrapping_sub(client_next);
+        let delta_down = to_client_next.wrapping_sub(backend_next);
         let up_key = FlowKey {
             saddr: mapped(*self.client.ip()),
             daddr: mapped(*self.front.ip()),
@@ -219,8 +232,11 @@ impl Handoff {
             flow_label: self.flow_label,
             seq_delta: delta_up,
             ack_delta: delta_down,
-            seq_floor: ic.wrapping_add(1).wrapping_add(self.from_client),
-            ack_floor: ip.wrapping_add(1).wrapping_add(self.from_backend),
+            seq_floor: client_next,
+            ack_floor: to_client_next,
+            high_end: client_next,
+            peer_acked: ip.wrapping_add(1),
+            last_ack_out: jb.wrapping_add(1),
             ws_in: self.client_wscale.snd,
             ws_out: self.backend_wscale.rcv,
             stream_start: ic.wrapping_add(1),
@@ -248,11 +264,11 @@ impl Handoff {
             new_dport: self.client.port().to_be(),
             seq_delta: delta_down,
             ack_delta: delta_up,
-            seq_floor: jb.wrapping_add(1).wrapping_add(self.from_backend),
-            ack_floor: jp
-                .wrapping_add(1)
-                .wrapping_add(p)
-                .wrapping_add(self.from_client),
+            seq_floor: backend_next,
+            ack_floor: to_backend_next,
+            high_end: backend_next,
+            peer_acked: jp.wrapping_add(1),
+            last_ack_out: ic.wrapping_add(1),
             ws_in: self.backend_wscale.snd,
             ws_out: self.client_wscale.rcv,
             stream_start: jb.wrapping_add(1),
@@ -385,9 +401,11 @@ mod tests {
                 local_isn: 5000,
                 peer_isn: 0xffff_ff00,
             },
-            preface_len: 28,
-            from_client: 517,
-            from_backend: 0,
+            // A 28-byte PROXY header and a 517-byte hello.
+            read_from_client: 517,
+            written_to_backend: 28 + 517,
+            read_from_backend: 0,
+            written_to_client: 0,
             client_wscale: Wscale { snd: 7, rcv: 9 },
             backend_wscale: Wscale { snd: 8, rcv: 6 },
             client_ifindex: 2,
