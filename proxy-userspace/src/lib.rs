@@ -40,7 +40,9 @@ pub use access::Format as LogFormat;
 pub use config::{Config, ConfigError, Table as ConfigTable};
 /// The packet engine's kernel programs, which the end-to-end tests drive directly while the
 /// engine is being built (`docs/packet-engine.md`).
-pub use ebpf::{Handoff, IsnRecorder, PacketTables, Wscale};
+pub use ebpf::{
+    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
+};
 pub use server::{Options, Server};
 pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 

@@ -28,7 +28,9 @@ mod packet;
 mod sockmap;
 mod xdp;
 
-pub use packet::{Handoff, IsnRecorder, PacketTables, Wscale};
+pub use packet::{
+    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
+};
 pub(crate) use sockmap::SplicedPair;
 
 /// The loaded programs and maps; dropping it detaches and unloads everything and removes the

@@ -24,6 +24,9 @@ use proxy_common::{
 
 use super::load::OBJECT;
 
+mod handoff;
+pub use handoff::{Freeze, HandedOff, HandoffError, HandoffLimits};
+
 /// `spliced_packet_isn` attached to one cgroup (v2), and its map of ISNs by socket cookie.
 /// Dropping it detaches the program and frees the map.
 pub struct IsnRecorder {
