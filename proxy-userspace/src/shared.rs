@@ -90,6 +90,8 @@ impl Routing {
 pub struct Shared {
     routing: RwLock<Arc<Routing>>,
     kernel: Option<Arc<Kernel>>,
+    /// The packet engine's kernel side, when `forwarding = "packet"` is configured.
+    packet: Option<Arc<crate::packet::Packet>>,
     id_seed: u64,
     next_id: AtomicU64,
     /// Connections ended, indexed by [`Outcome::index`].
@@ -126,6 +128,7 @@ impl Shared {
             open_engines: std::array::from_fn(|_| AtomicU64::new(0)),
             routing: RwLock::new(Arc::new(Routing::new(config)?)),
             kernel,
+            packet: None,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
             next_id: AtomicU64::new(0),
             outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -157,6 +160,17 @@ impl Shared {
     /// The loaded eBPF side, when the sockmap engine is available.
     pub fn kernel(&self) -> Option<&Arc<Kernel>> {
         self.kernel.as_ref()
+    }
+
+    /// With the packet engine's kernel side.
+    pub fn with_packet(mut self, packet: Option<Arc<crate::packet::Packet>>) -> Shared {
+        self.packet = packet;
+        self
+    }
+
+    /// The packet engine's kernel side, when loaded.
+    pub fn packet(&self) -> Option<&Arc<crate::packet::Packet>> {
+        self.packet.as_ref()
     }
 
     /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique

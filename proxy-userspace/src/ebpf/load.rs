@@ -230,7 +230,7 @@ impl Drop for Kernel {
 
 /// Mounts bpffs on `/sys/fs/bpf` when `dir` is under it and nothing is mounted there:
 /// `ip netns exec` gives its command a fresh `/sys` without one.
-fn ensure_bpffs(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_bpffs(dir: &Path) -> Result<()> {
     let root = Path::new(BPFFS);
     if !dir.starts_with(root) {
         return Ok(());

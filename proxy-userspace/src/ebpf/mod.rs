@@ -28,6 +28,7 @@ mod packet;
 mod sockmap;
 mod xdp;
 
+pub(crate) use load::ensure_bpffs;
 pub use packet::{
     Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
 };

@@ -1,0 +1,313 @@
+//! The packet engine in the running proxy (`docs/packet-engine.md`, sections 3.4, 6 and 8):
+//! what is loaded at start ([`Packet::start`]), the handoff of one connection on a blocking
+//! thread ([`Packet::handoff`]), and the sweeper that ends handed-off connections
+//! ([`Packet::sweep`]) and wakes their tasks with how they ended.
+//!
+//! The kernel side (programs, tables, the handoff driver) is [`crate::ebpf`]'s; the expiry
+//! rule is [`crate::packet_expiry`]'s. Here is only the glue: who holds what, when.
+pub mod host;
+pub mod syn;
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use proxy_common::{Flow, FlowKey};
+use tokio::sync::oneshot;
+
+use crate::{
+    config::PacketSettings,
+    ebpf::{Freeze, HandedOff, HandoffError, HandoffLimits, IsnRecorder, PacketTables},
+    packet_expiry::{self, End},
+};
+
+/// How long an entry whose connection was reset stays, to translate the reset's retransmission.
+const RESET_LINGER: Duration = Duration::from_secs(1);
+
+/// The packet engine's kernel side as the proxy holds it.
+pub struct Packet {
+    /// The tables and the ISN recorder, used by one handoff or one sweep at a time.
+    kernel: Mutex<Kernel>,
+    /// Connections handed off, by the key of their client entry.
+    live: Mutex<HashMap<FlowKey, Live>>,
+    /// The MSS every listener that may use the engine announces.
+    listener_mss: u16,
+    /// Where the maps are pinned, to remove them at stop.
+    pin_dir: Option<PathBuf>,
+    /// Set when the process stops: no new handoffs.
+    stopping: AtomicBool,
+}
+
+struct Kernel {
+    tables: PacketTables,
+    isn: IsnRecorder,
+}
+
+/// A handed-off connection waiting for its end.
+struct Live {
+    handed: HandedOff,
+    /// How it is ending, and since when the sweeper has seen it so.
+    ending: Option<(End, Instant)>,
+    wake: oneshot::Sender<Ended>,
+}
+
+/// How a handed-off connection ended, with its entries as the programs left them.
+pub struct Ended {
+    /// Why.
+    pub end: End,
+    /// The client's entry (`E_up`), if it was still there.
+    pub up: Option<Flow>,
+    /// The backend's entry (`E_down`).
+    pub down: Option<Flow>,
+}
+
+impl Ended {
+    /// Bytes of each stream the programs carried after the handoff (client to backend,
+    /// backend to client), FIN excluded.
+    pub fn stream_bytes(&self) -> (u64, u64) {
+        (
+            self.up.as_ref().map_or(0, packet_expiry::stream_bytes),
+            self.down.as_ref().map_or(0, packet_expiry::stream_bytes),
+        )
+    }
+}
+
+/// What [`Packet::handoff`] gives a connection's task.
+pub enum Outcome {
+    /// Nothing was installed: the connection goes on with splice.
+    Refused(&'static str),
+    /// The kernel carries the connection; `ended` resolves when the sweeper removed it.
+    HandedOff {
+        /// From the call to `ACTIVE`.
+        duration: Duration,
+        /// Bytes moved by rule F during the drain.
+        drained: (u64, u64),
+        /// Resolves with the end.
+        ended: oneshot::Receiver<Ended>,
+    },
+}
+
+impl Packet {
+    /// Loads and attaches everything the engine needs, or says what is missing: `TCP_REPAIR`
+    /// on a fresh socket, the ISN recorder on this process's cgroup v2 directory, the
+    /// translation programs on the interfaces, the maps pinned under `pin_dir`.
+    pub fn start(settings: &PacketSettings, pin_dir: Option<&Path>) -> Result<Packet> {
+        host::check_repair()?;
+        let cgroup = host::own_cgroup()?;
+        // Several spliced may share a cgroup (tests do): the recorder attaches with
+        // `CgroupAttachMode::Single`, one link per process, so each has its own.
+        let isn = IsnRecorder::attach(&cgroup).with_context(|| {
+            format!(
+                "attaching the ISN recorder to spliced's cgroup {}",
+                cgroup.display()
+            )
+        })?;
+        let interfaces = host::interfaces(&settings.interfaces)?;
+        let mtu = host::smallest_mtu(&interfaces)?;
+        let listener_mss = host::listener_mss(settings.mss, mtu)?;
+        let mut tables = PacketTables::load()?;
+        for name in &interfaces {
+            tables.attach(name)?;
+        }
+        if let Some(dir) = pin_dir {
+            crate::ebpf::ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            tables.pin(dir)?;
+        }
+        tracing::info!(
+            interfaces = %interfaces.join(","),
+            mss = listener_mss,
+            cgroup = %cgroup.display(),
+            "packet engine loaded"
+        );
+        Ok(Packet {
+            kernel: Mutex::new(Kernel { tables, isn }),
+            live: Mutex::new(HashMap::new()),
+            listener_mss,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// The MSS listeners that may use the engine announce (`TCP_MAXSEG`).
+    pub fn listener_mss(&self) -> u16 {
+        self.listener_mss
+    }
+
+    /// Hands a frozen connection to the kernel on a blocking thread (the driver waits for the
+    /// drain and an RCU grace period). `client` and `backend` are duplicates of the
+    /// connection's descriptors; the originals stay with the task.
+    pub async fn handoff(
+        self: &Arc<Self>,
+        (client, backend): (OwnedFd, OwnedFd),
+        counts: [u64; 4],
+        started_ns: u64,
+        drain_timeout: Duration,
+    ) -> Result<Outcome, anyhow::Error> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Ok(Outcome::Refused("stopping"));
+        }
+        let this = Arc::clone(self);
+        let run = move || {
+            let freeze = Freeze {
+                client: client.as_fd(),
+                backend: backend.as_fd(),
+                read_from_client: counts[0],
+                written_to_backend: counts[1],
+                read_from_backend: counts[2],
+                written_to_client: counts[3],
+                started_ns,
+            };
+            let limits = HandoffLimits { drain_timeout };
+            let mut kernel = lock(&this.kernel);
+            let Kernel { tables, isn } = &mut *kernel;
+            match tables.handoff(isn, &freeze, &limits) {
+                Ok(handed) => {
+                    let (duration, drained) = (handed.duration, handed.drained);
+                    let (wake, ended) = oneshot::channel();
+                    // Registered before the tables are let go, so the sweeper never sees the
+                    // entries without the task to wake.
+                    lock(&this.live).insert(
+                        handed.up,
+                        Live {
+                            handed,
+                            ending: None,
+                            wake,
+                        },
+                    );
+                    Ok(Outcome::HandedOff {
+                        duration,
+                        drained,
+                        ended,
+                    })
+                }
+                Err(HandoffError::Refused(reason)) => Ok(Outcome::Refused(reason)),
+                Err(HandoffError::Failed(e)) => Err(e),
+            }
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .context("the handoff thread panicked")?
+    }
+
+    /// One pass over the handed-off connections: each whose entries say it ended (see
+    /// [`packet_expiry::decide`]) is removed once it has been so for long enough (`linger`
+    /// after both FINs, 1 s after a reset, at once when idle or when `stop`), and its task
+    /// woken. Returns the expiries made and the connections still handed off.
+    pub fn sweep(&self, settings: &PacketSettings, stop: bool) -> (Vec<End>, usize) {
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        let mut kernel = lock(&self.kernel);
+        let mut live = lock(&self.live);
+        let mut done = Vec::new();
+        for (key, conn) in live.iter_mut() {
+            let entries = match kernel.tables.entries(&conn.handed.handoff) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("packet engine: reading a connection's entries: {e:#}");
+                    continue;
+                }
+            };
+            let end = match (&entries, stop) {
+                (_, true) => Some(End::Stop),
+                ([Some(up), Some(down)], false) => {
+                    packet_expiry::decide(up, down, now_ns, settings)
+                }
+                // An entry gone without us: nothing translates this connection any more.
+                _ => Some(End::Stop),
+            };
+            let Some(end) = end else {
+                conn.ending = None;
+                continue;
+            };
+            let since = match conn.ending {
+                Some((was, since)) if was == end => since,
+                _ => {
+                    conn.ending = Some((end, now));
+                    now
+                }
+            };
+            let wait = match end {
+                End::Fin => settings.linger,
+                End::RstClient | End::RstBackend => RESET_LINGER,
+                _ => Duration::ZERO,
+            };
+            if now.duration_since(since) >= wait {
+                let [up, down] = entries;
+                done.push((*key, Ended { end, up, down }));
+            }
+        }
+        let mut ends = Vec::with_capacity(done.len());
+        for (key, ended) in done {
+            let Some(conn) = live.remove(&key) else {
+                continue;
+            };
+            if let Err(e) = kernel.tables.remove(&conn.handed.handoff) {
+                tracing::warn!("packet engine: removing a connection's entries: {e:#}");
+            }
+            ends.push(ended.end);
+            // The task may be gone (the process is being cut): nothing to tell then.
+            let _ = conn.wake.send(ended);
+        }
+        (ends, live.len())
+    }
+
+    /// Refuses new handoffs from now on.
+    pub fn stop_handoffs(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Removes this process's pins of the packet maps (the maps themselves go with the
+    /// process).
+    pub fn unpin(&self) {
+        let Some(dir) = &self.pin_dir else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("SPLICED_PACKET_"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // Left when the sockmap side pinned nothing there.
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, which the programs
+/// stamp `last_seen_ns` with.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds, for the time a connection was accepted.
+pub fn boottime_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_BOOTTIME)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock).map_or(0, |t| {
+        u64::try_from(t.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
