@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -86,6 +86,12 @@ struct Facts {
     /// The client may not be sent the refusal its outcome has: the responses before it did not
     /// end cleanly.
     no_refusal: bool,
+    /// `CLOCK_BOOTTIME` at accept, for the packet engine's entries.
+    started_ns: u64,
+    /// Why the packet engine did not take the connection, when it was asked to.
+    packet_refused: Option<&'static str>,
+    /// How a connection the packet engine carried ended, and how long its handoff took.
+    packet_end: Option<(crate::packet_expiry::End, Duration)>,
 }
 
 /// Serves one accepted connection to completion and writes its access-log line. `cut` turns
@@ -99,6 +105,7 @@ pub async fn handle(
     mut cut: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    let started_ns = crate::packet::boottime_ns();
     // Counted from the address the connection carries (see crate::limits): here the peer's,
     // unless the peer is a balancer that announces its client in a PROXY header, whose
     // client `serve` counts once the header is read.
@@ -119,7 +126,10 @@ pub async fn handle(
         };
         Some(slot)
     };
-    let mut facts = Facts::default();
+    let mut facts = Facts {
+        started_ns,
+        ..Facts::default()
+    };
     let mut inner_cut = cut.clone();
     let result = tokio::select! {
         // Biased: while forwarding, `serve` sees the cut itself and resets the backend too.
@@ -168,6 +178,11 @@ pub async fn handle(
         id: facts.id,
         requests: (facts.engine == Some(Engine::Http))
             .then(|| facts.requests.load(Ordering::Relaxed)),
+        end: facts.packet_end.map(|(end, _)| end.as_str()),
+        handoff_us: facts
+            .packet_end
+            .map(|(_, took)| u64::try_from(took.as_micros()).unwrap_or(u64::MAX)),
+        packet_refused: facts.packet_refused,
     };
     shared.access_log(&entry);
 }
@@ -318,11 +333,35 @@ async fn serve(
         }
         _ => None,
     };
-    let backend = match timeout_at(connect_deadline, connect(backend_addr, source)).await {
-        Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
-        Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
-        Ok(Ok(stream)) => stream,
-    };
+    // The packet engine: the backend must never send a segment larger than the client may
+    // take once its header shrinks by 20 bytes, so L' announces the MSS the client announced
+    // (design 4.1); a SYN with IPv4 options refuses the handoff (section 9).
+    let wanted = site
+        .forwarding
+        .or(listener.forwarding)
+        .unwrap_or(defaults.forwarding);
+    let mut packet_refuse = None;
+    let mut backend_mss = None;
+    if wanted == Forwarding::Packet && shared.packet().is_some() {
+        match read_syn(client) {
+            Ok(syn) => {
+                backend_mss = syn.mss;
+                if syn.ip_options {
+                    packet_refuse = Some("ip_options");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%peer, "no usable saved SYN: {e}");
+                packet_refuse = Some("no_syn");
+            }
+        }
+    }
+    let backend =
+        match timeout_at(connect_deadline, connect(backend_addr, source, backend_mss)).await {
+            Err(_) => return Err(Outcome::BackendConnectTimeout.into()),
+            Ok(Err(e)) => return Err(Failure::new(Outcome::BackendUnreachable, e)),
+            Ok(Ok(stream)) => stream,
+        };
     let _ = backend.set_nodelay(true);
 
     // 5. Preface: PROXY header and every byte read so far, in one write.
@@ -417,11 +456,11 @@ async fn serve(
     drop(buf);
 
     // 6. Forward.
-    let wanted = site
-        .forwarding
-        .or(listener.forwarding)
-        .unwrap_or(defaults.forwarding);
     let engine = match (wanted, shared.kernel()) {
+        // Server::bind refuses to start when `packet` is asked for and cannot be loaded; a
+        // reload cannot ask for it either.
+        (Forwarding::Packet, _) if shared.packet().is_some() => Engine::Packet,
+        (Forwarding::Packet, _) => Engine::Splice,
         (Forwarding::Copy, _) => Engine::Copy,
         (Forwarding::Splice, _) => Engine::Splice,
         // `auto` and `sockmap` both start with splice and hand a direction to the kernel after
@@ -432,6 +471,59 @@ async fn serve(
     };
     facts.engine = Some(engine);
     let _open = shared.open_on(engine);
+    if engine == Engine::Packet
+        && let Some(packet) = shared.packet()
+    {
+        let packet_settings = &config.config.packet;
+        let handed_off = AtomicBool::new(false);
+        let params = forward::packet::Params {
+            packet,
+            after: packet_settings.after,
+            preface_len,
+            client_consumed,
+            started_ns: facts.started_ns,
+            drain_timeout: packet_settings.drain_timeout,
+            refuse: packet_refuse,
+            handed_off: &handed_off,
+        };
+        let counters = &facts.counters;
+        let forwarding = forward::packet::forward(client, &backend, counters, params);
+        // Idle while spliced forwards, that is; once handed off, the sweeper decides.
+        let idle = async {
+            loop {
+                idle_watch(counters, defaults.idle_timeout).await;
+                if !handed_off.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        };
+        let (result, abort) = tokio::select! {
+            r = forwarding => match r {
+                Ok(used) => (Ok(used), false),
+                Err(e) => (Err(Failure::from(e)), true),
+            },
+            () = idle => (Err(Outcome::IdleTimeout.into()), false),
+            _ = cut.wait_for(|&c| c) => (Err(Outcome::Shutdown.into()), true),
+        };
+        // A handed-off connection's sockets are in repair mode: closing them is silent
+        // whatever SO_LINGER says.
+        if abort {
+            forward::reset_on_close(client);
+            forward::reset_on_close(&backend);
+        }
+        match result? {
+            forward::packet::Used::Refused(reason) => {
+                shared.packet_stats().count_refused(reason);
+                facts.packet_refused = Some(reason);
+                facts.engine = Some(Engine::Splice);
+            }
+            forward::packet::Used::Packet { end, handoff } => {
+                shared.packet_stats().observe_handoff(handoff);
+                facts.packet_end = Some((end, handoff));
+            }
+        }
+        return Ok(());
+    }
     let counters = &facts.counters;
     let engine_slot = &mut facts.engine;
     let forwarding = async {
@@ -498,12 +590,25 @@ fn embed(prefix: Cidr, client: IpAddr) -> Option<Ipv6Addr> {
 /// privilege) so that it may be bound, and the port is chosen at connect time
 /// (`IP_BIND_ADDRESS_NO_PORT`). Replies reach the socket only if the prefix is routed locally
 /// (`ip -6 route add local <prefix> dev lo`) and the backend network routes it to us.
-async fn connect(backend: SocketAddr, source: Option<Ipv6Addr>) -> std::io::Result<TcpStream> {
+///
+/// `mss`, when given, is set as `TCP_MAXSEG` before connecting: the MSS the socket announces.
+async fn connect(
+    backend: SocketAddr,
+    source: Option<Ipv6Addr>,
+    mss: Option<u16>,
+) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{setsockopt, sockopt};
-    let Some(source) = source else {
-        return TcpStream::connect(backend).await;
+    let socket = if backend.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
     };
-    let socket = tokio::net::TcpSocket::new_v6()?;
+    if let Some(mss) = mss {
+        crate::packet::host::set_maxseg(std::os::fd::AsFd::as_fd(&socket), mss)?;
+    }
+    let Some(source) = source else {
+        return socket.connect(backend).await;
+    };
     if setsockopt(&socket, sockopt::IpTransparent, &true).is_err() {
         setsockopt(&socket, sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
     }
@@ -511,6 +616,15 @@ async fn connect(backend: SocketAddr, source: Option<Ipv6Addr>) -> std::io::Resu
     let _ = setsockopt(&socket, sockopt::IpBindAddressNoPort, &true);
     socket.bind(SocketAddr::new(source.into(), 0))?;
     socket.connect(backend).await
+}
+
+/// Reads the client's SYN, which a listener that may use the packet engine saved. Once: the
+/// kernel frees it on the first read.
+fn read_syn(client: &TcpStream) -> Result<crate::packet::syn::Syn, String> {
+    let bytes = crate::packet::host::saved_syn(std::os::fd::AsFd::as_fd(client))
+        .map_err(|e| format!("TCP_SAVED_SYN: {e}"))?
+        .ok_or("the listener saved no SYN")?;
+    crate::packet::syn::parse(&bytes).map_err(|e| e.to_string())
 }
 
 /// Finds where a connection for `name` goes: the site that claims it, else (on a listener with

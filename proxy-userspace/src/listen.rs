@@ -8,8 +8,10 @@ use tokio::net::{TcpListener, TcpSocket};
 /// Backlog for `listen(2)`; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: u32 = 4096;
 
-/// Binds and listens on `addr`.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+/// Binds and listens on `addr`. `packet_mss`, for a listener whose connections may use the
+/// packet engine, is the MSS it announces (`TCP_MAXSEG`), and makes it save each client's SYN
+/// (`TCP_SAVE_SYN`) for the engine to read (`docs/packet-engine.md`, 4.1).
+pub fn bind(addr: SocketAddr, packet_mss: Option<u16>) -> Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -23,6 +25,13 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
             .with_context(|| format!("setting IPV6_V6ONLY on {addr}"))?;
     }
     socket.set_nodelay(true)?;
+    if let Some(mss) = packet_mss {
+        use std::os::fd::AsFd as _;
+        crate::packet::host::set_maxseg(socket.as_fd(), mss)
+            .with_context(|| format!("setting TCP_MAXSEG {mss} on {addr}"))?;
+        crate::packet::host::set_save_syn(socket.as_fd())
+            .with_context(|| format!("setting TCP_SAVE_SYN on {addr}"))?;
+    }
     socket
         .bind(addr)
         .with_context(|| format!("binding {addr}"))?;

@@ -106,6 +106,23 @@ fn may_use_sockmap(config: &Config) -> bool {
     engines(config).any(|f| matches!(f, Forwarding::Sockmap | Forwarding::Auto))
 }
 
+/// Whether `config` asks for the packet engine anywhere: then its kernel side is loaded at
+/// start, and start fails without it.
+fn wants_packet(config: &Config) -> bool {
+    engines(config).any(|f| f == Forwarding::Packet)
+}
+
+/// Whether connections accepted on `listener` may use the packet engine: a site's choice
+/// overrides the listener's, so any site asking for it makes every listener a candidate.
+fn listener_may_use_packet(config: &Config, listener: &crate::config::Listener) -> bool {
+    let sites = config
+        .sites
+        .iter()
+        .chain(&config.default_site)
+        .any(|s| s.forwarding == Some(Forwarding::Packet));
+    sites || listener.forwarding.unwrap_or(config.defaults.forwarding) == Forwarding::Packet
+}
+
 /// Where the maps are pinned, and whether to pin at all.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -235,6 +252,16 @@ impl Server {
         } else {
             None
         };
+        let packet = if wants_packet(&config) {
+            let dir = staging.as_deref().or(options.pin_dir.as_deref());
+            let packet = crate::packet::Packet::start(&config.packet, dir).context(
+                "forwarding = \"packet\" is configured but the packet engine cannot start (it \
+                 needs root, cgroup v2, and TCP_REPAIR)",
+            )?;
+            Some(Arc::new(packet))
+        } else {
+            None
+        };
         if let (Some(dir), Some(_), None, None) = (&options.pin_dir, &kernel, &pin_lock, &inherited)
         {
             // The directory did not exist before loading: lock the one the pins are in now.
@@ -263,7 +290,13 @@ impl Server {
                     TcpListener::from_std(socket)
                         .with_context(|| format!("taking over {}", l.address))?
                 }
-                None => crate::listen::bind(l.address)?,
+                None => {
+                    let mss = packet
+                        .as_ref()
+                        .filter(|_| listener_may_use_packet(&config, l))
+                        .map(|p| p.listener_mss());
+                    crate::listen::bind(l.address, mss)?
+                }
             };
             listeners.push((
                 socket,
@@ -284,7 +317,7 @@ impl Server {
             None => crate::access::Log::stdout(options.log_format)
                 .context("starting the access-log writer")?,
         };
-        let shared = Arc::new(Shared::with_log(config, kernel, access_log)?);
+        let shared = Arc::new(Shared::with_log(config, kernel, access_log)?.with_packet(packet));
         let took_over = inherited.is_some();
         if let Some(inherited) = inherited {
             let from = inherited.from().unwrap_or(0);
@@ -329,6 +362,12 @@ impl Server {
 
     /// Swaps in a new configuration for connections accepted from now on.
     pub(crate) fn reload(shared: &Shared, mut config: Config) -> Result<()> {
+        if wants_packet(&config) && shared.packet().is_none() {
+            bail!(
+                "forwarding = \"packet\" needs the packet engine's kernel side, which this \
+                 process did not load at start; restart spliced to use it"
+            );
+        }
         if wants_sockmap(&config) && shared.kernel().is_none() {
             bail!(
                 "forwarding = \"sockmap\" needs the eBPF side, which this process did not load at \
@@ -433,6 +472,9 @@ impl Server {
         if let Some(kernel) = shared.kernel() {
             kernel.spawn_event_reader()?;
         }
+        let sweeper = shared
+            .packet()
+            .map(|_| tokio::spawn(sweep_packets(Arc::clone(&shared))));
         let this = ReloadCtx {
             shared: Arc::clone(&shared),
             config_path,
@@ -534,6 +576,9 @@ impl Server {
         }
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
         let _ = stop_tx.send(true);
+        if let Some(packet) = shared.packet() {
+            packet.stop_handoffs();
+        }
         for task in tasks {
             let _ = task.await;
         }
@@ -569,6 +614,26 @@ impl Server {
         while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if let Some(packet) = shared.packet() {
+            // Handed-off connections still there end now (end=stop): their entries go, their
+            // tasks write their lines. Their peers get an RST on their next segment.
+            if let Some(task) = &sweeper {
+                task.abort();
+            }
+            let packet = Arc::clone(packet);
+            let settings = shared.current().config.packet.clone();
+            let ends = tokio::task::spawn_blocking(move || packet.sweep(&settings, true))
+                .await
+                .unwrap_or_default();
+            for end in ends.0 {
+                shared.packet_stats().count_expiry(end);
+            }
+            shared.packet_stats().set_entries(0);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let open = max - permits.available_permits();
         if open > 0 {
             tracing::warn!(
@@ -601,9 +666,38 @@ impl Server {
         let log = Arc::clone(&shared);
         let _ =
             tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
+        if let Some(packet) = shared.packet() {
+            packet.unpin();
+        }
         drop((pin_lock, systemd));
         workers.stop();
         Ok(())
+    }
+}
+
+/// The packet engine's sweeper: once a second, ends the handed-off connections whose entries
+/// say so, counts their ends, and updates the entries gauge. The sweep holds the tables, which
+/// a handoff holds for its drain: it runs on a blocking thread.
+async fn sweep_packets(shared: Arc<Shared>) {
+    let Some(packet) = shared.packet().cloned() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let settings = shared.current().config.packet.clone();
+        let packet = Arc::clone(&packet);
+        let Ok((ends, live)) =
+            tokio::task::spawn_blocking(move || packet.sweep(&settings, false)).await
+        else {
+            continue;
+        };
+        let stats = shared.packet_stats();
+        for end in ends {
+            stats.count_expiry(end);
+        }
+        stats.set_entries(live as u64);
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod copy;
 pub mod http;
+pub mod packet;
 pub mod sockmap;
 mod splice;
 
@@ -28,11 +29,20 @@ pub enum Engine {
     /// HTTP/1.1 framing with a forwarding header added to each request ([`http`]); after a
     /// switch of protocols the connection is spliced.
     Http,
+    /// TC programs translate the segments between the two connections after the handoff;
+    /// spliced's sockets go silent ([`packet`]).
+    Packet,
 }
 
 impl Engine {
     /// Every engine, in the order metrics list them.
-    pub const ALL: [Engine; 4] = [Engine::Sockmap, Engine::Splice, Engine::Copy, Engine::Http];
+    pub const ALL: [Engine; 5] = [
+        Engine::Sockmap,
+        Engine::Splice,
+        Engine::Copy,
+        Engine::Http,
+        Engine::Packet,
+    ];
 
     /// The engine's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
@@ -41,6 +51,7 @@ impl Engine {
             Engine::Splice => "splice",
             Engine::Copy => "copy",
             Engine::Http => "http",
+            Engine::Packet => "packet",
         }
     }
 }
@@ -155,7 +166,7 @@ pub async fn forward(
     let ended = AtomicBool::new(false);
     match engine {
         // An `http` connection comes here once it switched protocols: a byte stream to splice.
-        Engine::Splice | Engine::Sockmap | Engine::Http => {
+        Engine::Splice | Engine::Sockmap | Engine::Http | Engine::Packet => {
             both_ways(client, backend, counters, &ended, splice::one_way).await
         }
         Engine::Copy => both_ways(client, backend, counters, &ended, copy::one_way).await,

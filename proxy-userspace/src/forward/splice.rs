@@ -139,3 +139,64 @@ pub(crate) async fn one_way_until(
             .map_err(err_from)?;
     }
 }
+
+/// As [`one_way`], until `stop` turns true: then it returns [`Stopped::Reached`] at the next
+/// point where its pipe is empty, so that every byte read from `from` has been written to
+/// `to` (the packet engine's freeze). After each chunk, `moved` says whether enough bytes
+/// moved both ways for the caller to stop every direction.
+pub(crate) async fn one_way_until_stopped(
+    from: &TcpStream,
+    to: &TcpStream,
+    from_side: Side,
+    counter: &AtomicU64,
+    ended: Option<&AtomicBool>,
+    stop: &tokio::sync::watch::Sender<bool>,
+    moved: &(dyn Fn() -> bool + Sync),
+) -> Result<Stopped, ForwardError> {
+    let err_from = |error| from_side.failed(error);
+    let err_to = |error| from_side.other().failed(error);
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut stopped = stop.subscribe();
+    loop {
+        if *stopped.borrow_and_update() {
+            return Ok(Stopped::Reached);
+        }
+        tokio::select! {
+            r = from.readable() => r.map_err(err_from)?,
+            _ = stopped.changed() => continue,
+        }
+        let pipe = Pipe::take().map_err(err_from)?;
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), None, pipe.w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
+            Err(e) => return Err(err_from(e)),
+        };
+        if n == 0 {
+            pipe.give_back();
+            if !ended.is_some_and(|other| other.swap(true, Ordering::AcqRel)) {
+                shutdown_write(to).map_err(err_to)?;
+            }
+            return Ok(Stopped::Eof);
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe.r.as_fd(), None, to.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                })
+                .await
+                .map_err(err_to)?;
+        }
+        pipe.give_back();
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if moved() {
+            stop.send_replace(true);
+        }
+    }
+}

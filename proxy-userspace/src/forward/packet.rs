@@ -1,0 +1,203 @@
+//! The packet engine's part of forwarding (`docs/packet-engine.md`, section 3.4): splice until
+//! `packet.after` bytes moved (none by default), freeze both directions where no pipe holds a
+//! byte, and hand the connection to the kernel ([`crate::packet::Packet::handoff`]). A refused
+//! handoff goes on with splice; a handed-off connection waits here for the sweeper to end it.
+use std::{
+    io,
+    os::fd::AsFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use super::{
+    Counters, ForwardError, Side,
+    splice::{self, Stopped},
+};
+use crate::{
+    packet::{self, Packet},
+    packet_expiry::End,
+};
+
+/// What the engine needs besides the sockets.
+pub struct Params<'a> {
+    /// The engine's kernel side.
+    pub packet: &'a Arc<Packet>,
+    /// Bytes (both ways together) moved by splice before the handoff.
+    pub after: u64,
+    /// Bytes written to the backend before forwarding (PROXY header and hello).
+    pub preface_len: u64,
+    /// Bytes read from the client before forwarding (a received PROXY header, the hello and
+    /// what came with it).
+    pub client_consumed: u64,
+    /// `CLOCK_BOOTTIME` when the connection was accepted.
+    pub started_ns: u64,
+    /// How long the handoff's drain may take.
+    pub drain_timeout: Duration,
+    /// Why the connection may not be handed off, found before forwarding (from the SYN).
+    pub refuse: Option<&'static str>,
+    /// Set once the kernel carries the connection: the byte counters stop moving then, which
+    /// must not count as idle.
+    pub handed_off: &'a AtomicBool,
+}
+
+/// How a connection was forwarded.
+pub enum Used {
+    /// The handoff was refused for this reason; splice carried the connection to its end.
+    Refused(&'static str),
+    /// The kernel carried it after the handoff, which took `handoff`, until `end`.
+    Packet {
+        /// Why the sweeper ended it.
+        end: End,
+        /// From the call to `ACTIVE`.
+        handoff: Duration,
+    },
+}
+
+/// Forwards a connection whose preface went out; see the module's doc. Every byte moved is in
+/// `counters` at the end: spliced's, the drain's, and what the programs carried.
+pub async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    counters: &Counters,
+    params: Params<'_>,
+) -> Result<Used, ForwardError> {
+    let ended = AtomicBool::new(false);
+    let mut eof = (false, false);
+    if params.after > 0 {
+        let stop = tokio::sync::watch::Sender::new(false);
+        let after = params.after;
+        let moved = || {
+            let (up, down) = counters.get();
+            up + down >= after
+        };
+        let up = splice::one_way_until_stopped(
+            client,
+            backend,
+            Side::Client,
+            &counters.upstream,
+            Some(&ended),
+            &stop,
+            &moved,
+        );
+        let down = splice::one_way_until_stopped(
+            backend,
+            client,
+            Side::Backend,
+            &counters.downstream,
+            Some(&ended),
+            &stop,
+            &moved,
+        );
+        // A direction that ended must not hold up the other: its end stops both (the
+        // connection is then half-closed and stays with splice).
+        let (up, down) = tokio::join!(
+            async {
+                let r = up.await;
+                stop.send_replace(true);
+                r
+            },
+            async {
+                let r = down.await;
+                stop.send_replace(true);
+                r
+            }
+        );
+        eof = (up? == Stopped::Eof, down? == Stopped::Eof);
+    }
+    let reason = if eof.0 || eof.1 {
+        Some("half_closed")
+    } else {
+        params.refuse
+    };
+    if let Some(reason) = reason {
+        go_on_with_splice(client, backend, counters, &ended, eof).await?;
+        return Ok(Used::Refused(reason));
+    }
+    // Frozen: both directions stopped with their pipes empty.
+    let (up, down) = counters.get();
+    let counts = [
+        params.client_consumed + up,
+        params.preface_len + up,
+        down,
+        down,
+    ];
+    let dup = |s: &TcpStream| s.as_fd().try_clone_to_owned();
+    let fds = (
+        dup(client).map_err(|e| Side::Client.failed(e))?,
+        dup(backend).map_err(|e| Side::Backend.failed(e))?,
+    );
+    let outcome = params
+        .packet
+        .handoff(fds, counts, params.started_ns, params.drain_timeout)
+        .await
+        .map_err(|e| Side::Client.failed(io::Error::other(format!("packet handoff: {e:#}"))))?;
+    match outcome {
+        packet::Outcome::Refused(reason) => {
+            go_on_with_splice(client, backend, counters, &ended, eof).await?;
+            Ok(Used::Refused(reason))
+        }
+        packet::Outcome::HandedOff {
+            duration,
+            drained,
+            ended,
+        } => {
+            params.handed_off.store(true, Ordering::Relaxed);
+            counters.upstream.fetch_add(drained.0, Ordering::Relaxed);
+            counters.downstream.fetch_add(drained.1, Ordering::Relaxed);
+            let ended = ended.await.map_err(|_| {
+                Side::Client.failed(io::Error::other(
+                    "the packet engine's sweeper went away before the connection ended",
+                ))
+            })?;
+            let (up, down) = ended.stream_bytes();
+            counters.upstream.fetch_add(up, Ordering::Relaxed);
+            counters.downstream.fetch_add(down, Ordering::Relaxed);
+            Ok(Used::Packet {
+                end: ended.end,
+                handoff: duration,
+            })
+        }
+    }
+}
+
+/// Splices the directions that have not ended yet, to their ends.
+async fn go_on_with_splice(
+    client: &TcpStream,
+    backend: &TcpStream,
+    counters: &Counters,
+    ended: &AtomicBool,
+    (up_done, down_done): (bool, bool),
+) -> Result<(), ForwardError> {
+    let up = async {
+        if up_done {
+            return Ok(());
+        }
+        splice::one_way(
+            client,
+            backend,
+            Side::Client,
+            &counters.upstream,
+            Some(ended),
+        )
+        .await
+    };
+    let down = async {
+        if down_done {
+            return Ok(());
+        }
+        splice::one_way(
+            backend,
+            client,
+            Side::Backend,
+            &counters.downstream,
+            Some(ended),
+        )
+        .await
+    };
+    tokio::try_join!(up, down).map(|_| ())
+}
