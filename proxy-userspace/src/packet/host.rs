@@ -62,12 +62,38 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// This process's cgroup v2 directory, read from `/proc/self`.
+/// Where cgroup v2 is mounted when nothing is: `ip netns exec` gives its command a fresh
+/// `/sys` without the host's cgroup mounts (in a mount namespace of its own).
+const CGROUP2_MOUNT: &str = "/sys/fs/cgroup";
+
+/// This process's cgroup v2 directory, read from `/proc/self`. When no cgroup2 file system is
+/// mounted in this mount namespace, mounts one on `/sys/fs/cgroup` first (as `ip netns exec`
+/// leaves it): the hierarchy is the same whoever mounts it.
 pub fn own_cgroup() -> Result<PathBuf> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    let cgroup =
-        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let read = || -> Result<(String, String)> {
+        Ok((
+            std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?,
+            std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?,
+        ))
+    };
+    let (mut mounts, mut cgroup) = read()?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+    {
+        nix::mount::mount(
+            Some("cgroup2"),
+            CGROUP2_MOUNT,
+            Some("cgroup2"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!("no cgroup2 file system is mounted, and mounting one on {CGROUP2_MOUNT} failed")
+        })?;
+        tracing::info!("mounted cgroup2 on {CGROUP2_MOUNT} for the packet engine's ISN recorder");
+        (mounts, cgroup) = read()?;
+    }
     cgroup_v2_dir(&mounts, &cgroup).map_err(anyhow::Error::msg)
 }
 
