@@ -1,0 +1,526 @@
+//! The packet engine end to end (`docs/packet-engine.md`, section 10): spliced with
+//! `forwarding = "packet"` in the test world hands each connection to the TC programs right
+//! after its preface, and what the peers see must be exactly what a spliced connection gives
+//! them: every byte once and in order (checked against seeded streams), half-closes and resets
+//! passed on, an idle connection ended, nothing left in the table, one access-log line with
+//! the right byte counts. The proxy's veths run with `tx off`, so every checksum is computed
+//! and checked in software.
+//!
+//! `cargo xtask build-ebpf && cargo build --release -p proxy-userspace --bin spliced &&
+//! SPLICED_BIN=target/release/spliced cargo test --release -p spliced-tests --test packet_engine`.
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use spliced_tests::{
+    BACKEND_V6, Ns, World,
+    raw::{
+        self, Behavior, SEED_DOWN, SEED_UP, TestBackend, accept_within, expect_hello, listen_in,
+        read_exactly, receive, result, send_stream, spawn,
+    },
+    spliced::{Launch, Spliced, field},
+    wait_for,
+};
+
+/// A [`Behavior::Echo`] backend (site `echo.example`).
+const ECHO_PORT: u16 = 9301;
+/// A [`Behavior::Bulk`] backend (site `bulk.example`).
+const BULK_PORT: u16 = 9302;
+/// A [`Behavior::ServerFirst`] backend (site `first.example`).
+const FIRST_PORT: u16 = 9303;
+/// A [`Behavior::ServerClosesFirst`] backend (site `closes.example`).
+const CLOSES_PORT: u16 = 9304;
+/// The tests' own servers (site `own.example`).
+const OWN_PORT: u16 = 9305;
+/// Read and write timeout of every socket.
+const IO: Duration = Duration::from_secs(20);
+/// How long to wait for an access-log line (a FIN-ended connection lingers first).
+const LOG_WAIT: Duration = Duration::from_secs(15);
+const MIB: u64 = 1 << 20;
+/// What the backend greets with.
+const GREETING: &[u8] = b"220 the backend speaks first\r\n";
+
+/// The configuration: TLS on 443, every site on the packet engine; `packet` is the body of
+/// the `[packet]` section.
+fn config(packet: &str) -> String {
+    let sites: String = [
+        ("echo.example", ECHO_PORT),
+        ("bulk.example", BULK_PORT),
+        ("first.example", FIRST_PORT),
+        ("closes.example", CLOSES_PORT),
+        ("own.example", OWN_PORT),
+    ]
+    .iter()
+    .map(|(name, port)| {
+        format!("\n[[site]]\nhostnames = [\"{name}\"]\nbackend = \"[{BACKEND_V6}]:{port}\"\n")
+    })
+    .collect();
+    let packet = if packet.is_empty() {
+        String::new()
+    } else {
+        format!("\n[packet]\n{packet}\n")
+    };
+    format!(
+        r#"[defaults]
+forwarding = "packet"
+client_hello_timeout = "2s"
+connect_timeout = "2s"
+{packet}
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+{sites}"#
+    )
+}
+
+/// A bpffs mounted in the world's directory for spliced's pins (under `ip netns exec` spliced
+/// has a mount namespace of its own; this mount is in it too). Unmounted on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(world: &World) -> Result<Bpffs> {
+        let dir = world.dir().join("bpf");
+        std::fs::create_dir_all(&dir)?;
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mounting bpffs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Bpffs(dir))
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.0.join("spliced")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// The world with software checksums on the proxy's veths, and spliced started in it with
+/// its metrics endpoint and its pins under `bpffs`.
+fn start(world: &World, bpffs: &Bpffs, packet: &str) -> Result<Spliced> {
+    for dev in ["eth0", "eth1"] {
+        let out = world
+            .command(Ns::Proxy, "ethtool")
+            .args(["-K", dev, "tx", "off"])
+            .output()
+            .context("running ethtool")?;
+        ensure!(
+            out.status.success(),
+            "ethtool -K {dev} tx off: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Launch::new(config(packet))
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .metrics()
+        .env("RUST_LOG", "spliced=debug")
+        .start(world, &[443])
+}
+
+fn sysctl(world: &World, ns: Ns, setting: &str) -> Result<()> {
+    let out = world
+        .command(ns, "sysctl")
+        .args(["-q", "-w", setting])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "sysctl {setting} in {ns:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn number(line: &str, key: &str) -> Result<u64> {
+    field(line, key)
+        .with_context(|| format!("no {key}= in {line}"))?
+        .parse()
+        .with_context(|| format!("{key}= is not a number in {line}"))
+}
+
+/// The access-log line of `client`, which the packet engine must have carried to `end` with
+/// `up` bytes from the client (hello included) and `down` bytes back.
+fn expect_packet_line(
+    spliced: &Spliced,
+    client: SocketAddr,
+    end: &str,
+    bytes: Option<(u64, u64)>,
+) -> Result<String> {
+    let line = spliced.log_line_for(client, LOG_WAIT)?;
+    ensure!(
+        field(&line, "engine") == Some("packet") && field(&line, "end") == Some(end),
+        "expected engine=packet end={end}: {line}\ndiagnostics:\n{}",
+        tail(&spliced.stderr_text(), 30)
+    );
+    number(&line, "handoff_us")?;
+    if let Some((up, down)) = bytes {
+        ensure!(
+            (number(&line, "up")?, number(&line, "down")?) == (up, down),
+            "expected up={up} down={down}: {line}"
+        );
+    }
+    Ok(line)
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Connects a client and sends `hello`.
+fn client_with(world: &World, hello: &[u8]) -> Result<(TcpStream, SocketAddr)> {
+    let mut client = raw::connect(world, 443, IO)?;
+    let me = client.local_addr()?;
+    client.write_all(hello)?;
+    Ok((client, me))
+}
+
+/// 256 MiB each way at the same time through SNI routing, byte exact; the log line counts
+/// every byte, those the programs carried included.
+#[test]
+fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
+    let len = spliced_tests::env_or("SPLICED_PACKET_BULK_MIB", 256) * MIB;
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let hello = raw::simple_hello("bulk.example");
+    let _bulk = TestBackend::start(
+        &world,
+        BULK_PORT,
+        Behavior::Bulk {
+            bytes_each_way: len,
+            hello_len: hello.len(),
+        },
+    )?;
+    let spliced = start(&world, &bpffs, "")?;
+    let (mut client, me) = client_with(&world, &hello)?;
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(&mut client, SEED_DOWN, len)?;
+    result(&sender, IO, "the client's sender")?;
+    expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
+    Ok(())
+}
+
+/// A backend that greets before it reads anything: the greeting may reach spliced before the
+/// handoff or be translated after it; either way it arrives once, and the echo works after.
+#[test]
+fn a_backend_that_speaks_first_is_heard_once() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _first = TestBackend::start(
+        &world,
+        FIRST_PORT,
+        Behavior::ServerFirst {
+            greeting: GREETING.to_vec(),
+        },
+    )?;
+    let spliced = start(&world, &bpffs, "")?;
+    let hello = raw::simple_hello("first.example");
+    let (mut client, me) = client_with(&world, &hello)?;
+    ensure!(read_exactly(&mut client, GREETING.len())? == GREETING);
+    // The echo sends the hello back first.
+    expect_hello(&mut client, &hello)?;
+    // A round trip, then the client's end and the backend's.
+    raw::echo_round_trip(&mut client, b"", 64 * 1024)?;
+    expect_packet_line(&spliced, me, "fin", None)?;
+    Ok(())
+}
+
+/// Client bytes right behind the hello, in the same write: they are in the preface or
+/// translated, never lost or doubled.
+#[test]
+fn early_client_data_right_after_the_hello_arrives_once() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let hello = raw::simple_hello("echo.example");
+    let early = raw::Stream::prefix(SEED_UP, 200_000);
+    let mut first = hello.clone();
+    first.extend_from_slice(&early);
+    let (mut client, me) = client_with(&world, &first)?;
+    client.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    client.read_to_end(&mut back)?;
+    ensure!(
+        back == first,
+        "echoed {} bytes, sent {}: {}",
+        back.len(),
+        first.len(),
+        raw::difference(&back, &first)
+    );
+    let n = first.len() as u64;
+    expect_packet_line(&spliced, me, "fin", Some((n, n)))?;
+    Ok(())
+}
+
+/// The client half-closes first: the backend gets the end after every byte, still answers,
+/// and its own end reaches the client after its answer.
+#[test]
+fn half_close_from_the_client_is_passed_on_in_order() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let hello = raw::simple_hello("echo.example");
+    let (mut client, me) = client_with(&world, &hello)?;
+    expect_hello(&mut client, &hello)?;
+    let len = 4 * MIB;
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    // Everything echoed, then the backend's end.
+    receive(&mut client, SEED_UP, len)?;
+    result(&sender, IO, "the client's sender")?;
+    let total = len + hello.len() as u64;
+    expect_packet_line(&spliced, me, "fin", Some((total, total)))?;
+    Ok(())
+}
+
+/// The backend half-closes first: the client sees the greeting, then the end, and can still
+/// send; the backend gets all of it and the client's end.
+#[test]
+fn half_close_from_the_backend_is_passed_on_in_order() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let closes = TestBackend::start(
+        &world,
+        CLOSES_PORT,
+        Behavior::ServerClosesFirst {
+            greeting: GREETING.to_vec(),
+        },
+    )?;
+    let spliced = start(&world, &bpffs, "")?;
+    let hello = raw::simple_hello("closes.example");
+    let (mut client, me) = client_with(&world, &hello)?;
+    let mut got = Vec::new();
+    client.read_to_end(&mut got)?;
+    ensure!(got == GREETING, "the client read {got:?} before the end");
+    let len = MIB;
+    send_stream(&mut client, SEED_UP, len)?;
+    client.shutdown(Shutdown::Write)?;
+    let records = closes.wait_finished(1, IO)?;
+    let record = records.first().context("no backend connection")?;
+    ensure!(
+        record.saw_eof && record.total == hello.len() as u64 + len && record.error.is_none(),
+        "the backend's connection: {record:?}"
+    );
+    expect_packet_line(
+        &spliced,
+        me,
+        "fin",
+        Some((hello.len() as u64 + len, GREETING.len() as u64)),
+    )?;
+    Ok(())
+}
+
+/// One connection through the tests' own server: the client and the backend's accepted
+/// socket, after an echo round trip (so the connection was handed off and carries data).
+fn own_connection(world: &World) -> Result<(TcpStream, SocketAddr, TcpStream)> {
+    let listener = listen_in(world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let hello = raw::simple_hello("own.example");
+    let (mut client, me) = client_with(world, &hello)?;
+    let mut backend = accept_within(&listener, IO, IO)?;
+    expect_hello(&mut backend, &hello)?;
+    // Round trips each way, with data the translation must carry.
+    for i in 0..3u8 {
+        let ping = [i; 1000];
+        client.write_all(&ping)?;
+        ensure!(read_exactly(&mut backend, ping.len())? == ping);
+        backend.write_all(&ping)?;
+        ensure!(read_exactly(&mut client, ping.len())? == ping);
+    }
+    Ok((client, me, backend))
+}
+
+/// Reads until the stream reports a reset (within [`IO`]); data before it is fine.
+fn expect_reset(stream: &mut TcpStream, what: &str) -> Result<()> {
+    let deadline = Instant::now() + IO;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => bail!("{what}: a clean end of stream instead of a reset"),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                bail!("{what}: no reset within {IO:?}")
+            }
+            Err(e) => bail!("{what}: {e} instead of a reset"),
+        }
+    }
+    bail!("{what}: no reset within {IO:?}")
+}
+
+#[test]
+fn reset_from_the_client_reaches_the_backend() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let (client, me, mut backend) = own_connection(&world)?;
+    raw::reset(client)?;
+    expect_reset(&mut backend, "the backend")?;
+    expect_packet_line(&spliced, me, "rst_client", None)?;
+    Ok(())
+}
+
+#[test]
+fn reset_from_the_backend_reaches_the_client() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let (mut client, me, backend) = own_connection(&world)?;
+    raw::reset(backend)?;
+    expect_reset(&mut client, "the client")?;
+    expect_packet_line(&spliced, me, "rst_backend", None)?;
+    Ok(())
+}
+
+/// A handed-off connection idle for longer than `idle_timeout` is removed without telling
+/// the peers; the next segment of either finds no socket and gets a reset.
+#[test]
+fn an_idle_connection_expires_and_its_next_segment_gets_a_reset() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "idle_timeout = \"2s\"")?;
+    let (mut client, me, _backend) = own_connection(&world)?;
+    expect_packet_line(&spliced, me, "idle", None)?;
+    client.write_all(b"anyone there?")?;
+    expect_reset(&mut client, "the client after the expiry")?;
+    Ok(())
+}
+
+/// Entries in the pinned flow table, by `bpftool`.
+fn flow_entries(dir: &Path) -> Result<usize> {
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(dir.join("SPLICED_PACKET_FLOWS"))
+        .arg("-j")
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map dump SPLICED_PACKET_FLOWS: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool's dump")?;
+    Ok(entries.len())
+}
+
+/// 200 short connections, 20 at a time: each is handed off and ends, and then nothing is
+/// left: no entry in the table and the entries gauge at 0.
+#[test]
+fn no_entry_is_left_after_200_short_connections() -> Result<()> {
+    const N: usize = 200;
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, &bpffs, "linger = \"1s\"")?;
+    let hello = raw::simple_hello("echo.example");
+    let mut clients = Vec::new();
+    for batch in 0..N / 20 {
+        let (addrs, failures) = raw::run_clients(&world, 20, |i| {
+            let mut client = raw::connect(&world, 443, IO)?;
+            let me = client.local_addr()?;
+            client.write_all(&hello)?;
+            let payload = format!("connection {batch}/{i}");
+            client.write_all(payload.as_bytes())?;
+            client.shutdown(Shutdown::Write)?;
+            let mut back = Vec::new();
+            client.read_to_end(&mut back)?;
+            ensure!(back.len() == hello.len() + payload.len(), "short echo");
+            Ok(me)
+        })?;
+        ensure!(failures.is_empty(), "failed clients: {failures:?}");
+        clients.extend(addrs);
+    }
+    for me in &clients {
+        expect_packet_line(&spliced, *me, "fin", None)?;
+    }
+    spliced.wait_metrics("the entries gauge at 0", IO, |m| {
+        Ok(m.get("spliced_packet_entries", &[])? == 0.0)
+    })?;
+    let dir = bpffs.pin_dir();
+    wait_for("an empty flow table", IO, || Ok(flow_entries(&dir)? == 0))?;
+    Ok(())
+}
+
+/// Timestamps on the client's connection only (the backend namespace has them off): the
+/// handoff is refused (`ts_client_only`), and the connection goes on with splice, exact.
+#[test]
+fn a_refused_handoff_still_delivers_exactly_on_splice() -> Result<()> {
+    let len = 32 * MIB;
+    let world = World::new()?;
+    sysctl(&world, Ns::Backend, "net.ipv4.tcp_timestamps=0")?;
+    let bpffs = Bpffs::mount(&world)?;
+    let hello = raw::simple_hello("bulk.example");
+    let _bulk = TestBackend::start(
+        &world,
+        BULK_PORT,
+        Behavior::Bulk {
+            bytes_each_way: len,
+            hello_len: hello.len(),
+        },
+    )?;
+    let spliced = start(&world, &bpffs, "")?;
+    let (mut client, me) = client_with(&world, &hello)?;
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(&mut client, SEED_DOWN, len)?;
+    result(&sender, IO, "the client's sender")?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "engine") == Some("splice")
+            && field(&line, "packet_refused") == Some("ts_client_only")
+            && field(&line, "outcome") == Some("ok")
+            && number(&line, "up")? == len + hello.len() as u64
+            && number(&line, "down")? == len,
+        "{line}"
+    );
+    Ok(())
+}
+
+/// Listeners that may use the engine announce the smallest MTU of the packet interfaces less
+/// 60 (1440 on the test world's 1500-byte veths), so that a client segment still fits once its
+/// header grows by 20 bytes: the client's MSS is 1440 less its 12 bytes of timestamps.
+#[test]
+fn listeners_leave_room_for_the_bigger_header() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let _spliced = start(&world, &bpffs, "")?;
+    let mut client = raw::connect(&world, 443, IO)?;
+    let info = spliced_tests::packet::tcp_info(&client)?;
+    ensure!(
+        info.tcpi_snd_mss == 1440 - 12,
+        "the client's MSS is {}, expected 1428",
+        info.tcpi_snd_mss
+    );
+    raw::echo_round_trip(&mut client, &raw::simple_hello("echo.example"), 100_000)?;
+    Ok(())
+}
