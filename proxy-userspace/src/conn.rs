@@ -423,7 +423,8 @@ async fn serve(
         .unwrap_or(defaults.forwarding);
     let engine = match (wanted, shared.kernel()) {
         (Forwarding::Copy, _) => Engine::Copy,
-        (Forwarding::Splice, _) => Engine::Splice,
+        // Until the packet engine is wired in (wt-u), its connections are spliced.
+        (Forwarding::Splice | Forwarding::Packet, _) => Engine::Splice,
         // `auto` and `sockmap` both start with splice and hand a direction to the kernel after
         // `sockmap_handoff` bytes (see forward::sockmap). Without the eBPF side, `auto` is
         // splice; Server::bind refuses to start when `sockmap` cannot have it.

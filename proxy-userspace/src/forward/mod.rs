@@ -28,11 +28,20 @@ pub enum Engine {
     /// HTTP/1.1 framing with a forwarding header added to each request ([`http`]); after a
     /// switch of protocols the connection is spliced.
     Http,
+    /// TC programs translate each segment between the two TCP connections once the handoff is
+    /// done (`docs/packet-engine.md`); spliced holds none of its bytes after that.
+    Packet,
 }
 
 impl Engine {
     /// Every engine, in the order metrics list them.
-    pub const ALL: [Engine; 4] = [Engine::Sockmap, Engine::Splice, Engine::Copy, Engine::Http];
+    pub const ALL: [Engine; 5] = [
+        Engine::Sockmap,
+        Engine::Splice,
+        Engine::Copy,
+        Engine::Http,
+        Engine::Packet,
+    ];
 
     /// The engine's name in logs and metrics.
     pub fn as_str(self) -> &'static str {
@@ -41,6 +50,7 @@ impl Engine {
             Engine::Splice => "splice",
             Engine::Copy => "copy",
             Engine::Http => "http",
+            Engine::Packet => "packet",
         }
     }
 }
@@ -155,7 +165,8 @@ pub async fn forward(
     let ended = AtomicBool::new(false);
     match engine {
         // An `http` connection comes here once it switched protocols: a byte stream to splice.
-        Engine::Splice | Engine::Sockmap | Engine::Http => {
+        // A `packet` connection is spliced until (and unless) its handoff is done.
+        Engine::Splice | Engine::Sockmap | Engine::Http | Engine::Packet => {
             both_ways(client, backend, counters, &ended, splice::one_way).await
         }
         Engine::Copy => both_ways(client, backend, counters, &ended, copy::one_way).await,
