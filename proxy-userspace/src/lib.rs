@@ -26,6 +26,7 @@ mod metrics;
 mod name;
 mod notify;
 mod outcome;
+mod packet_expiry;
 mod preface;
 mod route;
 mod runtime_thread;
