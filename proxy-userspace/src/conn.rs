@@ -86,6 +86,28 @@ struct Facts {
     /// The client may not be sent the refusal its outcome has: the responses before it did not
     /// end cleanly.
     no_refusal: bool,
+    /// How the packet engine's entries of a handed-off connection ended, and how long the
+    /// handoff took ([`Facts::packet_ended`]).
+    packet_end: Option<(crate::packet_expiry::End, Duration)>,
+    /// Why the packet engine refused the connection ([`Facts::packet_refused`]).
+    packet_refused: Option<&'static str>,
+}
+
+// Called by the packet engine's handoff (issue 15, wt-u), being wired in.
+#[allow(dead_code)]
+impl Facts {
+    /// The connection was handed to the packet engine (its handoff took `handoff`) and its
+    /// entries were removed because of `end`: `engine=packet end=... handoff_us=...`.
+    fn packet_ended(&mut self, end: crate::packet_expiry::End, handoff: Duration) {
+        self.engine = Some(Engine::Packet);
+        self.packet_end = Some((end, handoff));
+    }
+
+    /// The packet engine refused the connection for `reason` (it stays on splice):
+    /// `packet_refused=...` on its line.
+    fn packet_refused(&mut self, reason: &'static str) {
+        self.packet_refused = Some(reason);
+    }
 }
 
 /// Serves one accepted connection to completion and writes its access-log line. `cut` turns
@@ -168,6 +190,11 @@ pub async fn handle(
         id: facts.id,
         requests: (facts.engine == Some(Engine::Http))
             .then(|| facts.requests.load(Ordering::Relaxed)),
+        end: facts.packet_end.map(|(end, _)| end.as_str()),
+        handoff_us: facts
+            .packet_end
+            .map(|(_, took)| u64::try_from(took.as_micros()).unwrap_or(u64::MAX)),
+        packet_refused: facts.packet_refused,
     };
     shared.access_log(&entry);
 }
