@@ -14,10 +14,11 @@
 //! yet); a plain path that does not exist is an error.
 //!
 //! Included files may contain `[[site]]` entries and `include` only: listeners, `[defaults]`,
-//! `[default]` and `[xdp]` belong to the main file, so one file decides how the proxy runs. Nested includes
-//! are allowed (a customer directory can have its own index file); a file that includes itself
-//! directly or through others is an error that prints the cycle, and so is a file included twice
-//! by overlapping patterns, because reading it twice would define its hostnames twice.
+//! `[default]`, `[xdp]`, `[dns]` and `[packet]` belong to the main file, so one file decides how
+//! the proxy runs. Nested includes are allowed (a customer directory can have its own index
+//! file); a file that includes itself directly or through others is an error that prints the
+//! cycle, and so is a file included twice by overlapping patterns, because reading it twice
+//! would define its hostnames twice.
 //!
 //! Sites are collected depth-first: a file's own `[[site]]` entries, then its includes in the
 //! order listed.
