@@ -284,6 +284,15 @@ pub struct Entry<'a> {
     pub id: Option<UniqueId>,
     /// Requests forwarded on the connection, when its engine framed them (`http`).
     pub requests: Option<u64>,
+    /// How a connection handed to the packet engine ended (`end=`: `fin`, `rst_client`,
+    /// `rst_backend`, `idle`, `stop`; [`crate::packet_expiry::End::as_str`]).
+    pub end: Option<&'a str>,
+    /// How long its handoff took, from the freeze to the translation taking over
+    /// (`handoff_us=`, microseconds).
+    pub handoff_us: Option<u64>,
+    /// Why the packet engine did not take a connection that asked for it (`packet_refused=`,
+    /// the reasons of `spliced_packet_refused_total`); the connection stayed on splice.
+    pub packet_refused: Option<&'a str>,
 }
 
 impl Entry<'_> {
@@ -310,6 +319,15 @@ impl Entry<'_> {
         if let Some(requests) = self.requests {
             field(&mut s, "requests", requests);
         }
+        if let Some(end) = self.end {
+            field(&mut s, "end", end);
+        }
+        if let Some(handoff_us) = self.handoff_us {
+            field(&mut s, "handoff_us", handoff_us);
+        }
+        if let Some(reason) = self.packet_refused {
+            field(&mut s, "packet_refused", reason);
+        }
         field(&mut s, "outcome", self.outcome);
         if let Some(id) = self.id {
             field(&mut s, "id", id);
@@ -324,8 +342,8 @@ impl Entry<'_> {
 
 impl Entry<'_> {
     /// Formats the line as one JSON object (without a newline), with the keys of
-    /// [`Entry::line`]: absent values are `null`, byte counts, `ms` and `requests` numbers,
-    /// everything else strings.
+    /// [`Entry::line`]: absent values are `null`, byte counts, `ms`, `requests` and
+    /// `handoff_us` numbers, everything else strings.
     pub fn json(&self) -> String {
         let mut s = String::with_capacity(320);
         s.push('{');
@@ -346,6 +364,15 @@ impl Entry<'_> {
         );
         if let Some(requests) = self.requests {
             let _ = write!(s, "\"requests\":{requests},");
+        }
+        if let Some(end) = self.end {
+            json_field(&mut s, "end", Some(end));
+        }
+        if let Some(handoff_us) = self.handoff_us {
+            let _ = write!(s, "\"handoff_us\":{handoff_us},");
+        }
+        if let Some(reason) = self.packet_refused {
+            json_field(&mut s, "packet_refused", Some(reason));
         }
         json_field(&mut s, "outcome", Some(self.outcome));
         if let Some(id) = self.id {
@@ -520,6 +547,9 @@ mod tests {
             bytes_up: 517,
             requests: Some(3),
             detail: Some("x"),
+            end: Some("fin"),
+            handoff_us: Some(9),
+            packet_refused: Some("not_quiet"),
             ..Default::default()
         };
         let json = e.json();
@@ -614,6 +644,63 @@ mod tests {
         assert!(
             line.contains(r#"name="a=b \"c\"" alpn="" site=-"#),
             "{line}"
+        );
+    }
+
+    /// A connection the packet engine carried says so, how it ended and how long its handoff
+    /// took; one it refused says why, on its normal line. The same keys in JSON, the
+    /// handoff time a number.
+    #[test]
+    fn packet_engine_fields() {
+        let handed_off = Entry {
+            engine: Some("packet"),
+            bytes_up: 517,
+            bytes_down: 1 << 20,
+            end: Some(crate::packet_expiry::End::RstClient.as_str()),
+            handoff_us: Some(420),
+            outcome: "ok",
+            proxy_protocol: "none",
+            ..Default::default()
+        };
+        assert_eq!(
+            handed_off.line(),
+            "client=- listener=- name=- alpn=- site=- backend=- proxy=none engine=packet up=517 \
+             down=1048576 ms=0 end=rst_client handoff_us=420 outcome=ok"
+        );
+        let json: serde_json::Value = serde_json::from_str(&handed_off.json()).expect("valid JSON");
+        assert_eq!(json["engine"], "packet");
+        assert_eq!(json["end"], "rst_client");
+        assert_eq!(json["handoff_us"], 420);
+        assert!(json.get("packet_refused").is_none(), "{json}");
+
+        let refused = Entry {
+            engine: Some("splice"),
+            packet_refused: Some("ts_client_only"),
+            outcome: "ok",
+            proxy_protocol: "none",
+            ..Default::default()
+        };
+        assert!(
+            refused.line().ends_with(
+                "engine=splice up=0 down=0 ms=0 packet_refused=ts_client_only outcome=ok"
+            ),
+            "{}",
+            refused.line()
+        );
+        let json: serde_json::Value = serde_json::from_str(&refused.json()).expect("valid JSON");
+        assert_eq!(json["packet_refused"], "ts_client_only");
+        assert!(
+            json.get("end").is_none() && json.get("handoff_us").is_none(),
+            "{json}"
+        );
+
+        // Neither on a line of another engine.
+        let plain = entry("a.example").line();
+        assert!(
+            !plain.contains(" end=")
+                && !plain.contains("handoff_us=")
+                && !plain.contains("packet_"),
+            "{plain}"
         );
     }
 }

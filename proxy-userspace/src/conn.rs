@@ -88,10 +88,26 @@ struct Facts {
     no_refusal: bool,
     /// `CLOCK_BOOTTIME` at accept, for the packet engine's entries.
     started_ns: u64,
-    /// Why the packet engine did not take the connection, when it was asked to.
-    packet_refused: Option<&'static str>,
-    /// How a connection the packet engine carried ended, and how long its handoff took.
+    /// How the packet engine's entries of a handed-off connection ended, and how long the
+    /// handoff took ([`Facts::packet_ended`]).
     packet_end: Option<(crate::packet_expiry::End, Duration)>,
+    /// Why the packet engine refused the connection ([`Facts::packet_refused`]).
+    packet_refused: Option<&'static str>,
+}
+
+impl Facts {
+    /// The connection was handed to the packet engine (its handoff took `handoff`) and its
+    /// entries were removed because of `end`: `engine=packet end=... handoff_us=...`.
+    fn packet_ended(&mut self, end: crate::packet_expiry::End, handoff: Duration) {
+        self.engine = Some(Engine::Packet);
+        self.packet_end = Some((end, handoff));
+    }
+
+    /// The packet engine refused the connection for `reason` (it stays on splice):
+    /// `packet_refused=...` on its line.
+    fn packet_refused(&mut self, reason: &'static str) {
+        self.packet_refused = Some(reason);
+    }
 }
 
 /// Serves one accepted connection to completion and writes its access-log line. `cut` turns
@@ -342,7 +358,7 @@ async fn serve(
         .unwrap_or(defaults.forwarding);
     let mut packet_refuse = None;
     let mut backend_mss = None;
-    if wanted == Forwarding::Packet && shared.packet().is_some() {
+    if wanted == Forwarding::Packet && shared.packet_kernel().is_some() {
         match read_syn(client) {
             Ok(syn) => {
                 backend_mss = syn.mss;
@@ -459,7 +475,7 @@ async fn serve(
     let engine = match (wanted, shared.kernel()) {
         // Server::bind refuses to start when `packet` is asked for and cannot be loaded; a
         // reload cannot ask for it either.
-        (Forwarding::Packet, _) if shared.packet().is_some() => Engine::Packet,
+        (Forwarding::Packet, _) if shared.packet_kernel().is_some() => Engine::Packet,
         (Forwarding::Packet, _) => Engine::Splice,
         (Forwarding::Copy, _) => Engine::Copy,
         (Forwarding::Splice, _) => Engine::Splice,
@@ -472,7 +488,7 @@ async fn serve(
     facts.engine = Some(engine);
     let _open = shared.open_on(engine);
     if engine == Engine::Packet
-        && let Some(packet) = shared.packet()
+        && let Some(packet) = shared.packet_kernel()
     {
         let packet_settings = &config.config.packet;
         let handed_off = AtomicBool::new(false);
@@ -513,13 +529,13 @@ async fn serve(
         }
         match result? {
             forward::packet::Used::Refused(reason) => {
-                shared.packet_stats().count_refused(reason);
-                facts.packet_refused = Some(reason);
+                shared.packet().count_refused(reason);
+                facts.packet_refused(reason);
                 facts.engine = Some(Engine::Splice);
             }
             forward::packet::Used::Packet { end, handoff } => {
-                shared.packet_stats().observe_handoff(handoff);
-                facts.packet_end = Some((end, handoff));
+                shared.packet().observe_handoff(handoff);
+                facts.packet_ended(end, handoff);
             }
         }
         return Ok(());

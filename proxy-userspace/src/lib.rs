@@ -27,6 +27,7 @@ mod name;
 mod notify;
 mod outcome;
 mod packet;
+mod packet_expiry;
 mod preface;
 mod route;
 mod runtime_thread;

@@ -16,7 +16,8 @@ use crate::{
     config::Table,
     forward::{Engine, sockmap},
     outcome::{Outcome, Source},
-    shared::Shared,
+    packet_expiry::End,
+    shared::{HANDOFF_BUCKETS, PacketStats, Shared},
 };
 
 /// Renders every metric in the text exposition format.
@@ -131,9 +132,17 @@ pub fn render(shared: &Shared) -> String {
          # TYPE spliced_sockmap_fallbacks_total counter\nspliced_sockmap_fallbacks_total {}",
         shared.fallbacks()
     );
-    if let Some(kernel) = shared.kernel() {
-        out.push_str("# HELP spliced_kernel_total Counters of the sk_skb verdict program.\n");
+    let packet = shared.packet();
+    // Read once: each read sums the per-CPU counters anew.
+    let packet_counters = packet.counters();
+    if shared.kernel().is_some() || packet.loaded() {
+        out.push_str(
+            "# HELP spliced_kernel_total Counters of the kernel programs: the sk_skb verdict \
+             program's, and the packet engine's TC programs' (named packet_*).\n",
+        );
         out.push_str("# TYPE spliced_kernel_total counter\n");
+    }
+    if let Some(kernel) = shared.kernel() {
         for (name, n) in kernel.counters() {
             let _ = writeln!(out, "spliced_kernel_total{{counter=\"{name}\"}} {n}");
         }
@@ -171,7 +180,91 @@ pub fn render(shared: &Shared) -> String {
              spliced_sockmap_entries{{map=\"peers\"}} {peers}"
         );
     }
+    if packet.loaded() {
+        render_packet(&mut out, packet, &packet_counters);
+    }
     out
+}
+
+/// The packet engine's families, and its kernel counters in `spliced_kernel_total` (whose
+/// header [`render`] wrote). Only once the engine is loaded, as the sockmap families are
+/// only with the eBPF side: a proxy that cannot hand off shows no packet engine at all. From
+/// then on every reason and end is listed from zero, so rates and alerts work from the start.
+fn render_packet(out: &mut String, packet: &PacketStats, counters: &[(&'static str, u64)]) {
+    // Prefixed: the sockmap program has counters of the same name (`redirect_failed`).
+    for (name, n) in counters {
+        let _ = writeln!(out, "spliced_kernel_total{{counter=\"packet_{name}\"}} {n}");
+    }
+    let counter = |name: &str| {
+        counters
+            .iter()
+            .find(|(c, _)| *c == name)
+            .map_or(0, |&(_, n)| n)
+    };
+    let _ = writeln!(
+        out,
+        "# HELP spliced_packet_segments_total Segments the packet engine translated, by \
+         direction (up: client to backend).\n\
+         # TYPE spliced_packet_segments_total counter\n\
+         spliced_packet_segments_total{{direction=\"up\"}} {}\n\
+         spliced_packet_segments_total{{direction=\"down\"}} {}\n\
+         # HELP spliced_packet_bytes_total Payload bytes the packet engine translated, by \
+         direction (retransmissions included).\n\
+         # TYPE spliced_packet_bytes_total counter\n\
+         spliced_packet_bytes_total{{direction=\"up\"}} {}\n\
+         spliced_packet_bytes_total{{direction=\"down\"}} {}\n\
+         # HELP spliced_packet_entries Connections in the packet engine's table.\n\
+         # TYPE spliced_packet_entries gauge\n\
+         spliced_packet_entries {}",
+        counter("translated_up"),
+        counter("translated_down"),
+        counter("translated_bytes_up"),
+        counter("translated_bytes_down"),
+        packet.entries()
+    );
+    out.push_str(
+        "# HELP spliced_packet_expiries_total Handed-off connections removed from the table, by \
+         how they ended.\n",
+    );
+    out.push_str("# TYPE spliced_packet_expiries_total counter\n");
+    for end in End::ALL {
+        let _ = writeln!(
+            out,
+            "spliced_packet_expiries_total{{reason=\"{end}\"}} {}",
+            packet.expiries(end)
+        );
+    }
+    out.push_str(
+        "# HELP spliced_packet_refused_total Connections the packet engine did not take (they \
+         stayed on splice), by reason.\n",
+    );
+    out.push_str("# TYPE spliced_packet_refused_total counter\n");
+    for (reason, n) in packet.refused() {
+        let _ = writeln!(
+            out,
+            "spliced_packet_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    out.push_str(
+        "# HELP spliced_packet_handoff_seconds How long handoffs took, from the freeze to the \
+         translation taking over.\n",
+    );
+    out.push_str("# TYPE spliced_packet_handoff_seconds histogram\n");
+    let (buckets, sum_ns) = packet.handoffs();
+    let bounds = HANDOFF_BUCKETS.iter().map(|&(le, _)| le).chain(["+Inf"]);
+    for (le, n) in bounds.zip(&buckets) {
+        let _ = writeln!(
+            out,
+            "spliced_packet_handoff_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "spliced_packet_handoff_seconds_sum {}\n\
+         spliced_packet_handoff_seconds_count {}",
+        Duration::from_nanos(sum_ns).as_secs_f64(),
+        buckets.last().copied().unwrap_or(0)
+    );
 }
 
 /// How many scrapes may be served at once; more are closed at once. A scraper needs one.
@@ -274,5 +367,97 @@ mod tests {
         );
         assert!(text.contains("spliced_sites 0\n"), "{text}");
         assert!(text.contains("spliced_connections_by_engine_total{engine=\"splice\"} 0\n"));
+    }
+
+    /// Without the packet engine loaded, none of its families shows; once loaded, every
+    /// family shows with every reason and end from zero, the kernel counters feed the
+    /// segment and byte families and `spliced_kernel_total` (prefixed), and counts add up.
+    #[test]
+    fn packet_engine_families() {
+        let log = access::Log::new(4, std::io::sink()).expect("writer thread");
+        let shared = crate::shared::tests::shared(log);
+        let text = render(&shared);
+        assert!(!text.contains("spliced_packet_"), "{text}");
+        assert!(!text.contains("spliced_kernel_total"), "{text}");
+        assert!(
+            text.contains("spliced_connections_by_engine_total{engine=\"packet\"} 0\n"),
+            "{text}"
+        );
+
+        let packet = shared.packet();
+        packet.set_counters(|| {
+            vec![
+                ("translated_up", 7),
+                ("translated_down", 9),
+                ("translated_bytes_up", 700),
+                ("translated_bytes_down", 90_000),
+                ("redirect_failed", 1),
+            ]
+        });
+        let text = render(&shared);
+        for sample in [
+            "# TYPE spliced_kernel_total counter\n",
+            "spliced_kernel_total{counter=\"packet_translated_up\"} 7\n",
+            "spliced_kernel_total{counter=\"packet_redirect_failed\"} 1\n",
+            "# TYPE spliced_packet_segments_total counter\n",
+            "spliced_packet_segments_total{direction=\"up\"} 7\n",
+            "spliced_packet_segments_total{direction=\"down\"} 9\n",
+            "spliced_packet_bytes_total{direction=\"up\"} 700\n",
+            "spliced_packet_bytes_total{direction=\"down\"} 90000\n",
+            "# TYPE spliced_packet_entries gauge\nspliced_packet_entries 0\n",
+            "spliced_packet_expiries_total{reason=\"fin\"} 0\n",
+            "spliced_packet_expiries_total{reason=\"stop\"} 0\n",
+            "spliced_packet_refused_total{reason=\"http_rewrite\"} 0\n",
+            "spliced_packet_refused_total{reason=\"not_quiet\"} 0\n",
+            "# TYPE spliced_packet_handoff_seconds histogram\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"0.0001\"} 0\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"+Inf\"} 0\n",
+            "spliced_packet_handoff_seconds_sum 0\n",
+            "spliced_packet_handoff_seconds_count 0\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from\n{text}");
+        }
+        // One family header each.
+        assert_eq!(text.matches("# TYPE spliced_kernel_total").count(), 1);
+
+        packet.set_entries(3);
+        packet.count_expiry(End::RstBackend);
+        packet.count_expiry(End::Fin);
+        packet.count_expiry(End::Fin);
+        packet.count_refused("table_full");
+        packet.count_refused("ts_not_translated");
+        packet.count_refused("ts_not_translated");
+        packet.observe_handoff(Duration::from_micros(50));
+        packet.observe_handoff(Duration::from_micros(250));
+        packet.observe_handoff(Duration::from_millis(3));
+        packet.observe_handoff(Duration::from_secs(9));
+        let text = render(&shared);
+        for sample in [
+            "spliced_packet_entries 3\n",
+            "spliced_packet_expiries_total{reason=\"fin\"} 2\n",
+            "spliced_packet_expiries_total{reason=\"rst_backend\"} 1\n",
+            "spliced_packet_expiries_total{reason=\"idle\"} 0\n",
+            "spliced_packet_refused_total{reason=\"table_full\"} 1\n",
+            "spliced_packet_refused_total{reason=\"ts_not_translated\"} 2\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"0.0001\"} 1\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"0.00025\"} 2\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"0.0025\"} 2\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"0.005\"} 3\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"5\"} 3\n",
+            "spliced_packet_handoff_seconds_bucket{le=\"+Inf\"} 4\n",
+            "spliced_packet_handoff_seconds_sum 9.0033\n",
+            "spliced_packet_handoff_seconds_count 4\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from\n{text}");
+        }
+        // Reasons of section 9 first, in their order, then others.
+        let reasons: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("spliced_packet_refused_total{reason=\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        let mut expected = crate::shared::PACKET_REFUSALS.to_vec();
+        expected.push("ts_not_translated");
+        assert_eq!(reasons, expected);
     }
 }

@@ -159,6 +159,7 @@ mod tests {
             files: vec![PathBuf::from("test.toml")],
             xdp: None,
             dns: None,
+            packet: crate::config::PacketSettings::default(),
         }
     }
 

@@ -362,7 +362,7 @@ impl Server {
 
     /// Swaps in a new configuration for connections accepted from now on.
     pub(crate) fn reload(shared: &Shared, mut config: Config) -> Result<()> {
-        if wants_packet(&config) && shared.packet().is_none() {
+        if wants_packet(&config) && shared.packet_kernel().is_none() {
             bail!(
                 "forwarding = \"packet\" needs the packet engine's kernel side, which this \
                  process did not load at start; restart spliced to use it"
@@ -473,7 +473,7 @@ impl Server {
             kernel.spawn_event_reader()?;
         }
         let sweeper = shared
-            .packet()
+            .packet_kernel()
             .map(|_| tokio::spawn(sweep_packets(Arc::clone(&shared))));
         let this = ReloadCtx {
             shared: Arc::clone(&shared),
@@ -576,7 +576,7 @@ impl Server {
         }
         tracing::info!("stopping: no new connections; waiting up to {grace:?} for open ones");
         let _ = stop_tx.send(true);
-        if let Some(packet) = shared.packet() {
+        if let Some(packet) = shared.packet_kernel() {
             packet.stop_handoffs();
         }
         for task in tasks {
@@ -614,7 +614,7 @@ impl Server {
         while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Some(packet) = shared.packet() {
+        if let Some(packet) = shared.packet_kernel() {
             // Handed-off connections still there end now (end=stop): their entries go, their
             // tasks write their lines. Their peers get an RST on their next segment.
             if let Some(task) = &sweeper {
@@ -626,9 +626,9 @@ impl Server {
                 .await
                 .unwrap_or_default();
             for end in ends.0 {
-                shared.packet_stats().count_expiry(end);
+                shared.packet().count_expiry(end);
             }
-            shared.packet_stats().set_entries(0);
+            shared.packet().set_entries(0);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             while permits.available_permits() < max && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -666,7 +666,7 @@ impl Server {
         let log = Arc::clone(&shared);
         let _ =
             tokio::task::spawn_blocking(move || log.flush_access_log(ACCESS_LOG_FLUSH_LIMIT)).await;
-        if let Some(packet) = shared.packet() {
+        if let Some(packet) = shared.packet_kernel() {
             packet.unpin();
         }
         drop((pin_lock, systemd));
@@ -679,7 +679,7 @@ impl Server {
 /// say so, counts their ends, and updates the entries gauge. The sweep holds the tables, which
 /// a handoff holds for its drain: it runs on a blocking thread.
 async fn sweep_packets(shared: Arc<Shared>) {
-    let Some(packet) = shared.packet().cloned() else {
+    let Some(packet) = shared.packet_kernel().cloned() else {
         return;
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -693,7 +693,7 @@ async fn sweep_packets(shared: Arc<Shared>) {
         else {
             continue;
         };
-        let stats = shared.packet_stats();
+        let stats = shared.packet();
         for end in ends {
             stats.count_expiry(end);
         }

@@ -7,7 +7,7 @@
 use std::{
     net::Ipv6Addr,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -23,6 +23,7 @@ use crate::{
     forward::Engine,
     limits::PerSource,
     outcome::Outcome,
+    packet_expiry::End,
     preface::Version,
     route::Router,
     shed::PreHello,
@@ -91,7 +92,7 @@ pub struct Shared {
     routing: RwLock<Arc<Routing>>,
     kernel: Option<Arc<Kernel>>,
     /// The packet engine's kernel side, when `forwarding = "packet"` is configured.
-    packet: Option<Arc<crate::packet::Packet>>,
+    packet_kernel: Option<Arc<crate::packet::Packet>>,
     id_seed: u64,
     next_id: AtomicU64,
     /// Connections ended, indexed by [`Outcome::index`].
@@ -107,6 +108,8 @@ pub struct Shared {
     open_engines: [AtomicU64; Engine::ALL.len()],
     /// The listeners bound at start (a reload does not change them).
     listeners: Vec<(std::net::SocketAddr, Protocol)>,
+    /// The packet engine's counts, for `/metrics`.
+    packet: PacketStats,
 }
 
 impl Shared {
@@ -128,7 +131,7 @@ impl Shared {
             open_engines: std::array::from_fn(|_| AtomicU64::new(0)),
             routing: RwLock::new(Arc::new(Routing::new(config)?)),
             kernel,
-            packet: None,
+            packet_kernel: None,
             id_seed: getrandom::u64().context("drawing the connection-id seed from the OS")?,
             next_id: AtomicU64::new(0),
             outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -137,7 +140,14 @@ impl Shared {
             access_log,
             pre_hello: PreHello::default(),
             per_source: Arc::default(),
+            packet: PacketStats::default(),
         })
+    }
+
+    /// The packet engine's counts: refused handoffs, expiries, handoff times, entries, and
+    /// (once the engine is loaded) its kernel counters.
+    pub fn packet(&self) -> &PacketStats {
+        &self.packet
     }
 
     /// The routing state new connections use.
@@ -164,13 +174,13 @@ impl Shared {
 
     /// With the packet engine's kernel side.
     pub fn with_packet(mut self, packet: Option<Arc<crate::packet::Packet>>) -> Shared {
-        self.packet = packet;
+        self.packet_kernel = packet;
         self
     }
 
     /// The packet engine's kernel side, when loaded.
-    pub fn packet(&self) -> Option<&Arc<crate::packet::Packet>> {
-        self.packet.as_ref()
+    pub fn packet_kernel(&self) -> Option<&Arc<crate::packet::Packet>> {
+        self.packet_kernel.as_ref()
     }
 
     /// A 128-bit connection id: a per-process random seed and a counter, so ids stay unique
@@ -281,6 +291,186 @@ impl Shared {
     /// the calling thread: call it from a thread that may block.
     pub fn flush_access_log(&self, limit: Duration) {
         self.access_log.flush(limit);
+    }
+}
+
+/// Why a handoff to the packet engine can be refused (`docs/packet-engine.md`, section 9):
+/// listed in `/metrics` from zero. Other reasons count too, from their first use.
+pub const PACKET_REFUSALS: [&str; 11] = [
+    "http_rewrite",
+    "half_closed",
+    "ts_client_only",
+    "accecn",
+    "ip_options",
+    "mss_backend_small",
+    "local_peer",
+    "no_program_on_interface",
+    "no_isn",
+    "table_full",
+    "not_quiet",
+];
+
+/// Upper bounds of the `spliced_packet_handoff_seconds` buckets: as written in `/metrics`,
+/// and in nanoseconds. From 100 µs (a handoff with nothing in flight) to 5 s (the drain
+/// waits for a pipe to empty, up to 1 s, `not_quiet`).
+pub const HANDOFF_BUCKETS: [(&str, u64); 15] = [
+    ("0.0001", 100_000),
+    ("0.00025", 250_000),
+    ("0.0005", 500_000),
+    ("0.001", 1_000_000),
+    ("0.0025", 2_500_000),
+    ("0.005", 5_000_000),
+    ("0.01", 10_000_000),
+    ("0.025", 25_000_000),
+    ("0.05", 50_000_000),
+    ("0.1", 100_000_000),
+    ("0.25", 250_000_000),
+    ("0.5", 500_000_000),
+    ("1", 1_000_000_000),
+    ("2.5", 2_500_000_000),
+    ("5", 5_000_000_000),
+];
+
+/// Reads the packet engine's kernel counters (summed over CPUs), by name: what
+/// `PacketTables::counters` returns.
+type CounterReader = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// The packet engine's counts, for `/metrics`. The connection tasks and the sweeper count into
+/// it; the code that loads the engine hands it the kernel counters with
+/// [`PacketStats::set_counters`], which is also what makes `/metrics` show the engine.
+#[derive(Default)]
+pub struct PacketStats {
+    /// Refused handoffs by reason, in order of first use after [`PACKET_REFUSALS`].
+    refused: Mutex<Vec<(&'static str, u64)>>,
+    /// Pairs removed, indexed as [`End::ALL`].
+    expiries: [AtomicU64; End::ALL.len()],
+    /// Handoffs by duration: the count of each bucket of [`HANDOFF_BUCKETS`] alone (not
+    /// cumulative), then those longer than the last.
+    handoff_buckets: [AtomicU64; HANDOFF_BUCKETS.len() + 1],
+    /// The sum of every handoff's duration, in nanoseconds.
+    handoff_ns: AtomicU64,
+    /// Connections in the table (a gauge the sweeper sets).
+    entries: AtomicU64,
+    /// The kernel counters, once the engine is loaded.
+    counters: RwLock<Option<CounterReader>>,
+}
+
+// The setters are called by the engine's integration (the handoff, the sweeper, the loading
+// code), being wired in for issue 15; until then only the tests call them.
+#[allow(dead_code)]
+impl PacketStats {
+    /// Counts a connection whose handoff was refused for `reason` (section 9's names, or any
+    /// other the driver gives).
+    pub fn count_refused(&self, reason: &'static str) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match refused.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => refused.push((reason, 1)),
+        }
+    }
+
+    /// Counts a connection whose entries were removed because of `end`.
+    pub fn count_expiry(&self, end: End) {
+        if let Some(i) = End::ALL.iter().position(|&e| e == end) {
+            self.expiries[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records how long one handoff took (from the freeze to `ACTIVE`).
+    pub fn observe_handoff(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = HANDOFF_BUCKETS
+            .iter()
+            .position(|&(_, bound)| ns <= bound)
+            .unwrap_or(HANDOFF_BUCKETS.len());
+        self.handoff_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.handoff_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Sets the number of connections in the table.
+    pub fn set_entries(&self, connections: u64) {
+        self.entries.store(connections, Ordering::Relaxed);
+    }
+
+    /// Hands over the reader of the kernel counters (e.g. a closure calling
+    /// `PacketTables::counters`); from then on `/metrics` shows the packet engine. A second
+    /// call replaces the first reader.
+    pub fn set_counters(
+        &self,
+        read: impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static,
+    ) {
+        let mut slot = self.counters.write().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(Box::new(read));
+    }
+
+    /// Whether the engine is loaded (its counters were handed over).
+    pub fn loaded(&self) -> bool {
+        self.counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The kernel counters by name; empty while the engine is not loaded.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.counters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or_else(Vec::new, |read| read())
+    }
+
+    /// Refused handoffs by reason: every reason of [`PACKET_REFUSALS`] (from zero), then any
+    /// other in order of first use.
+    pub fn refused(&self) -> Vec<(&'static str, u64)> {
+        let counted = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |reason: &str| {
+            counted
+                .iter()
+                .find(|(r, _)| *r == reason)
+                .map_or(0, |&(_, n)| n)
+        };
+        PACKET_REFUSALS
+            .iter()
+            .map(|&reason| (reason, count(reason)))
+            .chain(
+                counted
+                    .iter()
+                    .filter(|(r, _)| !PACKET_REFUSALS.contains(r))
+                    .copied(),
+            )
+            .collect()
+    }
+
+    /// Pairs removed because of `end` so far.
+    pub fn expiries(&self, end: End) -> u64 {
+        End::ALL
+            .iter()
+            .position(|&e| e == end)
+            .map_or(0, |i| self.expiries[i].load(Ordering::Relaxed))
+    }
+
+    /// Connections in the table, as last set.
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Handoffs at or under each bound of [`HANDOFF_BUCKETS`] (cumulative, as Prometheus
+    /// wants), then every handoff (`+Inf`), and the sum of their durations in nanoseconds.
+    pub fn handoffs(&self) -> (Vec<u64>, u64) {
+        let mut total = 0;
+        let mut cumulative: Vec<u64> = self
+            .handoff_buckets
+            .iter()
+            .map(|n| {
+                total += n.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        // The last slot (over the largest bound) makes the `+Inf` count.
+        cumulative.truncate(HANDOFF_BUCKETS.len());
+        cumulative.push(total);
+        (cumulative, self.handoff_ns.load(Ordering::Relaxed))
     }
 }
 

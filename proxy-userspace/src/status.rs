@@ -230,7 +230,7 @@ mod tests {
                  listeners: 127.0.0.1:443 (tls)\n\
                  sites: 0 (0 hostnames); default site: none (unknown names are refused)\n\
                  connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http \
-                 0; ended, by engine: sockmap 0, splice 1, copy 0, http 0\n\
+                 0, packet 0; ended, by engine: sockmap 0, splice 1, copy 0, http 0, packet 0\n\
                  outcomes: unknown_name 1\n\
                  kernel (sockmap): not loaded\n\
                  xdp: not attached\n"

@@ -75,8 +75,8 @@ interfaces = ["eth0"]
     let forwarding = String::from_utf8(out.stdout)?;
     ensure!(
         forwarding.contains(
-            "connections: 1 open; forwarding, by engine: sockmap 1, splice 0, copy 0, http 0; \
-             ended, by engine: sockmap 0,"
+            "connections: 1 open; forwarding, by engine: sockmap 1, splice 0, copy 0, http 0, \
+             packet 0; ended, by engine: sockmap 0,"
         ),
         "while forwarding:\n{forwarding}"
     );
@@ -96,8 +96,8 @@ interfaces = ["eth0"]
     for line in [
         "listeners: 0.0.0.0:443 (tls)\n",
         "sites: 1 (2 hostnames); default site: none (unknown names are refused)\n",
-        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0; \
-         ended, by engine: sockmap 1, splice 0, copy 0, http 0\n",
+        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0, \
+         packet 0; ended, by engine: sockmap 1, splice 0, copy 0, http 0, packet 0\n",
         "  socket-map entries: verdict 0, hold 0, peers 0\n",
     ] {
         ensure!(report.contains(line), "{line:?} not in:\n{report}");

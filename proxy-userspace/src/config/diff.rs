@@ -7,7 +7,26 @@
 //! file with what is actually running, not with a file that may have been edited since.
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::{Config, Site, parse, version_str};
+use super::{Config, PacketSettings, Site, parse, version_str};
+
+/// Fields a reload cannot change, by entry: the diff says so next to them.
+const RESTART_ONLY: &[(&str, &str)] = &[("packet", "max_connections"), ("packet", "interfaces")];
+
+impl PacketSettings {
+    /// The `[packet]` keys that differ between `self` (running) and `new` but take effect only
+    /// after a restart: `max_connections` sizes the kernel's table when it is created, and the
+    /// programs are attached to `interfaces` at start.
+    pub fn restart_needed(&self, new: &PacketSettings) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.max_connections != new.max_connections {
+            keys.push("max_connections");
+        }
+        if self.interfaces != new.interfaces {
+            keys.push("interfaces");
+        }
+        keys
+    }
+}
 
 /// Entries by key (`site a.example`, `default site`, `listen 0.0.0.0:443`, `defaults`, `xdp`),
 /// each a list of `(field, value)`.
@@ -102,6 +121,30 @@ impl Table {
                 ),
             ],
         );
+        // Only when the engine is named or configured, so that tables of configurations
+        // without it stay as they were.
+        if config.names_packet() || config.packet != PacketSettings::default() {
+            let p = &config.packet;
+            entries.insert(
+                "packet".into(),
+                vec![
+                    ("interfaces".into(), p.interfaces.join(",")),
+                    ("after".into(), parse::format_size(p.after)),
+                    ("max_connections".into(), p.max_connections.to_string()),
+                    (
+                        "idle_timeout".into(),
+                        parse::format_duration(p.idle_timeout),
+                    ),
+                    ("linger".into(), parse::format_duration(p.linger)),
+                    (
+                        "drain_timeout".into(),
+                        parse::format_duration(p.drain_timeout),
+                    ),
+                    ("keep_on_stop".into(), p.keep_on_stop.to_string()),
+                    ("mss".into(), p.mss.map_or("auto".into(), |m| m.to_string())),
+                ],
+            );
+        }
         if let Some(xdp) = &config.xdp {
             let deny: Vec<String> = xdp.deny.iter().map(ToString::to_string).collect();
             let ports: Vec<String> = xdp.ports.iter().map(u16::to_string).collect();
@@ -177,7 +220,12 @@ impl Table {
                         let old = before.iter().find(|(f, _)| f == field).map(|(_, v)| v);
                         if old != Some(value) {
                             let old = old.map_or("(none)", String::as_str);
-                            let _ = writeln!(out, "    {field}: {old} -> {value}");
+                            let note = if RESTART_ONLY.contains(&(key.as_str(), field.as_str())) {
+                                " (takes effect only after a restart)"
+                            } else {
+                                ""
+                            };
+                            let _ = writeln!(out, "    {field}: {old} -> {value}{note}");
                         }
                     }
                     for (field, value) in before {
@@ -274,5 +322,43 @@ proxy_protocol = "v2"
              proxy_protocol=none proxy_protocol_tlvs= forwarding=- forwarded_header=none\n\
              1 added, 1 removed, 2 changed; sites: 2 -> 2\n"
         );
+    }
+
+    /// `[packet]` is in the table once the engine is named; a changed table size or interface
+    /// list is marked as needing a restart, other keys are not.
+    #[test]
+    fn packet_changes_that_need_a_restart_say_so() {
+        assert!(!table(BASE).to_text().contains("packet"));
+        let with =
+            |body: &str| format!("{BASE}[defaults]\nforwarding = \"packet\"\n[packet]\n{body}");
+        let before = table(&with("interfaces = [\"eth0\"]\n"));
+        assert!(
+            before.to_text().contains(
+                "packet\tinterfaces=eth0\tafter=0B\tmax_connections=65536\tidle_timeout=1h\t\
+                 linger=10s\tdrain_timeout=30s\tkeep_on_stop=false\tmss=auto\n"
+            ),
+            "{}",
+            before.to_text()
+        );
+        let after = table(&with(
+            "interfaces = [\"eth0\", \"eth1\"]\nmax_connections = 1000\nlinger = \"1s\"\n",
+        ));
+        assert_eq!(
+            before.diff(&after),
+            "~ packet:\n    interfaces: eth0 -> eth0,eth1 (takes effect only after a restart)\n\
+             \x20   max_connections: 65536 -> 1000 (takes effect only after a restart)\n\
+             \x20   linger: 10s -> 1s\n\
+             0 added, 0 removed, 1 changed; sites: 2 -> 2\n"
+        );
+        let config = |text: &str| Config::from_str(text, Path::new("t.toml")).expect("valid");
+        let running = config(&with("interfaces = [\"eth0\"]\n"));
+        let file = config(&with(
+            "interfaces = [\"eth1\"]\nmax_connections = 10\nmss = 1400\n",
+        ));
+        assert_eq!(
+            running.packet().restart_needed(file.packet()),
+            ["max_connections", "interfaces"]
+        );
+        assert!(running.packet().restart_needed(running.packet()).is_empty());
     }
 }

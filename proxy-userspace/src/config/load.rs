@@ -12,11 +12,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{
-    RawBackend, RawDefaults, RawDns, RawFile, RawListener, RawSite, RawSize, RawXdp, SpannedStrings,
+    RawBackend, RawDefaults, RawDns, RawFile, RawListener, RawPacket, RawSite, RawSize, RawXdp,
+    SpannedStrings,
 };
 use super::{
     Backend, Config, ConfigError, Defaults, Dns, ForwardedHeader, Forwarding, Listener, Origin,
-    Site, Tlvs,
+    PacketSettings, Site, Tlvs,
 };
 use super::{Cidr, Protocol, SourceAddress, SynLimit, Xdp, XdpMode, parse};
 use crate::preface::Version;
@@ -104,6 +105,10 @@ struct SiteRules {
     http_listener: bool,
     /// Whether `[defaults]` has a `source_prefix` for `source = "embed"`.
     source_prefix: bool,
+    /// The first `http` listener on which a site that sets no `forwarding` of its own gets
+    /// the packet engine (the listener's `forwarding`, else `[defaults]`'), to refuse header
+    /// sites there.
+    packet_http_listener: Option<SocketAddr>,
 }
 
 /// Builds a [`Config`] from the main file's text, reading includes relative to `path`.
@@ -133,15 +138,33 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         .map(|dns| build_dns(&main, dns, &defaults))
         .transpose()?;
     let default_dns = default_backend
-        .map(|value| dns_backend(&main, &value, "defaults", dns.is_some()))
+        .as_ref()
+        .map(|value| dns_backend(&main, value, "defaults", dns.is_some()))
         .transpose()?
         .unwrap_or(false);
     for (listener, backend) in listeners.iter_mut().zip(listener_backends) {
         let context = format!("listen {}", listener.address);
-        listener.dns = match backend {
-            Some(value) => dns_backend(&main, &value, &context, dns.is_some())?,
+        listener.dns = match &backend {
+            Some(value) => dns_backend(&main, value, &context, dns.is_some())?,
             None => default_dns,
         };
+        // DNS backends get [defaults]' header: the same rule as a site's (see build_site).
+        let engine = listener.forwarding.unwrap_or(defaults.forwarding);
+        if let Some(value) = backend.as_ref().or(default_backend.as_ref())
+            && listener.dns
+            && listener.protocol == Protocol::Http
+            && engine == Forwarding::Packet
+            && defaults.forwarded_header != ForwardedHeader::None
+        {
+            return Err(main.error(
+                value.span(),
+                format!(
+                    "{context}: DNS backends get forwarded_header = \"{}\" from [defaults] on \
+                     this http listener, whose forwarding is \"packet\"; {}",
+                    defaults.forwarded_header, PACKET_CANNOT_REWRITE
+                ),
+            ));
+        }
     }
     if let Some(dns) = &dns
         && !listeners.iter().any(|l| l.dns)
@@ -157,6 +180,13 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         default_header: defaults.forwarded_header,
         http_listener,
         source_prefix: defaults.source_prefix.is_some(),
+        packet_http_listener: listeners
+            .iter()
+            .find(|l| {
+                l.protocol == Protocol::Http
+                    && l.forwarding.unwrap_or(defaults.forwarding) == Forwarding::Packet
+            })
+            .map(|l| l.address),
     };
     let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut loader = Loader {
@@ -171,6 +201,10 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         .xdp
         .map(|xdp| build_xdp(&main, xdp, &listeners))
         .transpose()?;
+    let packet = match raw.packet {
+        Some(packet) => build_packet(&main, packet)?,
+        None => PacketSettings::default(),
+    };
     let default_site = match raw.default {
         Some(site) => Some(build_site(&main, site, true, rules)?.0),
         None => None,
@@ -185,7 +219,112 @@ pub(super) fn load(text: String, path: &Path) -> Result<Config, ConfigError> {
         files: loader.files,
         xdp,
         dns,
+        packet,
     })
+}
+
+/// Why a connection that gets a forwarding header cannot use the packet engine, and what to
+/// do about it; the end of every such message.
+const PACKET_CANNOT_REWRITE: &str = "the packet engine forwards the byte stream unchanged and \
+     cannot insert a header into it; set forwarding to another engine (e.g. \"splice\") for \
+     it, or forwarded_header = \"none\"";
+
+/// The largest MSS a `[packet] mss` may set: an IPv4 MTU of 65535 less 40 bytes of headers.
+const MAX_MSS: i64 = 65_495;
+/// The smallest: the MSS every IPv4 host must accept (RFC 1122, 4.2.2.6).
+const MIN_MSS: i64 = 536;
+
+/// Validates `[packet]`.
+fn build_packet(src: &Source, raw: Spanned<RawPacket>) -> Result<PacketSettings, ConfigError> {
+    let raw = raw.into_inner();
+    let mut packet = PacketSettings::default();
+    if let Some(list) = raw.interfaces {
+        for name in list.into_inner() {
+            let text = name.get_ref();
+            parse::interface_name(text).map_err(|reason| {
+                src.error(
+                    name.span(),
+                    format!("packet: interface {text:?} is not valid: {reason}"),
+                )
+            })?;
+            if packet.interfaces.contains(text) {
+                return Err(src.error(
+                    name.span(),
+                    format!("packet: interface {text:?} is listed twice"),
+                ));
+            }
+            packet.interfaces.push(name.into_inner());
+        }
+    }
+    if let Some(value) = &raw.after {
+        packet.after = size_in(src, value, "packet", "after")?;
+    }
+    if let Some(value) = &raw.max_connections {
+        let n = *value.get_ref();
+        let most = proxy_common::PACKET_MAX_CONNECTIONS;
+        packet.max_connections = u32::try_from(n)
+            .ok()
+            .filter(|&n| (1..=most).contains(&n))
+            .ok_or_else(|| {
+                src.error(
+                    value.span(),
+                    format!(
+                        "packet: max_connections must be between 1 and {most} (the size of the \
+                         kernel's table), not {n}"
+                    ),
+                )
+            })?;
+    }
+    let packet_duration = |value: &Spanned<String>, key: &str, zero_ok: bool| {
+        let text = value.get_ref();
+        let d = parse::duration(text).map_err(|reason| {
+            src.error(
+                value.span(),
+                format!(
+                    "packet: {key} must be a duration like \"10s\", \"500ms\" or \"1h\", not \
+                     {text:?}: {reason}"
+                ),
+            )
+        })?;
+        if d.is_zero() && !zero_ok {
+            return Err(src.error(
+                value.span(),
+                format!("packet: {key} must be greater than zero"),
+            ));
+        }
+        Ok(d)
+    };
+    if let Some(value) = &raw.idle_timeout {
+        packet.idle_timeout = packet_duration(value, "idle_timeout", false)?;
+    }
+    // Zero is allowed: entries then go as soon as both FINs are acknowledged.
+    if let Some(value) = &raw.linger {
+        packet.linger = packet_duration(value, "linger", true)?;
+    }
+    if let Some(value) = &raw.drain_timeout {
+        packet.drain_timeout = packet_duration(value, "drain_timeout", false)?;
+    }
+    if let Some(value) = raw.keep_on_stop {
+        packet.keep_on_stop = value.into_inner();
+    }
+    if let Some(value) = &raw.mss {
+        let n = *value.get_ref();
+        // 0, as in docs/packet-engine.md section 8, means what leaving it out means.
+        packet.mss = match n {
+            0 => None,
+            MIN_MSS..=MAX_MSS => u16::try_from(n).ok(),
+            _ => {
+                return Err(src.error(
+                    value.span(),
+                    format!(
+                        "packet: mss must be between {MIN_MSS} and {MAX_MSS}, not {n} (leave it \
+                         out, or 0, to derive it from the interfaces' MTU)"
+                    ),
+                ));
+            }
+        };
+    }
+    Ok(packet)
 }
 
 /// A site's or `[dns]`' `source`: `"proxy"` or `"embed"`, which needs `[defaults]
@@ -521,6 +660,9 @@ impl Loader {
         if let Some(dns) = &raw.dns {
             return Err(child.error(dns.span(), format!("[dns] {main_only}")));
         }
+        if let Some(packet) = &raw.packet {
+            return Err(child.error(packet.span(), format!("[packet] {main_only}")));
+        }
         self.files.push(path.clone());
         self.stack.push((identity, path));
         self.add_sites(&child, raw.site)?;
@@ -697,12 +839,23 @@ fn build_defaults(
 /// A size in `[defaults]` (`"4MiB"`, `"512KiB"` or a number of bytes), with the key named in
 /// the error.
 fn size_value(src: &Source, value: &Spanned<RawSize>, key: &str) -> Result<u64, ConfigError> {
+    size_in(src, value, "defaults", key)
+}
+
+/// A size in `section` (`"4MiB"`, `"512KiB"` or a number of bytes), with the section and key
+/// named in the error.
+fn size_in(
+    src: &Source,
+    value: &Spanned<RawSize>,
+    section: &str,
+    key: &str,
+) -> Result<u64, ConfigError> {
     match value.get_ref() {
         RawSize::Text(text) => parse::size(text).map_err(|reason| {
             src.error(
                 value.span(),
                 format!(
-                    "defaults: {key} must be a size like \"4MiB\", \"512KiB\" or \"1048576\", \
+                    "{section}: {key} must be a size like \"4MiB\", \"512KiB\" or \"1048576\", \
                      not {text:?}: {reason}"
                 ),
             )
@@ -710,7 +863,7 @@ fn size_value(src: &Source, value: &Spanned<RawSize>, key: &str) -> Result<u64, 
         RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| {
             src.error(
                 value.span(),
-                format!("defaults: {key} cannot be negative, not {n}"),
+                format!("{section}: {key} cannot be negative, not {n}"),
             )
         }),
     }
@@ -781,7 +934,7 @@ fn forwarding(
         src.error(
             value.span(),
             format!(
-                "{context}: forwarding must be one of auto, sockmap, splice, copy, not {:?}",
+                "{context}: forwarding must be one of auto, sockmap, splice, copy, packet, not {:?}",
                 value.get_ref()
             ),
         )
@@ -1162,7 +1315,8 @@ fn build_site(
 
     let forwarding = raw
         .forwarding
-        .map(|f| forwarding(src, &f, &context))
+        .as_ref()
+        .map(|f| forwarding(src, f, &context))
         .transpose()?;
 
     let forwarded_header = match &raw.forwarded_header {
@@ -1183,6 +1337,41 @@ fn build_site(
             header
         }
     };
+
+    // The header engine rewrites the stream; the packet engine cannot (its sequence offsets
+    // are constant, docs/packet-engine.md section 1). Refused rather than quietly served by
+    // another engine: the file asks for two things that cannot both be had.
+    if forwarded_header != ForwardedHeader::None
+        && rules.http_listener
+        && backend.for_listener(Protocol::Http, 80).is_some()
+    {
+        let conflict = match (&raw.forwarding, forwarding) {
+            (Some(value), Some(Forwarding::Packet)) => Some((
+                value.span(),
+                "this site's forwarding is \"packet\"".to_string(),
+            )),
+            (None, _) => rules.packet_http_listener.map(|address| {
+                let at = raw
+                    .forwarded_header
+                    .as_ref()
+                    .map_or(span.clone(), Spanned::span);
+                (
+                    at,
+                    format!("the http listener {address} forwards with \"packet\""),
+                )
+            }),
+            _ => None,
+        };
+        if let Some((at, why)) = conflict {
+            return Err(src.error(
+                at,
+                format!(
+                    "{context}: forwarded_header = \"{forwarded_header}\" adds a header to every \
+                     request on http listeners, but {why}: {PACKET_CANNOT_REWRITE}"
+                ),
+            ));
+        }
+    }
 
     let source = match &raw.source {
         None => SourceAddress::Proxy,

@@ -14,10 +14,11 @@
 //! yet); a plain path that does not exist is an error.
 //!
 //! Included files may contain `[[site]]` entries and `include` only: listeners, `[defaults]`,
-//! `[default]` and `[xdp]` belong to the main file, so one file decides how the proxy runs. Nested includes
-//! are allowed (a customer directory can have its own index file); a file that includes itself
-//! directly or through others is an error that prints the cycle, and so is a file included twice
-//! by overlapping patterns, because reading it twice would define its hostnames twice.
+//! `[default]`, `[xdp]`, `[dns]` and `[packet]` belong to the main file, so one file decides how
+//! the proxy runs. Nested includes are allowed (a customer directory can have its own index
+//! file); a file that includes itself directly or through others is an error that prints the
+//! cycle, and so is a file included twice by overlapping patterns, because reading it twice
+//! would define its hostnames twice.
 //!
 //! Sites are collected depth-first: a file's own `[[site]]` entries, then its includes in the
 //! order listed.
@@ -55,6 +56,53 @@ pub struct Config {
     pub(crate) xdp: Option<Xdp>,
     /// `[dns]`: backends for names no site claims, on listeners with `backend = "dns"`.
     pub(crate) dns: Option<Dns>,
+    /// `[packet]`: the packet engine's settings (the defaults when the section is absent).
+    pub(crate) packet: PacketSettings,
+}
+
+/// `[packet]`: how the packet engine (`forwarding = "packet"`, `docs/packet-engine.md`
+/// section 8) attaches and when its table entries expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketSettings {
+    /// Interfaces the TC programs attach to, in file order, no duplicates; empty means every
+    /// interface that is up and has a global address, except `lo`.
+    pub interfaces: Vec<String>,
+    /// Bytes moved by splice (both directions together) before the handoff; 0 hands off right
+    /// after the preface.
+    pub after: u64,
+    /// Connections the table holds at once: at most [`proxy_common::PACKET_MAX_CONNECTIONS`]
+    /// (the map's size), which is also the default. Read at start: a reload does not change it.
+    pub max_connections: u32,
+    /// A handed-off connection with no segment either way for this long is removed without
+    /// telling the peers (default 1h).
+    pub idle_timeout: Duration,
+    /// How long a connection's entries stay after both FINs are acknowledged, to translate a
+    /// FIN retransmitted because the last ACK was lost (default 10s).
+    pub linger: Duration,
+    /// How long a handoff may wait for the local sockets to drain (default 30s).
+    pub drain_timeout: Duration,
+    /// On a normal stop, leave programs and maps pinned for the next spliced instead of
+    /// deleting the entries (default false).
+    pub keep_on_stop: bool,
+    /// The MSS clamped on the listener's and the backend's sockets; `None` derives it from the
+    /// interfaces' MTU. 536..=65495 when set.
+    pub mss: Option<u16>,
+}
+
+impl Default for PacketSettings {
+    /// The values used when `[packet]` or one of its keys is left out.
+    fn default() -> Self {
+        PacketSettings {
+            interfaces: Vec::new(),
+            after: 0,
+            max_connections: proxy_common::PACKET_MAX_CONNECTIONS,
+            idle_timeout: Duration::from_secs(3600),
+            linger: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            keep_on_stop: false,
+            mss: None,
+        }
+    }
 }
 
 /// `[dns]`: where names that no site claims are looked up (AAAA), and the fence their answers
@@ -155,6 +203,9 @@ pub enum Forwarding {
     Splice,
     /// User-space copy.
     Copy,
+    /// TC programs translate each segment between the two TCP connections after the preface
+    /// (`docs/packet-engine.md`); spliced holds no byte of a handed-off connection.
+    Packet,
 }
 
 impl Forwarding {
@@ -165,6 +216,7 @@ impl Forwarding {
             Forwarding::Sockmap => "sockmap",
             Forwarding::Splice => "splice",
             Forwarding::Copy => "copy",
+            Forwarding::Packet => "packet",
         }
     }
 }
@@ -494,6 +546,25 @@ impl Config {
         load::load(text, path)
     }
 
+    /// `[packet]`: the packet engine's settings (defaults when the section is absent).
+    pub fn packet(&self) -> &PacketSettings {
+        &self.packet
+    }
+
+    /// Whether `forwarding = "packet"` is set anywhere (`[defaults]`, a listener, a site or
+    /// the default site).
+    pub fn names_packet(&self) -> bool {
+        std::iter::once(Some(self.defaults.forwarding))
+            .chain(self.listeners.iter().map(|l| l.forwarding))
+            .chain(
+                self.sites
+                    .iter()
+                    .chain(&self.default_site)
+                    .map(|s| s.forwarding),
+            )
+            .any(|f| f == Some(Forwarding::Packet))
+    }
+
     /// Validates `text` as if it had been read from `path`; `include`s, if any, are read from
     /// disk relative to `path`'s directory.
     pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -654,6 +725,27 @@ impl Config {
             None => {
                 let _ = writeln!(out, "dns: none (unknown names are not looked up)");
             }
+        }
+        // Only when the engine is named or configured, so existing summaries stay as they were.
+        if self.names_packet() || self.packet != PacketSettings::default() {
+            let p = &self.packet;
+            let interfaces = if p.interfaces.is_empty() {
+                "every up interface with a global address".to_string()
+            } else {
+                p.interfaces.join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "packet: interfaces {interfaces}; after {}, max_connections {}, idle_timeout {}, \
+                 linger {}, drain_timeout {}, keep_on_stop {}, mss {}",
+                parse::format_size(p.after),
+                p.max_connections,
+                parse::format_duration(p.idle_timeout),
+                parse::format_duration(p.linger),
+                parse::format_duration(p.drain_timeout),
+                p.keep_on_stop,
+                p.mss.map_or("from the MTU".to_string(), |m| m.to_string()),
+            );
         }
         match &self.xdp {
             Some(xdp) => {

@@ -231,6 +231,7 @@ pub(crate) fn forwarding(text: &str) -> Option<Forwarding> {
         Forwarding::Sockmap,
         Forwarding::Splice,
         Forwarding::Copy,
+        Forwarding::Packet,
     ]
     .into_iter()
     .find(|f| f.as_str() == text)

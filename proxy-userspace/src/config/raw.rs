@@ -29,6 +29,21 @@ pub(super) struct RawFile {
     pub default: Option<Spanned<RawSite>>,
     pub xdp: Option<Spanned<RawXdp>>,
     pub dns: Option<Spanned<RawDns>>,
+    pub packet: Option<Spanned<RawPacket>>,
+}
+
+/// `[packet]`. Numbers stay `i64` so that out-of-range values get messages naming the key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPacket {
+    pub interfaces: Option<SpannedStrings>,
+    pub after: Option<Spanned<RawSize>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub linger: Option<Spanned<String>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub keep_on_stop: Option<Spanned<bool>>,
+    pub mss: Option<Spanned<i64>>,
 }
 
 /// `[dns]`.

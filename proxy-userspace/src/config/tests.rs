@@ -489,7 +489,7 @@ fn listener_errors() {
     refused(
         &format!("{LISTEN}forwarding = \"zerocopy\"\n"),
         "forwarding",
-        "listen 0.0.0.0:443: forwarding must be one of auto, sockmap, splice, copy, not \"zerocopy\"",
+        "listen 0.0.0.0:443: forwarding must be one of auto, sockmap, splice, copy, packet, not \"zerocopy\"",
     );
 }
 
@@ -652,7 +652,7 @@ fn proxy_protocol_errors() {
     refused(
         &site("forwarding = \"fast\""),
         "forwarding",
-        "site \"a.example\": forwarding must be one of auto, sockmap, splice, copy, not \"fast\"",
+        "site \"a.example\": forwarding must be one of auto, sockmap, splice, copy, packet, not \"fast\"",
     );
 }
 
@@ -1792,5 +1792,300 @@ fn source_embed() {
         &with_prefix("2001:db8:4646::/96", "client"),
         "source = ",
         "source must be \"proxy\" or \"embed\"",
+    );
+}
+
+/// `[packet]` on line 4, after the listener; `body` starts on line 5.
+fn packet(body: &str) -> String {
+    format!("{LISTEN}[packet]\n{body}")
+}
+
+/// Asserts that `[packet]` with `body` is refused with exactly `expected`.
+#[track_caller]
+fn packet_refused(body: &str, expected: &str) {
+    let err = parse(&packet(body)).expect_err("the [packet] section should be refused");
+    assert_eq!(err.to_string(), expected);
+}
+
+#[test]
+fn packet_defaults_and_every_key() {
+    let config = parse(LISTEN).expect("valid");
+    assert_eq!(config.packet(), &PacketSettings::default());
+    assert_eq!(
+        config.packet().max_connections,
+        proxy_common::PACKET_MAX_CONNECTIONS
+    );
+    assert_eq!(config.packet().idle_timeout, Duration::from_secs(3600));
+    assert_eq!(config.packet().linger, Duration::from_secs(10));
+    assert_eq!(config.packet().drain_timeout, Duration::from_secs(30));
+    assert!(!config.summary().contains("packet"), "{}", config.summary());
+
+    let text = packet(
+        "interfaces = [\"eth0\", \"veth-b\"]\nafter = \"64KiB\"\nmax_connections = 1000\n\
+         idle_timeout = \"10m\"\nlinger = \"0\"\ndrain_timeout = \"5s\"\nkeep_on_stop = true\n\
+         mss = 1400\n",
+    );
+    let config = parse(&text).expect("valid");
+    assert_eq!(
+        config.packet(),
+        &PacketSettings {
+            interfaces: vec!["eth0".into(), "veth-b".into()],
+            after: 64 << 10,
+            max_connections: 1000,
+            idle_timeout: Duration::from_secs(600),
+            linger: Duration::ZERO,
+            drain_timeout: Duration::from_secs(5),
+            keep_on_stop: true,
+            mss: Some(1400),
+        }
+    );
+    assert!(
+        config.summary().contains(
+            "packet: interfaces eth0, veth-b; after 64KiB, max_connections 1000, idle_timeout \
+             10m, linger 0s, drain_timeout 5s, keep_on_stop true, mss 1400\n"
+        ),
+        "{}",
+        config.summary()
+    );
+    // A plain number of bytes, the largest table, and mss 0 (derive it, as in the design).
+    let text = packet("after = 1048576\nmax_connections = 65536\nmss = 0\ninterfaces = []\n");
+    let settings = parse(&text).expect("valid").packet;
+    assert_eq!(settings.after, 1 << 20);
+    assert_eq!(settings.max_connections, 65_536);
+    assert_eq!(settings.mss, None);
+    assert!(settings.interfaces.is_empty());
+}
+
+#[test]
+fn packet_forwarding_everywhere_forwarding_is() {
+    let text = r#"
+[defaults]
+forwarding = "packet"
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+forwarding = "packet"
+[[site]]
+hostnames = ["a.example"]
+backend = "2001:db8::1"
+forwarding = "packet"
+[default]
+backend = "2001:db8::2"
+forwarding = "packet"
+"#;
+    let config = parse(text).expect("valid");
+    assert_eq!(config.defaults.forwarding, Forwarding::Packet);
+    assert_eq!(config.listeners[0].forwarding, Some(Forwarding::Packet));
+    assert_eq!(config.sites[0].forwarding, Some(Forwarding::Packet));
+    assert_eq!(
+        config.default_site.as_ref().and_then(|s| s.forwarding),
+        Some(Forwarding::Packet)
+    );
+    assert_eq!(Forwarding::Packet.to_string(), "packet");
+    assert!(config.names_packet());
+    assert!(
+        config.summary().contains(
+            "packet: interfaces every up interface with a global address; after 0B, \
+             max_connections 65536, idle_timeout 1h, linger 10s, drain_timeout 30s, \
+             keep_on_stop false, mss from the MTU\n"
+        ),
+        "{}",
+        config.summary()
+    );
+    assert!(!parse(LISTEN).expect("valid").names_packet());
+}
+
+#[test]
+fn packet_refusals_say_where_and_what() {
+    packet_refused(
+        "bogus = 1\n",
+        "main.toml:5:1: unknown field `bogus`, expected one of `interfaces`, `after`, \
+         `max_connections`, `idle_timeout`, `linger`, `drain_timeout`, `keep_on_stop`, `mss`",
+    );
+    packet_refused(
+        "interfaces = [\"eth0\", \"eth0:1\"]\n",
+        "main.toml:5:23: packet: interface \"eth0:1\" is not valid: it contains ':'; an alias \
+         like \"eth0:1\" is an address label, not an interface",
+    );
+    packet_refused(
+        "interfaces = [\"eth0\", \"eth0\"]\n",
+        "main.toml:5:23: packet: interface \"eth0\" is listed twice",
+    );
+    packet_refused(
+        "interfaces = [\"averyveryverylongname\"]\n",
+        "main.toml:5:15: packet: interface \"averyveryverylongname\" is not valid: it is 21 \
+         bytes long, more than 15",
+    );
+    packet_refused(
+        "max_connections = 65537\n",
+        "main.toml:5:19: packet: max_connections must be between 1 and 65536 (the size of the \
+         kernel's table), not 65537",
+    );
+    packet_refused(
+        "max_connections = 0\n",
+        "main.toml:5:19: packet: max_connections must be between 1 and 65536 (the size of the \
+         kernel's table), not 0",
+    );
+    packet_refused(
+        "idle_timeout = \"1.5h\"\n",
+        "main.toml:5:16: packet: idle_timeout must be a duration like \"10s\", \"500ms\" or \
+         \"1h\", not \"1.5h\": use whole numbers, as in \"1500ms\"",
+    );
+    packet_refused(
+        "linger = \"10\"\n",
+        "main.toml:5:10: packet: linger must be a duration like \"10s\", \"500ms\" or \"1h\", \
+         not \"10\": a unit is missing (ms, s, m or h)",
+    );
+    packet_refused(
+        "drain_timeout = \"0s\"\n",
+        "main.toml:5:17: packet: drain_timeout must be greater than zero",
+    );
+    packet_refused(
+        "idle_timeout = \"0\"\n",
+        "main.toml:5:16: packet: idle_timeout must be greater than zero",
+    );
+    packet_refused(
+        "after = \"64K\"\n",
+        "main.toml:5:9: packet: after must be a size like \"4MiB\", \"512KiB\" or \"1048576\", \
+         not \"64K\": unknown unit \"K\" (use B, KiB, MiB, GiB, or KB, MB, GB)",
+    );
+    packet_refused(
+        "after = -1\n",
+        "main.toml:5:9: packet: after cannot be negative, not -1",
+    );
+    for mss in ["535", "65496", "-1"] {
+        packet_refused(
+            &format!("mss = {mss}\n"),
+            &format!(
+                "main.toml:5:7: packet: mss must be between 536 and 65495, not {mss} (leave it \
+                 out, or 0, to derive it from the interfaces' MTU)"
+            ),
+        );
+    }
+    packet_refused(
+        "keep_on_stop = \"yes\"\n",
+        "main.toml:5:16: invalid type: string \"yes\", expected a boolean",
+    );
+    for mss in ["536", "65495"] {
+        assert!(parse(&packet(&format!("mss = {mss}\n"))).is_ok(), "{mss}");
+    }
+}
+
+#[test]
+fn packet_section_only_in_the_main_file() {
+    let dir = TempDir::new("packet-main-only");
+    let main = dir.write(
+        "spliced.toml",
+        &format!("include = [\"site.toml\"]\n{LISTEN}"),
+    );
+    let site = dir.write("site.toml", "# a customer\n[packet]\nlinger = \"1s\"\n");
+    let err = Config::load(&main).expect_err("[packet] in an include");
+    assert_eq!(
+        (err.file.as_path(), err.line),
+        (site.as_path(), Some(2)),
+        "{err}"
+    );
+    assert!(
+        err.message
+            .contains("[packet] is only allowed in the main configuration file"),
+        "{err}"
+    );
+}
+
+/// A header site on an http listener would have its stream rewritten, which the packet
+/// engine cannot do: refused wherever `packet` comes from, at the key that asks for it.
+#[test]
+fn packet_with_a_forwarding_header_on_http_is_refused() {
+    const HTTP: &str = "[[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n";
+    // The site's own forwarding.
+    let text = format!(
+        "{HTTP}[[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n\
+         forwarded_header = \"x-forwarded-for\"\nforwarding = \"packet\"\n"
+    );
+    let err = refused(
+        &text,
+        "forwarding = \"packet\"",
+        "site \"a.example\": forwarded_header = \"x-forwarded-for\" adds a header to every \
+         request on http listeners, but this site's forwarding is \"packet\": the packet engine \
+         forwards the byte stream unchanged and cannot insert a header into it",
+    );
+    assert!(err.message.contains("forwarded_header = \"none\""), "{err}");
+    // The listener's, with the header from [defaults]: at the site.
+    let text = format!(
+        "[defaults]\nforwarded_header = \"forwarded\"\n\
+         {}forwarding = \"packet\"\n\
+         [[site]]\nhostnames = [\"b.example\"]\nbackend = \"2001:db8::1\"\n",
+        HTTP
+    );
+    refused(
+        &text,
+        "[[site]]",
+        "site \"b.example\": forwarded_header = \"forwarded\" adds a header to every request on \
+         http listeners, but the http listener 0.0.0.0:80 forwards with \"packet\"",
+    );
+    // [defaults]' forwarding, the site's header: at the header.
+    let text = format!(
+        "[defaults]\nforwarding = \"packet\"\n{HTTP}\
+         [[site]]\nhostnames = [\"c.example\"]\nbackend = \"2001:db8::1\"\n\
+         forwarded_header = \"x-forwarded-for\"\n"
+    );
+    refused(
+        &text,
+        "forwarded_header",
+        "but the http listener 0.0.0.0:80 forwards with \"packet\"",
+    );
+    // The default site too.
+    let text = format!(
+        "[defaults]\nforwarding = \"packet\"\nforwarded_header = \"x-forwarded-for\"\n{HTTP}\
+         [default]\nbackend = \"2001:db8::1\"\n"
+    );
+    refused(&text, "[default]", "default site: forwarded_header");
+
+    // Accepted: the site chooses another engine; no header; a TLS-only backend; a TLS
+    // listener's packet with the header only on http; packet on http without a header.
+    for ok in [
+        format!(
+            "[defaults]\nforwarding = \"packet\"\nforwarded_header = \"x-forwarded-for\"\n{HTTP}\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n\
+             forwarding = \"splice\"\n"
+        ),
+        format!(
+            "[defaults]\nforwarding = \"packet\"\nforwarded_header = \"x-forwarded-for\"\n{HTTP}\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n\
+             forwarded_header = \"none\"\n"
+        ),
+        format!(
+            "[defaults]\nforwarding = \"packet\"\n{HTTP}\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = {{ tls = \"[2001:db8::1]:443\" }}\n"
+        ),
+        format!(
+            "[defaults]\nforwarded_header = \"x-forwarded-for\"\n{HTTP}{LISTEN}\
+             forwarding = \"packet\"\n\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n"
+        ),
+        format!(
+            "[defaults]\nforwarding = \"packet\"\n{HTTP}\
+             [[site]]\nhostnames = [\"a.example\"]\nbackend = \"2001:db8::1\"\n"
+        ),
+    ] {
+        if let Err(e) = parse(&ok) {
+            panic!("{e}\n{ok}");
+        }
+    }
+}
+
+/// DNS backends take `[defaults]`' header: the same rule, at the `backend = "dns"` that
+/// sends them there.
+#[test]
+fn packet_with_a_header_for_dns_backends_is_refused() {
+    let text = "[defaults]\nforwarded_header = \"x-forwarded-for\"\n\
+                [[listen]]\naddress = \"0.0.0.0:80\"\nprotocol = \"http\"\n\
+                forwarding = \"packet\"\nbackend = \"dns\"\n\
+                [dns]\nallowed_backends = [\"2001:db8::/32\"]\n";
+    refused(
+        text,
+        "backend = \"dns\"",
+        "listen 0.0.0.0:80: DNS backends get forwarded_header = \"x-forwarded-for\" from \
+         [defaults] on this http listener, whose forwarding is \"packet\"",
     );
 }

@@ -29,8 +29,8 @@ pub enum Engine {
     /// HTTP/1.1 framing with a forwarding header added to each request ([`http`]); after a
     /// switch of protocols the connection is spliced.
     Http,
-    /// TC programs translate the segments between the two connections after the handoff;
-    /// spliced's sockets go silent ([`packet`]).
+    /// TC programs translate each segment between the two TCP connections once the handoff is
+    /// done (`docs/packet-engine.md`); spliced holds none of its bytes after that.
     Packet,
 }
 
@@ -166,6 +166,7 @@ pub async fn forward(
     let ended = AtomicBool::new(false);
     match engine {
         // An `http` connection comes here once it switched protocols: a byte stream to splice.
+        // A `packet` connection is spliced until (and unless) its handoff is done.
         Engine::Splice | Engine::Sockmap | Engine::Http | Engine::Packet => {
             both_ways(client, backend, counters, &ended, splice::one_way).await
         }

@@ -16,7 +16,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -28,9 +28,6 @@ use crate::{
     ebpf::{Freeze, HandedOff, HandoffError, HandoffLimits, IsnRecorder, PacketTables},
     packet_expiry::{self, End},
 };
-
-/// How long an entry whose connection was reset stays, to translate the reset's retransmission.
-const RESET_LINGER: Duration = Duration::from_secs(1);
 
 /// The packet engine's kernel side as the proxy holds it.
 pub struct Packet {
@@ -54,8 +51,6 @@ struct Kernel {
 /// A handed-off connection waiting for its end.
 struct Live {
     handed: HandedOff,
-    /// How it is ending, and since when the sweeper has seen it so.
-    ending: Option<(End, Instant)>,
     wake: oneshot::Sender<Ended>,
 }
 
@@ -113,14 +108,13 @@ impl Packet {
         let interfaces = host::interfaces(&settings.interfaces)?;
         let mtu = host::smallest_mtu(&interfaces)?;
         let listener_mss = host::listener_mss(settings.mss, mtu)?;
-        let mut tables = PacketTables::load()?;
-        for name in &interfaces {
-            tables.attach(name)?;
-        }
         if let Some(dir) = pin_dir {
             crate::ebpf::ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            tables.pin(dir)?;
+        }
+        let mut tables = PacketTables::load_pinned(pin_dir)?;
+        for name in &interfaces {
+            tables.attach(name)?;
         }
         tracing::info!(
             interfaces = %interfaces.join(","),
@@ -175,14 +169,7 @@ impl Packet {
                     let (wake, ended) = oneshot::channel();
                     // Registered before the tables are let go, so the sweeper never sees the
                     // entries without the task to wake.
-                    lock(&this.live).insert(
-                        handed.up,
-                        Live {
-                            handed,
-                            ending: None,
-                            wake,
-                        },
-                    );
+                    lock(&this.live).insert(handed.up, Live { handed, wake });
                     Ok(Outcome::HandedOff {
                         duration,
                         drained,
@@ -199,16 +186,15 @@ impl Packet {
     }
 
     /// One pass over the handed-off connections: each whose entries say it ended (see
-    /// [`packet_expiry::decide`]) is removed once it has been so for long enough (`linger`
-    /// after both FINs, 1 s after a reset, at once when idle or when `stop`), and its task
-    /// woken. Returns the expiries made and the connections still handed off.
+    /// [`packet_expiry::decide`], which also says when: `linger` after both FINs, 1 s after a
+    /// reset, `idle_timeout` without a segment), or every one when `stop`, is removed and its
+    /// task woken. Returns the expiries made and the connections still handed off.
     pub fn sweep(&self, settings: &PacketSettings, stop: bool) -> (Vec<End>, usize) {
-        let now_ns = monotonic_ns();
-        let now = Instant::now();
+        let now_ns = packet_expiry::monotonic_ns();
         let mut kernel = lock(&self.kernel);
         let mut live = lock(&self.live);
         let mut done = Vec::new();
-        for (key, conn) in live.iter_mut() {
+        for (key, conn) in live.iter() {
             let entries = match kernel.tables.entries(&conn.handed.handoff) {
                 Ok(e) => e,
                 Err(e) => {
@@ -224,23 +210,7 @@ impl Packet {
                 // An entry gone without us: nothing translates this connection any more.
                 _ => Some(End::Stop),
             };
-            let Some(end) = end else {
-                conn.ending = None;
-                continue;
-            };
-            let since = match conn.ending {
-                Some((was, since)) if was == end => since,
-                _ => {
-                    conn.ending = Some((end, now));
-                    now
-                }
-            };
-            let wait = match end {
-                End::Fin => settings.linger,
-                End::RstClient | End::RstBackend => RESET_LINGER,
-                _ => Duration::ZERO,
-            };
-            if now.duration_since(since) >= wait {
+            if let Some(end) = end {
                 let [up, down] = entries;
                 done.push((*key, Ended { end, up, down }));
             }
@@ -286,12 +256,6 @@ impl Packet {
         // Left when the sockmap side pinned nothing there.
         let _ = std::fs::remove_dir(dir);
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, which the programs
-/// stamp `last_seen_ns` with.
-pub fn monotonic_ns() -> u64 {
-    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds, for the time a connection was accepted.
