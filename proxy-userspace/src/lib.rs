@@ -46,6 +46,15 @@ pub use ebpf::{
     Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
 };
 pub use server::{Options, Server};
+
+/// For `spliced check`: when `config` asks for the packet engine, whether this host can give
+/// it (`TCP_REPAIR`, cgroup v2, the interfaces and their MTU), as a summary or what is wrong;
+/// `None` when nothing asks for it.
+pub fn packet_preflight(config: &Config) -> Option<anyhow::Result<String>> {
+    config
+        .names_packet()
+        .then(|| packet::Packet::preflight(config.packet()))
+}
 pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 
 /// The checks the fuzz targets in `fuzz/` run; the unit tests run them on stable too.

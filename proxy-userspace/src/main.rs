@@ -134,6 +134,17 @@ fn main() -> ExitCode {
         } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("{}: OK\n{}", config.display(), cfg.summary());
+                match spliced::packet_preflight(&cfg) {
+                    Some(Ok(summary)) => println!("{summary}"),
+                    Some(Err(e)) => {
+                        eprintln!(
+                            "spliced check: forwarding = \"packet\" is configured but the packet \
+                             engine cannot start here: {e:#}"
+                        );
+                        return ExitCode::from(1);
+                    }
+                    None => {}
+                }
                 let running = match (against, previous) {
                     (Some(addr), _) => spliced::status::fetch(addr, "/config")
                         .and_then(|text| {

@@ -106,12 +106,6 @@ fn may_use_sockmap(config: &Config) -> bool {
     engines(config).any(|f| matches!(f, Forwarding::Sockmap | Forwarding::Auto))
 }
 
-/// Whether `config` asks for the packet engine anywhere: then its kernel side is loaded at
-/// start, and start fails without it.
-fn wants_packet(config: &Config) -> bool {
-    engines(config).any(|f| f == Forwarding::Packet)
-}
-
 /// Whether connections accepted on `listener` may use the packet engine: a site's choice
 /// overrides the listener's, so any site asking for it makes every listener a candidate.
 fn listener_may_use_packet(config: &Config, listener: &crate::config::Listener) -> bool {
@@ -252,9 +246,9 @@ impl Server {
         } else {
             None
         };
-        let packet = if wants_packet(&config) {
+        let packet = if config.names_packet() {
             let dir = staging.as_deref().or(options.pin_dir.as_deref());
-            let packet = crate::packet::Packet::start(&config.packet, dir).context(
+            let packet = crate::packet::Packet::start(config.packet(), dir).context(
                 "forwarding = \"packet\" is configured but the packet engine cannot start (it \
                  needs root, cgroup v2, and TCP_REPAIR)",
             )?;
@@ -362,7 +356,7 @@ impl Server {
 
     /// Swaps in a new configuration for connections accepted from now on.
     pub(crate) fn reload(shared: &Shared, mut config: Config) -> Result<()> {
-        if wants_packet(&config) && shared.packet_kernel().is_none() {
+        if config.names_packet() && shared.packet_kernel().is_none() {
             bail!(
                 "forwarding = \"packet\" needs the packet engine's kernel side, which this \
                  process did not load at start; restart spliced to use it"

@@ -131,6 +131,27 @@ impl Packet {
         })
     }
 
+    /// What `spliced check` can find out without loading anything: whether `TCP_REPAIR` is
+    /// permitted, the cgroup v2 directory (if one is mounted; `run` mounts one otherwise),
+    /// the interfaces and the MSS listeners will announce. A one-line summary, or what is
+    /// wrong.
+    pub fn preflight(settings: &PacketSettings) -> Result<String> {
+        host::check_repair()?;
+        let mounts =
+            std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+        let cgroup =
+            std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+        let cgroup = host::cgroup_v2_dir(&mounts, &cgroup)
+            .map_or_else(|e| format!("none yet ({e})"), |d| d.display().to_string());
+        let interfaces = host::interfaces(&settings.interfaces)?;
+        let mss = host::listener_mss(settings.mss, host::smallest_mtu(&interfaces)?)?;
+        Ok(format!(
+            "packet engine: TCP_REPAIR permitted, cgroup v2 {cgroup}, interfaces {}, listener \
+             MSS {mss}",
+            interfaces.join(",")
+        ))
+    }
+
     /// The MSS listeners that may use the engine announce (`TCP_MAXSEG`).
     pub fn listener_mss(&self) -> u16 {
         self.listener_mss
