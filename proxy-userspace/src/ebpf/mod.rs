@@ -30,6 +30,7 @@ mod xdp;
 
 pub use packet::{
     Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
+    peer_key,
 };
 pub(crate) use sockmap::SplicedPair;
 
