@@ -291,6 +291,9 @@ unsafe impl aya::Pod for IsnPair {}
 /// Name of the TC ingress program of the packet engine that translates the segments of
 /// handed-off connections (`docs/packet-engine.md`, section 2).
 pub const PROG_PACKET_IN: &str = "spliced_packet_in";
+/// The TC egress program that guards spliced's local sockets of a handed-off connection
+/// (`docs/packet-engine.md`, 3.3).
+pub const PROG_PACKET_OUT: &str = "spliced_packet_out";
 /// Name of the hash map from a [`FlowKey`] (a segment's tuple as it arrives) to its [`Flow`].
 pub const MAP_PACKET_FLOWS: &str = "SPLICED_PACKET_FLOWS";
 /// Name of the per-CPU array of the packet engine's counters, indexed by [`PacketCounter`].
@@ -507,11 +510,37 @@ pub enum PacketCounter {
     Ipv6ExtDropped = 15,
     /// Timestamp options turned into NOPs (towards a side that did not negotiate them).
     TimestampsStripped = 16,
+    /// Segments of a tuple whose entry is `RESET`, dropped.
+    ResetDropped = 17,
+    /// SYNs from the local stack on a tuple with an entry (a `connect()` that picked a port
+    /// a translated connection still uses), dropped.
+    LocalSynDropped = 18,
+    /// Segments from a local socket whose entry is `ACTIVE` or `RESET`, dropped.
+    LocalDropped = 19,
+    /// RSTs from a local socket in `DRAIN`, dropped.
+    LocalRstDropped = 20,
+    /// FINs from a local socket in `DRAIN` that spliced did not send, dropped.
+    LocalFinDropped = 21,
+    /// Pure ACKs from a local socket in `DRAIN` that say nothing the translation did not
+    /// already say, dropped.
+    LocalAckDropped = 22,
+    /// Segments from a local socket in `DRAIN` whose ACK, window or `TSval` was raised to
+    /// agree with the translation.
+    LocalRewritten = 23,
+    /// Segments from a local socket in `DRAIN` that passed (rewritten or not).
+    LocalPassed = 24,
+    /// Timestamp options translated.
+    TimestampsTranslated = 25,
+    /// Segments of a connection whose timestamps are translated without the option in the
+    /// usual place (NOP, NOP, timestamp first): left untranslated.
+    TimestampLayoutUnknown = 26,
+    /// SACK options turned into NOPs (towards a side that did not negotiate SACK).
+    SackStripped = 27,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 28;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -532,6 +561,17 @@ impl PacketCounter {
         PacketCounter::WindowSaturated,
         PacketCounter::Ipv6ExtDropped,
         PacketCounter::TimestampsStripped,
+        PacketCounter::ResetDropped,
+        PacketCounter::LocalSynDropped,
+        PacketCounter::LocalDropped,
+        PacketCounter::LocalRstDropped,
+        PacketCounter::LocalFinDropped,
+        PacketCounter::LocalAckDropped,
+        PacketCounter::LocalRewritten,
+        PacketCounter::LocalPassed,
+        PacketCounter::TimestampsTranslated,
+        PacketCounter::TimestampLayoutUnknown,
+        PacketCounter::SackStripped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -554,6 +594,17 @@ impl PacketCounter {
             PacketCounter::WindowSaturated => "window_saturated",
             PacketCounter::Ipv6ExtDropped => "ipv6_ext_dropped",
             PacketCounter::TimestampsStripped => "timestamps_stripped",
+            PacketCounter::ResetDropped => "reset_dropped",
+            PacketCounter::LocalSynDropped => "local_syn_dropped",
+            PacketCounter::LocalDropped => "local_dropped",
+            PacketCounter::LocalRstDropped => "local_rst_dropped",
+            PacketCounter::LocalFinDropped => "local_fin_dropped",
+            PacketCounter::LocalAckDropped => "local_ack_dropped",
+            PacketCounter::LocalRewritten => "local_rewritten",
+            PacketCounter::LocalPassed => "local_passed",
+            PacketCounter::TimestampsTranslated => "timestamps_translated",
+            PacketCounter::TimestampLayoutUnknown => "timestamp_layout_unknown",
+            PacketCounter::SackStripped => "sack_stripped",
         }
     }
 }

@@ -44,6 +44,7 @@ pub use config::{Config, ConfigError, Table as ConfigTable};
 /// engine is being built (`docs/packet-engine.md`).
 pub use ebpf::{
     Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
+    peer_key,
 };
 pub use server::{Options, Server};
 

@@ -308,3 +308,21 @@ impl Drop for TestCgroup {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// `TCP_TIMESTAMP`: the socket's timestamp clock now (the low bit flags microseconds).
+pub const TCP_TIMESTAMP: i32 = 24;
+
+/// The socket's timestamp clock less `CLOCK_MONOTONIC` in milliseconds, as spliced computes
+/// it at handoff (never early: the low bit the kernel clears is set again, and the clock is
+/// read first).
+pub fn tsoffset(s: &TcpStream) -> Result<u32> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid for writing.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mono = (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32;
+    let now: u32 = get(s.as_raw_fd(), libc::IPPROTO_TCP, TCP_TIMESTAMP)?;
+    Ok((now | 1).wrapping_sub(mono))
+}

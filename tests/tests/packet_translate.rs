@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::libc;
-use proxy_common::FLOW_ACTIVE;
+use proxy_common::{FLOW_ACTIVE, FLOW_TSECR_READY, FLOW_TSVAL_READY};
 use spliced::{Handoff, IsnRecorder, PacketTables, Wscale};
 use spliced_tests::{BACKEND_V6, Ns, PROXY_V4, World, packet::*};
 
@@ -122,6 +122,10 @@ struct Setup {
     /// has them, the client's does not, so the backend's option is turned into NOPs towards
     /// the client and the backend gets the client's segments without one (design 4.3).
     client_without_timestamps: bool,
+    /// Timestamps on both connections (Linux's default): both fields are translated, each
+    /// side's TSvals continuing the clock of the local socket it talked to (design 4.3), and
+    /// no segment may fail PAWS (`PAWSEstab` stays 0).
+    timestamps_both: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -156,7 +160,7 @@ fn translate(setup: Setup) -> Result<()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let world = World::new()?;
     for ns in [Ns::Client, Ns::Proxy, Ns::Backend] {
-        if !setup.client_without_timestamps || ns == Ns::Client {
+        if !setup.timestamps_both && (!setup.client_without_timestamps || ns == Ns::Client) {
             sysctl(&world, ns, "net.ipv4.tcp_timestamps=0")?;
         }
         if !setup.sack_with_losses {
@@ -267,17 +271,18 @@ fn translate(setup: Setup) -> Result<()> {
         backend_timestamps: tcp_info(&l2)?.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
         client_sack: tcp_info(&l)?.tcpi_options & TCPI_OPT_SACK != 0,
         backend_sack: tcp_info(&l2)?.tcpi_options & TCPI_OPT_SACK != 0,
-        // Timestamps are off on the client's side in every setup here, so the clocks are not
-        // needed.
-        client_tsoffset: 0,
-        backend_tsoffset: 0,
+        client_tsoffset: tsoffset(&l)?,
+        backend_tsoffset: tsoffset(&l2)?,
         client_cookie: cookie(&l)?,
         backend_cookie: cookie(&l2)?,
         started_ns: 0,
     };
     ensure!(
         (handoff.client_timestamps, handoff.backend_timestamps)
-            == (false, setup.client_without_timestamps),
+            == (
+                setup.timestamps_both,
+                setup.timestamps_both || setup.client_without_timestamps
+            ),
         "timestamps negotiated: client side {}, backend side {}",
         handoff.client_timestamps,
         handoff.backend_timestamps
@@ -489,6 +494,27 @@ fn translate(setup: Setup) -> Result<()> {
             "{arrived} segments reached the client with a timestamp option: {counters:?}"
         );
     }
+    if setup.timestamps_both {
+        let translated = counter("timestamps_translated");
+        ensure!(
+            translated > 0 && counter("timestamp_layout_unknown") == 0,
+            "timestamps not translated: {counters:?}"
+        );
+        for ns in [Ns::Client, Ns::Backend] {
+            let paws = tcp_ext_stat(&world, ns, "PAWSEstab")?;
+            eprintln!("{ns:?}: PAWSEstab {paws}");
+            ensure!(paws == 0, "{paws} segments failed PAWS in {ns:?}");
+        }
+        let [up, down] = entries;
+        for (name, e) in [("up", up), ("down", down)] {
+            let e = e.context("an entry vanished")?;
+            ensure!(
+                e.ts_ready == (FLOW_TSVAL_READY | FLOW_TSECR_READY),
+                "{name}: timestamp deltas not both set ({})",
+                e.ts_ready
+            );
+        }
+    }
     if setup.client_ip_options {
         ensure!(
             counter("ip_options_stripped") > 0 && counter("ip_options_dropped") == 0,
@@ -692,6 +718,30 @@ fn a_handed_off_connection_strips_client_ip_options() -> Result<()> {
 fn a_handed_off_connection_rescales_windows() -> Result<()> {
     translate(Setup {
         small_peer_windows: true,
+        ..Setup::default()
+    })
+}
+
+/// Timestamps on both connections: `TSval` continues the clock of the local socket each peer
+/// talked to and `TSecr` is mapped back into the receiver's clock; no segment fails PAWS, and
+/// 16 MiB each way arrive exactly.
+#[test]
+fn a_handed_off_connection_translates_timestamps_both_ways() -> Result<()> {
+    translate(Setup {
+        timestamps_both: true,
+        software_checksums: true,
+        ..Setup::default()
+    })
+}
+
+/// The same with 1% loss at both peers and SACK on: retransmissions, SACK blocks after the
+/// timestamp option, and timestamps echoed across the translation.
+#[test]
+fn a_handed_off_connection_translates_timestamps_under_loss() -> Result<()> {
+    translate(Setup {
+        timestamps_both: true,
+        software_checksums: true,
+        sack_with_losses: true,
         ..Setup::default()
     })
 }

@@ -17,9 +17,10 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_SACK_STRIP, FLOW_TS_STRIP,
-    FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey, IsnPair, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS,
-    MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PacketCounter,
+    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET, FLOW_SACK_STRIP,
+    FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey, IsnPair, MAP_PACKET_COUNTERS,
+    MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT,
+    PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -284,57 +285,91 @@ impl Handoff {
     }
 }
 
-/// `spliced_packet_in` and its translation table. Dropping it detaches the program from every
-/// interface (tcx links) and frees the maps.
+/// `spliced_packet_in` and `spliced_packet_out` with their translation table. Dropping it
+/// detaches the programs from every interface (tcx links) and frees the maps (unless they
+/// were pinned: then the pins keep the maps; the caller removes them).
 pub struct PacketTables {
     ebpf: Ebpf,
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, u64>,
+    /// Interfaces (of the namespace [`PacketTables::attach`] ran in) that have both programs.
+    attached: Vec<u32>,
 }
 
 impl PacketTables {
-    /// Loads the object and the translation program; nothing is attached yet.
+    /// Loads the object and both programs; nothing is attached and nothing pinned.
     pub fn load() -> Result<Self> {
+        Self::load_pinned(None)
+    }
+
+    /// Loads the object and both programs, and pins the table and the counters in `pin_dir`
+    /// (a bpffs directory that must exist) as `SPLICED_PACKET_FLOWS` and
+    /// `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned` shows entries by field name.
+    pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self> {
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this binary was built without its eBPF object"
         );
         let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
-        let flows = ebpf
-            .take_map(MAP_PACKET_FLOWS)
-            .with_context(|| format!("map {MAP_PACKET_FLOWS} missing from the object"))?
-            .try_into()?;
-        let counters = ebpf
-            .take_map(MAP_PACKET_COUNTERS)
-            .with_context(|| format!("map {MAP_PACKET_COUNTERS} missing from the object"))?
-            .try_into()?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_PACKET_IN)
-            .with_context(|| format!("program {PROG_PACKET_IN} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .context("the verifier rejected the packet translation program")?;
+        let mut take = |name: &str| -> Result<aya::maps::Map> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            if let Some(dir) = pin_dir {
+                let path = dir.join(name);
+                map.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+            }
+            Ok(map)
+        };
+        let flows = take(MAP_PACKET_FLOWS)?.try_into()?;
+        let counters = take(MAP_PACKET_COUNTERS)?.try_into()?;
+        for name in [PROG_PACKET_IN, PROG_PACKET_OUT] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
         Ok(PacketTables {
             ebpf,
             flows,
             counters,
+            attached: Vec::new(),
         })
     }
 
-    /// Attaches the translation program to the ingress of `interface`, a name in the calling
-    /// thread's network namespace (tcx, so no qdisc is added and nothing stays behind when
-    /// this is dropped).
+    /// Attaches the translation program to the ingress of `interface` and the guard of the
+    /// local sockets to its egress, `interface` being a name in the calling thread's network
+    /// namespace (tcx, so no qdisc is added and nothing stays behind when this is dropped).
+    /// [`PacketTables::handoff`] refuses connections whose peers are reached by other
+    /// interfaces.
     pub fn attach(&mut self, interface: &str) -> Result<()> {
         let name = std::ffi::CString::new(interface)
             .with_context(|| format!("interface name {interface:?}"))?;
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_PACKET_IN)
-            .with_context(|| format!("program {PROG_PACKET_IN} missing from the object"))?
-            .try_into()?;
-        prog.attach(name.as_c_str(), TcAttachType::Ingress)
-            .with_context(|| format!("attaching {PROG_PACKET_IN} to the ingress of {interface}"))?;
+        // SAFETY: a valid C string.
+        let index = unsafe { nix::libc::if_nametoindex(name.as_ptr()) };
+        anyhow::ensure!(index != 0, "no interface {interface}");
+        for (prog_name, hook) in [
+            (PROG_PACKET_IN, TcAttachType::Ingress),
+            (PROG_PACKET_OUT, TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog_name)
+                .with_context(|| format!("program {prog_name} missing from the object"))?
+                .try_into()?;
+            prog.attach(name.as_c_str(), hook)
+                .with_context(|| format!("attaching {prog_name} to the {hook:?} of {interface}"))?;
+        }
+        self.attached.push(index);
         Ok(())
+    }
+
+    /// The interfaces (indexes) both programs are attached to.
+    pub fn interfaces(&self) -> &[u32] {
+        &self.attached
     }
 
     /// Installs both entries of a connection, the backend's first (a translated client segment
@@ -356,8 +391,13 @@ impl PacketTables {
     /// provoked that would find no entry).
     pub fn remove(&mut self, handoff: &Handoff) -> Result<()> {
         let [(up_key, _), (down_key, _)] = handoff.entries(0);
-        for key in [up_key, down_key] {
-            match self.flows.remove(&key) {
+        self.remove_keys(&[up_key, down_key])
+    }
+
+    /// Removes the entries with these keys, in this order; a missing one is not an error.
+    pub fn remove_keys(&mut self, keys: &[FlowKey]) -> Result<()> {
+        for key in keys {
+            match self.flows.remove(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing a packet engine entry"),
             }
@@ -365,23 +405,119 @@ impl PacketTables {
         Ok(())
     }
 
-    /// The current entries of a connection (client's, backend's), as the program left them.
-    pub fn entries(&self, handoff: &Handoff) -> Result<[Option<Flow>; 2]> {
-        let [(up_key, _), (down_key, _)] = handoff.entries(0);
-        let get = |key: &FlowKey| match self.flows.get(key, 0) {
+    /// The entry with this key, as the program left it.
+    pub fn get(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        match self.flows.get(key, 0) {
             Ok(flow) => Ok(Some(flow)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading a packet engine entry"),
-        };
-        Ok([get(&up_key)?, get(&down_key)?])
+        }
     }
 
-    /// The program's counters summed over CPUs, by name.
+    /// Every entry of the table (both of each connection; the other entry of one is
+    /// [`peer_key`] of it). Entries inserted or removed meanwhile may be missed.
+    pub fn all(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let mut all = Vec::new();
+        for item in self.flows.iter() {
+            match item {
+                Ok(pair) => all.push(pair),
+                // Removed between the key walk and the read.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("walking the packet engine table"),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Changes an entry's spliced-owned part with `change`. The map has no way to write one
+    /// field: the whole value is read and written back, so an update the program made in
+    /// between is lost. Only `max`-style tracking (restored by the next segment) and, rarely,
+    /// `RESET` can be lost that way; `change` sees the value as read.
+    fn update(&mut self, key: &FlowKey, change: impl FnOnce(&mut Flow)) -> Result<bool> {
+        let Some(mut flow) = self.get(key)? else {
+            return Ok(false);
+        };
+        change(&mut flow);
+        // BPF_EXIST: never recreate an entry removed meanwhile.
+        const BPF_EXIST: u64 = 2;
+        match self.flows.insert(key, &flow, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("updating a packet engine entry"),
+        }
+    }
+
+    /// Moves the entries with these keys to `state` ([`proxy_common::FLOW_ACTIVE`] after the
+    /// drain); an entry the program set `RESET` stays so. Returns how many were changed.
+    pub fn set_state(&mut self, keys: &[FlowKey], state: u8) -> Result<usize> {
+        let mut changed = 0;
+        for key in keys {
+            let mut was_reset = false;
+            if self.update(key, |f| {
+                was_reset = f.state == FLOW_RESET;
+                if !was_reset {
+                    f.state = state;
+                }
+            })? && !was_reset
+            {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Lets the FIN spliced is about to send on the local socket of the entry `key` pass the
+    /// egress guard ([`proxy_common::FLOW_LOCAL_FIN`]; design 3.3).
+    pub fn set_local_fin(&mut self, key: &FlowKey) -> Result<()> {
+        self.update(key, |f| f.flags |= FLOW_LOCAL_FIN)?;
+        Ok(())
+    }
+
+    /// Records a FIN of the entry's sender that the program never saw (it reached the local
+    /// socket before the entry existed; design 3.4 step 4), at sequence `fin_seq`.
+    pub fn set_fin(&mut self, key: &FlowKey, fin_seq: u32) -> Result<()> {
+        self.update(key, |f| {
+            if f.fin_seen == 0 {
+                f.fin_seq = fin_seq;
+                f.fin_seen = 1;
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The current entries of a connection (client's, backend's), as the program left them.
+    pub fn entries(&self, handoff: &Handoff) -> Result<[Option<Flow>; 2]> {
+        let [(up_key, _), (down_key, _)] = handoff.entries(0);
+        Ok([self.get(&up_key)?, self.get(&down_key)?])
+    }
+
+    /// The programs' counters summed over CPUs, by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         PacketCounter::ALL
             .iter()
             .map(|&c| (c.name(), super::sum_per_cpu(&self.counters, c as u32)))
             .collect()
+    }
+}
+
+/// The key of the entry that translates the other direction of `flow`'s connection: `flow`'s
+/// translated tuple, reversed.
+pub fn peer_key(flow: &Flow) -> FlowKey {
+    FlowKey {
+        saddr: flow.new_daddr,
+        daddr: flow.new_saddr,
+        sport: flow.new_dport,
+        dport: flow.new_sport,
+        family: if flow.dir == FLOW_UP {
+            FAMILY_V6
+        } else {
+            FAMILY_V4
+        },
+        _pad: [0; 3],
     }
 }
 

@@ -1,10 +1,17 @@
 //! The handoff driver (`docs/packet-engine.md`, section 3.4, steps 2 to 8): from a frozen
 //! connection to two `ACTIVE` entries and two silent local sockets, on a blocking thread.
-use std::{os::fd::BorrowedFd, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    time::{Duration, Instant},
+};
 
-use proxy_common::FlowKey;
+use anyhow::{Context as _, anyhow};
+use nix::libc;
+use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, Flow, FlowKey};
 
-use super::{Handoff, IsnRecorder, PacketTables};
+use super::{Handoff, IsnRecorder, PacketTables, Wscale};
 
 /// A connection ready to be handed off: spliced stopped forwarding both ways with nothing
 /// buffered in between.
@@ -37,7 +44,7 @@ pub enum HandoffError {
     /// Nothing was installed; the caller goes on with splice. A reason of design section 9.
     Refused(&'static str),
     /// Entries had been installed; the connection is lost (drain timeout, ...). The entries
-    /// are removed.
+    /// are removed, and both sockets are in repair mode: closing them sends nothing.
     Failed(anyhow::Error),
 }
 
@@ -54,7 +61,7 @@ impl std::error::Error for HandoffError {}
 
 /// A connection the kernel now carries.
 pub struct HandedOff {
-    /// What the entries were built from.
+    /// What the entries were built from (the byte counts include what rule F moved).
     pub handoff: Handoff,
     /// The key of the client's entry (`E_up`).
     pub up: FlowKey,
@@ -66,17 +73,680 @@ pub struct HandedOff {
     pub drained: (u64, u64),
 }
 
+/// `TCP_REPAIR` (not in the libc crate for every target).
+const TCP_REPAIR: libc::c_int = 19;
+/// `TCP_TIMESTAMP`: the socket's timestamp clock now; the low bit says microseconds.
+const TCP_TIMESTAMP: libc::c_int = 24;
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_ECN: u8 = 8;
+/// `TCPI_OPT_USEC_TS`: the connection's timestamps tick in microseconds (not translated).
+const TCPI_OPT_USEC_TS: u8 = 64;
+const TCP_ESTABLISHED: u8 = 1;
+/// `MEMBARRIER_CMD_GLOBAL`.
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+/// How often the drain looks at the queues and the entries.
+const DRAIN_TICK: Duration = Duration::from_millis(2);
+
 impl PacketTables {
     /// Hands a frozen connection to the kernel (design 3.4, steps 2 to 8). Blocks for up to
-    /// `limits.drain_timeout`. After `Ok` the caller keeps `freeze.backend` open (it guards
-    /// the ephemeral port) and closes `freeze.client` (silent: it is in repair mode).
+    /// `limits.drain_timeout` (plus one RCU grace period). Runs in the network namespace of
+    /// the sockets (the route lookups are made in the calling thread's).
+    ///
+    /// After `Ok` both sockets are in repair mode for good: the caller keeps
+    /// `freeze.backend` open (it owns the ephemeral port the translated connection uses)
+    /// and closes `freeze.client` (silently). After [`HandoffError::Refused`] nothing
+    /// changed and the caller goes on splicing.
     pub fn handoff(
         &mut self,
         isn: &mut IsnRecorder,
         freeze: &Freeze,
         limits: &HandoffLimits,
     ) -> Result<HandedOff, HandoffError> {
-        let _ = (isn, freeze, limits);
-        Err(HandoffError::Refused("not_implemented"))
+        let started = Instant::now();
+        let handoff = self.facts(isn, freeze)?;
+        let [(up, _), (down, _)] = handoff.entries(FLOW_DRAIN);
+        if let Err(e) = self.insert(&handoff, FLOW_DRAIN) {
+            let full = e.chain().any(|c| {
+                c.downcast_ref::<aya::maps::MapError>().is_some_and(|m| {
+                    matches!(m, aya::maps::MapError::SyscallError(s)
+                        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)))
+                })
+            });
+            if full {
+                return Err(HandoffError::Refused("table_full"));
+            }
+            tracing::warn!("inserting packet engine entries: {e:#}");
+            return Err(HandoffError::Refused("insert_failed"));
+        }
+        let mut drain = Drain::new(freeze, &handoff);
+        let deadline = started + limits.drain_timeout;
+        match drain.run(self, &handoff, (&up, &down), deadline) {
+            Ok(()) => {}
+            Err(e) => {
+                // Translated segments may already have left: splice cannot resume. Both
+                // sockets go silent, the entries go; the peers get RSTs from the stack on
+                // their next segment (design 3.4, "what is not possible").
+                let _ = repair(freeze.client);
+                let _ = repair(freeze.backend);
+                if let Err(r) = self.remove_keys(&[up, down]) {
+                    tracing::warn!("removing the entries of a failed handoff: {r:#}");
+                }
+                forget(isn, &handoff);
+                return Err(HandoffError::Failed(e));
+            }
+        }
+        forget(isn, &handoff);
+        let handoff = Handoff {
+            read_from_client: handoff.read_from_client.wrapping_add(drain.up as u32),
+            written_to_backend: handoff.written_to_backend.wrapping_add(drain.up as u32),
+            read_from_backend: handoff.read_from_backend.wrapping_add(drain.down as u32),
+            written_to_client: handoff.written_to_client.wrapping_add(drain.down as u32),
+            ..handoff
+        };
+        Ok(HandedOff {
+            handoff,
+            up,
+            down,
+            duration: started.elapsed(),
+            drained: (drain.up, drain.down),
+        })
+    }
+
+    /// Design 3.4 step 2: what the entries are built from, and the checks of section 9.
+    fn facts(&self, isn: &IsnRecorder, freeze: &Freeze) -> Result<Handoff, HandoffError> {
+        let internal = |what: &str, e: io::Error| {
+            tracing::warn!("handoff: {what}: {e}");
+            HandoffError::Refused("socket_error")
+        };
+        let l = freeze.client.as_raw_fd();
+        let l2 = freeze.backend.as_raw_fd();
+        let (client, front) = match (peer_addr(l), local_addr(l)) {
+            (Ok(c), Ok(f)) => match (v4(c), v4(f)) {
+                (Some(c), Some(f)) => (c, f),
+                _ => return Err(HandoffError::Refused("client_not_ipv4")),
+            },
+            (Err(e), _) | (_, Err(e)) => return Err(internal("L's addresses", e)),
+        };
+        let (back, backend) = match (local_addr(l2), peer_addr(l2)) {
+            (Ok(SocketAddr::V6(b)), Ok(SocketAddr::V6(y))) if y.ip().to_ipv4_mapped().is_none() => {
+                (b, y)
+            }
+            (Ok(_), Ok(_)) => return Err(HandoffError::Refused("backend_not_ipv6")),
+            (Err(e), _) | (_, Err(e)) => return Err(internal("L''s addresses", e)),
+        };
+        let info_l: libc::tcp_info = getsockopt(l, libc::IPPROTO_TCP, libc::TCP_INFO)
+            .map_err(|e| internal("TCP_INFO", e))?;
+        let info_l2: libc::tcp_info = getsockopt(l2, libc::IPPROTO_TCP, libc::TCP_INFO)
+            .map_err(|e| internal("TCP_INFO", e))?;
+        if info_l.tcpi_state != TCP_ESTABLISHED || info_l2.tcpi_state != TCP_ESTABLISHED {
+            return Err(HandoffError::Refused("half_closed"));
+        }
+        if (info_l.tcpi_options | info_l2.tcpi_options) & TCPI_OPT_USEC_TS != 0 {
+            return Err(HandoffError::Refused("usec_timestamps"));
+        }
+        let client_cookie: u64 = getsockopt(l, libc::SOL_SOCKET, libc::SO_COOKIE)
+            .map_err(|e| internal("SO_COOKIE", e))?;
+        let backend_cookie: u64 = getsockopt(l2, libc::SOL_SOCKET, libc::SO_COOKIE)
+            .map_err(|e| internal("SO_COOKIE", e))?;
+        let isns = |cookie| match isn.get(cookie) {
+            Ok(Some(pair)) => Ok(pair),
+            Ok(None) => Err(HandoffError::Refused("no_isn")),
+            Err(e) => {
+                tracing::warn!("handoff: reading the ISN map: {e:#}");
+                Err(HandoffError::Refused("no_isn"))
+            }
+        };
+        let client_isns = isns(client_cookie)?;
+        let backend_isns = isns(backend_cookie)?;
+        let client_ifindex = out_interface(IpAddr::V4(*client.ip()))?;
+        let backend_ifindex = out_interface(IpAddr::V6(*backend.ip()))?;
+        for index in [client_ifindex, backend_ifindex] {
+            if !self.interfaces().contains(&index) {
+                return Err(HandoffError::Refused("no_program_on_interface"));
+            }
+        }
+        let client_timestamps = info_l.tcpi_options & TCPI_OPT_TIMESTAMPS != 0;
+        let backend_timestamps = info_l2.tcpi_options & TCPI_OPT_TIMESTAMPS != 0;
+        let tsoffset = |fd, on: bool| {
+            if on {
+                tsoffset(fd).map_err(|e| internal("TCP_TIMESTAMP", e))
+            } else {
+                Ok(0)
+            }
+        };
+        let handoff = Handoff {
+            client,
+            front,
+            back,
+            backend,
+            client_isns,
+            backend_isns,
+            // Counts modulo 2^32, as sequence numbers.
+            read_from_client: freeze.read_from_client as u32,
+            written_to_backend: freeze.written_to_backend as u32,
+            read_from_backend: freeze.read_from_backend as u32,
+            written_to_client: freeze.written_to_client as u32,
+            client_wscale: wscale(&info_l),
+            backend_wscale: wscale(&info_l2),
+            client_ifindex,
+            backend_ifindex,
+            // Stable per connection (ECMP keeps it on one path), and different between
+            // connections.
+            flow_label: (client_cookie as u32 ^ u32::from(back.port()) << 4) & 0x000f_ffff,
+            client_ecn: info_l.tcpi_options & TCPI_OPT_ECN != 0,
+            backend_ecn: info_l2.tcpi_options & TCPI_OPT_ECN != 0,
+            client_timestamps,
+            backend_timestamps,
+            client_sack: info_l.tcpi_options & TCPI_OPT_SACK != 0,
+            backend_sack: info_l2.tcpi_options & TCPI_OPT_SACK != 0,
+            client_tsoffset: tsoffset(l, client_timestamps)?,
+            backend_tsoffset: tsoffset(l2, backend_timestamps)?,
+            client_cookie,
+            backend_cookie,
+            started_ns: freeze.started_ns,
+        };
+        if let Some(reason) = handoff.unsupported() {
+            return Err(HandoffError::Refused(reason));
+        }
+        Ok(handoff)
+    }
+}
+
+/// The ISNs are read once; the recorder's LRU need not keep them.
+fn forget(isn: &mut IsnRecorder, handoff: &Handoff) {
+    for cookie in [handoff.client_cookie, handoff.backend_cookie] {
+        if let Err(e) = isn.forget(cookie) {
+            tracing::warn!("forgetting ISNs: {e:#}");
+        }
+    }
+}
+
+/// Rule F and quiescence (design 3.4 steps 4 to 8) for one connection.
+struct Drain<'a> {
+    l: BorrowedFd<'a>,
+    l2: BorrowedFd<'a>,
+    /// Bytes read from one socket not yet written to the other (client to backend, backend
+    /// to client).
+    pending: [Vec<u8>; 2],
+    /// A FIN was read from the client (backend), not yet passed on.
+    fin_read: [bool; 2],
+    /// The FIN was passed on with `shutdown`.
+    fin_sent: [bool; 2],
+    /// Bytes rule F moved, client to backend.
+    up: u64,
+    /// Bytes rule F moved, backend to client.
+    down: u64,
+    /// L's next sequence number to write (`Ip + 1 + written_to_client`), and L''s.
+    write_seq: [u32; 2],
+    /// The client's (backend's) next sequence number, where a FIN read by rule F sits.
+    read_seq: [u32; 2],
+}
+
+impl<'a> Drain<'a> {
+    fn new(freeze: &Freeze<'a>, h: &Handoff) -> Self {
+        Drain {
+            l: freeze.client,
+            l2: freeze.backend,
+            pending: [Vec::new(), Vec::new()],
+            fin_read: [false; 2],
+            fin_sent: [false; 2],
+            up: 0,
+            down: 0,
+            write_seq: [
+                h.client_isns
+                    .local_isn
+                    .wrapping_add(1)
+                    .wrapping_add(h.written_to_client),
+                h.backend_isns
+                    .local_isn
+                    .wrapping_add(1)
+                    .wrapping_add(h.written_to_backend),
+            ],
+            read_seq: [
+                h.client_isns
+                    .peer_isn
+                    .wrapping_add(1)
+                    .wrapping_add(h.read_from_client),
+                h.backend_isns
+                    .peer_isn
+                    .wrapping_add(1)
+                    .wrapping_add(h.read_from_backend),
+            ],
+        }
+    }
+
+    fn run(
+        &mut self,
+        tables: &mut PacketTables,
+        h: &Handoff,
+        (up, down): (&FlowKey, &FlowKey),
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
+        let _ = h;
+        loop {
+            self.forward(tables, (up, down))?;
+            if self.quiet(tables, (up, down))? {
+                // Step 6: every segment that passed TC before now has reached TCP; taking
+                // the socket locks (TCP_INFO) processes their backlogs. Then look again.
+                membarrier()?;
+                for fd in [self.l, self.l2] {
+                    let _: libc::tcp_info =
+                        getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)?;
+                }
+                self.forward(tables, (up, down))?;
+                if self.quiet(tables, (up, down))? {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "drain_timeout: the local sockets did not drain in time"
+                ));
+            }
+            std::thread::sleep(DRAIN_TICK);
+        }
+        // Step 7 then step 8: nothing reaches the local sockets any more, and they never send
+        // again (repair mode is never turned off: that sends a window probe).
+        let changed = tables.set_state(&[*up, *down], FLOW_ACTIVE)?;
+        if changed != 2 {
+            tracing::debug!("handoff: {changed} of 2 entries made ACTIVE (RST seen)");
+        }
+        repair(self.l).context("TCP_REPAIR on L")?;
+        repair(self.l2).context("TCP_REPAIR on L'")?;
+        Ok(())
+    }
+
+    /// Rule F: whatever the local sockets received goes to the other one; a FIN read goes on
+    /// as `shutdown(SHUT_WR)` once the bytes before it are written, announced to the egress
+    /// guard and recorded in the sender's entry first.
+    fn forward(
+        &mut self,
+        tables: &mut PacketTables,
+        (up, down): (&FlowKey, &FlowKey),
+    ) -> anyhow::Result<()> {
+        let fds = [self.l, self.l2];
+        // Entry of the sender, and of the socket the FIN leaves by (its egress guard).
+        let sender = [*up, *down];
+        let out_entry = [*down, *up];
+        let mut buf = [0u8; 64 << 10];
+        for dir in 0..2 {
+            let (from, to) = (fds[dir], fds[1 - dir]);
+            while !self.fin_read[dir] {
+                match recv(from, &mut buf) {
+                    Ok(0) => {
+                        self.fin_read[dir] = true;
+                        tables.set_fin(&sender[dir], self.read_seq[dir])?;
+                    }
+                    Ok(n) => {
+                        self.pending[dir].extend_from_slice(&buf[..n]);
+                        self.read_seq[dir] = self.read_seq[dir].wrapping_add(n as u32);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("rule F: reading a local socket"),
+                }
+            }
+            while !self.pending[dir].is_empty() {
+                match send(to, &self.pending[dir]) {
+                    Ok(n) => {
+                        self.pending[dir].drain(..n);
+                        if dir == 0 {
+                            self.up += n as u64;
+                        } else {
+                            self.down += n as u64;
+                        }
+                        self.write_seq[1 - dir] = self.write_seq[1 - dir].wrapping_add(n as u32);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("rule F: writing a local socket"),
+                }
+            }
+            if self.fin_read[dir] && !self.fin_sent[dir] && self.pending[dir].is_empty() {
+                tables.set_local_fin(&out_entry[dir])?;
+                // SAFETY: a plain syscall on a descriptor the caller keeps open.
+                if unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                    return Err(io::Error::last_os_error()).context("rule F: shutdown");
+                }
+                self.fin_sent[dir] = true;
+                // The FIN takes one sequence number.
+                self.write_seq[1 - dir] = self.write_seq[1 - dir].wrapping_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5: nothing left to read, nothing pending, and each socket's sent bytes (and FIN)
+    /// acknowledged, as the socket saw it or as the program saw the peer's ACKs.
+    fn quiet(
+        &self,
+        tables: &PacketTables,
+        (up, down): (&FlowKey, &FlowKey),
+    ) -> anyhow::Result<bool> {
+        if self.pending.iter().any(|p| !p.is_empty()) {
+            return Ok(false);
+        }
+        // The entry whose sender acknowledges each socket's bytes: X acks L (E_up), Y acks
+        // L' (E_down).
+        for (fd, key, write_seq) in [
+            (self.l, up, self.write_seq[0]),
+            (self.l2, down, self.write_seq[1]),
+        ] {
+            if ioctl_int(fd, libc::FIONREAD)? != 0 {
+                return Ok(false);
+            }
+            if ioctl_int(fd, libc::TIOCOUTQ)? == 0 {
+                continue;
+            }
+            let Some(flow) = tables.get(key)? else {
+                anyhow::bail!("an entry vanished during the drain");
+            };
+            if !acked(&flow, write_seq) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The peer acknowledged everything up to `write_seq` (as the program saw its ACKs).
+fn acked(flow: &Flow, write_seq: u32) -> bool {
+    (flow.peer_acked.wrapping_sub(write_seq) as i32) >= 0
+}
+
+fn repair(fd: BorrowedFd) -> io::Result<()> {
+    setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, TCP_REPAIR, 1)
+}
+
+fn membarrier() -> io::Result<()> {
+    // SAFETY: a syscall without pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn send(fd: BorrowedFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn ioctl_int(fd: BorrowedFd, request: libc::Ioctl) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both requests write one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, option: libc::c_int) -> io::Result<T> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`.
+    let rc = unsafe { libc::getsockopt(fd, level, option, value.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed, then partly or wholly written by the kernel; every `T` here is plain data.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option reads one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The socket's timestamp clock less `CLOCK_MONOTONIC` in milliseconds (design 4.3). The
+/// kernel clears the low bit of a millisecond clock (it flags microseconds), and the clock may
+/// tick between the two reads: both make the clock read low by at most a tick, so the bit is
+/// set again and the earlier clock reading used, which errs towards a later clock, never an
+/// earlier one (an earlier `TSval` than L's last would fail PAWS).
+fn tsoffset(fd: RawFd) -> io::Result<u32> {
+    let before = monotonic_ms();
+    let now: u32 = getsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP)?;
+    Ok((now | 1).wrapping_sub(before))
+}
+
+fn monotonic_ms() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid for writing.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1000)
+        .wrapping_add(ts.tv_nsec as u64 / 1_000_000) as u32
+}
+
+fn wscale(info: &libc::tcp_info) -> Wscale {
+    // `__u8 tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;`
+    Wscale {
+        snd: info.tcpi_snd_rcv_wscale & 0x0f,
+        rcv: info.tcpi_snd_rcv_wscale >> 4,
+    }
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    sock_name(fd, libc::getsockname)
+}
+
+fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    sock_name(fd, libc::getpeername)
+}
+
+fn sock_name(
+    fd: RawFd,
+    f: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+) -> io::Result<SocketAddr> {
+    // SAFETY: zeroed storage is a valid `sockaddr_storage`.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes.
+    if unsafe {
+        f(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says which structure it is.
+            let a: libc::sockaddr_in = unsafe { *(&ss as *const _ as *const libc::sockaddr_in) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(a.sin_addr.s_addr).into(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above.
+            let a: libc::sockaddr_in6 = unsafe { *(&ss as *const _ as *const libc::sockaddr_in6) };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        family => Err(io::Error::other(format!("address family {family}"))),
+    }
+}
+
+/// Design 2.3: the interface the kernel routes `dst` out of, by asking it (`RTM_GETROUTE`, as
+/// `ip route get` does), in the calling thread's namespace. A local destination (route type
+/// `local`) is refused: translated segments cannot be delivered to this host.
+fn out_interface(dst: IpAddr) -> Result<u32, HandoffError> {
+    match route(dst) {
+        Ok(Route { local: true, .. }) => Err(HandoffError::Refused("local_peer")),
+        Ok(Route { oif: Some(oif), .. }) => Ok(oif),
+        Ok(Route { oif: None, .. }) => Err(HandoffError::Refused("no_program_on_interface")),
+        Err(e) => {
+            tracing::warn!("handoff: route lookup for {dst}: {e}");
+            Err(HandoffError::Refused("no_route"))
+        }
+    }
+}
+
+struct Route {
+    oif: Option<u32>,
+    local: bool,
+}
+
+fn route(dst: IpAddr) -> io::Result<Route> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_GETROUTE: u16 = 26;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    const RTN_LOCAL: u8 = 2;
+    let (family, addr): (u8, Vec<u8>) = match dst {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    // nlmsghdr (16), rtmsg (12), one attribute (4 + address).
+    let len = 16 + 12 + 4 + addr.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[family, (addr.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&((4 + addr.len()) as u16).to_ne_bytes());
+    req.extend_from_slice(&RTA_DST.to_ne_bytes());
+    req.extend_from_slice(&addr);
+    // SAFETY: plain syscalls; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the request is valid for its length; the kernel is the default destination.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let msg = &buf[..n as usize];
+    let u16_at = |at: usize| {
+        msg.get(at..at + 2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        msg.get(at..at + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let short = || io::Error::other("short netlink answer");
+    let total = u32_at(0).ok_or_else(short)? as usize;
+    match u16_at(4).ok_or_else(short)? {
+        NLMSG_ERROR => {
+            let errno = u32_at(16).ok_or_else(short)? as i32;
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+        RTM_NEWROUTE => {}
+        other => return Err(io::Error::other(format!("netlink message type {other}"))),
+    }
+    let local = msg.get(16 + 7).copied() == Some(RTN_LOCAL);
+    let mut oif = None;
+    let mut at = 16 + 12;
+    let end = total.min(msg.len());
+    while at + 4 <= end {
+        let alen = usize::from(u16_at(at).ok_or_else(short)?);
+        if alen < 4 {
+            break;
+        }
+        if u16_at(at + 2) == Some(RTA_OIF) {
+            oif = u32_at(at + 4);
+        }
+        at += (alen + 3) & !3;
+    }
+    Ok(Route { oif, local })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_a_local_peer() {
+        match route(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)) {
+            Ok(r) => assert!(r.local),
+            // No netlink in this sandbox: nothing to check.
+            Err(e) => eprintln!("no route lookup here: {e}"),
+        }
     }
 }
