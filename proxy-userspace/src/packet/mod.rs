@@ -51,6 +51,9 @@ struct Kernel {
 /// A handed-off connection waiting for its end.
 struct Live {
     handed: HandedOff,
+    /// When the handoff completed (`CLOCK_MONOTONIC`): the entries count as seen then, or a
+    /// pair no segment crossed yet would look idle since boot to [`packet_expiry::decide`].
+    since_ns: u64,
     wake: oneshot::Sender<Ended>,
 }
 
@@ -190,7 +193,15 @@ impl Packet {
                     let (wake, ended) = oneshot::channel();
                     // Registered before the tables are let go, so the sweeper never sees the
                     // entries without the task to wake.
-                    lock(&this.live).insert(handed.up, Live { handed, wake });
+                    let since_ns = packet_expiry::monotonic_ns();
+                    lock(&this.live).insert(
+                        handed.up,
+                        Live {
+                            handed,
+                            since_ns,
+                            wake,
+                        },
+                    );
                     Ok(Outcome::HandedOff {
                         duration,
                         drained,
@@ -226,7 +237,11 @@ impl Packet {
             let end = match (&entries, stop) {
                 (_, true) => Some(End::Stop),
                 ([Some(up), Some(down)], false) => {
-                    packet_expiry::decide(up, down, now_ns, settings)
+                    let seen = |flow: &Flow| Flow {
+                        last_seen_ns: flow.last_seen_ns.max(conn.since_ns),
+                        ..*flow
+                    };
+                    packet_expiry::decide(&seen(up), &seen(down), now_ns, settings)
                 }
                 // An entry gone without us: nothing translates this connection any more.
                 _ => Some(End::Stop),
