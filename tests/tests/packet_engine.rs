@@ -428,6 +428,81 @@ fn an_idle_connection_expires_and_its_next_segment_gets_a_reset() -> Result<()> 
     Ok(())
 }
 
+/// One ping each way over an established connection.
+fn ping(client: &mut TcpStream, backend: &mut TcpStream, byte: u8) -> Result<()> {
+    let ping = [byte; 3000];
+    client.write_all(&ping)?;
+    ensure!(
+        read_exactly(backend, ping.len())? == ping,
+        "client to backend"
+    );
+    backend.write_all(&ping)?;
+    ensure!(
+        read_exactly(client, ping.len())? == ping,
+        "backend to client"
+    );
+    Ok(())
+}
+
+/// SIGHUP reloads the configuration and leaves a handed-off connection alone; stopping
+/// (SIGTERM, after the grace period) removes its entries, logs it with `end=stop`, and
+/// removes the pins. The peers then get a reset on their next segment.
+#[test]
+fn sighup_leaves_handed_off_connections_alone_and_stop_ends_them() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    for dev in ["eth0", "eth1"] {
+        let out = world
+            .command(Ns::Proxy, "ethtool")
+            .args(["-K", dev, "tx", "off"])
+            .output()?;
+        ensure!(out.status.success(), "ethtool -K {dev} tx off");
+    }
+    let mut spliced = Launch::new(config(""))
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .arg("--grace")
+        .arg("1")
+        .metrics()
+        .env("RUST_LOG", "spliced=debug")
+        .start(&world, &[443])?;
+    let (mut client, me, mut backend) = own_connection(&world)?;
+    let pid = spliced.pid().context("spliced has no pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    wait_for("the reload", IO, || {
+        Ok(spliced.stderr_text().contains("reload"))
+    })?;
+    for i in 0..3 {
+        ping(&mut client, &mut backend, i)
+            .with_context(|| diagnostics(&spliced, "a ping after SIGHUP"))?;
+    }
+    ensure!(
+        flow_entries(&bpffs.pin_dir())? == 2,
+        "the connection's two entries are there after SIGHUP"
+    );
+    spliced.terminate(Duration::from_secs(10))?;
+    let line = spliced
+        .stdout_text()
+        .lines()
+        .find(|l| field(l, "client") == Some(me.to_string().as_str()))
+        .map(str::to_owned)
+        .with_context(|| format!("no line for {me}: {}", spliced.stderr_text()))?;
+    ensure!(
+        field(&line, "engine") == Some("packet") && field(&line, "end") == Some("stop"),
+        "{line}"
+    );
+    ensure!(
+        !bpffs.pin_dir().join("SPLICED_PACKET_FLOWS").exists(),
+        "the flow table is still pinned after the stop"
+    );
+    client.write_all(b"still there?")?;
+    expect_reset(&mut client, "the client after the stop")?;
+    Ok(())
+}
+
 /// Entries in the pinned flow table, by `bpftool`.
 fn flow_entries(dir: &Path) -> Result<usize> {
     let out = Command::new("bpftool")
