@@ -312,6 +312,10 @@ impl Server {
                 .context("starting the access-log writer")?,
         };
         let shared = Arc::new(Shared::with_log(config, kernel, access_log)?.with_packet(packet));
+        if let Some(packet) = shared.packet_kernel().cloned() {
+            // From now on /metrics shows the packet engine.
+            shared.packet().set_counters(move || packet.counters());
+        }
         let took_over = inherited.is_some();
         if let Some(inherited) = inherited {
             let from = inherited.from().unwrap_or(0);

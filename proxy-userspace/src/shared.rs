@@ -355,9 +355,6 @@ pub struct PacketStats {
     counters: RwLock<Option<CounterReader>>,
 }
 
-// The setters are called by the engine's integration (the handoff, the sweeper, the loading
-// code), being wired in for issue 15; until then only the tests call them.
-#[allow(dead_code)]
 impl PacketStats {
     /// Counts a connection whose handoff was refused for `reason` (section 9's names, or any
     /// other the driver gives).

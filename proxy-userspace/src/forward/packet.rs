@@ -23,6 +23,11 @@ use crate::{
     packet_expiry::End,
 };
 
+/// The most bytes each direction forwards from what its socket already holds just before the
+/// freeze (one socket buffer's worth is typical; a peer that keeps sending is left to the
+/// drain).
+const QUEUED_LIMIT: u64 = 8 << 20;
+
 /// What the engine needs besides the sockets.
 pub struct Params<'a> {
     /// The engine's kernel side.
@@ -109,6 +114,30 @@ pub async fn forward(
         );
         eof = (up? == Stopped::Eof, down? == Stopped::Eof);
     }
+    // What the peers already sent (early client data behind the hello, a backend that
+    // answered at once) goes through spliced's counts now: the drain's rule F is for the few
+    // segments still on their way, and bytes it moves past the local end are acknowledged to
+    // the translation, not to the local socket.
+    if !eof.0 && !eof.1 {
+        let up = splice::queued(
+            client,
+            backend,
+            Side::Client,
+            &counters.upstream,
+            Some(&ended),
+            QUEUED_LIMIT,
+        );
+        let down = splice::queued(
+            backend,
+            client,
+            Side::Backend,
+            &counters.downstream,
+            Some(&ended),
+            QUEUED_LIMIT,
+        );
+        let (up, down) = tokio::try_join!(up, down)?;
+        eof = (up == Stopped::Eof, down == Stopped::Eof);
+    }
     let reason = if eof.0 || eof.1 {
         Some("half_closed")
     } else {
@@ -147,16 +176,21 @@ pub async fn forward(
             ended,
         } => {
             params.handed_off.store(true, Ordering::Relaxed);
-            counters.upstream.fetch_add(drained.0, Ordering::Relaxed);
-            counters.downstream.fetch_add(drained.1, Ordering::Relaxed);
             let ended = ended.await.map_err(|_| {
                 Side::Client.failed(io::Error::other(
                     "the packet engine's sweeper went away before the connection ended",
                 ))
             })?;
+            // Both the drain's bytes and the programs' count start where the freeze left each
+            // stream (`seq_floor`), and the programs count every advance of the highest byte
+            // they saw, over bytes the drain moved too: the stream went as far as the larger.
             let (up, down) = ended.stream_bytes();
-            counters.upstream.fetch_add(up, Ordering::Relaxed);
-            counters.downstream.fetch_add(down, Ordering::Relaxed);
+            counters
+                .upstream
+                .fetch_add(up.max(drained.0), Ordering::Relaxed);
+            counters
+                .downstream
+                .fetch_add(down.max(drained.1), Ordering::Relaxed);
             Ok(Used::Packet {
                 end: ended.end,
                 handoff: duration,

@@ -200,3 +200,54 @@ pub(crate) async fn one_way_until_stopped(
         }
     }
 }
+
+/// Forwards what `from` already holds (at most `limit` bytes), without waiting for more:
+/// splices until a read finds nothing, writing each chunk out whole (waiting for `to` if it
+/// must). Returns [`Stopped::Eof`] if `from`'s end of stream was among it (then passed on as
+/// [`one_way`] does), else [`Stopped::Reached`]. The packet engine freezes after it, so that
+/// what the peers already sent goes through spliced's counts rather than the drain.
+pub(crate) async fn queued(
+    from: &TcpStream,
+    to: &TcpStream,
+    from_side: Side,
+    counter: &AtomicU64,
+    ended: Option<&AtomicBool>,
+    limit: u64,
+) -> Result<Stopped, ForwardError> {
+    let err_from = |error| from_side.failed(error);
+    let err_to = |error| from_side.other().failed(error);
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut moved = 0u64;
+    while moved < limit {
+        let pipe = Pipe::take().map_err(err_from)?;
+        let n = match splice(from.as_fd(), None, pipe.w.as_fd(), None, CHUNK, flags) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => {
+                pipe.give_back();
+                break;
+            }
+            Err(e) => return Err(err_from(e.into())),
+        };
+        if n == 0 {
+            pipe.give_back();
+            if !ended.is_some_and(|other| other.swap(true, Ordering::AcqRel)) {
+                shutdown_write(to).map_err(err_to)?;
+            }
+            return Ok(Stopped::Eof);
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe.r.as_fd(), None, to.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                })
+                .await
+                .map_err(err_to)?;
+        }
+        pipe.give_back();
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        moved += n as u64;
+    }
+    Ok(Stopped::Reached)
+}

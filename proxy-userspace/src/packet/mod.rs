@@ -41,6 +41,8 @@ pub struct Packet {
     pin_dir: Option<PathBuf>,
     /// Set when the process stops: no new handoffs.
     stopping: AtomicBool,
+    /// The kernel counters as last read, for a scrape while a handoff holds the tables.
+    counters: Mutex<Vec<(&'static str, u64)>>,
 }
 
 struct Kernel {
@@ -131,6 +133,7 @@ impl Packet {
             listener_mss,
             pin_dir: pin_dir.map(Path::to_path_buf),
             stopping: AtomicBool::new(false),
+            counters: Mutex::new(Vec::new()),
         })
     }
 
@@ -190,6 +193,7 @@ impl Packet {
             match tables.handoff(isn, &freeze, &limits) {
                 Ok(handed) => {
                     let (duration, drained) = (handed.duration, handed.drained);
+                    tracing::debug!(?duration, ?drained, up = ?handed.up, "packet handoff done");
                     let (wake, ended) = oneshot::channel();
                     // Registered before the tables are let go, so the sweeper never sees the
                     // entries without the task to wake.
@@ -208,8 +212,14 @@ impl Packet {
                         ended,
                     })
                 }
-                Err(HandoffError::Refused(reason)) => Ok(Outcome::Refused(reason)),
-                Err(HandoffError::Failed(e)) => Err(e),
+                Err(HandoffError::Refused(reason)) => {
+                    tracing::debug!(reason, "packet handoff refused");
+                    Ok(Outcome::Refused(reason))
+                }
+                Err(HandoffError::Failed(e)) => {
+                    tracing::debug!("packet handoff failed: {e:#}");
+                    Err(e)
+                }
             }
         };
         tokio::task::spawn_blocking(run)
@@ -264,6 +274,16 @@ impl Packet {
             let _ = conn.wake.send(ended);
         }
         (ends, live.len())
+    }
+
+    /// The translation programs' counters summed over CPUs, by name. A handoff holds the
+    /// tables for as long as its drain takes: meanwhile the values last read are returned.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut last = lock(&self.counters);
+        if let Ok(kernel) = self.kernel.try_lock() {
+            *last = kernel.tables.counters();
+        }
+        last.clone()
     }
 
     /// Refuses new handoffs from now on.
