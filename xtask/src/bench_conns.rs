@@ -745,11 +745,9 @@ pub(crate) fn part(
                 .map_or(f64::NAN, |r| median(&r.cpu_us));
             format!(
                 "\n\nThe packet engine's handoff cost in these connections (its \
-                 `spliced_packet_handoff_seconds`, from the freeze to ACTIVE): {}, mean \
-                 {:.0} us per handoff; proxy CPU per connection {cpu:.1} us (median of rounds, \
-                 the handoff included).",
-                h.summary(),
-                h.mean_us()
+                 `spliced_packet_handoff_seconds`, from the freeze to ACTIVE): {}; proxy CPU \
+                 per connection {cpu:.1} us (median of rounds, the handoff included).",
+                h.summary()
             )
         }
         _ => String::new(),

@@ -276,18 +276,12 @@ impl Handoffs {
         }
     }
 
-    /// Mean handoff in microseconds, NaN without one.
-    pub(crate) fn mean_us(&self) -> f64 {
-        if self.count > 0.0 {
-            self.seconds / self.count * 1e6
-        } else {
-            f64::NAN
-        }
-    }
-
-    /// "123 handed off; refused: half_closed 45" or similar.
+    /// "123 handed off (mean 10500 us); refused: half_closed 45" or similar.
     pub(crate) fn summary(&self) -> String {
         let mut out = format!("{:.0} handed off", self.count);
+        if self.count > 0.0 {
+            let _ = write!(out, " (mean {:.0} us)", self.seconds / self.count * 1e6);
+        }
         if !self.refused.is_empty() {
             out.push_str("; refused:");
             for (reason, n) in &self.refused {
@@ -398,6 +392,7 @@ pub(crate) fn part(rounds: usize, per_sample: Duration) -> Result<crate::report:
                 let (tally, seconds) = sample(&world, size, per_sample)?;
                 let after = (crate::proxies::process_cpu(pid)?, Handoffs::read(&spliced)?);
                 let rate = tally.done as f64 / seconds;
+                // Not a figure when nothing completed (a stalled handoff): the cell says so.
                 let cpu = if tally.done > 0 {
                     (after.0 - before.0) * 1e6 / tally.done as f64
                 } else {
@@ -501,18 +496,11 @@ fn report(rows: &[Row], rounds: usize, per_sample: Duration) -> String {
             None => out.push_str("it pays at none of these sizes.\n"),
         }
     }
-    out.push_str("\nHandoffs and refusals per setting and size (all rounds), mean handoff:\n\n");
+    out.push_str("\nHandoffs and refusals per setting and size (all rounds):\n\n");
     for row in rows.iter().filter(|r| r.after.is_some()) {
         let _ = write!(out, "- {}:", row.name);
         for (i, &s) in SIZES.iter().enumerate() {
-            let h = &row.handoffs[i];
-            let _ = write!(
-                out,
-                " {}: {}, mean {:.0} us;",
-                size_name(s),
-                h.summary(),
-                h.mean_us()
-            );
+            let _ = write!(out, " {}: {};", size_name(s), row.handoffs[i].summary());
         }
         out.push('\n');
     }

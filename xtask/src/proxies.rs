@@ -8,7 +8,9 @@
 //!
 //! - spliced, one process per forwarding engine (`sockmap.bench`, `splice.bench`,
 //!   `copy.bench`), and the sockmap engine twice: with its backlog limit raised to 4 GiB (the
-//!   kernel path alone) and at its default limit;
+//!   kernel path alone) and at its default limit; and the packet engine (`packet.bench`,
+//!   `forwarding = "packet"` on the proxy's two veths, handoff right after the preface), with
+//!   its `/metrics` kept for the handoff cost;
 //! - HAProxy in `mode tcp`: `req.ssl_sni` routing, `send-proxy-v2`, 2 threads (the machine's
 //!   core count); one route with splicing forced both ways (`option splice-request` and
 //!   `splice-response`: the baseline the tables compare with) and one with `option
