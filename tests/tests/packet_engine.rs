@@ -231,7 +231,8 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
         writer.shutdown(Shutdown::Write)?;
         Ok(())
     });
-    receive(&mut client, SEED_DOWN, len)?;
+    receive(&mut client, SEED_DOWN, len)
+        .with_context(|| diagnostics(&spliced, "receiving the backend's stream"))?;
     result(&sender, IO, "the client's sender")?;
     expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
     Ok(())
@@ -284,8 +285,16 @@ fn early_client_data_right_after_the_hello_arrives_once() -> Result<()> {
         "the echo differs: {}",
         raw::difference(&back, &first)
     );
+    // Round trips after the early data, while the connection is handed off.
+    let mut n = first.len() as u64;
+    for i in 0..5u8 {
+        std::thread::sleep(Duration::from_millis(100));
+        let ping = [i; 1000];
+        client.write_all(&ping)?;
+        ensure!(read_exactly(&mut client, ping.len())? == ping, "ping {i}");
+        n += ping.len() as u64;
+    }
     raw::shut_and_expect_eof(&mut client, "after the echo")?;
-    let n = first.len() as u64;
     expect_packet_line(&spliced, me, "fin", Some((n, n)))?;
     Ok(())
 }
