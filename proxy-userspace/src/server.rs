@@ -337,6 +337,14 @@ impl Server {
                     Err(e) => tracing::error!("upgrade: {e:#}"),
                 }
             }
+            if let (Some(dir), Some(packet)) = (&options.pin_dir, shared.packet_kernel())
+                && let Err(e) = packet.move_pins(dir)
+            {
+                tracing::error!(
+                    "upgrade: pinning the packet engine's maps in {}: {e:#}",
+                    dir.display()
+                );
+            }
             if let (Some(xdp), Some(kernel)) = (&xdp, shared.kernel())
                 && let Err(e) = kernel.attach_xdp(xdp)
             {
@@ -596,6 +604,10 @@ impl Server {
                     kernel.detach_xdp();
                     // Our kernel-spliced connections go on in our maps, unpinned.
                     kernel.unpin();
+                }
+                if let Some(packet) = shared.packet_kernel() {
+                    // Likewise our handed-off connections; the sweeper still ends them.
+                    packet.unpin();
                 }
                 drop(pin_lock.take());
                 let _ = t.released.send(());

@@ -38,7 +38,7 @@ pub struct Packet {
     /// The MSS every listener that may use the engine announces.
     listener_mss: u16,
     /// Where the maps are pinned, to remove them at stop.
-    pin_dir: Option<PathBuf>,
+    pin_dir: Mutex<Option<PathBuf>>,
     /// Set when the process stops: no new handoffs.
     stopping: AtomicBool,
     /// The kernel counters as last read, for a scrape while a handoff holds the tables.
@@ -116,6 +116,13 @@ impl Packet {
         if let Some(dir) = pin_dir {
             crate::ebpf::ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Left by a run that did not stop cleanly (the pin directory's lock keeps a live
+            // spliced's pins from here). Adopting its connections is not built yet: they end.
+            for pin in pins(dir) {
+                tracing::warn!(pin = %pin.display(), "removing a stale pin");
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing the stale pin {}", pin.display()))?;
+            }
         }
         let mut tables = PacketTables::load_pinned(pin_dir)?;
         for name in &interfaces {
@@ -131,7 +138,7 @@ impl Packet {
             kernel: Mutex::new(Kernel { tables, isn }),
             live: Mutex::new(HashMap::new()),
             listener_mss,
-            pin_dir: pin_dir.map(Path::to_path_buf),
+            pin_dir: Mutex::new(pin_dir.map(Path::to_path_buf)),
             stopping: AtomicBool::new(false),
             counters: Mutex::new(Vec::new()),
         })
@@ -291,27 +298,54 @@ impl Packet {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// Removes this process's pins of the packet maps (the maps themselves go with the
-    /// process).
+    /// Removes this process's pins of the packet maps (the maps themselves live on while this
+    /// process holds them: on an upgrade its handed-off connections go on).
     pub fn unpin(&self) {
-        let Some(dir) = &self.pin_dir else {
+        let Some(dir) = lock(&self.pin_dir).take() else {
             return;
         };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("SPLICED_PACKET_"))
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        for pin in pins(&dir) {
+            let _ = std::fs::remove_file(pin);
         }
         // Left when the sockmap side pinned nothing there.
         let _ = std::fs::remove_dir(dir);
     }
+
+    /// Moves this process's pins into `dir` (on an upgrade they are made in a staging
+    /// directory while the old process still holds `dir`), as `Kernel::move_pins` does.
+    pub fn move_pins(&self, dir: &Path) -> Result<()> {
+        let mut current = lock(&self.pin_dir);
+        let Some(from) = current.clone() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for pin in pins(&from) {
+            if let Some(name) = pin.file_name() {
+                let to = dir.join(name);
+                std::fs::rename(&pin, &to)
+                    .with_context(|| format!("moving {} to {}", pin.display(), to.display()))?;
+            }
+        }
+        let _ = std::fs::remove_dir(&from);
+        *current = Some(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+/// The packet engine's pins in `dir`.
+fn pins(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("SPLICED_PACKET_"))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds, for the time a connection was accepted.
