@@ -477,6 +477,21 @@ impl PacketTables {
         Ok(())
     }
 
+    /// Raises the entry's `ack_floor` to `floor` (never lowers it): rule F gave the local
+    /// socket the sender's ACKs are for more bytes to send, and until the sender acknowledges
+    /// them its pure ACKs are the local socket's business (they pass in `DRAIN`; the socket
+    /// sees no ACK otherwise and, with its congestion window, sends a handful of segments per
+    /// timeout). Everything below the floor was delivered by the local socket, so translated
+    /// ACKs may be raised to it.
+    pub fn raise_ack_floor(&mut self, key: &FlowKey, floor: u32) -> Result<()> {
+        self.update(key, |f| {
+            if (floor.wrapping_sub(f.ack_floor) as i32) > 0 {
+                f.ack_floor = floor;
+            }
+        })?;
+        Ok(())
+    }
+
     /// Records a FIN of the entry's sender that the program never saw (it reached the local
     /// socket before the entry existed; design 3.4 step 4), at sequence `fin_seq`.
     pub fn set_fin(&mut self, key: &FlowKey, fin_seq: u32) -> Result<()> {

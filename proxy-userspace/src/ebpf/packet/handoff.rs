@@ -341,7 +341,8 @@ impl<'a> Drain<'a> {
             }
             if Instant::now() >= deadline {
                 return Err(anyhow!(
-                    "drain_timeout: the local sockets did not drain in time"
+                    "drain_timeout: the local sockets did not drain in time ({})",
+                    self.describe(tables, (up, down))
                 ));
             }
             std::thread::sleep(DRAIN_TICK);
@@ -369,6 +370,10 @@ impl<'a> Drain<'a> {
         // Entry of the sender, and of the socket the FIN leaves by (its egress guard).
         let sender = [*up, *down];
         let out_entry = [*down, *up];
+        // Entry of the peer that acknowledges what the written socket sends: X acks L (E_up),
+        // Y acks L' (E_down).
+        let out_sender = [*down, *up];
+        let mut moved = [false; 2];
         let mut buf = [0u8; 64 << 10];
         for dir in 0..2 {
             let (from, to) = (fds[dir], fds[1 - dir]);
@@ -391,6 +396,7 @@ impl<'a> Drain<'a> {
                 match send(to, &self.pending[dir]) {
                     Ok(n) => {
                         self.pending[dir].drain(..n);
+                        moved[dir] = true;
                         if dir == 0 {
                             self.up += n as u64;
                         } else {
@@ -402,6 +408,11 @@ impl<'a> Drain<'a> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e).context("rule F: writing a local socket"),
                 }
+            }
+            if moved[dir] {
+                // The socket written to has more to deliver: its peer's ACKs below that are
+                // its own (design 3.2, with rule F: `ack_floor` follows `write_seq`).
+                tables.raise_ack_floor(&out_sender[dir], self.write_seq[1 - dir])?;
             }
             if self.fin_read[dir] && !self.fin_sent[dir] && self.pending[dir].is_empty() {
                 tables.set_local_fin(&out_entry[dir])?;
@@ -415,6 +426,27 @@ impl<'a> Drain<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Where the drain stands, for the error of a drain that timed out.
+    fn describe(&self, tables: &PacketTables, (up, down): (&FlowKey, &FlowKey)) -> String {
+        let queue = |fd, request| ioctl_int(fd, request).unwrap_or(-1);
+        let acked = |key| tables.get(key).ok().flatten().map(|f| f.peer_acked);
+        format!(
+            "pending {:?} bytes; L: inq {} outq {} write_seq {} acked {:?}; L': inq {} outq {} \
+             write_seq {} acked {:?}; FINs read {:?} sent {:?}",
+            [self.pending[0].len(), self.pending[1].len()],
+            queue(self.l, libc::FIONREAD),
+            queue(self.l, libc::TIOCOUTQ),
+            self.write_seq[0],
+            acked(up),
+            queue(self.l2, libc::FIONREAD),
+            queue(self.l2, libc::TIOCOUTQ),
+            self.write_seq[1],
+            acked(down),
+            self.fin_read,
+            self.fin_sent,
+        )
     }
 
     /// Step 5: nothing left to read, nothing pending, and each socket's sent bytes (and FIN)
