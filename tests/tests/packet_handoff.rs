@@ -54,6 +54,8 @@ struct Case {
     /// reach L before the checks, refused `half_closed`, or during the drain, rule F, or
     /// after, translated).
     client_half_close: bool,
+    /// How long the client waits between its hello and its FIN in a half-close run.
+    fin_delay: Duration,
     /// The backend's namespace drops the first preface segment once, so L' retransmits it
     /// in DRAIN, through the egress guard.
     drop_first_preface: bool,
@@ -230,7 +232,9 @@ fn run(case: Case) -> Result<()> {
         let client = s.spawn(|| -> Result<()> {
             let mut w = &x;
             w.write_all(&up[..HELLO])?;
-            if !case.client_half_close {
+            if case.client_half_close {
+                std::thread::sleep(case.fin_delay);
+            } else {
                 if !case.client_pipelines {
                     wait(&handed_off)?;
                 }
@@ -485,15 +489,21 @@ fn handoff_when_the_server_speaks_first() -> Result<()> {
     })
 }
 
-/// The client half-closes right after the hello: its FIN is refused (`half_closed`), passed
-/// on by rule F, or translated, depending on when it arrives; the streams are exact in every
-/// case.
+/// The client half-closes right after the hello, or a few milliseconds later: its FIN is
+/// refused (`half_closed`, it reached L before the checks), passed on by rule F, or
+/// translated in DRAIN or ACTIVE, depending on when it arrives; the streams are exact in
+/// every case.
 #[test]
 fn handoff_racing_a_client_half_close() -> Result<()> {
-    run(Case {
-        client_half_close: true,
-        ..Case::default()
-    })
+    for ms in [0, 1, 3, 6, 12] {
+        eprintln!("FIN {ms} ms after the hello");
+        run(Case {
+            client_half_close: true,
+            fin_delay: Duration::from_millis(ms),
+            ..Case::default()
+        })?;
+    }
+    Ok(())
 }
 
 /// The first preface segment is lost once: L' retransmits it during the drain, through the
