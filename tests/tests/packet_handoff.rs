@@ -59,6 +59,21 @@ struct Case {
     /// The backend's namespace drops the first preface segment once, so L' retransmits it
     /// in DRAIN, through the egress guard.
     drop_first_preface: bool,
+    /// The maps are pinned in a bpffs directory of the test's, and `bpftool` must show the
+    /// entries by field name.
+    pinned: bool,
+}
+
+/// A bpffs directory removed with its pins when dropped.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        for name in ["SPLICED_PACKET_FLOWS", "SPLICED_PACKET_COUNTERS"] {
+            let _ = std::fs::remove_file(self.0.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 fn tx_off(world: &World, ns: Ns, dev: &str) -> Result<()> {
@@ -195,7 +210,18 @@ fn run(case: Case) -> Result<()> {
     }
     let cgroup = TestCgroup::enter()?;
     let mut recorder = IsnRecorder::attach(cgroup.path())?;
-    let mut tables = PacketTables::load()?;
+    let pins = if case.pinned {
+        let dir = PinDir(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/spliced-test-handoff-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&dir.0)
+            .with_context(|| format!("creating {} (is bpffs mounted?)", dir.0.display()))?;
+        Some(dir)
+    } else {
+        None
+    };
+    let mut tables = PacketTables::load_pinned(pins.as_ref().map(|d| d.0.as_path()))?;
     world.within(Ns::Proxy, || -> Result<()> {
         tables.attach("eth0")?;
         tables.attach("eth1")
@@ -409,12 +435,27 @@ fn run(case: Case) -> Result<()> {
                 "L''s retransmission did not pass the egress guard: {counters:?}"
             );
         }
+        if let Some(dir) = &pins {
+            let out = std::process::Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(dir.0.join("SPLICED_PACKET_FLOWS"))
+                .output()
+                .context("running bpftool")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success()
+                    && text.contains("\"peer_acked\"")
+                    && text.contains("\"local_cookie\""),
+                "bpftool does not show the entries by field name: {text}"
+            );
+        }
         tables.remove_keys(&[h.up, h.down])?;
     }
     drop((l, l2));
     drop(tables);
     drop(recorder);
     drop(cgroup);
+    drop(pins);
     Ok(())
 }
 
@@ -455,9 +496,13 @@ fn wait(flag: &AtomicBool) -> Result<()> {
 }
 
 /// The plain case: the hello crosses the relay, then the handoff, then 4 MiB each way.
+/// The maps are pinned for it, and `bpftool map dump pinned` shows the entries by field.
 #[test]
 fn handoff_after_the_hello_moves_both_streams_exactly() -> Result<()> {
-    run(Case::default())
+    run(Case {
+        pinned: true,
+        ..Case::default()
+    })
 }
 
 /// The backend answers the moment the preface arrives, racing the handoff: its bytes reach
