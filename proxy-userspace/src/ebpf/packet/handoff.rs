@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use nix::libc;
-use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, Flow, FlowKey};
+use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey};
 
 use super::{Handoff, IsnRecorder, PacketTables, Wscale};
 
@@ -42,9 +42,11 @@ pub struct HandoffLimits {
 #[derive(Debug)]
 pub enum HandoffError {
     /// Nothing was installed; the caller goes on with splice. A reason of design section 9.
+    /// The ISNs stay recorded, so a later attempt may succeed.
     Refused(&'static str),
-    /// Entries had been installed; the connection is lost (drain timeout, ...). The entries
-    /// are removed, and both sockets are in repair mode: closing them sends nothing.
+    /// Entries had been installed; the connection is lost (`drain_timeout`, a peer's RST
+    /// during the drain, a socket error). The entries are removed, and both sockets are in
+    /// repair mode: closing them sends nothing. The message starts with the reason.
     Failed(anyhow::Error),
 }
 
@@ -465,15 +467,20 @@ impl<'a> Drain<'a> {
             (self.l, up, self.write_seq[0]),
             (self.l2, down, self.write_seq[1]),
         ] {
+            let Some(flow) = tables.get(key)? else {
+                anyhow::bail!("an entry vanished during the drain");
+            };
+            if flow.state == FLOW_RESET {
+                // The peer reset the connection (translated to the other peer): nothing
+                // left to hand off.
+                anyhow::bail!("reset: a peer reset the connection during the drain");
+            }
             if ioctl_int(fd, libc::FIONREAD)? != 0 {
                 return Ok(false);
             }
             if ioctl_int(fd, libc::TIOCOUTQ)? == 0 {
                 continue;
             }
-            let Some(flow) = tables.get(key)? else {
-                anyhow::bail!("an entry vanished during the drain");
-            };
             if !acked(&flow, write_seq) {
                 return Ok(false);
             }
