@@ -226,7 +226,7 @@ fn run(case: Case) -> Result<()> {
         );
     }
     let cgroup = TestCgroup::enter()?;
-    let mut recorder = IsnRecorder::attach(cgroup.path())?;
+    let recorder = IsnRecorder::attach(cgroup.path())?;
     let pins = if case.pinned {
         let dir = PinDir(std::path::PathBuf::from(format!(
             "/sys/fs/bpf/spliced-test-handoff-{}",
@@ -340,9 +340,7 @@ fn run(case: Case) -> Result<()> {
         let limits = HandoffLimits {
             drain_timeout: Duration::from_secs(5),
         };
-        let outcome = world.within(Ns::Proxy, || {
-            tables.handoff(&mut recorder, &freeze, &limits)
-        })?;
+        let outcome = world.within(Ns::Proxy, || tables.handoff(&recorder, &freeze, &limits))?;
         eprintln!(
             "relay froze at {counts:?}; handoff: {:?}",
             outcome.as_ref().map(|h| (h.duration, h.drained))

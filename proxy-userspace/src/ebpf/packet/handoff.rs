@@ -93,15 +93,16 @@ const DRAIN_TICK: Duration = Duration::from_millis(2);
 impl PacketTables {
     /// Hands a frozen connection to the kernel (design 3.4, steps 2 to 8). Blocks for up to
     /// `limits.drain_timeout` (plus one RCU grace period). Runs in the network namespace of
-    /// the sockets (the route lookups are made in the calling thread's).
+    /// the sockets (the route lookups are made in the calling thread's). Takes `&self`:
+    /// several handoffs (one per blocking thread) and the sweeper may share the tables.
     ///
     /// After `Ok` both sockets are in repair mode for good: the caller keeps
     /// `freeze.backend` open (it owns the ephemeral port the translated connection uses)
     /// and closes `freeze.client` (silently). After [`HandoffError::Refused`] nothing
     /// changed and the caller goes on splicing.
     pub fn handoff(
-        &mut self,
-        isn: &mut IsnRecorder,
+        &self,
+        isn: &IsnRecorder,
         freeze: &Freeze,
         limits: &HandoffLimits,
     ) -> Result<HandedOff, HandoffError> {
@@ -256,7 +257,7 @@ impl PacketTables {
 }
 
 /// The ISNs are read once; the recorder's LRU need not keep them.
-fn forget(isn: &mut IsnRecorder, handoff: &Handoff) {
+fn forget(isn: &IsnRecorder, handoff: &Handoff) {
     for cookie in [handoff.client_cookie, handoff.backend_cookie] {
         if let Err(e) = isn.forget(cookie) {
             tracing::warn!("forgetting ISNs: {e:#}");
@@ -320,7 +321,7 @@ impl<'a> Drain<'a> {
 
     fn run(
         &mut self,
-        tables: &mut PacketTables,
+        tables: &PacketTables,
         h: &Handoff,
         (up, down): (&FlowKey, &FlowKey),
         deadline: Instant,
@@ -365,7 +366,7 @@ impl<'a> Drain<'a> {
     /// guard and recorded in the sender's entry first.
     fn forward(
         &mut self,
-        tables: &mut PacketTables,
+        tables: &PacketTables,
         (up, down): (&FlowKey, &FlowKey),
     ) -> anyhow::Result<()> {
         let fds = [self.l, self.l2];
