@@ -67,6 +67,9 @@ struct Case {
     /// that retransmission's own ACK is then far below what the translation already told the
     /// backend, which the egress program raises (design 3.3).
     server_floods_first: bool,
+    /// The backend answers the preface with its greeting and a FIN at once (after
+    /// `fin_delay`): the FIN races the handoff from the other side.
+    backend_half_close: bool,
 }
 
 /// A bpffs directory removed with its pins when dropped.
@@ -260,7 +263,11 @@ fn run(case: Case) -> Result<()> {
 
     let up = pattern(0x55, HELLO + if case.client_half_close { 0 } else { BYTES });
     let greeting = case.server_first || case.backend_instant || case.server_floods_first;
-    let down = pattern(0xaa, if greeting { GREETING } else { 0 } + BYTES);
+    let down = if case.backend_half_close {
+        pattern(0xaa, GREETING)
+    } else {
+        pattern(0xaa, if greeting { GREETING } else { 0 } + BYTES)
+    };
     let handed_off = AtomicBool::new(false);
     let mut counts = Counts::default();
     let mut fins = [false; 2];
@@ -299,13 +306,16 @@ fn run(case: Case) -> Result<()> {
             }
             if case.server_floods_first {
                 w.write_all(&down)?;
-            } else if case.backend_instant {
+            } else if case.backend_instant || case.backend_half_close {
                 // As soon as the first preface bytes are there (not read: the reader thread
                 // takes them).
                 let deadline = Instant::now() + IO;
                 while ioctl_inq(&y)? == 0 && tcp_info(&y)?.tcpi_bytes_received == 0 {
                     ensure!(Instant::now() < deadline, "no preface at the backend");
                     std::thread::sleep(Duration::from_micros(200));
+                }
+                if case.backend_half_close {
+                    std::thread::sleep(case.fin_delay);
                 }
                 w.write_all(&down)?;
             } else {
@@ -348,9 +358,10 @@ fn run(case: Case) -> Result<()> {
         let outcome = match outcome {
             Ok(h) => Some(h),
             Err(HandoffError::Refused(reason))
-                if case.client_half_close && reason == "half_closed" =>
+                if (case.client_half_close || case.backend_half_close)
+                    && reason == "half_closed" =>
             {
-                eprintln!("the client's FIN reached L first: refused half_closed, splice goes on");
+                eprintln!("a FIN reached L or L' first: refused half_closed, splice goes on");
                 None
             }
             Err(e) => {
@@ -594,4 +605,20 @@ fn handoff_when_the_preface_is_lost_under_a_flood_from_the_backend() -> Result<(
         server_floods_first: true,
         ..Case::default()
     })
+}
+
+/// The backend answers the preface with its greeting and half-closes at once, or a few
+/// milliseconds later: its FIN is refused (`half_closed`), or translated in DRAIN or ACTIVE;
+/// the client's stream still reaches the backend exactly after the handoff.
+#[test]
+fn handoff_racing_a_backend_half_close() -> Result<()> {
+    for ms in [0, 1, 3, 6] {
+        eprintln!("backend FIN {ms} ms after the preface arrived");
+        run(Case {
+            backend_half_close: true,
+            fin_delay: Duration::from_millis(ms),
+            ..Case::default()
+        })?;
+    }
+    Ok(())
 }
