@@ -25,6 +25,7 @@ mod process;
 pub mod raw;
 pub mod sockmap;
 pub mod spliced;
+pub mod tune;
 mod world;
 
 pub use process::{OpenFiles, Service, open_files, wait_for};

@@ -127,8 +127,17 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
                 proxy_packets(&world)?,
                 proxy_tcp_segments(&world)?,
             );
-            let done = transfer(&world, target, &hello, opts.bytes)
-                .with_context(|| format!("a transfer through {}", c.name()))?;
+            // A transfer cut short (a reset, a timeout) is a failure of that contender, listed
+            // under the table like a count that does not match; the run goes on.
+            let done = match transfer(&world, target, &hello, opts.bytes) {
+                Ok(done) => done,
+                Err(e) => {
+                    let what = format!("{e:#}");
+                    eprintln!("  round {round} {:<width$} FAILED: {what}", c.name());
+                    failures[i].push(format!("round {round}: {what}"));
+                    continue;
+                }
+            };
             let after = (
                 proxy_cpu()?,
                 system_cpu()?,
@@ -688,10 +697,11 @@ fn transfer(world: &World, target: SocketAddr, hello: &[u8], bytes: u64) -> Resu
         writer.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     });
-    let received = drain(&mut stream)?;
+    let received = drain(&mut stream).context("the client's receiving")?;
     sender
         .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?
+        .context("the client's sending")?;
     Ok(Done {
         seconds: started.elapsed().as_secs_f64(),
         received,

@@ -233,7 +233,7 @@ fn reap_loop(stop: &AtomicBool, held: &Mutex<Vec<TcpStream>>) {
 
 /// The length of the PROXY header (if any) plus the first TLS record, once `buf` holds them
 /// all; `None` while more is needed.
-fn preface_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+pub(crate) fn preface_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
     let start = match buf.first() {
         None => return Ok(None),
         Some(0x0D) => {
@@ -686,6 +686,7 @@ pub(crate) fn part(
     rounds: usize,
     per_sample: Duration,
     idle: usize,
+    contender: Option<&str>,
 ) -> Result<crate::report::Part> {
     let world = World::new()?;
     world.route_direct()?;
@@ -706,19 +707,61 @@ pub(crate) fn part(
         sni: r.sni.clone(),
         pids: r.pids.clone(),
     }));
+    // `--contender`: only those whose name contains it (the ratios then have nothing to
+    // compare with, as in the throughput part).
+    targets.retain(|t| contender.is_none_or(|c| t.name.contains(c)));
+    if targets.is_empty() {
+        bail!("no contender's name contains {contender:?}");
+    }
     let baseline = proxies
         .running
         .iter()
         .find(|r| r.baseline)
         .map_or_else(|| "HAProxy".to_owned(), |r| r.name.clone());
+    let packet = |what: &str| -> Result<Option<crate::bench_crossover::Handoffs>> {
+        match &proxies.packet {
+            Some(p)
+                if targets
+                    .iter()
+                    .any(|t| t.name == crate::proxies::PACKET_NAME) =>
+            {
+                Ok(Some(
+                    crate::bench_crossover::Handoffs::read(p).with_context(|| {
+                        format!("reading the packet engine's metrics {what} the run")
+                    })?,
+                ))
+            }
+            _ => Ok(None),
+        }
+    };
+    let handoffs_before = packet("before")?;
     let conns = run(&world, &targets, rounds, per_sample)?;
+    let handoffs = match (handoffs_before, packet("after")?) {
+        (Some(before), Some(after)) => {
+            let h = after.since(&before);
+            let cpu = conns
+                .iter()
+                .find(|r| r.name == crate::proxies::PACKET_NAME)
+                .map_or(f64::NAN, |r| median(&r.cpu_us));
+            format!(
+                "\n\nThe packet engine's handoff cost in these connections (its \
+                 `spliced_packet_handoff_seconds`, from the freeze to ACTIVE): {}, mean \
+                 {:.0} us per handoff; proxy CPU per connection {cpu:.1} us (median of rounds, \
+                 the handoff included).",
+                h.summary(),
+                h.mean_us()
+            )
+        }
+        _ => String::new(),
+    };
     let conns_table = table(&conns, &baseline);
-    println!("\n{conns_table}");
+    println!("\n{conns_table}{handoffs}");
     // The file limit here caps how many connections this process can hold at once.
     let count = idle.min(usize::try_from(proxies.max_connections)?.saturating_sub(500));
     let idle_results = crate::bench_idle::run(&world, &targets, count)?;
     let idle_table = crate::bench_idle::table(&idle_results, &baseline);
     println!("\n{idle_table}");
+    let conns_table = format!("{conns_table}{handoffs}");
     let text = format!(
         "Short connections: {rounds} rounds of {:.0} s per contender, {} client threads; a \
          connection is connect, ClientHello, a 64-byte answer from the backend, close. Latency \

@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod bench;
 mod bench_conns;
+mod bench_crossover;
 mod bench_http;
 mod bench_idle;
 mod bench_stall;
@@ -76,8 +77,9 @@ enum Task {
         /// Run only one part.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
-        /// With `--only throughput`: only the contenders whose name contains this text (e.g.
-        /// "engine splice", "direct"), to profile one alone; nothing is written.
+        /// With `--only throughput` or `--only connections`: only the contenders whose name
+        /// contains this text (e.g. "engine splice", "packet", "direct"), to profile one
+        /// alone; nothing is written.
         #[arg(long, requires = "only")]
         contender: Option<String>,
     },
@@ -90,6 +92,10 @@ enum BenchPart {
     Throughput,
     /// Short connections per second, added latency, memory of idle connections.
     Connections,
+    /// The packet engine's crossover: connections per second and proxy CPU per connection
+    /// for downloads of 64 B to 16 MiB, with `packet.after` at 0, 64 KiB, 256 KiB, 1 MiB and
+    /// 4 MiB, next to splice.
+    Crossover,
     /// SYNs per second dropped by XDP next to those the stack handles, on one core.
     Xdp,
     /// Keep-alive requests per second, CPU per request and added latency of header mode
@@ -150,6 +156,14 @@ fn main() -> Result<()> {
                     rounds,
                     std::time::Duration::from_secs(seconds),
                     idle,
+                    contender.as_deref(),
+                )?);
+            }
+            if only.is_none() || only == Some(BenchPart::Crossover) {
+                let (rounds, seconds) = if quick { (1, 0.5) } else { (3, 2.0) };
+                parts.push(bench_crossover::part(
+                    rounds,
+                    std::time::Duration::from_secs_f64(seconds),
                 )?);
             }
             if only.is_none() || only == Some(BenchPart::Xdp) {

@@ -28,7 +28,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
-use spliced_tests::{Ns, PROXY_V4, Service, World, backends, spliced::Launch, wait_for};
+use spliced_tests::{
+    Ns, PROXY_V4, Service, World, backends,
+    spliced::{Launch, Spliced},
+    wait_for,
+};
 
 /// Client-facing ports on 192.0.2.1.
 const SPLICED_PORT: u16 = 443;
@@ -37,6 +41,10 @@ const HAPROXY_PORT: u16 = 445;
 const NGINX_PORT: u16 = 446;
 const SPLICED_SPLICE_PORT: u16 = 447;
 const SPLICED_COPY_PORT: u16 = 448;
+const SPLICED_PACKET_PORT: u16 = 449;
+
+/// The name of the packet engine's contender (`--contender packet` selects it).
+pub(crate) const PACKET_NAME: &str = "spliced, engine packet";
 
 /// Threads or worker processes for HAProxy and nginx: one per core of the bench machine.
 const WORKERS: u32 = 2;
@@ -74,6 +82,9 @@ pub(crate) struct Proxies {
     /// Concurrent proxied connections each proxy is configured to take (see
     /// [`connection_limit`]).
     pub max_connections: u32,
+    /// The packet engine's spliced, kept whole for its `/metrics` (handoff cost, refusals);
+    /// `None` when the engine could not start here (the reason is in `skipped`).
+    pub packet: Option<Spliced>,
     /// Kept only to stop them on drop (each [`Service`] stops its own process by PID).
     _services: Vec<Service>,
 }
@@ -85,6 +96,7 @@ pub(crate) fn start(world: &World, backend: SocketAddr) -> Result<Proxies> {
         running: Vec::new(),
         skipped: Vec::new(),
         max_connections: connection_limit()?,
+        packet: None,
         _services: Vec::new(),
     };
     start_spliced(world, backend, &mut proxies)?;
@@ -150,7 +162,55 @@ fn start_spliced(world: &World, backend: SocketAddr, proxies: &mut Proxies) -> R
         });
         proxies._services.push(service);
     }
+    // The packet engine: one process only, as its tcx programs pass every segment they do not
+    // translate with TC_ACT_OK, which ends the interface's tcx chain: a second packet-engine
+    // spliced attached after the first would never see a segment.
+    match start_packet(world, backend, max, SPLICED_PACKET_PORT, 0) {
+        Ok(spliced) => {
+            let pid = spliced
+                .pid()
+                .context("the packet engine's spliced has no PID")?;
+            proxies.running.push(Running {
+                name: PACKET_NAME.into(),
+                target: SocketAddr::new(PROXY_V4, SPLICED_PACKET_PORT),
+                sni: "packet.bench".into(),
+                pids: vec![pid],
+                proxy_protocol: 2,
+                baseline: false,
+            });
+            proxies.packet = Some(spliced);
+        }
+        Err(why) => proxies.skipped.push(format!("{PACKET_NAME}: {why:#}")),
+    }
     Ok(())
+}
+
+/// The configuration of a spliced on the packet engine: every connection to `packet.bench` on
+/// `port` handed to the TC programs on the proxy namespace's two veths once `after` bytes
+/// moved (0: right after the preface), PROXY v2 to `backend`.
+pub(crate) fn packet_config(backend: SocketAddr, max: u32, port: u16, after: u64) -> String {
+    format!(
+        "[defaults]\nmax_connections = {max}\n\
+         [packet]\ninterfaces = [\"eth0\", \"eth1\"]\nafter = {after}\n\
+         [[listen]]\naddress = \"0.0.0.0:{port}\"\nprotocol = \"tls\"\n\
+         [[site]]\nhostnames = [\"packet.bench\"]\nbackend = \"{backend}\"\n\
+         forwarding = \"packet\"\nproxy_protocol = \"v2\"\n"
+    )
+}
+
+/// Starts a spliced on the packet engine (see [`packet_config`]) with its `/metrics`, and
+/// waits until it listens on `port`.
+pub(crate) fn start_packet(
+    world: &World,
+    backend: SocketAddr,
+    max: u32,
+    port: u16,
+    after: u64,
+) -> Result<Spliced> {
+    Launch::new(packet_config(backend, max, port, after))
+        .named(&format!("spliced-{port}"))
+        .metrics()
+        .start(world, &[port])
 }
 
 /// Whether the contender named `name` is one of spliced's engines (what issue 6's bar is
