@@ -686,8 +686,8 @@ impl Server {
 }
 
 /// The packet engine's sweeper: once a second, ends the handed-off connections whose entries
-/// say so, counts their ends, and updates the entries gauge. The sweep holds the tables, which
-/// a handoff holds for its drain: it runs on a blocking thread.
+/// say so, counts their ends, and updates the entries gauge. Two map reads per connection: on
+/// a blocking thread, off the accepting workers.
 async fn sweep_packets(shared: Arc<Shared>) {
     let Some(packet) = shared.packet_kernel().cloned() else {
         return;

@@ -31,8 +31,9 @@ use crate::{
 
 /// The packet engine's kernel side as the proxy holds it.
 pub struct Packet {
-    /// The tables and the ISN recorder, used by one handoff or one sweep at a time.
-    kernel: Mutex<Kernel>,
+    /// The tables and the ISN recorder, shared by the handoffs (each blocks its own thread
+    /// for as long as its drain takes) and the sweeper.
+    kernel: Kernel,
     /// Connections handed off, by the key of their client entry.
     live: Mutex<HashMap<FlowKey, Live>>,
     /// The MSS every listener that may use the engine announces.
@@ -41,8 +42,6 @@ pub struct Packet {
     pin_dir: Mutex<Option<PathBuf>>,
     /// Set when the process stops: no new handoffs.
     stopping: AtomicBool,
-    /// The kernel counters as last read, for a scrape while a handoff holds the tables.
-    counters: Mutex<Vec<(&'static str, u64)>>,
 }
 
 struct Kernel {
@@ -135,12 +134,11 @@ impl Packet {
             "packet engine loaded"
         );
         Ok(Packet {
-            kernel: Mutex::new(Kernel { tables, isn }),
+            kernel: Kernel { tables, isn },
             live: Mutex::new(HashMap::new()),
             listener_mss,
             pin_dir: Mutex::new(pin_dir.map(Path::to_path_buf)),
             stopping: AtomicBool::new(false),
-            counters: Mutex::new(Vec::new()),
         })
     }
 
@@ -195,15 +193,14 @@ impl Packet {
                 started_ns,
             };
             let limits = HandoffLimits { drain_timeout };
-            let mut kernel = lock(&this.kernel);
-            let Kernel { tables, isn } = &mut *kernel;
+            let Kernel { tables, isn } = &this.kernel;
             match tables.handoff(isn, &freeze, &limits) {
                 Ok(handed) => {
                     let (duration, drained) = (handed.duration, handed.drained);
                     tracing::debug!(?duration, ?drained, up = ?handed.up, "packet handoff done");
                     let (wake, ended) = oneshot::channel();
-                    // Registered before the tables are let go, so the sweeper never sees the
-                    // entries without the task to wake.
+                    // The sweeper looks only at registered connections: it never removes
+                    // entries whose task it could not wake.
                     let since_ns = packet_expiry::monotonic_ns();
                     lock(&this.live).insert(
                         handed.up,
@@ -240,7 +237,7 @@ impl Packet {
     /// task woken. Returns the expiries made and the connections still handed off.
     pub fn sweep(&self, settings: &PacketSettings, stop: bool) -> (Vec<End>, usize) {
         let now_ns = packet_expiry::monotonic_ns();
-        let mut kernel = lock(&self.kernel);
+        let kernel = &self.kernel;
         let mut live = lock(&self.live);
         let mut done = Vec::new();
         for (key, conn) in live.iter() {
@@ -283,14 +280,9 @@ impl Packet {
         (ends, live.len())
     }
 
-    /// The translation programs' counters summed over CPUs, by name. A handoff holds the
-    /// tables for as long as its drain takes: meanwhile the values last read are returned.
+    /// The translation programs' counters summed over CPUs, by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        let mut last = lock(&self.counters);
-        if let Ok(kernel) = self.kernel.try_lock() {
-            *last = kernel.tables.counters();
-        }
-        last.clone()
+        self.kernel.tables.counters()
     }
 
     /// Refuses new handoffs from now on.
