@@ -52,6 +52,8 @@ pub struct Params<'a> {
     /// Set once the kernel carries the connection: the byte counters stop moving then, which
     /// must not count as idle.
     pub handed_off: &'a AtomicBool,
+    /// Where refusals and handoff durations are counted, as they happen.
+    pub stats: &'a crate::shared::PacketStats,
 }
 
 /// How a connection was forwarded.
@@ -153,6 +155,7 @@ pub async fn forward(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     if !quiet && !eof.0 && !eof.1 {
+        params.stats.count_refused("not_quiet");
         go_on_with_splice(client, backend, counters, &ended, eof).await?;
         return Ok(Used::Refused("not_quiet"));
     }
@@ -162,6 +165,7 @@ pub async fn forward(
         params.refuse
     };
     if let Some(reason) = reason {
+        params.stats.count_refused(reason);
         go_on_with_splice(client, backend, counters, &ended, eof).await?;
         return Ok(Used::Refused(reason));
     }
@@ -185,6 +189,7 @@ pub async fn forward(
         .map_err(|e| Side::Client.failed(io::Error::other(format!("packet handoff: {e:#}"))))?;
     match outcome {
         packet::Outcome::Refused(reason) => {
+            params.stats.count_refused(reason);
             go_on_with_splice(client, backend, counters, &ended, eof).await?;
             Ok(Used::Refused(reason))
         }
@@ -194,6 +199,7 @@ pub async fn forward(
             ended,
         } => {
             params.handed_off.store(true, Ordering::Relaxed);
+            params.stats.observe_handoff(duration);
             let ended = ended.await.map_err(|_| {
                 Side::Client.failed(io::Error::other(
                     "the packet engine's sweeper went away before the connection ended",
