@@ -160,7 +160,9 @@ fn expect_packet_line(
     end: &str,
     bytes: Option<(u64, u64)>,
 ) -> Result<String> {
-    let line = spliced.log_line_for(client, LOG_WAIT)?;
+    let line = spliced
+        .log_line_for(client, LOG_WAIT)
+        .with_context(|| diagnostics(spliced, "waiting for the access-log line"))?;
     ensure!(
         field(&line, "engine") == Some("packet") && field(&line, "end") == Some(end),
         "expected engine=packet end={end}: {line}\ndiagnostics:\n{}",
