@@ -501,6 +501,7 @@ async fn serve(
             drain_timeout: packet_settings.drain_timeout,
             refuse: packet_refuse,
             handed_off: &handed_off,
+            stats: shared.packet(),
         };
         let counters = &facts.counters;
         let forwarding = forward::packet::forward(client, &backend, counters, params);
@@ -529,12 +530,10 @@ async fn serve(
         }
         match result? {
             forward::packet::Used::Refused(reason) => {
-                shared.packet().count_refused(reason);
                 facts.packet_refused(reason);
                 facts.engine = Some(Engine::Splice);
             }
             forward::packet::Used::Packet { end, handoff } => {
-                shared.packet().observe_handoff(handoff);
                 facts.packet_ended(end, handoff);
             }
         }

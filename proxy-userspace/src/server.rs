@@ -337,6 +337,14 @@ impl Server {
                     Err(e) => tracing::error!("upgrade: {e:#}"),
                 }
             }
+            if let (Some(dir), Some(packet)) = (&options.pin_dir, shared.packet_kernel())
+                && let Err(e) = packet.move_pins(dir)
+            {
+                tracing::error!(
+                    "upgrade: pinning the packet engine's maps in {}: {e:#}",
+                    dir.display()
+                );
+            }
             if let (Some(xdp), Some(kernel)) = (&xdp, shared.kernel())
                 && let Err(e) = kernel.attach_xdp(xdp)
             {
@@ -597,6 +605,10 @@ impl Server {
                     // Our kernel-spliced connections go on in our maps, unpinned.
                     kernel.unpin();
                 }
+                if let Some(packet) = shared.packet_kernel() {
+                    // Likewise our handed-off connections; the sweeper still ends them.
+                    packet.unpin();
+                }
                 drop(pin_lock.take());
                 let _ = t.released.send(());
                 upgrading.answer(&Ok(u32::try_from(t.pid).unwrap_or_default()));
@@ -674,8 +686,8 @@ impl Server {
 }
 
 /// The packet engine's sweeper: once a second, ends the handed-off connections whose entries
-/// say so, counts their ends, and updates the entries gauge. The sweep holds the tables, which
-/// a handoff holds for its drain: it runs on a blocking thread.
+/// say so, counts their ends, and updates the entries gauge. Two map reads per connection: on
+/// a blocking thread, off the accepting workers.
 async fn sweep_packets(shared: Arc<Shared>) {
     let Some(packet) = shared.packet_kernel().cloned() else {
         return;

@@ -160,7 +160,9 @@ fn expect_packet_line(
     end: &str,
     bytes: Option<(u64, u64)>,
 ) -> Result<String> {
-    let line = spliced.log_line_for(client, LOG_WAIT)?;
+    let line = spliced
+        .log_line_for(client, LOG_WAIT)
+        .with_context(|| diagnostics(spliced, "waiting for the access-log line"))?;
     ensure!(
         field(&line, "engine") == Some("packet") && field(&line, "end") == Some(end),
         "expected engine=packet end={end}: {line}\ndiagnostics:\n{}",
@@ -231,7 +233,8 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
         writer.shutdown(Shutdown::Write)?;
         Ok(())
     });
-    receive(&mut client, SEED_DOWN, len)?;
+    receive(&mut client, SEED_DOWN, len)
+        .with_context(|| diagnostics(&spliced, "receiving the backend's stream"))?;
     result(&sender, IO, "the client's sender")?;
     expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
     Ok(())
@@ -284,8 +287,16 @@ fn early_client_data_right_after_the_hello_arrives_once() -> Result<()> {
         "the echo differs: {}",
         raw::difference(&back, &first)
     );
+    // Round trips after the early data, while the connection is handed off.
+    let mut n = first.len() as u64;
+    for i in 0..5u8 {
+        std::thread::sleep(Duration::from_millis(100));
+        let ping = [i; 1000];
+        client.write_all(&ping)?;
+        ensure!(read_exactly(&mut client, ping.len())? == ping, "ping {i}");
+        n += ping.len() as u64;
+    }
     raw::shut_and_expect_eof(&mut client, "after the echo")?;
-    let n = first.len() as u64;
     expect_packet_line(&spliced, me, "fin", Some((n, n)))?;
     Ok(())
 }
@@ -353,9 +364,19 @@ fn half_close_from_the_backend_is_passed_on_in_order() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `n` handoffs completed (`spliced_packet_handoff_seconds_count`).
+fn wait_handed_off(spliced: &Spliced, n: u64) -> Result<()> {
+    spliced
+        .wait_metrics("the handoff", IO, |m| {
+            Ok(m.count("spliced_packet_handoff_seconds_count", &[])? >= n)
+        })
+        .map(drop)
+}
+
 /// One connection through the tests' own server: the client and the backend's accepted
-/// socket, after an echo round trip (so the connection was handed off and carries data).
-fn own_connection(world: &World) -> Result<(TcpStream, SocketAddr, TcpStream)> {
+/// socket, after round trips both ways and once the handoff completed (a reset during the
+/// drain ends the handoff as failed: another case).
+fn own_connection(world: &World, spliced: &Spliced) -> Result<(TcpStream, SocketAddr, TcpStream)> {
     let listener = listen_in(world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
     let hello = raw::simple_hello("own.example");
     let (mut client, me) = client_with(world, &hello)?;
@@ -369,6 +390,7 @@ fn own_connection(world: &World) -> Result<(TcpStream, SocketAddr, TcpStream)> {
         backend.write_all(&ping)?;
         ensure!(read_exactly(&mut client, ping.len())? == ping);
     }
+    wait_handed_off(spliced, 1)?;
     Ok((client, me, backend))
 }
 
@@ -395,7 +417,7 @@ fn reset_from_the_client_reaches_the_backend() -> Result<()> {
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
     let spliced = start(&world, &bpffs, "")?;
-    let (client, me, mut backend) = own_connection(&world)?;
+    let (client, me, mut backend) = own_connection(&world, &spliced)?;
     raw::reset(client)?;
     expect_reset(&mut backend, "the backend")?;
     expect_packet_line(&spliced, me, "rst_client", None)?;
@@ -407,7 +429,7 @@ fn reset_from_the_backend_reaches_the_client() -> Result<()> {
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
     let spliced = start(&world, &bpffs, "")?;
-    let (mut client, me, backend) = own_connection(&world)?;
+    let (mut client, me, backend) = own_connection(&world, &spliced)?;
     raw::reset(backend)?;
     expect_reset(&mut client, "the client")?;
     expect_packet_line(&spliced, me, "rst_backend", None)?;
@@ -421,7 +443,7 @@ fn an_idle_connection_expires_and_its_next_segment_gets_a_reset() -> Result<()> 
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
     let spliced = start(&world, &bpffs, "idle_timeout = \"2s\"")?;
-    let (mut client, me, _backend) = own_connection(&world)?;
+    let (mut client, me, _backend) = own_connection(&world, &spliced)?;
     expect_packet_line(&spliced, me, "idle", None)?;
     client.write_all(b"anyone there?")?;
     expect_reset(&mut client, "the client after the expiry")?;
@@ -466,7 +488,7 @@ fn sighup_leaves_handed_off_connections_alone_and_stop_ends_them() -> Result<()>
         .metrics()
         .env("RUST_LOG", "spliced=debug")
         .start(&world, &[443])?;
-    let (mut client, me, mut backend) = own_connection(&world)?;
+    let (mut client, me, mut backend) = own_connection(&world, &spliced)?;
     let pid = spliced.pid().context("spliced has no pid")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(pid)?),

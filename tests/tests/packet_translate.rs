@@ -126,6 +126,10 @@ struct Setup {
     /// side's TSvals continuing the clock of the local socket it talked to (design 4.3), and
     /// no segment may fail PAWS (`PAWSEstab` stays 0).
     timestamps_both: bool,
+    /// With [`Setup::sack_with_losses`]: the backend's namespace has SACK off, so only the
+    /// client's connection negotiated it; the client's SACK options become NOPs before they
+    /// reach the backend (design 4.4), which recovers with duplicate ACKs.
+    backend_without_sack: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -166,6 +170,20 @@ fn translate(setup: Setup) -> Result<()> {
         if !setup.sack_with_losses {
             sysctl(&world, ns, "net.ipv4.tcp_sack=0")?;
         }
+    }
+    if setup.backend_without_sack {
+        sysctl(&world, Ns::Backend, "net.ipv4.tcp_sack=0")?;
+        world.nft(
+            Ns::Backend,
+            "sack.nft",
+            "table inet marks {
+               counter sack_arrived { }
+               chain arrive {
+                 type filter hook input priority 0;
+                 tcp option sack exists counter name sack_arrived
+               }
+             }",
+        )?;
     }
     if setup.small_peer_windows {
         for ns in [Ns::Client, Ns::Backend] {
@@ -525,7 +543,22 @@ fn translate(setup: Setup) -> Result<()> {
         let errors = tcp_stat(&world, ns, "InCsumErrors")?;
         ensure!(errors == 0, "{errors} TCP checksum errors in {ns:?}");
     }
-    if setup.sack_with_losses {
+    if setup.backend_without_sack {
+        let arrived = nft_counter(&world, Ns::Backend, "sack_arrived")?;
+        let stripped = counter("sack_stripped");
+        eprintln!("SACK options stripped {stripped}, arrived at the backend {arrived}");
+        ensure!(
+            handoff.client_sack && !handoff.backend_sack,
+            "SACK negotiated: client side {}, backend side {}",
+            handoff.client_sack,
+            handoff.backend_sack
+        );
+        ensure!(
+            stripped > 0 && arrived == 0,
+            "{arrived} segments with SACK reached the backend, {stripped} stripped"
+        );
+    }
+    if setup.sack_with_losses && !setup.backend_without_sack {
         let retransmitted = [
             tcp_stat(&world, Ns::Client, "RetransSegs")?,
             tcp_stat(&world, Ns::Backend, "RetransSegs")?,
@@ -742,6 +775,19 @@ fn a_handed_off_connection_translates_timestamps_under_loss() -> Result<()> {
         timestamps_both: true,
         software_checksums: true,
         sack_with_losses: true,
+        ..Setup::default()
+    })
+}
+
+/// SACK on the client's connection only, with 1% loss at both peers: the client's SACK
+/// options become NOPs before they reach the backend, which never negotiated them; both
+/// recover without them and the bytes arrive exactly.
+#[test]
+fn a_handed_off_connection_strips_sack_the_backend_did_not_negotiate() -> Result<()> {
+    translate(Setup {
+        software_checksums: true,
+        sack_with_losses: true,
+        backend_without_sack: true,
         ..Setup::default()
     })
 }

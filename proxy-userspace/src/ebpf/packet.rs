@@ -8,6 +8,7 @@
 use std::{
     net::{SocketAddrV4, SocketAddrV6},
     path::Path,
+    sync::Mutex,
 };
 
 use anyhow::{Context as _, Result};
@@ -33,7 +34,8 @@ pub use handoff::{Freeze, HandedOff, HandoffError, HandoffLimits};
 pub struct IsnRecorder {
     /// Owns the program and its link to the cgroup.
     _ebpf: Ebpf,
-    isn: HashMap<MapData, u64, IsnPair>,
+    /// Behind a lock so handoffs on several threads can share the recorder.
+    isn: Mutex<HashMap<MapData, u64, IsnPair>>,
 }
 
 impl IsnRecorder {
@@ -60,12 +62,15 @@ impl IsnRecorder {
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
         prog.attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {PROG_PACKET_ISN} to {}", cgroup.display()))?;
-        Ok(IsnRecorder { _ebpf: ebpf, isn })
+        Ok(IsnRecorder {
+            _ebpf: ebpf,
+            isn: Mutex::new(isn),
+        })
     }
 
     /// The ISNs recorded for the socket with this cookie, if any.
     pub fn get(&self, cookie: u64) -> Result<Option<IsnPair>> {
-        match self.isn.get(&cookie, 0) {
+        match lock(&self.isn).get(&cookie, 0) {
             Ok(pair) => Ok(Some(pair)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the ISN map"),
@@ -73,8 +78,8 @@ impl IsnRecorder {
     }
 
     /// Forgets the socket with this cookie (the engine reads an entry once, at handoff).
-    pub fn forget(&mut self, cookie: u64) -> Result<()> {
-        match self.isn.remove(&cookie) {
+    pub fn forget(&self, cookie: u64) -> Result<()> {
+        match lock(&self.isn).remove(&cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("deleting from the ISN map"),
         }
@@ -290,7 +295,9 @@ impl Handoff {
 /// were pinned: then the pins keep the maps; the caller removes them).
 pub struct PacketTables {
     ebpf: Ebpf,
-    flows: HashMap<MapData, FlowKey, Flow>,
+    /// Behind a lock (each map call takes it briefly), so one `PacketTables` can be shared
+    /// (`Arc`) by handoffs on several blocking threads and the sweeper.
+    flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
     counters: PerCpuArray<MapData, u64>,
     /// Interfaces (of the namespace [`PacketTables::attach`] ran in) that have both programs.
     attached: Vec<u32>,
@@ -334,7 +341,7 @@ impl PacketTables {
         }
         Ok(PacketTables {
             ebpf,
-            flows,
+            flows: Mutex::new(flows),
             counters,
             attached: Vec::new(),
         })
@@ -375,13 +382,14 @@ impl PacketTables {
     /// Installs both entries of a connection, the backend's first (a translated client segment
     /// may provoke the backend's answer at once). If the second insert fails the first is
     /// removed again.
-    pub fn insert(&mut self, handoff: &Handoff, state: u8) -> Result<()> {
+    pub fn insert(&self, handoff: &Handoff, state: u8) -> Result<()> {
         let [(up_key, up), (down_key, down)] = handoff.entries(state);
-        self.flows
+        let mut flows = lock(&self.flows);
+        flows
             .insert(&down_key, &down, 0)
             .context("inserting the backend's entry")?;
-        if let Err(e) = self.flows.insert(&up_key, &up, 0) {
-            let _ = self.flows.remove(&down_key);
+        if let Err(e) = flows.insert(&up_key, &up, 0) {
+            let _ = flows.remove(&down_key);
             return Err(e).context("inserting the client's entry");
         }
         Ok(())
@@ -389,15 +397,16 @@ impl PacketTables {
 
     /// Removes both entries of a connection (client's first, so no new backend answer is
     /// provoked that would find no entry).
-    pub fn remove(&mut self, handoff: &Handoff) -> Result<()> {
+    pub fn remove(&self, handoff: &Handoff) -> Result<()> {
         let [(up_key, _), (down_key, _)] = handoff.entries(0);
         self.remove_keys(&[up_key, down_key])
     }
 
     /// Removes the entries with these keys, in this order; a missing one is not an error.
-    pub fn remove_keys(&mut self, keys: &[FlowKey]) -> Result<()> {
+    pub fn remove_keys(&self, keys: &[FlowKey]) -> Result<()> {
+        let mut flows = lock(&self.flows);
         for key in keys {
-            match self.flows.remove(key) {
+            match flows.remove(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing a packet engine entry"),
             }
@@ -407,7 +416,7 @@ impl PacketTables {
 
     /// The entry with this key, as the program left it.
     pub fn get(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        match self.flows.get(key, 0) {
+        match lock(&self.flows).get(key, 0) {
             Ok(flow) => Ok(Some(flow)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading a packet engine entry"),
@@ -418,7 +427,8 @@ impl PacketTables {
     /// [`peer_key`] of it). Entries inserted or removed meanwhile may be missed.
     pub fn all(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let mut all = Vec::new();
-        for item in self.flows.iter() {
+        let flows = lock(&self.flows);
+        for item in flows.iter() {
             match item {
                 Ok(pair) => all.push(pair),
                 // Removed between the key walk and the read.
@@ -433,14 +443,17 @@ impl PacketTables {
     /// field: the whole value is read and written back, so an update the program made in
     /// between is lost. Only `max`-style tracking (restored by the next segment) and, rarely,
     /// `RESET` can be lost that way; `change` sees the value as read.
-    fn update(&mut self, key: &FlowKey, change: impl FnOnce(&mut Flow)) -> Result<bool> {
-        let Some(mut flow) = self.get(key)? else {
-            return Ok(false);
+    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut Flow)) -> Result<bool> {
+        let mut flows = lock(&self.flows);
+        let mut flow = match flows.get(key, 0) {
+            Ok(flow) => flow,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e).context("reading a packet engine entry"),
         };
         change(&mut flow);
         // BPF_EXIST: never recreate an entry removed meanwhile.
         const BPF_EXIST: u64 = 2;
-        match self.flows.insert(key, &flow, BPF_EXIST) {
+        match flows.insert(key, &flow, BPF_EXIST) {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
@@ -453,7 +466,7 @@ impl PacketTables {
 
     /// Moves the entries with these keys to `state` ([`proxy_common::FLOW_ACTIVE`] after the
     /// drain); an entry the program set `RESET` stays so. Returns how many were changed.
-    pub fn set_state(&mut self, keys: &[FlowKey], state: u8) -> Result<usize> {
+    pub fn set_state(&self, keys: &[FlowKey], state: u8) -> Result<usize> {
         let mut changed = 0;
         for key in keys {
             let mut was_reset = false;
@@ -472,14 +485,29 @@ impl PacketTables {
 
     /// Lets the FIN spliced is about to send on the local socket of the entry `key` pass the
     /// egress guard ([`proxy_common::FLOW_LOCAL_FIN`]; design 3.3).
-    pub fn set_local_fin(&mut self, key: &FlowKey) -> Result<()> {
+    pub fn set_local_fin(&self, key: &FlowKey) -> Result<()> {
         self.update(key, |f| f.flags |= FLOW_LOCAL_FIN)?;
+        Ok(())
+    }
+
+    /// Raises the entry's `ack_floor` to `floor` (never lowers it): rule F gave the local
+    /// socket the sender's ACKs are for more bytes to send, and until the sender acknowledges
+    /// them its pure ACKs are the local socket's business (they pass in `DRAIN`; the socket
+    /// sees no ACK otherwise and, with its congestion window, sends a handful of segments per
+    /// timeout). Everything below the floor was delivered by the local socket, so translated
+    /// ACKs may be raised to it.
+    pub fn raise_ack_floor(&self, key: &FlowKey, floor: u32) -> Result<()> {
+        self.update(key, |f| {
+            if (floor.wrapping_sub(f.ack_floor) as i32) > 0 {
+                f.ack_floor = floor;
+            }
+        })?;
         Ok(())
     }
 
     /// Records a FIN of the entry's sender that the program never saw (it reached the local
     /// socket before the entry existed; design 3.4 step 4), at sequence `fin_seq`.
-    pub fn set_fin(&mut self, key: &FlowKey, fin_seq: u32) -> Result<()> {
+    pub fn set_fin(&self, key: &FlowKey, fin_seq: u32) -> Result<()> {
         self.update(key, |f| {
             if f.fin_seen == 0 {
                 f.fin_seq = fin_seq;
@@ -502,6 +530,12 @@ impl PacketTables {
             .map(|&c| (c.name(), super::sum_per_cpu(&self.counters, c as u32)))
             .collect()
     }
+}
+
+/// A map behind its lock; a thread that panicked while holding it left the map itself
+/// consistent (every call is one syscall), so the poison is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The key of the entry that translates the other direction of `flow`'s connection: `flow`'s

@@ -23,10 +23,14 @@ use crate::{
     packet_expiry::End,
 };
 
-/// The most bytes each direction forwards from what its socket already holds just before the
-/// freeze (one socket buffer's worth is typical; a peer that keeps sending is left to the
-/// drain).
-const QUEUED_LIMIT: u64 = 8 << 20;
+/// The most bytes each direction forwards from what its socket holds in one pass before the
+/// freeze: about what a peer sends in a millisecond on a fast link, so that checking for
+/// unsent bytes keeps up with a peer that keeps sending.
+const QUEUED_LIMIT: u64 = 256 << 10;
+
+/// How long the engine tries to reach a freeze point (both local sockets have sent every byte
+/// they hold) before it refuses the handoff (`not_quiet`, design section 9).
+const FREEZE_WITHIN: Duration = Duration::from_secs(1);
 
 /// What the engine needs besides the sockets.
 pub struct Params<'a> {
@@ -48,6 +52,8 @@ pub struct Params<'a> {
     /// Set once the kernel carries the connection: the byte counters stop moving then, which
     /// must not count as idle.
     pub handed_off: &'a AtomicBool,
+    /// Where refusals and handoff durations are counted, as they happen.
+    pub stats: &'a crate::shared::PacketStats,
 }
 
 /// How a connection was forwarded.
@@ -115,10 +121,13 @@ pub async fn forward(
         eof = (up? == Stopped::Eof, down? == Stopped::Eof);
     }
     // What the peers already sent (early client data behind the hello, a backend that
-    // answered at once) goes through spliced's counts now: the drain's rule F is for the few
-    // segments still on their way, and bytes it moves past the local end are acknowledged to
-    // the translation, not to the local socket.
-    if !eof.0 && !eof.1 {
+    // answered at once) goes through spliced's counts now, and the freeze waits until both
+    // sockets sent everything they were given at least once: the drain's rule F is for the
+    // few segments still on their way, and a local socket's bytes are acknowledged during
+    // the drain only as the programs see it, so bytes it has not even sent would never go.
+    let mut quiet = false;
+    let deadline = tokio::time::Instant::now() + FREEZE_WITHIN;
+    while !eof.0 && !eof.1 && tokio::time::Instant::now() < deadline {
         let up = splice::queued(
             client,
             backend,
@@ -137,6 +146,18 @@ pub async fn forward(
         );
         let (up, down) = tokio::try_join!(up, down)?;
         eof = (up == Stopped::Eof, down == Stopped::Eof);
+        let unsent =
+            |s: &TcpStream, side: Side| packet::host::unsent(s.as_fd()).map_err(|e| side.failed(e));
+        if unsent(client, Side::Client)? == 0 && unsent(backend, Side::Backend)? == 0 {
+            quiet = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if !quiet && !eof.0 && !eof.1 {
+        params.stats.count_refused("not_quiet");
+        go_on_with_splice(client, backend, counters, &ended, eof).await?;
+        return Ok(Used::Refused("not_quiet"));
     }
     let reason = if eof.0 || eof.1 {
         Some("half_closed")
@@ -144,6 +165,7 @@ pub async fn forward(
         params.refuse
     };
     if let Some(reason) = reason {
+        params.stats.count_refused(reason);
         go_on_with_splice(client, backend, counters, &ended, eof).await?;
         return Ok(Used::Refused(reason));
     }
@@ -167,6 +189,7 @@ pub async fn forward(
         .map_err(|e| Side::Client.failed(io::Error::other(format!("packet handoff: {e:#}"))))?;
     match outcome {
         packet::Outcome::Refused(reason) => {
+            params.stats.count_refused(reason);
             go_on_with_splice(client, backend, counters, &ended, eof).await?;
             Ok(Used::Refused(reason))
         }
@@ -176,6 +199,7 @@ pub async fn forward(
             ended,
         } => {
             params.handed_off.store(true, Ordering::Relaxed);
+            params.stats.observe_handoff(duration);
             let ended = ended.await.map_err(|_| {
                 Side::Client.failed(io::Error::other(
                     "the packet engine's sweeper went away before the connection ended",

@@ -215,6 +215,20 @@ pub fn saved_syn(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// `SIOCOUTQNSD` (`linux/sockios.h`): bytes in a socket's send queue not sent yet.
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+
+/// Bytes a TCP socket holds that it has not sent even once (`SIOCOUTQNSD`).
+pub fn unsent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQNSD, &raw mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(n).map_err(|_| io::Error::other(format!("SIOCOUTQNSD returned {n}")))
+}
+
 fn set_tcp_int(fd: BorrowedFd<'_>, option: libc::c_int, value: i32) -> io::Result<()> {
     // SAFETY: the option reads one int, and we pass one with its size.
     let rc = unsafe {

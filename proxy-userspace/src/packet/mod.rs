@@ -31,18 +31,17 @@ use crate::{
 
 /// The packet engine's kernel side as the proxy holds it.
 pub struct Packet {
-    /// The tables and the ISN recorder, used by one handoff or one sweep at a time.
-    kernel: Mutex<Kernel>,
+    /// The tables and the ISN recorder, shared by the handoffs (each blocks its own thread
+    /// for as long as its drain takes) and the sweeper.
+    kernel: Kernel,
     /// Connections handed off, by the key of their client entry.
     live: Mutex<HashMap<FlowKey, Live>>,
     /// The MSS every listener that may use the engine announces.
     listener_mss: u16,
     /// Where the maps are pinned, to remove them at stop.
-    pin_dir: Option<PathBuf>,
+    pin_dir: Mutex<Option<PathBuf>>,
     /// Set when the process stops: no new handoffs.
     stopping: AtomicBool,
-    /// The kernel counters as last read, for a scrape while a handoff holds the tables.
-    counters: Mutex<Vec<(&'static str, u64)>>,
 }
 
 struct Kernel {
@@ -116,6 +115,13 @@ impl Packet {
         if let Some(dir) = pin_dir {
             crate::ebpf::ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Left by a run that did not stop cleanly (the pin directory's lock keeps a live
+            // spliced's pins from here). Adopting its connections is not built yet: they end.
+            for pin in pins(dir) {
+                tracing::warn!(pin = %pin.display(), "removing a stale pin");
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing the stale pin {}", pin.display()))?;
+            }
         }
         let mut tables = PacketTables::load_pinned(pin_dir)?;
         for name in &interfaces {
@@ -128,12 +134,11 @@ impl Packet {
             "packet engine loaded"
         );
         Ok(Packet {
-            kernel: Mutex::new(Kernel { tables, isn }),
+            kernel: Kernel { tables, isn },
             live: Mutex::new(HashMap::new()),
             listener_mss,
-            pin_dir: pin_dir.map(Path::to_path_buf),
+            pin_dir: Mutex::new(pin_dir.map(Path::to_path_buf)),
             stopping: AtomicBool::new(false),
-            counters: Mutex::new(Vec::new()),
         })
     }
 
@@ -188,15 +193,14 @@ impl Packet {
                 started_ns,
             };
             let limits = HandoffLimits { drain_timeout };
-            let mut kernel = lock(&this.kernel);
-            let Kernel { tables, isn } = &mut *kernel;
+            let Kernel { tables, isn } = &this.kernel;
             match tables.handoff(isn, &freeze, &limits) {
                 Ok(handed) => {
                     let (duration, drained) = (handed.duration, handed.drained);
                     tracing::debug!(?duration, ?drained, up = ?handed.up, "packet handoff done");
                     let (wake, ended) = oneshot::channel();
-                    // Registered before the tables are let go, so the sweeper never sees the
-                    // entries without the task to wake.
+                    // The sweeper looks only at registered connections: it never removes
+                    // entries whose task it could not wake.
                     let since_ns = packet_expiry::monotonic_ns();
                     lock(&this.live).insert(
                         handed.up,
@@ -233,7 +237,7 @@ impl Packet {
     /// task woken. Returns the expiries made and the connections still handed off.
     pub fn sweep(&self, settings: &PacketSettings, stop: bool) -> (Vec<End>, usize) {
         let now_ns = packet_expiry::monotonic_ns();
-        let mut kernel = lock(&self.kernel);
+        let kernel = &self.kernel;
         let mut live = lock(&self.live);
         let mut done = Vec::new();
         for (key, conn) in live.iter() {
@@ -276,14 +280,9 @@ impl Packet {
         (ends, live.len())
     }
 
-    /// The translation programs' counters summed over CPUs, by name. A handoff holds the
-    /// tables for as long as its drain takes: meanwhile the values last read are returned.
+    /// The translation programs' counters summed over CPUs, by name.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        let mut last = lock(&self.counters);
-        if let Ok(kernel) = self.kernel.try_lock() {
-            *last = kernel.tables.counters();
-        }
-        last.clone()
+        self.kernel.tables.counters()
     }
 
     /// Refuses new handoffs from now on.
@@ -291,27 +290,54 @@ impl Packet {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// Removes this process's pins of the packet maps (the maps themselves go with the
-    /// process).
+    /// Removes this process's pins of the packet maps (the maps themselves live on while this
+    /// process holds them: on an upgrade its handed-off connections go on).
     pub fn unpin(&self) {
-        let Some(dir) = &self.pin_dir else {
+        let Some(dir) = lock(&self.pin_dir).take() else {
             return;
         };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("SPLICED_PACKET_"))
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        for pin in pins(&dir) {
+            let _ = std::fs::remove_file(pin);
         }
         // Left when the sockmap side pinned nothing there.
         let _ = std::fs::remove_dir(dir);
     }
+
+    /// Moves this process's pins into `dir` (on an upgrade they are made in a staging
+    /// directory while the old process still holds `dir`), as `Kernel::move_pins` does.
+    pub fn move_pins(&self, dir: &Path) -> Result<()> {
+        let mut current = lock(&self.pin_dir);
+        let Some(from) = current.clone() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for pin in pins(&from) {
+            if let Some(name) = pin.file_name() {
+                let to = dir.join(name);
+                std::fs::rename(&pin, &to)
+                    .with_context(|| format!("moving {} to {}", pin.display(), to.display()))?;
+            }
+        }
+        let _ = std::fs::remove_dir(&from);
+        *current = Some(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+/// The packet engine's pins in `dir`.
+fn pins(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("SPLICED_PACKET_"))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds, for the time a connection was accepted.

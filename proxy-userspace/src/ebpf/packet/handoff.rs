@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use nix::libc;
-use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, Flow, FlowKey};
+use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey};
 
 use super::{Handoff, IsnRecorder, PacketTables, Wscale};
 
@@ -42,9 +42,11 @@ pub struct HandoffLimits {
 #[derive(Debug)]
 pub enum HandoffError {
     /// Nothing was installed; the caller goes on with splice. A reason of design section 9.
+    /// The ISNs stay recorded, so a later attempt may succeed.
     Refused(&'static str),
-    /// Entries had been installed; the connection is lost (drain timeout, ...). The entries
-    /// are removed, and both sockets are in repair mode: closing them sends nothing.
+    /// Entries had been installed; the connection is lost (`drain_timeout`, a peer's RST
+    /// during the drain, a socket error). The entries are removed, and both sockets are in
+    /// repair mode: closing them sends nothing. The message starts with the reason.
     Failed(anyhow::Error),
 }
 
@@ -91,15 +93,16 @@ const DRAIN_TICK: Duration = Duration::from_millis(2);
 impl PacketTables {
     /// Hands a frozen connection to the kernel (design 3.4, steps 2 to 8). Blocks for up to
     /// `limits.drain_timeout` (plus one RCU grace period). Runs in the network namespace of
-    /// the sockets (the route lookups are made in the calling thread's).
+    /// the sockets (the route lookups are made in the calling thread's). Takes `&self`:
+    /// several handoffs (one per blocking thread) and the sweeper may share the tables.
     ///
     /// After `Ok` both sockets are in repair mode for good: the caller keeps
     /// `freeze.backend` open (it owns the ephemeral port the translated connection uses)
     /// and closes `freeze.client` (silently). After [`HandoffError::Refused`] nothing
     /// changed and the caller goes on splicing.
     pub fn handoff(
-        &mut self,
-        isn: &mut IsnRecorder,
+        &self,
+        isn: &IsnRecorder,
         freeze: &Freeze,
         limits: &HandoffLimits,
     ) -> Result<HandedOff, HandoffError> {
@@ -254,7 +257,7 @@ impl PacketTables {
 }
 
 /// The ISNs are read once; the recorder's LRU need not keep them.
-fn forget(isn: &mut IsnRecorder, handoff: &Handoff) {
+fn forget(isn: &IsnRecorder, handoff: &Handoff) {
     for cookie in [handoff.client_cookie, handoff.backend_cookie] {
         if let Err(e) = isn.forget(cookie) {
             tracing::warn!("forgetting ISNs: {e:#}");
@@ -318,7 +321,7 @@ impl<'a> Drain<'a> {
 
     fn run(
         &mut self,
-        tables: &mut PacketTables,
+        tables: &PacketTables,
         h: &Handoff,
         (up, down): (&FlowKey, &FlowKey),
         deadline: Instant,
@@ -341,7 +344,8 @@ impl<'a> Drain<'a> {
             }
             if Instant::now() >= deadline {
                 return Err(anyhow!(
-                    "drain_timeout: the local sockets did not drain in time"
+                    "drain_timeout: the local sockets did not drain in time ({})",
+                    self.describe(tables, (up, down))
                 ));
             }
             std::thread::sleep(DRAIN_TICK);
@@ -362,13 +366,17 @@ impl<'a> Drain<'a> {
     /// guard and recorded in the sender's entry first.
     fn forward(
         &mut self,
-        tables: &mut PacketTables,
+        tables: &PacketTables,
         (up, down): (&FlowKey, &FlowKey),
     ) -> anyhow::Result<()> {
         let fds = [self.l, self.l2];
         // Entry of the sender, and of the socket the FIN leaves by (its egress guard).
         let sender = [*up, *down];
         let out_entry = [*down, *up];
+        // Entry of the peer that acknowledges what the written socket sends: X acks L (E_up),
+        // Y acks L' (E_down).
+        let out_sender = [*down, *up];
+        let mut moved = [false; 2];
         let mut buf = [0u8; 64 << 10];
         for dir in 0..2 {
             let (from, to) = (fds[dir], fds[1 - dir]);
@@ -391,6 +399,7 @@ impl<'a> Drain<'a> {
                 match send(to, &self.pending[dir]) {
                     Ok(n) => {
                         self.pending[dir].drain(..n);
+                        moved[dir] = true;
                         if dir == 0 {
                             self.up += n as u64;
                         } else {
@@ -402,6 +411,11 @@ impl<'a> Drain<'a> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e).context("rule F: writing a local socket"),
                 }
+            }
+            if moved[dir] {
+                // The socket written to has more to deliver: its peer's ACKs below that are
+                // its own (design 3.2, with rule F: `ack_floor` follows `write_seq`).
+                tables.raise_ack_floor(&out_sender[dir], self.write_seq[1 - dir])?;
             }
             if self.fin_read[dir] && !self.fin_sent[dir] && self.pending[dir].is_empty() {
                 tables.set_local_fin(&out_entry[dir])?;
@@ -415,6 +429,27 @@ impl<'a> Drain<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Where the drain stands, for the error of a drain that timed out.
+    fn describe(&self, tables: &PacketTables, (up, down): (&FlowKey, &FlowKey)) -> String {
+        let queue = |fd, request| ioctl_int(fd, request).unwrap_or(-1);
+        let acked = |key| tables.get(key).ok().flatten().map(|f| f.peer_acked);
+        format!(
+            "pending {:?} bytes; L: inq {} outq {} write_seq {} acked {:?}; L': inq {} outq {} \
+             write_seq {} acked {:?}; FINs read {:?} sent {:?}",
+            [self.pending[0].len(), self.pending[1].len()],
+            queue(self.l, libc::FIONREAD),
+            queue(self.l, libc::TIOCOUTQ),
+            self.write_seq[0],
+            acked(up),
+            queue(self.l2, libc::FIONREAD),
+            queue(self.l2, libc::TIOCOUTQ),
+            self.write_seq[1],
+            acked(down),
+            self.fin_read,
+            self.fin_sent,
+        )
     }
 
     /// Step 5: nothing left to read, nothing pending, and each socket's sent bytes (and FIN)
@@ -433,15 +468,20 @@ impl<'a> Drain<'a> {
             (self.l, up, self.write_seq[0]),
             (self.l2, down, self.write_seq[1]),
         ] {
+            let Some(flow) = tables.get(key)? else {
+                anyhow::bail!("an entry vanished during the drain");
+            };
+            if flow.state == FLOW_RESET {
+                // The peer reset the connection (translated to the other peer): nothing
+                // left to hand off.
+                anyhow::bail!("reset: a peer reset the connection during the drain");
+            }
             if ioctl_int(fd, libc::FIONREAD)? != 0 {
                 return Ok(false);
             }
             if ioctl_int(fd, libc::TIOCOUTQ)? == 0 {
                 continue;
             }
-            let Some(flow) = tables.get(key)? else {
-                anyhow::bail!("an entry vanished during the drain");
-            };
             if !acked(&flow, write_seq) {
                 return Ok(false);
             }
