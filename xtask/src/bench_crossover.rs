@@ -320,7 +320,23 @@ struct Row {
     rates: Vec<Vec<f64>>,
     cpu_us: Vec<Vec<f64>>,
     handoffs: Vec<Handoffs>,
+    /// Per size: retransmission timeouts the backend (the sender) took, all rounds.
+    timeouts: Vec<u64>,
     failed: Vec<(u64, Option<String>)>,
+}
+
+/// Retransmission timeouts the backend namespace's TCP has taken so far (`TCPTimeouts`): a
+/// connection that lost its tail or stalled after the handoff waits one out (200 ms at
+/// least), which the rate alone does not explain.
+fn backend_timeouts(world: &World) -> Result<u64> {
+    let netstat = world.within(Ns::Backend, || {
+        // thread-self: the namespace this thread entered, not the process's.
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })??;
+    crate::bench_xdp::proc_net_counters(&netstat)
+        .get("TcpExtTCPTimeouts")
+        .copied()
+        .context("no TCPTimeouts in the backend's /proc/net/netstat")
 }
 
 fn size_name(n: u64) -> String {
@@ -362,6 +378,7 @@ pub(crate) fn part(rounds: usize, per_sample: Duration) -> Result<crate::report:
             rates: vec![Vec::new(); SIZES.len()],
             cpu_us: vec![Vec::new(); SIZES.len()],
             handoffs: vec![Handoffs::default(); SIZES.len()],
+            timeouts: vec![0; SIZES.len()],
             failed: vec![(0, None); SIZES.len()],
         })
         .chain(std::iter::once(Row {
@@ -370,6 +387,7 @@ pub(crate) fn part(rounds: usize, per_sample: Duration) -> Result<crate::report:
             rates: vec![Vec::new(); SIZES.len()],
             cpu_us: vec![Vec::new(); SIZES.len()],
             handoffs: vec![Handoffs::default(); SIZES.len()],
+            timeouts: vec![0; SIZES.len()],
             failed: vec![(0, None); SIZES.len()],
         }))
         .collect();
@@ -388,9 +406,18 @@ pub(crate) fn part(rounds: usize, per_sample: Duration) -> Result<crate::report:
             // A short unrecorded warm-up, which also checks the path once.
             sample(&world, 1024, Duration::from_millis(200))?;
             for (i, &size) in SIZES.iter().enumerate() {
-                let before = (crate::proxies::process_cpu(pid)?, Handoffs::read(&spliced)?);
+                let before = (
+                    crate::proxies::process_cpu(pid)?,
+                    Handoffs::read(&spliced)?,
+                    backend_timeouts(&world)?,
+                );
                 let (tally, seconds) = sample(&world, size, per_sample)?;
-                let after = (crate::proxies::process_cpu(pid)?, Handoffs::read(&spliced)?);
+                let after = (
+                    crate::proxies::process_cpu(pid)?,
+                    Handoffs::read(&spliced)?,
+                    backend_timeouts(&world)?,
+                );
+                let timeouts = after.2.saturating_sub(before.2);
                 let rate = tally.done as f64 / seconds;
                 // Not a figure when nothing completed (a stalled handoff): the cell says so.
                 let cpu = if tally.done > 0 {
@@ -401,12 +428,14 @@ pub(crate) fn part(rounds: usize, per_sample: Duration) -> Result<crate::report:
                 let handoffs = after.1.since(&before.1);
                 eprintln!(
                     "  round {round} {:<24} {:>7} {rate:>8.0} conns/s, proxy {cpu:.1} us/conn, \
-                     {} failed, {}",
+                     {} failed, {} RTOs at the backend, {}",
                     row.name,
                     size_name(size),
                     tally.failed,
+                    timeouts,
                     handoffs.summary()
                 );
+                row.timeouts[i] += timeouts;
                 row.rates[i].push(rate);
                 if cpu.is_finite() {
                     row.cpu_us[i].push(cpu);
@@ -496,11 +525,20 @@ fn report(rows: &[Row], rounds: usize, per_sample: Duration) -> String {
             None => out.push_str("it pays at none of these sizes.\n"),
         }
     }
-    out.push_str("\nHandoffs and refusals per setting and size (all rounds):\n\n");
-    for row in rows.iter().filter(|r| r.after.is_some()) {
+    out.push_str(
+        "\nHandoffs and refusals per setting and size, and the retransmission timeouts the \
+         backend took (all rounds):\n\n",
+    );
+    for row in rows {
         let _ = write!(out, "- {}:", row.name);
         for (i, &s) in SIZES.iter().enumerate() {
-            let _ = write!(out, " {}: {};", size_name(s), row.handoffs[i].summary());
+            let _ = write!(
+                out,
+                " {}: {}, {} RTOs;",
+                size_name(s),
+                row.handoffs[i].summary(),
+                row.timeouts[i]
+            );
         }
         out.push('\n');
     }
