@@ -240,6 +240,38 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
     Ok(())
 }
 
+/// With `packet.after`, splice moves that many bytes (both ways together) first and the
+/// handoff follows at a point where no pipe holds a byte: the streams stay exact across it,
+/// and the line counts both parts.
+#[test]
+fn a_handoff_after_some_bytes_keeps_the_streams_exact() -> Result<()> {
+    let len = 16 * MIB;
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let hello = raw::simple_hello("bulk.example");
+    let _bulk = TestBackend::start(
+        &world,
+        BULK_PORT,
+        Behavior::Bulk {
+            bytes_each_way: len,
+            hello_len: hello.len(),
+        },
+    )?;
+    let spliced = start(&world, &bpffs, "after = \"1MiB\"")?;
+    let (mut client, me) = client_with(&world, &hello)?;
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(&mut client, SEED_DOWN, len)
+        .with_context(|| diagnostics(&spliced, "receiving the backend's stream"))?;
+    result(&sender, IO, "the client's sender")?;
+    expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
+    Ok(())
+}
+
 /// A backend that greets before it reads anything: the greeting may reach spliced before the
 /// handoff or be translated after it; either way it arrives once, and the echo works after.
 #[test]
