@@ -241,34 +241,37 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
 }
 
 /// With `packet.after`, splice moves that many bytes (both ways together) first and the
-/// handoff follows at a point where no pipe holds a byte: the streams stay exact across it,
-/// and the line counts both parts.
+/// handoff follows at a point where no pipe holds a byte and both local sockets sent what
+/// they hold (here between two round trips): the streams stay exact across it, and the line
+/// counts both parts.
 #[test]
 fn a_handoff_after_some_bytes_keeps_the_streams_exact() -> Result<()> {
-    let len = 16 * MIB;
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
-    let hello = raw::simple_hello("bulk.example");
-    let _bulk = TestBackend::start(
-        &world,
-        BULK_PORT,
-        Behavior::Bulk {
-            bytes_each_way: len,
-            hello_len: hello.len(),
-        },
-    )?;
-    let spliced = start(&world, &bpffs, "after = \"1MiB\"")?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, &bpffs, "after = \"256KiB\"")?;
+    let hello = raw::simple_hello("echo.example");
     let (mut client, me) = client_with(&world, &hello)?;
-    let mut writer = client.try_clone()?;
-    let sender = spawn(move || {
-        send_stream(&mut writer, SEED_UP, len)?;
-        writer.shutdown(Shutdown::Write)?;
-        Ok(())
-    });
-    receive(&mut client, SEED_DOWN, len)
-        .with_context(|| diagnostics(&spliced, "receiving the backend's stream"))?;
-    result(&sender, IO, "the client's sender")?;
-    expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
+    expect_hello(&mut client, &hello)?;
+    let chunk = 32 * 1024;
+    let rounds = 32u64;
+    let mut stream = raw::Stream::new(SEED_UP);
+    for round in 0..rounds {
+        let mut sent = vec![0u8; usize::try_from(chunk)?];
+        stream.fill(round * chunk, &mut sent);
+        client.write_all(&sent)?;
+        let back = read_exactly(&mut client, sent.len())
+            .with_context(|| diagnostics(&spliced, &format!("round {round}")))?;
+        ensure!(
+            back == sent,
+            "round {round}: {}",
+            raw::difference(&back, &sent)
+        );
+    }
+    wait_handed_off(&spliced, 1)?;
+    raw::shut_and_expect_eof(&mut client, "after the rounds")?;
+    let n = hello.len() as u64 + rounds * chunk;
+    expect_packet_line(&spliced, me, "fin", Some((n, n)))?;
     Ok(())
 }
 
