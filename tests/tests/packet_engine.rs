@@ -240,6 +240,41 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
     Ok(())
 }
 
+/// With `packet.after`, splice moves that many bytes (both ways together) first and the
+/// handoff follows at a point where no pipe holds a byte and both local sockets sent what
+/// they hold (here between two round trips): the streams stay exact across it, and the line
+/// counts both parts.
+#[test]
+fn a_handoff_after_some_bytes_keeps_the_streams_exact() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let spliced = start(&world, &bpffs, "after = \"256KiB\"")?;
+    let hello = raw::simple_hello("echo.example");
+    let (mut client, me) = client_with(&world, &hello)?;
+    expect_hello(&mut client, &hello)?;
+    let chunk = 32 * 1024;
+    let rounds = 32u64;
+    let mut stream = raw::Stream::new(SEED_UP);
+    for round in 0..rounds {
+        let mut sent = vec![0u8; usize::try_from(chunk)?];
+        stream.fill(round * chunk, &mut sent);
+        client.write_all(&sent)?;
+        let back = read_exactly(&mut client, sent.len())
+            .with_context(|| diagnostics(&spliced, &format!("round {round}")))?;
+        ensure!(
+            back == sent,
+            "round {round}: {}",
+            raw::difference(&back, &sent)
+        );
+    }
+    wait_handed_off(&spliced, 1)?;
+    raw::shut_and_expect_eof(&mut client, "after the rounds")?;
+    let n = hello.len() as u64 + rounds * chunk;
+    expect_packet_line(&spliced, me, "fin", Some((n, n)))?;
+    Ok(())
+}
+
 /// A backend that greets before it reads anything: the greeting may reach spliced before the
 /// handoff or be translated after it; either way it arrives once, and the echo works after.
 #[test]
