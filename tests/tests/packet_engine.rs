@@ -196,6 +196,28 @@ fn diagnostics(spliced: &Spliced, what: &str) -> String {
     )
 }
 
+/// [`diagnostics`] plus what the stacks say: every TCP socket of the three namespaces
+/// (`ss -tinoe`) and their non-zero TCP counters, for a transfer that stalled.
+fn stall_diagnostics(world: &World, spliced: &Spliced, what: &str) -> String {
+    let mut text = diagnostics(spliced, what);
+    for ns in [Ns::Client, Ns::Proxy, Ns::Backend] {
+        for args in [&["-tinoe"][..], &["-z"][..]] {
+            let program = if args[0] == "-z" { "nstat" } else { "ss" };
+            let out = world.command(ns, program).args(args).output().map_or_else(
+                |e| format!("{program}: {e}"),
+                |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+            );
+            let out: Vec<&str> = out
+                .lines()
+                .filter(|l| program == "ss" || !l.trim_end().ends_with(" 0.0"))
+                .filter(|l| program == "ss" || l.starts_with("Tcp"))
+                .collect();
+            text.push_str(&format!("\n{ns:?} {program}:\n{}", out.join("\n")));
+        }
+    }
+    text
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -234,8 +256,9 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
         Ok(())
     });
     receive(&mut client, SEED_DOWN, len)
-        .with_context(|| diagnostics(&spliced, "receiving the backend's stream"))?;
-    result(&sender, IO, "the client's sender")?;
+        .with_context(|| stall_diagnostics(&world, &spliced, "receiving the backend's stream"))?;
+    result(&sender, IO, "the client's sender")
+        .with_context(|| stall_diagnostics(&world, &spliced, "the client's sender"))?;
     expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))?;
     Ok(())
 }
