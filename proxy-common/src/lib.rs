@@ -298,6 +298,9 @@ pub const PROG_PACKET_OUT: &str = "spliced_packet_out";
 pub const MAP_PACKET_FLOWS: &str = "SPLICED_PACKET_FLOWS";
 /// Name of the per-CPU array of the packet engine's counters, indexed by [`PacketCounter`].
 pub const MAP_PACKET_COUNTERS: &str = "SPLICED_PACKET_COUNTERS";
+/// Name of the hash map of what spliced changes in an entry after inserting it ([`FlowKey`]
+/// to [`FlowControl`]).
+pub const MAP_PACKET_CONTROL: &str = "SPLICED_PACKET_CONTROL";
 /// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
 pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
 
@@ -365,10 +368,11 @@ pub const FLOW_DOWN: u8 = 1;
 /// (`docs/packet-engine.md`, section 5).
 ///
 /// The first part, up to [`Flow::started_ns`], is written by spliced before the entry is
-/// visible and is constant (but for `state`, which spliced moves from [`FLOW_DRAIN`] to
-/// [`FLOW_ACTIVE`] and the program to [`FLOW_RESET`], and [`FLOW_LOCAL_FIN`]). The rest is
-/// written by the program that translates this entry's segments (racy between CPUs:
-/// approximate where it counts, monotonic `max` updates where it tracks positions).
+/// visible and is constant (but for `state`, `ack_floor` and [`FLOW_LOCAL_FIN`], which the
+/// program takes over from the entry's [`FlowControl`], and [`FLOW_RESET`]). spliced never
+/// writes an entry after inserting it. The rest is written by the program that translates
+/// this entry's segments (racy between CPUs: approximate where it counts, monotonic `max`
+/// updates where it tracks positions).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -462,6 +466,34 @@ pub struct Flow {
     pub last_seen_ns: u64,
 }
 
+/// What spliced changes about an entry after inserting it, in a map of its own
+/// ([`MAP_PACKET_CONTROL`], same key as the entry): a map value can only be written whole, so
+/// an update of a field of [`Flow`] from user space would write back, stale, every field the
+/// program changed in between (a lost `peer_acked`, `high_end` or `tsval_delta` /
+/// `ts_ready`). Only spliced writes this value and only the programs write [`Flow`] after the
+/// insert; `spliced_packet_in` adopts these fields into the entry while it is in
+/// [`FLOW_DRAIN`], and spliced reads both (`PacketTables::get`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowControl {
+    /// 1: the drain is over, the entry is to be [`FLOW_ACTIVE`] (unless it is [`FLOW_RESET`]).
+    pub active: u8,
+    /// 1: spliced sent a FIN on the local socket this entry's segments reach
+    /// ([`FLOW_LOCAL_FIN`]).
+    pub local_fin: u8,
+    /// 1: spliced read the sender's FIN from the local socket ([`Flow::fin_seen`]).
+    pub fin_seen: u8,
+    /// Zero.
+    pub _pad: u8,
+    /// The FIN's sequence number when `fin_seen` is 1 ([`Flow::fin_seq`]).
+    pub fin_seq: u32,
+    /// Raised by rule F ([`Flow::ack_floor`]; the entry's own is the higher of the two).
+    pub ack_floor: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)` of integers with explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for FlowControl {}
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowKey {}

@@ -22,8 +22,8 @@ use aya_ebpf::{
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET,
     FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_TSECR_READY, FLOW_TSVAL_READY, FLOW_UP,
-    Flow, FlowKey, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter, csum_word,
-    rescale_window, window_saturates,
+    Flow, FlowControl, FlowKey, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter,
+    csum_word, rescale_window, window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -66,6 +66,17 @@ pub fn spliced_packet_isn(ctx: SockOpsContext) -> u32 {
 #[btf_map]
 static SPLICED_PACKET_FLOWS: HashMap<FlowKey, Flow, FLOW_ENTRIES, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// What spliced changes about an entry after inserting it (same key; written only by
+/// spliced, read here): `spliced_packet_in` adopts it while the entry is in `DRAIN`
+/// ([`adopt`]), `spliced_packet_out` reads the FIN and the end of the drain from it.
+#[btf_map]
+static SPLICED_PACKET_CONTROL: HashMap<
+    FlowKey,
+    FlowControl,
+    FLOW_ENTRIES,
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Per-CPU counters (the bpf target has no atomic read-modify-write).
 #[btf_map]
@@ -267,6 +278,9 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
         count(PacketCounter::SynOnEntry, 1);
         return TC_ACT_SHOT;
     }
+    if f.state == FLOW_DRAIN {
+        adopt(flow, &seg.key);
+    }
     track(flow, &tcp, seg.payload);
     if passes_to_local(flow, &tcp, seg.payload) != 0 {
         count(PacketCounter::PassedLocal, 1);
@@ -415,6 +429,37 @@ fn track(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
     0
 }
 
+/// In `DRAIN`, takes over what spliced changed in the entry's [`FlowControl`]: the raised
+/// `ack_floor`, a FIN spliced read from the local socket, and the end of the drain (`ACTIVE`,
+/// after which spliced changes nothing). Every field only moves one way and the control value
+/// is replaced whole, so CPUs adopting at once write the same values (a CPU that read the
+/// value before a raise writes a lower floor at worst until the next segment).
+#[inline(never)]
+fn adopt(flow: *mut Flow, key: &FlowKey) -> u32 {
+    let Some(control) = SPLICED_PACKET_CONTROL.get_ptr(key) else {
+        return 0;
+    };
+    // SAFETY: the control value stays valid while this program runs; it is only read.
+    let c = unsafe { &*control };
+    // SAFETY: as in `track`.
+    unsafe {
+        if after(c.ack_floor, (*flow).ack_floor) {
+            (*flow).ack_floor = c.ack_floor;
+        }
+        if c.fin_seen != 0 && (*flow).fin_seen == 0 {
+            (*flow).fin_seq = c.fin_seq;
+            (*flow).fin_seen = 1;
+        }
+        if c.local_fin != 0 {
+            (*flow).flags |= FLOW_LOCAL_FIN;
+        }
+        if c.active != 0 && (*flow).state == FLOW_DRAIN {
+            (*flow).state = FLOW_ACTIVE;
+        }
+    }
+    0
+}
+
 /// Design 3.2: in `DRAIN`, a segment the local socket must see (1) rather than the
 /// translation (0): data and FINs wholly below `seq_floor`, pure ACKs short of `ack_floor`.
 /// An RST is translated, and sets the entry `RESET` (in any state).
@@ -555,7 +600,14 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     if cookie != e.local_cookie {
         return TC_ACT_OK;
     }
-    if e.state != FLOW_DRAIN {
+    // spliced's changes since the insert (the entry has them only once a segment of the
+    // other side came by).
+    let (active, local_fin) = match SPLICED_PACKET_CONTROL.get_ptr(&key) {
+        // SAFETY: as above; only spliced writes it.
+        Some(c) => unsafe { ((*c).active != 0, (*c).local_fin != 0) },
+        None => (false, false),
+    };
+    if e.state != FLOW_DRAIN || active {
         count(PacketCounter::LocalDropped, 1);
         return TC_ACT_SHOT;
     }
@@ -564,7 +616,7 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     let fin = tcp.flags & u32::from(TCP_FIN) != 0;
-    if fin && e.flags & FLOW_LOCAL_FIN == 0 {
+    if fin && e.flags & FLOW_LOCAL_FIN == 0 && !local_fin {
         count(PacketCounter::LocalFinDropped, 1);
         return TC_ACT_SHOT;
     }

@@ -10,10 +10,10 @@ use aya::{
     programs::{Iter, SkSkb},
 };
 use proxy_common::{
-    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PACKET_FLOWS,
-    MAP_PACKET_ISN, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, MAP_XDP_BUCKETS, MAP_XDP_COUNTERS,
-    MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS, PROG_DETACH, PROG_STREAM_VERDICT,
-    SkbOffsets,
+    Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PACKET_CONTROL,
+    MAP_PACKET_FLOWS, MAP_PACKET_ISN, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, MAP_XDP_BUCKETS,
+    MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS, PROG_DETACH,
+    PROG_STREAM_VERDICT, SkbOffsets,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -46,6 +46,7 @@ impl Kernel {
         // they cost no memory (the LRU map is preallocated in full).
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(MAP_PACKET_FLOWS, 1)
+            .map_max_entries(MAP_PACKET_CONTROL, 1)
             .map_max_entries(MAP_PACKET_ISN, 1)
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;

@@ -18,10 +18,10 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_DOWN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET, FLOW_SACK_STRIP,
-    FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowKey, IsnPair, MAP_PACKET_COUNTERS,
-    MAP_PACKET_FLOWS, MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT,
-    PacketCounter,
+    FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DOWN, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN,
+    FLOW_RESET, FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowControl,
+    FlowKey, IsnPair, MAP_PACKET_CONTROL, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN,
+    PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT, PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -290,6 +290,25 @@ impl Handoff {
     }
 }
 
+/// An entry as the programs will see it once `spliced_packet_in` has adopted `control`
+/// (it does so on the entry's next segment in `DRAIN`).
+fn overlay(mut flow: Flow, control: &FlowControl) -> Flow {
+    if (control.ack_floor.wrapping_sub(flow.ack_floor) as i32) > 0 {
+        flow.ack_floor = control.ack_floor;
+    }
+    if control.fin_seen != 0 && flow.fin_seen == 0 {
+        flow.fin_seq = control.fin_seq;
+        flow.fin_seen = 1;
+    }
+    if control.local_fin != 0 {
+        flow.flags |= FLOW_LOCAL_FIN;
+    }
+    if control.active != 0 && flow.state == FLOW_DRAIN {
+        flow.state = FLOW_ACTIVE;
+    }
+    flow
+}
+
 /// `spliced_packet_in` and `spliced_packet_out` with their translation table. Dropping it
 /// detaches the programs from every interface (tcx links) and frees the maps (unless they
 /// were pinned: then the pins keep the maps; the caller removes them).
@@ -298,6 +317,10 @@ pub struct PacketTables {
     /// Behind a lock (each map call takes it briefly), so one `PacketTables` can be shared
     /// (`Arc`) by handoffs on several blocking threads and the sweeper.
     flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
+    /// What spliced changes in an entry after inserting it ([`FlowControl`]): the entries
+    /// themselves are only ever written by the programs once inserted. Taken after `flows`
+    /// when both are held.
+    control: Mutex<HashMap<MapData, FlowKey, FlowControl>>,
     counters: PerCpuArray<MapData, u64>,
     /// Interfaces (of the namespace [`PacketTables::attach`] ran in) that have both programs.
     attached: Vec<u32>,
@@ -330,6 +353,7 @@ impl PacketTables {
             Ok(map)
         };
         let flows = take(MAP_PACKET_FLOWS)?.try_into()?;
+        let control = take(MAP_PACKET_CONTROL)?.try_into()?;
         let counters = take(MAP_PACKET_COUNTERS)?.try_into()?;
         for name in [PROG_PACKET_IN, PROG_PACKET_OUT] {
             let prog: &mut SchedClassifier = ebpf
@@ -342,6 +366,7 @@ impl PacketTables {
         Ok(PacketTables {
             ebpf,
             flows: Mutex::new(flows),
+            control: Mutex::new(control),
             counters,
             attached: Vec::new(),
         })
@@ -385,11 +410,30 @@ impl PacketTables {
     pub fn insert(&self, handoff: &Handoff, state: u8) -> Result<()> {
         let [(up_key, up), (down_key, down)] = handoff.entries(state);
         let mut flows = lock(&self.flows);
-        flows
-            .insert(&down_key, &down, 0)
-            .context("inserting the backend's entry")?;
+        let mut control = lock(&self.control);
+        // The control values first: the programs treat a missing one as "nothing changed".
+        for (key, flow) in [(&down_key, &down), (&up_key, &up)] {
+            let initial = FlowControl {
+                active: u8::from(flow.state == FLOW_ACTIVE),
+                ack_floor: flow.ack_floor,
+                ..FlowControl::default()
+            };
+            if let Err(e) = control.insert(key, &initial, 0) {
+                let _ = control.remove(&down_key);
+                return Err(e).context("inserting a control value");
+            }
+        }
+        let undo = |control: &mut HashMap<MapData, FlowKey, FlowControl>| {
+            let _ = control.remove(&up_key);
+            let _ = control.remove(&down_key);
+        };
+        if let Err(e) = flows.insert(&down_key, &down, 0) {
+            undo(&mut control);
+            return Err(e).context("inserting the backend's entry");
+        }
         if let Err(e) = flows.insert(&up_key, &up, 0) {
             let _ = flows.remove(&down_key);
+            undo(&mut control);
             return Err(e).context("inserting the client's entry");
         }
         Ok(())
@@ -405,21 +449,38 @@ impl PacketTables {
     /// Removes the entries with these keys, in this order; a missing one is not an error.
     pub fn remove_keys(&self, keys: &[FlowKey]) -> Result<()> {
         let mut flows = lock(&self.flows);
+        let mut control = lock(&self.control);
         for key in keys {
             match flows.remove(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing a packet engine entry"),
             }
+            match control.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a control value"),
+            }
         }
         Ok(())
     }
 
-    /// The entry with this key, as the program left it.
+    /// The entry with this key, as the program left it, with what spliced changed since
+    /// the insert ([`FlowControl`]) that the program has not taken over yet.
     pub fn get(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        match lock(&self.flows).get(key, 0) {
-            Ok(flow) => Ok(Some(flow)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading a packet engine entry"),
+        let flows = lock(&self.flows);
+        let flow = match flows.get(key, 0) {
+            Ok(flow) => flow,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e).context("reading a packet engine entry"),
+        };
+        Ok(Some(self.with_control(key, flow)?))
+    }
+
+    /// `flow` with its control value laid over it.
+    fn with_control(&self, key: &FlowKey, flow: Flow) -> Result<Flow> {
+        match lock(&self.control).get(key, 0) {
+            Ok(control) => Ok(overlay(flow, &control)),
+            Err(MapError::KeyNotFound) => Ok(flow),
+            Err(e) => Err(e).context("reading a control value"),
         }
     }
 
@@ -430,7 +491,7 @@ impl PacketTables {
         let flows = lock(&self.flows);
         for item in flows.iter() {
             match item {
-                Ok(pair) => all.push(pair),
+                Ok((key, flow)) => all.push((key, self.with_control(&key, flow)?)),
                 // Removed between the key walk and the read.
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("walking the packet engine table"),
@@ -439,28 +500,27 @@ impl PacketTables {
         Ok(all)
     }
 
-    /// Changes an entry's spliced-owned part with `change`. The map has no way to write one
-    /// field: the whole value is read and written back, so an update the program made in
-    /// between is lost. Only `max`-style tracking (restored by the next segment) and, rarely,
-    /// `RESET` can be lost that way; `change` sees the value as read.
-    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut Flow)) -> Result<bool> {
-        let mut flows = lock(&self.flows);
-        let mut flow = match flows.get(key, 0) {
-            Ok(flow) => flow,
+    /// Changes the control value of the entry `key` with `change` ([`FlowControl`]: only
+    /// spliced writes it, under the lock, so nothing is lost by writing it whole). Returns
+    /// whether the entry still exists.
+    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowControl)) -> Result<bool> {
+        let mut control = lock(&self.control);
+        let mut value = match control.get(key, 0) {
+            Ok(value) => value,
             Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(e).context("reading a packet engine entry"),
+            Err(e) => return Err(e).context("reading a control value"),
         };
-        change(&mut flow);
-        // BPF_EXIST: never recreate an entry removed meanwhile.
+        change(&mut value);
+        // BPF_EXIST: never recreate a value removed meanwhile.
         const BPF_EXIST: u64 = 2;
-        match flows.insert(key, &flow, BPF_EXIST) {
+        match control.insert(key, &value, BPF_EXIST) {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
             {
                 Ok(false)
             }
-            Err(e) => Err(e).context("updating a packet engine entry"),
+            Err(e) => Err(e).context("updating a control value"),
         }
     }
 
@@ -469,14 +529,10 @@ impl PacketTables {
     pub fn set_state(&self, keys: &[FlowKey], state: u8) -> Result<usize> {
         let mut changed = 0;
         for key in keys {
-            let mut was_reset = false;
-            if self.update(key, |f| {
-                was_reset = f.state == FLOW_RESET;
-                if !was_reset {
-                    f.state = state;
-                }
-            })? && !was_reset
-            {
+            if !self.update(key, |c| c.active = u8::from(state == FLOW_ACTIVE))? {
+                continue;
+            }
+            if self.get(key)?.is_some_and(|f| f.state != FLOW_RESET) {
                 changed += 1;
             }
         }
@@ -486,7 +542,7 @@ impl PacketTables {
     /// Lets the FIN spliced is about to send on the local socket of the entry `key` pass the
     /// egress guard ([`proxy_common::FLOW_LOCAL_FIN`]; design 3.3).
     pub fn set_local_fin(&self, key: &FlowKey) -> Result<()> {
-        self.update(key, |f| f.flags |= FLOW_LOCAL_FIN)?;
+        self.update(key, |c| c.local_fin = 1)?;
         Ok(())
     }
 
@@ -497,9 +553,9 @@ impl PacketTables {
     /// timeout). Everything below the floor was delivered by the local socket, so translated
     /// ACKs may be raised to it.
     pub fn raise_ack_floor(&self, key: &FlowKey, floor: u32) -> Result<()> {
-        self.update(key, |f| {
-            if (floor.wrapping_sub(f.ack_floor) as i32) > 0 {
-                f.ack_floor = floor;
+        self.update(key, |c| {
+            if (floor.wrapping_sub(c.ack_floor) as i32) > 0 {
+                c.ack_floor = floor;
             }
         })?;
         Ok(())
@@ -508,10 +564,10 @@ impl PacketTables {
     /// Records a FIN of the entry's sender that the program never saw (it reached the local
     /// socket before the entry existed; design 3.4 step 4), at sequence `fin_seq`.
     pub fn set_fin(&self, key: &FlowKey, fin_seq: u32) -> Result<()> {
-        self.update(key, |f| {
-            if f.fin_seen == 0 {
-                f.fin_seq = fin_seq;
-                f.fin_seen = 1;
+        self.update(key, |c| {
+            if c.fin_seen == 0 {
+                c.fin_seq = fin_seq;
+                c.fin_seen = 1;
             }
         })?;
         Ok(())
