@@ -657,7 +657,7 @@ mod tests {
     #[test]
     fn a_byte_lands_where_spliced_would_have_put_it() {
         let h = handoff();
-        let [(up_key, up), (down_key, down)] = h.entries(proxy_common::FLOW_ACTIVE);
+        let [(up_key, up), (down_key, down)] = h.entries(FLOW_ACTIVE);
         // Client byte k = 517 (the first after the hello) is byte P + 517 of what L' sent.
         let client_seq = 1000u32 + 1 + 517;
         assert_eq!(client_seq.wrapping_add(up.seq_delta), 5000 + 1 + 28 + 517);
@@ -709,7 +709,7 @@ mod tests {
             backend_sack: true,
             ..h
         };
-        let [(_, up), (_, down)] = same.entries(proxy_common::FLOW_ACTIVE);
+        let [(_, up), (_, down)] = same.entries(FLOW_ACTIVE);
         assert_eq!((up.flags, down.flags), (0, 0));
         let both_ts = Handoff {
             client_timestamps: true,
@@ -717,7 +717,7 @@ mod tests {
             ..same
         };
         assert_eq!(both_ts.unsupported(), None);
-        let [(_, up), (_, down)] = both_ts.entries(proxy_common::FLOW_ACTIVE);
+        let [(_, up), (_, down)] = both_ts.entries(FLOW_ACTIVE);
         assert_eq!(
             (up.flags, down.flags),
             (FLOW_TS_TRANSLATE, FLOW_TS_TRANSLATE)
