@@ -494,6 +494,51 @@ fn reset_from_the_backend_reaches_the_client() -> Result<()> {
     Ok(())
 }
 
+/// The backend resets the connection while the drain still waits for it to acknowledge the
+/// preface (its namespace drops spliced's data segments): the program translates the RST to
+/// the client, and the connection ends as `rst_backend`, like a reset after the drain, with
+/// the bytes the program carried meanwhile counted.
+#[test]
+fn a_reset_during_the_drain_ends_like_a_reset_after_it() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    // Handshakes and pure ACKs pass (at most 40 + 60 bytes), data segments do not: L' never
+    // gets its preface acknowledged, so the drain cannot end.
+    world.nft(
+        Ns::Backend,
+        "drop-data.nft",
+        &format!(
+            "table inet dropdata {{\n chain input {{\n type filter hook input priority 0;\n \
+             tcp dport {OWN_PORT} meta length > 100 drop\n }}\n}}\n"
+        ),
+    )?;
+    let hello = raw::simple_hello("own.example");
+    let (mut client, me) = client_with(&world, &hello)?;
+    let mut backend = accept_within(&listener, IO, IO)?;
+    // Sent during the drain: the program carries it to the client.
+    let greeting = [7u8; 1000];
+    backend.write_all(&greeting)?;
+    ensure!(read_exactly(&mut client, greeting.len())? == greeting);
+    ensure!(
+        spliced
+            .metrics()?
+            .count("spliced_packet_handoff_seconds_count", &[])?
+            == 0,
+        "the handoff ended although the preface was never acknowledged"
+    );
+    raw::reset(backend)?;
+    expect_reset(&mut client, "the client")?;
+    expect_packet_line(
+        &spliced,
+        me,
+        "rst_backend",
+        Some((hello.len() as u64, greeting.len() as u64)),
+    )?;
+    Ok(())
+}
+
 /// A handed-off connection idle for longer than `idle_timeout` is removed without telling
 /// the peers; the next segment of either finds no socket and gets a reset.
 #[test]

@@ -459,30 +459,37 @@ impl<'a> Drain<'a> {
         tables: &PacketTables,
         (up, down): (&FlowKey, &FlowKey),
     ) -> anyhow::Result<bool> {
+        let mut flows = [Flow::default(); 2];
+        for (flow, key) in flows.iter_mut().zip([up, down]) {
+            let Some(found) = tables.get(key)? else {
+                anyhow::bail!("an entry vanished during the drain");
+            };
+            if found.state == FLOW_RESET {
+                // A peer reset the connection and the program translated the RST to the
+                // other peer (design 3.2 rule 1): the connection ended as it would have after
+                // the drain. Nothing is left to move (the local sockets' bytes can no longer
+                // be acknowledged); the sweeper ends it as `rst_client` or `rst_backend`
+                // with the bytes the entries counted.
+                return Ok(true);
+            }
+            *flow = found;
+        }
         if self.pending.iter().any(|p| !p.is_empty()) {
             return Ok(false);
         }
         // The entry whose sender acknowledges each socket's bytes: X acks L (E_up), Y acks
         // L' (E_down).
-        for (fd, key, write_seq) in [
-            (self.l, up, self.write_seq[0]),
-            (self.l2, down, self.write_seq[1]),
+        for (fd, flow, write_seq) in [
+            (self.l, &flows[0], self.write_seq[0]),
+            (self.l2, &flows[1], self.write_seq[1]),
         ] {
-            let Some(flow) = tables.get(key)? else {
-                anyhow::bail!("an entry vanished during the drain");
-            };
-            if flow.state == FLOW_RESET {
-                // The peer reset the connection (translated to the other peer): nothing
-                // left to hand off.
-                anyhow::bail!("reset: a peer reset the connection during the drain");
-            }
             if ioctl_int(fd, libc::FIONREAD)? != 0 {
                 return Ok(false);
             }
             if ioctl_int(fd, libc::TIOCOUTQ)? == 0 {
                 continue;
             }
-            if !acked(&flow, write_seq) {
+            if !acked(flow, write_seq) {
                 return Ok(false);
             }
         }
