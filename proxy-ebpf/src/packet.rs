@@ -239,8 +239,8 @@ fn peer_key(f: &Flow) -> FlowKey {
 ///
 /// Everything that matches no entry, and everything the parser cannot read to the TCP ports
 /// (ARP, neighbour discovery, non-TCP, truncated headers, more than 6 IPv6 extension headers,
-/// VLAN tags), leaves unchanged with `TC_ACT_OK`: one hash lookup per TCP segment is the cost to
-/// other traffic. An entry in `DRAIN` passes old data and short pure ACKs to the local socket
+/// VLAN tags), leaves unchanged with [`TCX_NEXT`] (the next program of the chain, or the
+/// stack): one hash lookup per TCP segment is the cost to other traffic. An entry in `DRAIN` passes old data and short pure ACKs to the local socket
 /// (design 3.2); `ACTIVE` translates everything; `RESET` drops.
 ///
 /// The tracking, the decision and the timestamps are functions of their own (not inlined):
@@ -250,10 +250,10 @@ fn peer_key(f: &Flow) -> FlowKey {
 pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     let mut seg = Segment::default();
     if parse_apart(&ctx, &mut seg) == 0 {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let Some(flow) = SPLICED_PACKET_FLOWS.get_ptr_mut(&seg.key) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     // SAFETY: the entry stays valid while this program runs; spliced wrote its constant part
     // before inserting it. Read in place (a copy does not fit the 512-byte stack); the
@@ -554,6 +554,14 @@ fn translate_tsecr(flow: *mut Flow, tsecr: u32) -> u32 {
     tsecr.wrapping_sub(delta)
 }
 
+/// The verdict for a segment that is none of our business: `TCX_NEXT` under tcx, the next
+/// program attached to the hook runs, and after the last one the segment goes on as with
+/// `TCX_PASS` (`tcx_run` / `tcx_action_code`, `net/core/dev.c`); the same value is
+/// `TC_ACT_UNSPEC` for a clsact filter. `TC_ACT_OK` (`TCX_PASS`) would end the chain, and a
+/// program attached after ours (another spliced during an upgrade, any other tool) would
+/// never see other traffic.
+const TCX_NEXT: i32 = -1;
+
 enum Verdict {
     Redirect(Emitted),
     Drop(PacketCounter),
@@ -570,10 +578,10 @@ enum Verdict {
 #[classifier]
 pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     let Some(seg) = parse(&ctx) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     if seg.ipv6_ext || seg.fragment {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let key = FlowKey {
         saddr: seg.key.daddr,
@@ -584,7 +592,7 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
         _pad: [0; 3],
     };
     let Some(entry) = SPLICED_PACKET_FLOWS.get_ptr(&key) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     // SAFETY: the entry stays valid while this program runs; nothing here writes it.
     let e = unsafe { &*entry };
@@ -598,7 +606,7 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     // SAFETY: the helper only reads the skb's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != e.local_cookie {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     // spliced's changes since the insert (the entry has them only once a segment of the
     // other side came by).

@@ -130,6 +130,11 @@ struct Setup {
     /// client's connection negotiated it; the client's SACK options become NOPs before they
     /// reach the backend (design 4.4), which recovers with duplicate ACKs.
     backend_without_sack: bool,
+    /// Another copy of the programs (a second spliced during an upgrade, or any tool) is
+    /// attached to both interfaces first, with no entries: under tcx it passes what matches
+    /// none of its entries on to the next program (`TCX_NEXT`), so the connection's
+    /// entries, in the programs attached after it, still see every segment.
+    behind_other_programs: bool,
 }
 
 /// `TCPI_OPT_ECN` in `tcpi_options`.
@@ -240,6 +245,18 @@ fn translate(setup: Setup) -> Result<()> {
     }
     let cgroup = TestCgroup::enter()?;
     let recorder = IsnRecorder::attach(cgroup.path())?;
+    // Kept until the end: dropping it detaches its programs.
+    let _first = if setup.behind_other_programs {
+        let mut other = PacketTables::load()?;
+        world.within(Ns::Proxy, || -> Result<()> {
+            other.attach("eth0")?;
+            other.attach("eth1")
+        })??;
+        Some(other)
+    } else {
+        None
+    };
+    // tcx appends: these run after `_first`.
     let mut tables = PacketTables::load()?;
     world.within(Ns::Proxy, || -> Result<()> {
         tables.attach("eth0")?;
@@ -788,6 +805,16 @@ fn a_handed_off_connection_strips_sack_the_backend_did_not_negotiate() -> Result
         software_checksums: true,
         sack_with_losses: true,
         backend_without_sack: true,
+        ..Setup::default()
+    })
+}
+
+/// Unmatched traffic goes on down the tcx chain: the connection's entries live in programs
+/// attached after another copy that has none, and its bytes still cross exactly, translated.
+#[test]
+fn a_handed_off_connection_works_behind_other_tcx_programs() -> Result<()> {
+    translate(Setup {
+        behind_other_programs: true,
         ..Setup::default()
     })
 }
