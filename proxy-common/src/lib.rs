@@ -649,6 +649,19 @@ pub const fn rescale_window(win: u16, ws_in: u8, ws_out: u8) -> u16 {
     if field > 0xffff { 0xffff } else { field as u16 }
 }
 
+/// The window field (scale `ws_in`) of a segment whose ACK the translation raised by `raised`
+/// bytes (to `ack_floor`, design 3.2): shrunk by as much, rounded down, so the right edge the
+/// receiver learns stays where the sender put it (`ack + window`). Unchanged, it would move
+/// the edge `raised` bytes past the sender's buffer, and a receiver that fills it gets its
+/// segments dropped as beyond the window while the local socket still owes the bytes below
+/// the floor.
+pub const fn shrink_window(win: u16, ws_in: u8, raised: u32) -> u16 {
+    let ws_in = if ws_in > 14 { 14 } else { ws_in };
+    let bytes = (win as u64) << ws_in;
+    let left = bytes.saturating_sub(raised as u64);
+    (left >> ws_in) as u16
+}
+
 /// Whether [`rescale_window`] had to cap the window: the sender offered more than the
 /// receiver's scale can express (counted as `window_saturated`; it caps the sender's peer's
 /// rate at `65535 << ws_out` bytes per round trip).
@@ -749,9 +762,21 @@ mod tests {
     }
 
     #[test]
+    fn a_raised_ack_keeps_the_right_edge_of_the_window() {
+        // 100 units of 128 bytes, ACK raised by 1000 bytes: 11800 bytes left, 92 units.
+        assert_eq!(shrink_window(100, 7, 1000), 92);
+        assert_eq!(shrink_window(100, 0, 0), 100);
+        assert_eq!(shrink_window(100, 0, 99), 1);
+        // Raised past the whole window: closed, never wrapped.
+        assert_eq!(shrink_window(10, 7, 1 << 20), 0);
+        assert_eq!(shrink_window(0xffff, 14, u32::MAX), 0);
+    }
+
+    #[test]
     fn map_types_have_the_designed_layout() {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 168);
+        assert_eq!(size_of::<FlowControl>(), 12);
         assert_eq!(core::mem::offset_of!(Flow, local_cookie), 80);
         assert_eq!(core::mem::offset_of!(Flow, tsval_delta), 96);
         assert_eq!(core::mem::offset_of!(Flow, stream_bytes), 136);

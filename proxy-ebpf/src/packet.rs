@@ -23,7 +23,7 @@ use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET,
     FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_TSECR_READY, FLOW_TSVAL_READY, FLOW_UP,
     Flow, FlowControl, FlowKey, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter,
-    csum_word, rescale_window, window_saturates,
+    csum_word, rescale_window, shrink_window, window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -885,6 +885,8 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
 
     let mut has_ack = 0;
     let mut ack_out = 0;
+    // Bytes the ACK was raised by: the window shrinks by as much (`shrink_window`).
+    let mut raised = 0u32;
     if flags & TCP_ACK_FLAG != 0 {
         let ack_raw: u32 = ctx.load(l4 + TCP_ACK)?;
         let mut ack = u32::from_be(ack_raw);
@@ -895,6 +897,7 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
             if seg.payload == 0 && flags & (TCP_FIN | TCP_RST) == 0 {
                 return Ok(Verdict::Drop(PacketCounter::OldAckDropped));
             }
+            raised = f.ack_floor.wrapping_sub(ack);
             ack = f.ack_floor;
         }
         let ack = ack.wrapping_sub(f.ack_delta);
@@ -906,8 +909,9 @@ fn translate(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<Verdict, i64> {
     }
 
     let win_raw: u16 = ctx.load(l4 + TCP_WINDOW)?;
-    let win = rescale_window(u16::from_be(win_raw), f.ws_in, f.ws_out).to_be();
-    if window_saturates(u16::from_be(win_raw), f.ws_in, f.ws_out) {
+    let win_in = shrink_window(u16::from_be(win_raw), f.ws_in, raised);
+    let win = rescale_window(win_in, f.ws_in, f.ws_out).to_be();
+    if window_saturates(win_in, f.ws_in, f.ws_out) {
         count(PacketCounter::WindowSaturated, 1);
     }
     if win != win_raw {
