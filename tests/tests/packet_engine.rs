@@ -244,15 +244,18 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
 }
 
 /// The drain under bulk both ways, many times over: each connection's handoff happens while
-/// both peers flood, and rule F raises the `ack_floor` on every move. When spliced wrote
-/// whole entries back, a write that crossed the program's first timestamp or last ACK lost
-/// it, and about one connection in 15 stalled (`docs/packet-engine.md`, 3.7). Bounded:
-/// `SPLICED_PACKET_BULK_ROUNDS` connections (8) of `SPLICED_PACKET_ROUND_MIB` (16) each way.
+/// both peers flood, so their ACKs ride on data and the translation raises them to
+/// `ack_floor`. When the window was not shrunk by as much, a peer sent past the other's
+/// buffer while the local socket still owed the bytes below the floor, and about one
+/// connection in 15 stalled for good (`docs/packet-engine.md`, 3.6). Bounded:
+/// `SPLICED_PACKET_BULK_ROUNDS` connections (8) of `SPLICED_PACKET_ROUND_MIB` (16) each way;
+/// `drain_timeout` 10 s so the driver's view of a stalled drain reaches the failure message,
+/// `linger` short so each line comes at once.
 #[test]
 fn bulk_both_ways_hands_off_every_time() -> Result<()> {
     let rounds = spliced_tests::env_or("SPLICED_PACKET_BULK_ROUNDS", 8);
     let len = spliced_tests::env_or("SPLICED_PACKET_ROUND_MIB", 16) * MIB;
-    bulk_rounds(rounds, len, "drain_timeout = \"10s\"")
+    bulk_rounds(rounds, len, "drain_timeout = \"10s\"\nlinger = \"200ms\"")
 }
 
 /// `rounds` connections one after the other through one spliced, each `len` bytes each way
