@@ -370,7 +370,15 @@ fn translate(setup: Setup) -> Result<()> {
     if setup.sack_with_losses {
         // Dropped as they arrive at the peers, after the translation: the sender's TCP sees
         // a loss (a drop in its own output hook only delays the send, it is not a loss).
-        for ns in [Ns::Client, Ns::Backend] {
+        // Without SACK at the backend only the client's losses matter: its ACKs carry the
+        // SACK blocks to strip, and the backend recovers from them with duplicate ACKs
+        // (Reno, slow at 1%; the backend's own losses would only add more of it).
+        let lossy: &[Ns] = if setup.backend_without_sack {
+            &[Ns::Client]
+        } else {
+            &[Ns::Client, Ns::Backend]
+        };
+        for &ns in lossy {
             world.nft(
                 ns,
                 "loss.nft",
@@ -389,8 +397,15 @@ fn translate(setup: Setup) -> Result<()> {
     if setup.backend_ext_headers {
         return backend_ext_headers_are_dropped(&tables, (&x, &l2, &y));
     }
-    let up = pattern(0x55, BYTES);
-    let down = pattern(0xaa, BYTES);
+    // Reno recovery at 1% loss moves a few MB/s: a quarter of the data is enough to strip
+    // hundreds of SACK options.
+    let bytes = if setup.backend_without_sack {
+        BYTES / 4
+    } else {
+        BYTES
+    };
+    let up = pattern(0x55, bytes);
+    let down = pattern(0xaa, bytes);
     let (got_up, got_down) = std::thread::scope(|s| -> Result<(Vec<u8>, Vec<u8>)> {
         let writers = [
             s.spawn(|| send_all(&x, &up)),
@@ -499,8 +514,8 @@ fn translate(setup: Setup) -> Result<()> {
         "no segments translated: {counters:?}"
     );
     ensure!(
-        counter("translated_bytes_up") >= BYTES as u64
-            && counter("translated_bytes_down") >= BYTES as u64,
+        counter("translated_bytes_up") >= bytes as u64
+            && counter("translated_bytes_down") >= bytes as u64,
         "fewer bytes translated than delivered: {counters:?}"
     );
     for name in ["translate_failed", "redirect_failed", "ttl_expired"] {
@@ -573,6 +588,11 @@ fn translate(setup: Setup) -> Result<()> {
         ensure!(
             stripped > 0 && arrived == 0,
             "{arrived} segments with SACK reached the backend, {stripped} stripped"
+        );
+        let retransmitted = tcp_stat(&world, Ns::Backend, "RetransSegs")?;
+        ensure!(
+            retransmitted > 0,
+            "the backend retransmitted nothing: the losses did not happen"
         );
     }
     if setup.sack_with_losses && !setup.backend_without_sack {
@@ -796,9 +816,9 @@ fn a_handed_off_connection_translates_timestamps_under_loss() -> Result<()> {
     })
 }
 
-/// SACK on the client's connection only, with 1% loss at both peers: the client's SACK
-/// options become NOPs before they reach the backend, which never negotiated them; both
-/// recover without them and the bytes arrive exactly.
+/// SACK on the client's connection only, with 1% loss at the client: the client's SACK
+/// options become NOPs before they reach the backend, which never negotiated them; the
+/// backend recovers without them and 4 MiB each way arrive exactly.
 #[test]
 fn a_handed_off_connection_strips_sack_the_backend_did_not_negotiate() -> Result<()> {
     translate(Setup {
