@@ -77,7 +77,11 @@ struct PinDir(std::path::PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        for name in ["SPLICED_PACKET_FLOWS", "SPLICED_PACKET_COUNTERS"] {
+        for name in [
+            "SPLICED_PACKET_FLOWS",
+            "SPLICED_PACKET_CONTROL",
+            "SPLICED_PACKET_COUNTERS",
+        ] {
             let _ = std::fs::remove_file(self.0.join(name));
         }
         let _ = std::fs::remove_dir(&self.0);

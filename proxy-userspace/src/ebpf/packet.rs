@@ -332,9 +332,9 @@ impl PacketTables {
         Self::load_pinned(None)
     }
 
-    /// Loads the object and both programs, and pins the table and the counters in `pin_dir`
-    /// (a bpffs directory that must exist) as `SPLICED_PACKET_FLOWS` and
-    /// `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned` shows entries by field name.
+    /// Loads the object and both programs, and pins the table, its control values and the
+    /// counters in `pin_dir` (a bpffs directory that must exist) as `SPLICED_PACKET_FLOWS`,
+    /// `SPLICED_PACKET_CONTROL` and `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned` shows entries by field name.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self> {
         anyhow::ensure!(
             !OBJECT.is_empty(),
