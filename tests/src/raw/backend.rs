@@ -43,6 +43,14 @@ pub enum Behavior {
         /// Length of the hello that precedes the client's stream.
         hello_len: usize,
     },
+    /// Like [`Behavior::Bulk`], but starts sending only once the hello arrived in full: a
+    /// client can hold both floods back until it sends the hello's last byte.
+    BulkAfterHello {
+        /// Bytes each way after the hello.
+        bytes_each_way: u64,
+        /// Length of the hello that precedes the client's stream.
+        hello_len: usize,
+    },
     /// Sends `greeting` right after accepting, before reading anything, then behaves like
     /// [`Behavior::Echo`].
     ServerFirst {
@@ -349,7 +357,11 @@ fn serve(mut stream: TcpStream, behavior: &Behavior, record: &Shared) -> Result<
         Behavior::Bulk {
             bytes_each_way,
             hello_len,
-        } => bulk(stream, *bytes_each_way, *hello_len, record),
+        } => bulk(stream, *bytes_each_way, *hello_len, false, record),
+        Behavior::BulkAfterHello {
+            bytes_each_way,
+            hello_len,
+        } => bulk(stream, *bytes_each_way, *hello_len, true, record),
     }
 }
 
@@ -370,12 +382,23 @@ fn echo(stream: &mut TcpStream, record: &Shared) -> Result<()> {
     Ok(())
 }
 
-fn bulk(mut stream: TcpStream, bytes: u64, hello_len: usize, record: &Shared) -> Result<()> {
+fn bulk(
+    mut stream: TcpStream,
+    bytes: u64,
+    hello_len: usize,
+    after_hello: bool,
+    record: &Shared,
+) -> Result<()> {
     let mut sender_stream = stream.try_clone()?;
     let sender_record = record.clone();
+    let (hello_done, hello_arrived) = std::sync::mpsc::channel::<()>();
     let sender = std::thread::Builder::new()
         .name("bulk-send".into())
         .spawn(move || {
+            // A closed channel (the receiving side gave up) ends the wait too.
+            if after_hello && hello_arrived.recv().is_err() {
+                return Ok(());
+            }
             let result = send_stream(&mut sender_stream, SEED_DOWN, bytes)
                 .and_then(|()| sender_stream.shutdown(Shutdown::Write));
             if result.is_ok() {
@@ -398,6 +421,7 @@ fn bulk(mut stream: TcpStream, bytes: u64, hello_len: usize, record: &Shared) ->
                 first.len()
             );
         }
+        let _ = hello_done.send(());
         let mut verifier = Verifier::new(SEED_UP, bytes);
         verifier.feed(&first[hello_len..])?;
         while !closed {
