@@ -24,7 +24,7 @@ use anyhow::{Context as _, Result, ensure};
 use spliced_tests::{
     BACKEND_V6, CLIENT_V4, CLIENT_V4_B, Ns, World,
     backends::{self, NginxServer},
-    packet::{tcp_info, tcp_stat},
+    packet::{tcp_ext_stat, tcp_info, tcp_stat},
     raw::{
         self, SEED_DOWN, SEED_UP, accept_within, expect_hello, listen_in, receive, result,
         send_stream, spawn,
@@ -166,7 +166,25 @@ fn transfer(
             tail(&spliced.stderr_text(), 30)
         )
     })?;
-    expect_packet_line(spliced, me, Some((hello + len, len)))?;
+    expect_packet_line(spliced, me, Some((hello + len, len))).map_err(|e| {
+        // Who reset, and why, as the peers' own counters say.
+        let counters: Vec<String> = [Ns::Client, Ns::Backend]
+            .into_iter()
+            .map(|ns| {
+                let ext = |name| tcp_ext_stat(world, ns, name).unwrap_or(u64::MAX);
+                format!(
+                    "{ns:?}: OutRsts {}, TCPAbortOnData {}, TCPAbortOnClose {}, \
+                     TCPAbortOnTimeout {}, TCPTimeouts {}",
+                    tcp_stat(world, ns, "OutRsts").unwrap_or(u64::MAX),
+                    ext("TCPAbortOnData"),
+                    ext("TCPAbortOnClose"),
+                    ext("TCPAbortOnTimeout"),
+                    ext("TCPTimeouts")
+                )
+            })
+            .collect();
+        e.context(counters.join("; "))
+    })?;
     let csum_after = checksum_errors(world)?;
     ensure!(
         csum_after == csum_before,
