@@ -93,8 +93,13 @@ pub fn fins_acked(up: &Flow, down: &Flow) -> bool {
 /// Whether the pair `up` (the client's segments) and `down` (the backend's) is to be removed
 /// at `now_ns` (`CLOCK_MONOTONIC`, [`monotonic_ns`]), and why; `None` keeps it.
 ///
-/// An RST wins over FINs (`up`'s over `down`'s, if both), and a clean end over idleness.
-/// Never [`End::Stop`], which is the caller's own decision.
+/// A clean end wins over an RST, an RST over idleness (`up`'s over `down`'s, if both). Once
+/// both FINs are acknowledged every byte was delivered both ways, and an RST can only answer
+/// a stray segment: a peer that closed from `LAST_ACK` has no socket left, so its stack
+/// resets the `TIME_WAIT` ACKs the other side sends for duplicates still in flight (a
+/// client without SACK, retransmitting go-back-N, met them by the dozen). Calling that a
+/// reset would blame a peer that closed normally. Never [`End::Stop`], which is the caller's
+/// own decision.
 pub fn decide(up: &Flow, down: &Flow, now_ns: u64, settings: &PacketSettings) -> Option<End> {
     let last = up.last_seen_ns.max(down.last_seen_ns);
     let quiet = std::time::Duration::from_nanos(now_ns.saturating_sub(last));
@@ -105,11 +110,13 @@ pub fn decide(up: &Flow, down: &Flow, now_ns: u64, settings: &PacketSettings) ->
     } else {
         None
     };
+    let clean = fins_acked(up, down);
     if let Some(end) = reset {
         // A reset connection never comes back; waiting longer than idle_timeout is pointless.
+        let end = if clean { End::Fin } else { end };
         return (quiet >= RST_LINGER.min(settings.idle_timeout)).then_some(end);
     }
-    if fins_acked(up, down) {
+    if clean {
         return (quiet >= settings.linger.min(settings.idle_timeout)).then_some(End::Fin);
     }
     (quiet >= settings.idle_timeout).then_some(End::Idle)
@@ -357,11 +364,10 @@ mod tests {
             decide(&up, &down, 51 * SEC, &settings()),
             Some(End::RstBackend)
         );
-        // An RST wins over acknowledged FINs.
+        // An RST with one FIN acknowledged is still a reset.
         fin(&mut up, 1, 0);
         fin(&mut down, 4, 0);
         ack_fin(&mut down, &up);
-        ack_fin(&mut up, &down);
         assert_eq!(
             decide(&up, &down, 51 * SEC, &settings()),
             Some(End::RstBackend)
@@ -371,6 +377,22 @@ mod tests {
             decide(&up, &down, 51 * SEC, &settings()),
             Some(End::RstClient)
         );
+    }
+
+    /// Both FINs acknowledged, then the client's stack resets the backend's `TIME_WAIT` ACKs
+    /// (its socket closed from `LAST_ACK`): a clean end, gone after the RST's short wait.
+    #[test]
+    fn an_rst_after_both_fins_were_acknowledged_is_a_clean_end() {
+        let (mut up, mut down) = pair(1, 2, 3, 4, 50 * SEC);
+        fin(&mut up, 1, 0);
+        fin(&mut down, 4, 0);
+        ack_fin(&mut down, &up);
+        ack_fin(&mut up, &down);
+        up.state = FLOW_RESET;
+        assert_eq!(decide(&up, &down, 50 * SEC, &settings()), None);
+        assert_eq!(decide(&up, &down, 51 * SEC, &settings()), Some(End::Fin));
+        down.state = FLOW_RESET;
+        assert_eq!(decide(&up, &down, 51 * SEC, &settings()), Some(End::Fin));
     }
 
     #[test]

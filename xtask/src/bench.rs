@@ -355,6 +355,42 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
             2,
             "x",
         ));
+        // Issue 15's bar, for the packet engine alone.
+        let packet = |f: &dyn Fn(&[Sample]) -> Vec<f64>, base: f64| {
+            spliced
+                .iter()
+                .filter(|(name, _)| name == proxies::PACKET_NAME)
+                .map(|(name, s)| (name.clone(), median(&f(s)) / base))
+                .collect::<Vec<_>>()
+        };
+        for (bar, values, higher, limit) in [
+            (
+                "packet: throughput >= 0.85x the direct path",
+                packet(&tput, direct.0),
+                true,
+                0.85,
+            ),
+            (
+                "packet: throughput >= 1.5x HAProxy",
+                packet(&tput, h_tput),
+                true,
+                1.5,
+            ),
+            (
+                "packet: whole-system CPU per GiB <= 1.2x the direct path",
+                packet(&system, direct.1),
+                false,
+                1.2,
+            ),
+            (
+                "packet: proxy CPU per GiB <= 0.02x HAProxy",
+                packet(&proxy, h_proxy),
+                false,
+                0.02,
+            ),
+        ] {
+            checks.extend(check(bar, values, higher, limit, 2, "x"));
+        }
     }
     Ok(crate::report::Part {
         heading: "Bulk throughput and CPU per GiB".into(),

@@ -644,6 +644,18 @@ fn bar_checks(
             2,
             "x",
         ));
+        // Issue 15's bar, for the packet engine alone.
+        checks.extend(check(
+            "packet: connections/s >= 1.0x HAProxy",
+            conns
+                .iter()
+                .filter(|r| r.name == crate::proxies::PACKET_NAME)
+                .map(|r| (r.name.clone(), median(&r.rates) / base_rate)),
+            true,
+            1.0,
+            2,
+            "x",
+        ));
         if let Some(d) = direct {
             let limit = (base.p50_us - d.p50_us).round();
             checks.extend(check(

@@ -200,7 +200,7 @@ fn main() -> Result<()> {
                 parts.push(bench_stall::part()?);
             }
             if let Some(table) = report::bar_table(&parts) {
-                println!("\nThe bars in issues 6 and 14, against this run:\n\n{table}");
+                println!("\nThe bars in issues 6, 14 and 15, against this run:\n\n{table}");
             }
             // Only a full run of every part is the record; quick and partial runs just print.
             if !quick && only.is_none() {

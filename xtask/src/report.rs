@@ -227,7 +227,10 @@ pub(crate) fn write(root: &Path, command: &str, parts: &[Part]) -> Result<()> {
         .map(|p| (p.heading.clone(), p.markdown.clone()))
         .collect();
     if let Some(table) = bar_table(parts) {
-        sections.push(("The bar in issue 6, against this run".into(), table));
+        sections.push((
+            "The bars in issues 6, 14 and 15, against this run".into(),
+            table,
+        ));
     }
     if root.join("docs/benchmarks-analysis.md").exists() {
         sections.push((
