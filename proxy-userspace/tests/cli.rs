@@ -617,8 +617,8 @@ fn status_prints_a_running_instance_and_fails_when_none_answers() {
         format!("spliced {version}, metrics at http://{metrics}/metrics\n"),
         format!("listeners: 127.0.0.1:{port} (http)\n"),
         "sites: 1 (1 hostnames); default site: none (unknown names are refused)\n".to_owned(),
-        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0; \
-         ended, by engine: sockmap 0, splice 0, copy 0, http 0\n"
+        "connections: 0 open; forwarding, by engine: sockmap 0, splice 0, copy 0, http 0, \
+         packet 0; ended, by engine: sockmap 0, splice 0, copy 0, http 0, packet 0\n"
             .to_owned(),
         "outcomes: unknown_name 1\n".to_owned(),
         "kernel (sockmap): not loaded\n".to_owned(),
