@@ -314,7 +314,9 @@ impl Spliced {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.stdout_text();
-            if let Some(line) = text
+            // Complete lines only: a line can be read while spliced is still writing it.
+            let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+            if let Some(line) = complete
                 .lines()
                 .find(|l| field(l, "client") == Some(want.as_str()))
             {
