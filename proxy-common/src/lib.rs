@@ -416,8 +416,11 @@ pub struct Flow {
     /// timestamp clock is `CLOCK_MONOTONIC` in milliseconds plus this. Translated `TSval`s
     /// continue that clock (design 4.3).
     pub out_tsoffset: u32,
-    /// Zero.
-    pub _pad1: u32,
+    /// In the sender's space, the highest ACK the facing local socket sent since the insert
+    /// (its `rcv_wup`): the egress program records it, and an ACK copy (design 3.2) carries
+    /// it as its sequence number, which that socket then finds in its window. spliced starts
+    /// it at `seq_floor`.
+    pub local_rcv_next: u32,
     /// Socket cookie of the local socket this entry's sender talks to (L for up, L' for
     /// down): the egress program tells that socket's segments from translated ones by it.
     pub local_cookie: u64,
@@ -568,11 +571,16 @@ pub enum PacketCounter {
     TimestampLayoutUnknown = 26,
     /// SACK options turned into NOPs (towards a side that did not negotiate SACK).
     SackStripped = 27,
+    /// Pure ACK copies of translated segments given to the local socket in `DRAIN` (design
+    /// 3.2): the ACK rode on a segment the local socket never sees, and it still owes bytes.
+    AckCopies = 28,
+    /// ACK copies that arrived once the drain was over, or could not be made: dropped.
+    AckCopyDropped = 29,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -604,6 +612,8 @@ impl PacketCounter {
         PacketCounter::TimestampsTranslated,
         PacketCounter::TimestampLayoutUnknown,
         PacketCounter::SackStripped,
+        PacketCounter::AckCopies,
+        PacketCounter::AckCopyDropped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -637,6 +647,8 @@ impl PacketCounter {
             PacketCounter::TimestampsTranslated => "timestamps_translated",
             PacketCounter::TimestampLayoutUnknown => "timestamp_layout_unknown",
             PacketCounter::SackStripped => "sack_stripped",
+            PacketCounter::AckCopies => "ack_copies",
+            PacketCounter::AckCopyDropped => "ack_copy_dropped",
         }
     }
 }

@@ -10,9 +10,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK,
-        TC_ACT_REDIRECT, TC_ACT_SHOT,
+        __sk_buff, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR,
+        BPF_F_RECOMPUTE_CSUM, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
@@ -107,6 +107,7 @@ const TCP_FLAGS: usize = 13;
 const TCP_WINDOW: usize = 14;
 const TCP_CSUM: usize = 16;
 const TCP_HLEN: usize = 20;
+const TCP_MAX_HLEN: usize = 60;
 const TCP_MAX_SACK_BLOCKS: usize = 4;
 const TCPOPT_NOP: u8 = 1;
 const TCPOPT_SACK: u8 = 5;
@@ -260,6 +261,20 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     // translation reads only the constant part through `f`, the functions below write only
     // the live part.
     let f = unsafe { &*flow };
+    // SAFETY: the context is the program's `__sk_buff`, readable for its whole run.
+    let (mark, ifindex) = unsafe {
+        let skb = ctx.as_ptr() as *const __sk_buff;
+        ((*skb).mark, (*skb).ifindex)
+    };
+    if mark == ACK_COPY_MARK {
+        ctx.set_mark(0);
+        if f.state == FLOW_DRAIN && !seg.ipv6_ext && ack_copy(&ctx, &seg, flow) == 0 {
+            count(PacketCounter::AckCopies, 1);
+            return TC_ACT_OK;
+        }
+        count(PacketCounter::AckCopyDropped, 1);
+        return TC_ACT_SHOT;
+    }
     if f.state == FLOW_RESET {
         count(PacketCounter::ResetDropped, 1);
         return TC_ACT_SHOT;
@@ -281,10 +296,23 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     if f.state == FLOW_DRAIN {
         adopt(flow, &seg.key);
     }
-    track(flow, &tcp, seg.payload);
+    let news = track(flow, &tcp, seg.payload);
     if passes_to_local(flow, &tcp, seg.payload) != 0 {
         count(PacketCounter::PassedLocal, 1);
         return TC_ACT_OK;
+    }
+    if news & TRACK_LOCAL_NEEDS_ACK != 0 && f.state == FLOW_DRAIN {
+        // Design 3.2: the ACK rides on a segment the local socket will not see, and that
+        // socket still owes bytes below `ack_floor`. A clone of the segment, marked, comes
+        // back through this program on the same interface's ingress, where `ack_copy` cuts
+        // it to a pure ACK; the segment itself is translated below (the clone shares its
+        // data until one of them is written, so each sees the segment as it arrived).
+        ctx.set_mark(ACK_COPY_MARK);
+        let cloned = ctx.clone_redirect(ifindex, u64::from(BPF_F_INGRESS));
+        ctx.set_mark(mark);
+        if cloned.is_err() {
+            count(PacketCounter::AckCopyDropped, 1);
+        }
     }
     if f.flags & FLOW_TS_TRANSLATE != 0 && timestamps(&ctx, flow, seg.l4, tcp.ts) != 0 {
         count(PacketCounter::TranslateFailed, 1);
@@ -390,9 +418,19 @@ fn read_tcp_apart(ctx: &TcContext, l4: usize, out: &mut Tcp) -> u32 {
     }
 }
 
+/// [`track`]'s result: the segment's ACK is news to the local socket facing the sender (it
+/// is past every ACK seen before, and the highest before it was short of `ack_floor`).
+const TRACK_LOCAL_NEEDS_ACK: u32 = 1;
+
+/// The mark of an ACK copy on its way back into `spliced_packet_in` (ASCII "SPAK"). Other
+/// traffic with this mark on the programs' interfaces is not looked at differently unless
+/// its tuple has an entry.
+const ACK_COPY_MARK: u32 = 0x5350_414b;
+
 /// Design 3.2 step 4 and section 5, for every segment of the tuple, passed or translated:
 /// the sender's stream end and bytes (a FIN counts one), its FIN, the highest ACK it sent,
-/// when it was last seen, and the timestamp delta on the first timestamp seen.
+/// when it was last seen, and the timestamp delta on the first timestamp seen. Returns
+/// [`TRACK_LOCAL_NEEDS_ACK`] or 0.
 #[inline(never)]
 fn track(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
     let fin = tcp.flags & u32::from(TCP_FIN) != 0;
@@ -411,7 +449,11 @@ fn track(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
             (*flow).fin_seq = tcp.seq.wrapping_add(payload);
             (*flow).fin_seen = 1;
         }
+        let mut news = 0;
         if tcp.flags & u32::from(TCP_ACK_FLAG) != 0 && after(tcp.ack, (*flow).peer_acked) {
+            if before((*flow).peer_acked, (*flow).ack_floor) {
+                news = TRACK_LOCAL_NEEDS_ACK;
+            }
             (*flow).peer_acked = tcp.ack;
         }
         (*flow).last_seen_ns = now;
@@ -425,8 +467,8 @@ fn track(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
             (*flow).tsval_delta = clock.wrapping_add(1).wrapping_sub(tcp.tsval);
             (*flow).ts_ready |= FLOW_TSVAL_READY;
         }
+        news
     }
-    0
 }
 
 /// In `DRAIN`, takes over what spliced changed in the entry's [`FlowControl`]: the raised
@@ -483,6 +525,103 @@ fn passes_to_local(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
         tcp.flags & u32::from(TCP_ACK_FLAG) == 0 || before(tcp.ack, f.ack_floor)
     };
     u32::from(pass)
+}
+
+/// Design 3.2, the ACK copy: a clone of a segment whose ACK the local socket needs (marked
+/// [`ACK_COPY_MARK`] by this program a moment ago, see `spliced_packet_in`) becomes a pure
+/// ACK for that socket: the payload is cut, FIN/PSH/URG/ECN flags are cleared, the ACK is
+/// at most `ack_floor` (what lies above is the translation's), and the sequence number is
+/// the last ACK the socket sent (`local_rcv_next`, never below `seq_floor`), so the socket
+/// finds it inside its window (`tcp_sequence`) and processes the ACK. Timestamps, SACK
+/// blocks and the window are the sender's own, in the local socket's spaces already.
+/// Returns 0 when the copy may go to the stack.
+#[inline(never)]
+fn ack_copy(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> u32 {
+    // SAFETY: as in `track`; only read.
+    let f = unsafe { &*flow };
+    u32::from(make_ack_copy(ctx, seg, f).is_err())
+}
+
+#[inline(always)]
+fn make_ack_copy(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
+    let l4 = seg.l4;
+    let h: [u8; TCP_HLEN] = ctx.load(l4)?;
+    let doff = usize::from(h[12] >> 4) * 4;
+    if !(TCP_HLEN..=TCP_MAX_HLEN).contains(&doff) || h[13] & TCP_ACK_FLAG == 0 {
+        return Err(-1);
+    }
+    let raw_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let ack = if after(raw_ack, f.ack_floor) {
+        f.ack_floor
+    } else {
+        raw_ack
+    };
+    let seq = if after(f.local_rcv_next, f.seq_floor) {
+        f.local_rcv_next
+    } else {
+        f.seq_floor
+    };
+    // Linearizes, unclones and trims (`__bpf_skb_change_tail`); `skb->csum` follows for
+    // CHECKSUM_COMPLETE, and every store below recomputes it as well.
+    ctx.change_tail((l4 + doff) as u32, 0)?;
+    let recompute = u64::from(BPF_F_RECOMPUTE_CSUM);
+    let tcp_len = doff as u16;
+    if seg.key.family == FAMILY_V4 {
+        // Total length, identification, fragment word, TTL and protocol, and the header
+        // checksum, stored at once: the checksum follows the length (RFC 1624).
+        let mut w: [u8; 10] = ctx.load(ETH_HLEN + 2)?;
+        let old_len = u16::from_be_bytes([w[0], w[1]]);
+        let new_len = seg.ip_hlen as u16 + tcp_len;
+        let old_check = u16::from_be_bytes([w[8], w[9]]);
+        let mut sum = u32::from(!old_check) + u32::from(!old_len) + u32::from(new_len);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let check = !(sum as u16);
+        w[0..2].copy_from_slice(&new_len.to_be_bytes());
+        w[8..10].copy_from_slice(&check.to_be_bytes());
+        ctx.store(ETH_HLEN + 2, &w, recompute)?;
+    } else {
+        ctx.store(ETH_HLEN + 4, &tcp_len.to_be(), recompute)?;
+    }
+    let mut head = [0u8; 10];
+    head[0..4].copy_from_slice(&seq.to_be_bytes());
+    head[4..8].copy_from_slice(&ack.to_be_bytes());
+    head[8] = h[12];
+    head[9] = TCP_ACK_FLAG;
+    ctx.store(l4 + TCP_SEQ, &head, recompute)?;
+    // The checksum, whole: the pseudo-header, then the header with the checksum field as 0.
+    let mut sum = u64::from(tcp_len) + u64::from(IPPROTO_TCP);
+    let (from, words) = if seg.key.family == FAMILY_V4 {
+        (12, 2)
+    } else {
+        (0, 8)
+    };
+    for i in 0..8 {
+        if i < words {
+            let j = from + i * 2;
+            sum += u64::from(u16::from_be_bytes([seg.key.saddr[j], seg.key.saddr[j + 1]]));
+            sum += u64::from(u16::from_be_bytes([seg.key.daddr[j], seg.key.daddr[j + 1]]));
+        }
+    }
+    for i in 0..TCP_MAX_HLEN / 4 {
+        if i * 4 >= doff {
+            break;
+        }
+        let w = u32::from_be(ctx.load::<u32>(l4 + i * 4)?);
+        if i * 4 == TCP_CSUM {
+            // The checksum is the word's upper half; the urgent pointer the lower.
+            sum += u64::from(w & 0xffff);
+        } else {
+            sum += u64::from(w >> 16) + u64::from(w & 0xffff);
+        }
+    }
+    // At most 38 words of 16 bits: two folds leave 17 bits at most, the third none.
+    for _ in 0..3 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let check = (!(sum as u16)).to_be();
+    ctx.store(l4 + TCP_CSUM, &check, recompute)?;
+    Ok(())
 }
 
 /// Design 4.3, on a segment about to be translated: `TSval + tsval_delta`, and
@@ -591,10 +730,11 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
         family: seg.key.family,
         _pad: [0; 3],
     };
-    let Some(entry) = SPLICED_PACKET_FLOWS.get_ptr(&key) else {
+    let Some(entry) = SPLICED_PACKET_FLOWS.get_ptr_mut(&key) else {
         return TCX_NEXT;
     };
-    // SAFETY: the entry stays valid while this program runs; nothing here writes it.
+    // SAFETY: the entry stays valid while this program runs; only `local_rcv_next` is
+    // written here.
     let e = unsafe { &*entry };
     let Some(tcp) = read_tcp(&ctx, seg.l4) else {
         return TC_ACT_OK;
@@ -622,6 +762,13 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     if tcp.flags & u32::from(TCP_RST) != 0 {
         count(PacketCounter::LocalRstDropped, 1);
         return TC_ACT_SHOT;
+    }
+    if tcp.flags & u32::from(TCP_ACK_FLAG) != 0 && after(tcp.ack, e.local_rcv_next) {
+        // The socket's `rcv_wup` (`tcp_select_window` sets it to `rcv_nxt` as the ACK
+        // leaves): the sequence number an ACK copy for it carries (`ack_copy`). Only this
+        // socket's segments write it, under the socket's lock.
+        // SAFETY: as above.
+        unsafe { (*entry).local_rcv_next = tcp.ack };
     }
     let fin = tcp.flags & u32::from(TCP_FIN) != 0;
     if fin && e.flags & FLOW_LOCAL_FIN == 0 && !local_fin {
