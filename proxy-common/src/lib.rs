@@ -301,6 +301,10 @@ pub const MAP_PACKET_COUNTERS: &str = "SPLICED_PACKET_COUNTERS";
 /// Name of the hash map of what spliced changes in an entry after inserting it ([`FlowKey`]
 /// to [`FlowControl`]).
 pub const MAP_PACKET_CONTROL: &str = "SPLICED_PACKET_CONTROL";
+/// Name of the ring buffer of [`IcmpEvent`]s: a Packet Too Big or "fragmentation needed"
+/// about a translated segment, which spliced translates and sends (`docs/packet-engine.md`,
+/// section 7).
+pub const MAP_PACKET_ICMP: &str = "SPLICED_PACKET_ICMP";
 /// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
 pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
 
@@ -494,6 +498,29 @@ pub struct FlowControl {
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowControl {}
+
+/// What `spliced_packet_in` reports of an ICMP error about a translated segment
+/// ([`MAP_PACKET_ICMP`]): an ICMPv6 Packet Too Big from the backend's side (the quoted
+/// segment went `p6:ep -> b6:bp`; `key` is then the backend's entry, `b6:bp -> p6:ep`) or an
+/// ICMPv4 "fragmentation needed" from the client's side (quoted `p4:443 -> c4:cp`; `key` the
+/// client's entry). spliced sends the peer on the other side the same message in its own
+/// family, about its own segment (design section 7).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpEvent {
+    /// The entry whose peer sends the segments the message is about: the quoted tuple,
+    /// reversed. [`FlowKey::family`] says which message it was.
+    pub key: FlowKey,
+    /// The MTU the message names (Packet Too Big's MTU, or the next-hop MTU).
+    pub mtu: u32,
+    /// The quoted segment's sequence number (host order), in the space of the connection it
+    /// was translated into.
+    pub quoted_seq: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`: a `FlowKey` (40 bytes) and two `u32`s, no padding.
+unsafe impl aya::Pod for IcmpEvent {}
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowKey {}
@@ -568,11 +595,19 @@ pub enum PacketCounter {
     TimestampLayoutUnknown = 26,
     /// SACK options turned into NOPs (towards a side that did not negotiate SACK).
     SackStripped = 27,
+    /// ICMPv6 Packet Too Big messages quoting a segment translated towards a backend (the
+    /// tuple of an entry), reported to spliced ([`MAP_PACKET_ICMP`]) and passed on.
+    IcmpPtbSeen = 28,
+    /// ICMPv4 "fragmentation needed" messages quoting a segment translated towards a client,
+    /// reported to spliced and passed on.
+    IcmpFragNeededSeen = 29,
+    /// ICMP reports that did not fit the ring buffer (spliced is not reading it).
+    IcmpEventLost = 30,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 31;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -604,6 +639,9 @@ impl PacketCounter {
         PacketCounter::TimestampsTranslated,
         PacketCounter::TimestampLayoutUnknown,
         PacketCounter::SackStripped,
+        PacketCounter::IcmpPtbSeen,
+        PacketCounter::IcmpFragNeededSeen,
+        PacketCounter::IcmpEventLost,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -637,6 +675,9 @@ impl PacketCounter {
             PacketCounter::TimestampsTranslated => "timestamps_translated",
             PacketCounter::TimestampLayoutUnknown => "timestamp_layout_unknown",
             PacketCounter::SackStripped => "sack_stripped",
+            PacketCounter::IcmpPtbSeen => "icmp_ptb_seen",
+            PacketCounter::IcmpFragNeededSeen => "icmp_frag_needed_seen",
+            PacketCounter::IcmpEventLost => "icmp_event_lost",
         }
     }
 }
