@@ -301,6 +301,10 @@ pub const MAP_PACKET_COUNTERS: &str = "SPLICED_PACKET_COUNTERS";
 /// Name of the hash map of what spliced changes in an entry after inserting it ([`FlowKey`]
 /// to [`FlowControl`]).
 pub const MAP_PACKET_CONTROL: &str = "SPLICED_PACKET_CONTROL";
+/// Name of the ring buffer of [`IcmpEvent`]s: a Packet Too Big or "fragmentation needed"
+/// about a translated segment, which spliced translates and sends (`docs/packet-engine.md`,
+/// section 7).
+pub const MAP_PACKET_ICMP: &str = "SPLICED_PACKET_ICMP";
 /// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
 pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
 
@@ -497,6 +501,29 @@ pub struct FlowControl {
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowControl {}
+
+/// What `spliced_packet_in` reports of an ICMP error about a translated segment
+/// ([`MAP_PACKET_ICMP`]): an ICMPv6 Packet Too Big from the backend's side (the quoted
+/// segment went `p6:ep -> b6:bp`; `key` is then the backend's entry, `b6:bp -> p6:ep`) or an
+/// ICMPv4 "fragmentation needed" from the client's side (quoted `p4:443 -> c4:cp`; `key` the
+/// client's entry). spliced sends the peer on the other side the same message in its own
+/// family, about its own segment (design section 7).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpEvent {
+    /// The entry whose peer sends the segments the message is about: the quoted tuple,
+    /// reversed. [`FlowKey::family`] says which message it was.
+    pub key: FlowKey,
+    /// The MTU the message names (Packet Too Big's MTU, or the next-hop MTU).
+    pub mtu: u32,
+    /// The quoted segment's sequence number (host order), in the space of the connection it
+    /// was translated into.
+    pub quoted_seq: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`: a `FlowKey` (40 bytes) and two `u32`s, no padding.
+unsafe impl aya::Pod for IcmpEvent {}
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowKey {}
@@ -576,11 +603,19 @@ pub enum PacketCounter {
     AckCopies = 28,
     /// ACK copies that arrived once the drain was over, or could not be made: dropped.
     AckCopyDropped = 29,
+    /// ICMPv6 Packet Too Big messages quoting a segment translated towards a backend (the
+    /// tuple of an entry), reported to spliced ([`MAP_PACKET_ICMP`]) and passed on.
+    IcmpPtbSeen = 30,
+    /// ICMPv4 "fragmentation needed" messages quoting a segment translated towards a client,
+    /// reported to spliced and passed on.
+    IcmpFragNeededSeen = 31,
+    /// ICMP reports that did not fit the ring buffer (spliced is not reading it).
+    IcmpEventLost = 32,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 33;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -614,6 +649,9 @@ impl PacketCounter {
         PacketCounter::SackStripped,
         PacketCounter::AckCopies,
         PacketCounter::AckCopyDropped,
+        PacketCounter::IcmpPtbSeen,
+        PacketCounter::IcmpFragNeededSeen,
+        PacketCounter::IcmpEventLost,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -649,6 +687,9 @@ impl PacketCounter {
             PacketCounter::SackStripped => "sack_stripped",
             PacketCounter::AckCopies => "ack_copies",
             PacketCounter::AckCopyDropped => "ack_copy_dropped",
+            PacketCounter::IcmpPtbSeen => "icmp_ptb_seen",
+            PacketCounter::IcmpFragNeededSeen => "icmp_frag_needed_seen",
+            PacketCounter::IcmpEventLost => "icmp_event_lost",
         }
     }
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_F_RECOMPUTE_CSUM, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{btf_map, classifier, sock_ops},
     programs::{SockOpsContext, TcContext},
@@ -22,8 +22,8 @@ use aya_ebpf::{
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET,
     FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_TSECR_READY, FLOW_TSVAL_READY, FLOW_UP,
-    Flow, FlowControl, FlowKey, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS, PacketCounter,
-    csum_word, rescale_window, shrink_window, window_saturates,
+    Flow, FlowControl, FlowKey, IcmpEvent, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS,
+    PacketCounter, csum_word, rescale_window, shrink_window, window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -82,6 +82,12 @@ static SPLICED_PACKET_CONTROL: HashMap<
 #[btf_map]
 static SPLICED_PACKET_COUNTERS: PerCpuArray<u64, { PacketCounter::COUNT as usize }> =
     PerCpuArray::new();
+
+/// ICMP errors about translated segments, for spliced to translate and send (design
+/// section 7): the program reports, it builds no ICMP itself. 64 KiB hold over a thousand
+/// reports; spliced rate-limits what it sends per connection anyway.
+#[btf_map]
+static SPLICED_PACKET_ICMP: RingBuf<IcmpEvent, { 64 * 1024 }> = RingBuf::new();
 
 const FLOW_ENTRIES: usize = 2 * PACKET_MAX_CONNECTIONS as usize;
 
@@ -251,6 +257,9 @@ fn peer_key(f: &Flow) -> FlowKey {
 pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     let mut seg = Segment::default();
     if parse_apart(&ctx, &mut seg) == 0 {
+        // Not TCP (or not readable as such): an ICMP error about a translated segment is
+        // reported to spliced; everything goes on unchanged.
+        icmp_apart(&ctx);
         return TCX_NEXT;
     }
     let Some(flow) = SPLICED_PACKET_FLOWS.get_ptr_mut(&seg.key) else {
@@ -404,6 +413,117 @@ fn parse_apart(ctx: &TcContext, out: &mut Segment) -> u32 {
         }
         None => 0,
     }
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// The fixed part of an ICMP or ICMPv6 error, before the quoted packet.
+const ICMP_HLEN: usize = 8;
+
+/// Design section 7: an ICMPv6 Packet Too Big quoting a segment `p6:ep -> b6:bp` that has an
+/// entry (`b6:bp -> p6:ep`, the backend's), or an ICMPv4 "fragmentation needed" quoting
+/// `p4:443 -> c4:cp` (the client's entry `c4:cp -> p4:443`), is reported to spliced with the
+/// MTU and the quoted sequence number, and counted. The message itself goes on to the stack
+/// either way (the local socket of the tuple may use it). In a frame of its own, off the TCP
+/// path: only packets the TCP parser gave up on come here. Returns 1 when reported.
+#[inline(never)]
+fn icmp_apart(ctx: &TcContext) -> u32 {
+    let mut event = IcmpEvent::default();
+    if icmp_error(ctx, &mut event).is_none() {
+        return 0;
+    }
+    if SPLICED_PACKET_FLOWS.get_ptr(&event.key).is_none() {
+        return 0;
+    }
+    count(
+        if event.key.family == FAMILY_V6 {
+            PacketCounter::IcmpPtbSeen
+        } else {
+            PacketCounter::IcmpFragNeededSeen
+        },
+        1,
+    );
+    if SPLICED_PACKET_ICMP.output(&event, 0).is_err() {
+        count(PacketCounter::IcmpEventLost, 1);
+        return 0;
+    }
+    1
+}
+
+/// Reads a Packet Too Big or a "fragmentation needed" that quotes a TCP segment into `out`:
+/// the quoted tuple reversed (the key of the entry whose peer sent it), the MTU, the quoted
+/// sequence number. `None` for anything else.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, out: &mut IcmpEvent) -> Option<()> {
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (tcp_at, quoted_src, quoted_dst, mtu, family) = if proto == ETH_P_IPV6 {
+        let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+        if head[0] >> 4 != 6 || head[6] != IPPROTO_ICMPV6 {
+            return None;
+        }
+        let icmp: [u8; ICMP_HLEN] = ctx.load(ETH_HLEN + IPV6_HLEN).ok()?;
+        if icmp[0] != ICMPV6_PKT_TOOBIG || icmp[1] != 0 {
+            return None;
+        }
+        let quoted = ETH_HLEN + IPV6_HLEN + ICMP_HLEN;
+        // Quoted: version, next header 6 (no extension headers: translation sends none).
+        let q: [u8; 8] = ctx.load(quoted).ok()?;
+        if q[0] >> 4 != 6 || q[6] != IPPROTO_TCP {
+            return None;
+        }
+        let src: [u8; 16] = ctx.load(quoted + 8).ok()?;
+        let dst: [u8; 16] = ctx.load(quoted + 24).ok()?;
+        let mtu = u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]);
+        (quoted + IPV6_HLEN, src, dst, mtu, FAMILY_V6)
+    } else if proto == ETH_P_IP {
+        let h: [u8; IPV4_HLEN] = ctx.load(ETH_HLEN).ok()?;
+        let ihl = usize::from(h[0] & 0x0f) * 4;
+        if h[0] >> 4 != 4 || ihl < IPV4_HLEN || h[9] != IPPROTO_ICMP {
+            return None;
+        }
+        // A fragment (MF or an offset) is not read.
+        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let icmp: [u8; ICMP_HLEN] = ctx.load(ETH_HLEN + ihl).ok()?;
+        if icmp[0] != ICMP_DEST_UNREACH || icmp[1] != ICMP_FRAG_NEEDED {
+            return None;
+        }
+        let quoted = ETH_HLEN + ihl + ICMP_HLEN;
+        let q: [u8; IPV4_HLEN] = ctx.load(quoted).ok()?;
+        let qihl = usize::from(q[0] & 0x0f) * 4;
+        if q[0] >> 4 != 4 || qihl < IPV4_HLEN || q[9] != IPPROTO_TCP {
+            return None;
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12..16].copy_from_slice(&q[12..16]);
+        dst[12..16].copy_from_slice(&q[16..20]);
+        let mtu = u32::from(u16::from_be_bytes([icmp[6], icmp[7]]));
+        (quoted + qihl, src, dst, mtu, FAMILY_V4)
+    } else {
+        return None;
+    };
+    // Ports and sequence number: the 8 bytes every ICMP error quotes at least.
+    let t: [u8; 8] = ctx.load(tcp_at).ok()?;
+    out.key = FlowKey {
+        saddr: quoted_dst,
+        daddr: quoted_src,
+        sport: u16::from_ne_bytes([t[2], t[3]]),
+        dport: u16::from_ne_bytes([t[0], t[1]]),
+        family,
+        _pad: [0; 3],
+    };
+    out.mtu = mtu;
+    out.quoted_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    Some(())
 }
 
 /// [`read_tcp`] in a frame of its own, as [`parse_apart`].

@@ -478,6 +478,9 @@ impl Server {
         if let Some(kernel) = shared.kernel() {
             kernel.spawn_event_reader()?;
         }
+        if let Some(packet) = shared.packet_kernel() {
+            packet.spawn_icmp_reader()?;
+        }
         let sweeper = shared
             .packet_kernel()
             .map(|_| tokio::spawn(sweep_packets(Arc::clone(&shared))));

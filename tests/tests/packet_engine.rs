@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, World,
+    BACKEND_V6, Ns, PROXY_V4, World,
     raw::{
         self, Behavior, SEED_DOWN, SEED_UP, TestBackend, accept_within, expect_hello, listen_in,
         read_exactly, receive, result, send_stream, spawn,
@@ -269,6 +269,94 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
         .with_context(|| stall_diagnostics(&world, &spliced, "receiving the backend's stream"))?;
     result(&sender, IO, "the client's sender")
         .with_context(|| stall_diagnostics(&world, &spliced, "the client's sender"))?;
+    expect_packet_line(
+        &spliced,
+        me,
+        "fin",
+        Some((len + hello.len() as u64 + 1, len)),
+    )?;
+    Ok(())
+}
+
+/// Issue 15's last test line (design section 7): a router between the proxy and the backend
+/// forwards at most 1280 bytes towards the backend, while every interface of the proxy has
+/// 1500 and the client's MSS leaves room for the 20 bytes the translation adds at 1500 only.
+/// The client's first full-size segments after the handoff, translated, are too big for the
+/// router, which sends the proxy an ICMPv6 Packet Too Big (1280); the program reports it,
+/// spliced sends the client a "fragmentation needed" (1260) about its own segment, and the
+/// client lowers its path MTU and MSS and sends again. Without that (dropped on its way, or
+/// never sent) the client keeps sending segments the router drops, and the transfer stalls.
+/// Then `SPLICED_PACKET_PMTU_MIB` (8) MiB each way, byte exact, and the client's route to the
+/// proxy shows the MTU it learnt.
+#[test]
+fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed() -> Result<()> {
+    let len = spliced_tests::env_or("SPLICED_PACKET_PMTU_MIB", 8) * MIB;
+    let world = World::with_backend_router(1280)?;
+    let bpffs = Bpffs::mount(&world)?;
+    let hello = raw::simple_hello("bulk.example");
+    let bulk = TestBackend::start(
+        &world,
+        BULK_PORT,
+        Behavior::BulkAfterHello {
+            bytes_each_way: len,
+            // The hello and the byte that says the handoff is done.
+            hello_len: hello.len() + 1,
+        },
+    )?;
+    // A short linger: the line comes right after both ends.
+    let spliced = start(&world, &bpffs, "linger = \"200ms\"")?;
+    let (mut client, me) = client_with(&world, &hello)?;
+    wait_handed_off(&spliced, 1).with_context(|| diagnostics(&spliced, "the handoff"))?;
+    let before = spliced_tests::packet::tcp_info(&client)?;
+    ensure!(
+        before.tcpi_pmtu == 1500,
+        "the client's path MTU before any segment was too big: {}",
+        before.tcpi_pmtu
+    );
+    client.write_all(b"!")?;
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(&mut client, SEED_DOWN, len)
+        .with_context(|| stall_diagnostics(&world, &spliced, "receiving the backend's stream"))?;
+    result(&sender, IO, "the client's sender")
+        .with_context(|| stall_diagnostics(&world, &spliced, "the client's sender"))?;
+    let records = bulk.wait_finished(1, IO)?;
+    let record = records.first().context("no backend connection")?;
+    ensure!(
+        record.verified == len && record.error.is_none(),
+        "the backend verified {} of {len} bytes: {:?}",
+        record.verified,
+        record.error
+    );
+    // The client learnt the path's MTU from the translated message: its route to the proxy
+    // carries it, and its segments shrank by as much (20 bytes IP, 20 TCP, 12 timestamps).
+    let after = spliced_tests::packet::tcp_info(&client)?;
+    let out = world
+        .command(Ns::Client, "ip")
+        .args(["-4", "route", "get", &PROXY_V4.to_string()])
+        .output()?;
+    let route = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        after.tcpi_pmtu == 1260 && after.tcpi_snd_mss == 1260 - 52 && route.contains("mtu 1260"),
+        "the client's path MTU {} and MSS {} (expected 1260 and 1208), route: {route}",
+        after.tcpi_pmtu,
+        after.tcpi_snd_mss
+    );
+    let m = spliced.metrics()?;
+    let kernel = |counter: &str| m.count("spliced_kernel_total", &[("counter", counter)]);
+    let (seen, sent) = (kernel("packet_icmp_ptb_seen")?, kernel("packet_icmp_sent")?);
+    ensure!(
+        seen > 0 && sent > 0,
+        "Packet Too Big reported {seen} times, fragmentation needed sent {sent} times"
+    );
+    eprintln!(
+        "Packet Too Big seen {seen}, sent {sent}, rate-limited {}, client {route}",
+        kernel("packet_icmp_rate_limited")?
+    );
     expect_packet_line(
         &spliced,
         me,

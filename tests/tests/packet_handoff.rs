@@ -81,6 +81,7 @@ impl Drop for PinDir {
             "SPLICED_PACKET_FLOWS",
             "SPLICED_PACKET_CONTROL",
             "SPLICED_PACKET_COUNTERS",
+            "SPLICED_PACKET_ICMP",
         ] {
             let _ = std::fs::remove_file(self.0.join(name));
         }

@@ -11,9 +11,9 @@ use aya::{
 };
 use proxy_common::{
     Counter, MAP_COUNTERS, MAP_DETACH, MAP_EVENTS, MAP_HOLD, MAP_OFFSETS, MAP_PACKET_CONTROL,
-    MAP_PACKET_FLOWS, MAP_PACKET_ISN, MAP_PEERS, MAP_SOCKETS, MAP_WAKE, MAP_XDP_BUCKETS,
-    MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS, PROG_DETACH,
-    PROG_STREAM_VERDICT, SkbOffsets,
+    MAP_PACKET_FLOWS, MAP_PACKET_ICMP, MAP_PACKET_ISN, MAP_PEERS, MAP_SOCKETS, MAP_WAKE,
+    MAP_XDP_BUCKETS, MAP_XDP_COUNTERS, MAP_XDP_DENY4, MAP_XDP_DENY6, MAP_XDP_LIMIT, MAP_XDP_PORTS,
+    PROG_DETACH, PROG_STREAM_VERDICT, SkbOffsets,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -48,6 +48,8 @@ impl Kernel {
             .map_max_entries(MAP_PACKET_FLOWS, 1)
             .map_max_entries(MAP_PACKET_CONTROL, 1)
             .map_max_entries(MAP_PACKET_ISN, 1)
+            // A ring buffer's size is a multiple of the page size: one page.
+            .map_max_entries(MAP_PACKET_ICMP, 4096)
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
         // The programs' aya-log records reach our log (debug level, target `proxy_ebpf`).

@@ -14,14 +14,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DOWN, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN,
     FLOW_RESET, FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowControl,
-    FlowKey, IsnPair, MAP_PACKET_CONTROL, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ISN,
-    PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT, PacketCounter,
+    FlowKey, IsnPair, MAP_PACKET_CONTROL, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ICMP,
+    MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT, PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -324,6 +324,9 @@ pub struct PacketTables {
     /// when both are held.
     control: Mutex<HashMap<MapData, FlowKey, FlowControl>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The program's ICMP reports ([`proxy_common::IcmpEvent`]), until their reader takes it
+    /// ([`PacketTables::take_icmp`]).
+    icmp: Mutex<Option<RingBuf<MapData>>>,
     /// Interfaces (of the namespace [`PacketTables::attach`] ran in) that have both programs.
     attached: Vec<u32>,
 }
@@ -336,7 +339,8 @@ impl PacketTables {
 
     /// Loads the object and both programs, and pins the table, its control values and the
     /// counters in `pin_dir` (a bpffs directory that must exist) as `SPLICED_PACKET_FLOWS`,
-    /// `SPLICED_PACKET_CONTROL` and `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned` shows entries by field name.
+    /// `SPLICED_PACKET_CONTROL` and `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned`
+    /// shows entries by field name, and the ICMP reports' ring buffer as `SPLICED_PACKET_ICMP`.
     pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self> {
         anyhow::ensure!(
             !OBJECT.is_empty(),
@@ -357,6 +361,7 @@ impl PacketTables {
         let flows = take(MAP_PACKET_FLOWS)?.try_into()?;
         let control = take(MAP_PACKET_CONTROL)?.try_into()?;
         let counters = take(MAP_PACKET_COUNTERS)?.try_into()?;
+        let icmp = take(MAP_PACKET_ICMP)?.try_into()?;
         for name in [PROG_PACKET_IN, PROG_PACKET_OUT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -370,6 +375,7 @@ impl PacketTables {
             flows: Mutex::new(flows),
             control: Mutex::new(control),
             counters,
+            icmp: Mutex::new(Some(icmp)),
             attached: Vec::new(),
         })
     }
@@ -399,6 +405,11 @@ impl PacketTables {
         }
         self.attached.push(index);
         Ok(())
+    }
+
+    /// The ring buffer of the program's ICMP reports, once (its reader owns it).
+    pub fn take_icmp(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.icmp).take()
     }
 
     /// The interfaces (indexes) both programs are attached to.

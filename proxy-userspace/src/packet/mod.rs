@@ -6,6 +6,7 @@
 //! The kernel side (programs, tables, the handoff driver) is [`crate::ebpf`]'s; the expiry
 //! rule is [`crate::packet_expiry`]'s. Here is only the glue: who holds what, when.
 pub mod host;
+pub mod icmp;
 pub mod syn;
 
 use std::{
@@ -14,14 +15,14 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use proxy_common::{Flow, FlowKey};
-use tokio::sync::oneshot;
+use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 use crate::{
     config::PacketSettings,
@@ -42,7 +43,27 @@ pub struct Packet {
     pin_dir: Mutex<Option<PathBuf>>,
     /// Set when the process stops: no new handoffs.
     stopping: AtomicBool,
+    /// The raw sockets ICMP errors are translated into (design section 7); `None` when they
+    /// could not be opened (the engine works without, but a lower MTU beyond the proxy then
+    /// stalls a connection).
+    icmp: Option<icmp::Sender>,
+    /// What became of the programs' ICMP reports, indexed as [`ICMP_COUNTERS`].
+    icmp_counts: [AtomicU64; ICMP_COUNTERS.len()],
 }
+
+/// spliced's own counts of the ICMP reports, listed with the programs' counters: translated
+/// and sent, held back by the per-connection rate limit, whose entry was gone or did not
+/// translate, and whose send failed.
+const ICMP_COUNTERS: [&str; 4] = [
+    "icmp_sent",
+    "icmp_rate_limited",
+    "icmp_untranslated",
+    "icmp_send_failed",
+];
+const ICMP_SENT: usize = 0;
+const ICMP_RATE_LIMITED: usize = 1;
+const ICMP_UNTRANSLATED: usize = 2;
+const ICMP_SEND_FAILED: usize = 3;
 
 struct Kernel {
     tables: PacketTables,
@@ -127,6 +148,11 @@ impl Packet {
         for name in &interfaces {
             tables.attach(name)?;
         }
+        let icmp = icmp::Sender::open()
+            .inspect_err(|e| {
+                tracing::warn!("packet engine: ICMP errors will not be translated: {e:#}");
+            })
+            .ok();
         tracing::info!(
             interfaces = %interfaces.join(","),
             mss = listener_mss,
@@ -139,7 +165,80 @@ impl Packet {
             listener_mss,
             pin_dir: Mutex::new(pin_dir.map(Path::to_path_buf)),
             stopping: AtomicBool::new(false),
+            icmp,
+            icmp_counts: Default::default(),
         })
+    }
+
+    /// Starts the task that turns the programs' ICMP reports into messages to the peers
+    /// (design section 7, [`icmp`]). Call once, inside the runtime.
+    pub fn spawn_icmp_reader(self: &Arc<Self>) -> Result<()> {
+        if self.icmp.is_none() {
+            return Ok(());
+        }
+        let ring = self
+            .kernel
+            .tables
+            .take_icmp()
+            .context("the ICMP reader is already running")?;
+        // SAFETY: the ring buffer owns its descriptor and is moved into the AsyncFd, so the
+        // descriptor stays open exactly as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("watching the ICMP ring buffer: {e}"))?;
+        let packet = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut limit = icmp::RateLimit::new(icmp::RATE);
+            loop {
+                let Ok(mut guard) = ring.readable_mut().await else {
+                    return;
+                };
+                let Some(packet) = packet.upgrade() else {
+                    return;
+                };
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Some(event) = icmp::parse_event(&item) {
+                        packet.translate_icmp(&event, &mut limit);
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// One ICMP report: the entry's peer gets the message in its own family, unless one
+    /// went for the same connection less than [`icmp::RATE`] ago.
+    fn translate_icmp(&self, event: &proxy_common::IcmpEvent, limit: &mut icmp::RateLimit) {
+        let Some(sender) = &self.icmp else {
+            return;
+        };
+        let count = |i: usize| self.icmp_counts[i].fetch_add(1, Ordering::Relaxed);
+        if !limit.allow(&event.key, Instant::now()) {
+            count(ICMP_RATE_LIMITED);
+            return;
+        }
+        let reply = match self.kernel.tables.get(&event.key) {
+            Ok(Some(flow)) => icmp::reply(event, &flow),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!("packet engine: reading the entry of an ICMP report: {e:#}");
+                None
+            }
+        };
+        let Some(reply) = reply else {
+            count(ICMP_UNTRANSLATED);
+            return;
+        };
+        match sender.send(&reply) {
+            Ok(_) => {
+                count(ICMP_SENT);
+                tracing::debug!(mtu = event.mtu, ?reply, "packet engine: ICMP translated");
+            }
+            Err(e) => {
+                count(ICMP_SEND_FAILED);
+                tracing::debug!("packet engine: sending a translated ICMP: {e}");
+            }
+        }
     }
 
     /// What `spliced check` can find out without loading anything: whether `TCP_REPAIR` is
@@ -280,9 +379,14 @@ impl Packet {
         (ends, live.len())
     }
 
-    /// The translation programs' counters summed over CPUs, by name.
+    /// The translation programs' counters summed over CPUs, by name, then spliced's counts
+    /// of the ICMP messages it translated for them.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        self.kernel.tables.counters()
+        let mut counters = self.kernel.tables.counters();
+        for (name, n) in ICMP_COUNTERS.iter().zip(&self.icmp_counts) {
+            counters.push((name, n.load(Ordering::Relaxed)));
+        }
+        counters
     }
 
     /// Refuses new handoffs from now on.
