@@ -1,4 +1,4 @@
-//! Which engine a connection gets (README, "Forwarding engines"): pure functions of the
+//! Which engine a connection gets (README, "The packet engine"): pure functions of the
 //! configuration and of what the process loaded, so that the rule the README states is
 //! tested without sockets.
 //!
