@@ -949,3 +949,45 @@ fn auto_hands_long_downloads_to_the_packet_engine() -> Result<()> {
     );
     Ok(())
 }
+
+/// `auto` with a `[packet]` section the engine cannot load with (an interface that does not
+/// exist): spliced warns with what is missing, starts anyway, leaves no pin of the engine,
+/// and `auto` forwards as it does without the section.
+#[test]
+fn auto_runs_without_the_packet_engine_when_it_cannot_load() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let text = config("interfaces = [\"nosuch0\"]")
+        .replace("forwarding = \"packet\"", "forwarding = \"auto\"");
+    let spliced = Launch::new(text)
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .metrics()
+        .start(&world, &[443])?;
+    let mut client = raw::connect(&world, 443, IO)?;
+    let me = client.local_addr()?;
+    raw::echo_round_trip(&mut client, &raw::simple_hello("echo.example"), 100_000)?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "outcome") == Some("ok") && field(&line, "packet_refused").is_none(),
+        "{line}"
+    );
+    let stderr = spliced.stderr_text();
+    ensure!(
+        stderr.contains("so auto runs without it") && stderr.contains("nosuch0"),
+        "no warning naming what is missing:\n{}",
+        tail(&stderr, 20)
+    );
+    let pins: Vec<String> = std::fs::read_dir(bpffs.pin_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.starts_with("SPLICED_PACKET_"))
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(pins.is_empty(), "pins left: {pins:?}");
+    Ok(())
+}
