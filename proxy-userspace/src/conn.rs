@@ -356,9 +356,14 @@ async fn serve(
         .forwarding
         .or(listener.forwarding)
         .unwrap_or(defaults.forwarding);
+    let loaded = forward::choose::Loaded {
+        sockmap: shared.kernel().is_some(),
+        packet: shared.packet_kernel().is_some(),
+    };
+    let plan = forward::choose::choose(wanted, &config.config, loaded);
     let mut packet_refuse = None;
     let mut backend_mss = None;
-    if wanted == Forwarding::Packet && shared.packet_kernel().is_some() {
+    if matches!(plan, forward::choose::Plan::Packet { .. }) {
         match read_syn(client) {
             Ok(syn) => {
                 backend_mss = syn.mss;
@@ -471,30 +476,36 @@ async fn serve(
     drop(preface_bytes);
     drop(buf);
 
-    // 6. Forward.
-    let engine = match (wanted, shared.kernel()) {
-        // Server::bind refuses to start when `packet` is asked for and cannot be loaded; a
-        // reload cannot ask for it either.
-        (Forwarding::Packet, _) if shared.packet_kernel().is_some() => Engine::Packet,
-        (Forwarding::Packet, _) => Engine::Splice,
-        (Forwarding::Copy, _) => Engine::Copy,
-        (Forwarding::Splice, _) => Engine::Splice,
-        // `auto` and `sockmap` both start with splice and hand a direction to the kernel after
-        // `sockmap_handoff` bytes (see forward::sockmap). Without the eBPF side, `auto` is
-        // splice; Server::bind refuses to start when `sockmap` cannot have it.
-        (Forwarding::Auto | Forwarding::Sockmap, Some(_)) => Engine::Sockmap,
-        (Forwarding::Auto | Forwarding::Sockmap, None) => Engine::Splice,
-    };
+    // 6. Forward, by the rule in forward::choose.
+    let engine = plan.engine();
     facts.engine = Some(engine);
     let _open = shared.open_on(engine);
-    if engine == Engine::Packet
+    if let forward::choose::Plan::Packet {
+        after,
+        short_is_refused,
+        then,
+    } = plan
         && let Some(packet) = shared.packet_kernel()
     {
         let packet_settings = &config.config.packet;
         let handed_off = AtomicBool::new(false);
+        let then_sockmap = match (then, shared.kernel()) {
+            (forward::choose::Then::Sockmap { handoff }, Some(kernel)) => {
+                Some(forward::sockmap::Params {
+                    kernel,
+                    backlog_limit: defaults.sockmap_backlog_limit,
+                    preface_len,
+                    client_consumed,
+                    idle_timeout: defaults.idle_timeout,
+                    handoff,
+                    earlier: forward::sockmap::Earlier::default(),
+                })
+            }
+            _ => None,
+        };
         let params = forward::packet::Params {
             packet,
-            after: packet_settings.after,
+            after,
             preface_len,
             client_consumed,
             started_ns: facts.started_ns,
@@ -502,6 +513,8 @@ async fn serve(
             refuse: packet_refuse,
             handed_off: &handed_off,
             stats: shared.packet(),
+            short_is_refused,
+            then_sockmap,
         };
         let counters = &facts.counters;
         let forwarding = forward::packet::forward(client, &backend, counters, params);
@@ -529,9 +542,11 @@ async fn serve(
             forward::reset_on_close(&backend);
         }
         match result? {
-            forward::packet::Used::Refused(reason) => {
-                facts.packet_refused(reason);
-                facts.engine = Some(Engine::Splice);
+            forward::packet::Used::Stayed { refused, sockmap } => {
+                if let Some(reason) = refused {
+                    facts.packet_refused(reason);
+                }
+                facts.engine = Some(forward::choose::ended_on(plan, false, sockmap));
             }
             forward::packet::Used::Packet { end, handoff } => {
                 facts.packet_ended(end, handoff);
@@ -552,6 +567,7 @@ async fn serve(
                 client_consumed,
                 idle_timeout: defaults.idle_timeout,
                 handoff: defaults.sockmap_handoff,
+                earlier: forward::sockmap::Earlier::default(),
             };
             let used = forward::sockmap::forward(client, &backend, counters, params).await?;
             if used == forward::sockmap::Used::Splice {

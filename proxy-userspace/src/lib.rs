@@ -48,13 +48,19 @@ pub use ebpf::{
 };
 pub use server::{Options, Server};
 
-/// For `spliced check`: when `config` asks for the packet engine, whether this host can give
-/// it (`TCP_REPAIR`, cgroup v2, the interfaces and their MTU), as a summary or what is wrong;
-/// `None` when nothing asks for it.
-pub fn packet_preflight(config: &Config) -> Option<anyhow::Result<String>> {
-    config
-        .names_packet()
-        .then(|| packet::Packet::preflight(config.packet()))
+/// For `spliced check`: when `config` may load the packet engine, whether this host can give
+/// it (`TCP_REPAIR`, cgroup v2, the interfaces and their MTU), as a summary or what is wrong,
+/// and whether it is required (`forwarding = "packet"`: a failure stops the start) or only
+/// for `auto` (a `[packet]` section: a failure leaves `auto` without it); `None` when nothing
+/// may use it.
+pub fn packet_preflight(config: &Config) -> Option<(bool, anyhow::Result<String>)> {
+    use forward::choose::PacketLoad;
+    let required = match forward::choose::packet_load(config) {
+        PacketLoad::No => return None,
+        PacketLoad::Required => true,
+        PacketLoad::ForAuto => false,
+    };
+    Some((required, packet::Packet::preflight(config.packet())))
 }
 pub use upgrade::{Upgraded, ask_to_upgrade, without_upgrade_from};
 

@@ -135,13 +135,23 @@ fn main() -> ExitCode {
             Ok(cfg) => {
                 println!("{}: OK\n{}", config.display(), cfg.summary());
                 match spliced::packet_preflight(&cfg) {
-                    Some(Ok(summary)) => println!("{summary}"),
-                    Some(Err(e)) => {
+                    Some((true, Ok(summary))) => println!("{summary}"),
+                    Some((false, Ok(summary))) => {
+                        println!("{summary}; auto uses it (the [packet] section)");
+                    }
+                    Some((true, Err(e))) => {
                         eprintln!(
                             "spliced check: forwarding = \"packet\" is configured but the packet \
                              engine cannot start here: {e:#}"
                         );
                         return ExitCode::from(1);
+                    }
+                    // Not an error: auto runs without the engine, as `run` will say.
+                    Some((false, Err(e))) => {
+                        println!(
+                            "packet engine: cannot start here, so auto runs without it (splice, \
+                             then sockmap): {e:#}"
+                        );
                     }
                     None => {}
                 }

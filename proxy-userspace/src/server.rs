@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     config::{Config, Forwarding},
     conn::{self, ListenerInfo},
+    forward::choose::PacketLoad,
     outcome::Outcome,
     shared::{Routing, Shared},
 };
@@ -104,17 +105,6 @@ fn wants_sockmap(config: &Config) -> bool {
 /// where it loads): only then are its programs loaded.
 fn may_use_sockmap(config: &Config) -> bool {
     engines(config).any(|f| matches!(f, Forwarding::Sockmap | Forwarding::Auto))
-}
-
-/// Whether connections accepted on `listener` may use the packet engine: a site's choice
-/// overrides the listener's, so any site asking for it makes every listener a candidate.
-fn listener_may_use_packet(config: &Config, listener: &crate::config::Listener) -> bool {
-    let sites = config
-        .sites
-        .iter()
-        .chain(&config.default_site)
-        .any(|s| s.forwarding == Some(Forwarding::Packet));
-    sites || listener.forwarding.unwrap_or(config.defaults.forwarding) == Forwarding::Packet
 }
 
 /// Where the maps are pinned, and whether to pin at all.
@@ -246,15 +236,35 @@ impl Server {
         } else {
             None
         };
-        let packet = if config.names_packet() {
-            let dir = staging.as_deref().or(options.pin_dir.as_deref());
-            let packet = crate::packet::Packet::start(config.packet(), dir).context(
-                "forwarding = \"packet\" is configured but the packet engine cannot start (it \
-                 needs root, cgroup v2, and TCP_REPAIR)",
-            )?;
-            Some(Arc::new(packet))
-        } else {
-            None
+        let dir = staging.as_deref().or(options.pin_dir.as_deref());
+        let packet = match crate::forward::choose::packet_load(&config) {
+            PacketLoad::No => None,
+            PacketLoad::Required => {
+                let packet = crate::packet::Packet::start(config.packet(), dir).context(
+                    "forwarding = \"packet\" is configured but the packet engine cannot start \
+                     (it needs root, cgroup v2, and TCP_REPAIR)",
+                )?;
+                Some(Arc::new(packet))
+            }
+            // Attaching to the host's interfaces was asked for by the section; without the
+            // engine `auto` is what it was before.
+            PacketLoad::ForAuto => match crate::packet::Packet::start(config.packet(), dir) {
+                Ok(packet) => {
+                    tracing::info!(
+                        "packet engine loaded for auto: a connection is offered to it once it \
+                         moved {} bytes both ways",
+                        config.packet().auto_after.unwrap_or_default()
+                    );
+                    Some(Arc::new(packet))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "packet engine not loaded ([packet] is configured; it needs root, cgroup \
+                         v2, and TCP_REPAIR), so auto runs without it: {e:#}"
+                    );
+                    None
+                }
+            },
         };
         if let (Some(dir), Some(_), None, None) = (&options.pin_dir, &kernel, &pin_lock, &inherited)
         {
@@ -287,7 +297,7 @@ impl Server {
                 None => {
                     let mss = packet
                         .as_ref()
-                        .filter(|_| listener_may_use_packet(&config, l))
+                        .filter(|_| crate::forward::choose::listener_may_use_packet(&config, l))
                         .map(|p| p.listener_mss());
                     crate::listen::bind(l.address, mss)?
                 }
@@ -372,6 +382,14 @@ impl Server {
             bail!(
                 "forwarding = \"packet\" needs the packet engine's kernel side, which this \
                  process did not load at start; restart spliced to use it"
+            );
+        }
+        if crate::forward::choose::packet_load(&config) == PacketLoad::ForAuto
+            && shared.packet_kernel().is_none()
+        {
+            tracing::warn!(
+                "reload: [packet] is configured, but this process did not load the packet engine \
+                 at start; auto goes on without it until a restart"
             );
         }
         if wants_sockmap(&config) && shared.kernel().is_none() {

@@ -909,3 +909,181 @@ fn listeners_leave_room_for_the_bigger_header() -> Result<()> {
     raw::echo_round_trip(&mut client, &raw::simple_hello("echo.example"), 100_000)?;
     Ok(())
 }
+
+/// The download backend of the `auto` test (site `down.example`).
+const DOWN_PORT: u16 = 9306;
+/// The same on the proxy's loopback (site `local.example`): a local peer.
+const LOCAL_PORT: u16 = 9307;
+
+/// `forwarding = "auto"` with a `[packet]` section: the engine loads for `auto`; `linger` is
+/// short so that a FIN-ended connection's line comes at once.
+fn auto_config() -> String {
+    format!(
+        r#"[defaults]
+forwarding = "auto"
+client_hello_timeout = "2s"
+connect_timeout = "2s"
+
+[packet]
+linger = "200ms"
+
+[[listen]]
+address = "0.0.0.0:443"
+protocol = "tls"
+
+[[site]]
+hostnames = ["down.example"]
+backend = "[{BACKEND_V6}]:{DOWN_PORT}"
+
+[[site]]
+hostnames = ["local.example"]
+backend = "[::1]:{LOCAL_PORT}"
+"#
+    )
+}
+
+/// One download through `listener`'s server: the client sends `hello`, the server reads it,
+/// sends `len` bytes of the [`SEED_DOWN`] stream and its end of stream, and reads until the
+/// client's. The client checks every byte and the end, then closes. Returns the client's
+/// address.
+fn download(
+    world: &World,
+    listener: &std::net::TcpListener,
+    hello: &[u8],
+    len: u64,
+) -> Result<SocketAddr> {
+    let server_listener = listener.try_clone()?;
+    let hello_len = hello.len();
+    let server = spawn(move || {
+        let mut backend = accept_within(&server_listener, IO, IO)?;
+        read_exactly(&mut backend, hello_len)?;
+        send_stream(&mut backend, SEED_DOWN, len)?;
+        backend.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest)?;
+        ensure!(rest.is_empty(), "the client sent {} bytes more", rest.len());
+        Ok(())
+    });
+    let (mut client, me) = client_with(world, hello)?;
+    receive(&mut client, SEED_DOWN, len).with_context(|| format!("a {len}-byte download"))?;
+    client.shutdown(Shutdown::Write)?;
+    result(&server, IO, "the download's server")?;
+    Ok(me)
+}
+
+/// `auto` with the engine loaded (README, "Forwarding engines"): a 16 MiB download passes
+/// `packet.after` (1 MiB by default under `auto`) and is handed off, byte exact and counted;
+/// a 1 KiB one never reaches it and stays on splice with no refusal; and a download from a
+/// backend on the proxy's loopback, which the engine refuses (`local_peer`), goes on as
+/// `auto` goes on without the engine, through the kernel path, byte exact, with the refusal
+/// on its line and in the metrics.
+#[test]
+fn auto_hands_long_downloads_to_the_packet_engine() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    for dev in ["eth0", "eth1"] {
+        let out = world
+            .command(Ns::Proxy, "ethtool")
+            .args(["-K", dev, "tx", "off"])
+            .output()
+            .context("running ethtool")?;
+        ensure!(
+            out.status.success(),
+            "ethtool -K {dev} tx off: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let spliced = Launch::new(auto_config())
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .metrics()
+        .env("RUST_LOG", "spliced=debug")
+        .start(&world, &[443])?;
+    let remote = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, DOWN_PORT))?;
+    let local = listen_in(
+        &world,
+        Ns::Proxy,
+        SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), LOCAL_PORT),
+    )?;
+    let hello = raw::simple_hello("down.example");
+    let up = hello.len() as u64;
+
+    let long = 16 * MIB;
+    let me = download(&world, &remote, &hello, long)
+        .with_context(|| stall_diagnostics(&world, &spliced, "the long download"))?;
+    let line = expect_packet_line(&spliced, me, "fin", Some((up, long)))?;
+    ensure!(field(&line, "packet_refused").is_none(), "{line}");
+
+    let me = download(&world, &remote, &hello, 1024)?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "engine") == Some("splice")
+            && field(&line, "packet_refused").is_none()
+            && field(&line, "outcome") == Some("ok")
+            && (number(&line, "up")?, number(&line, "down")?) == (up, 1024),
+        "a short download: {line}"
+    );
+
+    let hello = raw::simple_hello("local.example");
+    let up = hello.len() as u64;
+    let me = download(&world, &local, &hello, long)
+        .with_context(|| diagnostics(&spliced, "the download from a local peer"))?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "engine") == Some("sockmap")
+            && field(&line, "packet_refused") == Some("local_peer")
+            && field(&line, "outcome") == Some("ok")
+            && (number(&line, "up")?, number(&line, "down")?) == (up, long),
+        "a download from a local peer: {line}"
+    );
+    let metrics = spliced.metrics()?;
+    ensure!(
+        metrics.count("spliced_packet_refused_total", &[("reason", "local_peer")])? == 1
+            && metrics.count("spliced_packet_handoff_seconds_count", &[])? == 1,
+        "{}",
+        diagnostics(&spliced, "the packet engine's counts")
+    );
+    Ok(())
+}
+
+/// `auto` with a `[packet]` section the engine cannot load with (an interface that does not
+/// exist): spliced warns with what is missing, starts anyway, leaves no pin of the engine,
+/// and `auto` forwards as it does without the section.
+#[test]
+fn auto_runs_without_the_packet_engine_when_it_cannot_load() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
+    let text = config("interfaces = [\"nosuch0\"]")
+        .replace("forwarding = \"packet\"", "forwarding = \"auto\"");
+    let spliced = Launch::new(text)
+        .arg("--pin-dir")
+        .arg(bpffs.pin_dir())
+        .metrics()
+        .start(&world, &[443])?;
+    let mut client = raw::connect(&world, 443, IO)?;
+    let me = client.local_addr()?;
+    raw::echo_round_trip(&mut client, &raw::simple_hello("echo.example"), 100_000)?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "outcome") == Some("ok") && field(&line, "packet_refused").is_none(),
+        "{line}"
+    );
+    let stderr = spliced.stderr_text();
+    ensure!(
+        stderr.contains("so auto runs without it") && stderr.contains("nosuch0"),
+        "no warning naming what is missing:\n{}",
+        tail(&stderr, 20)
+    );
+    let pins: Vec<String> = std::fs::read_dir(bpffs.pin_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.starts_with("SPLICED_PACKET_"))
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(pins.is_empty(), "pins left: {pins:?}");
+    Ok(())
+}

@@ -87,7 +87,16 @@ pub struct PacketSettings {
     /// The MSS clamped on the listener's and the backend's sockets; `None` derives it from the
     /// interfaces' MTU. 536..=65495 when set.
     pub mss: Option<u16>,
+    /// `None` without a `[packet]` section: `auto` then never loads nor uses the engine. With
+    /// one, the bytes (both directions together) an `auto` connection moves before it is
+    /// offered to the engine: `after` when given, else [`AUTO_PACKET_AFTER`].
+    pub auto_after: Option<u64>,
 }
+
+/// `packet.after` for `auto` when the file does not set it: where handing a download to the
+/// packet engine starts to pay. Provisional: no quiet machine has run the crossover bench
+/// (`cargo xtask bench --only crossover`, `docs/packet-engine.md` section 10) yet.
+pub const AUTO_PACKET_AFTER: u64 = 1 << 20;
 
 impl Default for PacketSettings {
     /// The values used when `[packet]` or one of its keys is left out.
@@ -101,6 +110,7 @@ impl Default for PacketSettings {
             drain_timeout: Duration::from_secs(30),
             keep_on_stop: false,
             mss: None,
+            auto_after: None,
         }
     }
 }
@@ -554,6 +564,16 @@ impl Config {
     /// Whether `forwarding = "packet"` is set anywhere (`[defaults]`, a listener, a site or
     /// the default site).
     pub fn names_packet(&self) -> bool {
+        self.names(Forwarding::Packet)
+    }
+
+    /// Whether `forwarding = "auto"` is in effect anywhere (`[defaults]`, where it is the
+    /// default, a listener, a site or the default site).
+    pub fn names_auto(&self) -> bool {
+        self.names(Forwarding::Auto)
+    }
+
+    fn names(&self, engine: Forwarding) -> bool {
         std::iter::once(Some(self.defaults.forwarding))
             .chain(self.listeners.iter().map(|l| l.forwarding))
             .chain(
@@ -562,7 +582,7 @@ impl Config {
                     .chain(&self.default_site)
                     .map(|s| s.forwarding),
             )
-            .any(|f| f == Some(Forwarding::Packet))
+            .any(|f| f == Some(engine))
     }
 
     /// Validates `text` as if it had been read from `path`; `include`s, if any, are read from
@@ -746,6 +766,15 @@ impl Config {
                 p.keep_on_stop,
                 p.mss.map_or("from the MTU".to_string(), |m| m.to_string()),
             );
+            if let Some(after) = p.auto_after.filter(|_| self.names_auto()) {
+                let _ = writeln!(
+                    out,
+                    "auto: the packet engine after {} both ways (where it loads), sockmap after \
+                     {} per direction for a connection it refuses",
+                    parse::format_size(after),
+                    parse::format_size(self.defaults.sockmap_handoff),
+                );
+            }
         }
         match &self.xdp {
             Some(xdp) => {

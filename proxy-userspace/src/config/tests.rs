@@ -1837,6 +1837,7 @@ fn packet_defaults_and_every_key() {
             drain_timeout: Duration::from_secs(5),
             keep_on_stop: true,
             mss: Some(1400),
+            auto_after: Some(64 << 10),
         }
     );
     assert!(
@@ -1893,6 +1894,47 @@ forwarding = "packet"
         config.summary()
     );
     assert!(!parse(LISTEN).expect("valid").names_packet());
+}
+
+/// The `[packet]` section is what lets `auto` use the engine: without it `auto_after` is
+/// `None`; with it, `after` when given, else the provisional crossover (1 MiB), while
+/// `packet` keeps 0. The summary says which applies to `auto`.
+#[test]
+fn a_packet_section_lets_auto_use_the_engine_after_the_crossover() {
+    let without = parse(LISTEN).expect("valid");
+    assert_eq!(without.packet().auto_after, None);
+    assert!(
+        !without.summary().contains("auto:"),
+        "{}",
+        without.summary()
+    );
+
+    let empty = parse(&packet("")).expect("valid");
+    assert_eq!(empty.packet().auto_after, Some(1 << 20));
+    assert_eq!(empty.packet().after, 0);
+    assert!(
+        empty.summary().contains(
+            "auto: the packet engine after 1MiB both ways (where it loads), sockmap after \
+             256KiB per direction for a connection it refuses\n"
+        ),
+        "{}",
+        empty.summary()
+    );
+
+    let set = parse(&packet("after = \"4MiB\"\n")).expect("valid");
+    assert_eq!(set.packet().auto_after, Some(4 << 20));
+    assert_eq!(set.packet().after, 4 << 20);
+    let zero = parse(&packet("after = 0\n")).expect("valid");
+    assert_eq!(zero.packet().auto_after, Some(0));
+
+    // Nothing on auto: the section changes nothing for it, and the summary says nothing.
+    let splice = parse(&format!(
+        "[defaults]\nforwarding = \"splice\"\n{}",
+        packet("")
+    ))
+    .expect("valid");
+    assert!(!splice.names_auto());
+    assert!(!splice.summary().contains("auto:"), "{}", splice.summary());
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! propagate each half-close with `shutdown(SHUT_WR)` only after every byte before it went out,
 //! and never lose, duplicate or reorder a byte. They differ in who touches the payload.
 
+pub mod choose;
 mod copy;
 pub mod http;
 pub mod packet;

@@ -1,7 +1,9 @@
 //! The packet engine's part of forwarding (`docs/packet-engine.md`, section 3.4): splice until
 //! `packet.after` bytes moved (none by default), freeze both directions where no pipe holds a
 //! byte, and hand the connection to the kernel ([`crate::packet::Packet::handoff`]). A refused
-//! handoff goes on with splice; a handed-off connection waits here for the sweeper to end it.
+//! handoff goes on with splice, or under `auto` as `auto` goes on without the engine (sockmap
+//! after its handoff; see [`super::choose`]); a handed-off connection waits here for the
+//! sweeper to end it.
 use std::{
     io,
     os::fd::AsFd,
@@ -15,7 +17,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{
-    Counters, ForwardError, Side,
+    Counters, ForwardError, Side, sockmap,
     splice::{self, Stopped},
 };
 use crate::{
@@ -54,12 +56,25 @@ pub struct Params<'a> {
     pub handed_off: &'a AtomicBool,
     /// Where refusals and handoff durations are counted, as they happen.
     pub stats: &'a crate::shared::PacketStats,
+    /// Whether a connection that ends before `after` bytes counts as refused (`half_closed`),
+    /// as under `forwarding = "packet"`; under `auto` it was never offered to the engine.
+    pub short_is_refused: bool,
+    /// What carries a connection the engine did not take: the sockmap engine, picking up
+    /// where the splice phase left it (`auto` with the kernel path), or, when `None`, splice.
+    pub then_sockmap: Option<sockmap::Params<'a>>,
 }
 
 /// How a connection was forwarded.
 pub enum Used {
-    /// The handoff was refused for this reason; splice carried the connection to its end.
-    Refused(&'static str),
+    /// The engine did not carry the connection: it refused it for this reason, or (`None`) the
+    /// connection ended before it was offered. Splice, or the sockmap engine when `sockmap`
+    /// (it moved at least one direction), carried it to its end.
+    Stayed {
+        /// Why the engine refused it, if it was offered.
+        refused: Option<&'static str>,
+        /// The sockmap engine's kernel path moved a direction.
+        sockmap: bool,
+    },
     /// The kernel carried it after the handoff, which took `handoff`, until `end`.
     Packet {
         /// Why the sweeper ended it.
@@ -75,9 +90,55 @@ pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     counters: &Counters,
-    params: Params<'_>,
+    mut params: Params<'_>,
 ) -> Result<Used, ForwardError> {
     let ended = AtomicBool::new(false);
+    let then_sockmap = params.then_sockmap.take();
+    let (refused, eof) = match offer(client, backend, counters, params, &ended).await? {
+        Offered::Packet(used) => return Ok(used),
+        Offered::Stayed { refused, eof } => (refused, eof),
+    };
+    let sockmap = match then_sockmap {
+        // Every byte so far went through splice with empty pipes at the end, and nothing else
+        // touched the sockets: the sockmap engine starts from that, as its own splice phase
+        // would have left them.
+        Some(mut next) => {
+            let (up, down) = counters.get();
+            next.earlier = sockmap::Earlier {
+                moved: (up, down),
+                ended: eof,
+            };
+            sockmap::forward(client, backend, counters, next).await? == sockmap::Used::Sockmap
+        }
+        None => {
+            go_on_with_splice(client, backend, counters, &ended, eof).await?;
+            false
+        }
+    };
+    Ok(Used::Stayed { refused, sockmap })
+}
+
+/// Where [`offer`] left a connection.
+enum Offered {
+    /// Handed off, and ended.
+    Packet(Used),
+    /// Not handed off, with every byte so far forwarded: why it was refused (`None`: never
+    /// offered), and which directions already ended (their end of stream passed on).
+    Stayed {
+        refused: Option<&'static str>,
+        eof: (bool, bool),
+    },
+}
+
+/// Splices until `after`, freezes and hands the connection off: returns once it ended if it
+/// was handed off, else at once with where it stands. A refusal is counted here.
+async fn offer(
+    client: &TcpStream,
+    backend: &TcpStream,
+    counters: &Counters,
+    params: Params<'_>,
+    ended: &AtomicBool,
+) -> Result<Offered, ForwardError> {
     let mut eof = (false, false);
     if params.after > 0 {
         let stop = tokio::sync::watch::Sender::new(false);
@@ -91,7 +152,7 @@ pub async fn forward(
             backend,
             Side::Client,
             &counters.upstream,
-            Some(&ended),
+            Some(ended),
             &stop,
             &moved,
         );
@@ -100,7 +161,7 @@ pub async fn forward(
             client,
             Side::Backend,
             &counters.downstream,
-            Some(&ended),
+            Some(ended),
             &stop,
             &moved,
         );
@@ -119,6 +180,10 @@ pub async fn forward(
             }
         );
         eof = (up? == Stopped::Eof, down? == Stopped::Eof);
+        if (eof.0 || eof.1) && !moved() && !params.short_is_refused {
+            // It ended before it moved `after` bytes: it was never the engine's.
+            return Ok(Offered::Stayed { refused: None, eof });
+        }
     }
     // What the peers already sent (early client data behind the hello, a backend that
     // answered at once) goes through spliced's counts now, and the freeze waits until both
@@ -133,7 +198,7 @@ pub async fn forward(
             backend,
             Side::Client,
             &counters.upstream,
-            Some(&ended),
+            Some(ended),
             QUEUED_LIMIT,
         );
         let down = splice::queued(
@@ -141,7 +206,7 @@ pub async fn forward(
             client,
             Side::Backend,
             &counters.downstream,
-            Some(&ended),
+            Some(ended),
             QUEUED_LIMIT,
         );
         let (up, down) = tokio::try_join!(up, down)?;
@@ -154,20 +219,19 @@ pub async fn forward(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    if !quiet && !eof.0 && !eof.1 {
-        params.stats.count_refused("not_quiet");
-        go_on_with_splice(client, backend, counters, &ended, eof).await?;
-        return Ok(Used::Refused("not_quiet"));
-    }
-    let reason = if eof.0 || eof.1 {
+    let reason = if !quiet && !eof.0 && !eof.1 {
+        Some("not_quiet")
+    } else if eof.0 || eof.1 {
         Some("half_closed")
     } else {
         params.refuse
     };
     if let Some(reason) = reason {
         params.stats.count_refused(reason);
-        go_on_with_splice(client, backend, counters, &ended, eof).await?;
-        return Ok(Used::Refused(reason));
+        return Ok(Offered::Stayed {
+            refused: Some(reason),
+            eof,
+        });
     }
     // Frozen: both directions stopped with their pipes empty.
     let (up, down) = counters.get();
@@ -190,8 +254,10 @@ pub async fn forward(
     match outcome {
         packet::Outcome::Refused(reason) => {
             params.stats.count_refused(reason);
-            go_on_with_splice(client, backend, counters, &ended, eof).await?;
-            Ok(Used::Refused(reason))
+            Ok(Offered::Stayed {
+                refused: Some(reason),
+                eof,
+            })
         }
         packet::Outcome::HandedOff {
             duration,
@@ -215,10 +281,10 @@ pub async fn forward(
             counters
                 .downstream
                 .fetch_add(down.max(drained.1), Ordering::Relaxed);
-            Ok(Used::Packet {
+            Ok(Offered::Packet(Used::Packet {
                 end: ended.end,
                 handoff: duration,
-            })
+            }))
         }
     }
 }

@@ -110,6 +110,22 @@ pub struct Params<'a> {
     /// Bytes a direction moves with `splice(2)` before it is handed to the kernel; 0 hands it
     /// over at once.
     pub handoff: u64,
+    /// What another engine did before this one took the connection over (under `auto`, the
+    /// packet engine's splice phase, which ended with a refusal): nothing by default.
+    pub earlier: Earlier,
+}
+
+/// Where an earlier engine left a connection: each direction's bytes it moved with
+/// `splice(2)` (every one read from the source and written to the destination, nothing in a
+/// pipe), and whether that direction's end of stream was already passed on. The kernel's
+/// counts include those bytes, and the handoff counts them as spliced: a direction that
+/// moved `handoff` bytes already goes to the kernel at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Earlier {
+    /// Bytes moved client to backend, and backend to client.
+    pub moved: (u64, u64),
+    /// Whether client to backend, and backend to client, already ended.
+    pub ended: (bool, bool),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -346,8 +362,11 @@ pub async fn forward(
     counters: &Counters,
     params: Params<'_>,
 ) -> Result<Used, ForwardError> {
-    let (spliced_up, spliced_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let direction = |src, dst, side, consumed_base, written_base, spliced| Direction {
+    // What an earlier engine spliced counts as this one's splicing: the same bytes for the
+    // kernel's counts, the handoff and the byte counters.
+    let Earlier { moved, ended } = params.earlier;
+    let (spliced_up, spliced_down) = (AtomicU64::new(moved.0), AtomicU64::new(moved.1));
+    let direction = |src, dst, side, consumed_base, written_base, spliced, ended| Direction {
         src,
         dst,
         side,
@@ -364,8 +383,9 @@ pub async fn forward(
         src_error: None,
         reset_after_fin: None,
         short_since: None,
-        eof: false,
-        shut: false,
+        // A direction that ended is where its splice phase leaves one at its end of stream.
+        eof: ended,
+        shut: ended,
     };
     let mut up = direction(
         client,
@@ -374,8 +394,9 @@ pub async fn forward(
         params.client_consumed,
         params.preface_len,
         &spliced_up,
+        ended.0,
     );
-    let mut down = direction(backend, client, Side::Backend, 0, 0, &spliced_down);
+    let mut down = direction(backend, client, Side::Backend, 0, 0, &spliced_down, ended.1);
     let mut link = Link {
         kernel: params.kernel,
         pair: None,
@@ -575,6 +596,9 @@ async fn run<'s>(
     // Each direction starts with splice, or in the kernel at once when there is no handoff (if
     // the kernel cannot take it, e.g. because its FIN already arrived, splice to its end).
     let start = |d: &mut Direction<'s>, other: &mut Direction<'s>, link: &mut Link<'_>| {
+        if d.shut {
+            return None;
+        }
         if params.handoff > 0 {
             return Some(splice_phase(d));
         }

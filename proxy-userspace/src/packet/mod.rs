@@ -144,10 +144,22 @@ impl Packet {
                     .with_context(|| format!("removing the stale pin {}", pin.display()))?;
             }
         }
-        let mut tables = PacketTables::load_pinned(pin_dir)?;
-        for name in &interfaces {
-            tables.attach(name)?;
-        }
+        let loaded = PacketTables::load_pinned(pin_dir).and_then(|mut tables| {
+            for name in &interfaces {
+                tables.attach(name)?;
+            }
+            Ok(tables)
+        });
+        let tables = match loaded {
+            Ok(tables) => tables,
+            Err(e) => {
+                // Under `auto` spliced runs on without the engine: leave no pins behind.
+                for pin in pin_dir.into_iter().flat_map(pins) {
+                    let _ = std::fs::remove_file(&pin);
+                }
+                return Err(e);
+            }
+        };
         let icmp = icmp::Sender::open()
             .inspect_err(|e| {
                 tracing::warn!("packet engine: ICMP errors will not be translated: {e:#}");
