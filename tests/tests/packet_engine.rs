@@ -152,6 +152,34 @@ fn number(line: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("{key}= is not a number in {line}"))
 }
 
+/// Sends `len` bytes of `SEED_UP` (then its FIN) from a clone of `client` while reading
+/// `len` bytes of `down_seed` from it, both checked byte for byte; a stall fails with
+/// spliced's view of it, `what` in front.
+fn both_ways(
+    world: &World,
+    spliced: &Spliced,
+    client: &mut TcpStream,
+    down_seed: u64,
+    len: u64,
+    what: &str,
+) -> Result<()> {
+    let mut writer = client.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_UP, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(client, down_seed, len).with_context(|| {
+        stall_diagnostics(
+            world,
+            spliced,
+            &format!("{what}receiving the backend's stream"),
+        )
+    })?;
+    result(&sender, IO, "the client's sender")
+        .with_context(|| stall_diagnostics(world, spliced, &format!("{what}the client's sender")))
+}
+
 /// The access-log line of `client`, which the packet engine must have carried to `end` with
 /// `up` bytes from the client (hello included) and `down` bytes back.
 fn expect_packet_line(
@@ -259,16 +287,7 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
     let (mut client, me) = client_with(&world, &hello)?;
     wait_handed_off(&spliced, 1).with_context(|| diagnostics(&spliced, "the handoff"))?;
     client.write_all(b"!")?;
-    let mut writer = client.try_clone()?;
-    let sender = spawn(move || {
-        send_stream(&mut writer, SEED_UP, len)?;
-        writer.shutdown(Shutdown::Write)?;
-        Ok(())
-    });
-    receive(&mut client, SEED_DOWN, len)
-        .with_context(|| stall_diagnostics(&world, &spliced, "receiving the backend's stream"))?;
-    result(&sender, IO, "the client's sender")
-        .with_context(|| stall_diagnostics(&world, &spliced, "the client's sender"))?;
+    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "")?;
     expect_packet_line(
         &spliced,
         me,
@@ -314,16 +333,7 @@ fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed(
         before.tcpi_pmtu
     );
     client.write_all(b"!")?;
-    let mut writer = client.try_clone()?;
-    let sender = spawn(move || {
-        send_stream(&mut writer, SEED_UP, len)?;
-        writer.shutdown(Shutdown::Write)?;
-        Ok(())
-    });
-    receive(&mut client, SEED_DOWN, len)
-        .with_context(|| stall_diagnostics(&world, &spliced, "receiving the backend's stream"))?;
-    result(&sender, IO, "the client's sender")
-        .with_context(|| stall_diagnostics(&world, &spliced, "the client's sender"))?;
+    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "")?;
     let records = bulk.wait_finished(1, IO)?;
     let record = records.first().context("no backend connection")?;
     ensure!(
@@ -402,18 +412,8 @@ fn bulk_rounds(rounds: u64, len: u64, packet: &str) -> Result<()> {
     let mut undrained = 0;
     for round in 0..rounds {
         let (mut client, me) = client_with(&world, &hello)?;
-        let mut writer = client.try_clone()?;
-        let sender = spawn(move || {
-            send_stream(&mut writer, SEED_UP, len)?;
-            writer.shutdown(Shutdown::Write)?;
-            Ok(())
-        });
-        let what = |what: &str| format!("round {round} of {rounds}: {what}");
-        receive(&mut client, SEED_DOWN, len).with_context(|| {
-            stall_diagnostics(&world, &spliced, &what("receiving the backend's stream"))
-        })?;
-        result(&sender, IO, "the client's sender")
-            .with_context(|| stall_diagnostics(&world, &spliced, &what("the client's sender")))?;
+        let round_of = format!("round {round} of {rounds}: ");
+        both_ways(&world, &spliced, &mut client, SEED_DOWN, len, &round_of)?;
         let line = spliced.log_line_for(me, LOG_WAIT)?;
         if rounds > 1 && field(&line, "packet_refused") == Some("half_closed") {
             // splice carried it all before the handoff could start: exact, but no drain.
@@ -421,7 +421,7 @@ fn bulk_rounds(rounds: u64, len: u64, packet: &str) -> Result<()> {
             continue;
         }
         expect_packet_line(&spliced, me, "fin", Some((len + hello.len() as u64, len)))
-            .with_context(|| what("the access-log line"))?;
+            .with_context(|| format!("{round_of}the access-log line"))?;
     }
     ensure!(
         undrained < rounds.div_ceil(2),
@@ -546,15 +546,8 @@ fn half_close_from_the_client_is_passed_on_in_order() -> Result<()> {
     let (mut client, me) = client_with(&world, &hello)?;
     expect_hello(&mut client, &hello)?;
     let len = 4 * MIB;
-    let mut writer = client.try_clone()?;
-    let sender = spawn(move || {
-        send_stream(&mut writer, SEED_UP, len)?;
-        writer.shutdown(Shutdown::Write)?;
-        Ok(())
-    });
     // Everything echoed, then the backend's end.
-    receive(&mut client, SEED_UP, len)?;
-    result(&sender, IO, "the client's sender")?;
+    both_ways(&world, &spliced, &mut client, SEED_UP, len, "")?;
     let total = len + hello.len() as u64;
     expect_packet_line(&spliced, me, "fin", Some((total, total)))?;
     Ok(())
@@ -874,14 +867,7 @@ fn a_refused_handoff_still_delivers_exactly_on_splice() -> Result<()> {
     )?;
     let spliced = start(&world, &bpffs, "")?;
     let (mut client, me) = client_with(&world, &hello)?;
-    let mut writer = client.try_clone()?;
-    let sender = spawn(move || {
-        send_stream(&mut writer, SEED_UP, len)?;
-        writer.shutdown(Shutdown::Write)?;
-        Ok(())
-    });
-    receive(&mut client, SEED_DOWN, len)?;
-    result(&sender, IO, "the client's sender")?;
+    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "")?;
     let line = spliced.log_line_for(me, LOG_WAIT)?;
     ensure!(
         field(&line, "engine") == Some("splice")
