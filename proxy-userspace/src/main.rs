@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                 match spliced::packet_preflight(&cfg) {
                     Some((true, Ok(summary))) => println!("{summary}"),
                     Some((false, Ok(summary))) => {
-                        println!("{summary}; auto uses it (the [packet] section)");
+                        println!("{summary}; auto uses it (the [packet] section's after)");
                     }
                     Some((true, Err(e))) => {
                         eprintln!(

@@ -916,6 +916,7 @@ connect_timeout = "2s"
 
 [packet]
 linger = "200ms"
+after = "1MiB"
 
 [[listen]]
 address = "0.0.0.0:443"
@@ -1044,7 +1045,7 @@ fn auto_runs_without_the_packet_engine_when_it_cannot_load() -> Result<()> {
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
     let _echo = TestBackend::start(&world, ECHO_PORT, Behavior::Echo)?;
-    let text = config("interfaces = [\"nosuch0\"]")
+    let text = config("interfaces = [\"nosuch0\"]\nafter = \"1MiB\"")
         .replace("forwarding = \"packet\"", "forwarding = \"auto\"");
     let spliced = Launch::new(text)
         .arg("--pin-dir")

@@ -256,7 +256,6 @@ fn build_packet(src: &Source, raw: Spanned<RawPacket>) -> Result<PacketSettings,
             packet.interfaces.push(name.into_inner());
         }
     }
-    packet.auto_after = Some(crate::config::AUTO_PACKET_AFTER);
     if let Some(value) = &raw.after {
         packet.after = size_in(src, value, "packet", "after")?;
         packet.auto_after = Some(packet.after);

@@ -87,16 +87,14 @@ pub struct PacketSettings {
     /// The MSS clamped on the listener's and the backend's sockets; `None` derives it from the
     /// interfaces' MTU. 536..=65495 when set.
     pub mss: Option<u16>,
-    /// `None` without a `[packet]` section: `auto` then never loads nor uses the engine. With
-    /// one, the bytes (both directions together) an `auto` connection moves before it is
-    /// offered to the engine: `after` when given, else [`AUTO_PACKET_AFTER`].
+    /// The bytes (both directions together) an `auto` connection moves before it is offered
+    /// to the engine: the section's `after`, when the file sets it. `None` otherwise, and
+    /// `auto` then never loads nor uses the engine: the crossover bench of 2026-12-06
+    /// (`docs/benchmarks.md`) found no size up to 16 MiB where a handoff in the middle of a
+    /// download paid (it costs the backend about one retransmission timeout), so there is no
+    /// default that would make `auto` faster.
     pub auto_after: Option<u64>,
 }
-
-/// `packet.after` for `auto` when the file does not set it: where handing a download to the
-/// packet engine starts to pay. Provisional: no quiet machine has run the crossover bench
-/// (`cargo xtask bench --only crossover`, `docs/packet-engine.md` section 10) yet.
-pub const AUTO_PACKET_AFTER: u64 = 1 << 20;
 
 impl Default for PacketSettings {
     /// The values used when `[packet]` or one of its keys is left out.

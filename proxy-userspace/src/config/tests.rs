@@ -1896,11 +1896,10 @@ forwarding = "packet"
     assert!(!parse(LISTEN).expect("valid").names_packet());
 }
 
-/// The `[packet]` section is what lets `auto` use the engine: without it `auto_after` is
-/// `None`; with it, `after` when given, else the provisional crossover (1 MiB), while
-/// `packet` keeps 0. The summary says which applies to `auto`.
+/// `after` in the `[packet]` section is what lets `auto` use the engine: without it
+/// `auto_after` is `None`, while `packet` keeps 0. The summary says which applies to `auto`.
 #[test]
-fn a_packet_section_lets_auto_use_the_engine_after_the_crossover() {
+fn a_packet_section_with_after_lets_auto_use_the_engine() {
     let without = parse(LISTEN).expect("valid");
     assert_eq!(without.packet().auto_after, None);
     assert!(
@@ -1909,16 +1908,19 @@ fn a_packet_section_lets_auto_use_the_engine_after_the_crossover() {
         without.summary()
     );
 
+    // The section alone: `packet` may use it, `auto` does not (no default `after` pays).
     let empty = parse(&packet("")).expect("valid");
-    assert_eq!(empty.packet().auto_after, Some(1 << 20));
+    assert_eq!(empty.packet().auto_after, None);
     assert_eq!(empty.packet().after, 0);
+    assert!(!empty.summary().contains("auto:"), "{}", empty.summary());
+    let mib = parse(&packet("after = \"1MiB\"\n")).expect("valid");
     assert!(
-        empty.summary().contains(
+        mib.summary().contains(
             "auto: the packet engine after 1MiB both ways (where it loads), sockmap after \
              256KiB per direction for a connection it refuses\n"
         ),
         "{}",
-        empty.summary()
+        mib.summary()
     );
 
     let set = parse(&packet("after = \"4MiB\"\n")).expect("valid");

@@ -3,9 +3,9 @@
 //! tested without sockets.
 //!
 //! `auto` is splice, then the sockmap engine's kernel path for each direction once it moved
-//! `sockmap_handoff` bytes. With a `[packet]` section and the packet engine loaded, a
-//! connection is first offered to the packet engine once it moved `packet.after` bytes both
-//! ways together ([`crate::config::AUTO_PACKET_AFTER`] unless set), before any direction enters
+//! `sockmap_handoff` bytes. With a `[packet]` section that sets `after` and the packet engine
+//! loaded, a connection is first offered to the packet engine once it moved `packet.after`
+//! bytes both ways together, before any direction enters
 //! the kernel path: a connection in a socket map cannot be handed off, and one the engine
 //! refuses goes on as `auto` would have, each direction to the kernel path once it moved
 //! `sockmap_handoff` bytes (counted from the start, so at once if it already did).
@@ -22,12 +22,13 @@ pub enum PacketLoad {
     /// spliced does not start.
     Required,
     /// Only `auto` may use it, because the file has a `[packet]` section (which says where the
-    /// programs may attach): if it cannot be loaded, spliced says what is missing and `auto`
+    /// programs may attach) with `after`: if it cannot be loaded, spliced says what is missing and `auto`
     /// runs without it.
     ForAuto,
 }
 
-/// Whether `auto` may use the packet engine under `config`: it has a `[packet]` section.
+/// Whether `auto` may use the packet engine under `config`: it has a `[packet]` section that
+/// sets `after`.
 pub fn auto_may_use_packet(config: &Config) -> bool {
     config.packet.auto_after.is_some()
 }
@@ -209,12 +210,20 @@ mod tests {
         );
     }
 
-    /// With `[packet]`, `auto` loads the engine (a failure is not fatal), its listeners save
-    /// SYNs, and a connection is offered after 1 MiB unless `after` says otherwise; refused, it
-    /// goes on to the kernel path.
+    /// With `[packet]` and its `after`, `auto` loads the engine (a failure is not fatal), its
+    /// listeners save SYNs, and a connection is offered after `after`; refused, it goes on to
+    /// the kernel path. The section without `after` leaves `auto` as it was (no measured
+    /// size where a handoff in mid-download pays).
     #[test]
-    fn with_a_packet_section_auto_offers_the_engine_after_the_crossover() {
+    fn with_a_packet_section_and_after_auto_offers_the_engine() {
         let c = with("forwarding = \"auto\"", Some(""));
+        assert_eq!(packet_load(&c), PacketLoad::No);
+        assert!(!listener_may_use_packet(&c, &c.listeners[0]));
+        assert_eq!(
+            choose(Forwarding::Auto, &c, ALL),
+            Plan::Sockmap { handoff: 256 << 10 }
+        );
+        let c = with("forwarding = \"auto\"", Some("after = \"1MiB\""));
         assert_eq!(packet_load(&c), PacketLoad::ForAuto);
         assert!(listener_may_use_packet(&c, &c.listeners[0]));
         let plan = choose(Forwarding::Auto, &c, ALL);
@@ -250,7 +259,7 @@ mod tests {
     /// The engine did not load (or the kernel path did not): `auto` goes on without it.
     #[test]
     fn auto_without_the_loaded_engine_is_what_it_was() {
-        let c = with("forwarding = \"auto\"", Some(""));
+        let c = with("forwarding = \"auto\"", Some("after = \"1MiB\""));
         let sockmap_only = Loaded {
             sockmap: true,
             packet: false,
@@ -306,7 +315,7 @@ mod tests {
     #[test]
     fn a_site_on_auto_loads_the_engine_for_auto() {
         let c = config(&format!(
-            "[defaults]\nforwarding = \"splice\"\n[packet]\n{SITES}forwarding = \"auto\"\n"
+            "[defaults]\nforwarding = \"splice\"\n[packet]\nafter = 0\n{SITES}forwarding = \"auto\"\n"
         ));
         assert_eq!(packet_load(&c), PacketLoad::ForAuto);
         assert!(listener_may_use_packet(&c, &c.listeners[0]));
@@ -315,7 +324,7 @@ mod tests {
     /// The line's engine follows what forwarding reports.
     #[test]
     fn the_line_names_the_engine_the_connection_ended_on() {
-        let c = with("forwarding = \"auto\"", Some(""));
+        let c = with("forwarding = \"auto\"", Some("after = \"1MiB\""));
         let plan = choose(Forwarding::Auto, &c, ALL);
         assert_eq!(ended_on(plan, true, false), Engine::Packet);
         assert_eq!(ended_on(plan, false, true), Engine::Sockmap);
