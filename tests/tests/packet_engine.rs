@@ -112,9 +112,17 @@ impl Drop for Bpffs {
 /// The world with software checksums on the proxy's veths, and spliced started in it with
 /// its metrics endpoint and its pins under `bpffs`.
 fn start(world: &World, bpffs: &Bpffs, packet: &str) -> Result<Spliced> {
-    for dev in ["eth0", "eth1"] {
+    // Software checksums everywhere: on the proxy's veths for what the programs translate,
+    // on the peers' for what reaches the local sockets as it came or as an ACK copy (veth
+    // never checks a checksum its sender left to the hardware).
+    for (ns, dev) in [
+        (Ns::Proxy, "eth0"),
+        (Ns::Proxy, "eth1"),
+        (Ns::Client, "eth0"),
+        (Ns::Backend, "eth0"),
+    ] {
         let out = world
-            .command(Ns::Proxy, "ethtool")
+            .command(ns, "ethtool")
             .args(["-K", dev, "tx", "off"])
             .output()
             .context("running ethtool")?;
