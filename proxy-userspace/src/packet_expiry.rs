@@ -126,8 +126,9 @@ pub fn decide(up: &Flow, down: &Flow, now_ns: u64, settings: &PacketSettings) ->
 /// what spliced moved before, the access log's count for that direction.
 ///
 /// The program's `stream_bytes` sums the advances of `high_end`, which counts past 4 GiB but
-/// is not exact: two CPUs advancing `high_end` at once can both add the same stretch (a CI
-/// run counted 45 segments, 64,260 bytes, twice in 256 MiB). The stream's end is exact (the
+/// is not exact: its update is not atomic, so two CPUs advancing `high_end` at once can both
+/// add the same stretch (a CI run counted 64,260 bytes, 45 segments, too many in 256 MiB;
+/// this race would explain it, no trace confirmed it). The stream's end is exact (the
 /// FIN's sequence number, or `high_end` without one), so the count is the number with that
 /// end's offset from `seq_floor` modulo 2^32 nearest to the sum: exact while the sum is off by
 /// less than 2 GiB.
