@@ -1087,3 +1087,88 @@ fn auto_runs_without_the_packet_engine_when_it_cannot_load() -> Result<()> {
     ensure!(pins.is_empty(), "pins left: {pins:?}");
     Ok(())
 }
+
+/// Downloads handed off in their middle (`after` = 64 KiB of 4 MiB), several at once, as the
+/// bench's crossover series runs them: every one must arrive exactly and without a stall (a
+/// stall is the drain waiting on retransmission timeouts: docs/packet-engine.md 3.6 item
+/// 10). `SPLICED_PACKET_DOWNLOADS` sets how many (default 64, 4 at a time).
+#[test]
+fn downloads_handed_off_in_their_middle_do_not_stall() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "after = \"64KiB\"\nlinger = \"200ms\"")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let hello = raw::simple_hello("own.example");
+    let total: u64 = spliced_tests::env_or("SPLICED_PACKET_DOWNLOADS", 64);
+    // A download takes tens of milliseconds. One that met a retransmission timeout or two
+    // (the backend's data that the translation carried past the client's window while L
+    // still delivered the drain's bytes is dropped there, and only a timer resends it) takes
+    // up to about 1.2 s; a stalled drain (before the `ack_floor` fix of 2026-12-06, 3 runs
+    // of 3 had one) never ends. The bench's client gives up after 3 s.
+    const SLOW: Duration = Duration::from_secs(3);
+    let threads = 4;
+    let len = 4 * MIB;
+    let mut times = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut workers = Vec::new();
+        for t in 0..threads {
+            let (world, listener, hello) = (&world, &listener, &hello);
+            workers.push(scope.spawn(move || -> Result<Vec<Duration>> {
+                let mut times = Vec::new();
+                for _ in (t..total).step_by(threads as usize) {
+                    let began = Instant::now();
+                    download(world, listener, hello, len)?;
+                    times.push(began.elapsed());
+                }
+                Ok(times)
+            }));
+        }
+        for w in workers {
+            let t = w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a download thread panicked"))?
+                .with_context(|| stall_diagnostics(&world, &spliced, "a download"))?;
+            times.extend(t);
+        }
+        Ok(())
+    })?;
+    times.sort();
+    let slow = times.iter().filter(|t| **t > SLOW).count();
+    let m = spliced.metrics()?;
+    let handed = m.count("spliced_packet_handoff_seconds_count", &[])?;
+    let timeouts = nstat(&world, Ns::Backend, "TcpExtTCPTimeouts");
+    eprintln!(
+        "{total} downloads, {handed} handed off; median {:?}, max {:?}; over {SLOW:?}: {slow}; backend RTOs: {timeouts}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    ensure!(
+        handed >= total / 2,
+        "only {handed} of {total} downloads were handed off: nothing was tested\n{}",
+        diagnostics(&spliced, "handoffs")
+    );
+    ensure!(
+        slow == 0,
+        "{slow} of {total} downloads took over {SLOW:?} (max {:?}); the backend took {timeouts} retransmission timeouts\n{}",
+        times[times.len() - 1],
+        stall_diagnostics(&world, &spliced, "slow downloads")
+    );
+    Ok(())
+}
+
+/// One absolute TCP counter of a namespace (0 when nstat does not show it).
+fn nstat(world: &World, ns: Ns, name: &str) -> u64 {
+    world
+        .command(ns, "nstat")
+        .args(["-asz", name])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -122,6 +122,18 @@ impl PacketTables {
             tracing::warn!("inserting packet engine entries: {e:#}");
             return Err(HandoffError::Refused("insert_failed"));
         }
+        let queue = |fd, request| ioctl_int(fd, request).unwrap_or(-1);
+        tracing::debug!(
+            read_from_backend = handoff.read_from_backend,
+            written_to_client = handoff.written_to_client,
+            read_from_client = handoff.read_from_client,
+            l_inq = queue(freeze.client, libc::FIONREAD),
+            l_outq = queue(freeze.client, libc::TIOCOUTQ),
+            l2_inq = queue(freeze.backend, libc::FIONREAD),
+            l2_outq = queue(freeze.backend, libc::TIOCOUTQ),
+            client = ?peer_addr(freeze.client.as_raw_fd()).ok(),
+            "packet handoff: entries in, draining"
+        );
         let mut drain = Drain::new(freeze, &handoff);
         let deadline = started + limits.drain_timeout;
         match drain.run(self, &handoff, (&up, &down), deadline) {
@@ -140,6 +152,16 @@ impl PacketTables {
             }
         }
         forget(isn, &handoff);
+        tracing::debug!(
+            drained_up = drain.up,
+            drained_down = drain.down,
+            l_inq = queue(freeze.client, libc::FIONREAD),
+            l_outq = queue(freeze.client, libc::TIOCOUTQ),
+            l2_inq = queue(freeze.backend, libc::FIONREAD),
+            l2_outq = queue(freeze.backend, libc::TIOCOUTQ),
+            client = ?peer_addr(freeze.client.as_raw_fd()).ok(),
+            "packet handoff: drained, entries active"
+        );
         let handoff = Handoff {
             read_from_client: handoff.read_from_client.wrapping_add(drain.up as u32),
             written_to_backend: handoff.written_to_backend.wrapping_add(drain.up as u32),
@@ -354,7 +376,11 @@ impl<'a> Drain<'a> {
         // again (repair mode is never turned off: that sends a window probe).
         let changed = tables.set_state(&[*up, *down], FLOW_ACTIVE)?;
         if changed != 2 {
-            tracing::debug!("handoff: {changed} of 2 entries made ACTIVE (RST seen)");
+            tracing::debug!(
+                up = ?tables.get(up).ok().flatten().map(|f| f.state),
+                down = ?tables.get(down).ok().flatten().map(|f| f.state),
+                "handoff: {changed} of 2 entries made ACTIVE (RST seen)"
+            );
         }
         repair(self.l).context("TCP_REPAIR on L")?;
         repair(self.l2).context("TCP_REPAIR on L'")?;
@@ -376,7 +402,6 @@ impl<'a> Drain<'a> {
         // Entry of the peer that acknowledges what the written socket sends: X acks L (E_up),
         // Y acks L' (E_down).
         let out_sender = [*down, *up];
-        let mut moved = [false; 2];
         let mut buf = [0u8; 64 << 10];
         for dir in 0..2 {
             let (from, to) = (fds[dir], fds[1 - dir]);
@@ -395,11 +420,23 @@ impl<'a> Drain<'a> {
                     Err(e) => return Err(e).context("rule F: reading a local socket"),
                 }
             }
+            if !self.pending[dir].is_empty() {
+                // Before the bytes reach the socket: its peer may acknowledge them before
+                // `send` returns, and an ACK at or past the floor is translated, not passed
+                // (design 3.2). Raised afterwards, the floor let the peer's ACKs for rule F's
+                // bytes bypass the socket: it kept them unacknowledged, its send buffer stayed
+                // full, and what was still pending never went (a drain stalled for good in
+                // `downloads_handed_off_in_their_middle_do_not_stall`). The floor covers the
+                // pending bytes too: all of them were read from the other local socket, which
+                // acknowledged them to the far peer, so a translated ACK raised to it tells
+                // that peer nothing it did not know.
+                let end = self.write_seq[1 - dir].wrapping_add(self.pending[dir].len() as u32);
+                tables.raise_ack_floor(&out_sender[dir], end)?;
+            }
             while !self.pending[dir].is_empty() {
                 match send(to, &self.pending[dir]) {
                     Ok(n) => {
                         self.pending[dir].drain(..n);
-                        moved[dir] = true;
                         if dir == 0 {
                             self.up += n as u64;
                         } else {
@@ -411,11 +448,6 @@ impl<'a> Drain<'a> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e).context("rule F: writing a local socket"),
                 }
-            }
-            if moved[dir] {
-                // The socket written to has more to deliver: its peer's ACKs below that are
-                // its own (design 3.2, with rule F: `ack_floor` follows `write_seq`).
-                tables.raise_ack_floor(&out_sender[dir], self.write_seq[1 - dir])?;
             }
             if self.fin_read[dir] && !self.fin_sent[dir] && self.pending[dir].is_empty() {
                 tables.set_local_fin(&out_entry[dir])?;
