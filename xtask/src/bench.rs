@@ -262,6 +262,12 @@ pub fn run(bin: &Path, opts: &Options) -> Result<crate::report::Part> {
          writes one access-log line per connection to a file. \"vs HAProxy\" compares with \
          HAProxy splicing every connection.",
     );
+    notes.push_str(&format!(
+        " The packet engine's contender hands a connection to the kernel once it moved {} KiB \
+         (`packet.after`), as the README says to run it; the crossover part below has other \
+         values.",
+        proxies::PACKET_AFTER >> 10
+    ));
     for why in &skipped {
         notes.push_str(&format!("\nSkipped {why}."));
     }
