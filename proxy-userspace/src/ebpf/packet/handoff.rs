@@ -306,6 +306,8 @@ struct Drain<'a> {
     write_seq: [u32; 2],
     /// The client's (backend's) next sequence number, where a FIN read by rule F sits.
     read_seq: [u32; 2],
+    /// The `ack_floor` rule F last gave the entry of the peer that acknowledges L (L').
+    floor: [Option<u32>; 2],
 }
 
 impl<'a> Drain<'a> {
@@ -338,6 +340,7 @@ impl<'a> Drain<'a> {
                     .wrapping_add(1)
                     .wrapping_add(h.read_from_backend),
             ],
+            floor: [None; 2],
         }
     }
 
@@ -431,7 +434,10 @@ impl<'a> Drain<'a> {
                 // acknowledged them to the far peer, so a translated ACK raised to it tells
                 // that peer nothing it did not know.
                 let end = self.write_seq[1 - dir].wrapping_add(self.pending[dir].len() as u32);
-                tables.raise_ack_floor(&out_sender[dir], end)?;
+                if self.floor[dir] != Some(end) {
+                    tables.raise_ack_floor(&out_sender[dir], end)?;
+                    self.floor[dir] = Some(end);
+                }
             }
             while !self.pending[dir].is_empty() {
                 match send(to, &self.pending[dir]) {
