@@ -299,7 +299,7 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     {
         // Design 2.1: a SYN on the tuple of a connection that is over starts a new one (as
         // a kernel's TIME_WAIT lets it); on a live one it is dropped.
-        if supersede(flow) != 0 {
+        if supersede(flow, &seg.key) != 0 {
             count(PacketCounter::SynSuperseded, 1);
             return TCX_NEXT;
         }
@@ -562,27 +562,43 @@ fn read_tcp_apart(ctx: &TcContext, l4: usize, out: &mut Tcp) -> u32 {
 /// its socket and opened a new connection from the same port. The entry is marked
 /// [`Flow::superseded`] and the SYN goes to the stack: from then on neither program touches
 /// the tuple, and spliced's sweeper ends the old connection at once. Returns 1 when it did;
-/// 0 (the SYN is dropped as before) on a backend's entry or a connection still going.
+/// 0 (the SYN is dropped as before) on a backend's entry or a connection still going. A FIN
+/// spliced recorded in the control value and the entry has not adopted yet counts as seen.
 #[inline(never)]
-fn supersede(flow: *mut Flow) -> u32 {
+fn supersede(flow: *mut Flow, key: &FlowKey) -> u32 {
     // SAFETY: as in `track`.
     let f = unsafe { &*flow };
     if f.dir != FLOW_UP {
         return 0;
     }
-    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key(f)) else {
+    let peer_key = peer_key(f);
+    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key) else {
         return 0;
     };
     // SAFETY: the peer entry stays valid while this program runs; only read.
     let (peer_state, peer_fin) = unsafe { ((*peer).state, (*peer).fin_seen) };
-    let over =
-        f.state == FLOW_RESET || peer_state == FLOW_RESET || (f.fin_seen != 0 && peer_fin != 0);
+    let over = f.state == FLOW_RESET
+        || peer_state == FLOW_RESET
+        || (fin_recorded(f.fin_seen, key) && fin_recorded(peer_fin, &peer_key));
     if !over {
         return 0;
     }
     // SAFETY: as in `track`; a plain byte store, read by both programs and spliced.
     unsafe { (*flow).superseded = 1 };
     1
+}
+
+/// Whether the sender of the entry `key` sent its FIN: the entry saw it (`seen`), or spliced
+/// recorded it in the control value (design 3.4 step 4) and no segment adopted it yet.
+#[inline(always)]
+fn fin_recorded(seen: u8, key: &FlowKey) -> bool {
+    if seen != 0 {
+        return true;
+    }
+    // SAFETY: the control value stays valid while this program runs; only read.
+    SPLICED_PACKET_CONTROL
+        .get_ptr(key)
+        .is_some_and(|c| unsafe { (*c).fin_seen } != 0)
 }
 
 /// [`track`]'s result: the segment's ACK is news to the local socket facing the sender (it
