@@ -896,6 +896,69 @@ fn a_new_connection_from_the_port_of_one_reset_by_the_client_connects_at_once() 
     reuse_the_port_of_an_ended_connection("rst_client", Duration::from_secs(1))
 }
 
+/// A SYN on the tuple of a connection that is not over is still dropped (design 2.1): on a
+/// live handed-off connection, and on one the client half-closed (only one FIN seen). The
+/// SYN, from the client's address and port, comes from a raw socket (the client's own stack
+/// would refuse a second socket on a tuple in use). The connection carries on unharmed.
+#[test]
+fn a_syn_on_the_tuple_of_a_connection_still_going_is_dropped() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let (mut client, me, mut backend, _) =
+        own_connection_from(&world, &spliced, &listener, (0, IO), 1000, 1)?;
+    let (SocketAddr::V4(me4), std::net::IpAddr::V4(proxy)) = (me, PROXY_V4) else {
+        bail!("the client is not IPv4");
+    };
+    let syn = |seq_base: u16| -> Result<()> {
+        let sent = world.within(Ns::Client, move || {
+            spliced_tests::packets::send_syns_v4(
+                *me4.ip(),
+                proxy,
+                443,
+                me4.port(),
+                1,
+                Duration::from_secs(1),
+            )
+        })??;
+        ensure!(sent == 1, "sent {sent} SYNs (round {seq_base})");
+        Ok(())
+    };
+    let dropped = |want: u64| -> Result<()> {
+        spliced.wait_metrics("the SYN dropped", IO, |m| {
+            let count = |c: &str| m.count("spliced_kernel_total", &[("counter", c)]);
+            Ok(count("packet_syn_on_entry")? >= want && count("packet_syn_superseded")? == 0)
+        })?;
+        Ok(())
+    };
+    syn(0)?;
+    dropped(1).with_context(|| diagnostics(&spliced, "a SYN on a live connection"))?;
+    ping(&mut client, &mut backend, 7)?;
+    // The client's FIN only: the backend still sends.
+    client.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    backend.read_to_end(&mut rest)?;
+    ensure!(
+        rest.is_empty(),
+        "the backend read {} bytes more",
+        rest.len()
+    );
+    syn(1)?;
+    dropped(2).with_context(|| diagnostics(&spliced, "a SYN on a half-closed connection"))?;
+    let last = [9u8; 3000];
+    backend.write_all(&last)?;
+    ensure!(read_exactly(&mut client, last.len())? == last);
+    drop(backend);
+    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
+    ensure!(
+        rest.is_empty() && end == raw::End::Eof,
+        "after the backend's end: {} bytes, {end:?}",
+        rest.len()
+    );
+    Ok(())
+}
+
 /// The backend resets the connection while the drain still waits for it to acknowledge the
 /// preface (its namespace drops spliced's data segments): the program translates the RST to
 /// the client, and the connection ends as `rst_backend`, like a reset after the drain, with
