@@ -232,6 +232,9 @@ impl Packet {
             return;
         }
         let reply = match self.kernel.tables.get(&event.key) {
+            // A superseded client entry (design 2.1): the quoted segment is the client's new
+            // connection's, which the stack itself carries; the message is the stack's too.
+            Ok(Some(flow)) if flow.superseded != 0 => None,
             Ok(Some(flow)) => icmp::reply(event, &flow),
             Ok(None) => None,
             Err(e) => {
