@@ -412,8 +412,13 @@ pub struct Flow {
     pub ws_in: u8,
     /// The window scale the receiver applies to the translated window field.
     pub ws_out: u8,
+    /// 1 once the client started a new connection on this entry's tuple after the
+    /// connection ended (set by `spliced_packet_in` on an `E_up` entry, design 2.1): the
+    /// programs no longer touch the tuple's segments, and spliced ends the connection at once.
+    /// A byte of its own, not a bit of `flags`, which `adopt` also writes.
+    pub superseded: u8,
     /// Zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The sender's ISN + 1, for byte counts in the access log.
     pub stream_start: u32,
     /// `tsoffset` of the local socket on the output side (L' for up, L for down): its
@@ -545,7 +550,7 @@ pub enum PacketCounter {
     TranslatedBytesDown = 3,
     /// Segments of an entry that is not `ACTIVE`, passed to the local stack.
     PassedLocal = 4,
-    /// SYNs on a tuple with an entry, dropped.
+    /// SYNs on a tuple with an entry whose connection is not over, dropped.
     SynOnEntry = 5,
     /// Pure ACKs below the entry's `ack_floor`, dropped (old, reordered).
     OldAckDropped = 6,
@@ -611,11 +616,15 @@ pub enum PacketCounter {
     IcmpFragNeededSeen = 31,
     /// ICMP reports that did not fit the ring buffer (spliced is not reading it).
     IcmpEventLost = 32,
+    /// SYNs from a client on the tuple of a connection that ended (both FINs seen, or an
+    /// RST): the client started a new connection from the same port, the entry is marked
+    /// [`Flow::superseded`] and the SYN goes to the stack (design 2.1).
+    SynSuperseded = 33,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -652,6 +661,7 @@ impl PacketCounter {
         PacketCounter::IcmpPtbSeen,
         PacketCounter::IcmpFragNeededSeen,
         PacketCounter::IcmpEventLost,
+        PacketCounter::SynSuperseded,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -690,6 +700,7 @@ impl PacketCounter {
             PacketCounter::IcmpPtbSeen => "icmp_ptb_seen",
             PacketCounter::IcmpFragNeededSeen => "icmp_frag_needed_seen",
             PacketCounter::IcmpEventLost => "icmp_event_lost",
+            PacketCounter::SynSuperseded => "syn_superseded",
         }
     }
 }

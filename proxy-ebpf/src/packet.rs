@@ -284,6 +284,26 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
         count(PacketCounter::AckCopyDropped, 1);
         return TC_ACT_SHOT;
     }
+    if f.superseded != 0 {
+        // The client started a new connection on this tuple: its segments are the stack's.
+        return TCX_NEXT;
+    }
+    let mut tcp = Tcp::default();
+    let readable = if seg.ipv6_ext {
+        0
+    } else {
+        read_tcp_apart(&ctx, seg.l4, &mut tcp)
+    };
+    if readable != 0
+        && tcp.flags & u32::from(TCP_SYN | TCP_ACK_FLAG | TCP_RST) == u32::from(TCP_SYN)
+    {
+        // Design 2.1: a SYN on the tuple of a connection that is over starts a new one (as
+        // a kernel's TIME_WAIT lets it); on a live one it is dropped.
+        if supersede(flow, &seg.key) != 0 {
+            count(PacketCounter::SynSuperseded, 1);
+            return TCX_NEXT;
+        }
+    }
     if f.state == FLOW_RESET {
         count(PacketCounter::ResetDropped, 1);
         return TC_ACT_SHOT;
@@ -294,8 +314,7 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
         count(PacketCounter::Ipv6ExtDropped, 1);
         return TC_ACT_SHOT;
     }
-    let mut tcp = Tcp::default();
-    if read_tcp_apart(&ctx, seg.l4, &mut tcp) == 0 {
+    if readable == 0 {
         return TC_ACT_OK;
     }
     if tcp.flags & u32::from(TCP_SYN) != 0 {
@@ -536,6 +555,50 @@ fn read_tcp_apart(ctx: &TcContext, l4: usize, out: &mut Tcp) -> u32 {
         }
         None => 0,
     }
+}
+
+/// Design 2.1: a client's SYN (no ACK, no RST) on the client's entry (`E_up`) of a
+/// connection that is over (either entry `RESET`, or both FINs seen) means the client closed
+/// its socket and opened a new connection from the same port. The entry is marked
+/// [`Flow::superseded`] and the SYN goes to the stack: from then on neither program touches
+/// the tuple, and spliced's sweeper ends the old connection at once. Returns 1 when it did;
+/// 0 (the SYN is dropped as before) on a backend's entry or a connection still going. A FIN
+/// spliced recorded in the control value and the entry has not adopted yet counts as seen.
+#[inline(never)]
+fn supersede(flow: *mut Flow, key: &FlowKey) -> u32 {
+    // SAFETY: as in `track`.
+    let f = unsafe { &*flow };
+    if f.dir != FLOW_UP {
+        return 0;
+    }
+    let peer_key = peer_key(f);
+    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key) else {
+        return 0;
+    };
+    // SAFETY: the peer entry stays valid while this program runs; only read.
+    let (peer_state, peer_fin) = unsafe { ((*peer).state, (*peer).fin_seen) };
+    let over = f.state == FLOW_RESET
+        || peer_state == FLOW_RESET
+        || (fin_recorded(f.fin_seen, key) && fin_recorded(peer_fin, &peer_key));
+    if !over {
+        return 0;
+    }
+    // SAFETY: as in `track`; a plain byte store, read by both programs and spliced.
+    unsafe { (*flow).superseded = 1 };
+    1
+}
+
+/// Whether the sender of the entry `key` sent its FIN: the entry saw it (`seen`), or spliced
+/// recorded it in the control value (design 3.4 step 4) and no segment adopted it yet.
+#[inline(always)]
+fn fin_recorded(seen: u8, key: &FlowKey) -> bool {
+    if seen != 0 {
+        return true;
+    }
+    // SAFETY: the control value stays valid while this program runs; only read.
+    SPLICED_PACKET_CONTROL
+        .get_ptr(key)
+        .is_some_and(|c| unsafe { (*c).fin_seen } != 0)
 }
 
 /// [`track`]'s result: the segment's ACK is news to the local socket facing the sender (it
@@ -856,6 +919,11 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     // SAFETY: the entry stays valid while this program runs; only `local_rcv_next` is
     // written here.
     let e = unsafe { &*entry };
+    if e.superseded != 0 {
+        // The client's new connection on this tuple (design 2.1): the stack's own segments,
+        // its SYN-ACK first, leave untouched.
+        return TCX_NEXT;
+    }
     let Some(tcp) = read_tcp(&ctx, seg.l4) else {
         return TC_ACT_OK;
     };

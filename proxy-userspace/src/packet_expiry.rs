@@ -93,6 +93,9 @@ pub fn fins_acked(up: &Flow, down: &Flow) -> bool {
 /// Whether the pair `up` (the client's segments) and `down` (the backend's) is to be removed
 /// at `now_ns` (`CLOCK_MONOTONIC`, [`monotonic_ns`]), and why; `None` keeps it.
 ///
+/// A pair whose client entry is [`Flow::superseded`] goes at once, whatever the waits: the
+/// client reused the tuple for a new connection (design 2.1).
+///
 /// A clean end wins over an RST, an RST over idleness (`up`'s over `down`'s, if both). Once
 /// both FINs are acknowledged every byte was delivered both ways, and an RST can only answer
 /// a stray segment: a peer that closed from `LAST_ACK` has no socket left, so its stack
@@ -111,6 +114,16 @@ pub fn decide(up: &Flow, down: &Flow, now_ns: u64, settings: &PacketSettings) ->
         None
     };
     let clean = fins_acked(up, down);
+    if up.superseded != 0 {
+        // The client opened a new connection from the same port (design 2.1): its socket is
+        // gone and the tuple is the new connection's, so nothing is left to linger for. The
+        // program marks an entry so only after an RST (`reset`) or with both FINs seen: a
+        // FIN whose last ACK the program did not see still ended the connection cleanly.
+        return Some(match reset {
+            Some(end) if !clean => end,
+            _ => End::Fin,
+        });
+    }
     if let Some(end) = reset {
         // A reset connection never comes back; waiting longer than idle_timeout is pointless.
         let end = if clean { End::Fin } else { end };
@@ -415,6 +428,51 @@ mod tests {
         assert_eq!(decide(&up, &down, 51 * SEC, &settings()), Some(End::Fin));
         down.state = FLOW_RESET;
         assert_eq!(decide(&up, &down, 51 * SEC, &settings()), Some(End::Fin));
+    }
+
+    /// The client reused the port (the program marked `E_up` superseded): the pair goes at
+    /// once, without `linger` or the RST's wait, and the end says how the connection ended.
+    #[test]
+    fn a_superseded_pair_ends_at_once_as_it_ended() {
+        let (ic, ip, jp, jb) = (1000, 2000, 3000, 4000);
+        let seen = 50 * SEC;
+        // Both FINs acknowledged: `fin`, not after `linger` but now.
+        let (mut up, mut down) = pair(ic, ip, jp, jb, seen);
+        fin(&mut up, ic, 10);
+        fin(&mut down, jb, 20);
+        ack_fin(&mut down, &up);
+        ack_fin(&mut up, &down);
+        assert_eq!(decide(&up, &down, seen, &settings()), None);
+        up.superseded = 1;
+        assert_eq!(decide(&up, &down, seen, &settings()), Some(End::Fin));
+        // A clock read before the program's last update changes nothing.
+        assert_eq!(decide(&up, &down, seen - SEC, &settings()), Some(End::Fin));
+        // Both FINs seen, the last ACK not: still a clean end (the client's socket is gone).
+        let (mut up, mut down) = pair(ic, ip, jp, jb, seen);
+        fin(&mut up, ic, 10);
+        fin(&mut down, jb, 20);
+        ack_fin(&mut down, &up);
+        up.superseded = 1;
+        assert!(!fins_acked(&up, &down));
+        assert_eq!(decide(&up, &down, seen, &settings()), Some(End::Fin));
+        // Reset by either side: the reset, at once rather than after RST_LINGER.
+        let (mut up, mut down) = pair(ic, ip, jp, jb, seen);
+        up.state = FLOW_RESET;
+        up.superseded = 1;
+        assert_eq!(decide(&up, &down, seen, &settings()), Some(End::RstClient));
+        up.state = FLOW_ACTIVE;
+        down.state = FLOW_RESET;
+        assert_eq!(decide(&up, &down, seen, &settings()), Some(End::RstBackend));
+        // An RST after both FINs were acknowledged is a clean end, as without the mark.
+        fin(&mut up, ic, 0);
+        fin(&mut down, jb, 0);
+        ack_fin(&mut down, &up);
+        ack_fin(&mut up, &down);
+        assert_eq!(decide(&up, &down, seen, &settings()), Some(End::Fin));
+        // Only the client's entry carries the mark: on the backend's it means nothing.
+        let (up, mut down) = pair(ic, ip, jp, jb, seen);
+        down.superseded = 1;
+        assert_eq!(decide(&up, &down, seen, &settings()), None);
     }
 
     #[test]

@@ -670,6 +670,294 @@ fn reset_from_the_backend_reaches_the_client() -> Result<()> {
     Ok(())
 }
 
+/// Connects from the client namespace to the proxy's 443 from `port` of the client's address
+/// (0: any), with `SO_REUSEADDR` so that a port whose last connection is closed can be bound
+/// again at once; `connect()` gives up after `within` (its send timeout), so a SYN that gets
+/// no answer is an error, not a hang.
+fn connect_from_port(world: &World, port: u16, within: Duration) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd as _;
+    let stream = world.within(Ns::Client, move || -> Result<TcpStream> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        let micros = i64::try_from(within.as_micros())?;
+        setsockopt(
+            &fd,
+            sockopt::SendTimeout,
+            &nix::sys::time::TimeVal::new(micros / 1_000_000, micros % 1_000_000),
+        )?;
+        let local = SocketAddr::new(spliced_tests::CLIENT_V4, port);
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
+            .with_context(|| format!("binding {local}"))?;
+        let to = SocketAddr::new(PROXY_V4, 443);
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(to))
+            .with_context(|| format!("connecting {local} -> {to} within {within:?}"))?;
+        Ok(TcpStream::from(fd))
+    })??;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO))?;
+    stream.set_write_timeout(Some(IO))?;
+    Ok(stream)
+}
+
+/// The access-log lines of `client` so far, in the order they were written.
+fn lines_for(spliced: &Spliced, client: SocketAddr) -> Vec<String> {
+    let want = client.to_string();
+    let text = spliced.stdout_text();
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .filter(|l| field(l, "client") == Some(want.as_str()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits for the `n`th access-log line of `client` (counting from 1) and checks it as
+/// [`expect_packet_line`] does.
+fn expect_nth_packet_line(
+    spliced: &Spliced,
+    client: SocketAddr,
+    n: usize,
+    end: &str,
+    (up, down): (u64, u64),
+) -> Result<String> {
+    let deadline = Instant::now() + LOG_WAIT;
+    let line = loop {
+        if let Some(line) = lines_for(spliced, client).into_iter().nth(n - 1) {
+            break line;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{}",
+                diagnostics(
+                    spliced,
+                    &format!("no access-log line {n} for {client} within {LOG_WAIT:?}")
+                )
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    ensure!(
+        field(&line, "engine") == Some("packet")
+            && field(&line, "end") == Some(end)
+            && (number(&line, "up")?, number(&line, "down")?) == (up, down),
+        "line {n} of {client}: expected engine=packet end={end} up={up} down={down}: {line}"
+    );
+    Ok(line)
+}
+
+/// One connection from `port` (0: any) through the tests' own server, handed off (the
+/// `handed`th handoff of this spliced): the hello and three round trips of `size` bytes.
+/// Returns the client, its address, the backend's socket and the bytes each way so far.
+fn own_connection_from(
+    world: &World,
+    spliced: &Spliced,
+    listener: &std::net::TcpListener,
+    (port, within): (u16, Duration),
+    size: usize,
+    handed: u64,
+) -> Result<(TcpStream, SocketAddr, TcpStream, (u64, u64))> {
+    let hello = raw::simple_hello("own.example");
+    let mut client = connect_from_port(world, port, within)?;
+    let me = client.local_addr()?;
+    client.write_all(&hello)?;
+    let mut backend = accept_within(listener, IO, IO)?;
+    expect_hello(&mut backend, &hello)?;
+    for i in 0..3u8 {
+        let ping = vec![i; size];
+        client.write_all(&ping)?;
+        ensure!(read_exactly(&mut backend, ping.len())? == ping);
+        backend.write_all(&ping)?;
+        ensure!(read_exactly(&mut client, ping.len())? == ping);
+    }
+    wait_handed_off(spliced, handed).with_context(|| diagnostics(spliced, "the handoff"))?;
+    let size = 3 * size as u64;
+    Ok((client, me, backend, (hello.len() as u64 + size, size)))
+}
+
+/// Ends a connection with FINs both ways, the backend's first, so that the client's socket
+/// closes from `LAST_ACK` (no `TIME_WAIT` holds its port), and waits until it is closed.
+fn end_with_fins_backend_first(mut client: TcpStream, mut backend: TcpStream) -> Result<()> {
+    backend.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    ensure!(rest.is_empty(), "the client read {} bytes more", rest.len());
+    client.shutdown(Shutdown::Write)?;
+    backend.read_to_end(&mut rest)?;
+    ensure!(
+        rest.is_empty(),
+        "the backend read {} bytes more",
+        rest.len()
+    );
+    // The client's FIN is acknowledged once its socket leaves LAST_ACK.
+    wait_for("the client's socket to close", IO, || {
+        // TCP_CLOSE (include/net/tcp_states.h).
+        Ok(spliced_tests::packet::tcp_info(&client)?.tcpi_state == 7)
+    })?;
+    drop(client);
+    drop(backend);
+    Ok(())
+}
+
+/// The packet engine's kernel counter `name` (without its `packet_` prefix).
+fn kernel_counter(spliced: &Spliced, name: &str) -> Result<u64> {
+    spliced.metrics()?.count(
+        "spliced_kernel_total",
+        &[("counter", format!("packet_{name}").as_str())],
+    )
+}
+
+/// The counters a SYN on the tuple of an ended connection moves.
+const SYN_COUNTERS: [&str; 4] = [
+    "syn_on_entry",
+    "reset_dropped",
+    "local_syn_dropped",
+    "syn_superseded",
+];
+
+fn syn_counters(spliced: &Spliced) -> String {
+    SYN_COUNTERS
+        .iter()
+        .map(|name| {
+            kernel_counter(spliced, name)
+                .map_or_else(|e| format!("{name} ?({e:#})"), |v| format!("{name} {v}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A client that opens its next connection from the source port of one that just ended
+/// (NAT gateways and busy clients reuse ports within seconds) while the ended one's entries
+/// still linger (`linger` 10 s, the default): the SYN must reach the stack as it would after a
+/// kernel's `TIME_WAIT` (design 2.1), not be dropped on the old entry. `end` ends the first
+/// connection (`fin`: both FINs, the backend's first; `rst_client`: the client resets it); the
+/// second must connect within `within`, carry its bytes exactly and be handed off too, and
+/// the first's line must say how it ended, with its own bytes.
+fn reuse_the_port_of_an_ended_connection(end: &str, within: Duration) -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "linger = \"10s\"")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let (client, me, backend, bytes) =
+        own_connection_from(&world, &spliced, &listener, (0, IO), 1000, 1)?;
+    match end {
+        "fin" => end_with_fins_backend_first(client, backend)?,
+        "rst_client" => {
+            raw::reset(client)?;
+            let mut backend = backend;
+            expect_reset(&mut backend, "the backend")?;
+        }
+        _ => bail!("no such end: {end}"),
+    }
+    let before = syn_counters(&spliced);
+    let started = Instant::now();
+    // Other sizes than the first's: each line must count its own connection's bytes.
+    let second = own_connection_from(&world, &spliced, &listener, (me.port(), within), 2000, 2);
+    let took = started.elapsed();
+    let after = syn_counters(&spliced);
+    eprintln!("second connection from {me}: {took:?}; counters before: {before}; after: {after}");
+    let (client2, me2, backend2, bytes2) = second.with_context(|| {
+        diagnostics(
+            &spliced,
+            &format!(
+                "a new connection from {me} after the last ended ({end}), after {took:?}; \
+                 counters before: {before}; after: {after}"
+            ),
+        )
+    })?;
+    ensure!(me2 == me, "the second connection came from {me2}, not {me}");
+    let first = expect_nth_packet_line(&spliced, me, 1, end, bytes)?;
+    end_with_fins_backend_first(client2, backend2)?;
+    let second = expect_nth_packet_line(&spliced, me, 2, "fin", bytes2)?;
+    // Whether the second handoff overwrote the first's client entry before the sweeper
+    // removed it (the usual order: the sweeper looks once a second), so the first's counts
+    // came from the entry kept aside.
+    let kept_aside = spliced.stderr_text().contains("kept aside");
+    eprintln!("first: {first}\nsecond: {second}\nfirst entry kept aside: {kept_aside}");
+    Ok(())
+}
+
+#[test]
+fn a_new_connection_from_the_port_of_one_ended_with_fins_connects_at_once() -> Result<()> {
+    reuse_the_port_of_an_ended_connection("fin", Duration::from_secs(1))
+}
+
+#[test]
+fn a_new_connection_from_the_port_of_one_reset_by_the_client_connects_at_once() -> Result<()> {
+    reuse_the_port_of_an_ended_connection("rst_client", Duration::from_secs(1))
+}
+
+/// A SYN on the tuple of a connection that is not over is still dropped (design 2.1): on a
+/// live handed-off connection, and on one the client half-closed (only one FIN seen). The
+/// SYN, from the client's address and port, comes from a raw socket (the client's own stack
+/// would refuse a second socket on a tuple in use). The connection carries on unharmed.
+#[test]
+fn a_syn_on_the_tuple_of_a_connection_still_going_is_dropped() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let (mut client, me, mut backend, _) =
+        own_connection_from(&world, &spliced, &listener, (0, IO), 1000, 1)?;
+    let (SocketAddr::V4(me4), std::net::IpAddr::V4(proxy)) = (me, PROXY_V4) else {
+        bail!("the client is not IPv4");
+    };
+    let syn = |seq_base: u16| -> Result<()> {
+        let sent = world.within(Ns::Client, move || {
+            spliced_tests::packets::send_syns_v4(
+                *me4.ip(),
+                proxy,
+                443,
+                me4.port(),
+                1,
+                Duration::from_secs(1),
+            )
+        })??;
+        ensure!(sent == 1, "sent {sent} SYNs (round {seq_base})");
+        Ok(())
+    };
+    let dropped = |want: u64| -> Result<()> {
+        spliced.wait_metrics("the SYN dropped", IO, |m| {
+            let count = |c: &str| m.count("spliced_kernel_total", &[("counter", c)]);
+            Ok(count("packet_syn_on_entry")? >= want && count("packet_syn_superseded")? == 0)
+        })?;
+        Ok(())
+    };
+    syn(0)?;
+    dropped(1).with_context(|| diagnostics(&spliced, "a SYN on a live connection"))?;
+    ping(&mut client, &mut backend, 7)?;
+    // The client's FIN only: the backend still sends.
+    client.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    backend.read_to_end(&mut rest)?;
+    ensure!(
+        rest.is_empty(),
+        "the backend read {} bytes more",
+        rest.len()
+    );
+    syn(1)?;
+    dropped(2).with_context(|| diagnostics(&spliced, "a SYN on a half-closed connection"))?;
+    let last = [9u8; 3000];
+    backend.write_all(&last)?;
+    ensure!(read_exactly(&mut client, last.len())? == last);
+    drop(backend);
+    let (rest, end) = raw::read_to_end(&mut client, 1 << 16);
+    ensure!(
+        rest.is_empty() && end == raw::End::Eof,
+        "after the backend's end: {} bytes, {end:?}",
+        rest.len()
+    );
+    Ok(())
+}
+
 /// The backend resets the connection while the drain still waits for it to acknowledge the
 /// preface (its namespace drops spliced's data segments): the program translates the RST to
 /// the client, and the connection ends as `rst_backend`, like a reset after the drain, with

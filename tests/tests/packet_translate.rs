@@ -838,3 +838,98 @@ fn a_handed_off_connection_works_behind_other_tcx_programs() -> Result<()> {
         ..Setup::default()
     })
 }
+
+/// The table side of a client reusing its port (design 2.1 and section 6): the new
+/// connection's handoff puts its client entry under the key of the old one's before the
+/// sweeper ended that one. Each connection must still read its own client entry, and
+/// removing the old connection must leave the new one's entry and control value alone;
+/// removed before any new insert, the old one goes whole. No interface, no traffic: only the
+/// maps, with made-up connections.
+#[test]
+fn a_handoff_on_the_key_of_an_older_client_entry_leaves_each_connection_its_own() -> Result<()> {
+    spliced_tests::require_root()?;
+    let tables = PacketTables::load()?;
+    let isns = |local_isn, peer_isn| proxy_common::IsnPair {
+        local_isn,
+        peer_isn,
+    };
+    let old = Handoff {
+        client: "192.0.2.2:40000".parse()?,
+        front: "192.0.2.1:443".parse()?,
+        back: "[2001:db8:1::1]:50000".parse()?,
+        backend: "[2001:db8:1::10]:443".parse()?,
+        client_isns: isns(1000, 2000),
+        backend_isns: isns(3000, 4000),
+        read_from_client: 517,
+        written_to_backend: 517,
+        read_from_backend: 0,
+        written_to_client: 0,
+        client_wscale: Wscale { snd: 7, rcv: 7 },
+        backend_wscale: Wscale { snd: 7, rcv: 7 },
+        client_ifindex: 1,
+        backend_ifindex: 1,
+        flow_label: 0,
+        client_ecn: false,
+        backend_ecn: false,
+        client_timestamps: true,
+        backend_timestamps: true,
+        client_sack: true,
+        backend_sack: true,
+        client_tsoffset: 0,
+        backend_tsoffset: 0,
+        client_cookie: 11,
+        backend_cookie: 12,
+        started_ns: 0,
+    };
+    // The same client port, a new L (cookie), a new L' (another ephemeral port), new ISNs.
+    let new = Handoff {
+        back: "[2001:db8:1::1]:50001".parse()?,
+        client_isns: isns(5000, 6000),
+        backend_isns: isns(7000, 8000),
+        client_cookie: 21,
+        backend_cookie: 22,
+        ..old
+    };
+    let [(up_key, _), (old_down, _)] = old.entries(FLOW_ACTIVE);
+    let [(new_up_key, _), (new_down, _)] = new.entries(FLOW_ACTIVE);
+    ensure!(up_key == new_up_key && old_down != new_down);
+
+    tables.insert(&old, FLOW_ACTIVE)?;
+    tables.insert(&new, FLOW_ACTIVE)?;
+    let [up, down] = tables.entries(&old)?;
+    let (up, down) = (up.context("no old E_up")?, down.context("no old E_down")?);
+    ensure!(
+        up.local_cookie == 11 && up.seq_floor == 2000 + 1 + 517 && down.local_cookie == 12,
+        "the old connection reads another's entries: {up:?} {down:?}"
+    );
+    let [up, _] = tables.entries(&new)?;
+    ensure!(up.context("no new E_up")?.local_cookie == 21);
+    // The old connection ends: its E_down goes, the new one's E_up and control value stay.
+    tables.remove(&old)?;
+    ensure!(tables.get(&old_down)?.is_none(), "the old E_down is left");
+    ensure!(
+        tables.get(&up_key)?.map(|f| f.local_cookie) == Some(21),
+        "removing the old connection removed the new one's client entry"
+    );
+    ensure!(
+        tables.set_state(&[up_key], FLOW_ACTIVE)? == 1,
+        "removing the old connection removed the new one's control value"
+    );
+    ensure!(tables.entries(&old)? == [None, None]);
+    tables.remove(&new)?;
+    ensure!(
+        tables.all()?.is_empty(),
+        "entries left: {:?}",
+        tables.all()?
+    );
+
+    // Without a new insert in between the old connection's entries go whole.
+    tables.insert(&old, FLOW_ACTIVE)?;
+    tables.remove(&old)?;
+    ensure!(
+        tables.all()?.is_empty(),
+        "entries left: {:?}",
+        tables.all()?
+    );
+    Ok(())
+}

@@ -327,6 +327,13 @@ pub struct PacketTables {
     /// The program's ICMP reports ([`proxy_common::IcmpEvent`]), until their reader takes it
     /// ([`PacketTables::take_icmp`]).
     icmp: Mutex<Option<RingBuf<MapData>>>,
+    /// Client entries (`E_up`, with their control values laid over) that a later handoff's
+    /// insert overwrote under the same key, by their `local_cookie`: the client reused the
+    /// port of a connection that ended (design 2.1) and the new connection was handed off
+    /// before the sweeper removed the old one. [`PacketTables::entries`] gives the old
+    /// connection this entry, as it was when the program stopped touching it, and
+    /// [`PacketTables::remove`] forgets it. Taken after `flows` and `control`.
+    displaced: Mutex<std::collections::HashMap<u64, Flow>>,
     /// Interfaces (of the namespace [`PacketTables::attach`] ran in) that have both programs.
     attached: Vec<u32>,
 }
@@ -376,6 +383,7 @@ impl PacketTables {
             control: Mutex::new(control),
             counters,
             icmp: Mutex::new(Some(icmp)),
+            displaced: Mutex::new(std::collections::HashMap::new()),
             attached: Vec::new(),
         })
     }
@@ -420,10 +428,36 @@ impl PacketTables {
     /// Installs both entries of a connection, the backend's first (a translated client segment
     /// may provoke the backend's answer at once). If the second insert fails the first is
     /// removed again.
+    ///
+    /// A client entry already under the key that belongs to another connection (the client
+    /// reused its port once that connection ended, design 2.1, and the program marked the
+    /// entry `superseded`) is overwritten; it is kept aside first, with its control value,
+    /// for the sweeper to end that connection with its own counts ([`PacketTables::entries`]).
     pub fn insert(&self, handoff: &Handoff, state: u8) -> Result<()> {
         let [(up_key, up), (down_key, down)] = handoff.entries(state);
         let mut flows = lock(&self.flows);
         let mut control = lock(&self.control);
+        if let Ok(old) = flows.get(&up_key, 0)
+            && old.local_cookie != up.local_cookie
+        {
+            let old = match control.get(&up_key, 0) {
+                Ok(c) => overlay(old, &c),
+                Err(_) => old,
+            };
+            if old.superseded == 0 {
+                tracing::warn!(
+                    cookie = old.local_cookie,
+                    "packet engine: a handoff overwrites the live client entry of another \
+                     connection"
+                );
+            }
+            tracing::debug!(
+                cookie = old.local_cookie,
+                "packet engine: the client entry of a connection the client superseded, \
+                 kept aside for the sweeper"
+            );
+            lock(&self.displaced).insert(old.local_cookie, old);
+        }
         // The control values first: the programs treat a missing one as "nothing changed".
         for (key, flow) in [(&down_key, &down), (&up_key, &up)] {
             let initial = FlowControl {
@@ -453,15 +487,42 @@ impl PacketTables {
     }
 
     /// Removes both entries of a connection (client's first, so no new backend answer is
-    /// provoked that would find no entry).
+    /// provoked that would find no entry). The client's entry and its control value are
+    /// removed only while they are still this connection's (its `local_cookie`, checked under
+    /// the lock [`PacketTables::insert`] takes): after the client reused the port, a new
+    /// connection's handoff may have put its own under the same key (design 2.1).
     pub fn remove(&self, handoff: &Handoff) -> Result<()> {
         let [(up_key, _), (down_key, _)] = handoff.entries(0);
-        self.remove_keys(&[up_key, down_key])
+        {
+            let flows = lock(&self.flows);
+            let ours = match flows.get(&up_key, 0) {
+                Ok(flow) => flow.local_cookie == handoff.client_cookie,
+                Err(MapError::KeyNotFound) => true,
+                Err(e) => return Err(e).context("reading a packet engine entry"),
+            };
+            // The lock is held through the removal: an insert cannot come in between.
+            let keys: &[FlowKey] = if ours {
+                &[up_key, down_key]
+            } else {
+                &[down_key]
+            };
+            self.remove_keys_locked(flows, keys)?;
+        }
+        lock(&self.displaced).remove(&handoff.client_cookie);
+        Ok(())
     }
 
     /// Removes the entries with these keys, in this order; a missing one is not an error.
     pub fn remove_keys(&self, keys: &[FlowKey]) -> Result<()> {
-        let mut flows = lock(&self.flows);
+        self.remove_keys_locked(lock(&self.flows), keys)
+    }
+
+    /// [`PacketTables::remove_keys`] with the table's lock already held.
+    fn remove_keys_locked(
+        &self,
+        mut flows: std::sync::MutexGuard<'_, HashMap<MapData, FlowKey, Flow>>,
+        keys: &[FlowKey],
+    ) -> Result<()> {
         let mut control = lock(&self.control);
         for key in keys {
             match flows.remove(key) {
@@ -587,9 +648,16 @@ impl PacketTables {
     }
 
     /// The current entries of a connection (client's, backend's), as the program left them.
+    /// The client's is this connection's only (its `local_cookie`): once a new connection
+    /// from the same client port was handed off, it is the one [`PacketTables::insert`] kept
+    /// aside, and `None` if there is none.
     pub fn entries(&self, handoff: &Handoff) -> Result<[Option<Flow>; 2]> {
         let [(up_key, _), (down_key, _)] = handoff.entries(0);
-        Ok([self.get(&up_key)?, self.get(&down_key)?])
+        let up = match self.get(&up_key)? {
+            Some(flow) if flow.local_cookie == handoff.client_cookie => Some(flow),
+            _ => lock(&self.displaced).get(&handoff.client_cookie).copied(),
+        };
+        Ok([up, self.get(&down_key)?])
     }
 
     /// The programs' counters summed over CPUs, by name.

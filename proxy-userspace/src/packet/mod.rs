@@ -35,8 +35,10 @@ pub struct Packet {
     /// The tables and the ISN recorder, shared by the handoffs (each blocks its own thread
     /// for as long as its drain takes) and the sweeper.
     kernel: Kernel,
-    /// Connections handed off, by the key of their client entry.
-    live: Mutex<HashMap<FlowKey, Live>>,
+    /// Connections handed off, by the key of their client entry and the client socket's
+    /// cookie: a client that reuses its port once a connection ended (design 2.1) may have
+    /// its new connection handed off while the old one is still here, under the same key.
+    live: Mutex<HashMap<(FlowKey, u64), Live>>,
     /// The MSS every listener that may use the engine announces.
     listener_mss: u16,
     /// Where the maps are pinned, to remove them at stop.
@@ -230,6 +232,9 @@ impl Packet {
             return;
         }
         let reply = match self.kernel.tables.get(&event.key) {
+            // A superseded client entry (design 2.1): the quoted segment is the client's new
+            // connection's, which the stack itself carries; the message is the stack's too.
+            Ok(Some(flow)) if flow.superseded != 0 => None,
             Ok(Some(flow)) => icmp::reply(event, &flow),
             Ok(None) => None,
             Err(e) => {
@@ -314,7 +319,7 @@ impl Packet {
                     // entries whose task it could not wake.
                     let since_ns = packet_expiry::monotonic_ns();
                     lock(&this.live).insert(
-                        handed.up,
+                        (handed.up, handed.handoff.client_cookie),
                         Live {
                             handed,
                             since_ns,
