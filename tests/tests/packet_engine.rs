@@ -1239,12 +1239,33 @@ fn download(
     hello: &[u8],
     len: u64,
 ) -> Result<SocketAddr> {
+    download_pausing(world, listener, hello, len, None)
+}
+
+/// As [`download`]; with `pause = Some((at, how_long))` the server stops for `how_long` after
+/// the first `at` bytes, so that a handoff due before `at` happens while it waits rather than
+/// racing the end of the stream (a 16 MiB download takes about 40 ms here, and its FIN
+/// arriving during the freeze refuses the handoff as `half_closed`).
+fn download_pausing(
+    world: &World,
+    listener: &std::net::TcpListener,
+    hello: &[u8],
+    len: u64,
+    pause: Option<(u64, Duration)>,
+) -> Result<SocketAddr> {
     let server_listener = listener.try_clone()?;
     let hello_len = hello.len();
     let server = spawn(move || {
         let mut backend = accept_within(&server_listener, IO, IO)?;
         read_exactly(&mut backend, hello_len)?;
-        send_stream(&mut backend, SEED_DOWN, len)?;
+        match pause {
+            Some((at, how_long)) if at < len => {
+                raw::send_stream_range(&mut backend, SEED_DOWN, 0, at)?;
+                std::thread::sleep(how_long);
+                raw::send_stream_range(&mut backend, SEED_DOWN, at, len)?;
+            }
+            _ => send_stream(&mut backend, SEED_DOWN, len)?,
+        }
         backend.shutdown(Shutdown::Write)?;
         let mut rest = Vec::new();
         backend.read_to_end(&mut rest)?;
@@ -1296,8 +1317,14 @@ fn auto_hands_long_downloads_to_the_packet_engine() -> Result<()> {
     let up = hello.len() as u64;
 
     let long = 16 * MIB;
-    let me = download(&world, &remote, &hello, long)
-        .with_context(|| stall_diagnostics(&world, &spliced, "the long download"))?;
+    let me = download_pausing(
+        &world,
+        &remote,
+        &hello,
+        long,
+        Some((2 * MIB, Duration::from_millis(300))),
+    )
+    .with_context(|| stall_diagnostics(&world, &spliced, "the long download"))?;
     let line = expect_packet_line(&spliced, me, "fin", Some((up, long)))?;
     ensure!(field(&line, "packet_refused").is_none(), "{line}");
 
@@ -1313,8 +1340,14 @@ fn auto_hands_long_downloads_to_the_packet_engine() -> Result<()> {
 
     let hello = raw::simple_hello("local.example");
     let up = hello.len() as u64;
-    let me = download(&world, &local, &hello, long)
-        .with_context(|| diagnostics(&spliced, "the download from a local peer"))?;
+    let me = download_pausing(
+        &world,
+        &local,
+        &hello,
+        long,
+        Some((2 * MIB, Duration::from_millis(300))),
+    )
+    .with_context(|| diagnostics(&spliced, "the download from a local peer"))?;
     let line = spliced.log_line_for(me, LOG_WAIT)?;
     ensure!(
         field(&line, "engine") == Some("sockmap")
