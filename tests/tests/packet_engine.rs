@@ -1092,6 +1092,55 @@ fn sighup_leaves_handed_off_connections_alone_and_stop_ends_them() -> Result<()>
     Ok(())
 }
 
+/// What a crash does to a handed-off connection (`docs/packet-engine.md`, section 6,
+/// "Crash"): the programs' tcx links belong to the process and go with it, and the local
+/// sockets, in repair mode, close without a word. The peers' next segments then reach stacks
+/// with no socket for them and each gets a reset: the connection fails visibly, it neither
+/// hangs nor corrupts. The pinned maps stay until the next spliced, which removes them and
+/// carries new connections as usual.
+#[test]
+fn a_crash_cuts_handed_off_connections_with_resets_and_the_next_start_cleans_up() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let (mut client, _, mut backend) = own_connection(&world, &spliced)?;
+    let pid = i32::try_from(spliced.pid().context("spliced has no pid")?)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    // Dead once it is a zombie or gone (its parent, this test, reaps it on drop).
+    wait_for("spliced to die", IO, || {
+        Ok(std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.split_whitespace().nth(2) == Some("Z")))
+    })?;
+    ensure!(
+        flow_entries(&bpffs.pin_dir())? == 2,
+        "the pinned table outlives the process, with the connection's two entries"
+    );
+    // A peer's delayed ACK may have drawn its reset already: then the write reports it.
+    for (stream, who) in [(&mut client, "the client"), (&mut backend, "the backend")] {
+        match stream.write_all(b"after the crash") {
+            Ok(()) => expect_reset(stream, &format!("{who} after the crash"))?,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => bail!("{who}'s write after the crash: {e} instead of a reset"),
+        }
+    }
+    drop(spliced);
+
+    let spliced = start(&world, &bpffs, "")?;
+    ensure!(
+        flow_entries(&bpffs.pin_dir())? == 0,
+        "the next spliced starts with an empty table of its own"
+    );
+    let (mut client, me, mut backend) = own_connection(&world, &spliced)?;
+    ping(&mut client, &mut backend, 7).with_context(|| diagnostics(&spliced, "a ping"))?;
+    drop(client);
+    drop(backend);
+    expect_packet_line(&spliced, me, "fin", None)?;
+    Ok(())
+}
+
 /// Entries in the pinned flow table, by `bpftool`.
 fn flow_entries(dir: &Path) -> Result<usize> {
     let out = Command::new("bpftool")

@@ -1822,7 +1822,7 @@ fn packet_defaults_and_every_key() {
 
     let text = packet(
         "interfaces = [\"eth0\", \"veth-b\"]\nafter = \"64KiB\"\nmax_connections = 1000\n\
-         idle_timeout = \"10m\"\nlinger = \"0\"\ndrain_timeout = \"5s\"\nkeep_on_stop = true\n\
+         idle_timeout = \"10m\"\nlinger = \"0\"\ndrain_timeout = \"5s\"\nkeep_on_stop = false\n\
          mss = 1400\n",
     );
     let config = parse(&text).expect("valid");
@@ -1835,7 +1835,7 @@ fn packet_defaults_and_every_key() {
             idle_timeout: Duration::from_secs(600),
             linger: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
-            keep_on_stop: true,
+            keep_on_stop: false,
             mss: Some(1400),
             auto_after: Some(64 << 10),
         }
@@ -1843,7 +1843,7 @@ fn packet_defaults_and_every_key() {
     assert!(
         config.summary().contains(
             "packet: interfaces eth0, veth-b; after 64KiB, max_connections 1000, idle_timeout \
-             10m, linger 0s, drain_timeout 5s, keep_on_stop true, mss 1400\n"
+             10m, linger 0s, drain_timeout 5s, keep_on_stop false, mss 1400\n"
         ),
         "{}",
         config.summary()
@@ -1959,6 +1959,12 @@ fn packet_refusals_say_where_and_what() {
         "interfaces = [\"averyveryverylongname\"]\n",
         "main.toml:5:15: packet: interface \"averyveryverylongname\" is not valid: it is 21 \
          bytes long, more than 15",
+    );
+    packet_refused(
+        "keep_on_stop = true\n",
+        "main.toml:5:16: packet: keep_on_stop = true is not supported yet: handed-off \
+         connections end when spliced stops or restarts (their peers get a reset); leave it out \
+         or set it to false",
     );
     packet_refused(
         "max_connections = 65537\n",
