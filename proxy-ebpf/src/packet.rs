@@ -89,6 +89,9 @@ static SPLICED_PACKET_COUNTERS: PerCpuArray<u64, { PacketCounter::COUNT as usize
 #[btf_map]
 static SPLICED_PACKET_ICMP: RingBuf<IcmpEvent, { 64 * 1024 }> = RingBuf::new();
 
+/// The largest table (two entries per connection). spliced creates `SPLICED_PACKET_FLOWS` and
+/// `SPLICED_PACKET_CONTROL` with `2 * packet.max_connections` entries instead
+/// (`PacketTables::load_sized`): a full table refuses the next handoff (`table_full`).
 const FLOW_ENTRIES: usize = 2 * PACKET_MAX_CONNECTIONS as usize;
 
 const ETH_HLEN: usize = 14;

@@ -1525,6 +1525,111 @@ fn downloads_handed_off_in_their_middle_do_not_stall() -> Result<()> {
     Ok(())
 }
 
+/// `packet.max_connections` sizes the table (README, "The packet engine"): with room for two
+/// connections, three held open at once are two handoffs and one refusal (`table_full`, on
+/// the line and in the metrics), and the refused one still delivers every byte exactly, on
+/// splice. Once the first two ended and their entries went, a new connection is handed off
+/// again. The pinned maps are hash maps (a full one refuses; an LRU one would evict a live
+/// entry) of four entries, two per connection.
+#[test]
+fn a_full_table_refuses_the_next_connection_until_one_ends() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "max_connections = 2\nlinger = \"200ms\"")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let hello = raw::simple_hello("own.example");
+    let counts = |m: &spliced_tests::spliced::Metrics| -> Result<(u64, u64)> {
+        Ok((
+            m.count("spliced_packet_handoff_seconds_count", &[])?,
+            m.count("spliced_packet_refused_total", &[("reason", "table_full")])?,
+        ))
+    };
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        held.push(connect_own(&world, &listener, &hello)?);
+        wait_handed_off(&spliced, n).with_context(|| diagnostics(&spliced, "a handoff"))?;
+    }
+    let (mut client, me, backend) = connect_own(&world, &listener, &hello)?;
+    // Either the refusal or (without the limit) a third handoff.
+    let m = spliced.wait_metrics("the third connection's offer", IO, |m| {
+        let (handed, full) = counts(m)?;
+        Ok(handed >= 3 || full >= 1)
+    })?;
+    ensure!(
+        counts(&m)? == (2, 1),
+        "with max_connections = 2 the third connection must be refused table_full: {}",
+        diagnostics(&spliced, "the third connection's offer")
+    );
+    // The sweeper sets the gauge on its next pass.
+    spliced.wait_metrics("the entries gauge at 2", IO, |m| {
+        Ok(m.count("spliced_packet_entries", &[])? == 2)
+    })?;
+    ensure!(flow_entries(&bpffs.pin_dir())? == 4, "two entries each");
+    for name in ["SPLICED_PACKET_FLOWS", "SPLICED_PACKET_CONTROL"] {
+        let (kind, max) = map_shape(&bpffs.pin_dir().join(name))?;
+        ensure!(
+            kind == "hash" && max == 4,
+            "{name} is {kind} with max_entries {max}, expected hash with 4"
+        );
+    }
+
+    // The refused connection, on splice, both ways at once, byte exact.
+    let len = 8 * MIB;
+    let backend_side = spawn(move || own_backend_both_ways(backend, len));
+    both_ways(
+        &world,
+        &spliced,
+        &mut client,
+        SEED_DOWN,
+        len,
+        "the refused: ",
+    )?;
+    result(&backend_side, IO, "the refused connection's backend")?;
+    let line = spliced.log_line_for(me, LOG_WAIT)?;
+    ensure!(
+        field(&line, "engine") == Some("splice")
+            && field(&line, "packet_refused") == Some("table_full")
+            && field(&line, "outcome") == Some("ok")
+            && (number(&line, "up")?, number(&line, "down")?) == (hello.len() as u64 + len, len),
+        "the refused connection: {line}"
+    );
+
+    // The two handed off carry their streams, end, and leave the table empty.
+    let len = MIB;
+    for (mut client, me, backend) in held {
+        let backend_side = spawn(move || own_backend_both_ways(backend, len));
+        both_ways(
+            &world,
+            &spliced,
+            &mut client,
+            SEED_DOWN,
+            len,
+            "a handed-off: ",
+        )?;
+        result(&backend_side, IO, "a handed-off connection's backend")?;
+        expect_packet_line(&spliced, me, "fin", Some((hello.len() as u64 + len, len)))?;
+    }
+    spliced.wait_metrics("the entries gauge at 0", IO, |m| {
+        Ok(m.count("spliced_packet_entries", &[])? == 0)
+    })?;
+    let dir = bpffs.pin_dir();
+    wait_for("an empty flow table", IO, || Ok(flow_entries(&dir)? == 0))?;
+
+    // Room again: the next connection is handed off.
+    let (mut client, me, backend) = connect_own(&world, &listener, &hello)?;
+    wait_handed_off(&spliced, 3).with_context(|| diagnostics(&spliced, "the handoff after"))?;
+    let backend_side = spawn(move || own_backend_both_ways(backend, len));
+    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "the last: ")?;
+    result(&backend_side, IO, "the last connection's backend")?;
+    expect_packet_line(&spliced, me, "fin", Some((hello.len() as u64 + len, len)))?;
+    ensure!(
+        counts(&spliced.metrics()?)? == (3, 1),
+        "{}",
+        diagnostics(&spliced, "the counts at the end")
+    );
+    Ok(())
+}
+
 /// One absolute TCP counter of a namespace (0 when nstat does not show it).
 fn nstat(world: &World, ns: Ns, name: &str) -> u64 {
     world
@@ -1540,4 +1645,51 @@ fn nstat(world: &World, ns: Ns, name: &str) -> u64 {
         })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A client through the tests' own server on `listener`: the client (its hello sent), its
+/// address, and the backend's accepted socket (the hello read).
+fn connect_own(
+    world: &World,
+    listener: &std::net::TcpListener,
+    hello: &[u8],
+) -> Result<(TcpStream, SocketAddr, TcpStream)> {
+    let (client, me) = client_with(world, hello)?;
+    let mut backend = accept_within(listener, IO, IO)?;
+    expect_hello(&mut backend, hello)?;
+    Ok((client, me, backend))
+}
+
+/// The backend's half of [`both_ways`]: sends `len` bytes of `SEED_DOWN` and its FIN while
+/// reading `len` bytes of `SEED_UP` to the client's FIN, both checked byte for byte.
+fn own_backend_both_ways(mut backend: TcpStream, len: u64) -> Result<()> {
+    let mut writer = backend.try_clone()?;
+    let sender = spawn(move || {
+        send_stream(&mut writer, SEED_DOWN, len)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    receive(&mut backend, SEED_UP, len).context("the backend receiving the client's stream")?;
+    result(&sender, IO, "the backend's sender")
+}
+
+/// The type and `max_entries` of a pinned map, by `bpftool map show`.
+fn map_shape(pin: &Path) -> Result<(String, u64)> {
+    let out = Command::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(pin)
+        .arg("-j")
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map show {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool's answer")?;
+    let kind = info["type"].as_str().context("no type")?.to_owned();
+    let max = info["max_entries"].as_u64().context("no max_entries")?;
+    Ok((kind, max))
 }

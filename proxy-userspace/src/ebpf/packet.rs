@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
@@ -21,7 +21,8 @@ use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DOWN, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN,
     FLOW_RESET, FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowControl,
     FlowKey, IsnPair, MAP_PACKET_CONTROL, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ICMP,
-    MAP_PACKET_ISN, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT, PacketCounter,
+    MAP_PACKET_ISN, PACKET_MAX_CONNECTIONS, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT,
+    PacketCounter,
 };
 
 use super::load::OBJECT;
@@ -344,16 +345,45 @@ impl PacketTables {
         Self::load_pinned(None)
     }
 
+    /// [`PacketTables::load_sized`] with the table at its largest,
+    /// [`PACKET_MAX_CONNECTIONS`] connections.
+    pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_sized(pin_dir, PACKET_MAX_CONNECTIONS)
+    }
+
     /// Loads the object and both programs, and pins the table, its control values and the
     /// counters in `pin_dir` (a bpffs directory that must exist) as `SPLICED_PACKET_FLOWS`,
     /// `SPLICED_PACKET_CONTROL` and `SPLICED_PACKET_COUNTERS`, so `bpftool map dump pinned`
     /// shows entries by field name, and the ICMP reports' ring buffer as `SPLICED_PACKET_ICMP`.
-    pub fn load_pinned(pin_dir: Option<&Path>) -> Result<Self> {
+    ///
+    /// The table and its control values hold `max_connections` connections (two entries
+    /// each; `packet.max_connections`, 1 to [`PACKET_MAX_CONNECTIONS`]): the object's size is
+    /// the largest, and the maps are created at this size instead, so a full table refuses
+    /// the next handoff (`E2BIG` on the insert, `table_full`) and its hash buckets take
+    /// memory for this many only. The other maps keep the object's sizes: the ISN recorder
+    /// holds the sockets that became established and wait for a handoff (a refused or
+    /// not yet offered connection keeps its entry), which has nothing to do with how many
+    /// the table holds.
+    ///
+    /// The maps are always created anew, never reopened from a pin, and then pinned (a pin
+    /// already there fails the load: `Packet::start` removes stale ones first), so the pins,
+    /// and those an upgrade moves from its staging directory, are the maps of this size.
+    pub fn load_sized(pin_dir: Option<&Path>, max_connections: u32) -> Result<Self> {
         anyhow::ensure!(
             !OBJECT.is_empty(),
             "this binary was built without its eBPF object"
         );
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object into the kernel")?;
+        anyhow::ensure!(
+            (1..=PACKET_MAX_CONNECTIONS).contains(&max_connections),
+            "the packet engine's table holds 1 to {PACKET_MAX_CONNECTIONS} connections, not \
+             {max_connections}"
+        );
+        let entries = 2 * max_connections;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_PACKET_FLOWS, entries)
+            .map_max_entries(MAP_PACKET_CONTROL, entries)
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
         let mut take = |name: &str| -> Result<aya::maps::Map> {
             let map = ebpf
                 .take_map(name)

@@ -120,7 +120,8 @@ pub enum Outcome {
 impl Packet {
     /// Loads and attaches everything the engine needs, or says what is missing: `TCP_REPAIR`
     /// on a fresh socket, the ISN recorder on this process's cgroup v2 directory, the
-    /// translation programs on the interfaces, the maps pinned under `pin_dir`.
+    /// translation programs on the interfaces, the maps (the table sized for
+    /// `settings.max_connections`) pinned under `pin_dir`.
     pub fn start(settings: &PacketSettings, pin_dir: Option<&Path>) -> Result<Packet> {
         host::check_repair()?;
         let cgroup = host::own_cgroup()?;
@@ -146,12 +147,15 @@ impl Packet {
                     .with_context(|| format!("removing the stale pin {}", pin.display()))?;
             }
         }
-        let loaded = PacketTables::load_pinned(pin_dir).and_then(|mut tables| {
-            for name in &interfaces {
-                tables.attach(name)?;
-            }
-            Ok(tables)
-        });
+        // Sized here, at start: a reload cannot resize a map the programs use, so a changed
+        // `max_connections` waits for a restart (the reload diff says so).
+        let loaded =
+            PacketTables::load_sized(pin_dir, settings.max_connections).and_then(|mut tables| {
+                for name in &interfaces {
+                    tables.attach(name)?;
+                }
+                Ok(tables)
+            });
         let tables = match loaded {
             Ok(tables) => tables,
             Err(e) => {
@@ -170,6 +174,7 @@ impl Packet {
         tracing::info!(
             interfaces = %interfaces.join(","),
             mss = listener_mss,
+            max_connections = settings.max_connections,
             cgroup = %cgroup.display(),
             "packet engine loaded"
         );
