@@ -846,7 +846,7 @@ fn syn_counters(spliced: &Spliced) -> String {
 
 /// A client that opens its next connection from the source port of one that just ended
 /// (NAT gateways and busy clients reuse ports within seconds) while the ended one's entries
-/// still linger (`linger` 10 s, the default): the SYN must reach the stack as it would after a
+/// still linger (`linger` 10 s here, the default until 2026-12-06): the SYN must reach the stack as it would after a
 /// kernel's `TIME_WAIT` (design 2.1), not be dropped on the old entry. `end` ends the first
 /// connection (`fin`: both FINs, the backend's first; `rst_client`: the client resets it); the
 /// second must connect within `within`, carry its bytes exactly and be handed off too, and
@@ -1702,4 +1702,86 @@ fn map_shape(pin: &Path) -> Result<(String, u64)> {
     let kind = info["type"].as_str().context("no type")?.to_owned();
     let max = info["max_entries"].as_u64().context("no max_entries")?;
     Ok((kind, max))
+}
+
+/// Clients that reuse their ports at once, many connections in a row, each handed off right
+/// after the preface and ended by the backend first (so the client's port is free at once,
+/// and the new SYN meets the old connection's entries): every download arrives exact.
+/// `SPLICED_PACKET_REUSES` sets how many connections (default 200; 4 clients of 4 ports).
+#[test]
+fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(&world, &bpffs, "")?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let hello = raw::simple_hello("own.example");
+    let total: u64 = spliced_tests::env_or("SPLICED_PACKET_REUSES", 200);
+    let len: u64 = 256 << 10;
+    let threads = 4u64;
+    let errors = std::sync::Mutex::new(Vec::<String>::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (listener, hello_len) = (&listener, hello.len());
+            scope.spawn(move || -> Result<()> {
+                for _ in 0..total.div_ceil(threads) {
+                    let Ok(mut backend) = accept_within(listener, IO, IO) else {
+                        return Ok(());
+                    };
+                    read_exactly(&mut backend, hello_len)?;
+                    send_stream(&mut backend, SEED_DOWN, len)?;
+                    backend.shutdown(Shutdown::Write)?;
+                    let mut rest = Vec::new();
+                    let _ = backend.read_to_end(&mut rest);
+                }
+                Ok(())
+            });
+        }
+        for t in 0..threads {
+            let (world, hello, errors) = (&world, &hello, &errors);
+            scope.spawn(move || {
+                for i in (t..total).step_by(threads as usize) {
+                    let port = 41000 + (i % 16) as u16;
+                    let run = || -> Result<()> {
+                        let mut client = connect_from_port(world, port, IO)?;
+                        client.write_all(hello)?;
+                        receive(&mut client, SEED_DOWN, len)?;
+                        let mut rest = Vec::new();
+                        client.read_to_end(&mut rest)?;
+                        ensure!(rest.is_empty(), "{} bytes after the stream", rest.len());
+                        client.shutdown(Shutdown::Write)?;
+                        Ok(())
+                    };
+                    if let Err(e) = run() {
+                        errors
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(format!("connection {i} from port {port}: {e:#}"));
+                    }
+                }
+            });
+        }
+    });
+    let errors = errors
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let m = spliced.metrics()?;
+    let counter = |c: &str| {
+        m.count("spliced_kernel_total", &[("counter", c)])
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "{total} connections, {} failed; handoffs {}; syn_superseded {}, syn_on_entry {}",
+        errors.len(),
+        m.count("spliced_packet_handoff_seconds_count", &[])?,
+        counter("packet_syn_superseded"),
+        counter("packet_syn_on_entry"),
+    );
+    ensure!(
+        errors.is_empty(),
+        "{} of {total} connections failed; first: {}\n{}",
+        errors.len(),
+        errors.first().map_or("", String::as_str),
+        diagnostics(&spliced, "port reuse")
+    );
+    Ok(())
 }

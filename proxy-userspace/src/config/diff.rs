@@ -335,19 +335,19 @@ proxy_protocol = "v2"
         assert!(
             before.to_text().contains(
                 "packet\tinterfaces=eth0\tafter=0B\tmax_connections=65536\tidle_timeout=1h\t\
-                 linger=10s\tdrain_timeout=30s\tkeep_on_stop=false\tmss=auto\n"
+                 linger=1s\tdrain_timeout=30s\tkeep_on_stop=false\tmss=auto\n"
             ),
             "{}",
             before.to_text()
         );
         let after = table(&with(
-            "interfaces = [\"eth0\", \"eth1\"]\nmax_connections = 1000\nlinger = \"1s\"\n",
+            "interfaces = [\"eth0\", \"eth1\"]\nmax_connections = 1000\nlinger = \"3s\"\n",
         ));
         assert_eq!(
             before.diff(&after),
             "~ packet:\n    interfaces: eth0 -> eth0,eth1 (takes effect only after a restart)\n\
              \x20   max_connections: 65536 -> 1000 (takes effect only after a restart)\n\
-             \x20   linger: 10s -> 1s\n\
+             \x20   linger: 1s -> 3s\n\
              0 added, 0 removed, 1 changed; sites: 2 -> 2\n"
         );
         let config = |text: &str| Config::from_str(text, Path::new("t.toml")).expect("valid");

@@ -104,7 +104,7 @@ impl Default for PacketSettings {
             after: 0,
             max_connections: proxy_common::PACKET_MAX_CONNECTIONS,
             idle_timeout: Duration::from_secs(3600),
-            linger: Duration::from_secs(10),
+            linger: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             keep_on_stop: false,
             mss: None,

@@ -1816,7 +1816,7 @@ fn packet_defaults_and_every_key() {
         proxy_common::PACKET_MAX_CONNECTIONS
     );
     assert_eq!(config.packet().idle_timeout, Duration::from_secs(3600));
-    assert_eq!(config.packet().linger, Duration::from_secs(10));
+    assert_eq!(config.packet().linger, Duration::from_secs(1));
     assert_eq!(config.packet().drain_timeout, Duration::from_secs(30));
     assert!(!config.summary().contains("packet"), "{}", config.summary());
 
@@ -1887,7 +1887,7 @@ forwarding = "packet"
     assert!(
         config.summary().contains(
             "packet: interfaces every up interface with a global address; after 0B, \
-             max_connections 65536, idle_timeout 1h, linger 10s, drain_timeout 30s, \
+             max_connections 65536, idle_timeout 1h, linger 1s, drain_timeout 30s, \
              keep_on_stop false, mss from the MTU\n"
         ),
         "{}",
