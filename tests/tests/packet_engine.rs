@@ -399,7 +399,13 @@ fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed(
 fn bulk_both_ways_hands_off_every_time() -> Result<()> {
     let rounds = spliced_tests::env_or("SPLICED_PACKET_BULK_ROUNDS", 8);
     let len = spliced_tests::env_or("SPLICED_PACKET_ROUND_MIB", 16) * MIB;
-    bulk_rounds(rounds, len, "drain_timeout = \"10s\"\nlinger = \"200ms\"")
+    // `SPLICED_PACKET_BULK_AFTER` (bytes): hand off in the middle of both floods instead.
+    let after = spliced_tests::env_or("SPLICED_PACKET_BULK_AFTER", 0);
+    bulk_rounds(
+        rounds,
+        len,
+        &format!("drain_timeout = \"10s\"\nlinger = \"200ms\"\nafter = {after}"),
+    )
 }
 
 /// `rounds` connections one after the other through one spliced, each `len` bytes each way
