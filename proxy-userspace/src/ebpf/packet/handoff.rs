@@ -122,16 +122,11 @@ impl PacketTables {
             tracing::warn!("inserting packet engine entries: {e:#}");
             return Err(HandoffError::Refused("insert_failed"));
         }
-        let queue = |fd, request| ioctl_int(fd, request).unwrap_or(-1);
         tracing::debug!(
             read_from_backend = handoff.read_from_backend,
             written_to_client = handoff.written_to_client,
             read_from_client = handoff.read_from_client,
-            l_inq = queue(freeze.client, libc::FIONREAD),
-            l_outq = queue(freeze.client, libc::TIOCOUTQ),
-            l2_inq = queue(freeze.backend, libc::FIONREAD),
-            l2_outq = queue(freeze.backend, libc::TIOCOUTQ),
-            client = ?peer_addr(freeze.client.as_raw_fd()).ok(),
+            queues = %Queues(freeze),
             "packet handoff: entries in, draining"
         );
         let mut drain = Drain::new(freeze, &handoff);
@@ -155,11 +150,7 @@ impl PacketTables {
         tracing::debug!(
             drained_up = drain.up,
             drained_down = drain.down,
-            l_inq = queue(freeze.client, libc::FIONREAD),
-            l_outq = queue(freeze.client, libc::TIOCOUTQ),
-            l2_inq = queue(freeze.backend, libc::FIONREAD),
-            l2_outq = queue(freeze.backend, libc::TIOCOUTQ),
-            client = ?peer_addr(freeze.client.as_raw_fd()).ok(),
+            queues = %Queues(freeze),
             "packet handoff: drained, entries active"
         );
         let handoff = Handoff {
@@ -279,6 +270,25 @@ impl PacketTables {
 }
 
 /// The ISNs are read once; the recorder's LRU need not keep them.
+/// What both local sockets hold, for the handoff's debug lines: the client's address, then
+/// bytes received and not read, and bytes not yet acknowledged, of L and of L'.
+struct Queues<'a, 'b>(&'a Freeze<'b>);
+
+impl std::fmt::Display for Queues<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queue = |fd, request| ioctl_int(fd, request).unwrap_or(-1);
+        let client = peer_addr(self.0.client.as_raw_fd()).map_or("?".into(), |a| a.to_string());
+        write!(
+            f,
+            "client {client}; L: inq {} outq {}; L': inq {} outq {}",
+            queue(self.0.client, libc::FIONREAD),
+            queue(self.0.client, libc::TIOCOUTQ),
+            queue(self.0.backend, libc::FIONREAD),
+            queue(self.0.backend, libc::TIOCOUTQ),
+        )
+    }
+}
+
 fn forget(isn: &IsnRecorder, handoff: &Handoff) {
     for cookie in [handoff.client_cookie, handoff.backend_cookie] {
         if let Err(e) = isn.forget(cookie) {
