@@ -460,7 +460,8 @@ pub struct Flow {
     /// The last ACK number emitted by translation towards the receiver (its own space);
     /// spliced starts it at the receiver's ISN + 1.
     pub last_ack_out: u32,
-    /// The last `TSval` emitted by translation towards the receiver.
+    /// The highest `TSval` the receiver was sent, by the translation or (in `DRAIN`) by the
+    /// local socket facing it; translated `TSval`s are never below it.
     pub last_tsval_out: u32,
     /// The last window field emitted by translation towards the receiver.
     pub last_win_out: u16,

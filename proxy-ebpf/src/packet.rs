@@ -828,7 +828,14 @@ fn timestamps(ctx: &TcContext, flow: *mut Flow, l4: usize, ts: u32) -> i64 {
     };
     // SAFETY: as in `track`.
     let f = unsafe { &*flow };
-    let tsval = u32::from_be(old[0]).wrapping_add(f.tsval_delta);
+    let mut tsval = u32::from_be(old[0]).wrapping_add(f.tsval_delta);
+    // Never behind what this receiver last got, from the translation or from the local
+    // socket (`spliced_packet_out` records the local socket's TSvals here too): a translated
+    // segment the sender stamped a few ms before the local socket's last one would fail PAWS
+    // at the receiver once that one set `ts_recent` (design 4.3, the handoff's two clocks).
+    if f.last_tsval_out != 0 && before(tsval, f.last_tsval_out) {
+        tsval = f.last_tsval_out;
+    }
     let tsecr = translate_tsecr(flow, u32::from_be(old[1]));
     let new = [tsval.to_be(), tsecr.to_be()];
     let csum = l4 + TCP_CSUM;
@@ -842,7 +849,8 @@ fn timestamps(ctx: &TcContext, flow: *mut Flow, l4: usize, ts: u32) -> i64 {
     {
         return -1;
     }
-    // SAFETY: as in `track`.
+    // SAFETY: as in `track`; a race between CPUs may lower it by the few ms between their
+    // segments, which the next segment makes up.
     unsafe { (*flow).last_tsval_out = tsval };
     count(PacketCounter::TimestampsTranslated, 1);
     0
@@ -968,7 +976,7 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     }
     // What the translation last told this segment's receiver: the entry of the other
     // direction.
-    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key(e)) else {
+    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr_mut(&peer_key(e)) else {
         count(PacketCounter::LocalPassed, 1);
         return TC_ACT_OK;
     };
@@ -978,6 +986,17 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
         Ok(Some(changed)) => {
             if changed {
                 count(PacketCounter::LocalRewritten, 1);
+            }
+            if e.flags & FLOW_TS_TRANSLATE != 0
+                && tcp.ts == TS_FIXED
+                && (p.last_tsval_out == 0 || after(tcp.tsval, p.last_tsval_out))
+            {
+                // The local socket's clock ran ahead of the translated one: the translation
+                // continues from here (`timestamps`), so the receiver never sees the two
+                // clocks go back (design 4.3).
+                // SAFETY: as above; the translation of that entry writes it too, and a race
+                // loses at most one raise.
+                unsafe { (*peer).last_tsval_out = tcp.tsval };
             }
             count(PacketCounter::LocalPassed, 1);
             TC_ACT_OK
