@@ -727,6 +727,20 @@ pub const fn shrink_window(win: u16, ws_in: u8, raised: u32) -> u16 {
     (left >> ws_in) as u16
 }
 
+/// The window field (scale `ws_in`) of an ACK copy whose ACK was cut by `cut` bytes (down to
+/// `ack_floor`, design 3.2): widened by as much, rounded down and capped at the field's
+/// largest value, so the local socket still learns the right edge the sender offered
+/// (`ack + window`). Unchanged, the edge would fall `cut` bytes short: the peer can
+/// acknowledge past the floor bytes the translation brought it, and then sends no new ACK
+/// until the local socket's last bytes arrive, which that short edge holds back (a drain
+/// stalled for good under bulk both ways, docs/packet-engine.md 3.6).
+pub const fn widen_window(win: u16, ws_in: u8, cut: u32) -> u16 {
+    let ws_in = if ws_in > 14 { 14 } else { ws_in };
+    let bytes = ((win as u64) << ws_in) + cut as u64;
+    let field = bytes >> ws_in;
+    if field > 0xffff { 0xffff } else { field as u16 }
+}
+
 /// Whether [`rescale_window`] had to cap the window: the sender offered more than the
 /// receiver's scale can express (counted as `window_saturated`; it caps the sender's peer's
 /// rate at `65535 << ws_out` bytes per round trip).
@@ -835,6 +849,17 @@ mod tests {
         // Raised past the whole window: closed, never wrapped.
         assert_eq!(shrink_window(10, 7, 1 << 20), 0);
         assert_eq!(shrink_window(0xffff, 14, u32::MAX), 0);
+    }
+
+    #[test]
+    fn an_ack_copy_cut_to_the_floor_keeps_the_senders_right_edge() {
+        // 100 << 7 + 1000 bytes = 13,800: field 107 (13,696), never past the edge.
+        assert_eq!(widen_window(100, 7, 1000), 107);
+        assert_eq!(widen_window(100, 0, 0), 100);
+        assert_eq!(widen_window(100, 0, 99), 199);
+        assert_eq!(widen_window(0, 10, 35_840), 35);
+        assert_eq!(widen_window(0xfff0, 0, 1 << 20), 0xffff);
+        assert_eq!(widen_window(0xffff, 14, u32::MAX), 0xffff);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET,
     FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_TSECR_READY, FLOW_TSVAL_READY, FLOW_UP,
     Flow, FlowControl, FlowKey, IcmpEvent, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS,
-    PacketCounter, csum_word, rescale_window, shrink_window, window_saturates,
+    PacketCounter, csum_word, rescale_window, shrink_window, widen_window, window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -716,10 +716,11 @@ fn passes_to_local(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
 /// Design 3.2, the ACK copy: a clone of a segment whose ACK the local socket needs (marked
 /// [`ACK_COPY_MARK`] by this program a moment ago, see `spliced_packet_in`) becomes a pure
 /// ACK for that socket: the payload is cut, FIN/PSH/URG/ECN flags are cleared, the ACK is
-/// at most `ack_floor` (what lies above is the translation's), and the sequence number is
-/// the last ACK the socket sent (`local_rcv_next`, never below `seq_floor`), so the socket
-/// finds it inside its window (`tcp_sequence`) and processes the ACK. Timestamps, SACK
-/// blocks and the window are the sender's own, in the local socket's spaces already.
+/// at most `ack_floor` (what lies above is the translation's; the window then grows by the
+/// bytes cut, `widen_window`, so the right edge stays the sender's), and the sequence number
+/// is the last ACK the socket sent (`local_rcv_next`, never below `seq_floor`), so the socket
+/// finds it inside its window (`tcp_sequence`) and processes the ACK. Timestamps and SACK
+/// blocks are the sender's own, in the local socket's spaces already.
 /// Returns 0 when the copy may go to the stack.
 #[inline(never)]
 fn ack_copy(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> u32 {
@@ -737,10 +738,12 @@ fn make_ack_copy(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
         return Err(-1);
     }
     let raw_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-    let ack = if after(raw_ack, f.ack_floor) {
-        f.ack_floor
+    let raw_win = u16::from_be_bytes([h[14], h[15]]);
+    let (ack, win) = if after(raw_ack, f.ack_floor) {
+        let cut = raw_ack.wrapping_sub(f.ack_floor);
+        (f.ack_floor, widen_window(raw_win, f.ws_in, cut))
     } else {
-        raw_ack
+        (raw_ack, raw_win)
     };
     let seq = if after(f.local_rcv_next, f.seq_floor) {
         f.local_rcv_next
@@ -769,11 +772,12 @@ fn make_ack_copy(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     } else {
         ctx.store(ETH_HLEN + 4, &tcp_len.to_be(), recompute)?;
     }
-    let mut head = [0u8; 10];
+    let mut head = [0u8; 12];
     head[0..4].copy_from_slice(&seq.to_be_bytes());
     head[4..8].copy_from_slice(&ack.to_be_bytes());
     head[8] = h[12];
     head[9] = TCP_ACK_FLAG;
+    head[10..12].copy_from_slice(&win.to_be_bytes());
     ctx.store(l4 + TCP_SEQ, &head, recompute)?;
     // The checksum, whole: the pseudo-header, then the header with the checksum field as 0.
     let mut sum = u64::from(tcp_len) + u64::from(IPPROTO_TCP);
