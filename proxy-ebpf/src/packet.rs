@@ -329,6 +329,10 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
     }
     let news = track(flow, &tcp, seg.payload);
     if passes_to_local(flow, &tcp, seg.payload) != 0 {
+        if local_ack_in_window(&ctx, seg.l4, flow, &tcp, seg.payload) != 0 {
+            count(PacketCounter::TranslateFailed, 1);
+            return TC_ACT_SHOT;
+        }
         count(PacketCounter::PassedLocal, 1);
         return TC_ACT_OK;
     }
@@ -711,6 +715,49 @@ fn passes_to_local(flow: *mut Flow, tcp: &Tcp, payload: u32) -> u32 {
         tcp.flags & u32::from(TCP_ACK_FLAG) == 0 || before(tcp.ack, f.ack_floor)
     };
     u32::from(pass)
+}
+
+/// Design 3.2: a pure ACK that passes to the local socket in `DRAIN` carries the sequence
+/// number an ACK copy would (`local_rcv_next`, never below `seq_floor`). The sender's own,
+/// its next byte, is past everything the translation carried since the insert, and once that
+/// is more than the local socket's receive window the socket drops the ACK as beyond it
+/// (`tcp_sequence`): under bulk both ways the client's duplicate ACKs for L's retransmissions
+/// never reached L, which kept retransmitting bytes the client held (docs 3.6, traced).
+/// Returns non-zero when a helper failed.
+#[inline(never)]
+fn local_ack_in_window(
+    ctx: &TcContext,
+    l4: usize,
+    flow: *mut Flow,
+    tcp: &Tcp,
+    payload: u32,
+) -> i64 {
+    // SAFETY: as in `track`; only read.
+    let f = unsafe { &*flow };
+    if payload != 0
+        || f.state != FLOW_DRAIN
+        || tcp.flags & u32::from(TCP_ACK_FLAG | TCP_FIN | TCP_SYN | TCP_RST)
+            != u32::from(TCP_ACK_FLAG)
+    {
+        return 0;
+    }
+    let seq = if after(f.local_rcv_next, f.seq_floor) {
+        f.local_rcv_next
+    } else {
+        f.seq_floor
+    };
+    if seq == tcp.seq {
+        return 0;
+    }
+    let (old, new) = (tcp.seq.to_be(), seq.to_be());
+    if ctx
+        .l4_csum_replace(l4 + TCP_CSUM, u64::from(old), u64::from(new), 4)
+        .is_err()
+        || ctx.store(l4 + TCP_SEQ, &new, 0).is_err()
+    {
+        return -1;
+    }
+    0
 }
 
 /// Design 3.2, the ACK copy: a clone of a segment whose ACK the local socket needs (marked
