@@ -326,3 +326,45 @@ pub fn tsoffset(s: &TcpStream) -> Result<u32> {
     let now: u32 = get(s.as_raw_fd(), libc::IPPROTO_TCP, TCP_TIMESTAMP)?;
     Ok((now | 1).wrapping_sub(mono))
 }
+
+/// A made-up connection `n` for tests of the tables alone (no interface, no traffic): its
+/// client port and the proxy's backend port tell it apart, and its cookies are `n` and
+/// `n + 1000`.
+pub fn sample_handoff(n: u16) -> spliced::Handoff {
+    spliced::Handoff {
+        client: format!("192.0.2.2:{}", 40000 + n).parse().expect("address"),
+        front: "192.0.2.1:443".parse().expect("address"),
+        back: format!("[2001:db8:1::1]:{}", 50000 + n)
+            .parse()
+            .expect("address"),
+        backend: "[2001:db8:1::10]:443".parse().expect("address"),
+        client_isns: proxy_common::IsnPair {
+            local_isn: 1000,
+            peer_isn: 2000,
+        },
+        backend_isns: proxy_common::IsnPair {
+            local_isn: 3000,
+            peer_isn: 4000,
+        },
+        read_from_client: 517,
+        written_to_backend: 517,
+        read_from_backend: 0,
+        written_to_client: 0,
+        client_wscale: spliced::Wscale { snd: 7, rcv: 7 },
+        backend_wscale: spliced::Wscale { snd: 7, rcv: 7 },
+        client_ifindex: 1,
+        backend_ifindex: 1,
+        flow_label: 0,
+        client_ecn: false,
+        backend_ecn: false,
+        client_timestamps: true,
+        backend_timestamps: true,
+        client_sack: true,
+        backend_sack: true,
+        client_tsoffset: 0,
+        backend_tsoffset: 0,
+        client_cookie: u64::from(n),
+        backend_cookie: u64::from(n) + 1000,
+        started_ns: 0,
+    }
+}

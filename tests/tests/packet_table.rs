@@ -9,8 +9,9 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use proxy_common::{FLOW_DRAIN, Flow, FlowKey, IsnPair, PACKET_MAX_CONNECTIONS};
-use spliced::{Handoff, PacketTables, Wscale};
+use proxy_common::{FLOW_DRAIN, Flow, FlowKey, PACKET_MAX_CONNECTIONS};
+use spliced::{Handoff, PacketTables};
+use spliced_tests::packet::sample_handoff;
 
 /// A bpffs directory of the test's (under the host's `/sys/fs/bpf`), removed with its pins.
 struct PinDir(PathBuf);
@@ -39,46 +40,6 @@ impl Drop for PinDir {
             }
         }
         let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A made-up connection `n`: its client port and the proxy's backend port tell it apart.
-fn handoff(n: u16) -> Handoff {
-    Handoff {
-        client: format!("192.0.2.2:{}", 40000 + n).parse().expect("address"),
-        front: "192.0.2.1:443".parse().expect("address"),
-        back: format!("[2001:db8:1::1]:{}", 50000 + n)
-            .parse()
-            .expect("address"),
-        backend: "[2001:db8:1::10]:443".parse().expect("address"),
-        client_isns: IsnPair {
-            local_isn: 1000,
-            peer_isn: 2000,
-        },
-        backend_isns: IsnPair {
-            local_isn: 3000,
-            peer_isn: 4000,
-        },
-        read_from_client: 517,
-        written_to_backend: 517,
-        read_from_backend: 0,
-        written_to_client: 0,
-        client_wscale: Wscale { snd: 7, rcv: 7 },
-        backend_wscale: Wscale { snd: 7, rcv: 7 },
-        client_ifindex: 1,
-        backend_ifindex: 1,
-        flow_label: 0,
-        client_ecn: false,
-        backend_ecn: false,
-        client_timestamps: true,
-        backend_timestamps: true,
-        client_sack: true,
-        backend_sack: true,
-        client_tsoffset: 0,
-        backend_tsoffset: 0,
-        client_cookie: u64::from(n),
-        backend_cookie: u64::from(n) + 1000,
-        started_ns: 0,
     }
 }
 
@@ -156,7 +117,7 @@ fn a_full_table_fails_with_e2big_and_keeps_nothing_of_the_refused() -> Result<()
             pin.display()
         );
     }
-    let (one, two, three) = (handoff(1), handoff(2), handoff(3));
+    let (one, two, three) = (sample_handoff(1), sample_handoff(2), sample_handoff(3));
     tables.insert(&one, FLOW_DRAIN)?;
     tables.insert(&two, FLOW_DRAIN)?;
     ensure!(counts()? == (4, 4), "two connections: {:?}", counts()?);

@@ -854,32 +854,9 @@ fn a_handoff_on_the_key_of_an_older_client_entry_leaves_each_connection_its_own(
         peer_isn,
     };
     let old = Handoff {
-        client: "192.0.2.2:40000".parse()?,
-        front: "192.0.2.1:443".parse()?,
-        back: "[2001:db8:1::1]:50000".parse()?,
-        backend: "[2001:db8:1::10]:443".parse()?,
-        client_isns: isns(1000, 2000),
-        backend_isns: isns(3000, 4000),
-        read_from_client: 517,
-        written_to_backend: 517,
-        read_from_backend: 0,
-        written_to_client: 0,
-        client_wscale: Wscale { snd: 7, rcv: 7 },
-        backend_wscale: Wscale { snd: 7, rcv: 7 },
-        client_ifindex: 1,
-        backend_ifindex: 1,
-        flow_label: 0,
-        client_ecn: false,
-        backend_ecn: false,
-        client_timestamps: true,
-        backend_timestamps: true,
-        client_sack: true,
-        backend_sack: true,
-        client_tsoffset: 0,
-        backend_tsoffset: 0,
         client_cookie: 11,
         backend_cookie: 12,
-        started_ns: 0,
+        ..sample_handoff(0)
     };
     // The same client port, a new L (cookie), a new L' (another ephemeral port), new ISNs.
     let new = Handoff {
