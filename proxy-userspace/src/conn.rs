@@ -369,6 +369,10 @@ async fn serve(
                 backend_mss = syn.mss;
                 if syn.ip_options {
                     packet_refuse = Some("ip_options");
+                } else if syn.accecn && crate::packet::host::accecn_incoming() {
+                    // The listener answered with AccECN: its counters count from the SYN and
+                    // cannot be carried over to the backend's connection (design 4.5).
+                    packet_refuse = Some("accecn");
                 }
             }
             Err(e) => {

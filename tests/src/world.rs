@@ -153,7 +153,9 @@ impl World {
     ///
     /// The addresses are those of [`World::new`] (both ends keep their /64 on the link); the
     /// proxy and the backend reach each other by a /128 route through the router, whose own
-    /// addresses are /128s of the same prefix.
+    /// addresses are /128s of the same prefix. The backend's route announces an MSS of 1440,
+    /// as a backend on a 1500-byte link behind a narrower hop would: one that announced less
+    /// than the client may send would not be handed off at all (`mss_backend_small`).
     pub fn with_backend_router(mtu: u32) -> Result<World> {
         let world = World::empty(4)?;
         world
@@ -244,6 +246,8 @@ impl World {
                 router_backend,
                 "dev",
                 "eth0",
+                "advmss",
+                "1440",
             ],
         )?;
         // Once the proxy reaches the backend through the router, every neighbour on the way

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use spliced_tests::{
-    BACKEND_V6, Ns, PROXY_V4, World,
+    BACKEND_V6, Ns, PROXY_V4, PROXY_V6, World,
     raw::{
         self, Behavior, SEED_DOWN, SEED_UP, TestBackend, accept_within, expect_hello, listen_in,
         read_exactly, receive, result, send_stream, spawn,
@@ -1214,30 +1214,84 @@ fn no_entry_is_left_after_1000_short_connections() -> Result<()> {
 /// handoff is refused (`ts_client_only`), and the connection goes on with splice, exact.
 #[test]
 fn a_refused_handoff_still_delivers_exactly_on_splice() -> Result<()> {
-    let len = 32 * MIB;
     let world = World::new()?;
     sysctl(&world, Ns::Backend, "net.ipv4.tcp_timestamps=0")?;
-    let bpffs = Bpffs::mount(&world)?;
+    refused_yet_exact(&world, "ts_client_only")
+}
+
+/// The backend announces an MSS of 1200 (its route to the proxy says so), below the 1440 the
+/// client may send: the client's full segments, translated, would be bigger than the backend
+/// takes, so the handoff is refused (`mss_backend_small`, design 4.1).
+#[test]
+fn a_backend_announcing_a_small_mss_stays_on_splice() -> Result<()> {
+    let world = World::new()?;
+    let proxy = format!("{PROXY_V6}/128");
+    let route = world
+        .command(Ns::Backend, "ip")
+        .args([
+            "-6", "route", "add", &proxy, "dev", "eth0", "advmss", "1200",
+        ])
+        .status()?;
+    ensure!(route.success(), "ip route add {proxy} advmss 1200: {route}");
+    refused_yet_exact(&world, "mss_backend_small")
+}
+
+/// Accurate ECN on either connection refuses the handoff (design 4.5): its counters start at
+/// the SYN and cannot be carried from one connection to the other. First the client asks for
+/// it and the proxy's listener takes it; then only the proxy's connection to the backend uses
+/// it (the client does not ask for ECN at all). This kernel (6.18) has AccECN's code but
+/// refuses `net.ipv4.tcp_ecn` above 2, so no connection can negotiate it: then only that fact
+/// is checked, and the test runs in full on the first kernel that takes 3.
+#[test]
+fn accurate_ecn_on_either_side_stays_on_splice() -> Result<()> {
+    let probe = World::new()?;
+    if let Err(e) = sysctl(&probe, Ns::Proxy, "net.ipv4.tcp_ecn=3") {
+        ensure!(
+            format!("{e:#}").contains("Invalid argument"),
+            "net.ipv4.tcp_ecn=3 failed otherwise than as out of range: {e:#}"
+        );
+        eprintln!("this kernel cannot negotiate AccECN (net.ipv4.tcp_ecn=3 is out of range)");
+        return Ok(());
+    }
+    drop(probe);
+    for (client, what) in [
+        ("3", "AccECN with the client"),
+        ("0", "AccECN with the backend"),
+    ] {
+        let world = World::new()?;
+        sysctl(&world, Ns::Client, &format!("net.ipv4.tcp_ecn={client}"))?;
+        sysctl(&world, Ns::Proxy, "net.ipv4.tcp_ecn=3")?;
+        sysctl(&world, Ns::Backend, "net.ipv4.tcp_ecn=3")?;
+        refused_yet_exact(&world, "accecn").context(what)?;
+    }
+    Ok(())
+}
+
+/// 32 MiB each way through a spliced on `world` whose handoff is refused for `reason`: the
+/// line says so, and every byte arrived on splice.
+fn refused_yet_exact(world: &World, reason: &str) -> Result<()> {
+    let len = 32 * MIB;
+    let bpffs = Bpffs::mount(world)?;
     let hello = raw::simple_hello("bulk.example");
     let _bulk = TestBackend::start(
-        &world,
+        world,
         BULK_PORT,
         Behavior::Bulk {
             bytes_each_way: len,
             hello_len: hello.len(),
         },
     )?;
-    let spliced = start(&world, &bpffs, "")?;
-    let (mut client, me) = client_with(&world, &hello)?;
-    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "")?;
+    let spliced = start(world, &bpffs, "")?;
+    let (mut client, me) = client_with(world, &hello)?;
+    both_ways(world, &spliced, &mut client, SEED_DOWN, len, "")?;
     let line = spliced.log_line_for(me, LOG_WAIT)?;
     ensure!(
         field(&line, "engine") == Some("splice")
-            && field(&line, "packet_refused") == Some("ts_client_only")
+            && field(&line, "packet_refused") == Some(reason)
             && field(&line, "outcome") == Some("ok")
             && number(&line, "up")? == len + hello.len() as u64
             && number(&line, "down")? == len,
-        "{line}"
+        "expected a refusal for {reason}: {line}"
     );
     Ok(())
 }

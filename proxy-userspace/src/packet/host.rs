@@ -215,6 +215,27 @@ pub fn saved_syn(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// This namespace's `net.ipv4.tcp_ecn` (`enum tcp_ecn_mode`, 6.18): 3 asks for AccECN on
+/// outgoing connections and takes it on incoming ones, 4 and 5 take it on incoming ones only.
+/// Read when asked, as an operator may change it at any time; `None` if unreadable.
+fn tcp_ecn() -> Option<u8> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_ecn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether a listener here answers a SYN that asks for AccECN with AccECN.
+pub fn accecn_incoming() -> bool {
+    matches!(tcp_ecn(), Some(3..=5))
+}
+
+/// Whether connections made from here ask for AccECN.
+pub fn accecn_outgoing() -> bool {
+    tcp_ecn() == Some(3)
+}
+
 /// `SIOCOUTQNSD` (`linux/sockios.h`): bytes in a socket's send queue not sent yet.
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 

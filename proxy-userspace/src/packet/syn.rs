@@ -16,6 +16,8 @@ pub struct Syn {
     pub timestamps: bool,
     /// The IPv4 header carried options (`ihl > 5`).
     pub ip_options: bool,
+    /// The SYN asks for Accurate ECN: AE, CWR and ECE all set (RFC 9768).
+    pub accecn: bool,
 }
 
 /// Why a saved SYN could not be read.
@@ -81,8 +83,11 @@ pub fn parse(bytes: &[u8]) -> Result<Syn, SynError> {
     let options = tcp
         .get(20..usize::from(words) * 4)
         .ok_or(SynError::Truncated)?;
+    // AE is the low bit of the data-offset byte; CWR and ECE the two high bits of the flags.
+    let flags = *tcp.get(13).ok_or(SynError::Truncated)?;
     let mut syn = Syn {
         ip_options,
+        accecn: offset_byte & 0x01 != 0 && flags & 0xc0 == 0xc0,
         ..Syn::default()
     };
     let mut rest = options;
@@ -141,8 +146,22 @@ mod tests {
                 sack: true,
                 timestamps: true,
                 ip_options: false,
+                accecn: false,
             })
         );
+    }
+
+    #[test]
+    fn tells_an_accecn_syn_from_a_classic_ecn_one() {
+        let mut classic = linux_v4();
+        classic[33] = 0xc2; // CWR, ECE, SYN
+        assert_eq!(parse(&classic).map(|s| s.accecn), Ok(false));
+        let mut accecn = classic.clone();
+        accecn[32] |= 0x01; // AE
+        assert_eq!(parse(&accecn).map(|s| s.accecn), Ok(true));
+        let mut ae_only = linux_v4();
+        ae_only[32] |= 0x01;
+        assert_eq!(parse(&ae_only).map(|s| s.accecn), Ok(false));
     }
 
     #[test]

@@ -201,6 +201,19 @@ impl PacketTables {
         if (info_l.tcpi_options | info_l2.tcpi_options) & TCPI_OPT_USEC_TS != 0 {
             return Err(HandoffError::Refused("usec_timestamps"));
         }
+        let sizes = SegmentSizes::of(&info_l, &info_l2);
+        if sizes.backend_too_small() {
+            tracing::debug!(
+                ?sizes,
+                "handoff: the backend takes smaller segments than the client sends"
+            );
+            return Err(HandoffError::Refused("mss_backend_small"));
+        }
+        if info_l2.tcpi_options & TCPI_OPT_ECN != 0 && crate::packet::host::accecn_outgoing() {
+            // This kernel's `tcp_info` says ECN, not which kind (`tcpi_ecn_mode` came later):
+            // with AccECN asked for on outgoing connections, L''s ECN may be AccECN.
+            return Err(HandoffError::Refused("accecn"));
+        }
         let client_cookie: u64 = getsockopt(l, libc::SOL_SOCKET, libc::SO_COOKIE)
             .map_err(|e| internal("SO_COOKIE", e))?;
         let backend_cookie: u64 = getsockopt(l2, libc::SOL_SOCKET, libc::SO_COOKIE)
@@ -661,6 +674,47 @@ fn monotonic_ms() -> u32 {
         .wrapping_add(ts.tv_nsec as u64 / 1_000_000) as u32
 }
 
+/// The segment sizes both connections agreed, as `tcp_info` reports them: design 4.1's check
+/// that a client's segment, translated, is one the backend takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SegmentSizes {
+    /// The MSS L announced to the client (the listener's clamp, `tcpi_advmss`).
+    client_may_send: u32,
+    /// L's sending MSS with its option bytes: bounded by the MSS the client announced, so by
+    /// what the client's own link carries.
+    client_link: u32,
+    /// L''s sending MSS with its option bytes: bounded by the MSS the backend announced (and by
+    /// the client's, which L' announced in turn and which also clamps what L' sends).
+    backend_takes: u32,
+}
+
+impl SegmentSizes {
+    fn of(l: &libc::tcp_info, l2: &libc::tcp_info) -> SegmentSizes {
+        let with_options = |info: &libc::tcp_info| {
+            let options = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
+                12
+            } else {
+                0
+            };
+            info.tcpi_snd_mss + options
+        };
+        SegmentSizes {
+            client_may_send: l.tcpi_advmss,
+            client_link: with_options(l),
+            backend_takes: with_options(l2),
+        }
+    }
+
+    /// The client sends at most the smaller of what L announced and what its own link takes
+    /// (which is what it announced); the backend must take that much. L''s MSS is the least of
+    /// the backend's MSS, the client's and the backend path's (never below the clamp, which
+    /// leaves room for the bigger header), so it is below the client's largest segment only
+    /// where the backend announced less.
+    fn backend_too_small(&self) -> bool {
+        self.backend_takes < self.client_may_send.min(self.client_link)
+    }
+}
+
 fn wscale(info: &libc::tcp_info) -> Wscale {
     // `__u8 tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;`
     Wscale {
@@ -835,6 +889,39 @@ fn route(dst: IpAddr) -> io::Result<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(advmss: u32, snd_mss: u32, timestamps: bool) -> libc::tcp_info {
+        // SAFETY: `tcp_info` is plain integers; all zeroes is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        info.tcpi_advmss = advmss;
+        info.tcpi_snd_mss = snd_mss;
+        info.tcpi_options = if timestamps { TCPI_OPT_TIMESTAMPS } else { 0 };
+        info
+    }
+
+    #[test]
+    fn a_backend_announcing_less_than_the_clients_segments_is_too_small() {
+        // The test world: L announces 1440, the client 1460; the backend 1440 (1500-byte link).
+        let fits = SegmentSizes::of(&info(1440, 1428, true), &info(1440, 1428, true));
+        assert!(!fits.backend_too_small(), "{fits:?}");
+        // The backend announced 1340 (a 1400-byte link): 1500-byte client segments, translated,
+        // would be 1520 bytes.
+        let small = SegmentSizes::of(&info(1440, 1428, true), &info(1440, 1328, true));
+        assert!(small.backend_too_small(), "{small:?}");
+        // Without timestamps on the backend's side, its MSS has no option bytes to add back.
+        let bare = SegmentSizes::of(&info(1440, 1428, true), &info(1440, 1440, false));
+        assert!(!bare.backend_too_small(), "{bare:?}");
+    }
+
+    #[test]
+    fn a_client_on_a_small_link_needs_only_as_much_from_the_backend() {
+        // The client announced 1400 (a 1440-byte link): L' announced 1400 to the backend and
+        // sends at most that, and the client never sends more either.
+        let small_client = SegmentSizes::of(&info(1440, 1388, true), &info(1440, 1388, true));
+        assert!(!small_client.backend_too_small(), "{small_client:?}");
+        let smaller_backend = SegmentSizes::of(&info(1440, 1388, true), &info(1440, 1288, true));
+        assert!(smaller_backend.backend_too_small(), "{smaller_backend:?}");
+    }
 
     #[test]
     fn loopback_is_a_local_peer() {
