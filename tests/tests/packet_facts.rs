@@ -425,14 +425,22 @@ fn stack_resets_carry_a_socket_on_ipv4_only() -> Result<()> {
         Ok(trace.stdout_text().contains("Attaching"))
     })?;
     // Closed ports: the proxy's IPv4 stack and the backend's IPv6 stack answer with RSTs.
-    for (from, to) in [
-        (Ns::Client, SocketAddr::new(PROXY_V4, 9399)),
-        (Ns::Proxy, SocketAddr::new(BACKEND_V6, 9399)),
-    ] {
-        let refused = world.within(from, || connect(to, None))?;
-        ensure!(refused.is_err(), "{to} accepted a connection");
+    // bpftrace prints "Attaching" before the probe is live (a CI run saw no RST at all), so
+    // the connects are repeated until both kinds were traced, at most 20 times.
+    for _ in 0..20 {
+        for (from, to) in [
+            (Ns::Client, SocketAddr::new(PROXY_V4, 9399)),
+            (Ns::Proxy, SocketAddr::new(BACKEND_V6, 9399)),
+        ] {
+            let refused = world.within(from, || connect(to, None))?;
+            ensure!(refused.is_err(), "{to} accepted a connection");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        let out = trace.stdout_text();
+        if out.contains("rst4 ") && out.contains("rst6 ") {
+            break;
+        }
     }
-    std::thread::sleep(Duration::from_millis(500));
     trace.stop(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5))?;
     let out = trace.stdout_text();
     let resets = |family: &str| -> Vec<bool> {
