@@ -741,11 +741,7 @@ fn local_ack_in_window(
     {
         return 0;
     }
-    let seq = if after(f.local_rcv_next, f.seq_floor) {
-        f.local_rcv_next
-    } else {
-        f.seq_floor
-    };
+    let seq = local_ack_seq(f);
     if seq == tcp.seq {
         return 0;
     }
@@ -758,6 +754,18 @@ fn local_ack_in_window(
         return -1;
     }
     0
+}
+
+/// The sequence number of a pure ACK for the local socket in `DRAIN` (an ACK copy, or a
+/// peer's ACK that passes to it): the last ACK that socket sent (`local_rcv_next`), never
+/// below `seq_floor`, so the socket finds it in its window (`tcp_sequence`).
+#[inline(always)]
+fn local_ack_seq(f: &Flow) -> u32 {
+    if after(f.local_rcv_next, f.seq_floor) {
+        f.local_rcv_next
+    } else {
+        f.seq_floor
+    }
 }
 
 /// Design 3.2, the ACK copy: a clone of a segment whose ACK the local socket needs (marked
@@ -792,11 +800,7 @@ fn make_ack_copy(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
     } else {
         (raw_ack, raw_win)
     };
-    let seq = if after(f.local_rcv_next, f.seq_floor) {
-        f.local_rcv_next
-    } else {
-        f.seq_floor
-    };
+    let seq = local_ack_seq(f);
     // Linearizes, unclones and trims (`__bpf_skb_change_tail`); `skb->csum` follows for
     // CHECKSUM_COMPLETE, and every store below recomputes it as well.
     ctx.change_tail((l4 + doff) as u32, 0)?;
