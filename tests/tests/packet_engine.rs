@@ -1779,8 +1779,9 @@ fn map_shape(pin: &Path) -> Result<(String, u64)> {
 /// `SPLICED_PACKET_REUSES` sets how many connections (default 200; 4 clients of 4 ports).
 /// The first failure stops the clients and reports the namespaces' sockets and counters;
 /// the whole test stops after 120 s. Ignored until the stall it finds is fixed: about 1 run
-/// in 12 under load (and one CI run) a backend drops every translated segment by PAWS, with
-/// a `TSval` of another clock (`docs/packet-engine.md` 3.6 item 10, "The port-reuse stall").
+/// in 12 under load (and one CI run, with the same symptom) a connection stalls; traced once,
+/// its backend dropped every translated segment by PAWS, with a `TSval` of another clock
+/// (`docs/packet-engine.md` 3.6 item 10, "The port-reuse stall").
 #[test]
 #[ignore = "finds the port-reuse PAWS stall of docs/packet-engine.md 3.6 item 10, not fixed"]
 fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {

@@ -16,7 +16,7 @@ pub struct Syn {
     pub timestamps: bool,
     /// The IPv4 header carried options (`ihl > 5`).
     pub ip_options: bool,
-    /// The SYN asks for Accurate ECN: AE, CWR and ECE all set (RFC 9768).
+    /// The SYN asks for Accurate ECN: AE, CWR and ECE all set.
     pub accecn: bool,
 }
 
