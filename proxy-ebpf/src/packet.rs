@@ -1042,17 +1042,6 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
             if changed {
                 count(PacketCounter::LocalRewritten, 1);
             }
-            if e.flags & FLOW_TS_TRANSLATE != 0
-                && tcp.ts == TS_FIXED
-                && (p.last_tsval_out == 0 || after(tcp.tsval, p.last_tsval_out))
-            {
-                // The local socket's clock ran ahead of the translated one: the translation
-                // continues from here (`timestamps`), so the receiver never sees the two
-                // clocks go back (design 4.3).
-                // SAFETY: as above; the translation of that entry writes it too, and a race
-                // loses at most one raise.
-                unsafe { (*peer).last_tsval_out = tcp.tsval };
-            }
             count(PacketCounter::LocalPassed, 1);
             TC_ACT_OK
         }
@@ -1101,10 +1090,15 @@ fn reconcile(
     if pure_ack && !after(ack, p.last_ack_out) {
         return Ok(None);
     }
+    // The `TSval` is the translation's last one, whether the local socket's clock is behind
+    // it or ahead: behind, the receiver would drop the segment by PAWS; ahead, it would move
+    // the receiver's `ts_recent` past the translated segments still on their way, stamped
+    // by the far peer before this one and delayed on a loaded CPU, and those would fail PAWS
+    // (design 4.3; traced: a retransmitted burst 3 ms behind a local pure ACK).
     if e.flags & FLOW_TS_TRANSLATE != 0
         && p.last_tsval_out != 0
         && tcp.ts == TS_FIXED
-        && before(tcp.tsval, p.last_tsval_out)
+        && tcp.tsval != p.last_tsval_out
     {
         let at = l4 + TCP_HLEN + 4;
         let old = tcp.tsval.to_be();

@@ -43,8 +43,8 @@ pub use config::{Config, ConfigError, Table as ConfigTable};
 /// The packet engine's kernel programs, which the end-to-end tests drive directly while the
 /// engine is being built (`docs/packet-engine.md`).
 pub use ebpf::{
-    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
-    peer_key,
+    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables,
+    SocketClock, Wscale, peer_key,
 };
 pub use server::{Options, Server};
 

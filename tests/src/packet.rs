@@ -312,10 +312,10 @@ impl Drop for TestCgroup {
 /// `TCP_TIMESTAMP`: the socket's timestamp clock now (the low bit flags microseconds).
 pub const TCP_TIMESTAMP: i32 = 24;
 
-/// The socket's timestamp clock less `CLOCK_MONOTONIC` in milliseconds, as spliced computes
-/// it at handoff (never early: the low bit the kernel clears is set again, and the clock is
-/// read first).
-pub fn tsoffset(s: &TcpStream) -> Result<u32> {
+/// The socket's timestamp clock, and that clock less `CLOCK_MONOTONIC` in milliseconds, as
+/// spliced reads them at handoff (never early: the low bit the kernel clears is set again,
+/// and the clock is read first).
+pub fn socket_clock(s: &TcpStream) -> Result<spliced::SocketClock> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -324,7 +324,10 @@ pub fn tsoffset(s: &TcpStream) -> Result<u32> {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let mono = (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32;
     let now: u32 = get(s.as_raw_fd(), libc::IPPROTO_TCP, TCP_TIMESTAMP)?;
-    Ok((now | 1).wrapping_sub(mono))
+    Ok(spliced::SocketClock {
+        offset: (now | 1).wrapping_sub(mono),
+        now: now | 1,
+    })
 }
 
 /// A made-up connection `n` for tests of the tables alone (no interface, no traffic): its
@@ -361,8 +364,8 @@ pub fn sample_handoff(n: u16) -> spliced::Handoff {
         backend_timestamps: true,
         client_sack: true,
         backend_sack: true,
-        client_tsoffset: 0,
-        backend_tsoffset: 0,
+        client_clock: spliced::SocketClock::default(),
+        backend_clock: spliced::SocketClock::default(),
         client_cookie: u64::from(n),
         backend_cookie: u64::from(n) + 1000,
         started_ns: 0,

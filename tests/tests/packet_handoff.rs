@@ -327,6 +327,12 @@ fn run(case: Case) -> Result<()> {
                 wait(&handed_off)?;
                 w.write_all(&down[if case.server_first { GREETING } else { 0 }..])?;
             }
+            if !case.backend_half_close {
+                // A FIN that reached L' before the freeze would make the handoff refuse
+                // (`half_closed`, the racing cases' subject): the others send theirs after it,
+                // as a loaded machine may take longer to hand off than the backend to answer.
+                wait(&handed_off)?;
+            }
             y.shutdown(Shutdown::Write)?;
             Ok(())
         });
@@ -426,8 +432,17 @@ fn run(case: Case) -> Result<()> {
     for ns in [Ns::Client, Ns::Backend] {
         let errors = tcp_stat(&world, ns, "InCsumErrors")?;
         ensure!(errors == 0, "{errors} TCP checksum errors in {ns:?}");
+        // A translated clock behind the receiver's fails PAWS on every segment until it
+        // catches up. What a loaded machine adds is a few stale segments that one CPU's
+        // backlog held for milliseconds while the other CPU delivered later ones (traced,
+        // design 3.6), as on a plain connection: those are allowed, a run is not.
         let paws = tcp_ext_stat(&world, ns, "PAWSEstab")?;
-        ensure!(paws == 0, "{paws} segments failed PAWS in {ns:?}");
+        let received = tcp_stat(&world, ns, "InSegs")?;
+        eprintln!("{ns:?}: {paws} of {received} segments failed PAWS");
+        ensure!(
+            paws <= PAWS_STALE_MAX + received / 50,
+            "{paws} of {received} segments failed PAWS in {ns:?}"
+        );
     }
     eprintln!(
         "backend: challenge ACKs sent {}, skipped by the rate limit {}",
@@ -530,6 +545,9 @@ fn ioctl_inq(s: &TcpStream) -> Result<i32> {
     ensure!(rc == 0, "FIONREAD: {}", std::io::Error::last_os_error());
     Ok(n)
 }
+
+/// Stale segments a peer may drop by PAWS, beyond 2% of the segments it received (see `run`).
+const PAWS_STALE_MAX: u64 = 16;
 
 fn wait(flag: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);

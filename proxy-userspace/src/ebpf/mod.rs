@@ -30,8 +30,8 @@ mod xdp;
 
 pub(crate) use load::ensure_bpffs;
 pub use packet::{
-    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables, Wscale,
-    peer_key,
+    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables,
+    SocketClock, Wscale, peer_key,
 };
 pub(crate) use sockmap::SplicedPair;
 

@@ -139,17 +139,26 @@ pub struct Handoff {
     pub client_sack: bool,
     /// L' negotiated SACK with Y.
     pub backend_sack: bool,
-    /// L's `tsoffset`: its timestamp clock is `CLOCK_MONOTONIC` in milliseconds plus this
-    /// (`getsockopt(TCP_TIMESTAMP)` less the clock).
-    pub client_tsoffset: u32,
-    /// L''s `tsoffset`, likewise.
-    pub backend_tsoffset: u32,
+    /// L's timestamp clock (0 without timestamps).
+    pub client_clock: SocketClock,
+    /// L''s timestamp clock, likewise.
+    pub backend_clock: SocketClock,
     /// L's socket cookie (`SO_COOKIE`).
     pub client_cookie: u64,
     /// L''s socket cookie.
     pub backend_cookie: u64,
     /// When the connection was accepted (`CLOCK_BOOTTIME` nanoseconds).
     pub started_ns: u64,
+}
+
+/// A local socket's timestamp clock, read at the handoff (design 4.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketClock {
+    /// The clock is `CLOCK_MONOTONIC` in milliseconds plus this (`getsockopt(TCP_TIMESTAMP)`
+    /// less the clock, read so that it errs late).
+    pub offset: u32,
+    /// The clock as read then: no `TSval` the socket sent before is later than this.
+    pub now: u32,
 }
 
 /// A socket's two window scales, as `TCP_INFO` reports them.
@@ -251,7 +260,13 @@ impl Handoff {
             ws_in: self.client_wscale.snd,
             ws_out: self.backend_wscale.rcv,
             stream_start: ic.wrapping_add(1),
-            out_tsoffset: self.backend_tsoffset,
+            out_tsoffset: self.backend_clock.offset,
+            // The translation towards Y never goes below what L' may already have sent.
+            last_tsval_out: if ts == FLOW_TS_TRANSLATE {
+                self.backend_clock.now
+            } else {
+                0
+            },
             local_cookie: self.client_cookie,
             started_ns: self.started_ns,
             ..Flow::default()
@@ -284,7 +299,12 @@ impl Handoff {
             ws_in: self.backend_wscale.snd,
             ws_out: self.client_wscale.rcv,
             stream_start: jb.wrapping_add(1),
-            out_tsoffset: self.client_tsoffset,
+            out_tsoffset: self.client_clock.offset,
+            last_tsval_out: if ts == FLOW_TS_TRANSLATE {
+                self.client_clock.now
+            } else {
+                0
+            },
             local_cookie: self.backend_cookie,
             started_ns: self.started_ns,
             ..Flow::default()
@@ -757,8 +777,14 @@ mod tests {
             backend_timestamps: true,
             client_sack: true,
             backend_sack: false,
-            client_tsoffset: 111,
-            backend_tsoffset: 222,
+            client_clock: SocketClock {
+                offset: 111,
+                now: 1111,
+            },
+            backend_clock: SocketClock {
+                offset: 222,
+                now: 2222,
+            },
             client_cookie: 7,
             backend_cookie: 8,
             started_ns: 99,
@@ -833,5 +859,8 @@ mod tests {
             (up.flags, down.flags),
             (FLOW_TS_TRANSLATE, FLOW_TS_TRANSLATE)
         );
+        // The translation starts at the clock of the local socket its receiver talked to:
+        // nothing that socket sent is later.
+        assert_eq!((up.last_tsval_out, down.last_tsval_out), (2222, 1111));
     }
 }

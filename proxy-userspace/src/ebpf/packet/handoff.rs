@@ -11,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use nix::libc;
 use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey};
 
-use super::{Handoff, IsnRecorder, PacketTables, Wscale};
+use super::{Handoff, IsnRecorder, PacketTables, SocketClock, Wscale};
 
 /// A connection ready to be handed off: spliced stopped forwarding both ways with nothing
 /// buffered in between.
@@ -237,11 +237,11 @@ impl PacketTables {
         }
         let client_timestamps = info_l.tcpi_options & TCPI_OPT_TIMESTAMPS != 0;
         let backend_timestamps = info_l2.tcpi_options & TCPI_OPT_TIMESTAMPS != 0;
-        let tsoffset = |fd, on: bool| {
+        let clock = |fd, on: bool| {
             if on {
-                tsoffset(fd).map_err(|e| internal("TCP_TIMESTAMP", e))
+                socket_clock(fd).map_err(|e| internal("TCP_TIMESTAMP", e))
             } else {
-                Ok(0)
+                Ok(SocketClock::default())
             }
         };
         let handoff = Handoff {
@@ -269,8 +269,8 @@ impl PacketTables {
             backend_timestamps,
             client_sack: info_l.tcpi_options & TCPI_OPT_SACK != 0,
             backend_sack: info_l2.tcpi_options & TCPI_OPT_SACK != 0,
-            client_tsoffset: tsoffset(l, client_timestamps)?,
-            backend_tsoffset: tsoffset(l2, backend_timestamps)?,
+            client_clock: clock(l, client_timestamps)?,
+            backend_clock: clock(l2, backend_timestamps)?,
             client_cookie,
             backend_cookie,
             started_ns: freeze.started_ns,
@@ -656,10 +656,13 @@ fn setsockopt_int(
 /// tick between the two reads: both make the clock read low by at most a tick, so the bit is
 /// set again and the earlier clock reading used, which errs towards a later clock, never an
 /// earlier one (an earlier `TSval` than L's last would fail PAWS).
-fn tsoffset(fd: RawFd) -> io::Result<u32> {
+fn socket_clock(fd: RawFd) -> io::Result<SocketClock> {
     let before = monotonic_ms();
     let now: u32 = getsockopt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP)?;
-    Ok((now | 1).wrapping_sub(before))
+    Ok(SocketClock {
+        offset: (now | 1).wrapping_sub(before),
+        now: now | 1,
+    })
 }
 
 fn monotonic_ms() -> u32 {
