@@ -244,6 +244,34 @@ fn peer_key(f: &Flow) -> FlowKey {
     }
 }
 
+/// The other entry of the connection whose entry `f` is (under `key`): the one `peer_key(f)`
+/// finds, but only if it names `key` in turn. Between spliced's two inserts, and after a
+/// client reused its port, `peer_key(f)` can find another connection's entry (the client
+/// entry of the connection before, superseded), whose values belong to other sockets'
+/// clocks and sequence spaces (traced: a local socket's `TSval` set from one made the
+/// backend's `ts_recent` another clock, and every translated segment then failed PAWS).
+#[inline(always)]
+fn peer_of(f: &Flow, key: &FlowKey) -> Option<*mut Flow> {
+    let peer = SPLICED_PACKET_FLOWS.get_ptr_mut(&peer_key(f))?;
+    // SAFETY: the entry stays valid while this program runs; only read here.
+    let back = peer_key(unsafe { &*peer });
+    same_key(&back, key).then_some(peer)
+}
+
+/// Field by field (a byte loop the verifier follows; no `memcmp` on this target).
+#[inline(always)]
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    if a.sport != b.sport || a.dport != b.dport || a.family != b.family {
+        return false;
+    }
+    for i in 0..16 {
+        if a.saddr[i] != b.saddr[i] || a.daddr[i] != b.daddr[i] {
+            return false;
+        }
+    }
+    true
+}
+
 /// `spliced_packet_in`: translates the segments of handed-off connections into segments of
 /// the other connection and sends them out of the interface their entry names.
 ///
@@ -349,7 +377,7 @@ pub fn spliced_packet_in(ctx: TcContext) -> i32 {
             count(PacketCounter::AckCopyDropped, 1);
         }
     }
-    if f.flags & FLOW_TS_TRANSLATE != 0 && timestamps(&ctx, flow, seg.l4, tcp.ts) != 0 {
+    if f.flags & FLOW_TS_TRANSLATE != 0 && timestamps(&ctx, flow, &seg.key, seg.l4, tcp.ts) != 0 {
         count(PacketCounter::TranslateFailed, 1);
         return TC_ACT_SHOT;
     }
@@ -579,7 +607,7 @@ fn supersede(flow: *mut Flow, key: &FlowKey) -> u32 {
         return 0;
     }
     let peer_key = peer_key(f);
-    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key) else {
+    let Some(peer) = peer_of(f, key) else {
         return 0;
     };
     // SAFETY: the peer entry stays valid while this program runs; only read.
@@ -870,7 +898,7 @@ fn make_ack_copy(ctx: &TcContext, seg: &Segment, f: &Flow) -> Result<(), i64> {
 /// Only the option opening the options as NOP, NOP, timestamp is translated; elsewhere it is
 /// counted and left. Returns non-zero when a helper failed.
 #[inline(never)]
-fn timestamps(ctx: &TcContext, flow: *mut Flow, l4: usize, ts: u32) -> i64 {
+fn timestamps(ctx: &TcContext, flow: *mut Flow, key: &FlowKey, l4: usize, ts: u32) -> i64 {
     if ts == TS_ELSEWHERE {
         count(PacketCounter::TimestampLayoutUnknown, 1);
     }
@@ -891,7 +919,7 @@ fn timestamps(ctx: &TcContext, flow: *mut Flow, l4: usize, ts: u32) -> i64 {
     if f.last_tsval_out != 0 && before(tsval, f.last_tsval_out) {
         tsval = f.last_tsval_out;
     }
-    let tsecr = translate_tsecr(flow, u32::from_be(old[1]));
+    let tsecr = translate_tsecr(flow, key, u32::from_be(old[1]));
     let new = [tsval.to_be(), tsecr.to_be()];
     let csum = l4 + TCP_CSUM;
     if ctx
@@ -915,7 +943,7 @@ fn timestamps(ctx: &TcContext, flow: *mut Flow, l4: usize, ts: u32) -> i64 {
 /// echoes values that direction's translation made); 0 until that is known, and 0 stays 0.
 /// A `TSecr` of 0 only costs the receiver one RTT sample (design 4.3).
 #[inline(always)]
-fn translate_tsecr(flow: *mut Flow, tsecr: u32) -> u32 {
+fn translate_tsecr(flow: *mut Flow, key: &FlowKey, tsecr: u32) -> u32 {
     if tsecr == 0 {
         return 0;
     }
@@ -924,7 +952,7 @@ fn translate_tsecr(flow: *mut Flow, tsecr: u32) -> u32 {
     if f.ts_ready & FLOW_TSECR_READY != 0 {
         return tsecr.wrapping_sub(f.tsecr_delta);
     }
-    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr(&peer_key(f)) else {
+    let Some(peer) = peer_of(f, key) else {
         return 0;
     };
     // SAFETY: the peer entry stays valid while this program runs; `tsval_delta` is written
@@ -1031,7 +1059,7 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     }
     // What the translation last told this segment's receiver: the entry of the other
     // direction.
-    let Some(peer) = SPLICED_PACKET_FLOWS.get_ptr_mut(&peer_key(e)) else {
+    let Some(peer) = peer_of(e, &key) else {
         count(PacketCounter::LocalPassed, 1);
         return TC_ACT_OK;
     };

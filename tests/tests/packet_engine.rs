@@ -1778,12 +1778,10 @@ fn map_shape(pin: &Path) -> Result<(String, u64)> {
 /// and the new SYN meets the old connection's entries): every download arrives exact.
 /// `SPLICED_PACKET_REUSES` sets how many connections (default 200; 4 clients of 4 ports).
 /// The first failure stops the clients and reports the namespaces' sockets and counters;
-/// the whole test stops after 120 s. Ignored until the stall it finds is fixed: about 1 run
-/// in 12 under load (and one CI run, with the same symptom) a connection stalls; traced once,
-/// its backend dropped every translated segment by PAWS, with a `TSval` of another clock
-/// (`docs/packet-engine.md` 3.6 item 10, "The port-reuse stall").
+/// the whole test stops after 120 s. It found the port-reuse stall (`docs/packet-engine.md`
+/// 3.6 item 10): a connection's backend got the previous connection's clock from the local
+/// socket's rewrite and dropped every translated segment by PAWS.
 #[test]
-#[ignore = "finds the port-reuse PAWS stall of docs/packet-engine.md 3.6 item 10, not fixed"]
 fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {
     let world = World::new()?;
     let bpffs = Bpffs::mount(&world)?;
@@ -1798,25 +1796,53 @@ fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {
     // taken while the connection is still stuck), and so does the overall deadline.
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_secs(120);
+    // The first failure, of a client or a backend, stops the others and takes the
+    // diagnostics while the connection is still stuck.
+    let failed = |text: String| {
+        let mut text = text;
+        if !stop.swap(true, Ordering::SeqCst) {
+            text.push('\n');
+            text.push_str(&stall_diagnostics(&world, &spliced, "port reuse"));
+        }
+        errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(text);
+    };
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (listener, hello_len) = (&listener, hello.len());
-            scope.spawn(move || -> Result<()> {
-                for _ in 0..total.div_ceil(threads) {
-                    let Ok(mut backend) = accept_within(listener, IO, IO) else {
-                        return Ok(());
-                    };
-                    read_exactly(&mut backend, hello_len)?;
-                    send_stream(&mut backend, SEED_DOWN, len)?;
-                    backend.shutdown(Shutdown::Write)?;
-                    let mut rest = Vec::new();
-                    let _ = backend.read_to_end(&mut rest);
+            let (listener, hello_len, stop, failed) = (&listener, hello.len(), &stop, &failed);
+            scope.spawn(move || {
+                // A backend that gives up must say why: its share of the connections would
+                // otherwise never be accepted, and the last clients would time out instead.
+                let serve = || -> Result<()> {
+                    for n in 0..total.div_ceil(threads) {
+                        if stop.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        let Ok(mut backend) = accept_within(listener, IO, IO) else {
+                            return Ok(());
+                        };
+                        let peer = backend.peer_addr()?;
+                        let mut one = || -> Result<()> {
+                            read_exactly(&mut backend, hello_len)?;
+                            send_stream(&mut backend, SEED_DOWN, len)?;
+                            backend.shutdown(Shutdown::Write)?;
+                            Ok(())
+                        };
+                        one().with_context(|| format!("backend connection {n} from {peer}"))?;
+                        let mut rest = Vec::new();
+                        let _ = backend.read_to_end(&mut rest);
+                    }
+                    Ok(())
+                };
+                if let Err(e) = serve() {
+                    failed(format!("{e:#}"));
                 }
-                Ok(())
             });
         }
         for t in 0..threads {
-            let (world, hello, errors, stop, spliced) = (&world, &hello, &errors, &stop, &spliced);
+            let (world, hello, stop, failed) = (&world, &hello, &stop, &failed);
             scope.spawn(move || {
                 for i in (t..total).step_by(threads as usize) {
                     if stop.load(Ordering::SeqCst) {
@@ -1837,16 +1863,7 @@ fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {
                         Ok(())
                     };
                     if let Err(e) = run() {
-                        let first = !stop.swap(true, Ordering::SeqCst);
-                        let mut text = format!("connection {i} from port {port}: {e:#}");
-                        if first {
-                            text.push('\n');
-                            text.push_str(&stall_diagnostics(world, spliced, "port reuse"));
-                        }
-                        errors
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(text);
+                        failed(format!("connection {i} from port {port}: {e:#}"));
                         return;
                     }
                 }
@@ -1862,17 +1879,20 @@ fn clients_reusing_their_ports_at_once_get_every_byte() -> Result<()> {
             .unwrap_or(0)
     };
     eprintln!(
-        "{total} connections, {} failed; handoffs {}; syn_superseded {}, syn_on_entry {}",
+        "{total} connections, {} failed; handoffs {}; syn_superseded {}, syn_on_entry {}; \
+         client SYN retransmissions {}, proxy challenge ACKs to SYNs {}",
         errors.len(),
         m.count("spliced_packet_handoff_seconds_count", &[])?,
         counter("packet_syn_superseded"),
         counter("packet_syn_on_entry"),
+        spliced_tests::packet::tcp_ext_stat(&world, Ns::Client, "TCPSynRetrans")?,
+        spliced_tests::packet::tcp_ext_stat(&world, Ns::Proxy, "TCPSYNChallenge")?,
     );
     ensure!(
         errors.is_empty(),
-        "{} connections failed (the others stopped); the first: {}",
+        "{} connections failed (the others stopped), in the order seen: {}",
         errors.len(),
-        errors.first().map_or("", String::as_str),
+        errors.join("\n"),
     );
     Ok(())
 }
