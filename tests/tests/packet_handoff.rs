@@ -435,7 +435,7 @@ fn run(case: Case) -> Result<()> {
         // A translated clock behind the receiver's fails PAWS on every segment until it
         // catches up. What a loaded machine adds is a few stale segments that one CPU's
         // backlog held for milliseconds while the other CPU delivered later ones (traced,
-        // design 3.6), as on a plain connection: those are allowed, a run is not.
+        // design 3.6): those are allowed, a run is not.
         let paws = tcp_ext_stat(&world, ns, "PAWSEstab")?;
         let received = tcp_stat(&world, ns, "InSegs")?;
         eprintln!("{ns:?}: {paws} of {received} segments failed PAWS");
