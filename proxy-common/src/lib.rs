@@ -305,6 +305,17 @@ pub const MAP_PACKET_CONTROL: &str = "SPLICED_PACKET_CONTROL";
 /// about a translated segment, which spliced translates and sends (`docs/packet-engine.md`,
 /// section 7).
 pub const MAP_PACKET_ICMP: &str = "SPLICED_PACKET_ICMP";
+/// Name of the hash map from a local socket's [`FlowKey`] (its segments' tuple reversed, as
+/// the entry that will translate its peer's segments is keyed) to the [`WindowClamp`] the
+/// egress program applies to the windows that socket announces, from the moment a connection
+/// is offered to the engine until its drain ends (`docs/packet-engine.md`, 3.6 item 12).
+pub const MAP_PACKET_CLAMP: &str = "SPLICED_PACKET_CLAMP";
+/// Name of the one-element array that counts the entries of [`MAP_PACKET_CLAMP`]: the egress
+/// program looks the clamp up only while it is not zero.
+pub const MAP_PACKET_CLAMPING: &str = "SPLICED_PACKET_CLAMPING";
+/// Connections whose windows can be clamped at once (handoffs under way); beyond, a
+/// connection is offered without the clamp.
+pub const PACKET_MAX_CLAMPS: u32 = 4096;
 /// Connections the packet engine can hold at once; [`MAP_PACKET_FLOWS`] has two entries each.
 pub const PACKET_MAX_CONNECTIONS: u32 = 65_536;
 
@@ -530,6 +541,52 @@ pub struct IcmpEvent {
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`: a `FlowKey` (40 bytes) and two `u32`s, no padding.
 unsafe impl aya::Pod for IcmpEvent {}
+
+/// How far a local socket's announced window may reach while its connection is offered to the
+/// engine ([`MAP_PACKET_CLAMP`]; `docs/packet-engine.md`, 3.6 item 12). The kernel never moves
+/// a right edge it announced back, so a socket's own window cannot be taken back; rewritten
+/// on the way out, the peer (a sender that takes the window of every ACK that advances) never
+/// learns the larger one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowClamp {
+    /// While `anchored` is 0: the most bytes a window may offer past its ACK. This bounds
+    /// what the peer has in flight, not what the socket holds: every ACK moves the edge on.
+    pub limit: u32,
+    /// While `anchored` is 1: the right edge no window may pass (a sequence number in the
+    /// socket's receive space), so that what the socket takes in past the freeze is bounded
+    /// whether or not anybody reads it.
+    pub edge: u32,
+    /// The scale of the socket's window field (its `tcpi_rcv_wscale`).
+    pub wscale: u8,
+    /// 0: `limit` applies; 1: `edge` applies.
+    pub anchored: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, two `u32`s and four bytes, no implicit padding.
+unsafe impl aya::Pod for WindowClamp {}
+
+/// The window field a local socket's segment leaves with under `clamp`: its own `field` or
+/// less, never an edge past the clamp's (rounded down by the scale). An anchored edge the ACK
+/// already reached gives a zero window.
+pub const fn clamped_window(field: u16, ack: u32, clamp: &WindowClamp) -> u16 {
+    let allowed = if clamp.anchored != 0 {
+        let ahead = clamp.edge.wrapping_sub(ack);
+        if (ahead as i32) <= 0 { 0 } else { ahead }
+    } else {
+        clamp.limit
+    };
+    let ws = if clamp.wscale > 14 { 14 } else { clamp.wscale };
+    let allowed = allowed >> ws;
+    if (field as u32) > allowed {
+        allowed as u16
+    } else {
+        field
+    }
+}
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)` of byte arrays and integers with explicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for FlowKey {}
@@ -621,11 +678,13 @@ pub enum PacketCounter {
     /// RST): the client started a new connection from the same port, the entry is marked
     /// [`Flow::superseded`] and the SYN goes to the stack (design 2.1).
     SynSuperseded = 33,
+    /// Segments of a local socket whose window the clamp lowered ([`WindowClamp`]).
+    WindowClamped = 34,
 }
 
 impl PacketCounter {
     /// Number of counters; the length of [`MAP_PACKET_COUNTERS`].
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Every counter, in index order.
     pub const ALL: [PacketCounter; Self::COUNT as usize] = [
@@ -663,6 +722,7 @@ impl PacketCounter {
         PacketCounter::IcmpFragNeededSeen,
         PacketCounter::IcmpEventLost,
         PacketCounter::SynSuperseded,
+        PacketCounter::WindowClamped,
     ];
 
     /// The counter's name as it appears in logs and metrics.
@@ -702,6 +762,7 @@ impl PacketCounter {
             PacketCounter::IcmpFragNeededSeen => "icmp_frag_needed_seen",
             PacketCounter::IcmpEventLost => "icmp_event_lost",
             PacketCounter::SynSuperseded => "syn_superseded",
+            PacketCounter::WindowClamped => "window_clamped",
         }
     }
 }
@@ -773,6 +834,41 @@ pub const fn csum_word(raw: u32, offset: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clamp_before_the_freeze_bounds_the_window_past_each_ack() {
+        let clamp = WindowClamp {
+            limit: 64 << 10,
+            wscale: 7,
+            ..WindowClamp::default()
+        };
+        // 6 MiB offered: 64 KiB is what the peer learns, whatever the ACK.
+        assert_eq!(clamped_window(49152, 1000, &clamp), 512);
+        assert_eq!(clamped_window(49152, u32::MAX - 5, &clamp), 512);
+        // A smaller window of the socket's own stays.
+        assert_eq!(clamped_window(300, 1000, &clamp), 300);
+    }
+
+    #[test]
+    fn an_anchored_clamp_holds_the_right_edge_and_closes_at_it() {
+        let clamp = WindowClamp {
+            edge: 10 + (64 << 10),
+            wscale: 7,
+            anchored: 1,
+            ..WindowClamp::default()
+        };
+        assert_eq!(clamped_window(49152, 10, &clamp), 512);
+        // Every byte the socket took in since moves the edge no further: rounded down, so the
+        // peer's edge (ack + field << 7) stays at or below the clamp's.
+        let field = clamped_window(49152, 10 + 1000, &clamp);
+        assert!(10 + 1000 + (u32::from(field) << 7) <= clamp.edge);
+        assert_eq!(field, (((64 << 10) - 1000) >> 7) as u16);
+        assert_eq!(clamped_window(49152, clamp.edge, &clamp), 0);
+        assert_eq!(clamped_window(49152, clamp.edge + 5000, &clamp), 0);
+        // Across the wrap of the sequence space.
+        let wrapped = WindowClamp { edge: 100, ..clamp };
+        assert_eq!(clamped_window(49152, u32::MAX - 155, &wrapped), 2);
+    }
 
     /// RFC 1071 over `data`.
     fn checksum(data: &[u8]) -> u16 {

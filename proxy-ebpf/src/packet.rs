@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_F_RECOMPUTE_CSUM, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_csum_diff, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{btf_map, classifier, sock_ops},
     programs::{SockOpsContext, TcContext},
@@ -22,8 +22,9 @@ use aya_ebpf::{
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN, FLOW_RESET,
     FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_TSECR_READY, FLOW_TSVAL_READY, FLOW_UP,
-    Flow, FlowControl, FlowKey, IcmpEvent, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CONNECTIONS,
-    PacketCounter, csum_word, rescale_window, shrink_window, widen_window, window_saturates,
+    Flow, FlowControl, FlowKey, IcmpEvent, IsnPair, PACKET_ISN_ENTRIES, PACKET_MAX_CLAMPS,
+    PACKET_MAX_CONNECTIONS, PacketCounter, WindowClamp, clamped_window, csum_word, rescale_window,
+    shrink_window, widen_window, window_saturates,
 };
 
 const ISN_ENTRIES: usize = PACKET_ISN_ENTRIES as usize;
@@ -88,6 +89,22 @@ static SPLICED_PACKET_COUNTERS: PerCpuArray<u64, { PacketCounter::COUNT as usize
 /// reports; spliced rate-limits what it sends per connection anyway.
 #[btf_map]
 static SPLICED_PACKET_ICMP: RingBuf<IcmpEvent, { 64 * 1024 }> = RingBuf::new();
+
+/// The windows of local sockets whose connection is being offered to the engine, keyed as the
+/// entry that will translate their peer's segments (design 3.6 item 12). Written only by
+/// spliced.
+#[btf_map]
+static SPLICED_PACKET_CLAMP: HashMap<
+    FlowKey,
+    WindowClamp,
+    { PACKET_MAX_CLAMPS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Element 0: how many entries `SPLICED_PACKET_CLAMP` holds (spliced keeps it). While it is 0,
+/// the egress program's cost to other traffic stays one hash lookup per TCP segment.
+#[btf_map]
+static SPLICED_PACKET_CLAMPING: Array<u32, 1> = Array::new();
 
 /// The largest table (two entries per connection). spliced creates `SPLICED_PACKET_FLOWS` and
 /// `SPLICED_PACKET_CONTROL` with `2 * packet.max_connections` entries instead
@@ -990,7 +1007,9 @@ enum Verdict {
 /// namespace or none (design, section 11 item 5), never L or L'. A SYN on such a tuple is
 /// dropped whoever sends it (translation never emits one). In `DRAIN` the local socket's
 /// segments are made to agree with what the translation already told the peer; in `ACTIVE`
-/// and `RESET` they are dropped. Everything else leaves untouched.
+/// and `RESET` they are dropped. While a connection is offered (no entry yet, and through
+/// `DRAIN`) its local sockets' windows are clamped (design 3.6 item 12). Everything else
+/// leaves untouched.
 #[classifier]
 pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     let Some(seg) = parse(&ctx) else {
@@ -1008,6 +1027,15 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
         _pad: [0; 3],
     };
     let Some(entry) = SPLICED_PACKET_FLOWS.get_ptr_mut(&key) else {
+        // A connection being offered: its local sockets' windows are clamped until the
+        // entries exist (and through the drain, below).
+        if clamping()
+            && let Some(tcp) = read_tcp(&ctx, seg.l4)
+            && clamp_window(&ctx, seg.l4, &tcp, &key).is_err()
+        {
+            count(PacketCounter::TranslateFailed, 1);
+            return TC_ACT_SHOT;
+        }
         return TCX_NEXT;
     };
     // SAFETY: the entry stays valid while this program runs; only `local_rcv_next` is
@@ -1065,6 +1093,13 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
     };
     // SAFETY: as above.
     let p = unsafe { &*peer };
+    // The socket's own window, where it goes out (an ACK newer than the translation's), stays
+    // within the clamp: a peer given the socket's full window in the drain would send past
+    // what the far peer can take while the socket still delivers what it holds.
+    if clamping() && clamp_window(&ctx, seg.l4, &tcp, &key).is_err() {
+        count(PacketCounter::TranslateFailed, 1);
+        return TC_ACT_SHOT;
+    }
     match reconcile(&ctx, seg.l4, e, p, &tcp, seg.payload == 0 && !fin) {
         Ok(Some(changed)) => {
             if changed {
@@ -1082,6 +1117,36 @@ pub fn spliced_packet_out(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// Whether any local socket's window is clamped now.
+#[inline(always)]
+fn clamping() -> bool {
+    SPLICED_PACKET_CLAMPING.get(0).is_some_and(|n| *n != 0)
+}
+
+/// Lowers the window field of a local socket's segment (tuple reversed: `key`) to what its
+/// clamp allows, if it has one (design 3.6 item 12). SYNs and RSTs keep theirs.
+#[inline(always)]
+fn clamp_window(ctx: &TcContext, l4: usize, tcp: &Tcp, key: &FlowKey) -> Result<(), i64> {
+    if tcp.flags & u32::from(TCP_SYN | TCP_RST) != 0 || tcp.flags & u32::from(TCP_ACK_FLAG) == 0 {
+        return Ok(());
+    }
+    let Some(clamp) = SPLICED_PACKET_CLAMP.get_ptr(key) else {
+        return Ok(());
+    };
+    // SAFETY: the value stays valid while this program runs; only spliced writes it.
+    let clamp = unsafe { &*clamp };
+    let old: u16 = ctx.load(l4 + TCP_WINDOW)?;
+    let win = clamped_window(u16::from_be(old), tcp.ack, clamp);
+    if win == u16::from_be(old) {
+        return Ok(());
+    }
+    let new = win.to_be();
+    ctx.l4_csum_replace(l4 + TCP_CSUM, u64::from(old), u64::from(new), 2)?;
+    ctx.store(l4 + TCP_WINDOW, &new, 0)?;
+    count(PacketCounter::WindowClamped, 1);
+    Ok(())
 }
 
 /// A local socket's segment in `DRAIN`, made to agree with the translation towards the same

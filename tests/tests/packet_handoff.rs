@@ -82,6 +82,7 @@ impl Drop for PinDir {
             "SPLICED_PACKET_CONTROL",
             "SPLICED_PACKET_COUNTERS",
             "SPLICED_PACKET_ICMP",
+            "SPLICED_PACKET_CLAMP",
         ] {
             let _ = std::fs::remove_file(self.0.join(name));
         }

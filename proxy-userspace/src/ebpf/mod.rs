@@ -30,7 +30,7 @@ mod xdp;
 
 pub(crate) use load::ensure_bpffs;
 pub use packet::{
-    Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables,
+    Clamped, Freeze, HandedOff, Handoff, HandoffError, HandoffLimits, IsnRecorder, PacketTables,
     SocketClock, Wscale, peer_key,
 };
 pub(crate) use sockmap::SplicedPair;

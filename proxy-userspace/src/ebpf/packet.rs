@@ -14,21 +14,21 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
 };
 use proxy_common::{
     FAMILY_V4, FAMILY_V6, FLOW_ACTIVE, FLOW_DOWN, FLOW_DRAIN, FLOW_ECN_CLEAR, FLOW_LOCAL_FIN,
     FLOW_RESET, FLOW_SACK_STRIP, FLOW_TS_STRIP, FLOW_TS_TRANSLATE, FLOW_UP, Flow, FlowControl,
-    FlowKey, IsnPair, MAP_PACKET_CONTROL, MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ICMP,
-    MAP_PACKET_ISN, PACKET_MAX_CONNECTIONS, PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT,
-    PacketCounter,
+    FlowKey, IsnPair, MAP_PACKET_CLAMP, MAP_PACKET_CLAMPING, MAP_PACKET_CONTROL,
+    MAP_PACKET_COUNTERS, MAP_PACKET_FLOWS, MAP_PACKET_ICMP, MAP_PACKET_ISN, PACKET_MAX_CONNECTIONS,
+    PROG_PACKET_IN, PROG_PACKET_ISN, PROG_PACKET_OUT, PacketCounter, WindowClamp,
 };
 
 use super::load::OBJECT;
 
 mod handoff;
-pub use handoff::{Freeze, HandedOff, HandoffError, HandoffLimits};
+pub use handoff::{Clamped, Freeze, HandedOff, HandoffError, HandoffLimits};
 
 /// `spliced_packet_isn` attached to one cgroup (v2), and its map of ISNs by socket cookie.
 /// Dropping it detaches the program and frees the map.
@@ -174,6 +174,32 @@ fn mapped(ip: std::net::Ipv4Addr) -> [u8; 16] {
     ip.to_ipv6_mapped().octets()
 }
 
+/// The key of the client's entry (`E_up`): the client's segments as they arrive at `front`.
+/// The egress program finds L's own segments under it too (their tuple reversed).
+pub fn client_key(client: SocketAddrV4, front: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        saddr: mapped(*client.ip()),
+        daddr: mapped(*front.ip()),
+        sport: client.port().to_be(),
+        dport: front.port().to_be(),
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    }
+}
+
+/// The key of the backend's entry (`E_down`): the backend's segments as they arrive at
+/// `back`, L''s address. The egress program finds L''s own segments under it too.
+pub fn backend_key(backend: SocketAddrV6, back: SocketAddrV6) -> FlowKey {
+    FlowKey {
+        saddr: backend.ip().octets(),
+        daddr: back.ip().octets(),
+        sport: backend.port().to_be(),
+        dport: back.port().to_be(),
+        family: FAMILY_V6,
+        _pad: [0; 3],
+    }
+}
+
 impl Handoff {
     /// Why this connection cannot be handed to the translation as it stands, as a reason of
     /// the design's section 9, or `None`.
@@ -231,14 +257,7 @@ impl Handoff {
         let to_client_next = ip.wrapping_add(1).wrapping_add(self.written_to_client);
         let delta_up = to_backend_next.wrapping_sub(client_next);
         let delta_down = to_client_next.wrapping_sub(backend_next);
-        let up_key = FlowKey {
-            saddr: mapped(*self.client.ip()),
-            daddr: mapped(*self.front.ip()),
-            sport: self.client.port().to_be(),
-            dport: self.front.port().to_be(),
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        };
+        let up_key = client_key(self.client, self.front);
         let up = Flow {
             state,
             dir: FLOW_UP,
@@ -271,14 +290,7 @@ impl Handoff {
             started_ns: self.started_ns,
             ..Flow::default()
         };
-        let down_key = FlowKey {
-            saddr: self.backend.ip().octets(),
-            daddr: self.back.ip().octets(),
-            sport: self.backend.port().to_be(),
-            dport: self.back.port().to_be(),
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        };
+        let down_key = backend_key(self.backend, self.back);
         let down = Flow {
             state,
             dir: FLOW_DOWN,
@@ -332,6 +344,24 @@ fn overlay(mut flow: Flow, control: &FlowControl) -> Flow {
     flow
 }
 
+/// The clamp map and the count the egress program reads first ([`MAP_PACKET_CLAMPING`]).
+struct Clamps {
+    map: HashMap<MapData, FlowKey, WindowClamp>,
+    count: Array<MapData, u32>,
+    /// Entries in `map`, as this process made them.
+    live: u32,
+}
+
+impl Clamps {
+    /// Writes `live` where the program reads it. A failure leaves the old count: too high
+    /// costs a lookup per segment, too low (only after a failed removal) skips a clamp.
+    fn publish(&mut self) {
+        if let Err(e) = self.count.set(0, &self.live, 0) {
+            tracing::warn!("packet engine: writing the clamp count: {e}");
+        }
+    }
+}
+
 /// `spliced_packet_in` and `spliced_packet_out` with their translation table. Dropping it
 /// detaches the programs from every interface (tcx links) and frees the maps (unless they
 /// were pinned: then the pins keep the maps; the caller removes them).
@@ -345,6 +375,9 @@ pub struct PacketTables {
     /// when both are held.
     control: Mutex<HashMap<MapData, FlowKey, FlowControl>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The window clamps of connections being offered ([`WindowClamp`]), and the count the
+    /// egress program reads before it looks one up, kept together under this lock.
+    clamps: Mutex<Clamps>,
     /// The program's ICMP reports ([`proxy_common::IcmpEvent`]), until their reader takes it
     /// ([`PacketTables::take_icmp`]).
     icmp: Mutex<Option<RingBuf<MapData>>>,
@@ -419,6 +452,14 @@ impl PacketTables {
         let control = take(MAP_PACKET_CONTROL)?.try_into()?;
         let counters = take(MAP_PACKET_COUNTERS)?.try_into()?;
         let icmp = take(MAP_PACKET_ICMP)?.try_into()?;
+        let clamps = Clamps {
+            map: take(MAP_PACKET_CLAMP)?.try_into()?,
+            count: ebpf
+                .take_map(MAP_PACKET_CLAMPING)
+                .with_context(|| format!("map {MAP_PACKET_CLAMPING} missing from the object"))?
+                .try_into()?,
+            live: 0,
+        };
         for name in [PROG_PACKET_IN, PROG_PACKET_OUT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -432,6 +473,7 @@ impl PacketTables {
             flows: Mutex::new(flows),
             control: Mutex::new(control),
             counters,
+            clamps: Mutex::new(clamps),
             icmp: Mutex::new(Some(icmp)),
             displaced: Mutex::new(std::collections::HashMap::new()),
             attached: Vec::new(),
@@ -560,6 +602,82 @@ impl PacketTables {
         }
         lock(&self.displaced).remove(&handoff.client_cookie);
         Ok(())
+    }
+
+    /// Clamps the windows the local sockets under these keys announce (design 3.6 item 12),
+    /// replacing any clamp they had. Returns the keys that now have one: none when the map is
+    /// full (the connection is then offered without the clamp).
+    pub fn clamp_windows(&self, clamps: &[(FlowKey, WindowClamp)]) -> Result<Vec<FlowKey>> {
+        let mut c = lock(&self.clamps);
+        let mut done = Vec::with_capacity(clamps.len());
+        for (key, clamp) in clamps {
+            let new = c.map.get(key, 0).is_err();
+            match c.map.insert(key, clamp, 0) {
+                Ok(()) => {
+                    if new {
+                        c.live += 1;
+                    }
+                    done.push(*key);
+                }
+                Err(MapError::SyscallError(e))
+                    if matches!(
+                        e.io_error.raw_os_error(),
+                        Some(nix::libc::E2BIG | nix::libc::ENOMEM)
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => {
+                    c.publish();
+                    return Err(e).context("clamping a local socket's window");
+                }
+            }
+        }
+        c.publish();
+        Ok(done)
+    }
+
+    /// Anchors the clamp under `key`, if it has one, at the right edge `edge` (a sequence
+    /// number in the local socket's receive space); the clamp's scale stays.
+    pub fn anchor_window(&self, key: &FlowKey, edge: u32) -> Result<()> {
+        let mut c = lock(&self.clamps);
+        let clamp = match c.map.get(key, 0) {
+            Ok(clamp) => clamp,
+            Err(MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(e).context("reading a window clamp"),
+        };
+        let anchored = WindowClamp {
+            edge,
+            anchored: 1,
+            ..clamp
+        };
+        c.map
+            .insert(key, &anchored, 0)
+            .context("anchoring a window clamp")
+    }
+
+    /// Removes the clamps under these keys; a missing one is not an error.
+    pub fn unclamp_windows(&self, keys: &[FlowKey]) -> Result<()> {
+        let mut c = lock(&self.clamps);
+        let mut result = Ok(());
+        for key in keys {
+            match c.map.remove(key) {
+                Ok(()) => c.live = c.live.saturating_sub(1),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => result = Err(e).context("removing a window clamp"),
+            }
+        }
+        c.publish();
+        result
+    }
+
+    /// The clamp under `key`.
+    pub fn window_clamp(&self, key: &FlowKey) -> Result<Option<WindowClamp>> {
+        match lock(&self.clamps).map.get(key, 0) {
+            Ok(clamp) => Ok(Some(clamp)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a window clamp"),
+        }
     }
 
     /// Removes the entries with these keys, in this order; a missing one is not an error.

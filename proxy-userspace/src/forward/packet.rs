@@ -190,6 +190,15 @@ async fn offer(
     // sockets sent everything they were given at least once: the drain's rule F is for the
     // few segments still on their way, and a local socket's bytes are acknowledged during
     // the drain only as the programs see it, so bytes it has not even sent would never go.
+    //
+    // From here the windows both sockets announce are clamped (design 3.6 item 12): a peer
+    // that had megabytes in flight towards its local socket at the switch sent much of them
+    // past the far peer's window, and learnt of it only by a retransmission timeout.
+    let clamps = if params.refuse.is_none() && !eof.0 && !eof.1 {
+        params.packet.clamp_windows(client.as_fd(), backend.as_fd())
+    } else {
+        None
+    };
     let mut quiet = false;
     let deadline = tokio::time::Instant::now() + FREEZE_WITHIN;
     while !eof.0 && !eof.1 && tokio::time::Instant::now() < deadline {
@@ -235,6 +244,13 @@ async fn offer(
     }
     // Frozen: both directions stopped with their pipes empty.
     let (up, down) = counters.get();
+    if let Some(c) = &clamps {
+        c.anchor(
+            client.as_fd(),
+            backend.as_fd(),
+            (params.client_consumed + up, down),
+        );
+    }
     let counts = [
         params.client_consumed + up,
         params.preface_len + up,
@@ -251,6 +267,8 @@ async fn offer(
         .handoff(fds, counts, params.started_ns, params.drain_timeout)
         .await
         .map_err(|e| Side::Client.failed(io::Error::other(format!("packet handoff: {e:#}"))))?;
+    // Refused: the sockets announce their own windows again. Handed off: they are silent.
+    drop(clamps);
     match outcome {
         packet::Outcome::Refused(reason) => {
             params.stats.count_refused(reason);

@@ -11,7 +11,7 @@ pub mod syn;
 
 use std::{
     collections::HashMap,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -26,7 +26,7 @@ use tokio::{io::unix::AsyncFd, sync::oneshot};
 
 use crate::{
     config::PacketSettings,
-    ebpf::{Freeze, HandedOff, HandoffError, HandoffLimits, IsnRecorder, PacketTables},
+    ebpf::{Clamped, Freeze, HandedOff, HandoffError, HandoffLimits, IsnRecorder, PacketTables},
     packet_expiry::{self, End},
 };
 
@@ -99,6 +99,41 @@ impl Ended {
             self.up.as_ref().map_or(0, packet_expiry::stream_bytes),
             self.down.as_ref().map_or(0, packet_expiry::stream_bytes),
         )
+    }
+}
+
+/// The clamped windows of a connection being offered ([`Packet::clamp_windows`]): removed
+/// when this is dropped, once the handoff is over whatever its outcome.
+pub struct WindowClamps {
+    packet: Arc<Packet>,
+    clamped: Clamped,
+}
+
+impl WindowClamps {
+    /// Holds the clamped windows' right edges still from the freeze on (both directions
+    /// stopped after `read` bytes from the client and from the backend).
+    pub fn anchor(&self, client: BorrowedFd, backend: BorrowedFd, read: (u64, u64)) {
+        if let Err(e) = self
+            .packet
+            .kernel
+            .tables
+            .anchor(&self.clamped, client, backend, read)
+        {
+            tracing::debug!("packet engine: anchoring the clamped windows: {e}");
+        }
+    }
+}
+
+impl Drop for WindowClamps {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .packet
+            .kernel
+            .tables
+            .unclamp_windows(&self.clamped.keys)
+        {
+            tracing::warn!("packet engine: {e:#}");
+        }
     }
 }
 
@@ -287,6 +322,27 @@ impl Packet {
     /// The MSS listeners that may use the engine announce (`TCP_MAXSEG`).
     pub fn listener_mss(&self) -> u16 {
         self.listener_mss
+    }
+
+    /// Clamps the windows the connection's sockets announce, before it is frozen and handed off
+    /// (`docs/packet-engine.md`, 3.6 item 12). `None` when nothing was clamped (a pair the
+    /// engine cannot take, or a full clamp map): the handoff goes on without.
+    pub fn clamp_windows(
+        self: &Arc<Self>,
+        client: BorrowedFd,
+        backend: BorrowedFd,
+    ) -> Option<WindowClamps> {
+        match self.kernel.tables.clamp(&self.kernel.isn, client, backend) {
+            Ok(Some(clamped)) => Some(WindowClamps {
+                packet: Arc::clone(self),
+                clamped,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!("packet engine: clamping the windows: {e}");
+                None
+            }
+        }
     }
 
     /// Hands a frozen connection to the kernel on a blocking thread (the driver waits for the

@@ -9,9 +9,35 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use nix::libc;
-use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey};
+use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey, WindowClamp};
 
-use super::{Handoff, IsnRecorder, PacketTables, SocketClock, Wscale};
+use super::{Handoff, IsnRecorder, PacketTables, SocketClock, Wscale, backend_key, client_key};
+
+/// The least [`allowance`], however little the far peer's window leaves (design 3.6 item 12):
+/// a peer the clamp holds at a zero window with nothing in flight resumes only when the far
+/// peer's ACK of the local socket's last byte comes through, which may be a delayed ACK.
+pub const WINDOW_CLAMP_MIN: u32 = 64 << 10;
+
+/// The windows of a connection being offered, clamped ([`PacketTables::clamp`]).
+#[derive(Debug)]
+pub struct Clamped {
+    /// The clamps, L's then L''s: remove them ([`PacketTables::unclamp_windows`]) once the
+    /// handoff is over, whatever its outcome.
+    pub keys: [FlowKey; 2],
+    /// The client's ISN (L's peer's) and the backend's (L''s peer's), from which
+    /// [`PacketTables::anchor`] finds where each stream stands.
+    peer_isns: [u32; 2],
+}
+
+/// Half of what the far peer can still take from `sender` (the local socket that delivers to
+/// it): the window it last announced less what `sender` has in flight or queued. The
+/// translation puts the other peer's next bytes behind all of that, so more than this would
+/// land past the far peer's window and be dropped there; and a peer may have as much again
+/// in flight when it learns the clamp. At least [`WINDOW_CLAMP_MIN`].
+fn allowance(info: &libc::tcp_info, sender: BorrowedFd) -> io::Result<u32> {
+    let queued = ioctl_int(sender, libc::TIOCOUTQ)?.max(0) as u32;
+    Ok((info.tcpi_snd_wnd.saturating_sub(queued) / 2).max(WINDOW_CLAMP_MIN))
+}
 
 /// A connection ready to be handed off: spliced stopped forwarding both ways with nothing
 /// buffered in between.
@@ -167,6 +193,96 @@ impl PacketTables {
             duration: started.elapsed(),
             drained: (drain.up, drain.down),
         })
+    }
+
+    /// Design 3.6 item 12: from now until the drain ends, the window each local socket
+    /// announces reaches at most half of what the far peer can still take ([`allowance`])
+    /// past its ACK, so that what a peer has in flight when the translation starts lands
+    /// within the far peer's window; [`PacketTables::anchor`] then holds the edges still.
+    /// `Ok(None)` when the sockets are not a pair the engine could take (the handoff refuses
+    /// those itself), their ISNs are unknown, or the clamp map is full.
+    pub fn clamp(
+        &self,
+        isn: &IsnRecorder,
+        client: BorrowedFd,
+        backend: BorrowedFd,
+    ) -> io::Result<Option<Clamped>> {
+        let (l, l2) = (client.as_raw_fd(), backend.as_raw_fd());
+        let (Some(c), Some(f)) = (v4(peer_addr(l)?), v4(local_addr(l)?)) else {
+            return Ok(None);
+        };
+        let (SocketAddr::V6(b), SocketAddr::V6(y)) = (local_addr(l2)?, peer_addr(l2)?) else {
+            return Ok(None);
+        };
+        let peer_isn = |fd: RawFd| -> io::Result<Option<u32>> {
+            let cookie: u64 = getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
+            Ok(isn
+                .get(cookie)
+                .map_err(io::Error::other)?
+                .map(|p| p.peer_isn))
+        };
+        let (Some(client_isn), Some(backend_isn)) = (peer_isn(l)?, peer_isn(l2)?) else {
+            return Ok(None);
+        };
+        let info_l: libc::tcp_info = getsockopt(l, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+        let info_l2: libc::tcp_info = getsockopt(l2, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+        let keys = [client_key(c, f), backend_key(y, b)];
+        let clamps = [
+            // L's window, for what the client sends: bounded by what the backend can take.
+            WindowClamp {
+                limit: allowance(&info_l2, backend)?,
+                wscale: wscale(&info_l).rcv,
+                ..WindowClamp::default()
+            },
+            WindowClamp {
+                limit: allowance(&info_l, client)?,
+                wscale: wscale(&info_l2).rcv,
+                ..WindowClamp::default()
+            },
+        ];
+        let made = self
+            .clamp_windows(&[(keys[0], clamps[0]), (keys[1], clamps[1])])
+            .map_err(io::Error::other)?;
+        if made.len() < 2 {
+            self.unclamp_windows(&made).map_err(io::Error::other)?;
+            return Ok(None);
+        }
+        Ok(Some(Clamped {
+            keys,
+            peer_isns: [client_isn, backend_isn],
+        }))
+    }
+
+    /// At the freeze (both directions stopped after `read` bytes from the client and from the
+    /// backend): each clamped window stops moving with its socket's ACKs, its right edge held
+    /// at what the far peer can still take past the freeze point ([`allowance`], now). What a
+    /// peer puts into its local socket from here until the entries exist, read or not, and
+    /// what the translation then carries before the far peer's own ACKs come through, stays
+    /// within that.
+    pub fn anchor(
+        &self,
+        clamped: &Clamped,
+        client: BorrowedFd,
+        backend: BorrowedFd,
+        read: (u64, u64),
+    ) -> io::Result<()> {
+        let (l, l2) = (client.as_raw_fd(), backend.as_raw_fd());
+        let info_l: libc::tcp_info = getsockopt(l, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+        let info_l2: libc::tcp_info = getsockopt(l2, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+        let next = |isn: u32, read: u64| isn.wrapping_add(1).wrapping_add(read as u32);
+        let allowances = [allowance(&info_l2, backend)?, allowance(&info_l, client)?];
+        tracing::debug!(
+            ?allowances,
+            "packet handoff: windows anchored (client's, backend's)"
+        );
+        let edges = [
+            next(clamped.peer_isns[0], read.0).wrapping_add(allowances[0]),
+            next(clamped.peer_isns[1], read.1).wrapping_add(allowances[1]),
+        ];
+        for (key, edge) in clamped.keys.iter().zip(edges) {
+            self.anchor_window(key, edge).map_err(io::Error::other)?;
+        }
+        Ok(())
     }
 
     /// Design 3.4 step 2: what the entries are built from, and the checks of section 9.
