@@ -1160,15 +1160,20 @@ fn a_crash_cuts_handed_off_connections_with_resets_and_the_next_start_cleans_up(
 
 /// Entries in the pinned flow table, by `bpftool`.
 fn flow_entries(dir: &Path) -> Result<usize> {
+    pinned_entries(dir, "SPLICED_PACKET_FLOWS")
+}
+
+/// Entries in the pinned map `name`, by `bpftool`.
+fn pinned_entries(dir: &Path, name: &str) -> Result<usize> {
     let out = Command::new("bpftool")
         .args(["map", "dump", "pinned"])
-        .arg(dir.join("SPLICED_PACKET_FLOWS"))
+        .arg(dir.join(name))
         .arg("-j")
         .output()
         .context("running bpftool")?;
     ensure!(
         out.status.success(),
-        "bpftool map dump SPLICED_PACKET_FLOWS: {}",
+        "bpftool map dump {name}: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
     let entries: Vec<serde_json::Value> =
@@ -1207,6 +1212,9 @@ fn no_entry_is_left_after_1000_short_connections() -> Result<()> {
     })?;
     let dir = bpffs.pin_dir();
     wait_for("an empty flow table", IO, || Ok(flow_entries(&dir)? == 0))?;
+    // Every offer's window clamps went with its handoff.
+    let clamps = pinned_entries(&dir, "SPLICED_PACKET_CLAMP")?;
+    ensure!(clamps == 0, "{clamps} window clamps left");
     Ok(())
 }
 
@@ -1624,6 +1632,11 @@ fn downloads_handed_off_in_their_middle_do_not_stall() -> Result<()> {
         times[times.len() - 1],
         stall_diagnostics(&world, &spliced, "slow downloads")
     );
+    // Every offer's window clamps go when its handoff returns.
+    let dir = bpffs.pin_dir();
+    wait_for("no window clamp left", IO, || {
+        Ok(pinned_entries(&dir, "SPLICED_PACKET_CLAMP")? == 0)
+    })?;
     Ok(())
 }
 
