@@ -101,8 +101,9 @@ static SPLICED_PACKET_CLAMP: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// Element 0: how many entries `SPLICED_PACKET_CLAMP` holds (spliced keeps it). While it is 0,
-/// the egress program's cost to other traffic stays one hash lookup per TCP segment.
+/// Element 0: how many entries `SPLICED_PACKET_CLAMP` holds (spliced keeps it). Other traffic
+/// pays this array read on a miss in the table, and the clamp's hash lookup only while it is
+/// not 0 (a handoff under way).
 #[btf_map]
 static SPLICED_PACKET_CLAMPING: Array<u32, 1> = Array::new();
 

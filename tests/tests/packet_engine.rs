@@ -1619,7 +1619,7 @@ fn downloads_handed_off_in_their_middle_do_not_stall() -> Result<()> {
     );
     // Without the window clamp (design 3.6 item 12) the translation carried what the backend
     // had in flight at the switch past the client's window: 1,510 to 3,101 segments dropped
-    // there in three runs of 64 downloads, 2 to 4 backend RTOs each; with it 5 to 111, none.
+    // there in three runs of 64 downloads, 4 to 9 backend RTOs each; with it 5 to 111, none.
     ensure!(
         clamped > 0 && beyond <= 8 * handed,
         "{beyond} segments dropped past the client's window in {handed} handoffs ({clamped} \

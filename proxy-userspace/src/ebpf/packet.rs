@@ -671,15 +671,6 @@ impl PacketTables {
         result
     }
 
-    /// The clamp under `key`.
-    pub fn window_clamp(&self, key: &FlowKey) -> Result<Option<WindowClamp>> {
-        match lock(&self.clamps).map.get(key, 0) {
-            Ok(clamp) => Ok(Some(clamp)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading a window clamp"),
-        }
-    }
-
     /// Removes the entries with these keys, in this order; a missing one is not an error.
     pub fn remove_keys(&self, keys: &[FlowKey]) -> Result<()> {
         self.remove_keys_locked(lock(&self.flows), keys)
