@@ -1219,7 +1219,8 @@ fn no_entry_is_left_after_1000_short_connections() -> Result<()> {
 }
 
 /// Timestamps on the client's connection only (the backend namespace has them off): the
-/// handoff is refused (`ts_client_only`), and the connection goes on with splice, exact.
+/// handoff is refused (`ts_client_only`) before the connection is frozen, and it goes on with
+/// splice, exact.
 #[test]
 fn a_refused_handoff_still_delivers_exactly_on_splice() -> Result<()> {
     let world = World::new()?;
@@ -1308,6 +1309,14 @@ fn refused_yet_exact(world: &World, reason: &str) -> Result<()> {
             && number(&line, "up")? == len + hello.len() as u64 + 1
             && number(&line, "down")? == len,
         "expected a refusal for {reason}: {line}"
+    );
+    // Refused before the freeze: its windows were never held at an edge (which, on a refusal
+    // after the freeze, a stalled peer learns of only by its zero-window probe).
+    let log = spliced.stderr_text();
+    ensure!(
+        !log.contains("windows anchored"),
+        "the connection was frozen before its refusal for {reason}:\n{}",
+        tail(&log, 20)
     );
     Ok(())
 }
@@ -1637,6 +1646,52 @@ fn downloads_handed_off_in_their_middle_do_not_stall() -> Result<()> {
     wait_for("no window clamp left", IO, || {
         Ok(pinned_entries(&dir, "SPLICED_PACKET_CLAMP")? == 0)
     })?;
+    Ok(())
+}
+
+/// A handoff refused once the windows were anchored at the freeze (here `table_full`, the
+/// table holding one connection already): the backend had been told a window up to the
+/// anchored edge, often a zero window (L' had taken in more than the anchor allowed), and
+/// spliced's socket, believing it had announced its own wider window, sent no window update
+/// once splice read on. The backend waited for its zero-window probe: before the fix, 64
+/// such downloads of 4 MiB took a median 216-222 ms and the backend sent 28-35 probes
+/// (its `TcpExtTCPWinProbe`); after it, 37-47 ms and none.
+#[test]
+fn downloads_refused_after_the_anchor_do_not_wait_for_a_window_probe() -> Result<()> {
+    let world = World::new()?;
+    let bpffs = Bpffs::mount(&world)?;
+    let spliced = start(
+        &world,
+        &bpffs,
+        "after = 65536\nmax_connections = 1\nlinger = \"200ms\"",
+    )?;
+    let listener = listen_in(&world, Ns::Backend, SocketAddr::new(BACKEND_V6, OWN_PORT))?;
+    let hello = raw::simple_hello("own.example");
+    // The table's one place is taken (and its `after` reached: the hello and 64 KiB).
+    let (mut held, _, mut held_backend) = connect_own(&world, &listener, &hello)?;
+    held_backend.write_all(&[7; 64 << 10])?;
+    read_exactly(&mut held, 64 << 10)?;
+    wait_handed_off(&spliced, 1).with_context(|| diagnostics(&spliced, "the first handoff"))?;
+    let total = 16;
+    for _ in 0..total {
+        download(&world, &listener, &hello, 4 * MIB)?;
+    }
+    let m = spliced.metrics()?;
+    let full = m.count("spliced_packet_refused_total", &[("reason", "table_full")])?;
+    let anchored = spliced.stderr_text().matches("windows anchored").count();
+    ensure!(
+        full >= total / 2 && anchored as u64 > full,
+        "expected most of {total} downloads refused table_full after their windows were \
+         anchored: {full} refused, {anchored} anchors\n{}",
+        diagnostics(&spliced, "the refusals")
+    );
+    let probes = nstat(&world, Ns::Backend, "TcpExtTCPWinProbe");
+    ensure!(
+        probes == 0,
+        "the backend sent {probes} zero-window probes: a refused connection's socket did not \
+         announce its window again\n{}",
+        diagnostics(&spliced, "the refusals")
+    );
     Ok(())
 }
 

@@ -194,8 +194,24 @@ async fn offer(
     // From here the windows both sockets announce are clamped (design 3.6 item 12): a peer
     // that had megabytes in flight towards its local socket at the switch sent much of them
     // past the far peer's window, and learnt of it only by a retransmission timeout.
-    let clamps = if params.refuse.is_none() && !eof.0 && !eof.1 {
-        params.packet.clamp_windows(client.as_fd(), backend.as_fd())
+    //
+    // A connection the engine cannot take (its SYN, or what the sockets say) is neither
+    // frozen nor clamped: it goes on with splice at once.
+    let mut clamps = if !eof.0 && !eof.1 {
+        let screened = match params.refuse {
+            Some(reason) => packet::Screened::Refused(reason),
+            None => params.packet.screen(client.as_fd(), backend.as_fd()),
+        };
+        match screened {
+            packet::Screened::Go(clamps) => clamps,
+            packet::Screened::Refused(reason) => {
+                params.stats.count_refused(reason);
+                return Ok(Offered::Stayed {
+                    refused: Some(reason),
+                    eof,
+                });
+            }
+        }
     } else {
         None
     };
@@ -233,7 +249,7 @@ async fn offer(
     } else if eof.0 || eof.1 {
         Some("half_closed")
     } else {
-        params.refuse
+        None
     };
     if let Some(reason) = reason {
         params.stats.count_refused(reason);
@@ -244,7 +260,7 @@ async fn offer(
     }
     // Frozen: both directions stopped with their pipes empty.
     let (up, down) = counters.get();
-    if let Some(c) = &clamps {
+    if let Some(c) = &mut clamps {
         c.anchor(
             client.as_fd(),
             backend.as_fd(),
@@ -267,10 +283,12 @@ async fn offer(
         .handoff(fds, counts, params.started_ns, params.drain_timeout)
         .await
         .map_err(|e| Side::Client.failed(io::Error::other(format!("packet handoff: {e:#}"))))?;
-    // Refused: the sockets announce their own windows again. Handed off: they are silent.
-    drop(clamps);
     match outcome {
         packet::Outcome::Refused(reason) => {
+            // The sockets announce their own windows again.
+            if let Some(c) = clamps {
+                c.refused(client.as_fd(), backend.as_fd());
+            }
             params.stats.count_refused(reason);
             Ok(Offered::Stayed {
                 refused: Some(reason),
@@ -282,6 +300,8 @@ async fn offer(
             drained,
             ended,
         } => {
+            // The sockets are silent for good.
+            drop(clamps);
             params.handed_off.store(true, Ordering::Relaxed);
             params.stats.observe_handoff(duration);
             let ended = ended.await.map_err(|_| {

@@ -102,7 +102,7 @@ impl Ended {
     }
 }
 
-/// The clamped windows of a connection being offered ([`Packet::clamp_windows`]): removed
+/// The clamped windows of a connection being offered ([`Packet::screen`]): removed
 /// when this is dropped, once the handoff is over whatever its outcome.
 pub struct WindowClamps {
     packet: Arc<Packet>,
@@ -112,14 +112,28 @@ pub struct WindowClamps {
 impl WindowClamps {
     /// Holds the clamped windows' right edges still from the freeze on (both directions
     /// stopped after `read` bytes from the client and from the backend).
-    pub fn anchor(&self, client: BorrowedFd, backend: BorrowedFd, read: (u64, u64)) {
+    pub fn anchor(&mut self, client: BorrowedFd, backend: BorrowedFd, read: (u64, u64)) {
         if let Err(e) = self
             .packet
             .kernel
             .tables
-            .anchor(&self.clamped, client, backend, read)
+            .anchor(&mut self.clamped, client, backend, read)
         {
             tracing::debug!("packet engine: anchoring the clamped windows: {e}");
+        }
+    }
+
+    /// The handoff was refused: the connection goes on with splice, and its sockets announce
+    /// their own windows again, a window update included for a peer stopped at an anchored
+    /// edge ([`PacketTables::unanchor`]).
+    pub fn refused(self, client: BorrowedFd, backend: BorrowedFd) {
+        if let Err(e) = self
+            .packet
+            .kernel
+            .tables
+            .unanchor(&self.clamped, client, backend)
+        {
+            tracing::warn!("packet engine: releasing the anchored windows: {e}");
         }
     }
 }
@@ -135,6 +149,14 @@ impl Drop for WindowClamps {
             tracing::warn!("packet engine: {e:#}");
         }
     }
+}
+
+/// What [`Packet::screen`] found.
+pub enum Screened {
+    /// The engine cannot take the connection, for this reason: it goes on with splice.
+    Refused(&'static str),
+    /// Freeze and hand off, with the windows clamped if that worked.
+    Go(Option<WindowClamps>),
 }
 
 /// What [`Packet::handoff`] gives a connection's task.
@@ -324,23 +346,24 @@ impl Packet {
         self.listener_mss
     }
 
-    /// Clamps the windows the connection's sockets announce, before it is frozen and handed off
-    /// (`docs/packet-engine.md`, 3.6 item 12). `None` when nothing was clamped (a pair the
-    /// engine cannot take, or a full clamp map): the handoff goes on without.
-    pub fn clamp_windows(
-        self: &Arc<Self>,
-        client: BorrowedFd,
-        backend: BorrowedFd,
-    ) -> Option<WindowClamps> {
-        match self.kernel.tables.clamp(&self.kernel.isn, client, backend) {
-            Ok(Some(clamped)) => Some(WindowClamps {
+    /// Before a connection is frozen for its handoff: whether the engine can take it at all
+    /// (what the sockets alone decide, design section 9), and if so its windows clamped
+    /// (`docs/packet-engine.md`, 3.6 item 12). `Go(None)`: nothing was clamped (a full clamp
+    /// map), the handoff goes on without.
+    pub fn screen(self: &Arc<Self>, client: BorrowedFd, backend: BorrowedFd) -> Screened {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Screened::Refused("stopping");
+        }
+        match self.kernel.tables.screen(&self.kernel.isn, client, backend) {
+            Ok(clamped) => Screened::Go(clamped.map(|clamped| WindowClamps {
                 packet: Arc::clone(self),
                 clamped,
-            }),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::debug!("packet engine: clamping the windows: {e}");
-                None
+            })),
+            Err(HandoffError::Refused(reason)) => Screened::Refused(reason),
+            // The screen installs nothing it does not remove itself.
+            Err(HandoffError::Failed(e)) => {
+                tracing::warn!("packet engine: screening a connection: {e:#}");
+                Screened::Refused("socket_error")
             }
         }
     }

@@ -27,6 +27,8 @@ pub struct Clamped {
     /// The client's ISN (L's peer's) and the backend's (L''s peer's), from which
     /// [`PacketTables::anchor`] finds where each stream stands.
     peer_isns: [u32; 2],
+    /// The right edges [`PacketTables::anchor`] held the windows at, L's then L''s.
+    anchored: Option<[u32; 2]>,
 }
 
 /// Half of what the far peer can still take from `sender` (the local socket that delivers to
@@ -103,6 +105,10 @@ pub struct HandedOff {
 
 /// `TCP_REPAIR` (not in the libc crate for every target).
 const TCP_REPAIR: libc::c_int = 19;
+/// `TCP_REPAIR_WINDOW`: the window state of a socket in repair mode.
+const TCP_REPAIR_WINDOW: libc::c_int = 29;
+/// `TCP_REPAIR_OFF_NO_WP`: leaves repair mode without sending a window probe.
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
 /// `TCP_TIMESTAMP`: the socket's timestamp clock now; the low bit says microseconds.
 const TCP_TIMESTAMP: libc::c_int = 24;
 const TCPI_OPT_TIMESTAMPS: u8 = 1;
@@ -133,7 +139,15 @@ impl PacketTables {
         limits: &HandoffLimits,
     ) -> Result<HandedOff, HandoffError> {
         let started = Instant::now();
-        let handoff = self.facts(isn, freeze)?;
+        let handoff = Handoff {
+            // Counts modulo 2^32, as sequence numbers.
+            read_from_client: freeze.read_from_client as u32,
+            written_to_backend: freeze.written_to_backend as u32,
+            read_from_backend: freeze.read_from_backend as u32,
+            written_to_client: freeze.written_to_client as u32,
+            started_ns: freeze.started_ns,
+            ..self.facts(isn, freeze.client, freeze.backend)?
+        };
         let [(up, _), (down, _)] = handoff.entries(FLOW_DRAIN);
         if let Err(e) = self.insert(&handoff, FLOW_DRAIN) {
             let full = e.chain().any(|c| {
@@ -195,61 +209,70 @@ impl PacketTables {
         })
     }
 
-    /// Design 3.6 item 12: from now until the drain ends, the window each local socket
+    /// Before a connection is frozen: the checks of design section 9 that the sockets alone
+    /// decide (every one [`PacketTables::handoff`] makes again at the freeze), so that a
+    /// connection the engine cannot take is neither frozen nor clamped; `Err` says why.
+    ///
+    /// Then design 3.6 item 12: from now until the drain ends, the window each local socket
     /// announces reaches at most half of what the far peer can still take ([`allowance`])
     /// past its ACK, so that what a peer has in flight when the translation starts lands
     /// within the far peer's window; [`PacketTables::anchor`] then holds the edges still.
-    /// `Ok(None)` when the sockets are not a pair the engine could take (the handoff refuses
-    /// those itself), their ISNs are unknown, or the clamp map is full.
-    pub fn clamp(
+    /// `Ok(None)` when nothing could be clamped (a full clamp map, or a failed map call,
+    /// logged): the handoff goes on without.
+    pub fn screen(
         &self,
         isn: &IsnRecorder,
         client: BorrowedFd,
         backend: BorrowedFd,
-    ) -> io::Result<Option<Clamped>> {
-        let (l, l2) = (client.as_raw_fd(), backend.as_raw_fd());
-        let (Some(c), Some(f)) = (v4(peer_addr(l)?), v4(local_addr(l)?)) else {
-            return Ok(None);
+    ) -> Result<Option<Clamped>, HandoffError> {
+        let facts = self.facts(isn, client, backend)?;
+        let clamps = (|| -> io::Result<[WindowClamp; 2]> {
+            let info_l: libc::tcp_info =
+                getsockopt(client.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)?;
+            let info_l2: libc::tcp_info =
+                getsockopt(backend.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)?;
+            Ok([
+                // L's window, for what the client sends: bounded by what the backend can take.
+                WindowClamp {
+                    limit: allowance(&info_l2, backend)?,
+                    wscale: wscale(&info_l).rcv,
+                    ..WindowClamp::default()
+                },
+                WindowClamp {
+                    limit: allowance(&info_l, client)?,
+                    wscale: wscale(&info_l2).rcv,
+                    ..WindowClamp::default()
+                },
+            ])
+        })();
+        let clamps = match clamps {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("packet engine: reading the windows to clamp: {e}");
+                return Ok(None);
+            }
         };
-        let (SocketAddr::V6(b), SocketAddr::V6(y)) = (local_addr(l2)?, peer_addr(l2)?) else {
-            return Ok(None);
-        };
-        let peer_isn = |fd: RawFd| -> io::Result<Option<u32>> {
-            let cookie: u64 = getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
-            Ok(isn
-                .get(cookie)
-                .map_err(io::Error::other)?
-                .map(|p| p.peer_isn))
-        };
-        let (Some(client_isn), Some(backend_isn)) = (peer_isn(l)?, peer_isn(l2)?) else {
-            return Ok(None);
-        };
-        let info_l: libc::tcp_info = getsockopt(l, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-        let info_l2: libc::tcp_info = getsockopt(l2, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-        let keys = [client_key(c, f), backend_key(y, b)];
-        let clamps = [
-            // L's window, for what the client sends: bounded by what the backend can take.
-            WindowClamp {
-                limit: allowance(&info_l2, backend)?,
-                wscale: wscale(&info_l).rcv,
-                ..WindowClamp::default()
-            },
-            WindowClamp {
-                limit: allowance(&info_l, client)?,
-                wscale: wscale(&info_l2).rcv,
-                ..WindowClamp::default()
-            },
+        let keys = [
+            client_key(facts.client, facts.front),
+            backend_key(facts.backend, facts.back),
         ];
-        let made = self
-            .clamp_windows(&[(keys[0], clamps[0]), (keys[1], clamps[1])])
-            .map_err(io::Error::other)?;
+        let made = match self.clamp_windows(&[(keys[0], clamps[0]), (keys[1], clamps[1])]) {
+            Ok(made) => made,
+            Err(e) => {
+                tracing::debug!("packet engine: clamping the windows: {e:#}");
+                return Ok(None);
+            }
+        };
         if made.len() < 2 {
-            self.unclamp_windows(&made).map_err(io::Error::other)?;
+            if let Err(e) = self.unclamp_windows(&made) {
+                tracing::warn!("packet engine: {e:#}");
+            }
             return Ok(None);
         }
         Ok(Some(Clamped {
             keys,
-            peer_isns: [client_isn, backend_isn],
+            peer_isns: [facts.client_isns.peer_isn, facts.backend_isns.peer_isn],
+            anchored: None,
         }))
     }
 
@@ -261,7 +284,7 @@ impl PacketTables {
     /// within that.
     pub fn anchor(
         &self,
-        clamped: &Clamped,
+        clamped: &mut Clamped,
         client: BorrowedFd,
         backend: BorrowedFd,
         read: (u64, u64),
@@ -281,18 +304,45 @@ impl PacketTables {
         ];
         for (key, edge) in clamped.keys.iter().zip(edges) {
             self.anchor_window(key, edge).map_err(io::Error::other)?;
+            // Held at `edge` from now, whatever comes of the rest.
+            clamped.anchored = Some(edges);
         }
         Ok(())
     }
 
-    /// Design 3.4 step 2: what the entries are built from, and the checks of section 9.
-    fn facts(&self, isn: &IsnRecorder, freeze: &Freeze) -> Result<Handoff, HandoffError> {
+    /// After a refusal, before the clamps go ([`PacketTables::unclamp_windows`]): a peer the
+    /// anchored window stopped at its edge with everything acknowledged hears of the open
+    /// window only when its local socket sends a window update, so each socket is told the
+    /// edge its peer saw ([`believe_the_edge`]). Nothing to do if the windows were never
+    /// anchored: a relative clamp gives every ACK room past it.
+    pub fn unanchor(
+        &self,
+        clamped: &Clamped,
+        client: BorrowedFd,
+        backend: BorrowedFd,
+    ) -> io::Result<()> {
+        let Some(edges) = clamped.anchored else {
+            return Ok(());
+        };
+        let l = believe_the_edge(client, edges[0]);
+        let l2 = believe_the_edge(backend, edges[1]);
+        l.and(l2)
+    }
+
+    /// Design 3.4 step 2: what the entries are built from, and the checks of section 9. The
+    /// byte counts and `started_ns` are left at 0 for the caller.
+    fn facts(
+        &self,
+        isn: &IsnRecorder,
+        client: BorrowedFd,
+        backend: BorrowedFd,
+    ) -> Result<Handoff, HandoffError> {
         let internal = |what: &str, e: io::Error| {
             tracing::warn!("handoff: {what}: {e}");
             HandoffError::Refused("socket_error")
         };
-        let l = freeze.client.as_raw_fd();
-        let l2 = freeze.backend.as_raw_fd();
+        let l = client.as_raw_fd();
+        let l2 = backend.as_raw_fd();
         let (client, front) = match (peer_addr(l), local_addr(l)) {
             (Ok(c), Ok(f)) => match (v4(c), v4(f)) {
                 (Some(c), Some(f)) => (c, f),
@@ -367,11 +417,10 @@ impl PacketTables {
             backend,
             client_isns,
             backend_isns,
-            // Counts modulo 2^32, as sequence numbers.
-            read_from_client: freeze.read_from_client as u32,
-            written_to_backend: freeze.written_to_backend as u32,
-            read_from_backend: freeze.read_from_backend as u32,
-            written_to_client: freeze.written_to_client as u32,
+            read_from_client: 0,
+            written_to_backend: 0,
+            read_from_backend: 0,
+            written_to_client: 0,
             client_wscale: wscale(&info_l),
             backend_wscale: wscale(&info_l2),
             client_ifindex,
@@ -389,7 +438,7 @@ impl PacketTables {
             backend_clock: clock(l2, backend_timestamps)?,
             client_cookie,
             backend_cookie,
-            started_ns: freeze.started_ns,
+            started_ns: 0,
         };
         if let Some(reason) = handoff.unsupported() {
             return Err(HandoffError::Refused(reason));
@@ -751,20 +800,68 @@ fn setsockopt_int(
     option: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: the option reads one int.
+    setsockopt(fd, level, option, &value)
+}
+
+fn setsockopt<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: the kernel reads at most `size_of::<T>()` bytes from `value`.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             option,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `struct tcp_repair_window` (`TCP_REPAIR_WINDOW`, read and written in repair mode only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RepairWindow {
+    snd_wl1: u32,
+    snd_wnd: u32,
+    max_window: u32,
+    rcv_wnd: u32,
+    rcv_wup: u32,
+}
+
+/// Makes the socket's idea of the right edge it announced no further than `edge`, the edge
+/// its anchored clamp made its peer see (design 3.6 item 12). The kernel sends a window
+/// update when reading opens the window to twice what it thinks the peer has left
+/// (`tcp_cleanup_rbuf`, `net/ipv4/tcp.c`); believing it announced the wider unclamped window,
+/// a socket whose peer stopped at the anchored edge with everything acknowledged would never
+/// send one, and the peer would wait for its zero-window probe (200 ms at least). Repair mode
+/// is left without the window probe `TCP_REPAIR_OFF` sends (its old sequence number makes
+/// the peer drop it anyway).
+fn believe_the_edge(fd: BorrowedFd, edge: u32) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
+    let shrunk = (|| {
+        let mut w: RepairWindow = getsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW)?;
+        // The peer sent nothing past `edge`. An edge behind `rcv_wup` (the socket took in more
+        // than the anchor allowed before it was set: it acknowledged what it received, read
+        // or not) was announced as a zero window (`clamped_window`).
+        let room = edge.wrapping_sub(w.rcv_wup);
+        let room = if (room as i32) < 0 { 0 } else { room };
+        if room < w.rcv_wnd {
+            w.rcv_wnd = room;
+            setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w)?;
+        }
+        Ok(())
+    })();
+    let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP);
+    shrunk.and(off)
 }
 
 /// The socket's timestamp clock less `CLOCK_MONOTONIC` in milliseconds (design 4.3). The
