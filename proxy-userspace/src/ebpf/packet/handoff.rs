@@ -843,9 +843,13 @@ struct RepairWindow {
 /// a socket whose peer stopped at the anchored edge with everything acknowledged would never
 /// send one, and the peer would wait for its zero-window probe (200 ms at least). Repair mode
 /// is left without the window probe `TCP_REPAIR_OFF` sends (its old sequence number makes
-/// the peer drop it anyway).
+/// the peer drop it anyway). Leaving repair mode also clears `SO_REUSEADDR`
+/// (`sk_reuse = SK_NO_REUSE`, `do_tcp_setsockopt`), which L had from the listener: its
+/// `TIME_WAIT` would then keep the next spliced from binding the listener's port for a
+/// minute. So it is set back as it was.
 fn believe_the_edge(fd: BorrowedFd, edge: u32) -> io::Result<()> {
     let fd = fd.as_raw_fd();
+    let reuse: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
     setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1)?;
     let shrunk = (|| {
         let mut w: RepairWindow = getsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW)?;
@@ -861,7 +865,8 @@ fn believe_the_edge(fd: BorrowedFd, edge: u32) -> io::Result<()> {
         Ok(())
     })();
     let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP);
-    shrunk.and(off)
+    let reused = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
+    shrunk.and(off).and(reused)
 }
 
 /// The socket's timestamp clock less `CLOCK_MONOTONIC` in milliseconds (design 4.3). The
