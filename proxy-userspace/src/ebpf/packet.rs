@@ -251,10 +251,10 @@ impl Handoff {
             0
         };
         // Next sequence number of each stream at the handoff, on each side.
-        let client_next = ic.wrapping_add(1).wrapping_add(self.read_from_client);
-        let to_backend_next = jp.wrapping_add(1).wrapping_add(self.written_to_backend);
-        let backend_next = jb.wrapping_add(1).wrapping_add(self.read_from_backend);
-        let to_client_next = ip.wrapping_add(1).wrapping_add(self.written_to_client);
+        let client_next = stream_seq(ic, self.read_from_client);
+        let to_backend_next = stream_seq(jp, self.written_to_backend);
+        let backend_next = stream_seq(jb, self.read_from_backend);
+        let to_client_next = stream_seq(ip, self.written_to_client);
         let delta_up = to_backend_next.wrapping_sub(client_next);
         let delta_down = to_client_next.wrapping_sub(backend_next);
         let up_key = client_key(self.client, self.front);
@@ -832,6 +832,13 @@ impl PacketTables {
 /// consistent (every call is one syscall), so the poison is ignored.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The sequence number of byte `bytes` (counted from 0, modulo 2^32) of the stream a
+/// connection's side opened with the initial sequence number `isn`: where that stream stands
+/// once `bytes` were sent, or read.
+pub const fn stream_seq(isn: u32, bytes: u32) -> u32 {
+    isn.wrapping_add(1).wrapping_add(bytes)
 }
 
 /// The key of the entry that translates the other direction of `flow`'s connection: `flow`'s

@@ -11,7 +11,9 @@ use anyhow::{Context as _, anyhow};
 use nix::libc;
 use proxy_common::{FLOW_ACTIVE, FLOW_DRAIN, FLOW_RESET, Flow, FlowKey, WindowClamp};
 
-use super::{Handoff, IsnRecorder, PacketTables, SocketClock, Wscale, backend_key, client_key};
+use super::{
+    Handoff, IsnRecorder, PacketTables, SocketClock, Wscale, backend_key, client_key, stream_seq,
+};
 
 /// The least [`allowance`], however little the far peer's window leaves (design 3.6 item 12):
 /// a peer the clamp holds at a zero window with nothing in flight resumes only when the far
@@ -292,7 +294,8 @@ impl PacketTables {
         let (l, l2) = (client.as_raw_fd(), backend.as_raw_fd());
         let info_l: libc::tcp_info = getsockopt(l, libc::IPPROTO_TCP, libc::TCP_INFO)?;
         let info_l2: libc::tcp_info = getsockopt(l2, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-        let next = |isn: u32, read: u64| isn.wrapping_add(1).wrapping_add(read as u32);
+        // Counts modulo 2^32, as sequence numbers.
+        let next = |isn: u32, read: u64| stream_seq(isn, read as u32);
         let allowances = [allowance(&info_l2, backend)?, allowance(&info_l, client)?];
         tracing::debug!(
             ?allowances,
@@ -447,7 +450,6 @@ impl PacketTables {
     }
 }
 
-/// The ISNs are read once; the recorder's LRU need not keep them.
 /// What both local sockets hold, for the handoff's debug lines: the client's address, then
 /// bytes received and not read, and bytes not yet acknowledged, of L and of L'.
 struct Queues<'a, 'b>(&'a Freeze<'b>);
@@ -467,6 +469,7 @@ impl std::fmt::Display for Queues<'_, '_> {
     }
 }
 
+/// The ISNs are read once; the recorder's LRU need not keep them.
 fn forget(isn: &IsnRecorder, handoff: &Handoff) {
     for cookie in [handoff.client_cookie, handoff.backend_cookie] {
         if let Err(e) = isn.forget(cookie) {
@@ -509,24 +512,12 @@ impl<'a> Drain<'a> {
             up: 0,
             down: 0,
             write_seq: [
-                h.client_isns
-                    .local_isn
-                    .wrapping_add(1)
-                    .wrapping_add(h.written_to_client),
-                h.backend_isns
-                    .local_isn
-                    .wrapping_add(1)
-                    .wrapping_add(h.written_to_backend),
+                stream_seq(h.client_isns.local_isn, h.written_to_client),
+                stream_seq(h.backend_isns.local_isn, h.written_to_backend),
             ],
             read_seq: [
-                h.client_isns
-                    .peer_isn
-                    .wrapping_add(1)
-                    .wrapping_add(h.read_from_client),
-                h.backend_isns
-                    .peer_isn
-                    .wrapping_add(1)
-                    .wrapping_add(h.read_from_backend),
+                stream_seq(h.client_isns.peer_isn, h.read_from_client),
+                stream_seq(h.backend_isns.peer_isn, h.read_from_backend),
             ],
             floor: [None; 2],
         }
