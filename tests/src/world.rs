@@ -1,7 +1,7 @@
 //! Network namespaces for one test.
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -175,16 +175,11 @@ impl World {
         );
         let (proxy6, backend6) = (format!("{PROXY_V6}/64"), format!("{BACKEND_V6}/64"));
         let (proxy_host, backend_host) = (format!("{PROXY_V6}/128"), format!("{BACKEND_V6}/128"));
-        for (dev1, ns1, dev2, ns2) in [
+        self.veths(&[
             ("eth0", c, "eth0", p),
             ("eth1", p, "eth0", r),
             ("eth1", r, "eth0", b),
-        ] {
-            run(Command::new("ip").args([
-                "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns",
-                ns2,
-            ]))?;
-        }
+        ])?;
         self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=1")?;
         self.sysctl(r, "net.ipv6.conf.all.forwarding=1")?;
         for (ns, args) in [
@@ -250,22 +245,159 @@ impl World {
                 "1440",
             ],
         )?;
-        // Once the proxy reaches the backend through the router, every neighbour on the way
-        // is resolved and no address is tentative: a test's first connection then does not
-        // lose its SYN to the path being built (seen once: a connect that timed out).
+        self.wait_reachable(p, BACKEND_V6)
+            .context("the proxy does not reach the backend through the router")
+    }
+
+    /// Veth pairs: `(device, namespace, peer device, peer namespace)`.
+    fn veths(&self, pairs: &[(&str, &str, &str, &str)]) -> Result<()> {
+        for (dev1, ns1, dev2, ns2) in pairs {
+            run(Command::new("ip").args([
+                "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns",
+                ns2,
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Pings `to` from `ns` until it answers (20 tries of at most a second). Once it does,
+    /// every neighbour on the way is resolved and no address is tentative: a test's first
+    /// connection then does not lose its SYN to the path being built (seen once: a connect
+    /// that timed out).
+    fn wait_reachable(&self, ns: &str, to: IpAddr) -> Result<()> {
         for _ in 0..20 {
             let ok = Command::new("ip")
                 .args([
-                    "netns", "exec", p, "ping", "-6", "-n", "-q", "-c", "1", "-W", "1",
+                    "netns", "exec", ns, "ping", "-n", "-q", "-c", "1", "-W", "1",
                 ])
-                .arg(BACKEND_V6.to_string())
+                .arg(to.to_string())
                 .output()
                 .is_ok_and(|o| o.status.success());
             if ok {
                 return Ok(());
             }
         }
-        bail!("the proxy does not reach the backend through the router")
+        bail!("{to} does not answer a ping from {ns}")
+    }
+
+    /// The mirror of [`World::with_backend_router`]: a router ([`Ns::Router`]) between the
+    /// client and the proxy, whose link to the client has MTU `mtu` while every other link
+    /// has 1500. The client's route to the proxy announces an MSS of 1460, as a client on a
+    /// 1500-byte link behind a narrower hop would; a segment the proxy sends the client at
+    /// more than `mtu` bytes is answered by the router with an ICMPv4 "fragmentation needed"
+    /// to the proxy.
+    ///
+    /// ```text
+    ///  client                  router                        proxy                  backend
+    ///  192.0.2.2, .3 -------- .254 [fwd] .253 ------------- 192.0.2.1  2001:db8:1::1 -- ::10
+    ///             eth0 (mtu)  eth0 (mtu)  eth1              eth0       eth1
+    /// ```
+    ///
+    /// The client and the proxy keep their /24 addresses and reach each other by /32 routes
+    /// through the router, whose own addresses are /32s of the same network.
+    pub fn with_client_router(mtu: u32) -> Result<World> {
+        let world = World::empty(4)?;
+        world
+            .build_client_router(mtu)
+            .context("building the namespaces with a router before the client")?;
+        Ok(world)
+    }
+
+    fn build_client_router(&self, mtu: u32) -> Result<()> {
+        let [c, p, b, r, ..] = &self.names;
+        let (router_client, router_proxy) = ("192.0.2.254", "192.0.2.253");
+        let mtu = mtu.to_string();
+        let (client, client_b) = (format!("{CLIENT_V4}/24"), format!("{CLIENT_V4_B}/24"));
+        let (proxy4, proxy6, backend6) = (
+            format!("{PROXY_V4}/24"),
+            format!("{PROXY_V6}/64"),
+            format!("{BACKEND_V6}/64"),
+        );
+        let (proxy_host, client_host, client_b_host) = (
+            format!("{PROXY_V4}/32"),
+            format!("{CLIENT_V4}/32"),
+            format!("{CLIENT_V4_B}/32"),
+        );
+        self.veths(&[
+            ("eth0", c, "eth0", r),
+            ("eth1", r, "eth0", p),
+            ("eth1", p, "eth0", b),
+        ])?;
+        self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=1")?;
+        self.sysctl(r, "net.ipv6.conf.all.disable_ipv6=1")?;
+        self.sysctl(r, "net.ipv4.ip_forward=1")?;
+        let router_client_addr = format!("{router_client}/32");
+        let router_proxy_addr = format!("{router_proxy}/32");
+        for (ns, args) in [
+            (c, vec!["addr", "add", &client, "dev", "eth0"]),
+            (c, vec!["addr", "add", &client_b, "dev", "eth0"]),
+            (r, vec!["addr", "add", &router_client_addr, "dev", "eth0"]),
+            (r, vec!["addr", "add", &router_proxy_addr, "dev", "eth1"]),
+            (p, vec!["addr", "add", &proxy4, "dev", "eth0"]),
+            (p, vec!["addr", "add", &proxy6, "dev", "eth1", "nodad"]),
+            (b, vec!["addr", "add", &backend6, "dev", "eth0", "nodad"]),
+            (c, vec!["link", "set", "eth0", "mtu", &mtu]),
+            (r, vec!["link", "set", "eth0", "mtu", &mtu]),
+        ] {
+            self.ip(ns, &args)?;
+        }
+        for (ns, dev) in [
+            (c, "eth0"),
+            (r, "eth0"),
+            (r, "eth1"),
+            (p, "eth0"),
+            (p, "eth1"),
+            (b, "eth0"),
+        ] {
+            self.ip(ns, &["link", "set", dev, "up"])?;
+        }
+        for (ns, args) in [
+            (r, vec!["route", "add", &proxy_host, "dev", "eth1"]),
+            (r, vec!["route", "add", &client_host, "dev", "eth0"]),
+            (r, vec!["route", "add", &client_b_host, "dev", "eth0"]),
+            (
+                p,
+                vec![
+                    "route",
+                    "add",
+                    &client_host,
+                    "via",
+                    router_proxy,
+                    "dev",
+                    "eth0",
+                ],
+            ),
+            (
+                p,
+                vec![
+                    "route",
+                    "add",
+                    &client_b_host,
+                    "via",
+                    router_proxy,
+                    "dev",
+                    "eth0",
+                ],
+            ),
+            (
+                c,
+                vec![
+                    "route",
+                    "add",
+                    &proxy_host,
+                    "via",
+                    router_client,
+                    "dev",
+                    "eth0",
+                    "advmss",
+                    "1460",
+                ],
+            ),
+        ] {
+            self.ip(ns, &args)?;
+        }
+        self.wait_reachable(c, PROXY_V4)
+            .context("the client does not reach the proxy through the router")
     }
 
     fn empty(made: usize) -> Result<World> {

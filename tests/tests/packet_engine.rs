@@ -318,42 +318,19 @@ fn bulk_both_ways_at_once_arrives_exactly_and_is_counted() -> Result<()> {
 /// proxy shows the MTU it learnt.
 #[test]
 fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed() -> Result<()> {
-    let len = spliced_tests::env_or("SPLICED_PACKET_PMTU_MIB", 8) * MIB;
     let world = World::with_backend_router(1280)?;
-    let bpffs = Bpffs::mount(&world)?;
-    let hello = raw::simple_hello("bulk.example");
-    let bulk = TestBackend::start(
-        &world,
-        BULK_PORT,
-        Behavior::BulkAfterHello {
-            bytes_each_way: len,
-            // The hello and the byte that says the handoff is done.
-            hello_len: hello.len() + 1,
-        },
-    )?;
-    // A short linger: the line comes right after both ends.
-    let spliced = start(&world, &bpffs, "linger = \"200ms\"")?;
-    let (mut client, me) = client_with(&world, &hello)?;
-    wait_handed_off(&spliced, 1).with_context(|| diagnostics(&spliced, "the handoff"))?;
-    let before = spliced_tests::packet::tcp_info(&client)?;
-    ensure!(
-        before.tcpi_pmtu == 1500,
-        "the client's path MTU before any segment was too big: {}",
-        before.tcpi_pmtu
-    );
-    client.write_all(b"!")?;
-    both_ways(&world, &spliced, &mut client, SEED_DOWN, len, "")?;
-    let records = bulk.wait_finished(1, IO)?;
-    let record = records.first().context("no backend connection")?;
-    ensure!(
-        record.verified == len && record.error.is_none(),
-        "the backend verified {} of {len} bytes: {:?}",
-        record.verified,
-        record.error
-    );
+    let done = bulk_through_a_narrow_hop(&world, |client| {
+        let before = spliced_tests::packet::tcp_info(client)?;
+        ensure!(
+            before.tcpi_pmtu == 1500,
+            "the client's path MTU before any segment was too big: {}",
+            before.tcpi_pmtu
+        );
+        Ok(())
+    })?;
     // The client learnt the path's MTU from the translated message: its route to the proxy
     // carries it, and its segments shrank by as much (20 bytes IP, 20 TCP, 12 timestamps).
-    let after = spliced_tests::packet::tcp_info(&client)?;
+    let after = spliced_tests::packet::tcp_info(&done.client)?;
     let out = world
         .command(Ns::Client, "ip")
         .args(["-4", "route", "get", &PROXY_V4.to_string()])
@@ -365,7 +342,7 @@ fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed(
         after.tcpi_pmtu,
         after.tcpi_snd_mss
     );
-    let m = spliced.metrics()?;
+    let m = done.spliced.metrics()?;
     let kernel = |counter: &str| m.count("spliced_kernel_total", &[("counter", counter)]);
     let (seen, sent) = (kernel("packet_icmp_ptb_seen")?, kernel("packet_icmp_sent")?);
     ensure!(
@@ -376,12 +353,96 @@ fn a_packet_too_big_beyond_the_proxy_reaches_the_client_as_fragmentation_needed(
         "Packet Too Big seen {seen}, sent {sent}, rate-limited {}, client {route}",
         kernel("packet_icmp_rate_limited")?
     );
+    Ok(())
+}
+
+/// Where [`bulk_through_a_narrow_hop`] leaves its connection.
+struct Narrow {
+    spliced: Spliced,
+    client: TcpStream,
+    _bpffs: Bpffs,
+}
+
+/// The ICMP tests' transfer through `world`'s router: `bulk.example` handed off right after
+/// its hello, then `SPLICED_PACKET_PMTU_MIB` (8) MiB each way, byte exact at both ends, and
+/// the line's byte counts. `before` looks at the client's socket between the handoff and the
+/// transfer.
+fn bulk_through_a_narrow_hop(
+    world: &World,
+    before: impl FnOnce(&TcpStream) -> Result<()>,
+) -> Result<Narrow> {
+    let len = spliced_tests::env_or("SPLICED_PACKET_PMTU_MIB", 8) * MIB;
+    let bpffs = Bpffs::mount(world)?;
+    let hello = raw::simple_hello("bulk.example");
+    let bulk = TestBackend::start(
+        world,
+        BULK_PORT,
+        Behavior::BulkAfterHello {
+            bytes_each_way: len,
+            // The hello and the byte that says the handoff is done.
+            hello_len: hello.len() + 1,
+        },
+    )?;
+    // A short linger: the line comes right after both ends.
+    let spliced = start(world, &bpffs, "linger = \"200ms\"")?;
+    let (mut client, me) = client_with(world, &hello)?;
+    wait_handed_off(&spliced, 1).with_context(|| diagnostics(&spliced, "the handoff"))?;
+    before(&client)?;
+    client.write_all(b"!")?;
+    both_ways(world, &spliced, &mut client, SEED_DOWN, len, "")?;
+    let records = bulk.wait_finished(1, IO)?;
+    let record = records.first().context("no backend connection")?;
+    ensure!(
+        record.verified == len && record.error.is_none(),
+        "the backend verified {} of {len} bytes: {:?}",
+        record.verified,
+        record.error
+    );
     expect_packet_line(
         &spliced,
         me,
         "fin",
         Some((len + hello.len() as u64 + 1, len)),
     )?;
+    Ok(Narrow {
+        spliced,
+        client,
+        _bpffs: bpffs,
+    })
+}
+
+/// The mirror of the test above (design section 7): a router between the client and the
+/// proxy forwards at most 1280 bytes towards the client, whose route announces an MSS of 1460.
+/// After the handoff the backend's full-size segments, translated, are too big for the
+/// router, which sends the proxy a "fragmentation needed" (1280); the program reports it,
+/// spliced sends the backend an ICMPv6 Packet Too Big (1300) about its own segment, and the
+/// backend lowers its path MTU and MSS and sends again. Without that the backend keeps
+/// sending segments the router drops, and the transfer stalls. Then 8 MiB each way, byte
+/// exact, and the backend's route to the proxy shows the MTU it learnt.
+#[test]
+fn fragmentation_needed_beyond_the_proxy_reaches_the_backend_as_a_packet_too_big() -> Result<()> {
+    let world = World::with_client_router(1280)?;
+    let done = bulk_through_a_narrow_hop(&world, |_| Ok(()))?;
+    let out = world
+        .command(Ns::Backend, "ip")
+        .args(["-6", "route", "get", &PROXY_V6.to_string()])
+        .output()?;
+    let route = String::from_utf8_lossy(&out.stdout);
+    let m = done.spliced.metrics()?;
+    let kernel = |counter: &str| m.count("spliced_kernel_total", &[("counter", counter)]);
+    let (seen, sent) = (
+        kernel("packet_icmp_frag_needed_seen")?,
+        kernel("packet_icmp_sent")?,
+    );
+    eprintln!(
+        "fragmentation needed seen {seen}, sent {sent}, rate-limited {}, backend {route}",
+        kernel("packet_icmp_rate_limited")?
+    );
+    ensure!(
+        seen > 0 && sent > 0 && route.contains("mtu 1300"),
+        "fragmentation needed reported {seen} times, Packet Too Big sent {sent} times; the \
+         backend's route to the proxy: {route}"
+    );
     Ok(())
 }
 
