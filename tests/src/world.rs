@@ -441,12 +441,7 @@ impl World {
 
     fn build(&self) -> Result<()> {
         let [c, p, b, ..] = &self.names;
-        run(Command::new("ip").args([
-            "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns", p,
-        ]))?;
-        run(Command::new("ip").args([
-            "link", "add", "eth1", "netns", p, "type", "veth", "peer", "name", "eth0", "netns", b,
-        ]))?;
+        self.veths(&[("eth0", c, "eth0", p), ("eth1", p, "eth0", b)])?;
         // The client has no IPv6 at all, the backend no IPv4 address: the proxy is the bridge.
         self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=1")?;
         self.ip(
@@ -491,16 +486,13 @@ impl World {
 
     fn build_scale_out(&self) -> Result<()> {
         let [c, a, b, r, q] = &self.names;
-        let link = |ns1: &str, dev1: &str, ns2: &str, dev2: &str| {
-            run(Command::new("ip").args([
-                "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2, "netns",
-                ns2,
-            ]))
-        };
-        link(c, "eth0", r, "eth0")?;
-        // The backend side first: the bridge's ports are named after the host they lead to.
-        link(a, "eth1", b, "to-a")?;
-        link(q, "eth1", b, "to-b")?;
+        // The backend side after the client's: the bridge's ports are named after the host
+        // they lead to.
+        self.veths(&[
+            ("eth0", c, "eth0", r),
+            ("eth1", a, "to-a", b),
+            ("eth1", q, "to-b", b),
+        ])?;
         self.sysctl(c, "net.ipv6.conf.all.disable_ipv6=1")?;
         for addr in [
             format!("{CLIENT_LINK_V4}/24"),
@@ -559,7 +551,7 @@ impl World {
 
         for (host, ns, v6) in [(Ns::Proxy, a, PROXY_V6), (Ns::ProxyB, q, PROXY_B_V6)] {
             let up = Uplink::of(host).context("a proxy host has an uplink")?;
-            link(r, up.router_dev, ns, "eth0")?;
+            self.veths(&[(up.router_dev, r, "eth0", ns)])?;
             self.ip(
                 r,
                 &[

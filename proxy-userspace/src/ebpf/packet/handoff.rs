@@ -20,7 +20,7 @@ use super::{
 /// peer's ACK of the local socket's last byte comes through, which may be a delayed ACK.
 pub const WINDOW_CLAMP_MIN: u32 = 64 << 10;
 
-/// The windows of a connection being offered, clamped ([`PacketTables::clamp`]).
+/// The windows of a connection being offered, clamped ([`PacketTables::screen`]).
 #[derive(Debug)]
 pub struct Clamped {
     /// The clamps, L's then L''s: remove them ([`PacketTables::unclamp_windows`]) once the
