@@ -123,9 +123,9 @@ impl WindowClamps {
         }
     }
 
-    /// The handoff was refused: the connection goes on with splice, and its sockets announce
-    /// their own windows again, a window update included for a peer stopped at an anchored
-    /// edge ([`PacketTables::unanchor`]).
+    /// The handoff was refused: the clamps go now, and the connection goes on with splice,
+    /// its sockets announcing their own windows again, a window update included for a peer
+    /// stopped at an anchored edge ([`PacketTables::unanchor`]).
     pub fn refused(self, client: BorrowedFd, backend: BorrowedFd) {
         if let Err(e) = self
             .packet
@@ -133,7 +133,7 @@ impl WindowClamps {
             .tables
             .unanchor(&self.clamped, client, backend)
         {
-            tracing::warn!("packet engine: releasing the anchored windows: {e}");
+            tracing::warn!("packet engine: releasing the anchored windows: {e:#}");
         }
     }
 }
