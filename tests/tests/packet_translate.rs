@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::libc;
 use proxy_common::{FLOW_ACTIVE, FLOW_TSECR_READY, FLOW_TSVAL_READY};
 use spliced::{Handoff, IsnRecorder, PacketTables, Wscale};
-use spliced_tests::{BACKEND_V6, Ns, PROXY_V4, World, packet::*};
+use spliced_tests::{BACKEND_V6, CLIENT_V4, Ns, PROXY_V4, World, packet::*};
 
 /// Bytes each way: enough for GSO aggregates, window updates and many ACKs each way.
 const BYTES: usize = 16 << 20;
@@ -104,8 +104,12 @@ struct Setup {
     /// Small receive buffers in the client's and the backend's namespaces, so they scale
     /// their windows by less than the proxy's sockets do, and every window field is rescaled.
     small_peer_windows: bool,
-    /// Small receive buffers in the proxy's namespace instead: the proxy's sockets scale by
-    /// less than the peers, so large windows saturate at 65535 units of the smaller scale.
+    /// A window clamp of 65535 on the proxy's routes to the client and the backend (the
+    /// route metric `window`) instead: the proxy's sockets scale by 0, less than the peers,
+    /// so every peer window over 64 KiB saturates at 65535. A small `tcp_rmem` was not
+    /// enough: the scale follows the larger of it and `net.core.rmem_max`, which is the
+    /// host's (not per namespace): at 4 MiB here the proxy's scale was 7, and only a peer
+    /// window over 8 MiB saturated, which 1 run in 20 never reached (CI saw one).
     small_proxy_windows: bool,
     /// The client asks for ECN (the proxy's sockets accept it, as Linux does by default, but
     /// do not ask the backend): only the client's connection has ECN, so the program clears
@@ -196,7 +200,20 @@ fn translate(setup: Setup) -> Result<()> {
         }
     }
     if setup.small_proxy_windows {
-        sysctl(&world, Ns::Proxy, "net.ipv4.tcp_rmem=4096 16384 65536")?;
+        for (family, to, dev) in [
+            ("-4", format!("{CLIENT_V4}/32"), "eth0"),
+            ("-6", format!("{BACKEND_V6}/128"), "eth1"),
+        ] {
+            let out = world
+                .command(Ns::Proxy, "ip")
+                .args([family, "route", "add", &to, "dev", dev, "window", "65535"])
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "ip route add {to} window 65535: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
     }
     if setup.client_without_timestamps {
         world.nft(
