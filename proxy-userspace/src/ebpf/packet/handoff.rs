@@ -29,8 +29,9 @@ pub struct Clamped {
     /// The client's ISN (L's peer's) and the backend's (L''s peer's), from which
     /// [`PacketTables::anchor`] finds where each stream stands.
     peer_isns: [u32; 2],
-    /// The right edges [`PacketTables::anchor`] held the windows at, L's then L''s.
-    anchored: Option<[u32; 2]>,
+    /// The right edges [`PacketTables::anchor`] held the windows at, L's then L''s; `None`
+    /// for a window it did not anchor.
+    anchored: [Option<u32>; 2],
 }
 
 /// Half of what the far peer can still take from `sender` (the local socket that delivers to
@@ -274,7 +275,7 @@ impl PacketTables {
         Ok(Some(Clamped {
             keys,
             peer_isns: [facts.client_isns.peer_isn, facts.backend_isns.peer_isn],
-            anchored: None,
+            anchored: [None; 2],
         }))
     }
 
@@ -305,10 +306,10 @@ impl PacketTables {
             next(clamped.peer_isns[0], read.0).wrapping_add(allowances[0]),
             next(clamped.peer_isns[1], read.1).wrapping_add(allowances[1]),
         ];
-        for (key, edge) in clamped.keys.iter().zip(edges) {
+        for ((key, edge), anchored) in clamped.keys.iter().zip(edges).zip(&mut clamped.anchored) {
             self.anchor_window(key, edge).map_err(io::Error::other)?;
             // Held at `edge` from now, whatever comes of the rest.
-            clamped.anchored = Some(edges);
+            *anchored = Some(edge);
         }
         Ok(())
     }
@@ -316,8 +317,8 @@ impl PacketTables {
     /// After a refusal: the clamps go ([`PacketTables::unclamp_windows`]), and a peer the
     /// anchored window stopped at its edge with everything acknowledged hears of the open
     /// window only when its local socket sends a window update, so each socket is then told
-    /// the edge its peer saw ([`believe_the_edge`]). Nothing more to do if the windows were
-    /// never anchored: a relative clamp gives every ACK room past it.
+    /// the edge its peer saw ([`believe_the_edge`]). Nothing more to do for a window never
+    /// anchored: a relative clamp gives every ACK room past it.
     ///
     /// In that order: an ACK the socket sends while its clamp is still there carries the
     /// anchored edge to the peer but sets the socket's belief back to its own wider window.
@@ -337,13 +338,13 @@ impl PacketTables {
         backend: BorrowedFd,
     ) -> anyhow::Result<()> {
         self.unclamp_windows(&clamped.keys)?;
-        let Some(edges) = clamped.anchored else {
-            return Ok(());
-        };
-        let l = believe_the_edge(client, edges[0]);
-        let l2 = believe_the_edge(backend, edges[1]);
-        l.and(l2)
-            .context("setting the edge a refused connection's peer saw")
+        let mut result = Ok(());
+        for (fd, edge) in [client, backend].into_iter().zip(clamped.anchored) {
+            if let Some(edge) = edge {
+                result = result.and(believe_the_edge(fd, edge));
+            }
+        }
+        result.context("setting the edge a refused connection's peer saw")
     }
 
     /// Design 3.4 step 2: what the entries are built from, and the checks of section 9. The
