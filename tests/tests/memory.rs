@@ -82,10 +82,19 @@ const SOCKET_SLACK: u64 = 256 * KIB;
 /// hold: the runtime, the metrics scrapes, the well-behaved clients (about 1.5 MiB was seen,
 /// which over 32 connections would read as 45 KiB each).
 const RSS_NOISE: u64 = 2 * MIB;
-/// How much more resident memory spliced may have after a later attack than after the second:
-/// the allocator reuses what the earlier ones freed, so 64 KiB leaked per connection (of 32)
-/// would show, and a connection that leaked its buffers (128 KiB for copy) twice over.
-const RSS_LEAK: u64 = 2 * MIB;
+/// How much more resident memory spliced may have after any later attack than after the
+/// second, whatever the steps below. What glibc keeps once an attack's memory is freed moves
+/// in steps, up or down, that stick or go back: a non-main arena whose top stays untrimmed
+/// (resident 1.2 MiB, then 3.4 MiB in the same mapping: 2.2 MiB a step, with glibc's default
+/// arenas), or the main heap's top (5.5 MiB a step with one arena). Within runs of 5 rounds
+/// in header mode the largest rise seen was 2.2 MiB (the fresh-clone CI's 2.1 MiB failed the
+/// 2 MiB bound this replaced); over runs the level ranged from 12.7 to 17.9 MiB. A leak does
+/// not step once: [`RSS_LEAK_EACH`] catches it.
+const RSS_LEAK: u64 = 8 * MIB;
+/// A leak adds about the same after every attack: resident memory that grew by more than this
+/// in each round from the third on (16 KiB per connection of 32) is one. Allocator steps never
+/// came twice in a row in 24 runs of 5 rounds.
+const RSS_LEAK_EACH: u64 = 512 * KIB;
 /// The proxy namespace's socket memory once the attackers left, above what it was before.
 const KERNEL_KEPT: u64 = MIB;
 
@@ -575,7 +584,7 @@ struct Setup<'a> {
     listener: &'a TcpListener,
 }
 
-/// The attack on one engine, three times (`SPLICED_MEMORY_ROUNDS` for more): the later rounds
+/// The attack on one engine, five times (`SPLICED_MEMORY_ROUNDS` for more): the later rounds
 /// find what the earlier ones left behind.
 fn attack(engine: Engine) -> Result<()> {
     let _one = ONE_AT_A_TIME
@@ -615,7 +624,7 @@ fn attack(engine: Engine) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let before = sample(&world, pid)?;
     let before_fds = open_files(pid)?.other;
-    let rounds = spliced_tests::env_or("SPLICED_MEMORY_ROUNDS", 3).max(3);
+    let rounds = spliced_tests::env_or("SPLICED_MEMORY_ROUNDS", 5).max(5);
     let mut after = Vec::new();
     for i in 1..=rounds {
         after.push(round(&setup, i, before, before_fds)?);
@@ -628,8 +637,17 @@ fn attack(engine: Engine) -> Result<()> {
     );
     // The allocator keeps some of what the first attack freed (its arenas, thread caches), so
     // that round may leave more behind. From the second on, each attack must reuse what the
-    // one before left: a leak shows as growth.
+    // one before left: a leak shows as growth in every round, beyond the allocator's steps.
     let settled = after[1];
+    let grew_each = after[1..].windows(2).all(|w| w[1] > w[0] + RSS_LEAK_EACH);
+    ensure!(
+        !grew_each,
+        "memory[{engine:?}]: spliced's resident memory grew by more than {} KiB after every \
+         attack from the third on (MiB after each: {}; {} connections each): a leak",
+        RSS_LEAK_EACH / KIB,
+        shown.join(", "),
+        setup.n
+    );
     let most = after[1..].iter().copied().max().unwrap_or(settled);
     ensure!(
         most <= settled + RSS_LEAK,
